@@ -1,1 +1,15 @@
-//! placeholder
+//! Warren's AMQP 0-9-1 server: the tokio listener, one reader task and one
+//! writer task per connection, channel state, and the mapping between AMQP
+//! methods and `warren-core` broker operations, with RabbitMQ's error codes.
+
+mod auth;
+mod channel;
+mod config;
+mod connection;
+mod hub;
+mod server;
+mod writer;
+
+pub use config::{AmqpConfig, User};
+pub use server::AmqpServer;
+pub use warren_proto::FRAME_MIN_SIZE_BYTES;

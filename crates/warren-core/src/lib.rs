@@ -1,1 +1,29 @@
-//! placeholder
+//! Warren's broker model, with RabbitMQ's semantics: vhosts, exchanges and
+//! their routing, queues, consumers, prefetch, acknowledgements.
+//!
+//! This crate is a state machine. It does no I/O and never blocks: the AMQP
+//! server calls [`Broker`] operations and carries out the [`Effect`]s they
+//! return. It never touches a socket and never parses a frame.
+
+mod broker;
+mod error;
+mod exchange;
+mod message;
+mod queue;
+
+pub use broker::{
+    Broker, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox, QueueDeclare,
+    QueueDeclared,
+};
+pub use error::{BrokerError, BrokerResult, ErrorCode};
+pub use exchange::{ExchangeKind, headers_match, topic_matches};
+pub use message::Message;
+
+/// Identifies one client connection for the broker's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(pub u64);
+
+/// Identifies one queue; never reused, so a stale reference to a deleted
+/// queue cannot reach a new queue of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(pub u64);

@@ -1,0 +1,821 @@
+//! Channel methods: content assembly, publisher confirms, transactions, and
+//! the mapping from AMQP methods to broker operations and back.
+
+use std::sync::Arc;
+
+use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, confirm, exchange, queue, tx};
+use amq_protocol::types::ShortString;
+use bytes::{Bytes, BytesMut};
+use warren_core::{
+    BrokerError, BrokerResult, Consume, ErrorCode, ExchangeDeclare, Message, Outbox, QueueDeclare,
+};
+use warren_proto::Frame;
+
+use crate::connection::{Connection, Fault, describe_frame, method_name};
+use crate::writer::Outbound;
+
+/// Class id of `basic`, the only class that carries content.
+const CLASS_BASIC: u16 = 60;
+
+/// A message being received: `basic.publish`, then a content header, then
+/// body frames until the declared size is reached.
+enum Content {
+    Idle,
+    AwaitingHeader(basic::Publish),
+    AwaitingBody {
+        publish: basic::Publish,
+        properties: BasicProperties,
+        body_size: usize,
+        chunks: Vec<Bytes>,
+        received: usize,
+    },
+}
+
+/// An ack, nack or reject held by a transaction until commit.
+enum Settle {
+    Ack { delivery_tag: u64, multiple: bool },
+    Reject { delivery_tag: u64, multiple: bool, requeue: bool },
+}
+
+#[derive(Default)]
+struct Transaction {
+    publishes: Vec<(bool, Arc<Message>)>,
+    settles: Vec<Settle>,
+}
+
+struct Confirms {
+    /// Sequence number of the last publish on this channel.
+    published: u64,
+    /// Highest sequence number confirmed to the broker but not yet told to
+    /// the client; sent as one `basic.ack multiple` per read batch.
+    ack_pending: Option<u64>,
+}
+
+pub(crate) struct Channel {
+    /// The broker sent `channel.close` and waits for `close-ok`.
+    closing: bool,
+    content: Content,
+    confirms: Option<Confirms>,
+    transaction: Option<Transaction>,
+}
+
+impl Channel {
+    fn new() -> Self {
+        Self {
+            closing: false,
+            content: Content::Idle,
+            confirms: None,
+            transaction: None,
+        }
+    }
+}
+
+fn basic(method: basic::AMQPMethod) -> AMQPClass {
+    AMQPClass::Basic(method)
+}
+
+impl Connection {
+    pub(crate) fn handle_channel_frame(&mut self, frame: Frame) -> Result<(), Fault> {
+        let number = frame.channel();
+        if let Frame::Method(_, method) = &frame
+            && let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = **method
+        {
+            return self.open_channel(number);
+        }
+        let Some(state) = self.channels.get_mut(&number) else {
+            return Err(Fault::connection(BrokerError::new(
+                ErrorCode::ChannelError,
+                format!("expected 'channel.open' on channel {number}, got {}", describe_frame(&frame)),
+            )));
+        };
+        if state.closing {
+            // Only the end of the closing handshake matters now.
+            if let Frame::Method(_, method) = &frame {
+                match **method {
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                        self.channels.remove(&number);
+                    }
+                    AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                        self.out.method(number, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(());
+        }
+        let (class_id, method_id) = match &frame {
+            Frame::Method(_, method) => (method.get_amqp_class_id(), method.get_amqp_method_id()),
+            Frame::BasicQos { .. } => (60, 10),
+            _ => (60, 40),
+        };
+        let result = match frame {
+            Frame::Method(_, method) => self.handle_method(number, *method),
+            Frame::BasicQos {
+                prefetch_size,
+                prefetch_count,
+                global,
+                ..
+            } => self.basic_qos(number, prefetch_size, prefetch_count, global),
+            Frame::Header {
+                class_id,
+                body_size,
+                properties,
+                ..
+            } => self.content_header(number, class_id, body_size, *properties),
+            Frame::Body(_, payload) => self.content_body(number, payload),
+            Frame::Heartbeat(_) => unreachable!("heartbeats are handled by the connection"),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) if error.code.is_connection_error() => Err(Fault::Connection {
+                error,
+                class_id,
+                method_id,
+            }),
+            Err(error) => {
+                self.close_channel_on_error(number, error, class_id, method_id);
+                Ok(())
+            }
+        }
+    }
+
+    fn open_channel(&mut self, number: u16) -> Result<(), Fault> {
+        if number > self.channel_max {
+            return Err(Fault::Connection {
+                error: BrokerError::not_allowed(format!(
+                    "channel number {number} exceeds the negotiated channel_max ({})",
+                    self.channel_max
+                )),
+                class_id: 20,
+                method_id: 10,
+            });
+        }
+        if self.channels.contains_key(&number) {
+            return Err(Fault::Connection {
+                error: BrokerError::new(
+                    ErrorCode::ChannelError,
+                    format!("second 'channel.open' seen on channel {number}"),
+                ),
+                class_id: 20,
+                method_id: 10,
+            });
+        }
+        self.channels.insert(number, Channel::new());
+        self.hub.lock().broker.open_channel(self.id, number);
+        self.out.method(number, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
+        Ok(())
+    }
+
+    /// A soft error: the channel's deliveries are released and the client is
+    /// sent `channel.close`; the connection carries on.
+    fn close_channel_on_error(&mut self, number: u16, error: BrokerError, class_id: u16, method_id: u16) {
+        tracing::debug!(connection = self.id.0, channel = number, code = error.code.reply_code(),
+            error = %error.text, "closing channel on error");
+        self.flush_confirms();
+        {
+            let mut hub = self.hub.lock();
+            let mut outbox = Outbox::default();
+            hub.broker.close_channel(self.id, number, &mut outbox);
+            hub.dispatch(&mut outbox);
+        }
+        if let Some(state) = self.channels.get_mut(&number) {
+            *state = Channel::new();
+            state.closing = true;
+        }
+        self.out.method(
+            number,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: error.code.reply_code(),
+                reply_text: ShortString::from(error.reply_text()),
+                class_id,
+                method_id,
+            })),
+        );
+    }
+
+    /// Sends the acks for confirmed publishes gathered during this read
+    /// batch: one `basic.ack multiple=true` per channel.
+    pub(crate) fn flush_confirms(&mut self) {
+        for (number, state) in self.channels.iter_mut() {
+            if let Some(confirms) = &mut state.confirms
+                && let Some(delivery_tag) = confirms.ack_pending.take()
+            {
+                self.out.method(
+                    *number,
+                    basic(basic::AMQPMethod::Ack(basic::Ack {
+                        delivery_tag,
+                        multiple: true,
+                    })),
+                );
+            }
+        }
+    }
+
+    fn flush_channel_confirms(&mut self, number: u16) {
+        if let Some(confirms) = self.channels.get_mut(&number).and_then(|state| state.confirms.as_mut())
+            && let Some(delivery_tag) = confirms.ack_pending.take()
+        {
+            self.out.method(
+                number,
+                basic(basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag,
+                    multiple: true,
+                })),
+            );
+        }
+    }
+
+    fn channel(&mut self, number: u16) -> &mut Channel {
+        self.channels.get_mut(&number).expect("frame dispatch checked the channel is open")
+    }
+
+    fn reply(&self, number: u16, method: AMQPClass) {
+        self.out.method(number, method);
+    }
+
+    fn handle_method(&mut self, number: u16, method: AMQPClass) -> BrokerResult<()> {
+        if !matches!(self.channel(number).content, Content::Idle) {
+            return Err(BrokerError::new(
+                ErrorCode::UnexpectedFrame,
+                format!(
+                    "expected content header or body for class 60 on channel {number}, got method {}",
+                    method_name(&method)
+                ),
+            ));
+        }
+        match method {
+            AMQPClass::Channel(method) => self.channel_method(number, method),
+            AMQPClass::Exchange(method) => self.exchange_method(number, method),
+            AMQPClass::Queue(method) => self.queue_method(number, method),
+            AMQPClass::Basic(method) => self.basic_method(number, method),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
+                let state = self.channel(number);
+                if state.transaction.is_some() {
+                    return Err(BrokerError::precondition_failed(
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
+                if state.confirms.is_none() {
+                    state.confirms = Some(Confirms {
+                        published: 0,
+                        ack_pending: None,
+                    });
+                }
+                if !select.nowait {
+                    self.reply(number, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                }
+                Ok(())
+            }
+            AMQPClass::Tx(method) => self.tx_method(number, method),
+            AMQPClass::Access(amq_protocol::protocol::access::AMQPMethod::Request(_)) => {
+                self.reply(
+                    number,
+                    AMQPClass::Access(amq_protocol::protocol::access::AMQPMethod::RequestOk(
+                        amq_protocol::protocol::access::RequestOk {},
+                    )),
+                );
+                Ok(())
+            }
+            other => Err(BrokerError::command_invalid(format!(
+                "method {} is not valid from a client on channel {number}",
+                method_name(&other)
+            ))),
+        }
+    }
+
+    fn channel_method(&mut self, number: u16, method: channel::AMQPMethod) -> BrokerResult<()> {
+        match method {
+            channel::AMQPMethod::Close(_) => {
+                self.flush_channel_confirms(number);
+                {
+                    let mut hub = self.hub.lock();
+                    let mut outbox = Outbox::default();
+                    hub.broker.close_channel(self.id, number, &mut outbox);
+                    hub.dispatch(&mut outbox);
+                }
+                self.channels.remove(&number);
+                self.reply(number, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                Ok(())
+            }
+            channel::AMQPMethod::CloseOk(_) => Ok(()),
+            channel::AMQPMethod::Flow(flow) => {
+                {
+                    let mut hub = self.hub.lock();
+                    let mut outbox = Outbox::default();
+                    hub.broker.set_channel_flow(self.id, number, flow.active, &mut outbox);
+                    hub.dispatch(&mut outbox);
+                }
+                self.reply(
+                    number,
+                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: flow.active })),
+                );
+                Ok(())
+            }
+            channel::AMQPMethod::FlowOk(_) => Ok(()),
+            other => Err(BrokerError::command_invalid(format!(
+                "method {} is not valid from a client",
+                method_name(&AMQPClass::Channel(other))
+            ))),
+        }
+    }
+
+    fn exchange_method(&mut self, number: u16, method: exchange::AMQPMethod) -> BrokerResult<()> {
+        let mut hub = self.hub.lock();
+        match method {
+            exchange::AMQPMethod::Declare(declare) => {
+                let nowait = declare.nowait;
+                hub.broker.declare_exchange(
+                    self.id,
+                    ExchangeDeclare {
+                        name: declare.exchange,
+                        kind: declare.kind,
+                        passive: declare.passive,
+                        durable: declare.durable,
+                        auto_delete: declare.auto_delete,
+                        internal: declare.internal,
+                        arguments: declare.arguments,
+                    },
+                )?;
+                if !nowait {
+                    self.reply(number, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
+                }
+            }
+            exchange::AMQPMethod::Delete(delete) => {
+                hub.broker.delete_exchange(self.id, delete.exchange.as_str(), delete.if_unused)?;
+                if !delete.nowait {
+                    self.reply(number, AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
+                }
+            }
+            exchange::AMQPMethod::Bind(bind) => {
+                hub.broker.bind_exchange(
+                    self.id,
+                    bind.destination.as_str(),
+                    bind.source.as_str(),
+                    bind.routing_key,
+                    bind.arguments,
+                    true,
+                )?;
+                if !bind.nowait {
+                    self.reply(number, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
+                }
+            }
+            exchange::AMQPMethod::Unbind(unbind) => {
+                hub.broker.bind_exchange(
+                    self.id,
+                    unbind.destination.as_str(),
+                    unbind.source.as_str(),
+                    unbind.routing_key,
+                    unbind.arguments,
+                    false,
+                )?;
+                if !unbind.nowait {
+                    self.reply(number, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
+                }
+            }
+            other => {
+                return Err(BrokerError::command_invalid(format!(
+                    "method {} is not valid from a client",
+                    method_name(&AMQPClass::Exchange(other))
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_method(&mut self, number: u16, method: queue::AMQPMethod) -> BrokerResult<()> {
+        let mut hub = self.hub.lock();
+        match method {
+            queue::AMQPMethod::Declare(declare) => {
+                let nowait = declare.nowait;
+                let declared = hub.broker.declare_queue(
+                    self.id,
+                    QueueDeclare {
+                        name: declare.queue,
+                        passive: declare.passive,
+                        durable: declare.durable,
+                        exclusive: declare.exclusive,
+                        auto_delete: declare.auto_delete,
+                        arguments: declare.arguments,
+                    },
+                )?;
+                if !nowait {
+                    self.reply(
+                        number,
+                        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: declared.name,
+                            message_count: declared.message_count,
+                            consumer_count: declared.consumer_count,
+                        })),
+                    );
+                }
+            }
+            queue::AMQPMethod::Bind(bind) => {
+                hub.broker.bind_queue(
+                    self.id,
+                    bind.queue.as_str(),
+                    bind.exchange.as_str(),
+                    bind.routing_key,
+                    bind.arguments,
+                    true,
+                )?;
+                if !bind.nowait {
+                    self.reply(number, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                }
+            }
+            queue::AMQPMethod::Unbind(unbind) => {
+                hub.broker.bind_queue(
+                    self.id,
+                    unbind.queue.as_str(),
+                    unbind.exchange.as_str(),
+                    unbind.routing_key,
+                    unbind.arguments,
+                    false,
+                )?;
+                self.reply(number, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
+            }
+            queue::AMQPMethod::Purge(purge) => {
+                let message_count = hub.broker.purge_queue(self.id, purge.queue.as_str())?;
+                if !purge.nowait {
+                    self.reply(
+                        number,
+                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count })),
+                    );
+                }
+            }
+            queue::AMQPMethod::Delete(delete) => {
+                let mut outbox = Outbox::default();
+                let result = hub.broker.delete_queue(
+                    self.id,
+                    delete.queue.as_str(),
+                    delete.if_unused,
+                    delete.if_empty,
+                    &mut outbox,
+                );
+                hub.dispatch(&mut outbox);
+                let message_count = result?;
+                if !delete.nowait {
+                    self.reply(
+                        number,
+                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count })),
+                    );
+                }
+            }
+            other => {
+                return Err(BrokerError::command_invalid(format!(
+                    "method {} is not valid from a client",
+                    method_name(&AMQPClass::Queue(other))
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn basic_qos(&mut self, number: u16, prefetch_size: u32, prefetch_count: u16, global: bool) -> BrokerResult<()> {
+        if prefetch_size != 0 {
+            return Err(BrokerError::not_implemented(format!(
+                "prefetch_size!=0 ({prefetch_size})"
+            )));
+        }
+        {
+            let mut hub = self.hub.lock();
+            let mut outbox = Outbox::default();
+            hub.broker.set_prefetch(self.id, number, prefetch_count, global, &mut outbox);
+            // qos-ok goes first: the deliveries it unblocks come after it.
+            self.reply(number, basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+            hub.dispatch(&mut outbox);
+        }
+        Ok(())
+    }
+
+    fn basic_method(&mut self, number: u16, method: basic::AMQPMethod) -> BrokerResult<()> {
+        match method {
+            basic::AMQPMethod::Publish(publish) => {
+                if publish.immediate {
+                    return Err(BrokerError::not_implemented("immediate=true"));
+                }
+                self.channel(number).content = Content::AwaitingHeader(publish);
+                Ok(())
+            }
+            basic::AMQPMethod::Consume(consume) => {
+                let mut hub = self.hub.lock();
+                let mut outbox = Outbox::default();
+                let nowait = consume.nowait;
+                let consumer_tag = hub.broker.consume(
+                    self.id,
+                    number,
+                    Consume {
+                        queue: consume.queue,
+                        consumer_tag: consume.consumer_tag,
+                        no_ack: consume.no_ack,
+                        exclusive: consume.exclusive,
+                        arguments: consume.arguments,
+                    },
+                    &mut outbox,
+                )?;
+                if !nowait {
+                    self.reply(number, basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag })));
+                }
+                hub.dispatch(&mut outbox);
+                Ok(())
+            }
+            basic::AMQPMethod::Cancel(cancel) => {
+                let mut hub = self.hub.lock();
+                let mut outbox = Outbox::default();
+                hub.broker.cancel(self.id, number, cancel.consumer_tag.as_str(), &mut outbox);
+                if !cancel.nowait {
+                    self.reply(
+                        number,
+                        basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: cancel.consumer_tag,
+                        })),
+                    );
+                }
+                hub.dispatch(&mut outbox);
+                Ok(())
+            }
+            basic::AMQPMethod::Get(get) => {
+                let mut hub = self.hub.lock();
+                match hub.broker.get(self.id, number, get.queue.as_str(), get.no_ack)? {
+                    Some(got) => self.out.send(Outbound::WithContent(
+                        number,
+                        basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                            delivery_tag: got.delivery_tag,
+                            redelivered: got.redelivered,
+                            exchange: got.message.exchange.clone(),
+                            routing_key: got.message.routing_key.clone(),
+                            message_count: got.message_count,
+                        })),
+                        got.message,
+                    )),
+                    None => self.reply(number, basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Ack(ack) => self.settle(
+                number,
+                Settle::Ack {
+                    delivery_tag: ack.delivery_tag,
+                    multiple: ack.multiple,
+                },
+            ),
+            basic::AMQPMethod::Nack(nack) => self.settle(
+                number,
+                Settle::Reject {
+                    delivery_tag: nack.delivery_tag,
+                    multiple: nack.multiple,
+                    requeue: nack.requeue,
+                },
+            ),
+            basic::AMQPMethod::Reject(reject) => self.settle(
+                number,
+                Settle::Reject {
+                    delivery_tag: reject.delivery_tag,
+                    multiple: false,
+                    requeue: reject.requeue,
+                },
+            ),
+            basic::AMQPMethod::Recover(basic::Recover { requeue })
+            | basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue }) => {
+                if !requeue {
+                    return Err(BrokerError::not_implemented("requeue=false"));
+                }
+                let is_async = matches!(method, basic::AMQPMethod::RecoverAsync(_));
+                let mut hub = self.hub.lock();
+                let mut outbox = Outbox::default();
+                hub.broker.recover(self.id, number, &mut outbox);
+                if !is_async {
+                    self.reply(number, basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                }
+                hub.dispatch(&mut outbox);
+                Ok(())
+            }
+            other => Err(BrokerError::command_invalid(format!(
+                "method {} is not valid from a client",
+                method_name(&basic(other))
+            ))),
+        }
+    }
+
+    fn settle(&mut self, number: u16, settle: Settle) -> BrokerResult<()> {
+        let tx_operations_max = self.config.tx_operations_max;
+        if let Some(transaction) = &mut self.channel(number).transaction {
+            if transaction.settles.len() + transaction.publishes.len() >= tx_operations_max {
+                return Err(BrokerError::precondition_failed(format!(
+                    "transaction holds {tx_operations_max} operations, the most one may hold"
+                )));
+            }
+            transaction.settles.push(settle);
+            return Ok(());
+        }
+        self.settle_now(number, settle)
+    }
+
+    fn settle_now(&mut self, number: u16, settle: Settle) -> BrokerResult<()> {
+        let mut hub = self.hub.lock();
+        let mut outbox = Outbox::default();
+        let result = match settle {
+            Settle::Ack { delivery_tag, multiple } => {
+                hub.broker.ack(self.id, number, delivery_tag, multiple, &mut outbox)
+            }
+            Settle::Reject {
+                delivery_tag,
+                multiple,
+                requeue,
+            } => hub
+                .broker
+                .reject(self.id, number, delivery_tag, multiple, requeue, &mut outbox),
+        };
+        hub.dispatch(&mut outbox);
+        result
+    }
+
+    fn tx_method(&mut self, number: u16, method: tx::AMQPMethod) -> BrokerResult<()> {
+        match method {
+            tx::AMQPMethod::Select(_) => {
+                let state = self.channel(number);
+                if state.confirms.is_some() {
+                    return Err(BrokerError::precondition_failed(
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                if state.transaction.is_none() {
+                    state.transaction = Some(Transaction::default());
+                }
+                self.reply(number, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(transaction) = self.channel(number).transaction.as_mut().map(std::mem::take) else {
+                    return Err(BrokerError::precondition_failed("channel is not transactional"));
+                };
+                for (mandatory, message) in transaction.publishes {
+                    self.publish_now(number, mandatory, message)?;
+                }
+                for settle in transaction.settles {
+                    self.settle_now(number, settle)?;
+                }
+                self.reply(number, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let Some(transaction) = self.channel(number).transaction.as_mut() else {
+                    return Err(BrokerError::precondition_failed("channel is not transactional"));
+                };
+                *transaction = Transaction::default();
+                self.reply(number, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+                Ok(())
+            }
+            other => Err(BrokerError::command_invalid(format!(
+                "method {} is not valid from a client",
+                method_name(&AMQPClass::Tx(other))
+            ))),
+        }
+    }
+
+    // ----- content -------------------------------------------------------
+
+    fn content_header(
+        &mut self,
+        number: u16,
+        class_id: u16,
+        body_size: u64,
+        properties: BasicProperties,
+    ) -> BrokerResult<()> {
+        let size_max = self.config.message_size_max_bytes;
+        let state = self.channel(number);
+        let Content::AwaitingHeader(publish) = std::mem::replace(&mut state.content, Content::Idle) else {
+            return Err(BrokerError::new(
+                ErrorCode::UnexpectedFrame,
+                format!("content header on channel {number} without a preceding basic.publish"),
+            ));
+        };
+        if class_id != CLASS_BASIC {
+            return Err(BrokerError::new(
+                ErrorCode::UnexpectedFrame,
+                format!("content header for class {class_id}; only class 60 (basic) carries content"),
+            ));
+        }
+        if body_size > size_max {
+            return Err(BrokerError::precondition_failed(format!(
+                "message size {body_size} is larger than configured max size {size_max}"
+            )));
+        }
+        if body_size == 0 {
+            return self.publish(number, publish, properties, Bytes::new());
+        }
+        state.content = Content::AwaitingBody {
+            publish,
+            properties,
+            body_size: body_size as usize,
+            chunks: Vec::new(),
+            received: 0,
+        };
+        Ok(())
+    }
+
+    fn content_body(&mut self, number: u16, payload: Bytes) -> BrokerResult<()> {
+        let state = self.channel(number);
+        let Content::AwaitingBody {
+            body_size,
+            chunks,
+            received,
+            ..
+        } = &mut state.content
+        else {
+            return Err(BrokerError::new(
+                ErrorCode::UnexpectedFrame,
+                format!("content body frame on channel {number} without a preceding content header"),
+            ));
+        };
+        *received += payload.len();
+        if *received > *body_size {
+            return Err(BrokerError::new(
+                ErrorCode::UnexpectedFrame,
+                format!(
+                    "content body on channel {number} is {} bytes, more than the {body_size} its header declared",
+                    received
+                ),
+            ));
+        }
+        chunks.push(payload);
+        if *received < *body_size {
+            return Ok(());
+        }
+        let Content::AwaitingBody {
+            publish,
+            properties,
+            mut chunks,
+            body_size,
+            ..
+        } = std::mem::replace(&mut state.content, Content::Idle)
+        else {
+            unreachable!("matched above");
+        };
+        // A body that came in one frame is used as it is, without a copy.
+        let body = if chunks.len() == 1 {
+            chunks.pop().expect("one chunk")
+        } else {
+            let mut joined = BytesMut::with_capacity(body_size);
+            for chunk in chunks {
+                joined.extend_from_slice(&chunk);
+            }
+            joined.freeze()
+        };
+        self.publish(number, publish, properties, body)
+    }
+
+    fn publish(
+        &mut self,
+        number: u16,
+        publish: basic::Publish,
+        properties: BasicProperties,
+        body: Bytes,
+    ) -> BrokerResult<()> {
+        let message = Arc::new(Message {
+            exchange: publish.exchange,
+            routing_key: publish.routing_key,
+            properties,
+            body,
+        });
+        let tx_operations_max = self.config.tx_operations_max;
+        if let Some(transaction) = &mut self.channel(number).transaction {
+            if transaction.settles.len() + transaction.publishes.len() >= tx_operations_max {
+                return Err(BrokerError::precondition_failed(format!(
+                    "transaction holds {tx_operations_max} operations, the most one may hold"
+                )));
+            }
+            transaction.publishes.push((publish.mandatory, message));
+            return Ok(());
+        }
+        self.publish_now(number, publish.mandatory, message)
+    }
+
+    fn publish_now(&mut self, number: u16, mandatory: bool, message: Arc<Message>) -> BrokerResult<()> {
+        let routed = {
+            let mut hub = self.hub.lock();
+            let mut outbox = Outbox::default();
+            let routed = hub.broker.publish(self.id, Arc::clone(&message), &mut outbox);
+            hub.dispatch(&mut outbox);
+            routed?
+        };
+        if routed == 0 && mandatory {
+            // The return must reach the client before the confirm.
+            self.flush_channel_confirms(number);
+            self.out.send(Outbound::WithContent(
+                number,
+                basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: 312,
+                    reply_text: "NO_ROUTE".into(),
+                    exchange: message.exchange.clone(),
+                    routing_key: message.routing_key.clone(),
+                })),
+                message,
+            ));
+        }
+        if let Some(confirms) = &mut self.channel(number).confirms {
+            confirms.published += 1;
+            confirms.ack_pending = Some(confirms.published);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! The AMQP server's settings, each with the limit it puts on a peer.
+
+use std::time::Duration;
+
+use warren_core::Limits;
+
+/// A user allowed to connect.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub password: String,
+    /// Whether the user may connect only from a loopback address, as
+    /// RabbitMQ's default `guest` may.
+    pub loopback_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// Highest channel number a connection may open (RabbitMQ's default).
+    pub channel_max: u16,
+    /// Largest frame, framing included, offered in `connection.tune`.
+    /// 128 KiB is RabbitMQ's default: large enough that a body frame's
+    /// framing overhead is negligible, small enough that a frame never
+    /// holds a channel's turn on the socket for long.
+    pub frame_max_bytes: u32,
+    /// Heartbeat interval proposed to clients; 0 disables heartbeats.
+    pub heartbeat_s: u16,
+    /// Largest message body accepted (RabbitMQ 3.10's default is 128 MiB;
+    /// Warren keeps 16 MiB so one publisher cannot hold much memory).
+    pub message_size_max_bytes: u64,
+    /// Open client connections; a socket beyond this is closed on accept.
+    pub connections_max: usize,
+    /// Time a client has to finish the opening handshake.
+    pub handshake_timeout: Duration,
+    /// Frames queued for a connection's socket before the broker stops
+    /// reading from that connection, so a client that does not read cannot
+    /// make the broker buffer without limit.
+    pub outbound_frames_max: usize,
+    /// Messages and acks one transaction may hold before `tx.commit`.
+    pub tx_operations_max: usize,
+    pub limits: Limits,
+    pub users: Vec<User>,
+    pub vhosts: Vec<String>,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            channel_max: 2047,
+            frame_max_bytes: 131_072,
+            heartbeat_s: 60,
+            message_size_max_bytes: 16 * 1024 * 1024,
+            connections_max: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            outbound_frames_max: 4_096,
+            tx_operations_max: 100_000,
+            limits: Limits::default(),
+            users: vec![User {
+                name: "guest".to_owned(),
+                password: "guest".to_owned(),
+                loopback_only: true,
+            }],
+            vhosts: vec!["/".to_owned()],
+        }
+    }
+}

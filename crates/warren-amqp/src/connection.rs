@@ -1,0 +1,559 @@
+//! One client connection: the opening handshake, the frame loop, heartbeats
+//! and the closing handshake. Channel methods are in `channel.rs`.
+//!
+//! A protocol error closes this connection with the right reply code and
+//! nothing else: every failure here ends in `Fault`, never in a panic, and
+//! the broker releases what the connection held when it goes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::{AMQPClass, connection};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use warren_core::{BrokerError, ConnectionId, ErrorCode};
+use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_protocol_header};
+
+use crate::auth::{self, AuthError};
+use crate::channel::Channel;
+use crate::config::AmqpConfig;
+use crate::hub::SharedHub;
+use crate::writer::{Outbound, OutboundQueue, Tuning, outbound_queue};
+
+/// How long the broker waits for `connection.close-ok` after sending
+/// `connection.close` before dropping the socket anyway.
+const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Read buffer size; grows up to one frame_max when a large frame arrives.
+const READ_BUFFER_INITIAL_BYTES: usize = 64 * 1024;
+
+/// Why the frame loop stopped.
+#[derive(Debug)]
+pub(crate) enum Fault {
+    /// The socket closed or failed; nobody to tell.
+    Gone,
+    /// The client closed the connection with `connection.close`.
+    ClosedByClient,
+    /// A connection error: send `connection.close` with this code.
+    Connection {
+        error: BrokerError,
+        class_id: u16,
+        method_id: u16,
+    },
+}
+
+impl Fault {
+    pub(crate) fn connection(error: BrokerError) -> Self {
+        Fault::Connection {
+            error,
+            class_id: 0,
+            method_id: 0,
+        }
+    }
+}
+
+impl From<FrameError> for Fault {
+    fn from(error: FrameError) -> Self {
+        Fault::connection(BrokerError::new(ErrorCode::FrameError, error.to_string()))
+    }
+}
+
+pub(crate) struct Connection {
+    pub(crate) id: ConnectionId,
+    pub(crate) peer: SocketAddr,
+    pub(crate) config: Arc<AmqpConfig>,
+    pub(crate) hub: SharedHub,
+    pub(crate) out: OutboundQueue,
+    tuning: Arc<Tuning>,
+    reader: OwnedReadHalf,
+    buffer: BytesMut,
+    decoder: FrameDecoder,
+    shutdown: watch::Receiver<bool>,
+    pub(crate) channel_max: u16,
+    pub(crate) frame_max_bytes: u32,
+    heartbeat_s: u16,
+    pub(crate) channels: HashMap<u16, Channel>,
+    pub(crate) user: String,
+    /// Whether the broker has this connection registered.
+    opened: bool,
+}
+
+/// Serves one accepted socket until it closes.
+pub async fn serve(
+    socket: TcpStream,
+    peer: SocketAddr,
+    config: Arc<AmqpConfig>,
+    hub: SharedHub,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _ = socket.set_nodelay(true);
+    let (reader, writer_half) = socket.into_split();
+    let id = hub.lock().allocate_connection_id();
+    let (out, writer) = outbound_queue(id, writer_half, Arc::clone(&hub));
+    let tuning = Arc::new(Tuning::new(config.frame_max_bytes));
+    let writer_task = tokio::spawn(writer.run(Arc::clone(&tuning)));
+    let mut connection = Connection {
+        id,
+        peer,
+        decoder: FrameDecoder::new(config.frame_max_bytes),
+        channel_max: config.channel_max,
+        frame_max_bytes: config.frame_max_bytes,
+        heartbeat_s: 0,
+        config,
+        hub,
+        out,
+        tuning,
+        reader,
+        buffer: BytesMut::with_capacity(READ_BUFFER_INITIAL_BYTES),
+        shutdown,
+        channels: HashMap::new(),
+        user: String::new(),
+        opened: false,
+    };
+    let fault = connection.run().await;
+    connection.finish(fault).await;
+    let _ = writer_task.await;
+}
+
+impl Connection {
+    async fn run(&mut self) -> Fault {
+        let handshake_timeout = self.config.handshake_timeout;
+        match tokio::time::timeout(handshake_timeout, self.handshake()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(fault)) => return fault,
+            Err(_) => {
+                warn!(peer = %self.peer, "closing connection: handshake not completed in time");
+                return Fault::Gone;
+            }
+        }
+        match self.frame_loop().await {
+            Ok(()) => Fault::ClosedByClient,
+            Err(fault) => fault,
+        }
+    }
+
+    // ----- opening handshake ---------------------------------------------
+
+    async fn handshake(&mut self) -> Result<(), Fault> {
+        while self.buffer.len() < 8 {
+            self.read_more().await?;
+        }
+        let header: [u8; 8] = self.buffer[..8].try_into().expect("eight bytes");
+        if !is_protocol_header(&header) {
+            debug!(peer = %self.peer, ?header, "wrong protocol header");
+            self.out.send(Outbound::ProtocolHeader);
+            self.out.send(Outbound::Close);
+            return Err(Fault::Gone);
+        }
+        let _ = self.buffer.split_to(8);
+        self.out.method(0, start_method());
+
+        let start_ok = match self.next_method().await? {
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)) => start_ok,
+            other => return Err(unexpected_in_handshake("connection.start-ok", &other)),
+        };
+        let capabilities = client_capabilities(&start_ok.client_properties);
+        match auth::authenticate(
+            &self.config.users,
+            start_ok.mechanism.as_str(),
+            start_ok.response.as_bytes(),
+            self.peer.ip(),
+        ) {
+            Ok(user) => self.user = user,
+            Err(error) => return Err(self.refuse_login(error, capabilities.authentication_failure_close)),
+        }
+
+        self.out.method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+                channel_max: self.config.channel_max,
+                frame_max: self.config.frame_max_bytes,
+                heartbeat: self.config.heartbeat_s,
+            })),
+        );
+        let tune_ok = match self.next_method().await? {
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)) => tune_ok,
+            other => return Err(unexpected_in_handshake("connection.tune-ok", &other)),
+        };
+        self.apply_tuning(&tune_ok)?;
+
+        let open = match self.next_method().await? {
+            AMQPClass::Connection(connection::AMQPMethod::Open(open)) => open,
+            other => return Err(unexpected_in_handshake("connection.open", &other)),
+        };
+        let vhost = open.virtual_host.as_str();
+        {
+            let mut hub = self.hub.lock();
+            if !hub.broker.vhost_exists(vhost) {
+                return Err(Fault::Connection {
+                    error: BrokerError::not_allowed(format!("vhost '{vhost}' not found")),
+                    class_id: 10,
+                    method_id: 40,
+                });
+            }
+            hub.broker.open_connection(self.id, vhost, capabilities.consumer_cancel_notify);
+            hub.register_writer(self.id, self.out.clone());
+            self.opened = true;
+        }
+        self.out.method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+        );
+        info!(
+            connection = self.id.0,
+            peer = %self.peer,
+            user = %self.user,
+            vhost = %vhost,
+            heartbeat_s = self.heartbeat_s,
+            "connection opened"
+        );
+        Ok(())
+    }
+
+    fn refuse_login(&mut self, error: AuthError, failure_close: bool) -> Fault {
+        warn!(peer = %self.peer, %error, "login refused");
+        let code = match error {
+            AuthError::UnknownMechanism(_) | AuthError::MalformedResponse(_) => ErrorCode::CommandInvalid,
+            AuthError::Refused { .. } | AuthError::LoopbackOnly(_) => ErrorCode::AccessRefused,
+        };
+        if code == ErrorCode::AccessRefused && !failure_close {
+            // A client without authentication_failure_close gets the socket
+            // closed, as RabbitMQ does.
+            self.out.send(Outbound::Close);
+            return Fault::Gone;
+        }
+        Fault::Connection {
+            error: BrokerError::new(code, error.to_string()),
+            class_id: 10,
+            method_id: 11,
+        }
+    }
+
+    fn apply_tuning(&mut self, tune_ok: &connection::TuneOk) -> Result<(), Fault> {
+        let refuse = |text: String| {
+            Fault::Connection {
+                error: BrokerError::not_allowed(text),
+                class_id: 10,
+                method_id: 31,
+            }
+        };
+        let server_frame_max = self.config.frame_max_bytes;
+        let frame_max = match tune_ok.frame_max {
+            0 => server_frame_max,
+            requested if requested < FRAME_MIN_SIZE_BYTES => {
+                return Err(refuse(format!("frame_max={requested} < {FRAME_MIN_SIZE_BYTES} min size")));
+            }
+            requested if requested > server_frame_max => {
+                return Err(refuse(format!("frame_max={requested} > {server_frame_max} max size")));
+            }
+            requested => requested,
+        };
+        let channel_max = match tune_ok.channel_max {
+            0 => self.config.channel_max,
+            requested if requested > self.config.channel_max => {
+                return Err(refuse(format!(
+                    "channel_max={requested} > {} max channels",
+                    self.config.channel_max
+                )));
+            }
+            requested => requested,
+        };
+        self.frame_max_bytes = frame_max;
+        self.channel_max = channel_max;
+        self.heartbeat_s = tune_ok.heartbeat;
+        self.decoder.set_frame_max(frame_max);
+        self.tuning.set(frame_max, tune_ok.heartbeat);
+        Ok(())
+    }
+
+    async fn next_method(&mut self) -> Result<AMQPClass, Fault> {
+        loop {
+            if let Some(frame) = self.decoder.decode(&mut self.buffer)? {
+                return match frame {
+                    Frame::Method(0, method) => Ok(*method),
+                    Frame::Heartbeat(0) => continue,
+                    other => Err(Fault::connection(BrokerError::command_invalid(format!(
+                        "expected a method on channel 0 during the opening handshake, got {}",
+                        describe_frame(&other)
+                    )))),
+                };
+            }
+            self.read_more().await?;
+        }
+    }
+
+    // ----- frame loop ----------------------------------------------------
+
+    async fn frame_loop(&mut self) -> Result<(), Fault> {
+        loop {
+            while let Some(frame) = self.decoder.decode(&mut self.buffer)? {
+                if self.handle_frame(frame)? {
+                    return Ok(());
+                }
+            }
+            self.flush_confirms();
+            // A client that does not read its socket stops being read.
+            while self.out.queued() > self.config.outbound_frames_max {
+                self.out.drained().await;
+            }
+            self.read_more().await?;
+        }
+    }
+
+    /// Returns true when the client has closed the connection.
+    fn handle_frame(&mut self, frame: Frame) -> Result<bool, Fault> {
+        match frame {
+            Frame::Heartbeat(0) => Ok(false),
+            Frame::Heartbeat(channel) => Err(Fault::connection(BrokerError::new(
+                ErrorCode::FrameError,
+                format!("heartbeat frame on channel {channel}; heartbeats belong on channel 0"),
+            ))),
+            Frame::Method(0, method) => self.handle_connection_method(*method),
+            Frame::Method(_, ref method) if matches!(**method, AMQPClass::Connection(_)) => {
+                Err(Fault::connection(BrokerError::command_invalid(format!(
+                    "connection method {} on channel {}; connection methods belong on channel 0",
+                    method_name(method),
+                    frame.channel()
+                ))))
+            }
+            Frame::BasicQos { channel: 0, .. } | Frame::Header { channel: 0, .. } | Frame::Body(0, _) => {
+                Err(Fault::connection(BrokerError::new(
+                    ErrorCode::CommandInvalid,
+                    format!("{} on channel 0, which is reserved for the connection", describe_frame(&frame)),
+                )))
+            }
+            frame => {
+                self.handle_channel_frame(frame)?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn handle_connection_method(&mut self, method: AMQPClass) -> Result<bool, Fault> {
+        match method {
+            AMQPClass::Connection(connection::AMQPMethod::Close(close)) => {
+                debug!(connection = self.id.0, code = close.reply_code, text = %close.reply_text, "client closed connection");
+                self.flush_confirms();
+                self.out.method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                );
+                Ok(true)
+            }
+            AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
+            | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(false),
+            AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
+                self.out.method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
+                        connection::UpdateSecretOk {},
+                    )),
+                );
+                Ok(false)
+            }
+            other => Err(Fault::Connection {
+                error: BrokerError::command_invalid(format!(
+                    "unexpected method {} on channel 0 of an open connection",
+                    method_name(&other)
+                )),
+                class_id: other.get_amqp_class_id(),
+                method_id: other.get_amqp_method_id(),
+            }),
+        }
+    }
+
+    async fn read_more(&mut self) -> Result<(), Fault> {
+        // Two missed heartbeats and the peer is considered gone.
+        let silence_max = match self.heartbeat_s {
+            0 => Duration::from_secs(u32::MAX as u64),
+            seconds => Duration::from_secs(seconds as u64 * 2),
+        };
+        if self.buffer.capacity() - self.buffer.len() < 4096 {
+            self.buffer.reserve(READ_BUFFER_INITIAL_BYTES);
+        }
+        tokio::select! {
+            read = tokio::time::timeout(silence_max, self.reader.read_buf(&mut self.buffer)) => match read {
+                Ok(Ok(0)) | Ok(Err(_)) => Err(Fault::Gone),
+                Ok(Ok(_)) => Ok(()),
+                Err(_) => {
+                    warn!(connection = self.id.0, peer = %self.peer, heartbeat_s = self.heartbeat_s,
+                        "closing connection: missed heartbeats from client");
+                    Err(Fault::Gone)
+                }
+            },
+            _ = self.shutdown.changed() => Err(Fault::connection(BrokerError::new(
+                ErrorCode::ConnectionForced,
+                "broker shutdown",
+            ))),
+        }
+    }
+
+    // ----- closing -------------------------------------------------------
+
+    async fn finish(&mut self, fault: Fault) {
+        match fault {
+            Fault::Gone | Fault::ClosedByClient => {}
+            Fault::Connection {
+                error,
+                class_id,
+                method_id,
+            } => {
+                if error.code != ErrorCode::ConnectionForced {
+                    warn!(connection = self.id.0, peer = %self.peer, code = error.code.reply_code(),
+                        error = %error.text, "closing connection on error");
+                }
+                self.flush_confirms();
+                self.out.method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                        reply_code: error.code.reply_code(),
+                        reply_text: ShortString::from(error.reply_text()),
+                        class_id,
+                        method_id,
+                    })),
+                );
+                let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, self.await_close_ok()).await;
+            }
+        }
+        self.out.send(Outbound::Close);
+        if self.opened {
+            self.hub.lock().remove_connection(self.id);
+            info!(connection = self.id.0, peer = %self.peer, "connection closed");
+        }
+    }
+
+    /// After `connection.close`, everything but `close-ok` (or a crossing
+    /// `close`) is discarded.
+    async fn await_close_ok(&mut self) {
+        loop {
+            loop {
+                match self.decoder.decode(&mut self.buffer) {
+                    Ok(Some(Frame::Method(0, method))) => {
+                        if matches!(
+                            *method,
+                            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))
+                                | AMQPClass::Connection(connection::AMQPMethod::Close(_))
+                        ) {
+                            return;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            let read = self.reader.read_buf(&mut self.buffer).await;
+            if !matches!(read, Ok(count) if count > 0) {
+                return;
+            }
+        }
+    }
+}
+
+struct ClientCapabilities {
+    consumer_cancel_notify: bool,
+    authentication_failure_close: bool,
+}
+
+fn client_capabilities(client_properties: &FieldTable) -> ClientCapabilities {
+    let capabilities = match client_properties.inner().get("capabilities") {
+        Some(AMQPValue::FieldTable(table)) => Some(table),
+        _ => None,
+    };
+    let flag = |name: &str| {
+        capabilities.is_some_and(|table| matches!(table.inner().get(name), Some(AMQPValue::Boolean(true))))
+    };
+    ClientCapabilities {
+        consumer_cancel_notify: flag("consumer_cancel_notify"),
+        authentication_failure_close: flag("authentication_failure_close"),
+    }
+}
+
+/// `connection.start`: who we are and what we implement. The capabilities
+/// table claims only features that work.
+fn start_method() -> AMQPClass {
+    let mut capabilities = FieldTable::default();
+    for capability in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "per_consumer_qos",
+        "authentication_failure_close",
+    ] {
+        capabilities.insert(capability.into(), AMQPValue::Boolean(true));
+    }
+    let mut server_properties = FieldTable::default();
+    let mut text = |key: &str, value: &str| {
+        server_properties.insert(key.into(), AMQPValue::LongString(value.into()));
+    };
+    text("product", "Warren");
+    text("version", env!("CARGO_PKG_VERSION"));
+    text("platform", "Rust");
+    text("information", "A RabbitMQ-compatible message broker for AI/ML workloads");
+    server_properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+        version_major: 0,
+        version_minor: 9,
+        server_properties,
+        mechanisms: LongString::from(auth::MECHANISMS),
+        locales: LongString::from("en_US"),
+    }))
+}
+
+fn unexpected_in_handshake(expected: &str, got: &AMQPClass) -> Fault {
+    Fault::Connection {
+        error: BrokerError::command_invalid(format!(
+            "expected {expected} during the opening handshake, got {}",
+            method_name(got)
+        )),
+        class_id: got.get_amqp_class_id(),
+        method_id: got.get_amqp_method_id(),
+    }
+}
+
+/// "queue.declare" and the like, for error messages.
+pub(crate) fn method_name(method: &AMQPClass) -> String {
+    let debug = format!("{method:?}");
+    // Debug prints e.g. `Queue(Declare(Declare { .. }))`.
+    let mut parts = debug.split(|c: char| !c.is_alphanumeric()).filter(|part| !part.is_empty());
+    let class = parts.next().unwrap_or("?").to_lowercase();
+    let name = parts.next().unwrap_or("?");
+    let mut method_name = String::new();
+    for (index, c) in name.chars().enumerate() {
+        if c.is_uppercase() && index > 0 {
+            method_name.push('-');
+        }
+        method_name.push(c.to_ascii_lowercase());
+    }
+    format!("{class}.{method_name}")
+}
+
+pub(crate) fn describe_frame(frame: &Frame) -> String {
+    match frame {
+        Frame::Method(_, method) => format!("method {}", method_name(method)),
+        Frame::BasicQos { .. } => "method basic.qos".to_owned(),
+        Frame::Header { .. } => "content header frame".to_owned(),
+        Frame::Body(..) => "content body frame".to_owned(),
+        Frame::Heartbeat(_) => "heartbeat frame".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::protocol::queue;
+
+    #[test]
+    fn method_names_read_like_the_spec() {
+        let method = AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk::default()));
+        assert_eq!(method_name(&method), "queue.declare-ok");
+    }
+}

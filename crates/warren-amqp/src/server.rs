@@ -1,0 +1,90 @@
+//! The AMQP listener: accepts sockets, enforces the connection limit, and
+//! closes every connection with 320 CONNECTION_FORCED on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+use warren_core::Broker;
+
+use crate::config::AmqpConfig;
+use crate::connection;
+use crate::hub::{Hub, SharedHub};
+
+/// How long shutdown waits for connections to finish their closing
+/// handshake before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+pub struct AmqpServer {
+    listener: TcpListener,
+    config: Arc<AmqpConfig>,
+    hub: SharedHub,
+}
+
+impl AmqpServer {
+    /// Binds the listener; `local_addr` then tells the port when 0 was asked.
+    pub async fn bind(address: SocketAddr, config: AmqpConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(address).await?;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos() as u64)
+            .unwrap_or(0x9E37_79B9_7F4A_7C15)
+            ^ (std::process::id() as u64) << 32;
+        let broker = Broker::new(&config.vhosts, config.limits.clone(), seed);
+        Ok(Self {
+            listener,
+            config: Arc::new(config),
+            hub: Arc::new(Mutex::new(Hub::new(broker))),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until `shutdown` turns true, then closes them all.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        // Reap finished connection tasks so the set stays small.
+                        while connections.try_join_next().is_some() {}
+                        if connections.len() >= self.config.connections_max {
+                            warn!(%peer, limit = self.config.connections_max,
+                                "refusing connection: connection limit reached");
+                            drop(socket);
+                            continue;
+                        }
+                        connections.spawn(connection::serve(
+                            socket,
+                            peer,
+                            Arc::clone(&self.config),
+                            Arc::clone(&self.hub),
+                            shutdown.clone(),
+                        ));
+                    }
+                    Err(accept_error) => {
+                        // Running out of file descriptors, for instance:
+                        // back off instead of spinning.
+                        error!(error = %accept_error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+        info!(connections = connections.len(), "AMQP listener stopped; closing connections");
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        connections.abort_all();
+    }
+}

@@ -1,0 +1,252 @@
+//! A connection's writer: one task per connection that encodes outbound
+//! frames and writes them in batches, so many small frames cost one system
+//! call, and that sends heartbeats while the connection is otherwise quiet.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Notify, mpsc};
+use warren_core::{ConnectionId, Delivery, Message};
+use warren_proto::FrameEncoder;
+
+use crate::hub::SharedHub;
+
+/// Bytes gathered before a write is issued even if more frames are waiting.
+const WRITE_BATCH_MAX_BYTES: usize = 256 * 1024;
+
+/// One thing to put on a connection's socket.
+#[derive(Debug)]
+pub enum Outbound {
+    Method(u16, AMQPClass),
+    /// `basic.deliver` and the message's content.
+    Deliver(Delivery),
+    /// A method that carries content: `basic.get-ok` or `basic.return`.
+    WithContent(u16, AMQPClass, Arc<Message>),
+    /// The AMQP 0-9-1 protocol header, the answer to a wrong one.
+    ProtocolHeader,
+    /// Write what is queued, then close the socket.
+    Close,
+}
+
+/// The sending side, shared by the connection's reader and the broker hub.
+#[derive(Debug, Clone)]
+pub struct OutboundQueue {
+    sender: mpsc::UnboundedSender<Outbound>,
+    queued: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+}
+
+impl OutboundQueue {
+    pub fn send(&self, item: Outbound) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.sender.send(item).is_err() {
+            // The writer has gone: the socket is closed and the reader will
+            // see that and clean up; nothing more can reach this peer.
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn method(&self, channel: u16, method: AMQPClass) {
+        self.send(Outbound::Method(channel, method));
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the writer has taken items off the queue.
+    pub async fn drained(&self) {
+        self.drained.notified().await;
+    }
+}
+
+pub struct Writer {
+    connection: ConnectionId,
+    receiver: mpsc::UnboundedReceiver<Outbound>,
+    queued: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+    socket: OwnedWriteHalf,
+    encoder: FrameEncoder,
+    hub: SharedHub,
+}
+
+pub fn outbound_queue(
+    connection: ConnectionId,
+    socket: OwnedWriteHalf,
+    hub: SharedHub,
+) -> (OutboundQueue, Writer) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let drained = Arc::new(Notify::new());
+    let queue = OutboundQueue {
+        sender,
+        queued: Arc::clone(&queued),
+        drained: Arc::clone(&drained),
+    };
+    let writer = Writer {
+        connection,
+        receiver,
+        queued,
+        drained,
+        socket,
+        encoder: FrameEncoder::new(),
+        hub,
+    };
+    (queue, writer)
+}
+
+/// What the reader tells the writer once the connection is tuned.
+#[derive(Debug, Default)]
+pub struct Tuning {
+    frame_max_bytes: AtomicU32,
+    heartbeat_s: AtomicU32,
+}
+
+impl Tuning {
+    pub fn new(frame_max_bytes: u32) -> Self {
+        Self {
+            frame_max_bytes: AtomicU32::new(frame_max_bytes),
+            heartbeat_s: AtomicU32::new(0),
+        }
+    }
+
+    pub fn set(&self, frame_max_bytes: u32, heartbeat_s: u16) {
+        self.frame_max_bytes.store(frame_max_bytes, Ordering::Relaxed);
+        self.heartbeat_s.store(heartbeat_s as u32, Ordering::Relaxed);
+    }
+
+    fn frame_max_bytes(&self) -> u32 {
+        self.frame_max_bytes.load(Ordering::Relaxed)
+    }
+
+    /// How long the writer may stay silent before it sends a heartbeat:
+    /// half the negotiated interval, as RabbitMQ does.
+    fn quiet_max(&self) -> Duration {
+        match self.heartbeat_s.load(Ordering::Relaxed) {
+            0 => Duration::from_secs(3600),
+            seconds => Duration::from_millis(seconds as u64 * 500),
+        }
+    }
+}
+
+impl Writer {
+    /// Runs until the queue closes, `Outbound::Close` is written, or the
+    /// socket fails.
+    pub async fn run(mut self, tuning: Arc<Tuning>) {
+        let mut written: HashMap<u16, u32> = HashMap::new();
+        loop {
+            let item = match tokio::time::timeout(tuning.quiet_max(), self.receiver.recv()).await {
+                Ok(item) => item,
+                Err(_) => {
+                    if tuning.heartbeat_s.load(Ordering::Relaxed) != 0 {
+                        self.encoder.heartbeat();
+                        if self.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+            };
+            let frame_max_bytes = tuning.frame_max_bytes();
+            let Some(mut item) = item else {
+                let _ = self.flush().await;
+                let _ = self.socket.shutdown().await;
+                return;
+            };
+            let mut close = false;
+            let mut taken = 0usize;
+            loop {
+                taken += 1;
+                match item {
+                    Outbound::Close => {
+                        close = true;
+                        break;
+                    }
+                    other => self.encode(other, frame_max_bytes, &mut written),
+                }
+                if self.encoder.len() >= WRITE_BATCH_MAX_BYTES {
+                    break;
+                }
+                match self.receiver.try_recv() {
+                    Ok(next) => item = next,
+                    Err(_) => break,
+                }
+            }
+            self.queued.fetch_sub(taken, Ordering::Relaxed);
+            // One waiter at most (the reader); notify_one keeps the wake-up
+            // if the reader has not started waiting yet.
+            self.drained.notify_one();
+            if self.flush().await.is_err() {
+                return;
+            }
+            if !written.is_empty() {
+                self.report_written(&mut written);
+            }
+            if close {
+                let _ = self.socket.shutdown().await;
+                return;
+            }
+        }
+    }
+
+    fn encode(&mut self, item: Outbound, frame_max_bytes: u32, written: &mut HashMap<u16, u32>) {
+        match item {
+            Outbound::Method(channel, method) => self.encoder.method(channel, &method),
+            Outbound::Deliver(delivery) => {
+                let message = &delivery.message;
+                let method = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                    consumer_tag: delivery.consumer_tag,
+                    delivery_tag: delivery.delivery_tag,
+                    redelivered: delivery.redelivered,
+                    exchange: message.exchange.clone(),
+                    routing_key: message.routing_key.clone(),
+                }));
+                self.encoder.method(delivery.channel, &method);
+                self.encode_content(delivery.channel, &message.properties, &message.body, frame_max_bytes);
+                *written.entry(delivery.channel).or_default() += 1;
+            }
+            Outbound::WithContent(channel, method, message) => {
+                self.encoder.method(channel, &method);
+                self.encode_content(channel, &message.properties, &message.body, frame_max_bytes);
+            }
+            Outbound::ProtocolHeader => self.encoder.protocol_header(),
+            Outbound::Close => unreachable!("handled by the caller"),
+        }
+    }
+
+    fn encode_content(&mut self, channel: u16, properties: &BasicProperties, body: &[u8], frame_max_bytes: u32) {
+        self.encoder.content(channel, properties, body, frame_max_bytes);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.encoder.is_empty() {
+            return Ok(());
+        }
+        let result = self.socket.write_all(self.encoder.bytes()).await;
+        self.encoder.clear();
+        result
+    }
+
+    /// Tells the broker how many deliveries reached the socket, which lets
+    /// it hand this connection more.
+    fn report_written(&mut self, written: &mut HashMap<u16, u32>) {
+        let mut hub = self.hub.lock();
+        for (channel, count) in written.drain() {
+            hub.deliveries_written(self.connection, channel, count);
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Nothing will be written any more: release a reader waiting for
+        // room so it can notice the closed socket.
+        self.queued.store(0, Ordering::Relaxed);
+        self.drained.notify_one();
+    }
+}

@@ -1,0 +1,1196 @@
+//! The broker's state machine: vhosts, exchanges, queues, connections'
+//! channels, consumers and unacknowledged deliveries.
+//!
+//! Every operation takes `&mut self` and an [`Outbox`] into which it puts the
+//! deliveries and notifications it causes for any connection. It never
+//! blocks and never touches a socket: the server holds the broker behind one
+//! lock, calls an operation, and hands the outbox's effects to the
+//! connections' writers before releasing the lock, which keeps each
+//! connection's frames in the order the broker decided them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use amq_protocol::types::{FieldTable, ShortString};
+use warren_store::Sequence;
+
+use crate::error::{BrokerError, BrokerResult, ErrorCode};
+use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::queue::{Queue, QueueConsumer};
+use crate::{ConnectionId, Message, QueueId};
+
+/// Bounds on what one channel may hold; each exists so that one peer cannot
+/// grow the broker's memory without limit.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Consumers one channel may hold.
+    pub consumers_per_channel_max: usize,
+    /// Unacknowledged deliveries one channel may hold, whatever its prefetch:
+    /// a consumer with prefetch 0 stops receiving at this many.
+    pub unacked_per_channel_max: usize,
+    /// Deliveries handed to a connection's writer but not yet written to its
+    /// socket. A consumer that does not read its socket stops receiving here
+    /// instead of making the broker buffer its whole queue.
+    pub deliveries_unwritten_per_channel_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            consumers_per_channel_max: 1_000,
+            unacked_per_channel_max: 100_000,
+            deliveries_unwritten_per_channel_max: 2_048,
+        }
+    }
+}
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub connection: ConnectionId,
+    pub channel: u16,
+    pub consumer_tag: ShortString,
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub message: Arc<Message>,
+}
+
+/// Something the broker decided that a connection must be told.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    Deliver(Delivery),
+    /// The broker cancelled a consumer because its queue went away
+    /// (`basic.cancel` sent by the server).
+    CancelConsumer {
+        connection: ConnectionId,
+        channel: u16,
+        consumer_tag: ShortString,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub effects: Vec<Effect>,
+}
+
+impl Outbox {
+    pub fn take(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+}
+
+/// What `queue.declare` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDeclared {
+    pub name: ShortString,
+    pub message_count: u32,
+    pub consumer_count: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct QueueDeclare {
+    pub name: ShortString,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeDeclare {
+    pub name: ShortString,
+    pub kind: ShortString,
+    pub passive: bool,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Consume {
+    pub queue: ShortString,
+    pub consumer_tag: ShortString,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    pub arguments: FieldTable,
+}
+
+/// A message taken with `basic.get`.
+#[derive(Debug, Clone)]
+pub struct GetOk {
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub message: Arc<Message>,
+    /// Messages left in the queue.
+    pub message_count: u32,
+}
+
+struct VHost {
+    exchanges: HashMap<ShortString, Exchange>,
+    queues: HashMap<ShortString, QueueId>,
+}
+
+struct Unacked {
+    queue: QueueId,
+    sequence: Sequence,
+    message: Arc<Message>,
+    /// None for a message taken with `basic.get`.
+    consumer_tag: Option<ShortString>,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    next_delivery_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    /// `basic.qos` with global=false: applies to consumers started afterwards.
+    consumer_prefetch: u16,
+    /// `basic.qos` with global=true: shared by all consumers on the channel.
+    global_prefetch: u16,
+    /// Cleared by `channel.flow(active=false)`.
+    paused: bool,
+    consumers: HashMap<ShortString, QueueId>,
+    deliveries_unwritten: u32,
+}
+
+impl ChannelState {
+    fn accepts(&self, no_ack: bool, limits: &Limits) -> bool {
+        if self.paused || self.deliveries_unwritten >= limits.deliveries_unwritten_per_channel_max {
+            return false;
+        }
+        no_ack
+            || (self.unacked.len() < limits.unacked_per_channel_max
+                && (self.global_prefetch == 0
+                    || self.unacked.len() < self.global_prefetch as usize))
+    }
+
+    fn take_delivery_tag(&mut self) -> u64 {
+        self.next_delivery_tag += 1;
+        self.next_delivery_tag
+    }
+}
+
+struct ConnectionState {
+    vhost: String,
+    channels: HashMap<u16, ChannelState>,
+    exclusive_queues: Vec<QueueId>,
+    /// Whether the client understands a server-sent `basic.cancel`.
+    cancel_notify: bool,
+}
+
+pub struct Broker {
+    vhosts: HashMap<String, VHost>,
+    queues: HashMap<QueueId, Queue>,
+    connections: HashMap<ConnectionId, ConnectionState>,
+    next_queue_id: u64,
+    name_state: u64,
+    limits: Limits,
+}
+
+const BUILTIN_EXCHANGES: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+impl Broker {
+    /// `seed` makes server-generated names unpredictable across runs.
+    pub fn new(vhost_names: &[String], limits: Limits, seed: u64) -> Self {
+        let mut broker = Self {
+            vhosts: HashMap::new(),
+            queues: HashMap::new(),
+            connections: HashMap::new(),
+            next_queue_id: 0,
+            name_state: seed | 1,
+            limits,
+        };
+        broker.add_vhost("/");
+        for name in vhost_names {
+            broker.add_vhost(name);
+        }
+        broker
+    }
+
+    pub fn add_vhost(&mut self, name: &str) {
+        self.vhosts.entry(name.to_owned()).or_insert_with(|| {
+            let exchanges = BUILTIN_EXCHANGES
+                .iter()
+                .map(|(name, kind)| {
+                    let exchange = Exchange {
+                        name: (*name).into(),
+                        kind: *kind,
+                        durable: true,
+                        auto_delete: false,
+                        internal: false,
+                        arguments: FieldTable::default(),
+                        bindings: Vec::new(),
+                    };
+                    ((*name).into(), exchange)
+                })
+                .collect();
+            VHost {
+                exchanges,
+                queues: HashMap::new(),
+            }
+        });
+    }
+
+    pub fn vhost_exists(&self, name: &str) -> bool {
+        self.vhosts.contains_key(name)
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    // ----- connections and channels -------------------------------------
+
+    pub fn open_connection(&mut self, connection: ConnectionId, vhost: &str, cancel_notify: bool) {
+        debug_assert!(self.vhost_exists(vhost));
+        self.connections.insert(
+            connection,
+            ConnectionState {
+                vhost: vhost.to_owned(),
+                channels: HashMap::new(),
+                exclusive_queues: Vec::new(),
+                cancel_notify,
+            },
+        );
+    }
+
+    /// Releases everything the connection held: its channels' unacked
+    /// messages go back to their queues and its exclusive queues are deleted.
+    pub fn close_connection(&mut self, connection: ConnectionId, out: &mut Outbox) {
+        let channels: Vec<u16> = match self.connections.get(&connection) {
+            Some(state) => state.channels.keys().copied().collect(),
+            None => return,
+        };
+        for channel in channels {
+            self.close_channel(connection, channel, out);
+        }
+        if let Some(state) = self.connections.remove(&connection) {
+            for queue in state.exclusive_queues {
+                self.delete_queue_by_id(queue, out);
+            }
+        }
+    }
+
+    pub fn open_channel(&mut self, connection: ConnectionId, channel: u16) {
+        if let Some(state) = self.connections.get_mut(&connection) {
+            state.channels.insert(channel, ChannelState::default());
+        }
+    }
+
+    /// Cancels the channel's consumers and requeues its unacked messages, in
+    /// delivery order, each to its original position.
+    pub fn close_channel(&mut self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
+        let Some(state) = self
+            .connections
+            .get_mut(&connection)
+            .and_then(|state| state.channels.remove(&channel))
+        else {
+            return;
+        };
+        let mut touched = Vec::new();
+        for (tag, queue) in state.consumers {
+            self.detach_consumer(queue, connection, channel, tag.as_str(), out);
+            touched.push(queue);
+        }
+        for unacked in state.unacked.into_values() {
+            if let Some(queue) = self.queues.get_mut(&unacked.queue) {
+                queue.requeue(unacked.sequence, unacked.message);
+                touched.push(unacked.queue);
+            }
+        }
+        self.deliver_all(&touched, out);
+    }
+
+    /// `channel.flow`: a paused channel receives no deliveries.
+    pub fn set_channel_flow(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        active: bool,
+        out: &mut Outbox,
+    ) {
+        if let Some(state) = self.channel_mut(connection, channel) {
+            state.paused = !active;
+        }
+        if active {
+            self.deliver_to_channel(connection, channel, out);
+        }
+    }
+
+    /// `basic.qos` (prefetch_size has been checked by the caller).
+    pub fn set_prefetch(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        prefetch_count: u16,
+        global: bool,
+        out: &mut Outbox,
+    ) {
+        if let Some(state) = self.channel_mut(connection, channel) {
+            if global {
+                state.global_prefetch = prefetch_count;
+            } else {
+                state.consumer_prefetch = prefetch_count;
+            }
+        }
+        self.deliver_to_channel(connection, channel, out);
+    }
+
+    /// The writer has put `count` deliveries of this channel on the wire.
+    pub fn deliveries_written(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        count: u32,
+        out: &mut Outbox,
+    ) {
+        let limit = self.limits.deliveries_unwritten_per_channel_max;
+        let Some(state) = self.channel_mut(connection, channel) else {
+            return;
+        };
+        let was_blocked = state.deliveries_unwritten >= limit;
+        state.deliveries_unwritten = state.deliveries_unwritten.saturating_sub(count);
+        if was_blocked {
+            self.deliver_to_channel(connection, channel, out);
+        }
+    }
+
+    // ----- exchanges -----------------------------------------------------
+
+    pub fn declare_exchange(
+        &mut self,
+        connection: ConnectionId,
+        declare: ExchangeDeclare,
+    ) -> BrokerResult<()> {
+        let vhost_name = self.vhost_of(connection)?;
+        let vhost = self.vhosts.get_mut(&vhost_name).expect("connection's vhost exists");
+        let name = declare.name.as_str();
+        if name.is_empty() {
+            return Err(BrokerError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        if declare.passive {
+            return match vhost.exchanges.get(name) {
+                Some(_) => Ok(()),
+                None => Err(BrokerError::not_found(format!(
+                    "no exchange '{name}' in vhost '{vhost_name}'"
+                ))),
+            };
+        }
+        let Some(kind) = ExchangeKind::parse(declare.kind.as_str()) else {
+            return Err(BrokerError::command_invalid(format!(
+                "unknown exchange type '{}'",
+                declare.kind
+            )));
+        };
+        if let Some(existing) = vhost.exchanges.get(name) {
+            let inequivalent = |what: &str, received: &str, current: &str| {
+                BrokerError::precondition_failed(format!(
+                    "inequivalent arg '{what}' for exchange '{name}' in vhost '{vhost_name}': \
+                     received '{received}' but current is '{current}'"
+                ))
+            };
+            if existing.kind != kind {
+                return Err(inequivalent("type", kind.name(), existing.kind.name()));
+            }
+            for (what, received, current) in [
+                ("durable", declare.durable, existing.durable),
+                ("auto_delete", declare.auto_delete, existing.auto_delete),
+                ("internal", declare.internal, existing.internal),
+            ] {
+                if received != current {
+                    return Err(inequivalent(what, &received.to_string(), &current.to_string()));
+                }
+            }
+            let alternate = "alternate-exchange";
+            let received = crate::queue::describe_argument(declare.arguments.inner().get(alternate));
+            let current = crate::queue::describe_argument(existing.arguments.inner().get(alternate));
+            if received != current {
+                return Err(inequivalent(alternate, &received, &current));
+            }
+            return Ok(());
+        }
+        if name.starts_with("amq.") {
+            return Err(BrokerError::access_refused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        vhost.exchanges.insert(
+            declare.name.clone(),
+            Exchange {
+                name: declare.name,
+                kind,
+                durable: declare.durable,
+                auto_delete: declare.auto_delete,
+                internal: declare.internal,
+                arguments: declare.arguments,
+                bindings: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    pub fn delete_exchange(
+        &mut self,
+        connection: ConnectionId,
+        name: &str,
+        if_unused: bool,
+    ) -> BrokerResult<()> {
+        let vhost_name = self.vhost_of(connection)?;
+        let vhost = self.vhosts.get_mut(&vhost_name).expect("connection's vhost exists");
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(BrokerError::access_refused(format!(
+                "operation not permitted on {}",
+                if name.is_empty() { "the default exchange".to_owned() } else { format!("exchange '{name}'") }
+            )));
+        }
+        let Some(exchange) = vhost.exchanges.get(name) else {
+            // Deleting what does not exist succeeds, as in RabbitMQ.
+            return Ok(());
+        };
+        if if_unused && !exchange.bindings.is_empty() {
+            return Err(BrokerError::precondition_failed(format!(
+                "exchange '{name}' in vhost '{vhost_name}' in use"
+            )));
+        }
+        remove_exchange(vhost, name);
+        Ok(())
+    }
+
+    /// `exchange.bind` (bind = true) and `exchange.unbind`.
+    pub fn bind_exchange(
+        &mut self,
+        connection: ConnectionId,
+        destination: &str,
+        source: &str,
+        routing_key: ShortString,
+        arguments: FieldTable,
+        bind: bool,
+    ) -> BrokerResult<()> {
+        let vhost_name = self.vhost_of(connection)?;
+        let vhost = self.vhosts.get_mut(&vhost_name).expect("connection's vhost exists");
+        if source.is_empty() || destination.is_empty() {
+            return Err(BrokerError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        for name in [destination, source] {
+            if !vhost.exchanges.contains_key(name) {
+                return Err(BrokerError::not_found(format!(
+                    "no exchange '{name}' in vhost '{vhost_name}'"
+                )));
+            }
+        }
+        let binding = Binding {
+            destination: Destination::Exchange(destination.into()),
+            routing_key,
+            arguments,
+        };
+        if bind {
+            add_binding(vhost, source, binding);
+        } else {
+            remove_binding(vhost, source, &binding);
+        }
+        Ok(())
+    }
+
+    // ----- queues --------------------------------------------------------
+
+    pub fn declare_queue(
+        &mut self,
+        connection: ConnectionId,
+        declare: QueueDeclare,
+    ) -> BrokerResult<QueueDeclared> {
+        let vhost_name = self.vhost_of(connection)?;
+        let mut name = declare.name.clone();
+        if let Some(id) = self.vhosts[&vhost_name].queues.get(name.as_str()).copied() {
+            let queue = &self.queues[&id];
+            queue.check_access(connection)?;
+            if !declare.passive {
+                queue.check_equivalent(
+                    declare.durable,
+                    declare.exclusive,
+                    declare.auto_delete,
+                    &declare.arguments,
+                )?;
+            }
+            return Ok(QueueDeclared {
+                name,
+                message_count: queue.ready_count() as u32,
+                consumer_count: queue.consumers.len() as u32,
+            });
+        }
+        if declare.passive {
+            return Err(BrokerError::not_found(format!(
+                "no queue '{name}' in vhost '{vhost_name}'"
+            )));
+        }
+        if name.as_str().is_empty() {
+            name = self.generate_name("amq.gen-").into();
+        } else if name.as_str().starts_with("amq.") {
+            return Err(BrokerError::access_refused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        self.next_queue_id += 1;
+        let id = QueueId(self.next_queue_id);
+        let owner = declare.exclusive.then_some(connection);
+        let queue = Queue::new(
+            name.clone(),
+            vhost_name.clone(),
+            declare.durable,
+            owner,
+            declare.auto_delete,
+            declare.arguments,
+        );
+        self.queues.insert(id, queue);
+        self.vhosts
+            .get_mut(&vhost_name)
+            .expect("connection's vhost exists")
+            .queues
+            .insert(name.clone(), id);
+        if let Some(owner) = owner
+            && let Some(state) = self.connections.get_mut(&owner)
+        {
+            state.exclusive_queues.push(id);
+        }
+        Ok(QueueDeclared {
+            name,
+            message_count: 0,
+            consumer_count: 0,
+        })
+    }
+
+    /// `queue.bind` (bind = true) and `queue.unbind`.
+    pub fn bind_queue(
+        &mut self,
+        connection: ConnectionId,
+        queue: &str,
+        exchange: &str,
+        routing_key: ShortString,
+        arguments: FieldTable,
+        bind: bool,
+    ) -> BrokerResult<()> {
+        let id = self.queue_for(connection, queue)?;
+        let vhost_name = self.vhost_of(connection)?;
+        let vhost = self.vhosts.get_mut(&vhost_name).expect("connection's vhost exists");
+        if exchange.is_empty() {
+            return Err(BrokerError::access_refused(format!(
+                "operation not permitted on the default exchange"
+            )));
+        }
+        if !vhost.exchanges.contains_key(exchange) {
+            return Err(BrokerError::not_found(format!(
+                "no exchange '{exchange}' in vhost '{vhost_name}'"
+            )));
+        }
+        let binding = Binding {
+            destination: Destination::Queue(id),
+            routing_key,
+            arguments,
+        };
+        if bind {
+            add_binding(vhost, exchange, binding);
+        } else {
+            remove_binding(vhost, exchange, &binding);
+        }
+        Ok(())
+    }
+
+    /// Removes the queue's waiting messages; returns how many there were.
+    pub fn purge_queue(&mut self, connection: ConnectionId, queue: &str) -> BrokerResult<u32> {
+        let id = self.queue_for(connection, queue)?;
+        let queue = self.queues.get_mut(&id).expect("queue_for returns live queues");
+        Ok(queue.backlog.drain().len() as u32)
+    }
+
+    /// Deletes a queue; returns the number of messages it held.
+    pub fn delete_queue(
+        &mut self,
+        connection: ConnectionId,
+        queue: &str,
+        if_unused: bool,
+        if_empty: bool,
+        out: &mut Outbox,
+    ) -> BrokerResult<u32> {
+        let id = match self.queue_for(connection, queue) {
+            Ok(id) => id,
+            // Deleting what does not exist succeeds, as in RabbitMQ.
+            Err(error) if error.code == ErrorCode::NotFound => return Ok(0),
+            Err(error) => return Err(error),
+        };
+        let queue = &self.queues[&id];
+        if if_unused && !queue.consumers.is_empty() {
+            return Err(BrokerError::precondition_failed(format!(
+                "{} in use",
+                queue.describe()
+            )));
+        }
+        if if_empty && queue.ready_count() > 0 {
+            return Err(BrokerError::precondition_failed(format!(
+                "{} not empty",
+                queue.describe()
+            )));
+        }
+        Ok(self.delete_queue_by_id(id, out))
+    }
+
+    fn delete_queue_by_id(&mut self, id: QueueId, out: &mut Outbox) -> u32 {
+        let Some(mut queue) = self.queues.remove(&id) else {
+            return 0;
+        };
+        let message_count = queue.ready_count() as u32;
+        queue.backlog.drain();
+        if let Some(vhost) = self.vhosts.get_mut(&queue.vhost) {
+            vhost.queues.remove(queue.name.as_str());
+            let destination = Destination::Queue(id);
+            let sources: Vec<ShortString> = vhost
+                .exchanges
+                .values()
+                .filter(|exchange| exchange.bindings.iter().any(|b| b.destination == destination))
+                .map(|exchange| exchange.name.clone())
+                .collect();
+            for source in sources {
+                remove_bindings_to(vhost, source.as_str(), &destination);
+            }
+        }
+        if let Some(owner) = queue.exclusive_owner
+            && let Some(state) = self.connections.get_mut(&owner)
+        {
+            state.exclusive_queues.retain(|queue| *queue != id);
+        }
+        for consumer in queue.consumers {
+            let Some(connection) = self.connections.get_mut(&consumer.connection) else {
+                continue;
+            };
+            if let Some(channel) = connection.channels.get_mut(&consumer.channel) {
+                channel.consumers.remove(&consumer.tag);
+            }
+            if connection.cancel_notify {
+                out.effects.push(Effect::CancelConsumer {
+                    connection: consumer.connection,
+                    channel: consumer.channel,
+                    consumer_tag: consumer.tag,
+                });
+            }
+        }
+        message_count
+    }
+
+    // ----- publishing ----------------------------------------------------
+
+    /// Routes a message and enqueues it on every queue it reaches; returns
+    /// how many queues that was (0: unroutable).
+    pub fn publish(
+        &mut self,
+        connection: ConnectionId,
+        message: Arc<Message>,
+        out: &mut Outbox,
+    ) -> BrokerResult<usize> {
+        let vhost_name = self.vhost_of(connection)?;
+        let vhost = &self.vhosts[&vhost_name];
+        let exchange_name = message.exchange.as_str();
+        let Some(exchange) = vhost.exchanges.get(exchange_name) else {
+            return Err(BrokerError::not_found(format!(
+                "no exchange '{exchange_name}' in vhost '{vhost_name}'"
+            )));
+        };
+        if exchange.internal {
+            return Err(BrokerError::access_refused(format!(
+                "cannot publish to internal exchange '{exchange_name}' in vhost '{vhost_name}'"
+            )));
+        }
+        let targets = route(vhost, exchange, &message);
+        for id in &targets {
+            if let Some(queue) = self.queues.get_mut(id) {
+                queue.enqueue(Arc::clone(&message));
+            }
+        }
+        self.deliver_all(&targets, out);
+        Ok(targets.len())
+    }
+
+    // ----- consuming -----------------------------------------------------
+
+    pub fn consume(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        consume: Consume,
+        out: &mut Outbox,
+    ) -> BrokerResult<ShortString> {
+        let id = self.queue_for(connection, consume.queue.as_str())?;
+        let tag = if consume.consumer_tag.as_str().is_empty() {
+            ShortString::from(self.generate_name("amq.ctag-"))
+        } else {
+            consume.consumer_tag
+        };
+        let consumers_max = self.limits.consumers_per_channel_max;
+        let state = self
+            .channel_mut(connection, channel)
+            .expect("consume on an open channel");
+        if state.consumers.contains_key(&tag) {
+            return Err(BrokerError::not_allowed(format!(
+                "attempt to reuse consumer tag '{tag}'"
+            )));
+        }
+        if state.consumers.len() >= consumers_max {
+            return Err(BrokerError::precondition_failed(format!(
+                "channel {channel} already has {consumers_max} consumers, the most a channel may hold"
+            )));
+        }
+        let prefetch_count = state.consumer_prefetch;
+        let queue = self.queues.get_mut(&id).expect("queue_for returns live queues");
+        if consume.exclusive && !queue.consumers.is_empty()
+            || queue.consumers.iter().any(|consumer| consumer.exclusive)
+        {
+            return Err(BrokerError::access_refused(format!(
+                "{} in exclusive use",
+                queue.describe()
+            )));
+        }
+        queue.consumers.push(QueueConsumer {
+            connection,
+            channel,
+            tag: tag.clone(),
+            no_ack: consume.no_ack,
+            exclusive: consume.exclusive,
+            prefetch_count,
+            unacked: 0,
+        });
+        queue.had_consumer = true;
+        self.channel_mut(connection, channel)
+            .expect("checked above")
+            .consumers
+            .insert(tag.clone(), id);
+        self.deliver_all(&[id], out);
+        Ok(tag)
+    }
+
+    /// `basic.cancel`; returns whether the consumer existed.
+    pub fn cancel(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        consumer_tag: &str,
+        out: &mut Outbox,
+    ) -> bool {
+        let Some(queue) = self
+            .channel_mut(connection, channel)
+            .and_then(|state| state.consumers.remove(consumer_tag))
+        else {
+            return false;
+        };
+        self.detach_consumer(queue, connection, channel, consumer_tag, out);
+        true
+    }
+
+    /// Removes a consumer from its queue, deleting an auto-delete queue that
+    /// has lost its last consumer.
+    fn detach_consumer(
+        &mut self,
+        id: QueueId,
+        connection: ConnectionId,
+        channel: u16,
+        consumer_tag: &str,
+        out: &mut Outbox,
+    ) {
+        let Some(queue) = self.queues.get_mut(&id) else {
+            return;
+        };
+        queue.consumers.retain(|consumer| {
+            !(consumer.connection == connection
+                && consumer.channel == channel
+                && consumer.tag.as_str() == consumer_tag)
+        });
+        if queue.auto_delete && queue.had_consumer && queue.consumers.is_empty() {
+            self.delete_queue_by_id(id, out);
+        }
+    }
+
+    pub fn get(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        queue: &str,
+        no_ack: bool,
+    ) -> BrokerResult<Option<GetOk>> {
+        let id = self.queue_for(connection, queue)?;
+        let queue = self.queues.get_mut(&id).expect("queue_for returns live queues");
+        let Some((sequence, queued)) = queue.backlog.pop_front() else {
+            return Ok(None);
+        };
+        let message_count = queue.ready_count() as u32;
+        let state = self
+            .connections
+            .get_mut(&connection)
+            .and_then(|state| state.channels.get_mut(&channel))
+            .expect("get on an open channel");
+        let delivery_tag = state.take_delivery_tag();
+        if !no_ack {
+            state.unacked.insert(
+                delivery_tag,
+                Unacked {
+                    queue: id,
+                    sequence,
+                    message: Arc::clone(&queued.message),
+                    consumer_tag: None,
+                },
+            );
+        }
+        Ok(Some(GetOk {
+            delivery_tag,
+            redelivered: queued.redelivered,
+            message: queued.message,
+            message_count,
+        }))
+    }
+
+    // ----- acknowledgements ----------------------------------------------
+
+    pub fn ack(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        delivery_tag: u64,
+        multiple: bool,
+        out: &mut Outbox,
+    ) -> BrokerResult<()> {
+        let settled = self.settle(connection, channel, delivery_tag, multiple)?;
+        let touched: Vec<QueueId> = settled.iter().map(|unacked| unacked.queue).collect();
+        self.after_settle(connection, channel, &touched, out);
+        Ok(())
+    }
+
+    /// `basic.nack` and `basic.reject`: requeued messages go back to their
+    /// original position, marked redelivered; others are discarded.
+    pub fn reject(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+        out: &mut Outbox,
+    ) -> BrokerResult<()> {
+        let settled = self.settle(connection, channel, delivery_tag, multiple)?;
+        let touched = self.requeue_or_discard(settled, requeue);
+        self.after_settle(connection, channel, &touched, out);
+        Ok(())
+    }
+
+    /// `basic.recover`: every unacked message on the channel is requeued.
+    pub fn recover(&mut self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
+        let settled = match self.channel_mut(connection, channel) {
+            Some(state) => std::mem::take(&mut state.unacked).into_values().collect(),
+            None => return,
+        };
+        let touched = self.requeue_or_discard(settled, true);
+        self.after_settle(connection, channel, &touched, out);
+    }
+
+    fn requeue_or_discard(&mut self, settled: Vec<Unacked>, requeue: bool) -> Vec<QueueId> {
+        let mut touched = Vec::with_capacity(settled.len());
+        for unacked in settled {
+            touched.push(unacked.queue);
+            if requeue && let Some(queue) = self.queues.get_mut(&unacked.queue) {
+                queue.requeue(unacked.sequence, unacked.message);
+            }
+        }
+        touched
+    }
+
+    /// Takes the deliveries an ack, nack or reject names off the channel.
+    fn settle(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        delivery_tag: u64,
+        multiple: bool,
+    ) -> BrokerResult<Vec<Unacked>> {
+        let state = self
+            .channel_mut(connection, channel)
+            .expect("settle on an open channel");
+        let unknown = || BrokerError::precondition_failed(format!("unknown delivery tag {delivery_tag}"));
+        let settled: Vec<Unacked> = if multiple {
+            if delivery_tag != 0 && !state.unacked.contains_key(&delivery_tag) {
+                return Err(unknown());
+            }
+            let keep = if delivery_tag == 0 {
+                BTreeMap::new()
+            } else {
+                state.unacked.split_off(&(delivery_tag + 1))
+            };
+            std::mem::replace(&mut state.unacked, keep).into_values().collect()
+        } else {
+            vec![state.unacked.remove(&delivery_tag).ok_or_else(unknown)?]
+        };
+        for unacked in &settled {
+            let Some(tag) = &unacked.consumer_tag else {
+                continue;
+            };
+            let Some(queue) = self.queues.get_mut(&unacked.queue) else {
+                continue;
+            };
+            if let Some(consumer) = queue.consumers.iter_mut().find(|consumer| {
+                consumer.connection == connection && consumer.channel == channel && consumer.tag == *tag
+            }) {
+                consumer.unacked = consumer.unacked.saturating_sub(1);
+            }
+        }
+        Ok(settled)
+    }
+
+    fn after_settle(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        touched: &[QueueId],
+        out: &mut Outbox,
+    ) {
+        self.deliver_all(touched, out);
+        // A global prefetch frees room for every consumer on the channel.
+        if self
+            .channel_mut(connection, channel)
+            .is_some_and(|state| state.global_prefetch != 0)
+        {
+            self.deliver_to_channel(connection, channel, out);
+        }
+    }
+
+    // ----- delivery ------------------------------------------------------
+
+    fn deliver_all(&mut self, queues: &[QueueId], out: &mut Outbox) {
+        for (index, id) in queues.iter().enumerate() {
+            if queues[..index].contains(id) {
+                continue;
+            }
+            if let Some(queue) = self.queues.get_mut(id) {
+                deliver(*id, queue, &mut self.connections, &self.limits, out);
+            }
+        }
+    }
+
+    fn deliver_to_channel(&mut self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
+        let queues: Vec<QueueId> = match self.channel_mut(connection, channel) {
+            Some(state) => state.consumers.values().copied().collect(),
+            None => return,
+        };
+        self.deliver_all(&queues, out);
+    }
+
+    // ----- helpers -------------------------------------------------------
+
+    fn vhost_of(&self, connection: ConnectionId) -> BrokerResult<String> {
+        self.connections
+            .get(&connection)
+            .map(|state| state.vhost.clone())
+            .ok_or_else(|| BrokerError::new(ErrorCode::InternalError, "connection is not open"))
+    }
+
+    fn channel_mut(&mut self, connection: ConnectionId, channel: u16) -> Option<&mut ChannelState> {
+        self.connections
+            .get_mut(&connection)
+            .and_then(|state| state.channels.get_mut(&channel))
+    }
+
+    /// Finds a queue by name for a connection, refusing another connection's
+    /// exclusive queue.
+    fn queue_for(&self, connection: ConnectionId, name: &str) -> BrokerResult<QueueId> {
+        let vhost_name = self.vhost_of(connection)?;
+        let id = self.vhosts[&vhost_name]
+            .queues
+            .get(name)
+            .copied()
+            .ok_or_else(|| BrokerError::not_found(format!("no queue '{name}' in vhost '{vhost_name}'")))?;
+        self.queues[&id].check_access(connection)?;
+        Ok(id)
+    }
+
+    /// A name like RabbitMQ's server-generated ones: a prefix and 22
+    /// URL-safe characters.
+    fn generate_name(&mut self, prefix: &str) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut name = String::with_capacity(prefix.len() + 22);
+        name.push_str(prefix);
+        for _ in 0..22 {
+            // xorshift64: unpredictable enough for names, which only need to
+            // be unique; uniqueness is checked against existing queues below.
+            self.name_state ^= self.name_state << 13;
+            self.name_state ^= self.name_state >> 7;
+            self.name_state ^= self.name_state << 17;
+            name.push(ALPHABET[(self.name_state % 64) as usize] as char);
+        }
+        if self.vhosts.values().any(|vhost| vhost.queues.contains_key(name.as_str())) {
+            return self.generate_name(prefix);
+        }
+        name
+    }
+
+    // ----- introspection -------------------------------------------------
+
+    pub fn queue_counts(&self, vhost: &str, queue: &str) -> Option<(usize, usize)> {
+        let id = self.vhosts.get(vhost)?.queues.get(queue)?;
+        let queue = &self.queues[id];
+        Some((queue.ready_count(), queue.consumers.len()))
+    }
+
+    pub fn unacked_count(&self, connection: ConnectionId, channel: u16) -> usize {
+        self.connections
+            .get(&connection)
+            .and_then(|state| state.channels.get(&channel))
+            .map_or(0, |state| state.unacked.len())
+    }
+}
+
+/// Hands a queue's waiting messages to its consumers, round-robin, while any
+/// consumer has room.
+fn deliver(
+    queue_id: QueueId,
+    queue: &mut Queue,
+    connections: &mut HashMap<ConnectionId, ConnectionState>,
+    limits: &Limits,
+    out: &mut Outbox,
+) {
+    while !queue.backlog.is_empty() {
+        let count = queue.consumers.len();
+        let chosen = (0..count)
+            .map(|offset| (queue.next_consumer + offset) % count)
+            .find(|&index| {
+                let consumer = &queue.consumers[index];
+                consumer.has_credit()
+                    && connections
+                        .get(&consumer.connection)
+                        .and_then(|state| state.channels.get(&consumer.channel))
+                        .is_some_and(|state| state.accepts(consumer.no_ack, limits))
+            });
+        let Some(index) = chosen else {
+            return;
+        };
+        queue.next_consumer = (index + 1) % count;
+        let (sequence, queued) = queue.backlog.pop_front().expect("backlog is not empty");
+        let consumer = &mut queue.consumers[index];
+        let state = connections
+            .get_mut(&consumer.connection)
+            .and_then(|state| state.channels.get_mut(&consumer.channel))
+            .expect("chosen consumer's channel is open");
+        let delivery_tag = state.take_delivery_tag();
+        if !consumer.no_ack {
+            consumer.unacked += 1;
+            state.unacked.insert(
+                delivery_tag,
+                Unacked {
+                    queue: queue_id,
+                    sequence,
+                    message: Arc::clone(&queued.message),
+                    consumer_tag: Some(consumer.tag.clone()),
+                },
+            );
+        }
+        state.deliveries_unwritten += 1;
+        out.effects.push(Effect::Deliver(Delivery {
+            connection: consumer.connection,
+            channel: consumer.channel,
+            consumer_tag: consumer.tag.clone(),
+            delivery_tag,
+            redelivered: queued.redelivered,
+            message: queued.message,
+        }));
+    }
+}
+
+/// Every queue a message reaches from `exchange`, following exchange-to-
+/// exchange bindings once each, without duplicates.
+fn route(vhost: &VHost, exchange: &Exchange, message: &Message) -> Vec<QueueId> {
+    let routing_key = message.routing_key.as_str();
+    let mut queues = Vec::new();
+    if exchange.name.as_str().is_empty() {
+        if let Some(id) = vhost.queues.get(routing_key) {
+            queues.push(*id);
+        }
+        return queues;
+    }
+    let headers = message.properties.headers().as_ref();
+    let mut visited: Vec<&str> = vec![exchange.name.as_str()];
+    let mut pending: Vec<&Exchange> = vec![exchange];
+    while let Some(exchange) = pending.pop() {
+        exchange.route(routing_key, headers, |destination| match destination {
+            Destination::Queue(id) => {
+                if !queues.contains(id) {
+                    queues.push(*id);
+                }
+            }
+            Destination::Exchange(name) => {
+                if !visited.contains(&name.as_str())
+                    && let Some(next) = vhost.exchanges.get(name.as_str())
+                {
+                    visited.push(next.name.as_str());
+                    pending.push(next);
+                }
+            }
+        });
+    }
+    queues
+}
+
+fn add_binding(vhost: &mut VHost, source: &str, binding: Binding) {
+    let exchange = vhost.exchanges.get_mut(source).expect("caller checked the source");
+    if !exchange.bindings.contains(&binding) {
+        exchange.bindings.push(binding);
+    }
+}
+
+fn remove_binding(vhost: &mut VHost, source: &str, binding: &Binding) {
+    let Some(exchange) = vhost.exchanges.get_mut(source) else {
+        return;
+    };
+    let before = exchange.bindings.len();
+    exchange.bindings.retain(|existing| existing != binding);
+    if exchange.bindings.len() < before {
+        delete_if_auto(vhost, source);
+    }
+}
+
+fn remove_bindings_to(vhost: &mut VHost, source: &str, destination: &Destination) {
+    let Some(exchange) = vhost.exchanges.get_mut(source) else {
+        return;
+    };
+    exchange.bindings.retain(|binding| binding.destination != *destination);
+    delete_if_auto(vhost, source);
+}
+
+/// An auto-delete exchange goes when its last binding does.
+fn delete_if_auto(vhost: &mut VHost, name: &str) {
+    if vhost
+        .exchanges
+        .get(name)
+        .is_some_and(|exchange| exchange.auto_delete && exchange.bindings.is_empty())
+    {
+        remove_exchange(vhost, name);
+    }
+}
+
+/// Removes an exchange and every binding that points at it.
+fn remove_exchange(vhost: &mut VHost, name: &str) {
+    vhost.exchanges.remove(name);
+    let destination = Destination::Exchange(name.into());
+    let sources: Vec<ShortString> = vhost
+        .exchanges
+        .values()
+        .filter(|exchange| exchange.bindings.iter().any(|b| b.destination == destination))
+        .map(|exchange| exchange.name.clone())
+        .collect();
+    for source in sources {
+        remove_bindings_to(vhost, source.as_str(), &destination);
+    }
+}

@@ -1,0 +1,259 @@
+//! Exchanges, their bindings, and the four routing algorithms.
+
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+
+use crate::QueueId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    Direct,
+    Fanout,
+    Topic,
+    Headers,
+}
+
+impl ExchangeKind {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "direct" => Some(Self::Direct),
+            "fanout" => Some(Self::Fanout),
+            "topic" => Some(Self::Topic),
+            "headers" => Some(Self::Headers),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Fanout => "fanout",
+            Self::Topic => "topic",
+            Self::Headers => "headers",
+        }
+    }
+}
+
+/// Where a binding sends what matches it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Destination {
+    Queue(QueueId),
+    Exchange(ShortString),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub destination: Destination,
+    pub routing_key: ShortString,
+    pub arguments: FieldTable,
+}
+
+#[derive(Debug)]
+pub struct Exchange {
+    pub name: ShortString,
+    pub kind: ExchangeKind,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+    /// Bindings whose source is this exchange.
+    pub bindings: Vec<Binding>,
+}
+
+impl Exchange {
+    /// Calls `matched` with the destination of every binding that the
+    /// message's routing key and headers select.
+    pub fn route(
+        &self,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        mut matched: impl FnMut(&Destination),
+    ) {
+        for binding in &self.bindings {
+            let selects = match self.kind {
+                ExchangeKind::Direct => binding.routing_key.as_str() == routing_key,
+                ExchangeKind::Fanout => true,
+                ExchangeKind::Topic => topic_matches(binding.routing_key.as_str(), routing_key),
+                ExchangeKind::Headers => headers_match(&binding.arguments, headers),
+            };
+            if selects {
+                matched(&binding.destination);
+            }
+        }
+    }
+}
+
+/// Whether a topic binding pattern matches a routing key. Words are separated
+/// by dots; `*` stands for exactly one word and `#` for zero or more words.
+/// An empty key is a single empty word, as in RabbitMQ, so `#` matches it.
+pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let key: Vec<&str> = routing_key.split('.').collect();
+    // matches[j] says whether the pattern words seen so far match the first j
+    // key words: a dynamic programme over the pattern, linear in key length
+    // per pattern word, so hostile patterns cannot make it exponential.
+    let mut matches = vec![false; key.len() + 1];
+    matches[0] = true;
+    for word in &pattern {
+        let mut next = vec![false; key.len() + 1];
+        match *word {
+            "#" => {
+                let mut reachable = false;
+                for j in 0..=key.len() {
+                    reachable |= matches[j];
+                    next[j] = reachable;
+                }
+            }
+            "*" => {
+                for j in 0..key.len() {
+                    next[j + 1] = matches[j];
+                }
+            }
+            literal => {
+                for j in 0..key.len() {
+                    next[j + 1] = matches[j] && key[j] == literal;
+                }
+            }
+        }
+        matches = next;
+    }
+    // A pattern of only `#` also matches the empty key, which split() turns
+    // into one empty word; that is covered by the DP since "#" spans it.
+    matches[key.len()]
+}
+
+/// The headers exchange's rule: `x-match` in the binding says whether all
+/// or any of the binding's other arguments must appear in the message
+/// headers. Arguments starting with `x-` are ignored unless the mode is
+/// `all-with-x` or `any-with-x`. An argument of type void matches on the
+/// key's presence alone.
+pub fn headers_match(binding_arguments: &FieldTable, headers: Option<&FieldTable>) -> bool {
+    let mode = match binding_arguments.inner().get("x-match") {
+        Some(AMQPValue::LongString(mode)) => String::from_utf8_lossy(mode.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(mode)) => mode.as_str().to_owned(),
+        _ => "all".to_owned(),
+    };
+    let (want_all, include_x) = match mode.as_str() {
+        "any" => (false, false),
+        "all-with-x" => (true, true),
+        "any-with-x" => (false, true),
+        _ => (true, false),
+    };
+    let empty = FieldTable::default();
+    let headers = headers.unwrap_or(&empty).inner();
+    let mut considered = binding_arguments
+        .inner()
+        .iter()
+        .filter(|(key, _)| key.as_str() != "x-match")
+        .filter(|(key, _)| include_x || !key.as_str().starts_with("x-"));
+    let matches_one = |(key, expected): (&ShortString, &AMQPValue)| match headers.get(key) {
+        None => false,
+        Some(_) if *expected == AMQPValue::Void => true,
+        Some(actual) => values_equal(actual, expected),
+    };
+    if want_all {
+        considered.all(matches_one)
+    } else {
+        considered.any(matches_one)
+    }
+}
+
+/// Header values compare by meaning: a string header matches a string
+/// argument whichever of the two string types each used, and integers match
+/// across widths.
+fn values_equal(left: &AMQPValue, right: &AMQPValue) -> bool {
+    if let (Some(left), Some(right)) = (as_text(left), as_text(right)) {
+        return left == right;
+    }
+    if let (Some(left), Some(right)) = (as_integer(left), as_integer(right)) {
+        return left == right;
+    }
+    left == right
+}
+
+fn as_text(value: &AMQPValue) -> Option<&[u8]> {
+    match value {
+        AMQPValue::LongString(text) => Some(text.as_bytes()),
+        AMQPValue::ShortString(text) => Some(text.as_str().as_bytes()),
+        _ => None,
+    }
+}
+
+pub(crate) fn as_integer(value: &AMQPValue) -> Option<i128> {
+    Some(match *value {
+        AMQPValue::ShortShortInt(v) => v as i128,
+        AMQPValue::ShortShortUInt(v) => v as i128,
+        AMQPValue::ShortInt(v) => v as i128,
+        AMQPValue::ShortUInt(v) => v as i128,
+        AMQPValue::LongInt(v) => v as i128,
+        AMQPValue::LongUInt(v) => v as i128,
+        AMQPValue::LongLongInt(v) => v as i128,
+        AMQPValue::Timestamp(v) => v as i128,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_wildcards() {
+        assert!(topic_matches("*.orange.*", "quick.orange.rabbit"));
+        assert!(!topic_matches("*.orange.*", "quick.orange.new.rabbit"));
+        assert!(topic_matches("lazy.#", "lazy"));
+        assert!(topic_matches("lazy.#", "lazy.pink.rabbit"));
+        assert!(!topic_matches("lazy.#", "lazyx.pink"));
+        assert!(topic_matches("#", ""));
+        assert!(topic_matches("#", "a.b.c"));
+        assert!(topic_matches("#.a", "a"));
+        assert!(topic_matches("a.#.b", "a.b"));
+        assert!(topic_matches("a.#.b", "a.x.y.b"));
+        assert!(!topic_matches("a.*.b", "a.b"));
+        assert!(topic_matches("", ""));
+        assert!(!topic_matches("*", ""));
+        assert!(!topic_matches("a", ""));
+        assert!(topic_matches("#.#", "x"));
+    }
+
+    fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (key, value) in entries {
+            table.insert((*key).into(), value.clone());
+        }
+        table
+    }
+
+    #[test]
+    fn headers_all_and_any() {
+        let text = |s: &str| AMQPValue::LongString(s.into());
+        let binding_all = table(&[("x-match", text("all")), ("a", text("1")), ("b", text("2"))]);
+        let binding_any = table(&[("x-match", text("any")), ("a", text("1")), ("b", text("2"))]);
+        let both = table(&[("a", text("1")), ("b", text("2"))]);
+        let one = table(&[("a", text("1"))]);
+        assert!(headers_match(&binding_all, Some(&both)));
+        assert!(!headers_match(&binding_all, Some(&one)));
+        assert!(headers_match(&binding_any, Some(&one)));
+        assert!(!headers_match(&binding_any, None));
+    }
+
+    #[test]
+    fn headers_with_x_consider_x_arguments() {
+        let text = |s: &str| AMQPValue::LongString(s.into());
+        let plain = table(&[("x-match", text("all")), ("x-tenant", text("t1"))]);
+        let with_x = table(&[("x-match", text("all-with-x")), ("x-tenant", text("t1"))]);
+        let other_tenant = table(&[("x-tenant", text("t2"))]);
+        assert!(headers_match(&plain, Some(&other_tenant)));
+        assert!(!headers_match(&with_x, Some(&other_tenant)));
+        let any_with_x = table(&[("x-match", text("any-with-x")), ("x-tenant", text("t2"))]);
+        assert!(headers_match(&any_with_x, Some(&other_tenant)));
+    }
+
+    #[test]
+    fn header_values_compare_across_integer_widths() {
+        assert!(values_equal(&AMQPValue::LongInt(5), &AMQPValue::ShortShortUInt(5)));
+        assert!(values_equal(
+            &AMQPValue::ShortString("x".into()),
+            &AMQPValue::LongString("x".into())
+        ));
+    }
+}
