@@ -84,10 +84,18 @@ impl Exchange {
 
 /// Whether a topic binding pattern matches a routing key. Words are separated
 /// by dots; `*` stands for exactly one word and `#` for zero or more words.
-/// An empty key is a single empty word, as in RabbitMQ, so `#` matches it.
+/// An empty key has no words, as in RabbitMQ, so `#` matches it and `*` does
+/// not.
 pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
-    let pattern: Vec<&str> = pattern.split('.').collect();
-    let key: Vec<&str> = routing_key.split('.').collect();
+    fn words(text: &str) -> Vec<&str> {
+        if text.is_empty() {
+            Vec::new()
+        } else {
+            text.split('.').collect()
+        }
+    }
+    let pattern = words(pattern);
+    let key = words(routing_key);
     // matches[j] says whether the pattern words seen so far match the first j
     // key words: a dynamic programme over the pattern, linear in key length
     // per pattern word, so hostile patterns cannot make it exponential.
@@ -116,8 +124,6 @@ pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
         }
         matches = next;
     }
-    // A pattern of only `#` also matches the empty key, which split() turns
-    // into one empty word; that is covered by the DP since "#" spans it.
     matches[key.len()]
 }
 
@@ -213,6 +219,8 @@ mod tests {
         assert!(!topic_matches("*", ""));
         assert!(!topic_matches("a", ""));
         assert!(topic_matches("#.#", "x"));
+        assert!(topic_matches("a..b", "a..b"));
+        assert!(topic_matches("a.*.b", "a..b"));
     }
 
     fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {

@@ -6,6 +6,7 @@
 //! return. It never touches a socket and never parses a frame.
 
 mod broker;
+mod delivery;
 mod error;
 mod exchange;
 mod message;
