@@ -140,14 +140,18 @@ impl Queue {
     /// Refuses use of an exclusive queue from any connection but its owner.
     pub fn check_access(&self, connection: ConnectionId) -> BrokerResult<()> {
         match self.exclusive_owner {
-            Some(owner) if owner != connection => Err(BrokerError::resource_locked(format!(
-                "cannot obtain exclusive access to locked {}. It could be originally declared \
-                 on another connection or the exclusive property value does not match that of \
-                 the original declaration.",
-                self.describe()
-            ))),
+            Some(owner) if owner != connection => Err(self.locked()),
             _ => Ok(()),
         }
+    }
+
+    fn locked(&self) -> BrokerError {
+        BrokerError::resource_locked(format!(
+            "cannot obtain exclusive access to locked {}. It could be originally declared \
+             on another connection or the exclusive property value does not match that of \
+             the original declaration.",
+            self.describe()
+        ))
     }
 
     /// Checks a redeclaration against what the queue is, the way RabbitMQ
@@ -169,11 +173,9 @@ impl Queue {
             return Err(inequivalent("durable", durable.to_string(), self.durable.to_string()));
         }
         if exclusive != self.exclusive_owner.is_some() {
-            return Err(inequivalent(
-                "exclusive",
-                exclusive.to_string(),
-                self.exclusive_owner.is_some().to_string(),
-            ));
+            // RabbitMQ reports an exclusive mismatch as a lock, not as an
+            // inequivalent argument.
+            return Err(self.locked());
         }
         if auto_delete != self.auto_delete {
             return Err(inequivalent(
