@@ -12,7 +12,9 @@ pub enum AuthError {
     UnknownMechanism(String),
     #[error("malformed {0} response")]
     MalformedResponse(&'static str),
-    #[error("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile.")]
+    #[error(
+        "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+    )]
     Refused { mechanism: String, user: String },
     #[error("user '{0}' can only connect via localhost")]
     LoopbackOnly(String),
@@ -36,7 +38,10 @@ pub fn authenticate(
         mechanism: mechanism.to_owned(),
         user: name.clone(),
     };
-    let user = users.iter().find(|user| user.name == name).ok_or_else(refused)?;
+    let user = users
+        .iter()
+        .find(|user| user.name == name)
+        .ok_or_else(refused)?;
     if !constant_time_eq(user.password.as_bytes(), password.as_bytes()) {
         return Err(refused());
     }
@@ -57,11 +62,14 @@ fn is_mapped_loopback(peer: IpAddr) -> bool {
 fn parse_plain(response: &[u8]) -> Result<(String, String), AuthError> {
     let malformed = AuthError::MalformedResponse("PLAIN");
     let mut parts = response.split(|byte| *byte == 0);
-    let (_authzid, user, password) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+    let (_authzid, user, password) = match (parts.next(), parts.next(), parts.next(), parts.next())
+    {
         (Some(authzid), Some(user), Some(password), None) => (authzid, user, password),
         _ => return Err(malformed),
     };
-    let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).map_err(|_| AuthError::MalformedResponse("PLAIN"));
+    let text = |bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec()).map_err(|_| AuthError::MalformedResponse("PLAIN"))
+    };
     Ok((text(user)?, text(password)?))
 }
 
@@ -72,7 +80,7 @@ fn parse_amqplain(response: &[u8]) -> Result<(String, String), AuthError> {
     framed.extend_from_slice(&(response.len() as u32).to_be_bytes());
     framed.extend_from_slice(response);
     let table: FieldTable = match parse_field_table(&framed[..]) {
-        Ok((rest, table)) if rest.is_empty() => table,
+        Ok((&[], table)) => table,
         _ => return Err(malformed()),
     };
     let text = |key: &str| match table.inner().get(key) {
@@ -80,7 +88,10 @@ fn parse_amqplain(response: &[u8]) -> Result<(String, String), AuthError> {
         Some(AMQPValue::ShortString(value)) => Some(value.to_string()),
         _ => None,
     };
-    Ok((text("LOGIN").ok_or_else(malformed)?, text("PASSWORD").ok_or_else(malformed)?))
+    Ok((
+        text("LOGIN").ok_or_else(malformed)?,
+        text("PASSWORD").ok_or_else(malformed)?,
+    ))
 }
 
 /// Compares passwords without an early exit, so response time does not
@@ -101,8 +112,16 @@ mod tests {
 
     fn users() -> Vec<User> {
         vec![
-            User { name: "guest".into(), password: "guest".into(), loopback_only: true },
-            User { name: "alice".into(), password: "secret".into(), loopback_only: false },
+            User {
+                name: "guest".into(),
+                password: "guest".into(),
+                loopback_only: true,
+            },
+            User {
+                name: "alice".into(),
+                password: "secret".into(),
+                loopback_only: false,
+            },
         ]
     }
 
@@ -115,7 +134,10 @@ mod tests {
         for mechanism in [SASLMechanism::Plain, SASLMechanism::AMQPlain] {
             let response = alice.sasl_auth_string(mechanism);
             let name = mechanism.to_string();
-            assert_eq!(authenticate(&users(), &name, response.as_bytes(), REMOTE), Ok("alice".into()));
+            assert_eq!(
+                authenticate(&users(), &name, response.as_bytes(), REMOTE),
+                Ok("alice".into())
+            );
         }
     }
 
@@ -129,11 +151,20 @@ mod tests {
 
     #[test]
     fn guest_only_from_loopback() {
-        assert_eq!(authenticate(&users(), "PLAIN", b"\0guest\0guest", LOOPBACK), Ok("guest".into()));
+        assert_eq!(
+            authenticate(&users(), "PLAIN", b"\0guest\0guest", LOOPBACK),
+            Ok("guest".into())
+        );
         let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
-        assert_eq!(authenticate(&users(), "PLAIN", b"\0guest\0guest", v6), Ok("guest".into()));
+        assert_eq!(
+            authenticate(&users(), "PLAIN", b"\0guest\0guest", v6),
+            Ok("guest".into())
+        );
         let mapped = IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped());
-        assert_eq!(authenticate(&users(), "PLAIN", b"\0guest\0guest", mapped), Ok("guest".into()));
+        assert_eq!(
+            authenticate(&users(), "PLAIN", b"\0guest\0guest", mapped),
+            Ok("guest".into())
+        );
         assert_eq!(
             authenticate(&users(), "PLAIN", b"\0guest\0guest", REMOTE),
             Err(AuthError::LoopbackOnly("guest".into()))
@@ -142,7 +173,10 @@ mod tests {
 
     #[test]
     fn malformed_and_unknown() {
-        assert_eq!(authenticate(&users(), "PLAIN", b"guest", LOOPBACK), Err(AuthError::MalformedResponse("PLAIN")));
+        assert_eq!(
+            authenticate(&users(), "PLAIN", b"guest", LOOPBACK),
+            Err(AuthError::MalformedResponse("PLAIN"))
+        );
         assert_eq!(
             authenticate(&users(), "EXTERNAL", b"", LOOPBACK),
             Err(AuthError::UnknownMechanism("EXTERNAL".into()))

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, confirm, exchange, queue, tx};
+use amq_protocol::protocol::{
+    AMQPClass, BasicProperties, basic, channel, confirm, exchange, queue, tx,
+};
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 use warren_core::{
@@ -24,7 +26,7 @@ enum Content {
     AwaitingHeader(basic::Publish),
     AwaitingBody {
         publish: basic::Publish,
-        properties: BasicProperties,
+        properties: Box<BasicProperties>,
         body_size: usize,
         chunks: Vec<Bytes>,
         received: usize,
@@ -33,8 +35,15 @@ enum Content {
 
 /// An ack, nack or reject held by a transaction until commit.
 enum Settle {
-    Ack { delivery_tag: u64, multiple: bool },
-    Reject { delivery_tag: u64, multiple: bool, requeue: bool },
+    Ack {
+        delivery_tag: u64,
+        multiple: bool,
+    },
+    Reject {
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    },
 }
 
 #[derive(Default)]
@@ -85,7 +94,10 @@ impl Connection {
         let Some(state) = self.channels.get_mut(&number) else {
             return Err(Fault::connection(BrokerError::new(
                 ErrorCode::ChannelError,
-                format!("expected 'channel.open' on channel {number}, got {}", describe_frame(&frame)),
+                format!(
+                    "expected 'channel.open' on channel {number}, got {}",
+                    describe_frame(&frame)
+                ),
             )));
         };
         if state.closing {
@@ -96,7 +108,10 @@ impl Connection {
                         self.channels.remove(&number);
                     }
                     AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
-                        self.out.method(number, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                        self.out.method(
+                            number,
+                            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                        );
                     }
                     _ => {}
                 }
@@ -162,13 +177,22 @@ impl Connection {
         }
         self.channels.insert(number, Channel::new());
         self.hub.lock().broker.open_channel(self.id, number);
-        self.out.method(number, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
+        self.out.method(
+            number,
+            AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+        );
         Ok(())
     }
 
     /// A soft error: the channel's deliveries are released and the client is
     /// sent `channel.close`; the connection carries on.
-    fn close_channel_on_error(&mut self, number: u16, error: BrokerError, class_id: u16, method_id: u16) {
+    fn close_channel_on_error(
+        &mut self,
+        number: u16,
+        error: BrokerError,
+        class_id: u16,
+        method_id: u16,
+    ) {
         tracing::debug!(connection = self.id.0, channel = number, code = error.code.reply_code(),
             error = %error.text, "closing channel on error");
         self.flush_confirms();
@@ -212,7 +236,10 @@ impl Connection {
     }
 
     fn flush_channel_confirms(&mut self, number: u16) {
-        if let Some(confirms) = self.channels.get_mut(&number).and_then(|state| state.confirms.as_mut())
+        if let Some(confirms) = self
+            .channels
+            .get_mut(&number)
+            .and_then(|state| state.confirms.as_mut())
             && let Some(delivery_tag) = confirms.ack_pending.take()
         {
             self.out.method(
@@ -226,7 +253,9 @@ impl Connection {
     }
 
     fn channel(&mut self, number: u16) -> &mut Channel {
-        self.channels.get_mut(&number).expect("frame dispatch checked the channel is open")
+        self.channels
+            .get_mut(&number)
+            .expect("frame dispatch checked the channel is open")
     }
 
     fn reply(&self, number: u16, method: AMQPClass) {
@@ -262,7 +291,10 @@ impl Connection {
                     });
                 }
                 if !select.nowait {
-                    self.reply(number, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                    self.reply(
+                        number,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
                 }
                 Ok(())
             }
@@ -294,7 +326,10 @@ impl Connection {
                     hub.dispatch(&mut outbox);
                 }
                 self.channels.remove(&number);
-                self.reply(number, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                self.reply(
+                    number,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
                 Ok(())
             }
             channel::AMQPMethod::CloseOk(_) => Ok(()),
@@ -302,12 +337,15 @@ impl Connection {
                 {
                     let mut hub = self.hub.lock();
                     let mut outbox = Outbox::default();
-                    hub.broker.set_channel_flow(self.id, number, flow.active, &mut outbox);
+                    hub.broker
+                        .set_channel_flow(self.id, number, flow.active, &mut outbox);
                     hub.dispatch(&mut outbox);
                 }
                 self.reply(
                     number,
-                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: flow.active })),
+                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                        active: flow.active,
+                    })),
                 );
                 Ok(())
             }
@@ -337,13 +375,22 @@ impl Connection {
                     },
                 )?;
                 if !nowait {
-                    self.reply(number, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
+                    self.reply(
+                        number,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                            exchange::DeclareOk {},
+                        )),
+                    );
                 }
             }
             exchange::AMQPMethod::Delete(delete) => {
-                hub.broker.delete_exchange(self.id, delete.exchange.as_str(), delete.if_unused)?;
+                hub.broker
+                    .delete_exchange(self.id, delete.exchange.as_str(), delete.if_unused)?;
                 if !delete.nowait {
-                    self.reply(number, AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
+                    self.reply(
+                        number,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                    );
                 }
             }
             exchange::AMQPMethod::Bind(bind) => {
@@ -356,7 +403,10 @@ impl Connection {
                     true,
                 )?;
                 if !bind.nowait {
-                    self.reply(number, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
+                    self.reply(
+                        number,
+                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                    );
                 }
             }
             exchange::AMQPMethod::Unbind(unbind) => {
@@ -369,7 +419,10 @@ impl Connection {
                     false,
                 )?;
                 if !unbind.nowait {
-                    self.reply(number, AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
+                    self.reply(
+                        number,
+                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                    );
                 }
             }
             other => {
@@ -419,7 +472,10 @@ impl Connection {
                     true,
                 )?;
                 if !bind.nowait {
-                    self.reply(number, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                    self.reply(
+                        number,
+                        AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                    );
                 }
             }
             queue::AMQPMethod::Unbind(unbind) => {
@@ -431,14 +487,19 @@ impl Connection {
                     unbind.arguments,
                     false,
                 )?;
-                self.reply(number, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
+                self.reply(
+                    number,
+                    AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
+                );
             }
             queue::AMQPMethod::Purge(purge) => {
                 let message_count = hub.broker.purge_queue(self.id, purge.queue.as_str())?;
                 if !purge.nowait {
                     self.reply(
                         number,
-                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count })),
+                        AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                            message_count,
+                        })),
                     );
                 }
             }
@@ -456,7 +517,9 @@ impl Connection {
                 if !delete.nowait {
                     self.reply(
                         number,
-                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count })),
+                        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                            message_count,
+                        })),
                     );
                 }
             }
@@ -470,7 +533,13 @@ impl Connection {
         Ok(())
     }
 
-    fn basic_qos(&mut self, number: u16, prefetch_size: u32, prefetch_count: u16, global: bool) -> BrokerResult<()> {
+    fn basic_qos(
+        &mut self,
+        number: u16,
+        prefetch_size: u32,
+        prefetch_count: u16,
+        global: bool,
+    ) -> BrokerResult<()> {
         if prefetch_size != 0 {
             return Err(BrokerError::not_implemented(format!(
                 "prefetch_size!=0 ({prefetch_size})"
@@ -479,7 +548,8 @@ impl Connection {
         {
             let mut hub = self.hub.lock();
             let mut outbox = Outbox::default();
-            hub.broker.set_prefetch(self.id, number, prefetch_count, global, &mut outbox);
+            hub.broker
+                .set_prefetch(self.id, number, prefetch_count, global, &mut outbox);
             // qos-ok goes first: the deliveries it unblocks come after it.
             self.reply(number, basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
             hub.dispatch(&mut outbox);
@@ -513,7 +583,12 @@ impl Connection {
                     &mut outbox,
                 )?;
                 if !nowait {
-                    self.reply(number, basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag })));
+                    self.reply(
+                        number,
+                        basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                            consumer_tag,
+                        })),
+                    );
                 }
                 hub.dispatch(&mut outbox);
                 Ok(())
@@ -521,7 +596,8 @@ impl Connection {
             basic::AMQPMethod::Cancel(cancel) => {
                 let mut hub = self.hub.lock();
                 let mut outbox = Outbox::default();
-                hub.broker.cancel(self.id, number, cancel.consumer_tag.as_str(), &mut outbox);
+                hub.broker
+                    .cancel(self.id, number, cancel.consumer_tag.as_str(), &mut outbox);
                 if !cancel.nowait {
                     self.reply(
                         number,
@@ -535,7 +611,10 @@ impl Connection {
             }
             basic::AMQPMethod::Get(get) => {
                 let mut hub = self.hub.lock();
-                match hub.broker.get(self.id, number, get.queue.as_str(), get.no_ack)? {
+                match hub
+                    .broker
+                    .get(self.id, number, get.queue.as_str(), get.no_ack)?
+                {
                     Some(got) => self.out.send(Outbound::WithContent(
                         number,
                         basic(basic::AMQPMethod::GetOk(basic::GetOk {
@@ -547,7 +626,10 @@ impl Connection {
                         })),
                         got.message,
                     )),
-                    None => self.reply(number, basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
+                    None => self.reply(
+                        number,
+                        basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+                    ),
                 }
                 Ok(())
             }
@@ -584,7 +666,10 @@ impl Connection {
                 let mut outbox = Outbox::default();
                 hub.broker.recover(self.id, number, &mut outbox);
                 if !is_async {
-                    self.reply(number, basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+                    self.reply(
+                        number,
+                        basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                    );
                 }
                 hub.dispatch(&mut outbox);
                 Ok(())
@@ -614,16 +699,24 @@ impl Connection {
         let mut hub = self.hub.lock();
         let mut outbox = Outbox::default();
         let result = match settle {
-            Settle::Ack { delivery_tag, multiple } => {
-                hub.broker.ack(self.id, number, delivery_tag, multiple, &mut outbox)
-            }
+            Settle::Ack {
+                delivery_tag,
+                multiple,
+            } => hub
+                .broker
+                .ack(self.id, number, delivery_tag, multiple, &mut outbox),
             Settle::Reject {
                 delivery_tag,
                 multiple,
                 requeue,
-            } => hub
-                .broker
-                .reject(self.id, number, delivery_tag, multiple, requeue, &mut outbox),
+            } => hub.broker.reject(
+                self.id,
+                number,
+                delivery_tag,
+                multiple,
+                requeue,
+                &mut outbox,
+            ),
         };
         hub.dispatch(&mut outbox);
         result
@@ -641,12 +734,22 @@ impl Connection {
                 if state.transaction.is_none() {
                     state.transaction = Some(Transaction::default());
                 }
-                self.reply(number, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+                self.reply(
+                    number,
+                    AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})),
+                );
                 Ok(())
             }
             tx::AMQPMethod::Commit(_) => {
-                let Some(transaction) = self.channel(number).transaction.as_mut().map(std::mem::take) else {
-                    return Err(BrokerError::precondition_failed("channel is not transactional"));
+                let Some(transaction) = self
+                    .channel(number)
+                    .transaction
+                    .as_mut()
+                    .map(std::mem::take)
+                else {
+                    return Err(BrokerError::precondition_failed(
+                        "channel is not transactional",
+                    ));
                 };
                 for (mandatory, message) in transaction.publishes {
                     self.publish_now(number, mandatory, message)?;
@@ -654,15 +757,23 @@ impl Connection {
                 for settle in transaction.settles {
                     self.settle_now(number, settle)?;
                 }
-                self.reply(number, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                self.reply(
+                    number,
+                    AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+                );
                 Ok(())
             }
             tx::AMQPMethod::Rollback(_) => {
                 let Some(transaction) = self.channel(number).transaction.as_mut() else {
-                    return Err(BrokerError::precondition_failed("channel is not transactional"));
+                    return Err(BrokerError::precondition_failed(
+                        "channel is not transactional",
+                    ));
                 };
                 *transaction = Transaction::default();
-                self.reply(number, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+                self.reply(
+                    number,
+                    AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
+                );
                 Ok(())
             }
             other => Err(BrokerError::command_invalid(format!(
@@ -683,7 +794,8 @@ impl Connection {
     ) -> BrokerResult<()> {
         let size_max = self.config.message_size_max_bytes;
         let state = self.channel(number);
-        let Content::AwaitingHeader(publish) = std::mem::replace(&mut state.content, Content::Idle) else {
+        let Content::AwaitingHeader(publish) = std::mem::replace(&mut state.content, Content::Idle)
+        else {
             return Err(BrokerError::new(
                 ErrorCode::UnexpectedFrame,
                 format!("content header on channel {number} without a preceding basic.publish"),
@@ -692,7 +804,9 @@ impl Connection {
         if class_id != CLASS_BASIC {
             return Err(BrokerError::new(
                 ErrorCode::UnexpectedFrame,
-                format!("content header for class {class_id}; only class 60 (basic) carries content"),
+                format!(
+                    "content header for class {class_id}; only class 60 (basic) carries content"
+                ),
             ));
         }
         if body_size > size_max {
@@ -705,7 +819,7 @@ impl Connection {
         }
         state.content = Content::AwaitingBody {
             publish,
-            properties,
+            properties: Box::new(properties),
             body_size: body_size as usize,
             chunks: Vec::new(),
             received: 0,
@@ -724,7 +838,9 @@ impl Connection {
         else {
             return Err(BrokerError::new(
                 ErrorCode::UnexpectedFrame,
-                format!("content body frame on channel {number} without a preceding content header"),
+                format!(
+                    "content body frame on channel {number} without a preceding content header"
+                ),
             ));
         };
         *received += payload.len();
@@ -761,7 +877,7 @@ impl Connection {
             }
             joined.freeze()
         };
-        self.publish(number, publish, properties, body)
+        self.publish(number, publish, *properties, body)
     }
 
     fn publish(
@@ -790,11 +906,18 @@ impl Connection {
         self.publish_now(number, publish.mandatory, message)
     }
 
-    fn publish_now(&mut self, number: u16, mandatory: bool, message: Arc<Message>) -> BrokerResult<()> {
+    fn publish_now(
+        &mut self,
+        number: u16,
+        mandatory: bool,
+        message: Arc<Message>,
+    ) -> BrokerResult<()> {
         let routed = {
             let mut hub = self.hub.lock();
             let mut outbox = Outbox::default();
-            let routed = hub.broker.publish(self.id, Arc::clone(&message), &mut outbox);
+            let routed = hub
+                .broker
+                .publish(self.id, Arc::clone(&message), &mut outbox);
             hub.dispatch(&mut outbox);
             routed?
         };

@@ -167,7 +167,9 @@ impl Connection {
             self.peer.ip(),
         ) {
             Ok(user) => self.user = user,
-            Err(error) => return Err(self.refuse_login(error, capabilities.authentication_failure_close)),
+            Err(error) => {
+                return Err(self.refuse_login(error, capabilities.authentication_failure_close));
+            }
         }
 
         self.out.method(
@@ -198,7 +200,8 @@ impl Connection {
                     method_id: 40,
                 });
             }
-            hub.broker.open_connection(self.id, vhost, capabilities.consumer_cancel_notify);
+            hub.broker
+                .open_connection(self.id, vhost, capabilities.consumer_cancel_notify);
             hub.register_writer(self.id, self.out.clone());
             self.opened = true;
         }
@@ -220,7 +223,9 @@ impl Connection {
     fn refuse_login(&mut self, error: AuthError, failure_close: bool) -> Fault {
         warn!(peer = %self.peer, %error, "login refused");
         let code = match error {
-            AuthError::UnknownMechanism(_) | AuthError::MalformedResponse(_) => ErrorCode::CommandInvalid,
+            AuthError::UnknownMechanism(_) | AuthError::MalformedResponse(_) => {
+                ErrorCode::CommandInvalid
+            }
             AuthError::Refused { .. } | AuthError::LoopbackOnly(_) => ErrorCode::AccessRefused,
         };
         if code == ErrorCode::AccessRefused && !failure_close {
@@ -237,21 +242,23 @@ impl Connection {
     }
 
     fn apply_tuning(&mut self, tune_ok: &connection::TuneOk) -> Result<(), Fault> {
-        let refuse = |text: String| {
-            Fault::Connection {
-                error: BrokerError::not_allowed(text),
-                class_id: 10,
-                method_id: 31,
-            }
+        let refuse = |text: String| Fault::Connection {
+            error: BrokerError::not_allowed(text),
+            class_id: 10,
+            method_id: 31,
         };
         let server_frame_max = self.config.frame_max_bytes;
         let frame_max = match tune_ok.frame_max {
             0 => server_frame_max,
             requested if requested < FRAME_MIN_SIZE_BYTES => {
-                return Err(refuse(format!("frame_max={requested} < {FRAME_MIN_SIZE_BYTES} min size")));
+                return Err(refuse(format!(
+                    "frame_max={requested} < {FRAME_MIN_SIZE_BYTES} min size"
+                )));
             }
             requested if requested > server_frame_max => {
-                return Err(refuse(format!("frame_max={requested} > {server_frame_max} max size")));
+                return Err(refuse(format!(
+                    "frame_max={requested} > {server_frame_max} max size"
+                )));
             }
             requested => requested,
         };
@@ -323,12 +330,15 @@ impl Connection {
                     frame.channel()
                 ))))
             }
-            Frame::BasicQos { channel: 0, .. } | Frame::Header { channel: 0, .. } | Frame::Body(0, _) => {
-                Err(Fault::connection(BrokerError::new(
-                    ErrorCode::CommandInvalid,
-                    format!("{} on channel 0, which is reserved for the connection", describe_frame(&frame)),
-                )))
-            }
+            Frame::BasicQos { channel: 0, .. }
+            | Frame::Header { channel: 0, .. }
+            | Frame::Body(0, _) => Err(Fault::connection(BrokerError::new(
+                ErrorCode::CommandInvalid,
+                format!(
+                    "{} on channel 0, which is reserved for the connection",
+                    describe_frame(&frame)
+                ),
+            ))),
             frame => {
                 self.handle_channel_frame(frame)?;
                 Ok(false)
@@ -468,7 +478,8 @@ fn client_capabilities(client_properties: &FieldTable) -> ClientCapabilities {
         _ => None,
     };
     let flag = |name: &str| {
-        capabilities.is_some_and(|table| matches!(table.inner().get(name), Some(AMQPValue::Boolean(true))))
+        capabilities
+            .is_some_and(|table| matches!(table.inner().get(name), Some(AMQPValue::Boolean(true))))
     };
     ClientCapabilities {
         consumer_cancel_notify: flag("consumer_cancel_notify"),
@@ -497,7 +508,10 @@ fn start_method() -> AMQPClass {
     text("product", "Warren");
     text("version", env!("CARGO_PKG_VERSION"));
     text("platform", "Rust");
-    text("information", "A RabbitMQ-compatible message broker for AI/ML workloads");
+    text(
+        "information",
+        "A RabbitMQ-compatible message broker for AI/ML workloads",
+    );
     server_properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
     AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
         version_major: 0,
@@ -523,7 +537,9 @@ fn unexpected_in_handshake(expected: &str, got: &AMQPClass) -> Fault {
 pub(crate) fn method_name(method: &AMQPClass) -> String {
     let debug = format!("{method:?}");
     // Debug prints e.g. `Queue(Declare(Declare { .. }))`.
-    let mut parts = debug.split(|c: char| !c.is_alphanumeric()).filter(|part| !part.is_empty());
+    let mut parts = debug
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|part| !part.is_empty());
     let class = parts.next().unwrap_or("?").to_lowercase();
     let name = parts.next().unwrap_or("?");
     let mut method_name = String::new();

@@ -80,7 +80,10 @@ impl AmqpServer {
                 _ = shutdown.changed() => break,
             }
         }
-        info!(connections = connections.len(), "AMQP listener stopped; closing connections");
+        info!(
+            connections = connections.len(),
+            "AMQP listener stopped; closing connections"
+        );
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while connections.join_next().await.is_some() {}
         })

@@ -116,8 +116,10 @@ impl Tuning {
     }
 
     pub fn set(&self, frame_max_bytes: u32, heartbeat_s: u16) {
-        self.frame_max_bytes.store(frame_max_bytes, Ordering::Relaxed);
-        self.heartbeat_s.store(heartbeat_s as u32, Ordering::Relaxed);
+        self.frame_max_bytes
+            .store(frame_max_bytes, Ordering::Relaxed);
+        self.heartbeat_s
+            .store(heartbeat_s as u32, Ordering::Relaxed);
     }
 
     fn frame_max_bytes(&self) -> u32 {
@@ -207,7 +209,12 @@ impl Writer {
                     routing_key: message.routing_key.clone(),
                 }));
                 self.encoder.method(delivery.channel, &method);
-                self.encode_content(delivery.channel, &message.properties, &message.body, frame_max_bytes);
+                self.encode_content(
+                    delivery.channel,
+                    &message.properties,
+                    &message.body,
+                    frame_max_bytes,
+                );
                 *written.entry(delivery.channel).or_default() += 1;
             }
             Outbound::WithContent(channel, method, message) => {
@@ -219,8 +226,15 @@ impl Writer {
         }
     }
 
-    fn encode_content(&mut self, channel: u16, properties: &BasicProperties, body: &[u8], frame_max_bytes: u32) {
-        self.encoder.content(channel, properties, body, frame_max_bytes);
+    fn encode_content(
+        &mut self,
+        channel: u16,
+        properties: &BasicProperties,
+        body: &[u8],
+        frame_max_bytes: u32,
+    ) {
+        self.encoder
+            .content(channel, properties, body, frame_max_bytes);
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {

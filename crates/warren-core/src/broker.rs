@@ -371,7 +371,10 @@ impl Broker {
         declare: ExchangeDeclare,
     ) -> BrokerResult<()> {
         let vhost_name = self.vhost_of(connection)?;
-        let vhost = self.vhosts.get_mut(&vhost_name).expect("connection's vhost exists");
+        let vhost = self
+            .vhosts
+            .get_mut(&vhost_name)
+            .expect("connection's vhost exists");
         let name = declare.name.as_str();
         if name.is_empty() {
             return Err(BrokerError::access_refused(
@@ -408,12 +411,18 @@ impl Broker {
                 ("internal", declare.internal, existing.internal),
             ] {
                 if received != current {
-                    return Err(inequivalent(what, &received.to_string(), &current.to_string()));
+                    return Err(inequivalent(
+                        what,
+                        &received.to_string(),
+                        &current.to_string(),
+                    ));
                 }
             }
             let alternate = "alternate-exchange";
-            let received = crate::queue::describe_argument(declare.arguments.inner().get(alternate));
-            let current = crate::queue::describe_argument(existing.arguments.inner().get(alternate));
+            let received =
+                crate::queue::describe_argument(declare.arguments.inner().get(alternate));
+            let current =
+                crate::queue::describe_argument(existing.arguments.inner().get(alternate));
             if received != current {
                 return Err(inequivalent(alternate, &received, &current));
             }
@@ -446,11 +455,18 @@ impl Broker {
         if_unused: bool,
     ) -> BrokerResult<()> {
         let vhost_name = self.vhost_of(connection)?;
-        let vhost = self.vhosts.get_mut(&vhost_name).expect("connection's vhost exists");
+        let vhost = self
+            .vhosts
+            .get_mut(&vhost_name)
+            .expect("connection's vhost exists");
         if name.is_empty() || name.starts_with("amq.") {
             return Err(BrokerError::access_refused(format!(
                 "operation not permitted on {}",
-                if name.is_empty() { "the default exchange".to_owned() } else { format!("exchange '{name}'") }
+                if name.is_empty() {
+                    "the default exchange".to_owned()
+                } else {
+                    format!("exchange '{name}'")
+                }
             )));
         }
         let Some(exchange) = vhost.exchanges.get(name) else {
@@ -477,7 +493,10 @@ impl Broker {
         bind: bool,
     ) -> BrokerResult<()> {
         let vhost_name = self.vhost_of(connection)?;
-        let vhost = self.vhosts.get_mut(&vhost_name).expect("connection's vhost exists");
+        let vhost = self
+            .vhosts
+            .get_mut(&vhost_name)
+            .expect("connection's vhost exists");
         if source.is_empty() || destination.is_empty() {
             return Err(BrokerError::access_refused(
                 "operation not permitted on the default exchange",
@@ -582,11 +601,12 @@ impl Broker {
     ) -> BrokerResult<()> {
         let id = self.queue_for(connection, queue)?;
         let vhost_name = self.vhost_of(connection)?;
-        let vhost = self.vhosts.get_mut(&vhost_name).expect("connection's vhost exists");
+        let vhost = self
+            .vhosts
+            .get_mut(&vhost_name)
+            .expect("connection's vhost exists");
         if exchange.is_empty() {
-            return Err(BrokerError::access_refused(format!(
-                "operation not permitted on the default exchange"
-            )));
+            return Err(BrokerError::access_refused("operation not permitted on the default exchange"));
         }
         if !vhost.exchanges.contains_key(exchange) {
             return Err(BrokerError::not_found(format!(
@@ -609,7 +629,10 @@ impl Broker {
     /// Removes the queue's waiting messages; returns how many there were.
     pub fn purge_queue(&mut self, connection: ConnectionId, queue: &str) -> BrokerResult<u32> {
         let id = self.queue_for(connection, queue)?;
-        let queue = self.queues.get_mut(&id).expect("queue_for returns live queues");
+        let queue = self
+            .queues
+            .get_mut(&id)
+            .expect("queue_for returns live queues");
         Ok(queue.backlog.drain().len() as u32)
     }
 
@@ -656,7 +679,12 @@ impl Broker {
             let sources: Vec<ShortString> = vhost
                 .exchanges
                 .values()
-                .filter(|exchange| exchange.bindings.iter().any(|b| b.destination == destination))
+                .filter(|exchange| {
+                    exchange
+                        .bindings
+                        .iter()
+                        .any(|b| b.destination == destination)
+                })
                 .map(|exchange| exchange.name.clone())
                 .collect();
             for source in sources {
@@ -728,7 +756,11 @@ impl Broker {
             .ok_or_else(|| BrokerError::new(ErrorCode::InternalError, "connection is not open"))
     }
 
-    pub(crate) fn channel_mut(&mut self, connection: ConnectionId, channel: u16) -> Option<&mut ChannelState> {
+    pub(crate) fn channel_mut(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+    ) -> Option<&mut ChannelState> {
         self.connections
             .get_mut(&connection)
             .and_then(|state| state.channels.get_mut(&channel))
@@ -742,7 +774,9 @@ impl Broker {
             .queues
             .get(name)
             .copied()
-            .ok_or_else(|| BrokerError::not_found(format!("no queue '{name}' in vhost '{vhost_name}'")))?;
+            .ok_or_else(|| {
+                BrokerError::not_found(format!("no queue '{name}' in vhost '{vhost_name}'"))
+            })?;
         self.queues[&id].check_access(connection)?;
         Ok(id)
     }
@@ -762,7 +796,11 @@ impl Broker {
             self.name_state ^= self.name_state << 17;
             name.push(ALPHABET[(self.name_state % 64) as usize] as char);
         }
-        if self.vhosts.values().any(|vhost| vhost.queues.contains_key(name.as_str())) {
+        if self
+            .vhosts
+            .values()
+            .any(|vhost| vhost.queues.contains_key(name.as_str()))
+        {
             return self.generate_name(prefix);
         }
         name
@@ -819,7 +857,10 @@ fn route(vhost: &VHost, exchange: &Exchange, message: &Message) -> Vec<QueueId> 
 }
 
 fn add_binding(vhost: &mut VHost, source: &str, binding: Binding) {
-    let exchange = vhost.exchanges.get_mut(source).expect("caller checked the source");
+    let exchange = vhost
+        .exchanges
+        .get_mut(source)
+        .expect("caller checked the source");
     if !exchange.bindings.contains(&binding) {
         exchange.bindings.push(binding);
     }
@@ -840,7 +881,9 @@ fn remove_bindings_to(vhost: &mut VHost, source: &str, destination: &Destination
     let Some(exchange) = vhost.exchanges.get_mut(source) else {
         return;
     };
-    exchange.bindings.retain(|binding| binding.destination != *destination);
+    exchange
+        .bindings
+        .retain(|binding| binding.destination != *destination);
     delete_if_auto(vhost, source);
 }
 
@@ -862,7 +905,12 @@ fn remove_exchange(vhost: &mut VHost, name: &str) {
     let sources: Vec<ShortString> = vhost
         .exchanges
         .values()
-        .filter(|exchange| exchange.bindings.iter().any(|b| b.destination == destination))
+        .filter(|exchange| {
+            exchange
+                .bindings
+                .iter()
+                .any(|b| b.destination == destination)
+        })
         .map(|exchange| exchange.name.clone())
         .collect();
     for source in sources {

@@ -10,7 +10,7 @@ use amq_protocol::types::ShortString;
 use crate::broker::{ConnectionState, Unacked};
 use crate::error::{BrokerError, BrokerResult};
 use crate::queue::{Queue, QueueConsumer};
-use crate::{Broker, Consume, ConnectionId, Delivery, Effect, GetOk, Limits, Outbox, QueueId};
+use crate::{Broker, ConnectionId, Consume, Delivery, Effect, GetOk, Limits, Outbox, QueueId};
 
 impl Broker {
     pub fn consume(
@@ -41,7 +41,10 @@ impl Broker {
             )));
         }
         let prefetch_count = state.consumer_prefetch;
-        let queue = self.queues.get_mut(&id).expect("queue_for returns live queues");
+        let queue = self
+            .queues
+            .get_mut(&id)
+            .expect("queue_for returns live queues");
         if consume.exclusive && !queue.consumers.is_empty()
             || queue.consumers.iter().any(|consumer| consumer.exclusive)
         {
@@ -117,7 +120,10 @@ impl Broker {
         no_ack: bool,
     ) -> BrokerResult<Option<GetOk>> {
         let id = self.queue_for(connection, queue)?;
-        let queue = self.queues.get_mut(&id).expect("queue_for returns live queues");
+        let queue = self
+            .queues
+            .get_mut(&id)
+            .expect("queue_for returns live queues");
         let Some((sequence, queued)) = queue.backlog.pop_front() else {
             return Ok(None);
         };
@@ -212,7 +218,8 @@ impl Broker {
         let state = self
             .channel_mut(connection, channel)
             .expect("settle on an open channel");
-        let unknown = || BrokerError::precondition_failed(format!("unknown delivery tag {delivery_tag}"));
+        let unknown =
+            || BrokerError::precondition_failed(format!("unknown delivery tag {delivery_tag}"));
         let settled: Vec<Unacked> = if multiple {
             if delivery_tag != 0 && !state.unacked.contains_key(&delivery_tag) {
                 return Err(unknown());
@@ -222,7 +229,9 @@ impl Broker {
             } else {
                 state.unacked.split_off(&(delivery_tag + 1))
             };
-            std::mem::replace(&mut state.unacked, keep).into_values().collect()
+            std::mem::replace(&mut state.unacked, keep)
+                .into_values()
+                .collect()
         } else {
             vec![state.unacked.remove(&delivery_tag).ok_or_else(unknown)?]
         };
@@ -234,7 +243,9 @@ impl Broker {
                 continue;
             };
             if let Some(consumer) = queue.consumers.iter_mut().find(|consumer| {
-                consumer.connection == connection && consumer.channel == channel && consumer.tag == *tag
+                consumer.connection == connection
+                    && consumer.channel == channel
+                    && consumer.tag == *tag
             }) {
                 consumer.unacked = consumer.unacked.saturating_sub(1);
             }
@@ -272,14 +283,18 @@ impl Broker {
         }
     }
 
-    pub(crate) fn deliver_to_channel(&mut self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
+    pub(crate) fn deliver_to_channel(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        out: &mut Outbox,
+    ) {
         let queues: Vec<QueueId> = match self.channel_mut(connection, channel) {
             Some(state) => state.consumers.values().copied().collect(),
             None => return,
         };
         self.deliver_all(&queues, out);
     }
-
 }
 
 /// Hands a queue's waiting messages to its consumers, round-robin, while any
@@ -337,4 +352,3 @@ fn deliver(
         }));
     }
 }
-

@@ -112,9 +112,7 @@ pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
                 }
             }
             "*" => {
-                for j in 0..key.len() {
-                    next[j + 1] = matches[j];
-                }
+                next[1..].copy_from_slice(&matches[..key.len()]);
             }
             literal => {
                 for j in 0..key.len() {
@@ -258,7 +256,10 @@ mod tests {
 
     #[test]
     fn header_values_compare_across_integer_widths() {
-        assert!(values_equal(&AMQPValue::LongInt(5), &AMQPValue::ShortShortUInt(5)));
+        assert!(values_equal(
+            &AMQPValue::LongInt(5),
+            &AMQPValue::ShortShortUInt(5)
+        ));
         assert!(values_equal(
             &AMQPValue::ShortString("x".into()),
             &AMQPValue::LongString("x".into())

@@ -170,7 +170,11 @@ impl Queue {
             ))
         };
         if durable != self.durable {
-            return Err(inequivalent("durable", durable.to_string(), self.durable.to_string()));
+            return Err(inequivalent(
+                "durable",
+                durable.to_string(),
+                self.durable.to_string(),
+            ));
         }
         if exclusive != self.exclusive_owner.is_some() {
             // RabbitMQ reports an exclusive mismatch as a lock, not as an
@@ -203,7 +207,10 @@ fn argument_equivalent(left: Option<&AMQPValue>, right: Option<&AMQPValue>) -> b
     match (left, right) {
         (None, None) => true,
         (Some(left), Some(right)) => {
-            match (crate::exchange::as_integer(left), crate::exchange::as_integer(right)) {
+            match (
+                crate::exchange::as_integer(left),
+                crate::exchange::as_integer(right),
+            ) {
                 (Some(left), Some(right)) => left == right,
                 _ => describe_argument(Some(left)) == describe_argument(Some(right)),
             }

@@ -8,7 +8,7 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
 use warren_core::{
-    Broker, BrokerError, Consume, ConnectionId, Delivery, Effect, ErrorCode, ExchangeDeclare,
+    Broker, BrokerError, ConnectionId, Consume, Delivery, Effect, ErrorCode, ExchangeDeclare,
     Limits, Message, Outbox, QueueDeclare,
 };
 
@@ -55,7 +55,13 @@ fn publish(broker: &mut Broker, exchange: &str, routing_key: &str, body: &str) -
     routed
 }
 
-fn consume(broker: &mut Broker, connection: ConnectionId, queue: &str, tag: &str, out: &mut Outbox) {
+fn consume(
+    broker: &mut Broker,
+    connection: ConnectionId,
+    queue: &str,
+    tag: &str,
+    out: &mut Outbox,
+) {
     broker
         .consume(
             connection,
@@ -117,12 +123,28 @@ fn topic_exchange_routes_like_the_tutorial() {
     declare(&mut broker, A, "q2");
     for (queue, key) in [("q1", "*.orange.*"), ("q2", "*.*.rabbit"), ("q2", "lazy.#")] {
         broker
-            .bind_queue(A, queue, "topic_logs", key.into(), FieldTable::default(), true)
+            .bind_queue(
+                A,
+                queue,
+                "topic_logs",
+                key.into(),
+                FieldTable::default(),
+                true,
+            )
             .unwrap();
     }
-    assert_eq!(publish(&mut broker, "topic_logs", "quick.orange.rabbit", "1"), 2);
-    assert_eq!(publish(&mut broker, "topic_logs", "lazy.pink.rabbit", "2"), 1);
-    assert_eq!(publish(&mut broker, "topic_logs", "quick.brown.fox", "3"), 0);
+    assert_eq!(
+        publish(&mut broker, "topic_logs", "quick.orange.rabbit", "1"),
+        2
+    );
+    assert_eq!(
+        publish(&mut broker, "topic_logs", "lazy.pink.rabbit", "2"),
+        1
+    );
+    assert_eq!(
+        publish(&mut broker, "topic_logs", "quick.brown.fox", "3"),
+        0
+    );
     assert_eq!(publish(&mut broker, "topic_logs", "lazy", "4"), 1);
     assert_eq!(broker.queue_counts("/", "q1"), Some((1, 0)));
     assert_eq!(broker.queue_counts("/", "q2"), Some((3, 0)));
@@ -144,10 +166,18 @@ fn exchange_to_exchange_bindings_deliver_once_and_survive_cycles() {
             .unwrap();
     }
     declare(&mut broker, A, "q");
-    broker.bind_exchange(A, "e2", "e1", "".into(), FieldTable::default(), true).unwrap();
-    broker.bind_exchange(A, "e1", "e2", "".into(), FieldTable::default(), true).unwrap();
-    broker.bind_queue(A, "q", "e1", "".into(), FieldTable::default(), true).unwrap();
-    broker.bind_queue(A, "q", "e2", "".into(), FieldTable::default(), true).unwrap();
+    broker
+        .bind_exchange(A, "e2", "e1", "".into(), FieldTable::default(), true)
+        .unwrap();
+    broker
+        .bind_exchange(A, "e1", "e2", "".into(), FieldTable::default(), true)
+        .unwrap();
+    broker
+        .bind_queue(A, "q", "e1", "".into(), FieldTable::default(), true)
+        .unwrap();
+    broker
+        .bind_queue(A, "q", "e2", "".into(), FieldTable::default(), true)
+        .unwrap();
     assert_eq!(publish(&mut broker, "e1", "", "x"), 1);
     assert_eq!(broker.queue_counts("/", "q"), Some((1, 0)));
 }
@@ -160,7 +190,9 @@ fn consumers_share_a_queue_round_robin() {
     consume(&mut broker, A, "q", "a", &mut out);
     consume(&mut broker, B, "q", "b", &mut out);
     for index in 0..4 {
-        broker.publish(A, message("", "q", &index.to_string()), &mut out).unwrap();
+        broker
+            .publish(A, message("", "q", &index.to_string()), &mut out)
+            .unwrap();
     }
     let tags: Vec<String> = deliveries(&mut out)
         .iter()
@@ -177,12 +209,16 @@ fn prefetch_limits_unacked_deliveries_and_acks_release_more() {
     broker.set_prefetch(A, 1, 2, false, &mut out);
     consume(&mut broker, A, "q", "c", &mut out);
     for index in 0..5 {
-        broker.publish(A, message("", "q", &index.to_string()), &mut out).unwrap();
+        broker
+            .publish(A, message("", "q", &index.to_string()), &mut out)
+            .unwrap();
     }
     let first = deliveries(&mut out);
     assert_eq!(bodies(&first), ["0", "1"]);
     assert_eq!(broker.queue_counts("/", "q"), Some((3, 1)));
-    broker.ack(A, 1, first[1].delivery_tag, true, &mut out).unwrap();
+    broker
+        .ack(A, 1, first[1].delivery_tag, true, &mut out)
+        .unwrap();
     assert_eq!(bodies(&deliveries(&mut out)), ["2", "3"]);
 }
 
@@ -193,11 +229,15 @@ fn closing_a_channel_requeues_in_original_order_marked_redelivered() {
     let mut out = Outbox::default();
     consume(&mut broker, A, "q", "c", &mut out);
     for index in 1..=5 {
-        broker.publish(B, message("", "q", &index.to_string()), &mut out).unwrap();
+        broker
+            .publish(B, message("", "q", &index.to_string()), &mut out)
+            .unwrap();
     }
     let delivered = deliveries(&mut out);
     // Ack the middle one; the rest come back in order.
-    broker.ack(A, 1, delivered[2].delivery_tag, false, &mut out).unwrap();
+    broker
+        .ack(A, 1, delivered[2].delivery_tag, false, &mut out)
+        .unwrap();
     broker.close_channel(A, 1, &mut out);
     assert!(deliveries(&mut out).is_empty());
     broker.open_channel(A, 2);
@@ -218,7 +258,9 @@ fn nack_with_requeue_returns_message_to_the_head() {
     let got = broker.get(A, 1, "q", false).unwrap().unwrap();
     assert!(!got.redelivered);
     let mut out = Outbox::default();
-    broker.reject(A, 1, got.delivery_tag, false, true, &mut out).unwrap();
+    broker
+        .reject(A, 1, got.delivery_tag, false, true, &mut out)
+        .unwrap();
     let again = broker.get(A, 1, "q", false).unwrap().unwrap();
     assert_eq!(&again.message.body[..], b"first");
     assert!(again.redelivered);
@@ -231,7 +273,10 @@ fn unknown_and_double_acks_are_precondition_failed() {
     publish(&mut broker, "", "q", "x");
     let got = broker.get(A, 1, "q", false).unwrap().unwrap();
     let mut out = Outbox::default();
-    assert_eq!(code(broker.ack(A, 1, 99, false, &mut out)), ErrorCode::PreconditionFailed);
+    assert_eq!(
+        code(broker.ack(A, 1, 99, false, &mut out)),
+        ErrorCode::PreconditionFailed
+    );
     broker.ack(A, 1, got.delivery_tag, false, &mut out).unwrap();
     assert_eq!(
         code(broker.ack(A, 1, got.delivery_tag, false, &mut out)),
@@ -280,7 +325,11 @@ fn redeclaring_with_different_properties_is_refused() {
     };
     let error = broker.declare_queue(A, durable).unwrap_err();
     assert_eq!(error.code, ErrorCode::PreconditionFailed);
-    assert!(error.text.contains("inequivalent arg 'durable'"), "{}", error.text);
+    assert!(
+        error.text.contains("inequivalent arg 'durable'"),
+        "{}",
+        error.text
+    );
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongInt(10));
     let with_arguments = QueueDeclare {
@@ -288,7 +337,10 @@ fn redeclaring_with_different_properties_is_refused() {
         arguments,
         ..Default::default()
     };
-    assert_eq!(code(broker.declare_queue(A, with_arguments)), ErrorCode::PreconditionFailed);
+    assert_eq!(
+        code(broker.declare_queue(A, with_arguments)),
+        ErrorCode::PreconditionFailed
+    );
 }
 
 #[test]
@@ -299,7 +351,10 @@ fn reserved_names_and_the_default_exchange_are_protected() {
         kind: "direct".into(),
         ..Default::default()
     };
-    assert_eq!(code(broker.declare_exchange(A, amq)), ErrorCode::AccessRefused);
+    assert_eq!(
+        code(broker.declare_exchange(A, amq)),
+        ErrorCode::AccessRefused
+    );
     declare(&mut broker, A, "q");
     assert_eq!(
         code(broker.bind_queue(A, "q", "", "q".into(), FieldTable::default(), true)),
@@ -310,7 +365,10 @@ fn reserved_names_and_the_default_exchange_are_protected() {
         kind: "nonsense".into(),
         ..Default::default()
     };
-    assert_eq!(code(broker.declare_exchange(A, unknown_type)), ErrorCode::CommandInvalid);
+    assert_eq!(
+        code(broker.declare_exchange(A, unknown_type)),
+        ErrorCode::CommandInvalid
+    );
 }
 
 #[test]
@@ -319,12 +377,19 @@ fn deleting_a_queue_cancels_its_consumers() {
     declare(&mut broker, A, "q");
     let mut out = Outbox::default();
     consume(&mut broker, B, "q", "watcher", &mut out);
-    assert_eq!(broker.delete_queue(A, "q", false, false, &mut out).unwrap(), 0);
+    assert_eq!(
+        broker.delete_queue(A, "q", false, false, &mut out).unwrap(),
+        0
+    );
     let cancelled: Vec<_> = out
         .take()
         .into_iter()
         .filter_map(|effect| match effect {
-            Effect::CancelConsumer { connection, consumer_tag, .. } => Some((connection, consumer_tag)),
+            Effect::CancelConsumer {
+                connection,
+                consumer_tag,
+                ..
+            } => Some((connection, consumer_tag)),
             Effect::Deliver(_) => None,
         })
         .collect();
@@ -375,7 +440,9 @@ fn a_channel_that_does_not_drain_stops_receiving() {
         )
         .unwrap();
     for index in 0..10 {
-        broker.publish(A, message("", "q", &index.to_string()), &mut out).unwrap();
+        broker
+            .publish(A, message("", "q", &index.to_string()), &mut out)
+            .unwrap();
     }
     assert_eq!(deliveries(&mut out).len(), 3);
     broker.deliveries_written(A, 1, 3, &mut out);

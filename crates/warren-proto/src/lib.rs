@@ -84,7 +84,9 @@ impl Frame {
 /// connection error 501 FRAME_ERROR except where noted by the server.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("frame of {size_bytes} bytes exceeds the negotiated frame_max of {frame_max_bytes} bytes")]
+    #[error(
+        "frame of {size_bytes} bytes exceeds the negotiated frame_max of {frame_max_bytes} bytes"
+    )]
     TooLarge {
         size_bytes: u64,
         frame_max_bytes: u32,
@@ -166,7 +168,7 @@ fn decode_payload(frame_type: u8, channel: u16, payload: Bytes) -> Result<Frame,
                 channel,
             };
             match amq_protocol::frame::parsing::parse_content_header(&payload[..]) {
-                Ok((rest, header)) if rest.is_empty() => Ok(Frame::Header {
+                Ok((&[], header)) => Ok(Frame::Header {
                     channel,
                     class_id: header.class_id,
                     body_size: header.body_size,
@@ -203,7 +205,7 @@ fn decode_method(channel: u16, payload: &[u8]) -> Result<Frame, FrameError> {
         }
     }
     match parse_class(payload) {
-        Ok((rest, method)) if rest.is_empty() => Ok(Frame::Method(channel, Box::new(method))),
+        Ok((&[], method)) => Ok(Frame::Method(channel, Box::new(method))),
         _ => Err(malformed),
     }
 }
@@ -284,7 +286,9 @@ impl FrameEncoder {
         let context = header(WriteContext::from(buffer))
             .unwrap_or_else(|error| panic!("encoding a content header failed: {error:?}"));
         self.buffer = context.write;
-        let chunk_max = (frame_max_bytes as usize).saturating_sub(FRAME_OVERHEAD_BYTES).max(1);
+        let chunk_max = (frame_max_bytes as usize)
+            .saturating_sub(FRAME_OVERHEAD_BYTES)
+            .max(1);
         for chunk in body.chunks(chunk_max) {
             self.buffer.push(FRAME_TYPE_BODY);
             self.buffer.extend_from_slice(&channel.to_be_bytes());
@@ -322,7 +326,9 @@ mod tests {
 
     #[test]
     fn partial_frame_waits_for_more_bytes() {
-        let bytes = encoded(AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})));
+        let bytes = encoded(AMQPClass::Channel(channel::AMQPMethod::Open(
+            channel::Open {},
+        )));
         let mut partial = BytesMut::from(&bytes[..bytes.len() - 1]);
         assert_eq!(FrameDecoder::new(0).decode(&mut partial), Ok(None));
     }
@@ -341,7 +347,9 @@ mod tests {
 
     #[test]
     fn bad_frame_end_is_refused() {
-        let mut bytes = encoded(AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})));
+        let mut bytes = encoded(AMQPClass::Channel(channel::AMQPMethod::Open(
+            channel::Open {},
+        )));
         let last = bytes.len() - 1;
         bytes[last] = 0;
         assert_eq!(

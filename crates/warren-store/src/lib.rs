@@ -68,7 +68,9 @@ impl<M: Send> Backlog<M> for MemoryBacklog<M> {
     }
 
     fn front(&self) -> Option<(Sequence, &M)> {
-        self.entries.front().map(|(sequence, message)| (*sequence, message))
+        self.entries
+            .front()
+            .map(|(sequence, message)| (*sequence, message))
     }
 
     fn requeue(&mut self, sequence: Sequence, message: M) {

@@ -98,7 +98,10 @@ impl FileConfig {
             config.tx_operations_max = operations;
         }
         for entry in &self.users {
-            anyhow::ensure!(!entry.name.is_empty(), "a [[users]] entry has an empty name");
+            anyhow::ensure!(
+                !entry.name.is_empty(),
+                "a [[users]] entry has an empty name"
+            );
             config.users.retain(|user| user.name != entry.name);
             config.users.push(User {
                 name: entry.name.clone(),
@@ -144,7 +147,11 @@ mod tests {
         .unwrap();
         let amqp = config.amqp_config().unwrap();
         assert_eq!(amqp.channel_max, 16);
-        assert!(amqp.users.iter().any(|user| user.name == "alice" && !user.loopback_only));
+        assert!(
+            amqp.users
+                .iter()
+                .any(|user| user.name == "alice" && !user.loopback_only)
+        );
         assert!(amqp.vhosts.contains(&"ml".to_owned()));
     }
 

@@ -37,16 +37,31 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
     /// Address and port for AMQP 0-9-1 clients.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:5672", env = "WARREN_AMQP_LISTEN")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:5672",
+        env = "WARREN_AMQP_LISTEN"
+    )]
     amqp_listen: SocketAddr,
 
     /// Address and port for the HTTP management API and dashboard (reserved;
     /// the HTTP server is not part of this release yet).
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15672", env = "WARREN_HTTP_LISTEN")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:15672",
+        env = "WARREN_HTTP_LISTEN"
+    )]
     http_listen: SocketAddr,
 
     /// Directory for the broker's data.
-    #[arg(long, value_name = "DIR", default_value = "./warren-data", env = "WARREN_DATA_DIR")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "./warren-data",
+        env = "WARREN_DATA_DIR"
+    )]
     data_dir: PathBuf,
 
     /// TOML configuration file: limits, users and vhosts (see docs/configuration.md).
