@@ -1,0 +1,376 @@
+"""Pytest fixtures that run the real `warren` binary (see docs/test-contract.md).
+
+The `broker` fixture starts
+
+    $WARREN_BIN serve --amqp-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --data-dir DIR
+
+reads its stderr until the line `AMQP listener ready addr=HOST:PORT` appears,
+yields a `Broker` handle, and on teardown sends SIGTERM and asserts that the
+process exits with status 0 within 10 s.
+
+WARREN_BIN defaults to <repo>/target/release/warren.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import threading
+import time
+from typing import Callable, Iterable, List, Optional
+
+import pika
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_BIN = REPO_ROOT / "target" / "release" / "warren"
+
+READY_TIMEOUT_S = 30.0
+SHUTDOWN_TIMEOUT_S = 10.0
+LOG_TAIL_LINES = 200
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_READY_RE = re.compile(r"AMQP listener ready\b.*?\baddr=(\S+)")
+
+
+def warren_bin() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("WARREN_BIN") or DEFAULT_BIN)
+
+
+def _split_addr(addr: str):
+    """'127.0.0.1:5672' / '[::1]:5672' -> (host, port)."""
+    addr = addr.strip().strip('",;')
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    return host, int(port)
+
+
+class Broker:
+    """A running `warren serve` process."""
+
+    def __init__(self, proc: subprocess.Popen, workdir: pathlib.Path):
+        self.proc = proc
+        self.workdir = workdir
+        self.host: Optional[str] = None
+        self.port: Optional[int] = None
+        self._lines: List[str] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._eof = threading.Event()
+        self._connections: List[pika.BlockingConnection] = []
+        self._log_file = open(workdir / "warren.stderr.log", "w", encoding="utf-8")
+        self._reader = threading.Thread(
+            target=self._drain_stderr, name="warren-stderr", daemon=True
+        )
+        self._reader.start()
+
+    # ----------------------------------------------------------------- logs
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        try:
+            for raw in self.proc.stderr:
+                line = _ANSI_RE.sub("", raw.rstrip("\r\n"))
+                with self._lock:
+                    self._lines.append(line)
+                try:
+                    self._log_file.write(line + "\n")
+                    self._log_file.flush()
+                except ValueError:  # file closed during teardown
+                    pass
+                if not self._ready.is_set():
+                    m = _READY_RE.search(line)
+                    if m:
+                        self.host, self.port = _split_addr(m.group(1))
+                        self._ready.set()
+        finally:
+            self._eof.set()
+
+    def log(self, tail: Optional[int] = None) -> str:
+        with self._lock:
+            lines = list(self._lines)
+        if tail is not None:
+            lines = lines[-tail:]
+        return "\n".join(lines)
+
+    def log_lines(self) -> List[str]:
+        with self._lock:
+            return list(self._lines)
+
+    # --------------------------------------------------------------- startup
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None:
+                self._eof.wait(2.0)
+                if self._ready.is_set():
+                    break
+                raise RuntimeError(
+                    f"warren exited with status {self.proc.returncode} before "
+                    f"'AMQP listener ready' was logged. Captured stderr:\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"warren did not log 'AMQP listener ready addr=HOST:PORT' within "
+                    f"{timeout:.0f}s. Captured stderr:\n{self.log()}"
+                )
+
+    # ------------------------------------------------------------ connecting
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@{self.host}:{self.port}/%2f"
+
+    def params(
+        self,
+        username: str = "guest",
+        password: str = "guest",
+        vhost: str = "/",
+        **kwargs,
+    ) -> pika.ConnectionParameters:
+        kwargs.setdefault("connection_attempts", 1)
+        kwargs.setdefault("socket_timeout", 10)
+        kwargs.setdefault("stack_timeout", 15)
+        kwargs.setdefault("blocked_connection_timeout", 30)
+        return pika.ConnectionParameters(
+            host=self.host,
+            port=self.port,
+            virtual_host=vhost,
+            credentials=pika.PlainCredentials(username, password),
+            **kwargs,
+        )
+
+    def connect(self, **kwargs) -> pika.BlockingConnection:
+        """Open a pika BlockingConnection; closed automatically at teardown."""
+        conn = pika.BlockingConnection(self.params(**kwargs))
+        self._connections.append(conn)
+        return conn
+
+    def channel(self, **kwargs):
+        """Convenience: (connection, channel)."""
+        conn = self.connect(**kwargs)
+        return conn, conn.channel()
+
+    # -------------------------------------------------------------- shutdown
+    def close_connections(self) -> None:
+        for conn in self._connections:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # noqa: BLE001 - best effort during teardown
+                pass
+        self._connections.clear()
+
+    def stop(self) -> Optional[int]:
+        """SIGTERM, wait up to SHUTDOWN_TIMEOUT_S, then SIGKILL.
+
+        Returns the exit status, or None if the process had to be killed.
+        """
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self._eof.wait(2.0)
+                self._reader.join(2.0)
+                return None
+        self._eof.wait(2.0)
+        self._reader.join(2.0)
+        return self.proc.returncode
+
+    def finish(self) -> None:
+        try:
+            self._log_file.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def start_broker(
+    workdir: pathlib.Path,
+    config: Optional[str] = None,
+    extra_args: Iterable[str] = (),
+) -> Broker:
+    binary = warren_bin()
+    if not binary.exists():
+        pytest.fail(
+            f"warren binary not found at {binary}; run `cargo build --release -p warren` "
+            f"or set WARREN_BIN",
+            pytrace=False,
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_dir = workdir / "data"
+    data_dir.mkdir(exist_ok=True)
+    args = [
+        str(binary),
+        "serve",
+        "--amqp-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+    ]
+    if config is not None:
+        cfg = workdir / "warren.toml"
+        cfg.write_text(config, encoding="utf-8")
+        args += ["--config", str(cfg)]
+    args += list(extra_args)
+
+    env = dict(os.environ)
+    env.setdefault("NO_COLOR", "1")
+    env.setdefault("RUST_BACKTRACE", "1")
+    stdout = open(workdir / "warren.stdout.log", "wb")
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            env=env,
+            cwd=str(workdir),
+        )
+    finally:
+        stdout.close()
+    broker = Broker(proc, workdir)
+    try:
+        broker.wait_ready()
+    except RuntimeError as exc:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        broker.finish()
+        pytest.fail(str(exc), pytrace=False)
+    return broker
+
+
+def _teardown(broker: Broker, request) -> None:
+    broker.close_connections()
+    status = broker.stop()
+    broker.finish()
+    log = broker.log(tail=LOG_TAIL_LINES)
+    if status is None:
+        pytest.fail(
+            f"warren did not exit within {SHUTDOWN_TIMEOUT_S:.0f}s of SIGTERM (killed). "
+            f"Last stderr lines:\n{log}",
+            pytrace=False,
+        )
+    if status != 0:
+        pytest.fail(
+            f"warren exited with status {status} after SIGTERM (expected 0). "
+            f"Last stderr lines:\n{log}",
+            pytrace=False,
+        )
+
+
+_active_brokers: "dict[str, List[Broker]]" = {}
+
+
+@pytest.fixture
+def broker(request, tmp_path):
+    """A fresh broker per test (isolated state, checked clean shutdown)."""
+    b = start_broker(tmp_path / "warren")
+    _active_brokers.setdefault(request.node.nodeid, []).append(b)
+    try:
+        yield b
+    finally:
+        _teardown(b, request)
+
+
+@pytest.fixture
+def broker_factory(request, tmp_path):
+    """Start extra brokers (e.g. with a config file): factory(config=None)."""
+    started: List[Broker] = []
+
+    def factory(config: Optional[str] = None, extra_args: Iterable[str] = ()) -> Broker:
+        b = start_broker(tmp_path / f"warren-{len(started)}", config, extra_args)
+        started.append(b)
+        _active_brokers.setdefault(request.node.nodeid, []).append(b)
+        return b
+
+    yield factory
+    errors = []
+    for b in started:
+        try:
+            _teardown(b, request)
+        except BaseException as exc:  # noqa: BLE001 - collect, then report
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+# --------------------------------------------------------------------------
+# Attach the broker log to the report of a failing test.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for i, b in enumerate(_active_brokers.get(item.nodeid, [])):
+            report.sections.append(
+                (f"warren stderr (broker {i}, last {LOG_TAIL_LINES} lines)",
+                 b.log(tail=LOG_TAIL_LINES))
+            )
+    if report.when == "teardown":
+        _active_brokers.pop(item.nodeid, None)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A hung broker must not hang the whole run: default per-test timeout
+    # (pytest-timeout) unless a test sets its own.
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(120))
+
+
+# --------------------------------------------------------------------------
+# Helpers shared by the test modules (exposed as a fixture so the test files
+# do not depend on conftest being importable).
+class Helpers:
+    @staticmethod
+    def pump_until(
+        connections,
+        predicate: Callable[[], bool],
+        timeout: float = 10.0,
+        what: str = "condition",
+    ) -> None:
+        """Process I/O on `connections` until predicate() is true or timeout."""
+        if isinstance(connections, pika.BlockingConnection):
+            connections = [connections]
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            for c in connections:
+                c.process_data_events(time_limit=0.02)
+
+    @staticmethod
+    def get_all(channel, queue: str, auto_ack: bool = True) -> List[bytes]:
+        """basic_get until the queue reports empty; returns the bodies."""
+        bodies = []
+        while True:
+            method, _props, body = channel.basic_get(queue=queue, auto_ack=auto_ack)
+            if method is None:
+                return bodies
+            bodies.append(body)
+
+    @staticmethod
+    def message_count(channel, queue: str) -> int:
+        return channel.queue_declare(queue=queue, passive=True).method.message_count
+
+    @staticmethod
+    def consumer_count(channel, queue: str) -> int:
+        return channel.queue_declare(queue=queue, passive=True).method.consumer_count
+
+
+@pytest.fixture
+def h():
+    return Helpers
