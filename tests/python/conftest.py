@@ -1,4 +1,4 @@
-"""Pytest fixtures that run the real `warren` binary (see docs/test-contract.md).
+"""Pytest fixtures that run the real `warren` binary (see docs/configuration.md).
 
 The `broker` fixture starts
 
