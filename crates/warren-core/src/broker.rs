@@ -15,7 +15,7 @@ use amq_protocol::types::{FieldTable, ShortString};
 use warren_store::Sequence;
 
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
-use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, validate_headers_binding};
 use crate::queue::Queue;
 use crate::{ConnectionId, Message, QueueId};
 
@@ -509,6 +509,9 @@ impl Broker {
                 )));
             }
         }
+        if vhost.exchanges[source].kind == ExchangeKind::Headers {
+            validate_headers_binding(&arguments)?;
+        }
         let binding = Binding {
             destination: Destination::Exchange(destination.into()),
             routing_key,
@@ -606,12 +609,17 @@ impl Broker {
             .get_mut(&vhost_name)
             .expect("connection's vhost exists");
         if exchange.is_empty() {
-            return Err(BrokerError::access_refused("operation not permitted on the default exchange"));
+            return Err(BrokerError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         if !vhost.exchanges.contains_key(exchange) {
             return Err(BrokerError::not_found(format!(
                 "no exchange '{exchange}' in vhost '{vhost_name}'"
             )));
+        }
+        if vhost.exchanges[exchange].kind == ExchangeKind::Headers {
+            validate_headers_binding(&arguments)?;
         }
         let binding = Binding {
             destination: Destination::Queue(id),

@@ -3,6 +3,7 @@
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::QueueId;
+use crate::error::{BrokerError, BrokerResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExchangeKind {
@@ -123,6 +124,28 @@ pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
         matches = next;
     }
     matches[key.len()]
+}
+
+/// Checks a binding's `x-match` argument when binding to a headers exchange,
+/// refusing what RabbitMQ refuses.
+pub(crate) fn validate_headers_binding(arguments: &FieldTable) -> BrokerResult<()> {
+    let mode = match arguments.inner().get("x-match") {
+        None => return Ok(()),
+        Some(AMQPValue::LongString(mode)) => String::from_utf8_lossy(mode.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(mode)) => mode.as_str().to_owned(),
+        Some(other) => {
+            return Err(BrokerError::precondition_failed(format!(
+                "invalid x-match field type {:?}; expected a string",
+                other.get_type()
+            )));
+        }
+    };
+    match mode.as_str() {
+        "all" | "any" | "all-with-x" | "any-with-x" => Ok(()),
+        _ => Err(BrokerError::precondition_failed(format!(
+            "invalid x-match field value '{mode}'; expected all, any, all-with-x or any-with-x"
+        ))),
+    }
 }
 
 /// The headers exchange's rule: `x-match` in the binding says whether all

@@ -104,6 +104,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the AMQP listener to {}", args.amqp_listen))?;
     let address = server.local_addr()?;
+    let signal = shutdown_signal()?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         data_dir = %args.data_dir.display(),
@@ -113,7 +114,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let (shutdown_sender, shutdown) = watch::channel(false);
     let server_task = tokio::spawn(server.run(shutdown));
-    wait_for_signal().await?;
+    signal.await;
     info!("shutting down");
     let _ = shutdown_sender.send(true);
     server_task.await.context("AMQP server task")?;
@@ -121,13 +122,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, so call it before announcing readiness: a signal that arrives
+/// before then would otherwise kill the process uncleanly.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
