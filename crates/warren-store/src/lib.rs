@@ -7,7 +7,27 @@
 //! not change when messages move to disk.
 //!
 //! This crate knows nothing of AMQP: a message is any `M`, identified by the
-//! sequence number its queue gave it on arrival.
+//! sequence number its queue gave it on arrival, and the log stores opaque
+//! payloads.
+//!
+//! * [`log::MessageLog`]: the append-only segment log with group commit and
+//!   recovery;
+//! * [`topology::TopologyFile`]: durable exchanges, queues and bindings;
+//! * [`fs::FileSystem`]: the file operations both use, with a real and a
+//!   simulated (crashing, failing) implementation.
+
+pub mod fs;
+pub mod log;
+pub mod record;
+pub mod topology;
+
+pub use fs::{FileSystem, OsFileSystem, SimulatedFileSystem};
+pub use log::{
+    DurableListener, Location, LogConfig, MessageLog, RecoveredMessage, Recovery, StoreError,
+    Ticket,
+};
+pub use record::RecordKind;
+pub use topology::TopologyFile;
 
 use std::collections::VecDeque;
 

@@ -1,0 +1,732 @@
+//! The message log: one append-only sequence of segment files shared by all
+//! durable queues, written by a commit thread that batches every record
+//! appended while the previous fsync ran (group commit).
+//!
+//! A publish is durable once the commit thread has fsynced the batch that
+//! holds it; callers learn this through the ticket each append returns and
+//! the listener the log calls after every fsync. A failed write or fsync
+//! poisons the log: it never retries and never reports durability again, and
+//! every later append fails, so nothing is confirmed that may not be on disk.
+//!
+//! A segment file is deleted once no live message is in it and no record in
+//! it is still needed to mark a message in an older, surviving segment as
+//! removed or delivered (its "back references").
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::fs::FileSystem;
+use crate::record::{self, Decoded, RecordKind};
+
+/// Where a record lives: segment number, byte offset, encoded length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Location {
+    pub segment: u64,
+    pub offset: u64,
+    pub length: u32,
+}
+
+/// Counts appends; an append is durable once the durable ticket reaches it.
+pub type Ticket = u64;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("the message store is poisoned by an earlier failure ({0}); restart the broker")]
+    Poisoned(String),
+    #[error("reading the message at segment {segment} offset {offset}: {reason}")]
+    Read {
+        segment: u64,
+        offset: u64,
+        reason: String,
+    },
+    #[error("{operation} {path}: {reason}")]
+    Io {
+        operation: &'static str,
+        path: String,
+        reason: String,
+    },
+}
+
+impl StoreError {
+    fn io(operation: &'static str, path: &Path, error: io::Error) -> Self {
+        StoreError::Io {
+            operation,
+            path: path.display().to_string(),
+            reason: error.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A segment is closed and a new one started past this size. 16 MiB
+    /// keeps recovery reads and deletions granular without making the
+    /// directory large.
+    pub segment_size_bytes: u64,
+    /// Bytes appended but not yet written beyond which the log reports
+    /// itself congested, so publishers are slowed instead of queueing
+    /// unbounded data in memory.
+    pub pending_bytes_max: usize,
+    /// How long a quiet log waits before closing a segment that holds no
+    /// live message, so an idle store gives its space back.
+    pub idle_roll_after: Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_size_bytes: 16 * 1024 * 1024,
+            pending_bytes_max: 64 * 1024 * 1024,
+            idle_roll_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Told after every commit: the new durable ticket, or the error that
+/// poisoned the log.
+pub type DurableListener = Box<dyn Fn(Result<Ticket, StoreError>) + Send + Sync>;
+
+/// A message found by recovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredMessage {
+    pub sequence: u64,
+    pub location: Location,
+    /// Whether the message may have been handed to a consumer before the
+    /// restart. After an unclean shutdown this is true for every message.
+    pub delivered: bool,
+}
+
+/// What `open` found on disk.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Per queue id, its messages in sequence order.
+    pub queues: BTreeMap<u64, Vec<RecoveredMessage>>,
+    pub clean_shutdown: bool,
+    pub segments_read: usize,
+    pub bytes_read: u64,
+    pub torn_records_dropped: usize,
+    pub corrupt_records_skipped: usize,
+}
+
+const SEGMENT_SUFFIX: &str = ".seg";
+const CLEAN_SHUTDOWN_MARKER: &str = "clean-shutdown";
+
+fn segment_name(segment: u64) -> String {
+    format!("{segment:020}{SEGMENT_SUFFIX}")
+}
+
+#[derive(Debug, Default)]
+struct SegmentState {
+    /// Messages published into this segment and not yet removed.
+    live: u64,
+    /// Older segments holding messages that records in this one remove or
+    /// mark delivered.
+    back_references: BTreeSet<u64>,
+    /// Whether the file exists on disk yet.
+    created: bool,
+}
+
+struct PendingWrite {
+    segment: u64,
+    base_offset: u64,
+    bytes: Vec<u8>,
+}
+
+struct State {
+    active_segment: u64,
+    active_length: u64,
+    pending: Vec<PendingWrite>,
+    pending_bytes: usize,
+    /// The batch the commit thread is writing, still readable by `read`.
+    in_flight: Option<Arc<Vec<PendingWrite>>>,
+    last_ticket: Ticket,
+    durable_ticket: Ticket,
+    segments: BTreeMap<u64, SegmentState>,
+    poisoned: Option<String>,
+    shutting_down: bool,
+    last_append: Instant,
+}
+
+struct Shared {
+    fs: Arc<dyn FileSystem>,
+    dir: PathBuf,
+    config: LogConfig,
+    state: Mutex<State>,
+    work: Condvar,
+    listener: DurableListener,
+}
+
+pub struct MessageLog {
+    shared: Arc<Shared>,
+    commit_thread: Option<JoinHandle<()>>,
+}
+
+impl MessageLog {
+    /// Reads every segment in `dir`, rebuilding which messages are live, and
+    /// starts the commit thread. New records go to a fresh segment.
+    pub fn open(
+        fs: Arc<dyn FileSystem>,
+        dir: &Path,
+        config: LogConfig,
+        listener: DurableListener,
+    ) -> Result<(Self, Recovery), StoreError> {
+        fs.create_dir_all(dir)
+            .map_err(|error| StoreError::io("creating", dir, error))?;
+        let marker = dir.join(CLEAN_SHUTDOWN_MARKER);
+        let clean_shutdown = fs.exists(&marker);
+        if clean_shutdown {
+            // Gone before anything is written, so a crash from here on is
+            // never taken for a clean shutdown.
+            fs.remove(&marker)
+                .map_err(|error| StoreError::io("removing", &marker, error))?;
+            fs.sync_dir(dir)
+                .map_err(|error| StoreError::io("syncing", dir, error))?;
+        }
+        let (segments, mut recovery, last_segment) = recover(fs.as_ref(), dir)?;
+        recovery.clean_shutdown = clean_shutdown;
+        if !clean_shutdown {
+            for messages in recovery.queues.values_mut() {
+                for message in messages {
+                    message.delivered = true;
+                }
+            }
+        }
+        let active_segment = last_segment + 1;
+        let mut state = State {
+            active_segment,
+            active_length: 0,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            in_flight: None,
+            last_ticket: 0,
+            durable_ticket: 0,
+            segments,
+            poisoned: None,
+            shutting_down: false,
+            last_append: Instant::now(),
+        };
+        state.segments.entry(active_segment).or_default();
+        let shared = Arc::new(Shared {
+            fs,
+            dir: dir.to_path_buf(),
+            config,
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            listener,
+        });
+        let thread_shared = Arc::clone(&shared);
+        let commit_thread = std::thread::Builder::new()
+            .name("warren-commit".into())
+            .spawn(move || commit_loop(&thread_shared))
+            .map_err(|error| StoreError::io("starting commit thread for", dir, error))?;
+        Ok((
+            Self {
+                shared,
+                commit_thread: Some(commit_thread),
+            },
+            recovery,
+        ))
+    }
+
+    /// Appends a `Publish` (persistent) or `Paged` (transient, memory
+    /// relief) record for a message now in `queue`.
+    pub fn append_message(
+        &self,
+        kind: RecordKind,
+        queue: u64,
+        sequence: u64,
+        payload: &[u8],
+    ) -> Result<(Location, Ticket), StoreError> {
+        debug_assert!(matches!(kind, RecordKind::Publish | RecordKind::Paged));
+        let mut state = self.shared.state.lock();
+        let (location, ticket) = self.append_locked(&mut state, kind, queue, sequence, payload)?;
+        state.segments.entry(location.segment).or_default().live += 1;
+        Ok((location, ticket))
+    }
+
+    /// Records that a message left its queue.
+    pub fn append_remove(
+        &self,
+        queue: u64,
+        sequence: u64,
+        published_at: Location,
+    ) -> Result<Ticket, StoreError> {
+        self.append_reference(RecordKind::Remove, queue, sequence, published_at)
+    }
+
+    /// Records that a message was handed to a consumer.
+    pub fn append_delivered(
+        &self,
+        queue: u64,
+        sequence: u64,
+        published_at: Location,
+    ) -> Result<Ticket, StoreError> {
+        self.append_reference(RecordKind::Delivered, queue, sequence, published_at)
+    }
+
+    fn append_reference(
+        &self,
+        kind: RecordKind,
+        queue: u64,
+        sequence: u64,
+        published_at: Location,
+    ) -> Result<Ticket, StoreError> {
+        let mut state = self.shared.state.lock();
+        let (location, ticket) = self.append_locked(&mut state, kind, queue, sequence, &[])?;
+        if published_at.segment < location.segment
+            && state.segments.contains_key(&published_at.segment)
+        {
+            state
+                .segments
+                .entry(location.segment)
+                .or_default()
+                .back_references
+                .insert(published_at.segment);
+        }
+        if kind == RecordKind::Remove {
+            release_locked(&mut state, published_at);
+        }
+        Ok(ticket)
+    }
+
+    /// Forgets a message without writing anything: a paged transient
+    /// message that left its queue, or a message of a deleted queue (whose
+    /// records recovery ignores once the queue is gone from the topology).
+    pub fn release(&self, location: Location) {
+        release_locked(&mut self.shared.state.lock(), location);
+    }
+
+    fn append_locked(
+        &self,
+        state: &mut State,
+        kind: RecordKind,
+        queue: u64,
+        sequence: u64,
+        payload: &[u8],
+    ) -> Result<(Location, Ticket), StoreError> {
+        if let Some(reason) = &state.poisoned {
+            return Err(StoreError::Poisoned(reason.clone()));
+        }
+        let length = record::encoded_length(payload.len()) as u64;
+        if state.active_length > 0
+            && state.active_length + length > self.shared.config.segment_size_bytes
+        {
+            state.active_segment += 1;
+            state.active_length = 0;
+            state.segments.entry(state.active_segment).or_default();
+        }
+        let segment = state.active_segment;
+        let offset = state.active_length;
+        let write = match state.pending.last_mut() {
+            Some(last) if last.segment == segment => last,
+            _ => {
+                state.pending.push(PendingWrite {
+                    segment,
+                    base_offset: offset,
+                    bytes: Vec::with_capacity(64 * 1024),
+                });
+                state.pending.last_mut().expect("just pushed")
+            }
+        };
+        record::encode(&mut write.bytes, kind, queue, sequence, payload);
+        state.active_length += length;
+        state.pending_bytes += length as usize;
+        state.last_ticket += 1;
+        state.last_append = Instant::now();
+        self.shared.work.notify_one();
+        Ok((
+            Location {
+                segment,
+                offset,
+                length: length as u32,
+            },
+            state.last_ticket,
+        ))
+    }
+
+    /// Reads a message's payload back, from memory if it is not written yet.
+    pub fn read(&self, location: Location) -> Result<Vec<u8>, StoreError> {
+        let from_memory = {
+            let state = self.shared.state.lock();
+            let in_flight = state.in_flight.as_deref().map(Vec::as_slice).unwrap_or(&[]);
+            state
+                .pending
+                .iter()
+                .chain(in_flight.iter())
+                .find_map(|write| slice_of(write, location).map(<[u8]>::to_vec))
+        };
+        let bytes = match from_memory {
+            Some(bytes) => bytes,
+            None => {
+                let path = self.shared.dir.join(segment_name(location.segment));
+                self.shared
+                    .fs
+                    .read_at(&path, location.offset, location.length as usize)
+                    .map_err(|error| StoreError::Read {
+                        segment: location.segment,
+                        offset: location.offset,
+                        reason: error.to_string(),
+                    })?
+            }
+        };
+        match record::decode(&bytes) {
+            Decoded::Record(record, _) => Ok(record.payload.to_vec()),
+            other => Err(StoreError::Read {
+                segment: location.segment,
+                offset: location.offset,
+                reason: format!("record does not decode ({other:?})"),
+            }),
+        }
+    }
+
+    pub fn durable_ticket(&self) -> Ticket {
+        self.shared.state.lock().durable_ticket
+    }
+
+    /// Whether appended data waits for the disk faster than it drains.
+    pub fn is_congested(&self) -> bool {
+        self.shared.state.lock().pending_bytes > self.shared.config.pending_bytes_max
+    }
+
+    pub fn poisoned(&self) -> Option<String> {
+        self.shared.state.lock().poisoned.clone()
+    }
+
+    /// Segment files on disk, for tests and metrics.
+    pub fn segment_count(&self) -> usize {
+        self.shared
+            .state
+            .lock()
+            .segments
+            .values()
+            .filter(|segment| segment.created)
+            .count()
+    }
+
+    pub fn available_bytes(&self) -> io::Result<u64> {
+        self.shared.fs.available_bytes(&self.shared.dir)
+    }
+
+    /// Writes and syncs everything appended, stops the commit thread and
+    /// leaves the clean-shutdown marker, so the next start knows exactly
+    /// which messages were delivered.
+    pub fn close(mut self) -> Result<(), StoreError> {
+        self.stop_commit_thread();
+        let state = self.shared.state.lock();
+        if let Some(reason) = &state.poisoned {
+            return Err(StoreError::Poisoned(reason.clone()));
+        }
+        drop(state);
+        let marker = self.shared.dir.join(CLEAN_SHUTDOWN_MARKER);
+        let fs = &self.shared.fs;
+        fs.write(&marker, b"")
+            .map_err(|error| StoreError::io("writing", &marker, error))?;
+        fs.sync(&marker)
+            .map_err(|error| StoreError::io("syncing", &marker, error))?;
+        fs.sync_dir(&self.shared.dir)
+            .map_err(|error| StoreError::io("syncing", &self.shared.dir, error))
+    }
+
+    /// Stops at once, dropping what is not yet written, the way a crash
+    /// would. Only tests have a use for this.
+    pub fn abandon(mut self) {
+        {
+            let mut state = self.shared.state.lock();
+            state.pending.clear();
+            state.pending_bytes = 0;
+        }
+        self.stop_commit_thread();
+    }
+
+    fn stop_commit_thread(&mut self) {
+        self.shared.state.lock().shutting_down = true;
+        self.shared.work.notify_one();
+        if let Some(thread) = self.commit_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for MessageLog {
+    fn drop(&mut self) {
+        self.stop_commit_thread();
+    }
+}
+
+fn slice_of(write: &PendingWrite, location: Location) -> Option<&[u8]> {
+    if write.segment != location.segment || location.offset < write.base_offset {
+        return None;
+    }
+    let start = (location.offset - write.base_offset) as usize;
+    write.bytes.get(start..start + location.length as usize)
+}
+
+fn release_locked(state: &mut State, location: Location) {
+    if let Some(segment) = state.segments.get_mut(&location.segment) {
+        debug_assert!(
+            segment.live > 0,
+            "released a message the log does not count"
+        );
+        segment.live = segment.live.saturating_sub(1);
+    }
+}
+
+fn commit_loop(shared: &Shared) {
+    loop {
+        let (batch, ticket) = {
+            let mut state = shared.state.lock();
+            while state.pending.is_empty() && !state.shutting_down {
+                let timed_out = shared
+                    .work
+                    .wait_for(&mut state, shared.config.idle_roll_after)
+                    .timed_out();
+                if timed_out && state.poisoned.is_none() {
+                    roll_if_idle(shared, &mut state);
+                    let doomed = collect_deletable(&mut state);
+                    drop(state);
+                    delete_segments(shared, &doomed);
+                    state = shared.state.lock();
+                }
+            }
+            if state.pending.is_empty() {
+                return; // shutting down with nothing left to write
+            }
+            let batch = Arc::new(std::mem::take(&mut state.pending));
+            state.pending_bytes = 0;
+            state.in_flight = Some(Arc::clone(&batch));
+            (batch, state.last_ticket)
+        };
+        let result = write_batch(shared, &batch);
+        let doomed = {
+            let mut state = shared.state.lock();
+            state.in_flight = None;
+            match &result {
+                Ok(created) => {
+                    for segment in created {
+                        state.segments.entry(*segment).or_default().created = true;
+                    }
+                    state.durable_ticket = ticket;
+                    collect_deletable(&mut state)
+                }
+                Err(error) => {
+                    state.poisoned = Some(error.to_string());
+                    Vec::new()
+                }
+            }
+        };
+        match result {
+            Ok(_) => {
+                delete_segments(shared, &doomed);
+                (shared.listener)(Ok(ticket));
+            }
+            Err(error) => {
+                tracing::error!(%error, "message store write failed; the store is poisoned: \
+                    no more confirms until the broker is restarted");
+                (shared.listener)(Err(StoreError::Poisoned(error.to_string())));
+                // Keep draining so appenders are answered, but never write again.
+                let mut state = shared.state.lock();
+                while !state.shutting_down {
+                    state.pending.clear();
+                    state.pending_bytes = 0;
+                    shared.work.wait_for(&mut state, Duration::from_secs(1));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Writes a batch and fsyncs every file it touched; returns the segments
+/// created by it.
+fn write_batch(shared: &Shared, batch: &[PendingWrite]) -> Result<Vec<u64>, StoreError> {
+    let mut touched: Vec<u64> = Vec::new();
+    let mut created = Vec::new();
+    for write in batch {
+        let path = shared.dir.join(segment_name(write.segment));
+        shared
+            .fs
+            .append(&path, &write.bytes)
+            .map_err(|error| StoreError::io("writing", &path, error))?;
+        if write.base_offset == 0 {
+            created.push(write.segment);
+        }
+        if !touched.contains(&write.segment) {
+            touched.push(write.segment);
+        }
+    }
+    for segment in &touched {
+        let path = shared.dir.join(segment_name(*segment));
+        shared
+            .fs
+            .sync(&path)
+            .map_err(|error| StoreError::io("fsync of", &path, error))?;
+    }
+    if !created.is_empty() {
+        shared
+            .fs
+            .sync_dir(&shared.dir)
+            .map_err(|error| StoreError::io("fsync of", &shared.dir, error))?;
+    }
+    Ok(created)
+}
+
+/// Starts a new segment when the active one holds only dead records and
+/// nothing has been appended for a while, so its file can go.
+fn roll_if_idle(shared: &Shared, state: &mut State) {
+    let active = state.active_segment;
+    let quiet = state.last_append.elapsed() >= shared.config.idle_roll_after;
+    let dead = state
+        .segments
+        .get(&active)
+        .is_some_and(|segment| segment.live == 0);
+    if quiet && dead && state.active_length > 0 && state.pending.is_empty() {
+        state.active_segment += 1;
+        state.active_length = 0;
+        state.segments.entry(state.active_segment).or_default();
+    }
+}
+
+/// Takes out of the map every segment that can be deleted, oldest first, so
+/// a segment whose back references die in the same pass goes too.
+fn collect_deletable(state: &mut State) -> Vec<u64> {
+    let mut doomed = Vec::new();
+    let candidates: Vec<u64> = state.segments.keys().copied().collect();
+    for segment in candidates {
+        if segment == state.active_segment {
+            continue;
+        }
+        let deletable = state.segments.get(&segment).is_some_and(|info| {
+            info.live == 0
+                && info
+                    .back_references
+                    .iter()
+                    .all(|older| !state.segments.contains_key(older))
+        });
+        if deletable {
+            let info = state.segments.remove(&segment).expect("present");
+            if info.created {
+                doomed.push(segment);
+            }
+        }
+    }
+    doomed
+}
+
+fn delete_segments(shared: &Shared, segments: &[u64]) {
+    for segment in segments {
+        let path = shared.dir.join(segment_name(*segment));
+        if let Err(error) = shared.fs.remove(&path) {
+            tracing::warn!(path = %path.display(), %error, "could not delete a dead segment");
+        }
+    }
+}
+
+type Recovered = (BTreeMap<u64, SegmentState>, Recovery, u64);
+
+/// Replays every segment in order. A record cut short at the end of the
+/// newest segment is a write torn by a crash and is truncated away; a record
+/// whose checksum fails is skipped and logged; neither stops recovery.
+fn recover(fs: &dyn FileSystem, dir: &Path) -> Result<Recovered, StoreError> {
+    let mut numbers: Vec<u64> = fs
+        .list(dir)
+        .map_err(|error| StoreError::io("listing", dir, error))?
+        .iter()
+        .filter_map(|name| name.strip_suffix(SEGMENT_SUFFIX)?.parse().ok())
+        .collect();
+    numbers.sort_unstable();
+    let mut recovery = Recovery::default();
+    // Per queue: sequence -> (location, delivered).
+    let mut live: BTreeMap<u64, BTreeMap<u64, (Location, bool)>> = BTreeMap::new();
+    let mut segments: BTreeMap<u64, SegmentState> = BTreeMap::new();
+    let newest = numbers.last().copied();
+    for &number in &numbers {
+        let path = dir.join(segment_name(number));
+        let bytes = fs
+            .read_all(&path)
+            .map_err(|error| StoreError::io("reading", &path, error))?;
+        recovery.segments_read += 1;
+        recovery.bytes_read += bytes.len() as u64;
+        let segment_state = segments.entry(number).or_default();
+        segment_state.created = true;
+        let mut offset = 0usize;
+        while offset < bytes.len() {
+            match record::decode(&bytes[offset..]) {
+                Decoded::Record(record, length) => {
+                    let location = Location {
+                        segment: number,
+                        offset: offset as u64,
+                        length: length as u32,
+                    };
+                    let queue = live.entry(record.queue).or_default();
+                    match record.kind {
+                        RecordKind::Publish => {
+                            queue.insert(record.sequence, (location, false));
+                        }
+                        RecordKind::Remove | RecordKind::Delivered => {
+                            let published = if record.kind == RecordKind::Remove {
+                                queue.remove(&record.sequence).map(|(location, _)| location)
+                            } else {
+                                queue
+                                    .get_mut(&record.sequence)
+                                    .map(|(location, delivered)| {
+                                        *delivered = true;
+                                        *location
+                                    })
+                            };
+                            if let Some(published) = published
+                                && published.segment < number
+                            {
+                                segment_state.back_references.insert(published.segment);
+                            }
+                        }
+                        RecordKind::Paged | RecordKind::Topology => {}
+                    }
+                    offset += length;
+                }
+                Decoded::Corrupt(length) => {
+                    tracing::error!(path = %path.display(), offset, "skipping a record whose checksum does not match");
+                    recovery.corrupt_records_skipped += 1;
+                    offset += length;
+                }
+                Decoded::Torn | Decoded::Garbage => {
+                    let dropped = bytes.len() - offset;
+                    if Some(number) == newest {
+                        tracing::warn!(path = %path.display(), offset, dropped_bytes = dropped,
+                            "dropping a torn record at the end of the log");
+                        fs.truncate(&path, offset as u64)
+                            .map_err(|error| StoreError::io("truncating", &path, error))?;
+                    } else {
+                        tracing::error!(path = %path.display(), offset, dropped_bytes = dropped,
+                            "unreadable bytes in the middle of the log; skipping the rest of the segment");
+                    }
+                    recovery.torn_records_dropped += 1;
+                    break;
+                }
+            }
+        }
+    }
+    for (queue, messages) in live {
+        if messages.is_empty() {
+            continue;
+        }
+        let recovered = messages
+            .into_iter()
+            .map(|(sequence, (location, delivered))| {
+                segments.entry(location.segment).or_default().live += 1;
+                RecoveredMessage {
+                    sequence,
+                    location,
+                    delivered,
+                }
+            })
+            .collect();
+        recovery.queues.insert(queue, recovered);
+    }
+    Ok((segments, recovery, newest.unwrap_or(0)))
+}

@@ -1,0 +1,151 @@
+//! The record framing shared by segment files and the topology file:
+//! length, CRC32C, kind, queue, sequence number, payload. See
+//! docs/storage-format.md for every byte.
+
+/// Bytes before a record's body: length (4) and checksum (4).
+pub const FRAME_HEADER_BYTES: usize = 8;
+/// Bytes of a record body before its payload: kind (1), queue (8), sequence (8).
+pub const BODY_HEADER_BYTES: usize = 17;
+/// The largest record body accepted when reading. Anything larger is taken
+/// as a corrupt length field, not as a record to allocate for.
+pub const RECORD_BODY_MAX_BYTES: usize = 600 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// A persistent message entered a durable queue.
+    Publish = 1,
+    /// A message left its queue (acked, rejected, expired, purged).
+    Remove = 2,
+    /// A message was handed to a consumer (so it comes back redelivered).
+    Delivered = 3,
+    /// A transient message written only to free memory; ignored by recovery.
+    Paged = 4,
+    /// One entry of the topology file.
+    Topology = 5,
+}
+
+impl RecordKind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            1 => Self::Publish,
+            2 => Self::Remove,
+            3 => Self::Delivered,
+            4 => Self::Paged,
+            5 => Self::Topology,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub kind: RecordKind,
+    pub queue: u64,
+    pub sequence: u64,
+    pub payload: &'a [u8],
+}
+
+/// Appends one record to `out`; returns its encoded length.
+pub fn encode(
+    out: &mut Vec<u8>,
+    kind: RecordKind,
+    queue: u64,
+    sequence: u64,
+    payload: &[u8],
+) -> usize {
+    let start = out.len();
+    let body_length = BODY_HEADER_BYTES + payload.len();
+    out.extend_from_slice(&(body_length as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.push(kind as u8);
+    out.extend_from_slice(&queue.to_le_bytes());
+    out.extend_from_slice(&sequence.to_le_bytes());
+    out.extend_from_slice(payload);
+    let checksum = crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]);
+    out[start + 4..start + 8].copy_from_slice(&checksum.to_le_bytes());
+    out.len() - start
+}
+
+pub fn encoded_length(payload_length: usize) -> usize {
+    FRAME_HEADER_BYTES + BODY_HEADER_BYTES + payload_length
+}
+
+/// What reading one record from a byte slice found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// A whole, valid record and its encoded length.
+    Record(Record<'a>, usize),
+    /// The bytes end in the middle of a record: a torn write.
+    Torn,
+    /// A complete record whose checksum or contents are wrong; skip `usize`
+    /// bytes to reach the next one.
+    Corrupt(usize),
+    /// A length field that cannot be right; nothing after it can be trusted.
+    Garbage,
+}
+
+pub fn decode(bytes: &[u8]) -> Decoded<'_> {
+    if bytes.len() < FRAME_HEADER_BYTES {
+        return Decoded::Torn;
+    }
+    let body_length = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
+    if !(BODY_HEADER_BYTES..=RECORD_BODY_MAX_BYTES).contains(&body_length) {
+        return Decoded::Garbage;
+    }
+    let total = FRAME_HEADER_BYTES + body_length;
+    if bytes.len() < total {
+        return Decoded::Torn;
+    }
+    let checksum = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    let body = &bytes[FRAME_HEADER_BYTES..total];
+    if crc32c::crc32c(body) != checksum {
+        return Decoded::Corrupt(total);
+    }
+    let Some(kind) = RecordKind::from_byte(body[0]) else {
+        return Decoded::Corrupt(total);
+    };
+    Decoded::Record(
+        Record {
+            kind,
+            queue: u64::from_le_bytes(body[1..9].try_into().expect("8 bytes")),
+            sequence: u64::from_le_bytes(body[9..17].try_into().expect("8 bytes")),
+            payload: &body[BODY_HEADER_BYTES..],
+        },
+        total,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let mut out = Vec::new();
+        let length = encode(&mut out, RecordKind::Publish, 7, 42, b"hello");
+        assert_eq!(length, encoded_length(5));
+        let Decoded::Record(record, used) = decode(&out) else {
+            panic!("expected a record")
+        };
+        assert_eq!(used, length);
+        assert_eq!(record.kind, RecordKind::Publish);
+        assert_eq!(
+            (record.queue, record.sequence, record.payload),
+            (7, 42, &b"hello"[..])
+        );
+    }
+
+    #[test]
+    fn a_cut_record_is_torn_and_a_flipped_bit_is_corrupt() {
+        let mut out = Vec::new();
+        encode(&mut out, RecordKind::Remove, 1, 2, b"");
+        assert_eq!(decode(&out[..out.len() - 1]), Decoded::Torn);
+        out[12] ^= 1;
+        assert_eq!(decode(&out), Decoded::Corrupt(out.len()));
+        assert_eq!(
+            decode(&[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]),
+            Decoded::Garbage
+        );
+    }
+}

@@ -1,0 +1,406 @@
+//! The message log on a simulated disk: durability, recovery from torn and
+//! corrupt records, space reclamation, failure poisoning, and a property test
+//! against a model (a VecDeque per queue) over random operations and crashes.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use proptest::prelude::*;
+use warren_store::{
+    FileSystem, Location, LogConfig, MessageLog, RecordKind, Recovery, SimulatedFileSystem,
+    StoreError, Ticket,
+};
+
+const DIR: &str = "/data/messages";
+
+/// What the log's listener has reported.
+#[derive(Default)]
+struct Reports {
+    durable: Mutex<(Ticket, Option<StoreError>)>,
+    changed: Condvar,
+}
+
+impl Reports {
+    fn wait_durable(&self, ticket: Ticket) -> Result<(), StoreError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut state = self.durable.lock();
+        loop {
+            if let Some(error) = &state.1 {
+                return Err(error.clone());
+            }
+            if state.0 >= ticket {
+                return Ok(());
+            }
+            assert!(
+                !self.changed.wait_until(&mut state, deadline).timed_out(),
+                "ticket {ticket} not durable within 10 s"
+            );
+        }
+    }
+
+    fn wait_error(&self) -> StoreError {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut state = self.durable.lock();
+        while state.1.is_none() {
+            assert!(
+                !self.changed.wait_until(&mut state, deadline).timed_out(),
+                "no error reported"
+            );
+        }
+        state.1.clone().expect("checked")
+    }
+}
+
+fn config() -> LogConfig {
+    LogConfig {
+        segment_size_bytes: 4096,
+        pending_bytes_max: 1 << 20,
+        idle_roll_after: Duration::from_millis(20),
+    }
+}
+
+fn open(fs: &Arc<SimulatedFileSystem>) -> (MessageLog, Recovery, Arc<Reports>) {
+    let reports = Arc::new(Reports::default());
+    let listener_reports = Arc::clone(&reports);
+    let listener = Box::new(move |result: Result<Ticket, StoreError>| {
+        let mut state = listener_reports.durable.lock();
+        match result {
+            Ok(ticket) => state.0 = ticket,
+            Err(error) => state.1 = Some(error),
+        }
+        listener_reports.changed.notify_all();
+    });
+    let fs_dyn: Arc<dyn FileSystem> = fs.clone();
+    let (log, recovery) =
+        MessageLog::open(fs_dyn, Path::new(DIR), config(), listener).expect("open");
+    (log, recovery, reports)
+}
+
+fn publish(log: &MessageLog, queue: u64, sequence: u64, payload: &[u8]) -> (Location, Ticket) {
+    log.append_message(RecordKind::Publish, queue, sequence, payload)
+        .expect("append")
+}
+
+fn recovered_sequences(recovery: &Recovery, queue: u64) -> Vec<u64> {
+    recovery
+        .queues
+        .get(&queue)
+        .map(|messages| messages.iter().map(|message| message.sequence).collect())
+        .unwrap_or_default()
+}
+
+fn segment_path(segment: u64) -> std::path::PathBuf {
+    Path::new(DIR).join(format!("{segment:020}.seg"))
+}
+
+#[test]
+fn durable_messages_survive_a_crash_and_read_back() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let (first, _) = publish(&log, 1, 1, b"one");
+    let (_, ticket) = publish(&log, 1, 2, b"two");
+    assert_eq!(log.read(first).unwrap(), b"one");
+    reports.wait_durable(ticket).unwrap();
+    log.abandon();
+    fs.crash(|unsynced| unsynced);
+
+    let (log, recovery, _) = open(&fs);
+    assert!(!recovery.clean_shutdown);
+    assert_eq!(recovered_sequences(&recovery, 1), [1, 2]);
+    let messages = &recovery.queues[&1];
+    assert!(
+        messages.iter().all(|message| message.delivered),
+        "after a crash every message may have been delivered"
+    );
+    assert_eq!(log.read(messages[1].location).unwrap(), b"two");
+}
+
+#[test]
+fn after_a_clean_shutdown_only_delivered_messages_are_marked() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, _) = open(&fs);
+    let (first, _) = publish(&log, 1, 1, b"one");
+    publish(&log, 1, 2, b"two");
+    log.append_delivered(1, 1, first).unwrap();
+    log.close().unwrap();
+
+    let (_, recovery, _) = open(&fs);
+    assert!(recovery.clean_shutdown);
+    let delivered: Vec<bool> = recovery.queues[&1]
+        .iter()
+        .map(|message| message.delivered)
+        .collect();
+    assert_eq!(delivered, [true, false]);
+}
+
+#[test]
+fn removed_messages_do_not_come_back() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let (first, _) = publish(&log, 1, 1, b"one");
+    publish(&log, 1, 2, b"two");
+    let ticket = log.append_remove(1, 1, first).unwrap();
+    reports.wait_durable(ticket).unwrap();
+    log.abandon();
+    fs.crash(|_| 0);
+    let (_, recovery, _) = open(&fs);
+    assert_eq!(recovered_sequences(&recovery, 1), [2]);
+}
+
+#[test]
+fn a_torn_last_record_is_dropped_and_the_rest_recovered() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let (location, ticket) = publish(&log, 1, 1, b"whole");
+    reports.wait_durable(ticket).unwrap();
+    log.abandon();
+    // Half a record at the end, as a crash in the middle of a write leaves.
+    let mut torn = Vec::new();
+    warren_store::record::encode(&mut torn, RecordKind::Publish, 1, 2, b"cut short");
+    let path = segment_path(location.segment);
+    fs.append(&path, &torn[..torn.len() / 2]).unwrap();
+    let (log, recovery, reports) = open(&fs);
+    assert_eq!(recovery.torn_records_dropped, 1);
+    assert_eq!(recovered_sequences(&recovery, 1), [1]);
+    assert_eq!(
+        fs.file_length(&path),
+        Some(location.length as usize),
+        "the torn tail is truncated"
+    );
+    // The log carries on writing after recovery.
+    let (_, ticket) = publish(&log, 1, 3, b"after");
+    reports.wait_durable(ticket).unwrap();
+}
+
+#[test]
+fn a_record_with_a_bad_checksum_is_skipped_not_fatal() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let mut last = 0;
+    let mut locations = Vec::new();
+    for sequence in 1..=3 {
+        let (location, ticket) = publish(&log, 1, sequence, b"payload");
+        locations.push(location);
+        last = ticket;
+    }
+    reports.wait_durable(last).unwrap();
+    log.abandon();
+    let middle = locations[1];
+    fs.corrupt(&segment_path(middle.segment), middle.offset as usize + 20);
+    let (_, recovery, _) = open(&fs);
+    assert_eq!(recovery.corrupt_records_skipped, 1);
+    assert_eq!(recovered_sequences(&recovery, 1), [1, 3]);
+}
+
+#[test]
+fn segments_whose_messages_are_all_removed_are_deleted() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let payload = vec![7u8; 1000];
+    let mut published = Vec::new();
+    let mut ticket = 0;
+    for sequence in 1..=20 {
+        let (location, t) = publish(&log, 1, sequence, &payload);
+        published.push((sequence, location));
+        ticket = t;
+    }
+    reports.wait_durable(ticket).unwrap();
+    assert!(
+        log.segment_count() >= 5,
+        "20 KB in 4 KiB segments: {}",
+        log.segment_count()
+    );
+    for (sequence, location) in published {
+        ticket = log.append_remove(1, sequence, location).unwrap();
+    }
+    reports.wait_durable(ticket).unwrap();
+    // The quiet log rolls its last segment and deletes it too: an idle
+    // store keeps no dead segment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while log.segment_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "segments left: {}",
+            log.segment_count()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    log.close().unwrap();
+    let files = fs.list(Path::new(DIR)).unwrap();
+    assert!(
+        files.iter().all(|name| !name.ends_with(".seg")),
+        "files left: {files:?}"
+    );
+}
+
+#[test]
+fn a_segment_holding_removes_for_a_live_older_segment_is_kept() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let payload = vec![1u8; 1500];
+    let (stuck, _) = publish(&log, 1, 1, &payload);
+    let (second, _) = publish(&log, 1, 2, &payload);
+    // Fill later segments, then remove message 2 from a later segment.
+    let mut later = Vec::new();
+    for sequence in 3..=8 {
+        later.push((sequence, publish(&log, 1, sequence, &payload).0));
+    }
+    let mut ticket = log.append_remove(1, 2, second).unwrap();
+    for (sequence, location) in later {
+        ticket = log.append_remove(1, sequence, location).unwrap();
+    }
+    reports.wait_durable(ticket).unwrap();
+    log.abandon();
+    fs.crash(|_| 0);
+    // Message 1 survives; message 2's removal was not lost with a deleted segment.
+    let (_, recovery, _) = open(&fs);
+    assert_eq!(recovered_sequences(&recovery, 1), [1]);
+    assert_eq!(recovery.queues[&1][0].location, stuck);
+}
+
+#[test]
+fn a_failed_fsync_poisons_the_log() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    fs.fail_next_syncs(1);
+    publish(&log, 1, 1, b"doomed");
+    assert!(matches!(reports.wait_error(), StoreError::Poisoned(_)));
+    let refused = log.append_message(RecordKind::Publish, 1, 2, b"after");
+    assert!(
+        matches!(refused, Err(StoreError::Poisoned(_))),
+        "{refused:?}"
+    );
+    assert!(log.poisoned().is_some());
+}
+
+#[test]
+fn a_full_disk_poisons_the_log_and_nothing_durable_is_lost() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let (_, ticket) = publish(&log, 1, 1, b"kept");
+    reports.wait_durable(ticket).unwrap();
+    fs.set_capacity(Some(200));
+    publish(&log, 1, 2, &[0u8; 500]);
+    assert!(matches!(reports.wait_error(), StoreError::Poisoned(_)));
+    log.abandon();
+    fs.set_capacity(None);
+    fs.crash(|unsynced| unsynced);
+    let (_, recovery, _) = open(&fs);
+    assert_eq!(recovered_sequences(&recovery, 1), [1]);
+}
+
+#[derive(Debug, Clone)]
+enum Operation {
+    Publish { queue: u64, size: usize },
+    Remove { pick: usize },
+    Deliver { pick: usize },
+    WaitDurable,
+    Crash { torn_fraction: u8 },
+}
+
+fn operation() -> impl Strategy<Value = Operation> {
+    prop_oneof![
+        6 => (0u64..3, 0usize..1500).prop_map(|(queue, size)| Operation::Publish { queue, size }),
+        3 => any::<usize>().prop_map(|pick| Operation::Remove { pick }),
+        1 => any::<usize>().prop_map(|pick| Operation::Deliver { pick }),
+        1 => Just(Operation::WaitDurable),
+        1 => any::<u8>().prop_map(|torn_fraction| Operation::Crash { torn_fraction }),
+    ]
+}
+
+/// The model's view of one message.
+#[derive(Debug, Clone)]
+struct Modelled {
+    payload: Vec<u8>,
+    location: Location,
+    publish_ticket: Ticket,
+    removed_at: Option<Ticket>,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Over random publishes, removes and crashes that tear unsynced writes:
+    /// every message whose publish was durable and whose removal was not
+    /// requested comes back with its payload; no message whose removal was
+    /// durable comes back; nothing that was never published appears.
+    #[test]
+    fn the_log_matches_a_model_across_crashes(operations in proptest::collection::vec(operation(), 1..80)) {
+        let fs = SimulatedFileSystem::new();
+        let (mut log, _, mut reports) = open(&fs);
+        let mut model: BTreeMap<(u64, u64), Modelled> = BTreeMap::new();
+        let mut next_sequence = 0u64;
+        let mut last_ticket = 0;
+        for operation in operations {
+            let live: Vec<(u64, u64)> = model.iter()
+                .filter(|(_, message)| message.removed_at.is_none())
+                .map(|(key, _)| *key)
+                .collect();
+            match operation {
+                Operation::Publish { queue, size } => {
+                    next_sequence += 1;
+                    let payload: Vec<u8> = (0..size).map(|index| (index as u64 + next_sequence) as u8).collect();
+                    let (location, ticket) = publish(&log, queue, next_sequence, &payload);
+                    last_ticket = ticket;
+                    model.insert((queue, next_sequence), Modelled { payload, location, publish_ticket: ticket, removed_at: None });
+                }
+                Operation::Remove { pick } if !live.is_empty() => {
+                    let key = live[pick % live.len()];
+                    let message = model.get_mut(&key).expect("live");
+                    let ticket = log.append_remove(key.0, key.1, message.location).expect("remove");
+                    message.removed_at = Some(ticket);
+                    last_ticket = ticket;
+                }
+                Operation::Deliver { pick } if !live.is_empty() => {
+                    let key = live[pick % live.len()];
+                    last_ticket = log.append_delivered(key.0, key.1, model[&key].location).expect("delivered");
+                }
+                Operation::WaitDurable => reports.wait_durable(last_ticket).expect("durable"),
+                Operation::Crash { torn_fraction } => {
+                    let durable = log.durable_ticket();
+                    log.abandon();
+                    fs.crash(|unsynced| unsynced * torn_fraction as usize / 255);
+                    let (reopened, recovery, new_reports) = open(&fs);
+                    log = reopened;
+                    reports = new_reports;
+                    let mut recovered: BTreeMap<(u64, u64), Location> = BTreeMap::new();
+                    for (queue, messages) in &recovery.queues {
+                        let sequences: VecDeque<u64> = messages.iter().map(|message| message.sequence).collect();
+                        prop_assert!(sequences.iter().zip(sequences.iter().skip(1)).all(|(a, b)| a < b), "recovered out of order");
+                        for message in messages {
+                            recovered.insert((*queue, message.sequence), message.location);
+                        }
+                    }
+                    for (key, message) in &model {
+                        let must_exist = message.publish_ticket <= durable && message.removed_at.is_none();
+                        let must_not_exist = message.removed_at.is_some_and(|ticket| ticket <= durable);
+                        match recovered.get(key) {
+                            Some(location) => {
+                                prop_assert!(!must_not_exist, "{key:?} was removed durably but came back");
+                                prop_assert_eq!(&log.read(*location).expect("read"), &message.payload);
+                            }
+                            None => prop_assert!(!must_exist, "{key:?} was durable but is lost"),
+                        }
+                    }
+                    for key in recovered.keys() {
+                        prop_assert!(model.contains_key(key), "{key:?} was never published");
+                    }
+                    // The model continues from what actually survived.
+                    model.retain(|key, _| recovered.contains_key(key));
+                    for (key, location) in recovered {
+                        let message = model.get_mut(&key).expect("retained");
+                        message.location = location;
+                        message.removed_at = None;
+                        message.publish_ticket = 0;
+                    }
+                    last_ticket = 0;
+                }
+                _ => {}
+            }
+        }
+        log.abandon();
+    }
+}
