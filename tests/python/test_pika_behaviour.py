@@ -213,11 +213,11 @@ def test_server_properties_and_tuning(broker):
     impl = conn._impl  # pika keeps the negotiated values on the impl
     caps = impl.server_capabilities
     for cap in ("publisher_confirms", "basic.nack", "consumer_cancel_notify",
-                "exchange_exchange_bindings",
+                "exchange_exchange_bindings", "connection.blocked",
                 "authentication_failure_close", "per_consumer_qos"):
         assert caps.get(cap) is True, f"server capability {cap} missing: {caps}"
     # Only what is implemented is claimed; these arrive with later features.
-    for cap in ("connection.blocked", "consumer_priorities", "direct_reply_to"):
+    for cap in ("consumer_priorities", "direct_reply_to"):
         assert cap not in caps, f"server claims unimplemented capability {cap}"
     # docs/configuration.md defaults (also RabbitMQ's): channel_max 2047,
     # frame_max 131072, heartbeat 60 s. pika accepts the server's proposals.

@@ -1,6 +1,7 @@
 //! Channel methods: content assembly, publisher confirms, transactions, and
 //! the mapping from AMQP methods to broker operations and back.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use amq_protocol::protocol::{
@@ -12,6 +13,7 @@ use warren_core::{
     BrokerError, BrokerResult, Consume, ErrorCode, ExchangeDeclare, Message, Outbox, QueueDeclare,
 };
 use warren_proto::Frame;
+use warren_store::Ticket;
 
 use crate::connection::{Connection, Fault, describe_frame, method_name};
 use crate::writer::Outbound;
@@ -52,12 +54,23 @@ struct Transaction {
     settles: Vec<Settle>,
 }
 
+/// What a confirm waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConfirmWait {
+    /// Nothing: the message was not written to the log.
+    Nothing,
+    /// The log's durable ticket reaching this.
+    Durable(Ticket),
+    /// The log refused the message: it gets a nack.
+    Refused,
+}
+
 struct Confirms {
     /// Sequence number of the last publish on this channel.
     published: u64,
-    /// Highest sequence number confirmed to the broker but not yet told to
-    /// the client; sent as one `basic.ack multiple` per read batch.
-    ack_pending: Option<u64>,
+    /// Publishes not yet confirmed, in order. Confirms go out in publish
+    /// order, so a transient publish behind a persistent one waits for it.
+    waiting: VecDeque<(u64, ConfirmWait)>,
 }
 
 pub(crate) struct Channel {
@@ -195,7 +208,7 @@ impl Connection {
     ) {
         tracing::debug!(connection = self.id.0, channel = number, code = error.code.reply_code(),
             error = %error.text, "closing channel on error");
-        self.flush_confirms();
+        self.process_confirms();
         {
             let mut hub = self.hub.lock();
             let mut outbox = Outbox::default();
@@ -217,31 +230,60 @@ impl Connection {
         );
     }
 
-    /// Sends the acks for confirmed publishes gathered during this read
-    /// batch: one `basic.ack multiple=true` per channel.
-    pub(crate) fn flush_confirms(&mut self) {
-        for (number, state) in self.channels.iter_mut() {
-            if let Some(confirms) = &mut state.confirms
-                && let Some(delivery_tag) = confirms.ack_pending.take()
-            {
-                self.out.method(
-                    *number,
-                    basic(basic::AMQPMethod::Ack(basic::Ack {
-                        delivery_tag,
-                        multiple: true,
-                    })),
-                );
-            }
+    /// Sends the confirms that are due on every channel: acks (coalesced
+    /// with `multiple`) for publishes that are durable or needed no disk,
+    /// nacks for publishes the log refused or can no longer make durable.
+    pub(crate) fn process_confirms(&mut self) {
+        let numbers: Vec<u16> = self.channels.keys().copied().collect();
+        for number in numbers {
+            self.process_channel_confirms(number);
         }
     }
 
-    fn flush_channel_confirms(&mut self, number: u16) {
-        if let Some(confirms) = self
+    pub(crate) fn process_channel_confirms(&mut self, number: u16) {
+        let progress = *self.signals.durable.borrow();
+        let Some(confirms) = self
             .channels
             .get_mut(&number)
             .and_then(|state| state.confirms.as_mut())
-            && let Some(delivery_tag) = confirms.ack_pending.take()
-        {
+        else {
+            return;
+        };
+        let mut ack_up_to = None;
+        while let Some(&(sequence, wait)) = confirms.waiting.front() {
+            let verdict = match wait {
+                ConfirmWait::Nothing => Some(true),
+                ConfirmWait::Durable(ticket) if ticket <= progress.ticket => Some(true),
+                ConfirmWait::Durable(_) if progress.poisoned => Some(false),
+                ConfirmWait::Durable(_) => None,
+                ConfirmWait::Refused => Some(false),
+            };
+            match verdict {
+                None => break,
+                Some(true) => ack_up_to = Some(sequence),
+                Some(false) => {
+                    if let Some(delivery_tag) = ack_up_to.take() {
+                        self.out.method(
+                            number,
+                            basic(basic::AMQPMethod::Ack(basic::Ack {
+                                delivery_tag,
+                                multiple: true,
+                            })),
+                        );
+                    }
+                    self.out.method(
+                        number,
+                        basic(basic::AMQPMethod::Nack(basic::Nack {
+                            delivery_tag: sequence,
+                            multiple: false,
+                            requeue: false,
+                        })),
+                    );
+                }
+            }
+            confirms.waiting.pop_front();
+        }
+        if let Some(delivery_tag) = ack_up_to {
             self.out.method(
                 number,
                 basic(basic::AMQPMethod::Ack(basic::Ack {
@@ -250,6 +292,16 @@ impl Connection {
                 })),
             );
         }
+    }
+
+    /// The most publishes waiting for a confirm on any one channel.
+    pub(crate) fn confirms_waiting_max(&self) -> usize {
+        self.channels
+            .values()
+            .filter_map(|state| state.confirms.as_ref())
+            .map(|confirms| confirms.waiting.len())
+            .max()
+            .unwrap_or(0)
     }
 
     fn channel(&mut self, number: u16) -> &mut Channel {
@@ -287,7 +339,7 @@ impl Connection {
                 if state.confirms.is_none() {
                     state.confirms = Some(Confirms {
                         published: 0,
-                        ack_pending: None,
+                        waiting: VecDeque::new(),
                     });
                 }
                 if !select.nowait {
@@ -318,7 +370,7 @@ impl Connection {
     fn channel_method(&mut self, number: u16, method: channel::AMQPMethod) -> BrokerResult<()> {
         match method {
             channel::AMQPMethod::Close(_) => {
-                self.flush_channel_confirms(number);
+                self.process_channel_confirms(number);
                 {
                     let mut hub = self.hub.lock();
                     let mut outbox = Outbox::default();
@@ -751,16 +803,21 @@ impl Connection {
                         "channel is not transactional",
                     ));
                 };
+                let mut durable_at = None;
                 for (mandatory, message) in transaction.publishes {
-                    self.publish_now(number, mandatory, message)?;
+                    durable_at = self.publish_now(number, mandatory, message)?.or(durable_at);
                 }
                 for settle in transaction.settles {
                     self.settle_now(number, settle)?;
                 }
-                self.reply(
-                    number,
-                    AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
-                );
+                match durable_at {
+                    // commit-ok once the transaction's messages are on disk.
+                    Some(ticket) => self.commit_waiting = Some((number, ticket)),
+                    None => self.reply(
+                        number,
+                        AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+                    ),
+                }
                 Ok(())
             }
             tx::AMQPMethod::Rollback(_) => {
@@ -904,26 +961,30 @@ impl Connection {
             return Ok(());
         }
         self.publish_now(number, publish.mandatory, message)
+            .map(|_| ())
     }
 
+    /// Publishes and registers the confirm; returns the ticket the message
+    /// waits on when it went to the log.
     fn publish_now(
         &mut self,
         number: u16,
         mandatory: bool,
         message: Arc<Message>,
-    ) -> BrokerResult<()> {
-        let routed = {
+    ) -> BrokerResult<Option<Ticket>> {
+        self.has_published = true;
+        let published = {
             let mut hub = self.hub.lock();
             let mut outbox = Outbox::default();
-            let routed = hub
+            let published = hub
                 .broker
                 .publish(self.id, Arc::clone(&message), &mut outbox);
             hub.dispatch(&mut outbox);
-            routed?
+            published?
         };
-        if routed == 0 && mandatory {
+        if published.routed == 0 && mandatory {
             // The return must reach the client before the confirm.
-            self.flush_channel_confirms(number);
+            self.process_channel_confirms(number);
             self.out.send(Outbound::WithContent(
                 number,
                 basic(basic::AMQPMethod::Return(basic::Return {
@@ -935,10 +996,19 @@ impl Connection {
                 message,
             ));
         }
+        let wait = match (&published.store_error, published.ticket) {
+            (Some(error), _) => {
+                tracing::warn!(connection = self.id.0, %error, "publish refused by the message store");
+                ConfirmWait::Refused
+            }
+            (None, Some(ticket)) => ConfirmWait::Durable(ticket),
+            (None, None) => ConfirmWait::Nothing,
+        };
         if let Some(confirms) = &mut self.channel(number).confirms {
             confirms.published += 1;
-            confirms.ack_pending = Some(confirms.published);
+            let sequence = confirms.published;
+            confirms.waiting.push_back((sequence, wait));
         }
-        Ok(())
+        Ok(published.ticket)
     }
 }

@@ -1,5 +1,6 @@
 //! The AMQP server's settings, each with the limit it puts on a peer.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use warren_core::Limits;
@@ -38,6 +39,11 @@ pub struct AmqpConfig {
     pub outbound_frames_max: usize,
     /// Messages and acks one transaction may hold before `tx.commit`.
     pub tx_operations_max: usize,
+    /// Publishes awaiting their confirm on one channel (waiting for their
+    /// fsync). Past this the broker stops reading from the connection until
+    /// confirms go out, so a publisher cannot queue unbounded work.
+    pub pending_confirms_per_channel_max: usize,
+    pub storage: StorageConfig,
     pub limits: Limits,
     pub users: Vec<User>,
     pub vhosts: Vec<String>,
@@ -54,6 +60,8 @@ impl Default for AmqpConfig {
             handshake_timeout: Duration::from_secs(10),
             outbound_frames_max: 4_096,
             tx_operations_max: 100_000,
+            pending_confirms_per_channel_max: 10_000,
+            storage: StorageConfig::default(),
             limits: Limits::default(),
             users: vec![User {
                 name: "guest".to_owned(),
@@ -61,6 +69,32 @@ impl Default for AmqpConfig {
                 loopback_only: true,
             }],
             vhosts: vec!["/".to_owned()],
+        }
+    }
+}
+
+/// Where and how durable state is kept.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// Directory for the message log and the topology file; None keeps
+    /// everything in memory.
+    pub data_dir: Option<PathBuf>,
+    /// Publishers are blocked (connection.blocked) while the data
+    /// directory's file system has less than this free. 50 MB is RabbitMQ's
+    /// default: room to finish in-flight writes and to let consumers drain.
+    pub disk_free_limit_bytes: u64,
+    /// How often free space is checked.
+    pub disk_check_interval: Duration,
+    pub segment_size_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            disk_free_limit_bytes: 50_000_000,
+            disk_check_interval: Duration::from_secs(1),
+            segment_size_bytes: 16 * 1024 * 1024,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amq_protocol::protocol::{AMQPClass, connection};
+use amq_protocol::protocol::{AMQPClass, connection, tx};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
@@ -25,7 +25,9 @@ use crate::auth::{self, AuthError};
 use crate::channel::Channel;
 use crate::config::AmqpConfig;
 use crate::hub::SharedHub;
+use crate::storage::StorageSignals;
 use crate::writer::{Outbound, OutboundQueue, Tuning, outbound_queue};
+use warren_store::Ticket;
 
 /// How long the broker waits for `connection.close-ok` after sending
 /// `connection.close` before dropping the socket anyway.
@@ -83,6 +85,14 @@ pub(crate) struct Connection {
     pub(crate) user: String,
     /// Whether the broker has this connection registered.
     opened: bool,
+    pub(crate) signals: StorageSignals,
+    /// Set once the connection has published: only publishers are blocked
+    /// by the disk alarm, so consumers keep draining.
+    pub(crate) has_published: bool,
+    /// Whether the client understands `connection.blocked`.
+    blocked_notify: bool,
+    /// A `tx.commit` whose messages must reach the disk before `commit-ok`.
+    pub(crate) commit_waiting: Option<(u16, Ticket)>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -91,6 +101,7 @@ pub async fn serve(
     peer: SocketAddr,
     config: Arc<AmqpConfig>,
     hub: SharedHub,
+    signals: StorageSignals,
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = socket.set_nodelay(true);
@@ -116,6 +127,10 @@ pub async fn serve(
         channels: HashMap::new(),
         user: String::new(),
         opened: false,
+        signals,
+        has_published: false,
+        blocked_notify: false,
+        commit_waiting: None,
     };
     let fault = connection.run().await;
     connection.finish(fault).await;
@@ -160,6 +175,7 @@ impl Connection {
             other => return Err(unexpected_in_handshake("connection.start-ok", &other)),
         };
         let capabilities = client_capabilities(&start_ok.client_properties);
+        self.blocked_notify = capabilities.connection_blocked;
         match auth::authenticate(
             &self.config.users,
             start_ok.mechanism.as_str(),
@@ -304,13 +320,120 @@ impl Connection {
                 if self.handle_frame(frame)? {
                     return Ok(());
                 }
+                if let Some((channel, ticket)) = self.commit_waiting.take() {
+                    self.finish_commit(channel, ticket).await?;
+                }
             }
-            self.flush_confirms();
-            // A client that does not read its socket stops being read.
-            while self.out.queued() > self.config.outbound_frames_max {
-                self.out.drained().await;
-            }
+            self.process_confirms();
+            self.apply_backpressure().await?;
             self.read_more().await?;
+        }
+    }
+
+    /// Stops reading from this connection while what it already sent has
+    /// not drained: its socket's outbound queue, its confirms waiting for
+    /// the disk, or the log's unwritten bytes; and, for a publisher, while
+    /// the disk alarm is raised.
+    async fn apply_backpressure(&mut self) -> Result<(), Fault> {
+        while self.out.queued() > self.config.outbound_frames_max {
+            self.out.drained().await;
+        }
+        loop {
+            let congested = self
+                .hub
+                .lock()
+                .broker
+                .message_log()
+                .is_some_and(|log| log.is_congested());
+            let confirms_full =
+                self.confirms_waiting_max() > self.config.pending_confirms_per_channel_max;
+            if !(congested || confirms_full) || self.signals.durable.borrow().poisoned {
+                break;
+            }
+            self.wait_for_durable_progress().await?;
+        }
+        if self.has_published && *self.signals.disk_alarm.borrow() {
+            self.block_while_disk_is_low().await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_for_durable_progress(&mut self) -> Result<(), Fault> {
+        tokio::select! {
+            changed = self.signals.durable.changed() => {
+                if changed.is_err() {
+                    return Err(Fault::Gone);
+                }
+                self.process_confirms();
+                Ok(())
+            }
+            _ = self.shutdown.changed() => Err(shutdown_fault()),
+        }
+    }
+
+    async fn block_while_disk_is_low(&mut self) -> Result<(), Fault> {
+        let send = |connection: &Connection, method: connection::AMQPMethod| {
+            if connection.blocked_notify {
+                connection.out.method(0, AMQPClass::Connection(method));
+            }
+        };
+        send(
+            self,
+            connection::AMQPMethod::Blocked(connection::Blocked {
+                reason: "low on disk".into(),
+            }),
+        );
+        info!(
+            connection = self.id.0,
+            "publisher blocked: free disk space is under the limit"
+        );
+        while *self.signals.disk_alarm.borrow() {
+            tokio::select! {
+                changed = self.signals.disk_alarm.changed() => {
+                    if changed.is_err() {
+                        return Err(Fault::Gone);
+                    }
+                }
+                changed = self.signals.durable.changed() => {
+                    if changed.is_err() {
+                        return Err(Fault::Gone);
+                    }
+                    self.process_confirms();
+                }
+                _ = self.shutdown.changed() => return Err(shutdown_fault()),
+            }
+        }
+        send(
+            self,
+            connection::AMQPMethod::Unblocked(connection::Unblocked {}),
+        );
+        info!(connection = self.id.0, "publisher unblocked");
+        Ok(())
+    }
+
+    /// Sends `tx.commit-ok` once the transaction's messages are durable (or
+    /// closes the channel with 541 if they cannot become durable).
+    async fn finish_commit(&mut self, channel: u16, ticket: Ticket) -> Result<(), Fault> {
+        loop {
+            let progress = *self.signals.durable.borrow();
+            if progress.ticket >= ticket {
+                self.out.method(
+                    channel,
+                    AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+                );
+                return Ok(());
+            }
+            if progress.poisoned {
+                return Err(Fault::Connection {
+                    error: BrokerError::new(
+                        ErrorCode::InternalError,
+                        "the message store failed; the transaction could not be made durable",
+                    ),
+                    class_id: 90,
+                    method_id: 20,
+                });
+            }
+            self.wait_for_durable_progress().await?;
         }
     }
 
@@ -350,7 +473,7 @@ impl Connection {
         match method {
             AMQPClass::Connection(connection::AMQPMethod::Close(close)) => {
                 debug!(connection = self.id.0, code = close.reply_code, text = %close.reply_text, "client closed connection");
-                self.flush_confirms();
+                self.process_confirms();
                 self.out.method(
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
@@ -398,10 +521,14 @@ impl Connection {
                     Err(Fault::Gone)
                 }
             },
-            _ = self.shutdown.changed() => Err(Fault::connection(BrokerError::new(
-                ErrorCode::ConnectionForced,
-                "broker shutdown",
-            ))),
+            changed = self.signals.durable.changed() => {
+                if changed.is_err() {
+                    return Err(Fault::Gone);
+                }
+                self.process_confirms();
+                Ok(())
+            }
+            _ = self.shutdown.changed() => Err(shutdown_fault()),
         }
     }
 
@@ -419,7 +546,7 @@ impl Connection {
                     warn!(connection = self.id.0, peer = %self.peer, code = error.code.reply_code(),
                         error = %error.text, "closing connection on error");
                 }
-                self.flush_confirms();
+                self.process_confirms();
                 self.out.method(
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
@@ -467,9 +594,17 @@ impl Connection {
     }
 }
 
+fn shutdown_fault() -> Fault {
+    Fault::connection(BrokerError::new(
+        ErrorCode::ConnectionForced,
+        "broker shutdown",
+    ))
+}
+
 struct ClientCapabilities {
     consumer_cancel_notify: bool,
     authentication_failure_close: bool,
+    connection_blocked: bool,
 }
 
 fn client_capabilities(client_properties: &FieldTable) -> ClientCapabilities {
@@ -484,6 +619,7 @@ fn client_capabilities(client_properties: &FieldTable) -> ClientCapabilities {
     ClientCapabilities {
         consumer_cancel_notify: flag("consumer_cancel_notify"),
         authentication_failure_close: flag("authentication_failure_close"),
+        connection_blocked: flag("connection.blocked"),
     }
 }
 
@@ -498,6 +634,7 @@ fn start_method() -> AMQPClass {
         "consumer_cancel_notify",
         "per_consumer_qos",
         "authentication_failure_close",
+        "connection.blocked",
     ] {
         capabilities.insert(capability.into(), AMQPValue::Boolean(true));
     }

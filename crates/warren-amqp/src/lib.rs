@@ -8,8 +8,9 @@ mod config;
 mod connection;
 mod hub;
 mod server;
+mod storage;
 mod writer;
 
-pub use config::{AmqpConfig, User};
-pub use server::AmqpServer;
+pub use config::{AmqpConfig, StorageConfig, User};
+pub use server::{AmqpServer, StartError};
 pub use warren_proto::FRAME_MIN_SIZE_BYTES;

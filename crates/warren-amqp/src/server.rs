@@ -15,6 +15,7 @@ use warren_core::Broker;
 use crate::config::AmqpConfig;
 use crate::connection;
 use crate::hub::{Hub, SharedHub};
+use crate::storage::{self, StorageError, StorageSignals};
 
 /// How long shutdown waits for connections to finish their closing
 /// handshake before the process exits anyway.
@@ -24,22 +25,36 @@ pub struct AmqpServer {
     listener: TcpListener,
     config: Arc<AmqpConfig>,
     hub: SharedHub,
+    signals: StorageSignals,
+    disk_alarm: watch::Sender<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding the AMQP listener: {0}")]
+    Bind(#[from] std::io::Error),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 impl AmqpServer {
-    /// Binds the listener; `local_addr` then tells the port when 0 was asked.
-    pub async fn bind(address: SocketAddr, config: AmqpConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(address).await?;
+    /// Recovers durable state, then binds the listener; `local_addr` then
+    /// tells the port when 0 was asked.
+    pub async fn bind(address: SocketAddr, config: AmqpConfig) -> Result<Self, StartError> {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|elapsed| elapsed.as_nanos() as u64)
             .unwrap_or(0x9E37_79B9_7F4A_7C15)
             ^ (std::process::id() as u64) << 32;
-        let broker = Broker::new(&config.vhosts, config.limits.clone(), seed);
+        let mut broker = Broker::new(&config.vhosts, config.limits.clone(), seed);
+        let (signals, disk_alarm) = storage::open(&mut broker, &config.storage)?;
+        let listener = TcpListener::bind(address).await?;
         Ok(Self {
             listener,
             config: Arc::new(config),
             hub: Arc::new(Mutex::new(Hub::new(broker))),
+            signals,
+            disk_alarm,
         })
     }
 
@@ -50,6 +65,11 @@ impl AmqpServer {
     /// Accepts connections until `shutdown` turns true, then closes them all.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut connections = JoinSet::new();
+        let disk_monitor = tokio::spawn(storage::watch_disk(
+            Arc::clone(&self.hub),
+            self.config.storage.clone(),
+            self.disk_alarm,
+        ));
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -67,6 +87,7 @@ impl AmqpServer {
                             peer,
                             Arc::clone(&self.config),
                             Arc::clone(&self.hub),
+                            self.signals.clone(),
                             shutdown.clone(),
                         ));
                     }
@@ -89,5 +110,9 @@ impl AmqpServer {
         })
         .await;
         connections.abort_all();
+        disk_monitor.abort();
+        if let Err(error) = self.hub.lock().broker.close_store() {
+            error!(%error, "the message store did not close cleanly");
+        }
     }
 }

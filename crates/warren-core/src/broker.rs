@@ -12,11 +12,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use amq_protocol::types::{FieldTable, ShortString};
-use warren_store::Sequence;
+use warren_store::{MessageLog, RecordKind, Sequence, StoreError, Ticket};
 
+use crate::codec::encode_message;
+use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, validate_headers_binding};
-use crate::queue::Queue;
+use crate::queue::{Queue, Stored};
 use crate::{ConnectionId, Message, QueueId};
 
 /// Bounds on what one channel may hold; each exists so that one peer cannot
@@ -79,6 +81,19 @@ impl Outbox {
     }
 }
 
+/// What publishing a message did.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Queues the message reached (0: unroutable).
+    pub routed: usize,
+    /// Set when the message was appended to the log: it is durable once the
+    /// log's durable ticket reaches this.
+    pub ticket: Option<Ticket>,
+    /// Set when the log refused the message (it is poisoned); the publisher
+    /// must be nacked.
+    pub store_error: Option<StoreError>,
+}
+
 /// What `queue.declare` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueDeclared {
@@ -128,14 +143,15 @@ pub struct GetOk {
 }
 
 pub(crate) struct VHost {
-    exchanges: HashMap<ShortString, Exchange>,
-    queues: HashMap<ShortString, QueueId>,
+    pub(crate) exchanges: HashMap<ShortString, Exchange>,
+    pub(crate) queues: HashMap<ShortString, QueueId>,
 }
 
 pub(crate) struct Unacked {
     pub(crate) queue: QueueId,
     pub(crate) sequence: Sequence,
     pub(crate) message: Arc<Message>,
+    pub(crate) stored: Stored,
     /// None for a message taken with `basic.get`.
     pub(crate) consumer_tag: Option<ShortString>,
 }
@@ -184,6 +200,9 @@ pub struct Broker {
     pub(crate) queues: HashMap<QueueId, Queue>,
     pub(crate) connections: HashMap<ConnectionId, ConnectionState>,
     pub(crate) next_queue_id: u64,
+    /// The message log and topology file; None for a broker that keeps
+    /// everything in memory (tests of the state machine).
+    pub(crate) store: Option<Store>,
     pub(crate) name_state: u64,
     pub(crate) limits: Limits,
 }
@@ -205,6 +224,7 @@ impl Broker {
             queues: HashMap::new(),
             connections: HashMap::new(),
             next_queue_id: 0,
+            store: None,
             name_state: seed | 1,
             limits,
         };
@@ -264,13 +284,13 @@ impl Broker {
 
     /// Releases everything the connection held: its channels' unacked
     /// messages go back to their queues and its exclusive queues are deleted.
-    pub fn close_connection(&mut self, connection: ConnectionId, out: &mut Outbox) {
+    pub(crate) fn close_connection_unsaved(&mut self, connection: ConnectionId, out: &mut Outbox) {
         let channels: Vec<u16> = match self.connections.get(&connection) {
             Some(state) => state.channels.keys().copied().collect(),
             None => return,
         };
         for channel in channels {
-            self.close_channel(connection, channel, out);
+            self.close_channel_unsaved(connection, channel, out);
         }
         if let Some(state) = self.connections.remove(&connection) {
             for queue in state.exclusive_queues {
@@ -287,7 +307,12 @@ impl Broker {
 
     /// Cancels the channel's consumers and requeues its unacked messages, in
     /// delivery order, each to its original position.
-    pub fn close_channel(&mut self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
+    pub(crate) fn close_channel_unsaved(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        out: &mut Outbox,
+    ) {
         let Some(state) = self
             .connections
             .get_mut(&connection)
@@ -302,7 +327,7 @@ impl Broker {
         }
         for unacked in state.unacked.into_values() {
             if let Some(queue) = self.queues.get_mut(&unacked.queue) {
-                queue.requeue(unacked.sequence, unacked.message);
+                queue.requeue(unacked.sequence, unacked.message, unacked.stored);
                 touched.push(unacked.queue);
             }
         }
@@ -365,7 +390,7 @@ impl Broker {
 
     // ----- exchanges -----------------------------------------------------
 
-    pub fn declare_exchange(
+    pub(crate) fn declare_exchange_unsaved(
         &mut self,
         connection: ConnectionId,
         declare: ExchangeDeclare,
@@ -448,7 +473,7 @@ impl Broker {
         Ok(())
     }
 
-    pub fn delete_exchange(
+    pub(crate) fn delete_exchange_unsaved(
         &mut self,
         connection: ConnectionId,
         name: &str,
@@ -483,7 +508,7 @@ impl Broker {
     }
 
     /// `exchange.bind` (bind = true) and `exchange.unbind`.
-    pub fn bind_exchange(
+    pub(crate) fn bind_exchange_unsaved(
         &mut self,
         connection: ConnectionId,
         destination: &str,
@@ -527,7 +552,7 @@ impl Broker {
 
     // ----- queues --------------------------------------------------------
 
-    pub fn declare_queue(
+    pub(crate) fn declare_queue_unsaved(
         &mut self,
         connection: ConnectionId,
         declare: QueueDeclare,
@@ -567,6 +592,7 @@ impl Broker {
         let id = QueueId(self.next_queue_id);
         let owner = declare.exclusive.then_some(connection);
         let queue = Queue::new(
+            id,
             name.clone(),
             vhost_name.clone(),
             declare.durable,
@@ -593,7 +619,7 @@ impl Broker {
     }
 
     /// `queue.bind` (bind = true) and `queue.unbind`.
-    pub fn bind_queue(
+    pub(crate) fn bind_queue_unsaved(
         &mut self,
         connection: ConnectionId,
         queue: &str,
@@ -641,11 +667,16 @@ impl Broker {
             .queues
             .get_mut(&id)
             .expect("queue_for returns live queues");
-        Ok(queue.backlog.drain().len() as u32)
+        let drained = queue.drain();
+        let count = drained.len() as u32;
+        for (sequence, stored) in drained {
+            forget_stored(self.store.as_ref(), true, id, sequence, stored);
+        }
+        Ok(count)
     }
 
     /// Deletes a queue; returns the number of messages it held.
-    pub fn delete_queue(
+    pub(crate) fn delete_queue_unsaved(
         &mut self,
         connection: ConnectionId,
         queue: &str,
@@ -680,7 +711,11 @@ impl Broker {
             return 0;
         };
         let message_count = queue.ready_count() as u32;
-        queue.backlog.drain();
+        for (sequence, stored) in queue.drain() {
+            // The topology no longer names the queue, so recovery ignores its
+            // records; the log only needs to stop counting them.
+            forget_stored(self.store.as_ref(), false, id, sequence, stored);
+        }
         if let Some(vhost) = self.vhosts.get_mut(&queue.vhost) {
             vhost.queues.remove(queue.name.as_str());
             let destination = Destination::Queue(id);
@@ -726,12 +761,15 @@ impl Broker {
 
     /// Routes a message and enqueues it on every queue it reaches; returns
     /// how many queues that was (0: unroutable).
+    /// Routes a message and enqueues it on every queue it reaches. A
+    /// persistent message bound for a durable queue is appended to the log;
+    /// the outcome carries the ticket to wait for before confirming it.
     pub fn publish(
         &mut self,
         connection: ConnectionId,
         message: Arc<Message>,
         out: &mut Outbox,
-    ) -> BrokerResult<usize> {
+    ) -> BrokerResult<Published> {
         let vhost_name = self.vhost_of(connection)?;
         let vhost = &self.vhosts[&vhost_name];
         let exchange_name = message.exchange.as_str();
@@ -746,13 +784,37 @@ impl Broker {
             )));
         }
         let targets = route(vhost, exchange, &message);
+        let mut outcome = Published {
+            routed: targets.len(),
+            ticket: None,
+            store_error: None,
+        };
+        let persistent = message.is_persistent();
+        let log = self.store.as_ref().map(|store| &store.log);
+        let mut payload: Option<Vec<u8>> = None;
         for id in &targets {
-            if let Some(queue) = self.queues.get_mut(id) {
-                queue.enqueue(Arc::clone(&message));
+            let Some(queue) = self.queues.get_mut(id) else {
+                continue;
+            };
+            let sequence = queue.allocate_sequence();
+            let mut stored = Stored::Nowhere;
+            if persistent
+                && queue.persists_messages()
+                && let Some(log) = log
+            {
+                let payload = payload.get_or_insert_with(|| encode_message(&message));
+                match log.append_message(RecordKind::Publish, id.0, sequence, payload) {
+                    Ok((location, ticket)) => {
+                        stored = Stored::Published(location);
+                        outcome.ticket = Some(ticket);
+                    }
+                    Err(error) => outcome.store_error = Some(error),
+                }
             }
+            queue.enqueue(sequence, Arc::clone(&message), stored, log);
         }
         self.deliver_all(&targets, out);
-        Ok(targets.len())
+        Ok(outcome)
     }
 
     // ----- helpers -------------------------------------------------------
@@ -924,4 +986,33 @@ fn remove_exchange(vhost: &mut VHost, name: &str) {
     for source in sources {
         remove_bindings_to(vhost, source.as_str(), &destination);
     }
+}
+
+/// A message has left `queue` for good: its `Publish` record gets a
+/// `Remove` (or, when `queue_exists` is false because the queue was deleted,
+/// the log just stops counting it); a `Paged` record is simply released.
+pub(crate) fn forget_stored(
+    store: Option<&Store>,
+    queue_exists: bool,
+    queue: QueueId,
+    sequence: Sequence,
+    stored: Stored,
+) {
+    let Some(log) = store.map(|store| &store.log) else {
+        return;
+    };
+    match stored {
+        Stored::Nowhere => {}
+        Stored::Paged(location) => log.release(location),
+        Stored::Published(location) if queue_exists => {
+            // A poisoned log refuses the record; the message may then come
+            // back after a restart, which at-least-once delivery allows.
+            let _ = log.append_remove(queue.0, sequence, location);
+        }
+        Stored::Published(location) => log.release(location),
+    }
+}
+
+pub(crate) fn message_log(store: Option<&Store>) -> Option<&MessageLog> {
+    store.map(|store| &store.log)
 }

@@ -7,8 +7,12 @@ use std::sync::Arc;
 
 use amq_protocol::types::ShortString;
 
-use crate::broker::{ConnectionState, Unacked};
+use warren_store::MessageLog;
+
+use crate::broker::{ConnectionState, Unacked, forget_stored, message_log};
+use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult};
+use crate::queue::{Dequeued, Stored};
 use crate::queue::{Queue, QueueConsumer};
 use crate::{Broker, ConnectionId, Consume, Delivery, Effect, GetOk, Limits, Outbox, QueueId};
 
@@ -72,7 +76,7 @@ impl Broker {
     }
 
     /// `basic.cancel`; returns whether the consumer existed.
-    pub fn cancel(
+    pub(crate) fn cancel_unsaved(
         &mut self,
         connection: ConnectionId,
         channel: u16,
@@ -124,10 +128,16 @@ impl Broker {
             .queues
             .get_mut(&id)
             .expect("queue_for returns live queues");
-        let Some((sequence, queued)) = queue.backlog.pop_front() else {
+        let log = message_log(self.store.as_ref());
+        let Some(taken) = queue.dequeue(log) else {
             return Ok(None);
         };
         let message_count = queue.ready_count() as u32;
+        if no_ack {
+            forget_stored(self.store.as_ref(), true, id, taken.sequence, taken.stored);
+        } else {
+            record_delivery(log, id, &taken);
+        }
         let state = self
             .connections
             .get_mut(&connection)
@@ -139,16 +149,17 @@ impl Broker {
                 delivery_tag,
                 Unacked {
                     queue: id,
-                    sequence,
-                    message: Arc::clone(&queued.message),
+                    sequence: taken.sequence,
+                    message: Arc::clone(&taken.message),
+                    stored: taken.stored,
                     consumer_tag: None,
                 },
             );
         }
         Ok(Some(GetOk {
             delivery_tag,
-            redelivered: queued.redelivered,
-            message: queued.message,
+            redelivered: taken.redelivered,
+            message: taken.message,
             message_count,
         }))
     }
@@ -164,7 +175,7 @@ impl Broker {
         out: &mut Outbox,
     ) -> BrokerResult<()> {
         let settled = self.settle(connection, channel, delivery_tag, multiple)?;
-        let touched: Vec<QueueId> = settled.iter().map(|unacked| unacked.queue).collect();
+        let touched = self.requeue_or_discard(settled, false);
         self.after_settle(connection, channel, &touched, out);
         Ok(())
     }
@@ -196,12 +207,33 @@ impl Broker {
         self.after_settle(connection, channel, &touched, out);
     }
 
-    fn requeue_or_discard(&mut self, settled: Vec<Unacked>, requeue: bool) -> Vec<QueueId> {
+    /// Puts settled deliveries back in their queues, or lets them go.
+    pub(crate) fn requeue_or_discard(
+        &mut self,
+        settled: Vec<Unacked>,
+        requeue: bool,
+    ) -> Vec<QueueId> {
         let mut touched = Vec::with_capacity(settled.len());
         for unacked in settled {
             touched.push(unacked.queue);
-            if requeue && let Some(queue) = self.queues.get_mut(&unacked.queue) {
-                queue.requeue(unacked.sequence, unacked.message);
+            match self.queues.get_mut(&unacked.queue) {
+                Some(queue) if requeue => {
+                    queue.requeue(unacked.sequence, unacked.message, unacked.stored)
+                }
+                Some(_) => forget_stored(
+                    self.store.as_ref(),
+                    true,
+                    unacked.queue,
+                    unacked.sequence,
+                    unacked.stored,
+                ),
+                None => forget_stored(
+                    self.store.as_ref(),
+                    false,
+                    unacked.queue,
+                    unacked.sequence,
+                    unacked.stored,
+                ),
             }
         }
         touched
@@ -278,7 +310,14 @@ impl Broker {
                 continue;
             }
             if let Some(queue) = self.queues.get_mut(id) {
-                deliver(*id, queue, &mut self.connections, &self.limits, out);
+                deliver(
+                    *id,
+                    queue,
+                    &mut self.connections,
+                    &self.limits,
+                    self.store.as_ref(),
+                    out,
+                );
             }
         }
     }
@@ -304,9 +343,11 @@ fn deliver(
     queue: &mut Queue,
     connections: &mut HashMap<ConnectionId, ConnectionState>,
     limits: &Limits,
+    store: Option<&Store>,
     out: &mut Outbox,
 ) {
-    while !queue.backlog.is_empty() {
+    let log = message_log(store);
+    while queue.ready_count() > 0 {
         let count = queue.consumers.len();
         let chosen = (0..count)
             .map(|offset| (queue.next_consumer + offset) % count)
@@ -322,21 +363,27 @@ fn deliver(
             return;
         };
         queue.next_consumer = (index + 1) % count;
-        let (sequence, queued) = queue.backlog.pop_front().expect("backlog is not empty");
+        let Some(taken) = queue.dequeue(log) else {
+            return;
+        };
         let consumer = &mut queue.consumers[index];
         let state = connections
             .get_mut(&consumer.connection)
             .and_then(|state| state.channels.get_mut(&consumer.channel))
             .expect("chosen consumer's channel is open");
         let delivery_tag = state.take_delivery_tag();
-        if !consumer.no_ack {
+        if consumer.no_ack {
+            forget_stored(store, true, queue_id, taken.sequence, taken.stored);
+        } else {
+            record_delivery(log, queue_id, &taken);
             consumer.unacked += 1;
             state.unacked.insert(
                 delivery_tag,
                 Unacked {
                     queue: queue_id,
-                    sequence,
-                    message: Arc::clone(&queued.message),
+                    sequence: taken.sequence,
+                    message: Arc::clone(&taken.message),
+                    stored: taken.stored,
                     consumer_tag: Some(consumer.tag.clone()),
                 },
             );
@@ -347,8 +394,18 @@ fn deliver(
             channel: consumer.channel,
             consumer_tag: consumer.tag.clone(),
             delivery_tag,
-            redelivered: queued.redelivered,
-            message: queued.message,
+            redelivered: taken.redelivered,
+            message: taken.message,
         }));
+    }
+}
+
+/// Notes in the log that a persistent message went to a consumer, so that
+/// after a clean restart it comes back marked redelivered. Once marked, a
+/// message needs no second record.
+fn record_delivery(log: Option<&MessageLog>, queue: QueueId, taken: &Dequeued) {
+    if let (Some(log), Stored::Published(location), false) = (log, taken.stored, taken.redelivered)
+    {
+        let _ = log.append_delivered(queue.0, taken.sequence, location);
     }
 }

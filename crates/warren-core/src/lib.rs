@@ -6,16 +6,19 @@
 //! return. It never touches a socket and never parses a frame.
 
 mod broker;
+pub mod codec;
 mod delivery;
+mod durable;
 mod error;
 mod exchange;
 mod message;
 mod queue;
 
 pub use broker::{
-    Broker, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox, QueueDeclare,
-    QueueDeclared,
+    Broker, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox, Published,
+    QueueDeclare, QueueDeclared,
 };
+pub use durable::{RecoveryError, RecoverySummary};
 pub use error::{BrokerError, BrokerResult, ErrorCode};
 pub use exchange::{ExchangeKind, headers_match, topic_matches};
 pub use message::Message;

@@ -4,16 +4,56 @@
 use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
-use warren_store::{Backlog, MemoryBacklog, Sequence};
+use warren_store::{Backlog, Location, MemoryBacklog, MessageLog, RecordKind, Sequence};
 
+use crate::codec::{decode_message, encode_message};
 use crate::error::{BrokerError, BrokerResult};
-use crate::{ConnectionId, Message};
+use crate::{ConnectionId, Message, QueueId};
+
+/// Messages a queue keeps in memory; past this many, or past
+/// [`RESIDENT_BYTES_MAX`], newly arriving messages wait on disk and are read
+/// back when they reach the head. 2,048 covers any sane prefetch window, so
+/// a consumer that keeps up never waits for a disk read.
+pub const RESIDENT_MESSAGES_MAX: usize = 2_048;
+/// Message body bytes a queue keeps in memory (see above).
+pub const RESIDENT_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// Where a message's bytes live besides memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Only in memory: a transient message, or a broker without a store.
+    Nowhere,
+    /// A `Publish` record: survives a restart until removed.
+    Published(Location),
+    /// A `Paged` record: written only to free memory; gone after a restart.
+    Paged(Location),
+}
+
+impl Stored {
+    pub fn location(self) -> Option<Location> {
+        match self {
+            Stored::Nowhere => None,
+            Stored::Published(location) | Stored::Paged(location) => Some(location),
+        }
+    }
+}
 
 /// A message waiting in a queue.
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {
-    pub message: Arc<Message>,
+    /// None while the message is paged out to the log.
+    pub message: Option<Arc<Message>>,
+    pub stored: Stored,
     /// Set once the message has been delivered and came back unacknowledged.
+    pub redelivered: bool,
+}
+
+/// A message taken from the head of a queue.
+#[derive(Debug)]
+pub struct Dequeued {
+    pub sequence: Sequence,
+    pub message: Arc<Message>,
+    pub stored: Stored,
     pub redelivered: bool,
 }
 
@@ -38,6 +78,7 @@ impl QueueConsumer {
 }
 
 pub struct Queue {
+    pub id: QueueId,
     pub name: ShortString,
     pub vhost: String,
     pub durable: bool,
@@ -45,8 +86,10 @@ pub struct Queue {
     pub exclusive_owner: Option<ConnectionId>,
     pub auto_delete: bool,
     pub arguments: FieldTable,
-    pub backlog: Box<dyn Backlog<QueuedMessage>>,
+    backlog: Box<dyn Backlog<QueuedMessage>>,
     next_sequence: Sequence,
+    resident_messages: usize,
+    resident_bytes: usize,
     pub consumers: Vec<QueueConsumer>,
     /// Where the next round-robin search for a consumer starts.
     pub next_consumer: usize,
@@ -86,6 +129,7 @@ const EQUIVALENCE_CHECKED_ARGUMENTS: &[&str] = &[
 
 impl Queue {
     pub fn new(
+        id: QueueId,
         name: ShortString,
         vhost: String,
         durable: bool,
@@ -94,6 +138,7 @@ impl Queue {
         arguments: FieldTable,
     ) -> Self {
         Self {
+            id,
             name,
             vhost,
             durable,
@@ -102,6 +147,8 @@ impl Queue {
             arguments,
             backlog: Box::new(MemoryBacklog::default()),
             next_sequence: 0,
+            resident_messages: 0,
+            resident_bytes: 0,
             consumers: Vec::new(),
             next_consumer: 0,
             had_consumer: false,
@@ -112,25 +159,129 @@ impl Queue {
         format!("queue '{}' in vhost '{}'", self.name, self.vhost)
     }
 
-    pub fn enqueue(&mut self, message: Arc<Message>) {
+    /// Whether persistent messages in this queue are written to the log.
+    /// Exclusive queues die with their connection, so never survive a
+    /// restart, durable or not.
+    pub fn persists_messages(&self) -> bool {
+        self.durable && self.exclusive_owner.is_none()
+    }
+
+    pub fn allocate_sequence(&mut self) -> Sequence {
         self.next_sequence += 1;
+        self.next_sequence
+    }
+
+    /// Appends a message. Past the resident limits its body is dropped from
+    /// memory: a persistent message is already in the log, a transient one
+    /// is written there as a `Paged` record first.
+    pub fn enqueue(
+        &mut self,
+        sequence: Sequence,
+        message: Arc<Message>,
+        mut stored: Stored,
+        log: Option<&MessageLog>,
+    ) {
+        let over_limits = self.resident_messages >= RESIDENT_MESSAGES_MAX
+            || self.resident_bytes >= RESIDENT_BYTES_MAX;
+        if over_limits
+            && stored == Stored::Nowhere
+            && let Some(log) = log
+        {
+            match log.append_message(
+                RecordKind::Paged,
+                self.id.0,
+                sequence,
+                &encode_message(&message),
+            ) {
+                Ok((location, _)) => stored = Stored::Paged(location),
+                Err(error) => log_paging_failure(&error),
+            }
+        }
+        let keep_in_memory = !over_limits || stored == Stored::Nowhere;
+        if keep_in_memory {
+            self.resident_messages += 1;
+            self.resident_bytes += message.body.len();
+        }
         self.backlog.push_back(
-            self.next_sequence,
+            sequence,
             QueuedMessage {
-                message,
+                message: keep_in_memory.then_some(message),
+                stored,
                 redelivered: false,
             },
         );
     }
 
-    pub fn requeue(&mut self, sequence: Sequence, message: Arc<Message>) {
+    /// A message recovered from the log: only its location is kept; the
+    /// body is read when the message reaches the head.
+    pub fn push_recovered(&mut self, sequence: Sequence, location: Location, delivered: bool) {
+        self.next_sequence = self.next_sequence.max(sequence);
+        self.backlog.push_back(
+            sequence,
+            QueuedMessage {
+                message: None,
+                stored: Stored::Published(location),
+                redelivered: delivered,
+            },
+        );
+    }
+
+    /// A message that was delivered and came back unacknowledged.
+    pub fn requeue(&mut self, sequence: Sequence, message: Arc<Message>, stored: Stored) {
+        self.resident_messages += 1;
+        self.resident_bytes += message.body.len();
         self.backlog.requeue(
             sequence,
             QueuedMessage {
-                message,
+                message: Some(message),
+                stored,
                 redelivered: true,
             },
         );
+    }
+
+    /// Takes the head message, reading its body from the log if it was
+    /// paged out. A body that cannot be read is logged and skipped: the
+    /// message is lost, which a checksum failure on disk leaves no way to
+    /// avoid.
+    pub fn dequeue(&mut self, log: Option<&MessageLog>) -> Option<Dequeued> {
+        loop {
+            let (sequence, queued) = self.backlog.pop_front()?;
+            let message = match queued.message {
+                Some(message) => {
+                    self.resident_messages -= 1;
+                    self.resident_bytes -= message.body.len();
+                    message
+                }
+                None => match load(log, queued.stored) {
+                    Ok(message) => Arc::new(message),
+                    Err(reason) => {
+                        log_unreadable(&self.describe(), sequence, &reason);
+                        if let (Some(log), Some(location)) = (log, queued.stored.location()) {
+                            log.release(location);
+                        }
+                        continue;
+                    }
+                },
+            };
+            return Some(Dequeued {
+                sequence,
+                message,
+                stored: queued.stored,
+                redelivered: queued.redelivered,
+            });
+        }
+    }
+
+    /// Removes every waiting message; returns what each was stored as.
+    pub fn drain(&mut self) -> Vec<(Sequence, Stored)> {
+        self.resident_messages = 0;
+        self.resident_bytes = 0;
+        let mut drained = Vec::with_capacity(self.backlog.len());
+        while let Some((sequence, queued)) = self.backlog.pop_front() {
+            drained.push((sequence, queued.stored));
+        }
+        drained
     }
 
     pub fn ready_count(&self) -> usize {
@@ -230,4 +381,25 @@ pub(crate) fn describe_argument(value: Option<&AMQPValue>) -> String {
             None => format!("{other:?}"),
         },
     }
+}
+
+fn load(log: Option<&MessageLog>, stored: Stored) -> Result<Message, String> {
+    let (Some(log), Some(location)) = (log, stored.location()) else {
+        return Err("the message was paged out but no log is attached".to_owned());
+    };
+    let payload = log.read(location).map_err(|error| error.to_string())?;
+    decode_message(&payload).map_err(|error| error.to_string())
+}
+
+fn log_unreadable(queue: &str, sequence: Sequence, reason: &str) {
+    tracing::error!(
+        queue,
+        sequence,
+        reason,
+        "dropping a message whose stored copy cannot be read"
+    );
+}
+
+fn log_paging_failure(error: &warren_store::StoreError) {
+    tracing::warn!(%error, "could not page a message out; keeping it in memory");
 }

@@ -50,7 +50,8 @@ fn publish(broker: &mut Broker, exchange: &str, routing_key: &str, body: &str) -
     let mut out = Outbox::default();
     let routed = broker
         .publish(A, message(exchange, routing_key, body), &mut out)
-        .unwrap();
+        .unwrap()
+        .routed;
     assert!(out.effects.is_empty(), "no consumer expected");
     routed
 }

@@ -13,6 +13,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub amqp: AmqpSection,
     #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default)]
     pub users: Vec<UserEntry>,
     #[serde(default)]
     pub vhosts: Vec<VhostEntry>,
@@ -30,6 +32,15 @@ pub struct AmqpSection {
     pub consumers_per_channel_max: Option<usize>,
     pub unacked_per_channel_max: Option<usize>,
     pub tx_operations_max: Option<usize>,
+    pub pending_confirms_per_channel_max: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    pub disk_free_limit_bytes: Option<u64>,
+    pub disk_check_interval_ms: Option<u64>,
+    pub segment_size_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +107,27 @@ impl FileConfig {
         }
         if let Some(operations) = section.tx_operations_max {
             config.tx_operations_max = operations;
+        }
+        if let Some(pending) = section.pending_confirms_per_channel_max {
+            config.pending_confirms_per_channel_max = pending;
+        }
+        let storage = &self.storage;
+        if let Some(limit) = storage.disk_free_limit_bytes {
+            config.storage.disk_free_limit_bytes = limit;
+        }
+        if let Some(interval) = storage.disk_check_interval_ms {
+            anyhow::ensure!(
+                interval >= 50,
+                "storage.disk_check_interval_ms must be at least 50"
+            );
+            config.storage.disk_check_interval = std::time::Duration::from_millis(interval);
+        }
+        if let Some(size) = storage.segment_size_bytes {
+            anyhow::ensure!(
+                (64 * 1024..=1024 * 1024 * 1024).contains(&size),
+                "storage.segment_size_bytes must be between 64 KiB and 1 GiB"
+            );
+            config.storage.segment_size_bytes = size;
         }
         for entry in &self.users {
             anyhow::ensure!(

@@ -96,7 +96,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    let amqp_config = file_config.amqp_config()?;
+    let mut amqp_config = file_config.amqp_config()?;
+    amqp_config.storage.data_dir = Some(args.data_dir.clone());
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
 

@@ -14,7 +14,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     pin::Pin,
     process::{Child, Command, Stdio},
     sync::{
@@ -120,7 +120,24 @@ impl Broker {
         Self::spawn(Some(toml)).await
     }
 
+    /// Start a broker whose data directory is `data_dir`, which the test
+    /// owns: it is created if missing and never deleted by the harness, so a
+    /// later `start_in` on the same directory sees what this broker stored.
+    /// Listens on 127.0.0.1:0 as usual, so each (re)start gets a new port.
+    /// `config` is optional TOML config file contents (kept in a separate
+    /// harness-owned temporary directory, removed on drop).
+    pub async fn start_in(data_dir: &Path, config: Option<&str>) -> Broker {
+        Self::spawn_in(config, Some(data_dir)).await
+    }
+
     async fn spawn(config: Option<&str>) -> Broker {
+        Self::spawn_in(config, None).await
+    }
+
+    /// `data_dir`: `None` makes a fresh `data` directory inside the harness's
+    /// temporary root (removed with it); `Some` uses the caller's directory,
+    /// which the harness never removes.
+    async fn spawn_in(config: Option<&str>, data_dir: Option<&Path>) -> Broker {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -131,7 +148,11 @@ impl Broker {
             NEXT_ID.fetch_add(1, Ordering::SeqCst),
             nanos
         ));
-        let data_dir = root.join("data");
+        std::fs::create_dir_all(&root).expect("create broker temp dir");
+        let data_dir = match data_dir {
+            Some(dir) => dir.to_path_buf(),
+            None => root.join("data"),
+        };
         std::fs::create_dir_all(&data_dir).expect("create broker data dir");
 
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
@@ -331,6 +352,38 @@ impl Broker {
                 );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Send SIGKILL (no chance to flush or clean up: a crash) and wait
+    /// (bounded) until the process is gone and reaped; returns its status.
+    pub async fn kill9(&self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .arg("-KILL")
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill -KILL");
+        assert!(
+            status.success(),
+            "kill -KILL {} failed: {status:?}",
+            self.pid
+        );
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        loop {
+            {
+                let mut guard = self.child.lock().unwrap();
+                let child = guard.as_mut().expect("broker child already reaped");
+                if let Some(status) = child.try_wait().expect("try_wait on broker") {
+                    return status;
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "warren did not exit within {SHUTDOWN_TIMEOUT:?} of SIGKILL; stderr:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

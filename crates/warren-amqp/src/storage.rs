@@ -1,0 +1,111 @@
+//! The server's side of durability: opening the store and rebuilding the
+//! broker from it, telling connections when publishes become durable, and
+//! the free-disk alarm that blocks publishers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+use warren_core::{Broker, RecoveryError};
+use warren_store::{LogConfig, MessageLog, OsFileSystem, StoreError, TopologyFile};
+
+use crate::config::StorageConfig;
+use crate::hub::SharedHub;
+
+/// How far the message log has made appends durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DurableProgress {
+    pub ticket: u64,
+    /// The log failed a write or fsync: nothing more will become durable.
+    pub poisoned: bool,
+}
+
+/// What every connection watches.
+#[derive(Debug, Clone)]
+pub struct StorageSignals {
+    pub durable: watch::Receiver<DurableProgress>,
+    /// True while free disk space is under the limit.
+    pub disk_alarm: watch::Receiver<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("opening the message store: {0}")]
+    Open(#[from] StoreError),
+    #[error("recovering durable state: {0}")]
+    Recover(#[from] RecoveryError),
+}
+
+/// Opens the store under `config.data_dir` (if any), recovers the broker's
+/// durable state into `broker`, and returns the signals connections watch
+/// plus the sender the disk monitor drives.
+pub fn open(
+    broker: &mut Broker,
+    config: &StorageConfig,
+) -> Result<(StorageSignals, watch::Sender<bool>), StorageError> {
+    let (durable_sender, durable) = watch::channel(DurableProgress::default());
+    let (alarm_sender, disk_alarm) = watch::channel(false);
+    if let Some(data_dir) = &config.data_dir {
+        let fs = Arc::new(OsFileSystem::new());
+        let listener = Box::new(move |result: Result<u64, StoreError>| {
+            durable_sender.send_modify(|progress| match result {
+                Ok(ticket) => progress.ticket = ticket,
+                Err(_) => progress.poisoned = true,
+            });
+        });
+        let log_config = LogConfig {
+            segment_size_bytes: config.segment_size_bytes,
+            ..LogConfig::default()
+        };
+        let (log, recovery) =
+            MessageLog::open(fs.clone(), &data_dir.join("messages"), log_config, listener)?;
+        let topology = TopologyFile::new(fs, data_dir);
+        broker.attach_store(log, topology, recovery)?;
+    }
+    Ok((
+        StorageSignals {
+            durable,
+            disk_alarm,
+        },
+        alarm_sender,
+    ))
+}
+
+/// Checks free disk space periodically and raises or clears the alarm.
+pub async fn watch_disk(hub: SharedHub, config: StorageConfig, alarm: watch::Sender<bool>) {
+    let mut ticker =
+        tokio::time::interval(config.disk_check_interval.max(Duration::from_millis(50)));
+    loop {
+        ticker.tick().await;
+        let available = match hub
+            .lock()
+            .broker
+            .message_log()
+            .map(MessageLog::available_bytes)
+        {
+            Some(Ok(available)) => available,
+            Some(Err(error)) => {
+                warn!(%error, "could not read free disk space");
+                continue;
+            }
+            None => return,
+        };
+        let low = available < config.disk_free_limit_bytes;
+        if low != *alarm.borrow() {
+            if low {
+                warn!(
+                    available_bytes = available,
+                    limit_bytes = config.disk_free_limit_bytes,
+                    "free disk space is under the limit; blocking publishers"
+                );
+            } else {
+                info!(
+                    available_bytes = available,
+                    "free disk space is back over the limit; unblocking publishers"
+                );
+            }
+            let _ = alarm.send(low);
+        }
+    }
+}
