@@ -3,7 +3,7 @@
 //! the free-disk alarm that blocks publishers.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -58,10 +58,25 @@ pub fn open(
             segment_size_bytes: config.segment_size_bytes,
             ..LogConfig::default()
         };
+        let started = Instant::now();
         let (log, recovery) =
             MessageLog::open(fs.clone(), &data_dir.join("messages"), log_config, listener)?;
         let topology = TopologyFile::new(fs, data_dir);
-        broker.attach_store(log, topology, recovery)?;
+        let summary = broker.attach_store(log, topology, recovery)?;
+        info!(
+            data_dir = %data_dir.display(),
+            exchanges = summary.exchanges,
+            queues = summary.queues,
+            bindings = summary.bindings,
+            messages = summary.messages,
+            segments = summary.segments_read,
+            bytes = summary.bytes_read,
+            torn_records_dropped = summary.torn_records_dropped,
+            corrupt_records_skipped = summary.corrupt_records_skipped,
+            clean_shutdown = summary.clean_shutdown,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "durable state recovered"
+        );
     }
     Ok((
         StorageSignals {

@@ -3,7 +3,6 @@
 //! log), and how the broker is rebuilt from them.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use amq_protocol::types::{FieldTable, ShortString};
 use warren_store::{MessageLog, Recovery, StoreError, TopologyFile};
@@ -169,7 +168,6 @@ impl Broker {
         topology: TopologyFile,
         recovery: Recovery,
     ) -> Result<RecoverySummary, RecoveryError> {
-        let started = Instant::now();
         let entries = topology.load()?;
         let mut summary = RecoverySummary {
             segments_read: recovery.segments_read,
@@ -209,17 +207,6 @@ impl Broker {
             topology,
             saved_topology: entries,
         });
-        tracing::info!(
-            exchanges = summary.exchanges,
-            queues = summary.queues,
-            bindings = summary.bindings,
-            messages = summary.messages,
-            segments = summary.segments_read,
-            bytes = summary.bytes_read,
-            clean_shutdown = summary.clean_shutdown,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "durable state recovered"
-        );
         Ok(summary)
     }
 
