@@ -564,6 +564,21 @@ async fn passive_count(ch: &Channel) -> u32 {
     q.message_count()
 }
 
+/// The fields of the broker's "durable state recovered" log line (if it
+/// logs one), without the data directory, for the per-round progress line.
+fn recovery_note(log: &str) -> String {
+    const MARKER: &str = "durable state recovered";
+    let Some(line) = log.lines().find(|l| l.contains(MARKER)) else {
+        return String::new();
+    };
+    let fields = line
+        .split_whitespace()
+        .filter(|w| w.contains('=') && !w.starts_with("data_dir="))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("; recovered: {fields}")
+}
+
 /// Lines of a log that look like warnings or errors.
 fn interesting_lines(log: &str) -> Vec<&str> {
     log.lines()
@@ -657,9 +672,10 @@ async fn confirmed_persistent_messages_survive_sigkill() {
             shared.deliveries.lock().unwrap().len(),
         );
         println!(
-            "round {round:2}: traffic {traffic:3} ms, SIGKILL, restart {:4} ms, reconnect {:4} ms; sent {sent}, confirmed {confirmed}, delivered {delivered}{}",
+            "round {round:2}: traffic {traffic:3} ms, SIGKILL, restart {:4} ms, reconnect {:4} ms; sent {sent}, confirmed {confirmed}, delivered {delivered}{}{}",
             restart.as_millis(),
             (t0.elapsed() - restart).as_millis(),
+            recovery_note(&broker.log()),
             if missing.is_empty() {
                 String::new()
             } else {
@@ -889,6 +905,7 @@ async fn confirmed_persistent_messages_survive_sigkill() {
     }
 
     if failures.is_empty() {
+        drop(broker); // kills it before its data directory goes
         let _ = std::fs::remove_dir_all(&data_dir);
         let _ = std::fs::remove_dir_all(&log_dir);
         return;
