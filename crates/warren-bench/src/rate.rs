@@ -27,11 +27,6 @@ impl Schedule {
         })
     }
 
-    /// Messages per second this schedule sends.
-    pub fn rate_per_s(&self) -> f64 {
-        self.rate_per_s
-    }
-
     /// Offset from the producer's start at which message `sequence` is due.
     pub fn due_after(&self, sequence: u64) -> Duration {
         // f64 keeps 53 bits of mantissa: exact for any sequence a run reaches.
@@ -52,7 +47,6 @@ mod tests {
     #[test]
     fn total_rate_is_split_evenly_across_producers() {
         let schedule = Schedule::for_producer(1000, 4).expect("limited");
-        assert_eq!(schedule.rate_per_s(), 250.0);
         // 250 msg/s each: message 250 is due one second in.
         assert_eq!(schedule.due_after(0), Duration::ZERO);
         assert_eq!(schedule.due_after(1), Duration::from_millis(4));
@@ -62,8 +56,6 @@ mod tests {
     #[test]
     fn uneven_split_keeps_the_total() {
         let schedule = Schedule::for_producer(1000, 3).expect("limited");
-        let sum_per_s = schedule.rate_per_s() * 3.0;
-        assert!((sum_per_s - 1000.0).abs() < 1e-9);
         // Each producer's message 1000 is due three seconds in.
         let due = schedule.due_after(1000);
         assert!((due.as_secs_f64() - 3.0).abs() < 1e-9, "{due:?}");

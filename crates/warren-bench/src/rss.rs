@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use crate::error::BenchError;
+use crate::stop::Stop;
 
 /// How often the sampler reads the status file. Short enough to catch a
 /// transient peak during a 10 s run, long enough to cost the host nothing.
@@ -29,12 +28,12 @@ pub fn parse_vm_rss_bytes(status_text: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))?;
     let mut fields = line.split_whitespace();
     let value: u64 = fields.next()?.parse().ok()?;
-    let multiplier_bytes = match fields.next() {
-        Some("kB") | None => 1024,
-        Some("mB") => 1024 * 1024,
-        Some(_) => return None,
-    };
-    value.checked_mul(multiplier_bytes)
+    // Any other unit means a format this parser does not know; guessing
+    // would report a wrong peak, so report none.
+    if fields.next() != Some("kB") {
+        return None;
+    }
+    value.checked_mul(1024)
 }
 
 /// Shared view of the broker's RSS, written by the sampler task.
@@ -78,17 +77,16 @@ fn status_path(pid: u32) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/status"))
 }
 
-/// Samples `pid` every [`SAMPLE_INTERVAL_MS`] into `gauge` until `stop` turns
-/// true or the process goes away. Returns the number of failed reads, which
+/// Samples `pid` every [`SAMPLE_INTERVAL_MS`] into `gauge` until `stop`. Returns the number of failed reads, which
 /// the report shows: a broker that died mid-run must not look like a flat RSS.
-pub async fn sample(pid: u32, gauge: Arc<RssGauge>, mut stop: watch::Receiver<bool>) -> u64 {
+pub async fn sample(pid: u32, gauge: Arc<RssGauge>, stop: Arc<Stop>) -> u64 {
     let mut ticker = tokio::time::interval(Duration::from_millis(SAMPLE_INTERVAL_MS));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut failed_reads = 0u64;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = stop.wait_for(|stopped| *stopped) => break,
+            () = stop.triggered() => break,
         }
         match read_rss_bytes(pid) {
             Ok(rss_bytes) => gauge.record(rss_bytes),

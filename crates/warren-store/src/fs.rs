@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 /// What the store asks of a file system. Paths are absolute or relative to
 /// the process; the store only ever uses paths under its own directory.
@@ -150,6 +150,12 @@ impl FileSystem for OsFileSystem {
 #[derive(Default)]
 pub struct SimulatedFileSystem {
     state: Mutex<SimulatedState>,
+    /// While true, `sync` waits: lets a test hold the commit thread in the
+    /// middle of a commit.
+    syncs_paused: Mutex<bool>,
+    syncs_resumed: Condvar,
+    /// Syncs currently held by `pause_syncs`.
+    syncs_waiting: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
@@ -174,6 +180,19 @@ impl SimulatedFileSystem {
 
     pub fn set_capacity(&self, capacity_bytes: Option<u64>) {
         self.state.lock().capacity_bytes = capacity_bytes;
+    }
+
+    pub fn pause_syncs(&self) {
+        *self.syncs_paused.lock() = true;
+    }
+
+    pub fn syncs_waiting(&self) -> usize {
+        self.syncs_waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn resume_syncs(&self) {
+        *self.syncs_paused.lock() = false;
+        self.syncs_resumed.notify_all();
     }
 
     pub fn fail_next_syncs(&self, count: u32) {
@@ -297,6 +316,18 @@ impl FileSystem for SimulatedFileSystem {
     }
 
     fn sync(&self, path: &Path) -> io::Result<()> {
+        {
+            let mut paused = self.syncs_paused.lock();
+            if *paused {
+                self.syncs_waiting
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                while *paused {
+                    self.syncs_resumed.wait(&mut paused);
+                }
+                self.syncs_waiting
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
         let mut state = self.state.lock();
         if state.failing_syncs > 0 {
             state.failing_syncs -= 1;

@@ -596,9 +596,20 @@ fn roll_if_idle(shared: &Shared, state: &mut State) {
 /// a segment whose back references die in the same pass goes too.
 fn collect_deletable(state: &mut State) -> Vec<u64> {
     let mut doomed = Vec::new();
+    // A segment with bytes still waiting to be written must stay: the log
+    // rolls to a new segment when appending, so the previous one can lose
+    // its last live message before its tail reaches the disk, and deleting
+    // it then would let the next write recreate the file behind our back.
+    let in_flight = state.in_flight.as_deref().map(Vec::as_slice).unwrap_or(&[]);
+    let unwritten: Vec<u64> = state
+        .pending
+        .iter()
+        .chain(in_flight)
+        .map(|write| write.segment)
+        .collect();
     let candidates: Vec<u64> = state.segments.keys().copied().collect();
     for segment in candidates {
-        if segment == state.active_segment {
+        if segment == state.active_segment || unwritten.contains(&segment) {
             continue;
         }
         let deletable = state.segments.get(&segment).is_some_and(|info| {

@@ -237,6 +237,52 @@ fn segments_whose_messages_are_all_removed_are_deleted() {
 }
 
 #[test]
+fn a_segment_emptied_before_its_tail_is_written_is_not_deleted_early() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    // Hold the commit thread inside its first commit, then fill segment 1,
+    // roll into later segments and remove everything before any of it is
+    // written: segment 1 is dead while its tail still waits in memory.
+    fs.pause_syncs();
+    let payload = vec![3u8; 1000];
+    let mut published = vec![(1, publish(&log, 1, 1, &payload).0)];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fs.syncs_waiting() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the commit thread never reached its fsync"
+        );
+        std::thread::yield_now();
+    }
+    for sequence in 2..=12 {
+        published.push((sequence, publish(&log, 1, sequence, &payload).0));
+    }
+    let mut ticket = 0;
+    for (sequence, location) in published {
+        ticket = log.append_remove(1, sequence, location).unwrap();
+    }
+    fs.resume_syncs();
+    reports.wait_durable(ticket).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let files: Vec<String> = fs
+            .list(Path::new(DIR))
+            .unwrap()
+            .into_iter()
+            .filter(|name| name.ends_with(".seg"))
+            .collect();
+        if files.is_empty() && log.segment_count() == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dead segment files left behind: {files:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn a_segment_holding_removes_for_a_live_older_segment_is_kept() {
     let fs = SimulatedFileSystem::new();
     let (log, _, reports) = open(&fs);

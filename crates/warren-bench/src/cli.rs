@@ -1,0 +1,314 @@
+//! Command-line options and the checked run configuration built from them.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+use crate::stamp::STAMP_SIZE_BYTES;
+
+/// Largest body `--size` accepts, bytes: RabbitMQ's own ceiling on
+/// `max_message_size` (512 MiB) is far past what a benchmark needs; 128 MiB
+/// (RabbitMQ 3.x's default limit) still lets one probe large-message paths
+/// without a typo allocating gigabytes per in-flight message.
+const SIZE_MAX_BYTES: usize = 128 * 1024 * 1024;
+
+/// Largest `--confirm` window: each outstanding publish holds a copy of its
+/// body, so the window times the size bounds this tool's memory.
+const CONFIRM_WINDOW_MAX: usize = 100_000;
+
+/// Default URL: a local broker on the standard port, default vhost.
+const URL_DEFAULT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Load generator for AMQP 0-9-1 brokers (Warren or RabbitMQ).
+///
+/// Publishes stamped messages to `warren-bench-<i>` queues (deleted and
+/// declared afresh at start) and reports publish and consume rates, end-to-end
+/// latency, confirm latency and, with --broker-pid, the broker's peak memory.
+#[derive(Debug, Parser)]
+#[command(name = "warren-bench", version)]
+pub struct Args {
+    /// Broker URL.
+    #[arg(long, env = "WARREN_BENCH_URL", default_value = URL_DEFAULT)]
+    pub url: String,
+
+    /// Publishing connections (one channel each).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub producers: usize,
+
+    /// Consuming connections (one channel each).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub consumers: usize,
+
+    /// Message body size in bytes; the first 16 carry the send time and sequence.
+    #[arg(long, default_value_t = STAMP_SIZE_BYTES, value_name = "BYTES",
+          value_parser = parse_size_bytes)]
+    pub size: usize,
+
+    /// Number of queues, named warren-bench-0 ..; producers and consumers are
+    /// spread over them round-robin.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub queues: u32,
+
+    /// Publish to a fanout exchange bound to every queue instead of the default
+    /// exchange (each message then reaches every queue).
+    #[arg(long)]
+    pub exchange_fanout: bool,
+
+    /// Persistent messages (delivery_mode 2) and durable queues.
+    #[arg(long, conflicts_with = "transient")]
+    pub persistent: bool,
+
+    /// Transient messages and non-durable queues (the default).
+    #[arg(long)]
+    pub transient: bool,
+
+    /// Publisher confirms with at most WINDOW unconfirmed messages per
+    /// producer; 0 turns confirms off.
+    #[arg(long, default_value_t = 0, value_name = "WINDOW",
+          value_parser = parse_confirm_window)]
+    pub confirm: usize,
+
+    /// Acknowledgement mode for consumers.
+    #[arg(long, value_enum, default_value_t = AckMode::Auto)]
+    pub ack: AckMode,
+
+    /// Prefetch (basic.qos) per consumer with --ack manual; 0 means unlimited.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub prefetch: u16,
+
+    /// With --ack manual, acknowledge every N-th message with multiple=true
+    /// (1 acknowledges each message on its own).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub ack_every: u32,
+
+    /// Total publish rate across all producers, messages per second; 0 is
+    /// as fast as the broker allows.
+    #[arg(long, default_value_t = 0, value_name = "MSGS_PER_S")]
+    pub rate: u64,
+
+    /// Length of the run in seconds (ignored with --prefill).
+    #[arg(long, default_value_t = 10, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub duration: u64,
+
+    /// Prefill mode: publish N messages with no consumer attached, then start
+    /// the consumers and drain them all; reports both rates.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub prefill: Option<u64>,
+
+    /// Limit on each prefill phase (publishing, draining) in seconds; a phase
+    /// that runs past it is reported as incomplete.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub drain_timeout: u64,
+
+    /// PID of the broker process, to sample its resident memory every 100 ms.
+    #[arg(long, value_name = "PID")]
+    pub broker_pid: Option<u32>,
+
+    /// Also write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// No progress display on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// How consumers acknowledge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// basic.ack from the consumer, under the prefetch limit.
+    Manual,
+    /// no_ack consumers: the broker forgets a message once it is sent.
+    Auto,
+}
+
+/// What a run does: fixed duration, or prefill then drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Mode {
+    Duration { duration_s: u64 },
+    Prefill { count: u64, phase_timeout_s: u64 },
+}
+
+/// The run's settings after cross-option checks; also echoed in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    #[serde(skip)]
+    pub url: String,
+    pub producers: usize,
+    pub consumers: usize,
+    pub size_bytes: usize,
+    pub queues: u32,
+    pub exchange_fanout: bool,
+    pub persistent: bool,
+    pub confirm_window: usize,
+    pub ack: AckMode,
+    pub prefetch: u16,
+    pub ack_every: u32,
+    pub rate_per_s: u64,
+    pub mode: Mode,
+    pub broker_pid: Option<u32>,
+    #[serde(skip)]
+    pub json: Option<PathBuf>,
+    #[serde(skip)]
+    pub quiet: bool,
+}
+
+impl Config {
+    /// Checks the options against each other; the error text is for the user.
+    pub fn from_args(args: Args) -> Result<Self, String> {
+        if args.producers == 0 {
+            return Err("--producers must be at least 1".into());
+        }
+        if args.prefill.is_some() && args.consumers == 0 {
+            return Err("--prefill needs at least one consumer to drain the queues".into());
+        }
+        // In prefill mode a queue nobody consumes would never drain; fanout
+        // or not, every queue receives messages.
+        if args.prefill.is_some() && args.consumers < args.queues as usize {
+            return Err(format!(
+                "--prefill with {} queues needs at least {} consumers so every queue drains",
+                args.queues, args.queues
+            ));
+        }
+        // A consumer waiting for N messages before acking while the broker
+        // waits for an ack before sending more would stall forever.
+        if args.ack == AckMode::Manual
+            && args.prefetch != 0
+            && args.ack_every > u32::from(args.prefetch)
+        {
+            return Err(format!(
+                "--ack-every {} exceeds --prefetch {}: consumers would stall waiting",
+                args.ack_every, args.prefetch
+            ));
+        }
+        let mode = match args.prefill {
+            Some(count) => Mode::Prefill {
+                count,
+                phase_timeout_s: args.drain_timeout,
+            },
+            None => Mode::Duration {
+                duration_s: args.duration,
+            },
+        };
+        Ok(Self {
+            url: args.url,
+            producers: args.producers,
+            consumers: args.consumers,
+            size_bytes: args.size,
+            queues: args.queues,
+            exchange_fanout: args.exchange_fanout,
+            persistent: args.persistent,
+            confirm_window: args.confirm,
+            ack: args.ack,
+            prefetch: args.prefetch,
+            ack_every: args.ack_every,
+            rate_per_s: args.rate,
+            mode,
+            broker_pid: args.broker_pid,
+            json: args.json,
+            quiet: args.quiet,
+        })
+    }
+
+    /// Copies of each published message that reach some queue: one per queue
+    /// with the fanout exchange, one otherwise.
+    pub fn copies_per_message(&self) -> u64 {
+        if self.exchange_fanout {
+            u64::from(self.queues)
+        } else {
+            1
+        }
+    }
+}
+
+/// Name of the bench queue with this index.
+pub fn queue_name(index: u32) -> String {
+    format!("warren-bench-{index}")
+}
+
+/// Name of the fanout exchange used with `--exchange-fanout`.
+pub const FANOUT_EXCHANGE: &str = "warren-bench-fanout";
+
+fn parse_size_bytes(text: &str) -> Result<usize, String> {
+    let size_bytes: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if !(STAMP_SIZE_BYTES..=SIZE_MAX_BYTES).contains(&size_bytes) {
+        return Err(format!(
+            "must be {STAMP_SIZE_BYTES}..={SIZE_MAX_BYTES} bytes (the first {STAMP_SIZE_BYTES} hold the latency stamp)"
+        ));
+    }
+    Ok(size_bytes)
+}
+
+fn parse_confirm_window(text: &str) -> Result<usize, String> {
+    let window: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if window > CONFIRM_WINDOW_MAX {
+        return Err(format!("must be at most {CONFIRM_WINDOW_MAX}"));
+    }
+    Ok(window)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, String> {
+        let args =
+            Args::try_parse_from(std::iter::once("warren-bench").chain(extra.iter().copied()))
+                .map_err(|e| e.to_string())?;
+        Config::from_args(args)
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let config = parse(&[]).expect("defaults are valid");
+        assert_eq!(config.url, URL_DEFAULT);
+        assert_eq!(
+            (config.producers, config.consumers, config.queues),
+            (1, 1, 1)
+        );
+        assert_eq!(config.size_bytes, 16);
+        assert_eq!(config.ack, AckMode::Auto);
+        assert_eq!(config.prefetch, 100);
+        assert_eq!(config.mode, Mode::Duration { duration_s: 10 });
+        assert!(!config.persistent);
+    }
+
+    #[test]
+    fn rejects_sizes_that_cannot_hold_the_stamp() {
+        assert!(parse(&["--size", "15"]).is_err());
+        assert!(parse(&["--size", "16"]).is_ok());
+    }
+
+    #[test]
+    fn rejects_ack_every_beyond_prefetch() {
+        let err = parse(&["--ack", "manual", "--prefetch", "10", "--ack-every", "11"])
+            .expect_err("would stall");
+        assert!(err.contains("stall"), "{err}");
+        assert!(parse(&["--ack", "manual", "--prefetch", "10", "--ack-every", "10"]).is_ok());
+    }
+
+    #[test]
+    fn prefill_needs_a_consumer_per_queue() {
+        assert!(parse(&["--prefill", "10", "--queues", "3", "--consumers", "2"]).is_err());
+        let config = parse(&["--prefill", "10", "--queues", "3", "--consumers", "3"]).expect("ok");
+        assert_eq!(
+            config.mode,
+            Mode::Prefill {
+                count: 10,
+                phase_timeout_s: 300
+            }
+        );
+    }
+
+    #[test]
+    fn persistent_and_transient_conflict() {
+        assert!(parse(&["--persistent", "--transient"]).is_err());
+    }
+}

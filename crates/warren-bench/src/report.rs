@@ -1,0 +1,328 @@
+//! The results of a run: the JSON document (`--json`) and the human summary
+//! printed to stdout. Both come from the same [`Report`] so they cannot
+//! disagree.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::cli::{Config, Mode};
+use crate::error::BenchError;
+use crate::stats::LatencySummary;
+
+/// Messages counted over a measured span of time.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Throughput {
+    pub messages: u64,
+    pub elapsed_s: f64,
+    pub rate_per_s: f64,
+}
+
+impl Throughput {
+    pub fn new(messages: u64, elapsed_s: f64) -> Self {
+        let rate_per_s = if elapsed_s > 0.0 {
+            messages as f64 / elapsed_s
+        } else {
+            0.0
+        };
+        Self {
+            messages,
+            elapsed_s,
+            rate_per_s,
+        }
+    }
+}
+
+/// Publishing side totals.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PublishTotals {
+    pub published: u64,
+    pub confirmed: u64,
+    pub nacked: u64,
+    /// Still awaiting a confirm when the producers gave up.
+    pub unsettled: u64,
+}
+
+/// Consuming side totals.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ConsumeTotals {
+    pub consumed: u64,
+    pub redelivered: u64,
+    pub unstamped: u64,
+}
+
+/// The broker's resident memory over the run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BrokerMemory {
+    pub pid: u32,
+    pub peak_rss_bytes: u64,
+    pub end_rss_bytes: u64,
+    /// RSS when the prefill phase ended (prefill mode only).
+    pub after_prefill_rss_bytes: Option<u64>,
+    /// Samples that could not be read: the broker may have exited.
+    pub failed_samples: u64,
+}
+
+/// Everything a run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub tool: &'static str,
+    pub version: &'static str,
+    /// Broker URL with the password redacted.
+    pub url: String,
+    pub config: Config,
+    /// Messages still in the queues from an earlier run, deleted at setup.
+    pub stale_messages_deleted: u64,
+    /// Publishing phase (the prefill in prefill mode).
+    pub publish: Throughput,
+    pub publish_totals: PublishTotals,
+    /// Consuming phase (the drain in prefill mode).
+    pub consume: Throughput,
+    pub consume_totals: ConsumeTotals,
+    /// Deliveries the drain waited for (prefill mode only).
+    pub drain_expected: Option<u64>,
+    /// Whether the drain received them all before its limit (prefill mode only).
+    pub drain_complete: Option<bool>,
+    pub end_to_end_latency: Option<LatencySummary>,
+    pub confirm_latency: Option<LatencySummary>,
+    pub broker_memory: Option<BrokerMemory>,
+    /// Whether the run was cut short by Ctrl-C.
+    pub interrupted: bool,
+    /// Errors met by any connection, in the order their tasks were joined.
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    /// Writes the report as pretty JSON to `path`.
+    pub fn write_json(&self, path: &Path) -> Result<(), BenchError> {
+        let mut text = serde_json::to_string_pretty(self)?;
+        text.push('\n');
+        std::fs::write(path, text).map_err(|source| BenchError::JsonWrite {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The human-readable summary.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let config = &self.config;
+        let mode = match config.mode {
+            Mode::Duration { duration_s } => format!("{duration_s} s run"),
+            Mode::Prefill { count, .. } => format!("prefill {count} then drain"),
+        };
+        let exchange = if config.exchange_fanout {
+            "fanout exchange"
+        } else {
+            "default exchange"
+        };
+        let confirms = if config.confirm_window > 0 {
+            format!("confirms window {}", config.confirm_window)
+        } else {
+            "no confirms".to_owned()
+        };
+        let ack = match config.ack {
+            crate::cli::AckMode::Auto => "auto ack".to_owned(),
+            crate::cli::AckMode::Manual => format!(
+                "manual ack (prefetch {}, every {})",
+                config.prefetch, config.ack_every
+            ),
+        };
+        let rate = if config.rate_per_s > 0 {
+            format!("rate {} msg/s", config.rate_per_s)
+        } else {
+            "unlimited rate".to_owned()
+        };
+        let _ = writeln!(out, "warren-bench {} against {}", self.version, self.url);
+        let _ = writeln!(
+            out,
+            "  {mode}: {} producers, {} consumers, {} queues via {exchange}, {} B {} messages",
+            config.producers,
+            config.consumers,
+            config.queues,
+            config.size_bytes,
+            if config.persistent {
+                "persistent"
+            } else {
+                "transient"
+            },
+        );
+        let _ = writeln!(out, "  {confirms}, {ack}, {rate}");
+        if self.stale_messages_deleted > 0 {
+            let _ = writeln!(
+                out,
+                "  deleted {} messages left in the queues by an earlier run",
+                self.stale_messages_deleted
+            );
+        }
+        let _ = writeln!(out);
+
+        let (publish_label, consume_label) = match config.mode {
+            Mode::Duration { .. } => ("publish", "consume"),
+            Mode::Prefill { .. } => ("prefill", "drain"),
+        };
+        let totals = &self.publish_totals;
+        let _ = writeln!(
+            out,
+            "  {publish_label:<8} {:>12} msg/s  ({} messages in {:.2} s; confirmed {}, nacked {}, unsettled {})",
+            format_rate(self.publish.rate_per_s),
+            self.publish.messages,
+            self.publish.elapsed_s,
+            totals.confirmed,
+            totals.nacked,
+            totals.unsettled,
+        );
+        let consumed = &self.consume_totals;
+        let mut consume_line = format!(
+            "  {consume_label:<8} {:>12} msg/s  ({} messages in {:.2} s",
+            format_rate(self.consume.rate_per_s),
+            self.consume.messages,
+            self.consume.elapsed_s,
+        );
+        if consumed.redelivered > 0 {
+            let _ = write!(consume_line, "; {} redelivered", consumed.redelivered);
+        }
+        if consumed.unstamped > 0 {
+            let _ = write!(consume_line, "; {} without a stamp", consumed.unstamped);
+        }
+        if let (Some(expected), Some(complete)) = (self.drain_expected, self.drain_complete) {
+            let verdict = if complete { "complete" } else { "INCOMPLETE" };
+            let _ = write!(consume_line, "; expected {expected}, {verdict}");
+        }
+        consume_line.push(')');
+        let _ = writeln!(out, "{consume_line}");
+        let _ = writeln!(out);
+
+        match &self.end_to_end_latency {
+            Some(latency) => {
+                let _ = writeln!(
+                    out,
+                    "  end-to-end latency  p50 {}  p99 {}  p99.9 {}  max {}  ({} samples)",
+                    format_us(latency.p50_us),
+                    format_us(latency.p99_us),
+                    format_us(latency.p999_us),
+                    format_us(latency.max_us),
+                    latency.samples,
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  end-to-end latency  no messages consumed");
+            }
+        }
+        if config.confirm_window > 0 {
+            match &self.confirm_latency {
+                Some(latency) => {
+                    let _ = writeln!(
+                        out,
+                        "  confirm latency     p50 {}  p99 {}  p99.9 {}  max {}  ({} samples)",
+                        format_us(latency.p50_us),
+                        format_us(latency.p99_us),
+                        format_us(latency.p999_us),
+                        format_us(latency.max_us),
+                        latency.samples,
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "  confirm latency     no confirms received");
+                }
+            }
+        }
+        if let Some(memory) = &self.broker_memory {
+            let mut line = format!(
+                "  broker RSS (pid {})  peak {}  end {}",
+                memory.pid,
+                format_bytes(memory.peak_rss_bytes),
+                format_bytes(memory.end_rss_bytes),
+            );
+            if let Some(after_prefill) = memory.after_prefill_rss_bytes {
+                let _ = write!(line, "  after prefill {}", format_bytes(after_prefill));
+            }
+            if memory.failed_samples > 0 {
+                let _ = write!(line, "  ({} samples failed)", memory.failed_samples);
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        if self.interrupted {
+            let _ = writeln!(
+                out,
+                "\n  interrupted by Ctrl-C: numbers cover a partial run"
+            );
+        }
+        if !self.errors.is_empty() {
+            let _ = writeln!(out, "\n  errors:");
+            for error in &self.errors {
+                let _ = writeln!(out, "    {error}");
+            }
+        }
+        out
+    }
+}
+
+/// A rate with thousands separators and no decimals: "123,456".
+pub fn format_rate(rate_per_s: f64) -> String {
+    let whole = rate_per_s.max(0.0).round() as u64;
+    let digits = whole.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// A latency in the unit that keeps three significant digits readable.
+pub fn format_us(latency_us: u64) -> String {
+    if latency_us < 1_000 {
+        format!("{latency_us} µs")
+    } else if latency_us < 1_000_000 {
+        format!("{:.2} ms", latency_us as f64 / 1e3)
+    } else {
+        format!("{:.2} s", latency_us as f64 / 1e6)
+    }
+}
+
+/// A byte count in MiB (or KiB when small).
+pub fn format_bytes(bytes: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if bytes < 1024 * 1024 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / MIB)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_get_thousands_separators() {
+        assert_eq!(format_rate(0.0), "0");
+        assert_eq!(format_rate(999.4), "999");
+        assert_eq!(format_rate(1000.0), "1,000");
+        assert_eq!(format_rate(1_234_567.8), "1,234,568");
+    }
+
+    #[test]
+    fn latencies_pick_a_readable_unit() {
+        assert_eq!(format_us(850), "850 µs");
+        assert_eq!(format_us(1_250), "1.25 ms");
+        assert_eq!(format_us(2_500_000), "2.50 s");
+    }
+
+    #[test]
+    fn throughput_divides_by_elapsed_time() {
+        let throughput = Throughput::new(50_000, 2.0);
+        assert_eq!(throughput.rate_per_s, 25_000.0);
+        assert_eq!(Throughput::new(5, 0.0).rate_per_s, 0.0);
+    }
+
+    #[test]
+    fn bytes_in_mib() {
+        assert_eq!(format_bytes(81_920 * 1024), "80.0 MiB");
+        assert_eq!(format_bytes(2048), "2.0 KiB");
+    }
+}
