@@ -190,6 +190,7 @@ impl Broker {
             match self.queues.get_mut(&QueueId(queue_id)) {
                 Some(queue) => {
                     summary.messages += messages.len();
+                    queue.reserve(messages.len());
                     for message in messages {
                         queue.push_recovered(message.sequence, message.location, message.delivered);
                     }

@@ -212,6 +212,10 @@ impl Queue {
         );
     }
 
+    pub fn reserve(&mut self, additional: usize) {
+        self.backlog.reserve(additional);
+    }
+
     /// A message recovered from the log: only its location is kept; the
     /// body is read when the message reaches the head.
     pub fn push_recovered(&mut self, sequence: Sequence, location: Location, delivered: bool) {

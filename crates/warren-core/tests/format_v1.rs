@@ -20,7 +20,11 @@ fn copy_fixture() -> PathBuf {
     let target = std::env::temp_dir().join(format!("warren-format-v1-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&target);
     std::fs::create_dir_all(target.join("messages")).unwrap();
-    for relative in ["topology.dat", "messages/00000000000000000001.seg", "messages/clean-shutdown"] {
+    for relative in [
+        "topology.dat",
+        "messages/00000000000000000001.seg",
+        "messages/clean-shutdown",
+    ] {
         std::fs::copy(Path::new(FIXTURE).join(relative), target.join(relative)).unwrap();
     }
     target
@@ -30,12 +34,25 @@ fn copy_fixture() -> PathBuf {
 fn the_first_format_version_recovers() {
     let dir = copy_fixture();
     let fs = Arc::new(OsFileSystem::new());
-    let (log, recovery) =
-        MessageLog::open(fs.clone(), &dir.join("messages"), LogConfig::default(), Box::new(|_| {})).unwrap();
+    let (log, recovery) = MessageLog::open(
+        fs.clone(),
+        &dir.join("messages"),
+        LogConfig::default(),
+        Box::new(|_| {}),
+    )
+    .unwrap();
     let mut broker = Broker::new(&[], Limits::default(), 7);
-    let summary = broker.attach_store(log, TopologyFile::new(fs, &dir), recovery).unwrap();
-    assert_eq!((summary.exchanges, summary.queues, summary.bindings), (1, 1, 1));
-    assert_eq!(summary.messages, 4, "five published, one acked, the transient one not kept");
+    let summary = broker
+        .attach_store(log, TopologyFile::new(fs, &dir), recovery)
+        .unwrap();
+    assert_eq!(
+        (summary.exchanges, summary.queues, summary.bindings),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        summary.messages, 4,
+        "five published, one acked, the transient one not kept"
+    );
     assert!(summary.clean_shutdown);
 
     let connection = ConnectionId(1);
@@ -63,9 +80,16 @@ fn the_first_format_version_recovers() {
             Some(AMQPValue::ShortShortInt(n)) => *n as i64,
             other => panic!("header n: {other:?}"),
         };
-        assert_eq!(message.body.as_ref(), format!("message {number}").as_bytes());
         assert_eq!(
-            message.properties.correlation_id().as_ref().map(|id| id.to_string()),
+            message.body.as_ref(),
+            format!("message {number}").as_bytes()
+        );
+        assert_eq!(
+            message
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|id| id.to_string()),
             Some(format!("c-{number}"))
         );
         assert_eq!(message.routing_key.as_str(), format!("fixture.{number}"));
@@ -81,7 +105,13 @@ fn the_first_format_version_recovers() {
         properties: Default::default(),
         body: bytes::Bytes::from_static(b"new"),
     });
-    assert_eq!(broker.publish(connection, message, &mut Outbox::default()).unwrap().routed, 1);
+    assert_eq!(
+        broker
+            .publish(connection, message, &mut Outbox::default())
+            .unwrap()
+            .routed,
+        1
+    );
     broker.close_store().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -61,6 +61,10 @@ pub trait Backlog<M>: Send {
 
     /// Removes every waiting message and returns them, oldest first.
     fn drain(&mut self) -> Vec<M>;
+
+    /// Makes room for `additional` messages about to be pushed, so a large
+    /// recovered backlog is allocated once rather than by doubling.
+    fn reserve(&mut self, _additional: usize) {}
 }
 
 /// A backlog held entirely in memory, ordered by sequence number.
@@ -110,6 +114,10 @@ impl<M: Send> Backlog<M> for MemoryBacklog<M> {
 
     fn drain(&mut self) -> Vec<M> {
         self.entries.drain(..).map(|(_, message)| message).collect()
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        self.entries.reserve_exact(additional);
     }
 }
 

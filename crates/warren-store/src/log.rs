@@ -640,6 +640,17 @@ fn delete_segments(shared: &Shared, segments: &[u64]) {
 
 type Recovered = (BTreeMap<u64, SegmentState>, Recovery, u64);
 
+/// During replay a removed message is marked by a zero length, which no
+/// real record has, so removal needs no extra field or second pass over a
+/// separate set.
+fn mark_removed(message: &mut RecoveredMessage) {
+    message.location.length = 0;
+}
+
+fn is_removed(message: &RecoveredMessage) -> bool {
+    message.location.length == 0
+}
+
 /// Replays every segment in order. A record cut short at the end of the
 /// newest segment is a write torn by a crash and is truncated away; a record
 /// whose checksum fails is skipped and logged; neither stops recovery.
@@ -652,8 +663,12 @@ fn recover(fs: &dyn FileSystem, dir: &Path) -> Result<Recovered, StoreError> {
         .collect();
     numbers.sort_unstable();
     let mut recovery = Recovery::default();
-    // Per queue: sequence -> (location, delivered).
-    let mut live: BTreeMap<u64, BTreeMap<u64, (Location, bool)>> = BTreeMap::new();
+    // Per queue, its messages in sequence order. A queue's Publish records
+    // appear in the log in sequence order, so appending keeps each vector
+    // sorted and Remove and Delivered find their message by binary search.
+    // Flat vectors rather than maps keep recovery's peak memory close to
+    // the 40 bytes per message the result needs.
+    let mut live: BTreeMap<u64, Vec<RecoveredMessage>> = BTreeMap::new();
     let mut segments: BTreeMap<u64, SegmentState> = BTreeMap::new();
     let newest = numbers.last().copied();
     for &number in &numbers {
@@ -677,19 +692,38 @@ fn recover(fs: &dyn FileSystem, dir: &Path) -> Result<Recovered, StoreError> {
                     let queue = live.entry(record.queue).or_default();
                     match record.kind {
                         RecordKind::Publish => {
-                            queue.insert(record.sequence, (location, false));
+                            let message = RecoveredMessage {
+                                sequence: record.sequence,
+                                location,
+                                delivered: false,
+                            };
+                            match queue.last() {
+                                Some(last) if last.sequence >= record.sequence => {
+                                    match queue
+                                        .binary_search_by_key(&record.sequence, |m| m.sequence)
+                                    {
+                                        Ok(index) => queue[index] = message,
+                                        Err(index) => queue.insert(index, message),
+                                    }
+                                }
+                                _ => queue.push(message),
+                            }
                         }
                         RecordKind::Remove | RecordKind::Delivered => {
-                            let published = if record.kind == RecordKind::Remove {
-                                queue.remove(&record.sequence).map(|(location, _)| location)
-                            } else {
-                                queue
-                                    .get_mut(&record.sequence)
-                                    .map(|(location, delivered)| {
-                                        *delivered = true;
-                                        *location
-                                    })
-                            };
+                            let found = queue
+                                .binary_search_by_key(&record.sequence, |m| m.sequence)
+                                .ok()
+                                .filter(|&index| !is_removed(&queue[index]));
+                            let published = found.map(|index| {
+                                let message = &mut queue[index];
+                                let published = message.location;
+                                if record.kind == RecordKind::Remove {
+                                    mark_removed(message);
+                                } else {
+                                    message.delivered = true;
+                                }
+                                published
+                            });
                             if let Some(published) = published
                                 && published.segment < number
                             {
@@ -722,22 +756,16 @@ fn recover(fs: &dyn FileSystem, dir: &Path) -> Result<Recovered, StoreError> {
             }
         }
     }
-    for (queue, messages) in live {
+    for (queue, mut messages) in live {
+        messages.retain(|message| !is_removed(message));
         if messages.is_empty() {
             continue;
         }
-        let recovered = messages
-            .into_iter()
-            .map(|(sequence, (location, delivered))| {
-                segments.entry(location.segment).or_default().live += 1;
-                RecoveredMessage {
-                    sequence,
-                    location,
-                    delivered,
-                }
-            })
-            .collect();
-        recovery.queues.insert(queue, recovered);
+        messages.shrink_to_fit();
+        for message in &messages {
+            segments.entry(message.location.segment).or_default().live += 1;
+        }
+        recovery.queues.insert(queue, messages);
     }
     Ok((segments, recovery, newest.unwrap_or(0)))
 }
