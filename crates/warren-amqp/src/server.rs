@@ -101,6 +101,8 @@ impl AmqpServer {
                 _ = shutdown.changed() => break,
             }
         }
+        // Finished connection tasks are still in the set until joined.
+        while connections.try_join_next().is_some() {}
         info!(
             connections = connections.len(),
             "AMQP listener stopped; closing connections"
