@@ -22,6 +22,7 @@ pub use durable::{RecoveryError, RecoverySummary};
 pub use error::{BrokerError, BrokerResult, ErrorCode};
 pub use exchange::{ExchangeKind, headers_match, topic_matches};
 pub use message::Message;
+pub use queue::{RESIDENT_BYTES_MAX, RESIDENT_MESSAGES_MAX};
 
 /// Identifies one client connection for the broker's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
