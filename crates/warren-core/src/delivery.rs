@@ -401,11 +401,11 @@ fn deliver(
 }
 
 /// Notes in the log that a persistent message went to a consumer, so that
-/// after a clean restart it comes back marked redelivered. Once marked, a
-/// message needs no second record.
+/// after a clean restart it comes back marked redelivered. A redelivery is
+/// recorded too: a message marked redelivered only because the broker
+/// crashed has no Delivered record of its own yet.
 fn record_delivery(log: Option<&MessageLog>, queue: QueueId, taken: &Dequeued) {
-    if let (Some(log), Stored::Published(location), false) = (log, taken.stored, taken.redelivered)
-    {
+    if let (Some(log), Stored::Published(location)) = (log, taken.stored) {
         let _ = log.append_delivered(queue.0, taken.sequence, location);
     }
 }

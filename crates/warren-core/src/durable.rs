@@ -219,6 +219,14 @@ impl Broker {
         }
     }
 
+    /// Drops the store the way a crash would: nothing pending is written
+    /// and no clean-shutdown marker is left. Only tests have a use for this.
+    pub fn abandon_store(&mut self) {
+        if let Some(store) = self.store.take() {
+            store.log.abandon();
+        }
+    }
+
     pub fn message_log(&self) -> Option<&MessageLog> {
         self.store.as_ref().map(|store| &store.log)
     }

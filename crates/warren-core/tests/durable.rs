@@ -133,3 +133,46 @@ fn after_a_failed_fsync_persistent_publishes_report_the_store_error() {
     // The durable ticket never covers the first publish: it is never confirmed.
     assert!(broker.message_log().unwrap().durable_ticket() < first.ticket.unwrap());
 }
+
+#[test]
+fn a_message_redelivered_after_a_crash_stays_marked_after_a_clean_restart() {
+    let fs = SimulatedFileSystem::new();
+    {
+        let mut broker = broker_on(&fs);
+        declare(&mut broker, "jobs", true);
+        let published = broker
+            .publish(
+                CONNECTION,
+                message("jobs", "once".into(), true),
+                &mut Outbox::default(),
+            )
+            .unwrap();
+        let log = broker.message_log().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while log.durable_ticket() < published.ticket.unwrap() {
+            assert!(Instant::now() < deadline, "publish never became durable");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Crash: every recovered message is marked redelivered.
+        broker.abandon_store();
+        fs.crash(|_| 0);
+    }
+    let mut broker = broker_on(&fs);
+    let got = broker
+        .get(CONNECTION, 1, "jobs", false)
+        .unwrap()
+        .expect("recovered");
+    assert!(got.redelivered);
+    // Requeued by closing the channel, then a clean stop and start.
+    broker.close_channel(CONNECTION, 1, &mut Outbox::default());
+    broker.close_store().unwrap();
+    let mut broker = broker_on(&fs);
+    let again = broker
+        .get(CONNECTION, 1, "jobs", true)
+        .unwrap()
+        .expect("still there");
+    assert!(
+        again.redelivered,
+        "it was delivered before the clean restart"
+    );
+}
