@@ -9,31 +9,14 @@ use amq_protocol::protocol::{AMQPClass, basic, queue as pqueue};
 use common::*;
 use futures_lite::StreamExt;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection,
+    BasicProperties, Channel, Confirmation,
     options::*,
     types::{AMQPValue, FieldArray, FieldTable},
 };
 
 const QUIET: Duration = Duration::from_millis(300);
 
-async fn new_channel(conn: &Connection) -> Channel {
-    within("create_channel", conn.create_channel())
-        .await
-        .expect("create_channel")
-}
 
-async fn declare(ch: &Channel, name: &str) {
-    within(
-        "queue_declare",
-        ch.queue_declare(
-            name.into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("declare {name}: {e}"));
-}
 
 async fn publish(ch: &Channel, queue: &str, body: &[u8]) {
     within(
@@ -50,22 +33,6 @@ async fn publish(ch: &Channel, queue: &str, body: &[u8]) {
     .expect("basic_publish");
 }
 
-async fn ready_count(ch: &Channel, queue: &str) -> u32 {
-    within(
-        "passive declare",
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("passive declare {queue}: {e}"))
-    .message_count()
-}
 
 async fn consume(
     ch: &Channel,

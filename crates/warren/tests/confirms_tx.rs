@@ -9,26 +9,9 @@ use amq_protocol::{
     protocol::{AMQPClass, basic, confirm},
 };
 use common::*;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, options::*, types::FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, options::*};
 
-async fn new_channel(conn: &Connection) -> Channel {
-    within("create_channel", conn.create_channel())
-        .await
-        .expect("create_channel")
-}
 
-async fn declare(ch: &Channel, name: &str) {
-    within(
-        "queue_declare",
-        ch.queue_declare(
-            name.into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("declare {name}: {e}"));
-}
 
 async fn publish(ch: &Channel, queue: &str, body: &[u8]) -> lapin::PublisherConfirm {
     within(
@@ -45,22 +28,6 @@ async fn publish(ch: &Channel, queue: &str, body: &[u8]) -> lapin::PublisherConf
     .expect("basic_publish")
 }
 
-async fn ready_count(ch: &Channel, queue: &str) -> u32 {
-    within(
-        "passive declare",
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("passive declare {queue}: {e}"))
-    .message_count()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirms_ack_every_publish() {

@@ -18,11 +18,6 @@ async fn open(broker: &Broker) -> (Connection, Channel) {
     (conn, ch)
 }
 
-async fn new_channel(conn: &Connection) -> Channel {
-    within("create_channel", conn.create_channel())
-        .await
-        .expect("create_channel")
-}
 
 async fn declare_exchange(ch: &Channel, name: &str, kind: ExchangeKind) {
     within(

@@ -13,11 +13,6 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-async fn new_channel(conn: &Connection) -> Channel {
-    within("create_channel", conn.create_channel())
-        .await
-        .expect("create_channel")
-}
 
 async fn declare(
     ch: &Channel,

@@ -30,7 +30,8 @@ use amq_protocol::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use futures_lite::{Stream, StreamExt};
-use lapin::{Connection, ConnectionProperties, ErrorKind, Event};
+use lapin::options::QueueDeclareOptions;
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, Event};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -934,4 +935,43 @@ pub async fn assert_broker_alive(broker: &Broker) {
     let got = got.expect("message published on a fresh connection is gettable");
     assert_eq!(got.delivery.data, b"alive");
     let _ = within("close", conn.close(200, "bye".into())).await;
+}
+
+// ----- lapin helpers shared by the feature tests -----
+
+pub async fn new_channel(conn: &Connection) -> Channel {
+    within("create_channel", conn.create_channel())
+        .await
+        .expect("create_channel")
+}
+
+/// Declares a plain (non-durable) queue.
+pub async fn declare(ch: &Channel, name: &str) {
+    within(
+        "queue_declare",
+        ch.queue_declare(
+            name.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("declare {name}: {e}"));
+}
+
+pub async fn ready_count(ch: &Channel, queue: &str) -> u32 {
+    within(
+        "passive declare",
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("passive declare {queue}: {e}"))
+    .message_count()
 }
