@@ -12,7 +12,9 @@ use lapin::{
 };
 
 async fn channel(connection: &Connection) -> Channel {
-    within("create_channel", connection.create_channel()).await.expect("create_channel")
+    within("create_channel", connection.create_channel())
+        .await
+        .expect("create_channel")
 }
 
 /// Publishes and waits for the broker's confirm, so the message is routed
@@ -31,14 +33,20 @@ async fn publish_confirmed(channel: &Channel, exchange: &str, routing_key: &str,
     .await
     .expect("basic_publish");
     let confirmation = within("publisher confirm", confirm).await.expect("confirm");
-    assert!(confirmation.is_ack(), "publish to {exchange}/{routing_key} was not acked");
+    assert!(
+        confirmation.is_ack(),
+        "publish to {exchange}/{routing_key} was not acked"
+    );
 }
 
 async fn confirming_channel(connection: &Connection) -> Channel {
     let channel = channel(connection).await;
-    within("confirm_select", channel.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm_select");
+    within(
+        "confirm_select",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await
+    .expect("confirm_select");
     channel
 }
 
@@ -94,7 +102,12 @@ async fn bind(channel: &Channel, queue: &str, exchange: &str, routing_key: &str)
 async fn declare_exchange(channel: &Channel, name: &str, kind: ExchangeKind) {
     within(
         "exchange_declare",
-        channel.exchange_declare(name.into(), kind, ExchangeDeclareOptions::default(), FieldTable::default()),
+        channel.exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
     )
     .await
     .expect("exchange_declare");
@@ -107,7 +120,11 @@ async fn one_hello_world() {
     let sender = channel(&connection).await;
     within(
         "queue_declare",
-        sender.queue_declare("hello".into(), QueueDeclareOptions::default(), FieldTable::default()),
+        sender.queue_declare(
+            "hello".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
     )
     .await
     .expect("declare hello");
@@ -168,12 +185,20 @@ async fn two_work_queues_with_fair_dispatch() {
     for name in ["w1", "w2"] {
         let connection = broker.connect().await;
         let channel = channel(&connection).await;
-        within("basic_qos", channel.basic_qos(1, BasicQosOptions::default()))
-            .await
-            .expect("qos");
+        within(
+            "basic_qos",
+            channel.basic_qos(1, BasicQosOptions::default()),
+        )
+        .await
+        .expect("qos");
         let consumer = within(
             "basic_consume",
-            channel.basic_consume("task_queue".into(), name.into(), BasicConsumeOptions::default(), FieldTable::default()),
+            channel.basic_consume(
+                "task_queue".into(),
+                name.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
         )
         .await
         .expect("consume");
@@ -181,7 +206,13 @@ async fn two_work_queues_with_fair_dispatch() {
     }
 
     for index in 0..6 {
-        publish_confirmed(&producer, "", "task_queue", format!("task {index}").as_bytes()).await;
+        publish_confirmed(
+            &producer,
+            "",
+            "task_queue",
+            format!("task {index}").as_bytes(),
+        )
+        .await;
     }
     // Each worker holds one unacked task; the other four wait in the queue,
     // because prefetch 1 forbids a second delivery before the ack.
@@ -207,19 +238,31 @@ async fn two_work_queues_with_fair_dispatch() {
         String::from_utf8(first_w1.data.clone()).unwrap(),
         String::from_utf8(first_w2.data.clone()).unwrap(),
     ];
-    within("ack", first_w1.ack(BasicAckOptions::default())).await.expect("ack");
-    within("ack", first_w2.ack(BasicAckOptions::default())).await.expect("ack");
-    // The rest are shared out as acks free the workers.
+    within("ack", first_w1.ack(BasicAckOptions::default()))
+        .await
+        .expect("ack");
+    within("ack", first_w2.ack(BasicAckOptions::default()))
+        .await
+        .expect("ack");
+    // The rest are shared out as acks free the workers, in whatever order
+    // the acks reach the broker: take each task from whichever worker got it.
+    let (w2_connection, w2_channel, w2_consumer) = workers.pop().expect("w2");
+    let (w1_connection, w1_channel, w1_consumer) = workers.pop().expect("w1");
+    let mut tasks = futures_lite::stream::race(
+        w1_consumer.map(|delivery| (0, delivery)),
+        w2_consumer.map(|delivery| (1, delivery)),
+    );
     while done.len() < 6 {
-        for (_, _, consumer) in workers.iter_mut() {
-            if done.len() == 6 {
-                break;
-            }
-            let delivery = next_delivery(consumer, "next task").await;
-            done.push(String::from_utf8(delivery.data.clone()).unwrap());
-            within("ack", delivery.ack(BasicAckOptions::default())).await.expect("ack");
-        }
+        let delivery = match within("next task", tasks.next()).await {
+            Some((_worker, Ok(delivery))) => delivery,
+            other => panic!("next task: {other:?}"),
+        };
+        done.push(String::from_utf8(delivery.data.clone()).unwrap());
+        within("ack", delivery.ack(BasicAckOptions::default()))
+            .await
+            .expect("ack");
     }
+    drop((w1_connection, w1_channel, w2_connection, w2_channel));
     done.sort();
     let expected: Vec<String> = (0..6).map(|index| format!("task {index}")).collect();
     assert_eq!(done, expected, "every task processed exactly once");
@@ -239,7 +282,10 @@ async fn three_publish_subscribe() {
     publish_confirmed(&channel, "logs", "ignored", b"info: hello").await;
     publish_confirmed(&channel, "logs", "", b"warning: disk").await;
     for queue in [&first, &second] {
-        assert_eq!(drain(&channel, queue).await, ["info: hello", "warning: disk"]);
+        assert_eq!(
+            drain(&channel, queue).await,
+            ["info: hello", "warning: disk"]
+        );
     }
 }
 
@@ -259,7 +305,10 @@ async fn four_routing() {
         publish_confirmed(&channel, "direct_logs", severity, severity.as_bytes()).await;
     }
     assert_eq!(drain(&channel, &errors).await, ["error"]);
-    assert_eq!(drain(&channel, &everything).await, ["info", "warning", "error"]);
+    assert_eq!(
+        drain(&channel, &everything).await,
+        ["info", "warning", "error"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,7 +341,11 @@ async fn five_topics() {
     }
     assert_eq!(
         drain(&channel, &q1).await,
-        ["quick.orange.rabbit", "lazy.orange.elephant", "quick.orange.fox"]
+        [
+            "quick.orange.rabbit",
+            "lazy.orange.elephant",
+            "quick.orange.fox"
+        ]
     );
     assert_eq!(
         drain(&channel, &q2).await,
@@ -304,7 +357,11 @@ async fn five_topics() {
             "lazy.orange.new.rabbit"
         ]
     );
-    assert_eq!(drain(&channel, &all).await, keys, "'#' matches every key, the empty one too");
+    assert_eq!(
+        drain(&channel, &all).await,
+        keys,
+        "'#' matches every key, the empty one too"
+    );
 }
 
 fn fibonacci(n: u64) -> u64 {
@@ -321,14 +378,25 @@ async fn six_rpc() {
     let server = channel(&server_connection).await;
     within(
         "queue_declare",
-        server.queue_declare("rpc_queue".into(), QueueDeclareOptions::default(), FieldTable::default()),
+        server.queue_declare(
+            "rpc_queue".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
     )
     .await
     .expect("declare rpc_queue");
-    within("basic_qos", server.basic_qos(1, BasicQosOptions::default())).await.expect("qos");
+    within("basic_qos", server.basic_qos(1, BasicQosOptions::default()))
+        .await
+        .expect("qos");
     let mut requests = within(
         "basic_consume",
-        server.basic_consume("rpc_queue".into(), "rpc-server".into(), BasicConsumeOptions::default(), FieldTable::default()),
+        server.basic_consume(
+            "rpc_queue".into(),
+            "rpc-server".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
     )
     .await
     .expect("consume rpc_queue");
@@ -336,7 +404,11 @@ async fn six_rpc() {
         while let Some(Ok(request)) = requests.next().await {
             let n: u64 = std::str::from_utf8(&request.data).unwrap().parse().unwrap();
             let reply_to = request.properties.reply_to().clone().expect("reply_to");
-            let correlation_id = request.properties.correlation_id().clone().expect("correlation_id");
+            let correlation_id = request
+                .properties
+                .correlation_id()
+                .clone()
+                .expect("correlation_id");
             server
                 .basic_publish(
                     "".into(),
@@ -347,7 +419,10 @@ async fn six_rpc() {
                 )
                 .await
                 .expect("reply");
-            request.ack(BasicAckOptions::default()).await.expect("ack request");
+            request
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack request");
         }
     });
 
@@ -386,8 +461,14 @@ async fn six_rpc() {
         .await
         .expect("request");
         let reply = next_delivery(&mut replies, "rpc reply").await;
-        assert_eq!(reply.properties.correlation_id().as_ref(), Some(&correlation_id));
-        assert_eq!(std::str::from_utf8(&reply.data).unwrap(), fibonacci(n).to_string());
+        assert_eq!(
+            reply.properties.correlation_id().as_ref(),
+            Some(&correlation_id)
+        );
+        assert_eq!(
+            std::str::from_utf8(&reply.data).unwrap(),
+            fibonacci(n).to_string()
+        );
     }
     assert_eq!(fibonacci(30), 832_040);
     server_task.abort();
