@@ -327,48 +327,22 @@ impl Broker {
 
     /// Send SIGTERM and wait (bounded) for the process to exit; returns its status.
     pub async fn terminate(&self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid.to_string())
-            .status()
-            .expect("run kill -TERM");
-        assert!(
-            status.success(),
-            "kill -TERM {} failed: {status:?}",
-            self.pid
-        );
-        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
-        loop {
-            {
-                let mut guard = self.child.lock().unwrap();
-                let child = guard.as_mut().expect("broker child already reaped");
-                if let Some(status) = child.try_wait().expect("try_wait on broker") {
-                    return status;
-                }
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "warren did not exit within {SHUTDOWN_TIMEOUT:?} of SIGTERM; stderr:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        self.signal_and_wait("TERM").await
     }
 
     /// Send SIGKILL (no chance to flush or clean up: a crash) and wait
     /// (bounded) until the process is gone and reaped; returns its status.
     pub async fn kill9(&self) -> std::process::ExitStatus {
+        self.signal_and_wait("KILL").await
+    }
+
+    async fn signal_and_wait(&self, signal: &str) -> std::process::ExitStatus {
         let status = Command::new("kill")
-            .arg("-KILL")
+            .arg(format!("-{signal}"))
             .arg(self.pid.to_string())
             .status()
-            .expect("run kill -KILL");
-        assert!(
-            status.success(),
-            "kill -KILL {} failed: {status:?}",
-            self.pid
-        );
+            .unwrap_or_else(|error| panic!("run kill -{signal}: {error}"));
+        assert!(status.success(), "kill -{signal} {} failed: {status:?}", self.pid);
         let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
         loop {
             {
@@ -380,7 +354,7 @@ impl Broker {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "warren did not exit within {SHUTDOWN_TIMEOUT:?} of SIGKILL; stderr:\n{}",
+                    "warren did not exit within {SHUTDOWN_TIMEOUT:?} of SIG{signal}; stderr:\n{}",
                     self.log()
                 );
             }
