@@ -197,6 +197,16 @@ impl Connection {
         Ok(())
     }
 
+    /// The broker closes a channel on its own (a consumer timeout), unless
+    /// the client is already closing it.
+    pub(crate) fn close_channel_by_broker(&mut self, number: u16, error: BrokerError) {
+        if self.channels.get(&number).is_some_and(|state| !state.closing) {
+            tracing::warn!(connection = self.id.0, channel = number, error = %error.text,
+                "closing channel");
+            self.close_channel_on_error(number, error, 0, 0);
+        }
+    }
+
     /// A soft error: the channel's deliveries are released and the client is
     /// sent `channel.close`; the connection carries on.
     fn close_channel_on_error(
@@ -663,10 +673,12 @@ impl Connection {
             }
             basic::AMQPMethod::Get(get) => {
                 let mut hub = self.hub.lock();
-                match hub
+                let mut outbox = Outbox::default();
+                let got = hub
                     .broker
-                    .get(self.id, number, get.queue.as_str(), get.no_ack)?
-                {
+                    .get(self.id, number, get.queue.as_str(), get.no_ack, &mut outbox);
+                hub.dispatch(&mut outbox);
+                match got? {
                     Some(got) => self.out.send(Outbound::WithContent(
                         number,
                         basic(basic::AMQPMethod::GetOk(basic::GetOk {
@@ -944,6 +956,14 @@ impl Connection {
         properties: BasicProperties,
         body: Bytes,
     ) -> BrokerResult<()> {
+        if let Some(user_id) = properties.user_id()
+            && user_id.as_str() != self.user
+        {
+            return Err(BrokerError::precondition_failed(format!(
+                "user_id property set to '{user_id}' but authenticated user was '{}'",
+                self.user
+            )));
+        }
         let message = Arc::new(Message {
             exchange: publish.exchange,
             routing_key: publish.routing_key,
@@ -978,7 +998,7 @@ impl Connection {
             let mut outbox = Outbox::default();
             let published = hub
                 .broker
-                .publish(self.id, Arc::clone(&message), &mut outbox);
+                .publish(self.id, number, Arc::clone(&message), &mut outbox);
             hub.dispatch(&mut outbox);
             published?
         };
@@ -1001,6 +1021,8 @@ impl Connection {
                 tracing::warn!(connection = self.id.0, %error, "publish refused by the message store");
                 ConfirmWait::Refused
             }
+            // A full queue with x-overflow=reject-publish refused it.
+            (None, _) if published.rejected => ConfirmWait::Refused,
             (None, Some(ticket)) => ConfirmWait::Durable(ticket),
             (None, None) => ConfirmWait::Nothing,
         };

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use warren_core::{BrokerError, ConnectionId, ErrorCode};
 use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_protocol_header};
@@ -24,7 +24,7 @@ use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_pro
 use crate::auth::{self, AuthError};
 use crate::channel::Channel;
 use crate::config::AmqpConfig;
-use crate::hub::SharedHub;
+use crate::hub::{ConnectionNotice, SharedHub};
 use crate::storage::StorageSignals;
 use crate::writer::{Outbound, OutboundQueue, Tuning, outbound_queue};
 use warren_store::Ticket;
@@ -93,6 +93,10 @@ pub(crate) struct Connection {
     blocked_notify: bool,
     /// A `tx.commit` whose messages must reach the disk before `commit-ok`.
     pub(crate) commit_waiting: Option<(u16, Ticket)>,
+    /// What the broker asks of this connection (closing a channel whose
+    /// consumer timed out); the sender is handed to the hub on open.
+    notices: mpsc::UnboundedReceiver<ConnectionNotice>,
+    notices_sender: Option<mpsc::UnboundedSender<ConnectionNotice>>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -107,7 +111,8 @@ pub async fn serve(
     let _ = socket.set_nodelay(true);
     let (reader, writer_half) = socket.into_split();
     let id = hub.lock().allocate_connection_id();
-    let (out, writer) = outbound_queue(id, writer_half, Arc::clone(&hub));
+    let (out, writer) = outbound_queue(id, writer_half, hub.clone());
+    let (notices_sender, notices) = mpsc::unbounded_channel();
     let tuning = Arc::new(Tuning::new(config.frame_max_bytes));
     let writer_task = tokio::spawn(writer.run(Arc::clone(&tuning)));
     let mut connection = Connection {
@@ -131,6 +136,8 @@ pub async fn serve(
         has_published: false,
         blocked_notify: false,
         commit_waiting: None,
+        notices,
+        notices_sender: Some(notices_sender),
     };
     let fault = connection.run().await;
     connection.finish(fault).await;
@@ -218,7 +225,11 @@ impl Connection {
             }
             hub.broker
                 .open_connection(self.id, vhost, capabilities.consumer_cancel_notify);
-            hub.register_writer(self.id, self.out.clone());
+            let notices = self
+                .notices_sender
+                .take()
+                .expect("a connection opens once");
+            hub.register_connection(self.id, self.out.clone(), notices);
             self.opened = true;
         }
         self.out.method(
@@ -528,7 +539,19 @@ impl Connection {
                 self.process_confirms();
                 Ok(())
             }
+            Some(notice) = self.notices.recv() => {
+                self.handle_notice(notice);
+                Ok(())
+            }
             _ = self.shutdown.changed() => Err(shutdown_fault()),
+        }
+    }
+
+    fn handle_notice(&mut self, notice: ConnectionNotice) {
+        match notice {
+            ConnectionNotice::CloseChannel { channel, error } => {
+                self.close_channel_by_broker(channel, error);
+            }
         }
     }
 
@@ -635,6 +658,8 @@ fn start_method() -> AMQPClass {
         "per_consumer_qos",
         "authentication_failure_close",
         "connection.blocked",
+        "consumer_priorities",
+        "direct_reply_to",
     ] {
         capabilities.insert(capability.into(), AMQPValue::Boolean(true));
     }

@@ -8,18 +8,71 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::protocol::{AMQPClass, basic};
-use parking_lot::Mutex;
-use warren_core::{Broker, ConnectionId, Effect, Outbox};
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::mpsc;
+use warren_core::{Broker, BrokerError, ConnectionId, Effect, Outbox};
 
 use crate::writer::{Outbound, OutboundQueue};
 
-pub type SharedHub = Arc<Mutex<Hub>>;
+/// How often the broker's timer runs (message TTLs, queue expiry, consumer
+/// timeouts): the precision of every deadline it enforces.
+pub const TIMER_TICK: Duration = Duration::from_millis(10);
+
+/// The hub, shared by every connection task and the timer.
+#[derive(Clone)]
+pub struct SharedHub(Arc<Mutex<Hub>>);
+
+impl SharedHub {
+    pub fn new(hub: Hub) -> Self {
+        Self(Arc::new(Mutex::new(hub)))
+    }
+
+    /// Locks the hub and tells the broker the time, so that every operation
+    /// sees the current time without the broker reading a clock itself.
+    pub fn lock(&self) -> MutexGuard<'_, Hub> {
+        let mut hub = self.0.lock();
+        hub.broker.advance_clock(wall_clock_ms());
+        hub
+    }
+
+    /// Runs the broker's timer until the task is dropped.
+    pub async fn run_timer(self) {
+        let mut interval = tokio::time::interval(TIMER_TICK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let mut hub = self.lock();
+            let mut out = Outbox::default();
+            hub.broker.tick(&mut out);
+            hub.dispatch(&mut out);
+        }
+    }
+}
+
+/// Milliseconds since the UNIX epoch: message TTLs are kept in wall-clock
+/// time so that they keep counting across a restart.
+pub fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// What the broker asks of a connection's reader, outside any request.
+#[derive(Debug)]
+pub enum ConnectionNotice {
+    /// Close this channel with this error (a consumer timeout).
+    CloseChannel { channel: u16, error: BrokerError },
+}
 
 pub struct Hub {
     pub broker: Broker,
     writers: HashMap<ConnectionId, OutboundQueue>,
+    /// Unbounded, yet bounded in practice: the broker asks at most once per
+    /// channel, and a connection has at most channel_max channels.
+    notices: HashMap<ConnectionId, mpsc::UnboundedSender<ConnectionNotice>>,
     next_connection: u64,
 }
 
@@ -28,6 +81,7 @@ impl Hub {
         Self {
             broker,
             writers: HashMap::new(),
+            notices: HashMap::new(),
             next_connection: 0,
         }
     }
@@ -37,13 +91,20 @@ impl Hub {
         ConnectionId(self.next_connection)
     }
 
-    pub fn register_writer(&mut self, connection: ConnectionId, writer: OutboundQueue) {
+    pub fn register_connection(
+        &mut self,
+        connection: ConnectionId,
+        writer: OutboundQueue,
+        notices: mpsc::UnboundedSender<ConnectionNotice>,
+    ) {
         self.writers.insert(connection, writer);
+        self.notices.insert(connection, notices);
     }
 
     /// Forgets a connection and releases what it held in the broker.
     pub fn remove_connection(&mut self, connection: ConnectionId) {
         self.writers.remove(&connection);
+        self.notices.remove(&connection);
         let mut out = Outbox::default();
         self.broker.close_connection(connection, &mut out);
         self.dispatch(&mut out);
@@ -56,6 +117,15 @@ impl Hub {
                 Effect::Deliver(delivery) => {
                     if let Some(writer) = self.writers.get(&delivery.connection) {
                         writer.send(Outbound::Deliver(delivery));
+                    }
+                }
+                Effect::CloseChannel {
+                    connection,
+                    channel,
+                    error,
+                } => {
+                    if let Some(notices) = self.notices.get(&connection) {
+                        let _ = notices.send(ConnectionNotice::CloseChannel { channel, error });
                     }
                 }
                 Effect::CancelConsumer {

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -14,7 +13,7 @@ use warren_core::Broker;
 
 use crate::config::AmqpConfig;
 use crate::connection;
-use crate::hub::{Hub, SharedHub};
+use crate::hub::{Hub, SharedHub, wall_clock_ms};
 use crate::storage::{self, StorageError, StorageSignals};
 
 /// How long shutdown waits for connections to finish their closing
@@ -47,12 +46,13 @@ impl AmqpServer {
             .unwrap_or(0x9E37_79B9_7F4A_7C15)
             ^ (std::process::id() as u64) << 32;
         let mut broker = Broker::new(&config.vhosts, config.limits.clone(), seed);
+        broker.advance_clock(wall_clock_ms());
         let (signals, disk_alarm) = storage::open(&mut broker, &config.storage)?;
         let listener = TcpListener::bind(address).await?;
         Ok(Self {
             listener,
             config: Arc::new(config),
-            hub: Arc::new(Mutex::new(Hub::new(broker))),
+            hub: SharedHub::new(Hub::new(broker)),
             signals,
             disk_alarm,
         })
@@ -65,8 +65,9 @@ impl AmqpServer {
     /// Accepts connections until `shutdown` turns true, then closes them all.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut connections = JoinSet::new();
+        let timer = tokio::spawn(self.hub.clone().run_timer());
         let disk_monitor = tokio::spawn(storage::watch_disk(
-            Arc::clone(&self.hub),
+            self.hub.clone(),
             self.config.storage.clone(),
             self.disk_alarm,
         ));
@@ -86,7 +87,7 @@ impl AmqpServer {
                             socket,
                             peer,
                             Arc::clone(&self.config),
-                            Arc::clone(&self.hub),
+                            self.hub.clone(),
                             self.signals.clone(),
                             shutdown.clone(),
                         ));
@@ -113,6 +114,7 @@ impl AmqpServer {
         .await;
         connections.abort_all();
         disk_monitor.abort();
+        timer.abort();
         if let Err(error) = self.hub.lock().broker.close_store() {
             error!(%error, "the message store did not close cleanly");
         }

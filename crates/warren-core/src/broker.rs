@@ -8,17 +8,20 @@
 //! connections' writers before releasing the lock, which keeps each
 //! connection's frames in the order the broker decided them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use amq_protocol::types::{FieldTable, ShortString};
 use warren_store::{MessageLog, RecordKind, Sequence, StoreError, Ticket};
 
+use crate::arguments::{Overflow, QueueArguments, QueueShape, message_expiration_ms};
 use crate::codec::encode_message;
+use crate::dead_letter::{DeadLetter, DeathReason};
 use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, validate_headers_binding};
-use crate::queue::{Queue, Stored};
+use crate::queue::{Expiry, MessageMeta, Queue, Stored};
+use crate::reply_to::ReplyConsumer;
 use crate::{ConnectionId, Message, QueueId};
 
 /// Bounds on what one channel may hold; each exists so that one peer cannot
@@ -68,6 +71,13 @@ pub enum Effect {
         channel: u16,
         consumer_tag: ShortString,
     },
+    /// The broker closes a channel (a consumer timeout): the connection
+    /// sends `channel.close` with this error and releases the channel.
+    CloseChannel {
+        connection: ConnectionId,
+        channel: u16,
+        error: BrokerError,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +102,9 @@ pub struct Published {
     /// Set when the log refused the message (it is poisoned); the publisher
     /// must be nacked.
     pub store_error: Option<StoreError>,
+    /// Set when a full queue with `x-overflow` = `reject-publish(-dlx)`
+    /// refused the message; the publisher must be nacked.
+    pub rejected: bool,
 }
 
 /// What `queue.declare` reports.
@@ -152,8 +165,11 @@ pub(crate) struct Unacked {
     pub(crate) sequence: Sequence,
     pub(crate) message: Arc<Message>,
     pub(crate) stored: Stored,
+    pub(crate) meta: MessageMeta,
     /// None for a message taken with `basic.get`.
     pub(crate) consumer_tag: Option<ShortString>,
+    /// When the queue's `x-consumer-timeout` runs out for this delivery.
+    pub(crate) ack_deadline_ms: Option<u64>,
 }
 
 #[derive(Default)]
@@ -168,17 +184,35 @@ pub(crate) struct ChannelState {
     pub(crate) paused: bool,
     pub(crate) consumers: HashMap<ShortString, QueueId>,
     pub(crate) deliveries_unwritten: u32,
+    /// The channel's direct reply-to consumer, if it has one.
+    pub(crate) reply_consumer: Option<ReplyConsumer>,
+    /// The earliest ack deadline among the unacked deliveries (it may
+    /// belong to a delivery acked since; the timer then looks again).
+    pub(crate) ack_deadline_ms: Option<u64>,
+    /// Set once a consumer timeout asked the connection to close the
+    /// channel: it gets no more deliveries meanwhile.
+    pub(crate) closing: bool,
 }
 
 impl ChannelState {
     pub(crate) fn accepts(&self, no_ack: bool, limits: &Limits) -> bool {
-        if self.paused || self.deliveries_unwritten >= limits.deliveries_unwritten_per_channel_max {
+        if self.paused
+            || self.closing
+            || self.deliveries_unwritten >= limits.deliveries_unwritten_per_channel_max
+        {
             return false;
         }
         no_ack
             || (self.unacked.len() < limits.unacked_per_channel_max
                 && (self.global_prefetch == 0
                     || self.unacked.len() < self.global_prefetch as usize))
+    }
+
+    /// Notes a delivery's acknowledgement deadline, if it has one.
+    pub(crate) fn track_ack_deadline(&mut self, deadline_ms: Option<u64>) {
+        if let Some(at) = deadline_ms {
+            self.ack_deadline_ms = Some(self.ack_deadline_ms.map_or(at, |current| current.min(at)));
+        }
     }
 
     pub(crate) fn take_delivery_tag(&mut self) -> u64 {
@@ -205,6 +239,15 @@ pub struct Broker {
     pub(crate) store: Option<Store>,
     pub(crate) name_state: u64,
     pub(crate) limits: Limits,
+    /// The time as the caller last gave it, ms since the UNIX epoch; never
+    /// goes backwards.
+    pub(crate) now_ms: u64,
+    /// Queues that want the timer at a given time (message expiry,
+    /// `x-expires`), earliest first.
+    pub(crate) timers: BTreeSet<(u64, QueueId)>,
+    /// Messages on their way to a dead-letter exchange; the delivery loop
+    /// routes them (see `deliver_all`).
+    pub(crate) dead_letters: Vec<DeadLetter>,
 }
 
 const BUILTIN_EXCHANGES: &[(&str, ExchangeKind)] = &[
@@ -227,6 +270,9 @@ impl Broker {
             store: None,
             name_state: seed | 1,
             limits,
+            now_ms: 0,
+            timers: BTreeSet::new(),
+            dead_letters: Vec::new(),
         };
         broker.add_vhost("/");
         for name in vhost_names {
@@ -325,12 +371,7 @@ impl Broker {
             self.detach_consumer(queue, connection, channel, tag.as_str(), out);
             touched.push(queue);
         }
-        for unacked in state.unacked.into_values() {
-            if let Some(queue) = self.queues.get_mut(&unacked.queue) {
-                queue.requeue(unacked.sequence, unacked.message, unacked.stored);
-                touched.push(unacked.queue);
-            }
-        }
+        touched.extend(self.requeue_or_discard(state.unacked.into_values().collect(), true));
         self.deliver_all(&touched, out);
     }
 
@@ -559,9 +600,16 @@ impl Broker {
     ) -> BrokerResult<QueueDeclared> {
         let vhost_name = self.vhost_of(connection)?;
         let mut name = declare.name.clone();
+        if declare.passive
+            && let Some(declared) = self.declare_reply_to_passive(name.as_str())
+        {
+            return declared;
+        }
         if let Some(id) = self.vhosts[&vhost_name].queues.get(name.as_str()).copied() {
-            let queue = &self.queues[&id];
+            let now_ms = self.now_ms;
+            let queue = self.queues.get_mut(&id).expect("named queues exist");
             queue.check_access(connection)?;
+            queue.last_used_ms = now_ms;
             if !declare.passive {
                 queue.check_equivalent(
                     declare.durable,
@@ -588,9 +636,20 @@ impl Broker {
                 "queue name '{name}' contains reserved prefix 'amq.*'"
             )));
         }
+        let args = QueueArguments::parse(
+            &declare.arguments,
+            &QueueShape {
+                name: name.as_str(),
+                vhost: &vhost_name,
+                durable: declare.durable,
+                exclusive: declare.exclusive,
+                auto_delete: declare.auto_delete,
+            },
+        )?;
         self.next_queue_id += 1;
         let id = QueueId(self.next_queue_id);
         let owner = declare.exclusive.then_some(connection);
+        let expires_ms = args.expires_ms;
         let queue = Queue::new(
             id,
             name.clone(),
@@ -599,8 +658,13 @@ impl Broker {
             owner,
             declare.auto_delete,
             declare.arguments,
+            args,
+            self.now_ms,
         );
         self.queues.insert(id, queue);
+        if let Some(expires_ms) = expires_ms {
+            self.schedule(id, self.now_ms.saturating_add(expires_ms));
+        }
         self.vhosts
             .get_mut(&vhost_name)
             .expect("connection's vhost exists")
@@ -662,6 +726,9 @@ impl Broker {
 
     /// Removes the queue's waiting messages; returns how many there were.
     pub fn purge_queue(&mut self, connection: ConnectionId, queue: &str) -> BrokerResult<u32> {
+        if crate::reply_to::is_reply_to_name(queue) {
+            return Err(BrokerError::not_found(format!("no queue '{queue}'")));
+        }
         let id = self.queue_for(connection, queue)?;
         let queue = self
             .queues
@@ -710,6 +777,9 @@ impl Broker {
         let Some(mut queue) = self.queues.remove(&id) else {
             return 0;
         };
+        if let Some(at) = queue.scheduled_ms {
+            self.timers.remove(&(at, id));
+        }
         let message_count = queue.ready_count() as u32;
         for (sequence, stored) in queue.drain() {
             // The topology no longer names the queue, so recovery ignores its
@@ -759,20 +829,20 @@ impl Broker {
 
     // ----- publishing ----------------------------------------------------
 
-    /// Routes a message and enqueues it on every queue it reaches; returns
-    /// how many queues that was (0: unroutable).
     /// Routes a message and enqueues it on every queue it reaches. A
     /// persistent message bound for a durable queue is appended to the log;
     /// the outcome carries the ticket to wait for before confirming it.
     pub fn publish(
         &mut self,
         connection: ConnectionId,
+        channel: u16,
         message: Arc<Message>,
         out: &mut Outbox,
     ) -> BrokerResult<Published> {
         let vhost_name = self.vhost_of(connection)?;
         let vhost = &self.vhosts[&vhost_name];
-        let exchange_name = message.exchange.as_str();
+        let exchange_name = message.exchange.clone();
+        let exchange_name = exchange_name.as_str();
         let Some(exchange) = vhost.exchanges.get(exchange_name) else {
             return Err(BrokerError::not_found(format!(
                 "no exchange '{exchange_name}' in vhost '{vhost_name}'"
@@ -783,26 +853,68 @@ impl Broker {
                 "cannot publish to internal exchange '{exchange_name}' in vhost '{vhost_name}'"
             )));
         }
-        let targets = route(vhost, exchange, &message);
+        message_expiration_ms(message.properties.expiration().as_ref())?;
+        let message = self.address_replies(connection, channel, message)?;
+        if exchange_name.is_empty() && crate::reply_to::is_reply_to_name(message.routing_key.as_str())
+        {
+            let routed = self.deliver_reply(message, out);
+            return Ok(Published {
+                routed,
+                ..Published::default()
+            });
+        }
+        let vhost = &self.vhosts[&vhost_name];
+        let targets = route(vhost, &vhost.exchanges[exchange_name], &message);
         let mut outcome = Published {
             routed: targets.len(),
-            ticket: None,
-            store_error: None,
+            ..Published::default()
         };
-        let persistent = message.is_persistent();
+        self.enqueue_routed(&targets, message, &mut outcome);
+        self.deliver_all(&targets, out);
+        // A message with a TTL of 0 that found no consumer expires now.
+        if self.expire_due_heads(&targets) {
+            self.deliver_all(&[], out);
+        }
+        Ok(outcome)
+    }
+
+    /// Puts a routed message on each of its queues, applying their length
+    /// limits; dead letters it causes are left for `deliver_all`.
+    pub(crate) fn enqueue_routed(
+        &mut self,
+        targets: &[QueueId],
+        message: Arc<Message>,
+        outcome: &mut Published,
+    ) {
         let log = self.store.as_ref().map(|store| &store.log);
+        let now_ms = self.now_ms;
         let mut payload: Option<Vec<u8>> = None;
-        for id in &targets {
+        let mut expiries = Vec::new();
+        let mut dead_letters = Vec::new();
+        for id in targets {
             let Some(queue) = self.queues.get_mut(id) else {
                 continue;
             };
+            if queue.args.overflow != Overflow::DropHead && queue.would_overflow(message.body.len())
+            {
+                outcome.rejected = true;
+                if queue.args.overflow == Overflow::RejectPublishDlx {
+                    dead_letters.push(DeadLetter {
+                        queue: *id,
+                        sequence: 0,
+                        message: Arc::clone(&message),
+                        stored: Stored::Nowhere,
+                        reason: DeathReason::Maxlen,
+                    });
+                }
+                continue;
+            }
             let sequence = queue.allocate_sequence();
             let mut stored = Stored::Nowhere;
-            if persistent
-                && queue.persists_messages()
+            if queue.persists(&message)
                 && let Some(log) = log
             {
-                let payload = payload.get_or_insert_with(|| encode_message(&message));
+                let payload = payload.get_or_insert_with(|| encode_message(&message, now_ms));
                 match log.append_message(RecordKind::Publish, id.0, sequence, payload) {
                     Ok((location, ticket)) => {
                         stored = Stored::Published(location);
@@ -811,10 +923,28 @@ impl Broker {
                     Err(error) => outcome.store_error = Some(error),
                 }
             }
-            queue.enqueue(sequence, Arc::clone(&message), stored, log);
+            let meta = queue.meta_for(&message, now_ms);
+            queue.enqueue(sequence, Arc::clone(&message), stored, meta, log);
+            while queue.over_length() {
+                let Some(dropped) = queue.pop_loaded(log, now_ms) else {
+                    break;
+                };
+                dead_letters.push(DeadLetter {
+                    queue: *id,
+                    sequence: dropped.sequence,
+                    message: dropped.message,
+                    stored: dropped.stored,
+                    reason: DeathReason::Maxlen,
+                });
+            }
+            if let Expiry::At(at) = meta.expires {
+                expiries.push((*id, at));
+            }
         }
-        self.deliver_all(&targets, out);
-        Ok(outcome)
+        self.dead_letters.append(&mut dead_letters);
+        for (id, at) in expiries {
+            self.schedule(id, at);
+        }
     }
 
     // ----- helpers -------------------------------------------------------
@@ -893,8 +1023,10 @@ impl Broker {
 }
 
 /// Every queue a message reaches from `exchange`, following exchange-to-
-/// exchange bindings once each, without duplicates.
-fn route(vhost: &VHost, exchange: &Exchange, message: &Message) -> Vec<QueueId> {
+/// exchange bindings once each, without duplicates. An exchange whose own
+/// bindings match nothing passes the message to its `alternate-exchange`,
+/// as RabbitMQ does.
+pub(crate) fn route(vhost: &VHost, exchange: &Exchange, message: &Message) -> Vec<QueueId> {
     let routing_key = message.routing_key.as_str();
     let mut queues = Vec::new();
     if exchange.name.as_str().is_empty() {
@@ -906,22 +1038,37 @@ fn route(vhost: &VHost, exchange: &Exchange, message: &Message) -> Vec<QueueId> 
     let headers = message.properties.headers().as_ref();
     let mut visited: Vec<&str> = vec![exchange.name.as_str()];
     let mut pending: Vec<&Exchange> = vec![exchange];
+    fn follow<'a>(
+        vhost: &'a VHost,
+        name: &str,
+        visited: &mut Vec<&'a str>,
+        pending: &mut Vec<&'a Exchange>,
+    ) {
+        if !visited.contains(&name)
+            && let Some(next) = vhost.exchanges.get(name)
+        {
+            visited.push(next.name.as_str());
+            pending.push(next);
+        }
+    }
     while let Some(exchange) = pending.pop() {
-        exchange.route(routing_key, headers, |destination| match destination {
-            Destination::Queue(id) => {
-                if !queues.contains(id) {
-                    queues.push(*id);
+        let mut matched_any = false;
+        exchange.route(routing_key, headers, |destination| {
+            matched_any = true;
+            match destination {
+                Destination::Queue(id) => {
+                    if !queues.contains(id) {
+                        queues.push(*id);
+                    }
                 }
-            }
-            Destination::Exchange(name) => {
-                if !visited.contains(&name.as_str())
-                    && let Some(next) = vhost.exchanges.get(name.as_str())
-                {
-                    visited.push(next.name.as_str());
-                    pending.push(next);
+                Destination::Exchange(name) => {
+                    follow(vhost, name.as_str(), &mut visited, &mut pending)
                 }
             }
         });
+        if !matched_any && let Some(alternate) = exchange.alternate_exchange() {
+            follow(vhost, alternate, &mut visited, &mut pending);
+        }
     }
     queues
 }

@@ -20,12 +20,17 @@ pub struct DecodeError {
 }
 
 /// Version of the message payload layout; the first byte of every payload.
-const MESSAGE_FORMAT: u8 = 1;
+/// Format 1 lacked the arrival time; it is still read.
+const MESSAGE_FORMAT: u8 = 2;
+const MESSAGE_FORMAT_WITHOUT_ARRIVAL: u8 = 1;
 
-/// `[format u8][exchange short][routing key short][properties len u32][properties][body]`.
-pub fn encode_message(message: &Message) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.body.len() + 64);
+/// `[format u8 = 2][arrived ms u64][exchange short][routing key short]
+/// [properties len u32][properties][body]`. The arrival time (ms since the
+/// epoch) lets a TTL keep counting across a restart.
+pub fn encode_message(message: &Message, arrived_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.body.len() + 72);
     out.push(MESSAGE_FORMAT);
+    out.extend_from_slice(&arrived_ms.to_le_bytes());
     put_short(&mut out, message.exchange.as_str());
     put_short(&mut out, message.routing_key.as_str());
     let properties = gen_properties(&message.properties)(WriteContext::from(Vec::new()))
@@ -38,11 +43,18 @@ pub fn encode_message(message: &Message) -> Vec<u8> {
 }
 
 pub fn decode_message(bytes: &[u8]) -> Result<Message, DecodeError> {
+    decode_stored_message(bytes).map(|(message, _)| message)
+}
+
+/// Decodes a payload and the arrival time it carries (None for format 1).
+pub fn decode_stored_message(bytes: &[u8]) -> Result<(Message, Option<u64>), DecodeError> {
     let error = DecodeError { what: "message" };
     let mut reader = Reader { bytes, position: 0 };
-    if reader.u8().ok_or(error.clone())? != MESSAGE_FORMAT {
-        return Err(error);
-    }
+    let arrived_ms = match reader.u8().ok_or(error.clone())? {
+        MESSAGE_FORMAT => Some(reader.u64().ok_or(error.clone())?),
+        MESSAGE_FORMAT_WITHOUT_ARRIVAL => None,
+        _ => return Err(error),
+    };
     let exchange = reader.short().ok_or(error.clone())?;
     let routing_key = reader.short().ok_or(error.clone())?;
     let properties_length = reader.u32().ok_or(error.clone())? as usize;
@@ -51,12 +63,13 @@ pub fn decode_message(bytes: &[u8]) -> Result<Message, DecodeError> {
         Ok((&[], properties)) => properties,
         _ => return Err(error),
     };
-    Ok(Message {
+    let message = Message {
         exchange,
         routing_key,
         properties,
         body: Bytes::copy_from_slice(reader.rest()),
-    })
+    };
+    Ok((message, arrived_ms))
 }
 
 pub(crate) fn put_short(out: &mut Vec<u8>, text: &str) {
@@ -142,7 +155,8 @@ mod tests {
                 .with_headers(headers),
             body: Bytes::from_static(b"payload"),
         };
-        let decoded = decode_message(&encode_message(&message)).unwrap();
+        let (decoded, arrived_ms) = decode_stored_message(&encode_message(&message, 1_700_000_000_123)).unwrap();
+        assert_eq!(arrived_ms, Some(1_700_000_000_123));
         assert_eq!(decoded.exchange, message.exchange);
         assert_eq!(decoded.routing_key, message.routing_key);
         assert_eq!(decoded.properties, message.properties);
@@ -157,7 +171,7 @@ mod tests {
             properties: BasicProperties::default(),
             body: Bytes::new(),
         };
-        let encoded = encode_message(&message);
+        let encoded = encode_message(&message, 0);
         assert!(decode_message(&encoded[..encoded.len() - 3]).is_err());
         assert!(decode_message(&[9]).is_err());
     }

@@ -5,16 +5,20 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use amq_protocol::types::ShortString;
+use amq_protocol::types::{AMQPValue, ShortString};
 
 use warren_store::MessageLog;
 
+use crate::arguments::consumer_priority;
 use crate::broker::{ConnectionState, Unacked, forget_stored, message_log};
+use crate::dead_letter::{DeadLetter, DeathReason};
 use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult};
-use crate::queue::{Dequeued, Stored};
+use crate::queue::{Dequeued, Expiry, Stored};
 use crate::queue::{Queue, QueueConsumer};
-use crate::{Broker, ConnectionId, Consume, Delivery, Effect, GetOk, Limits, Outbox, QueueId};
+use crate::{
+    Broker, ConnectionId, Consume, Delivery, Effect, GetOk, Limits, Message, Outbox, QueueId,
+};
 
 impl Broker {
     pub fn consume(
@@ -24,7 +28,11 @@ impl Broker {
         consume: Consume,
         out: &mut Outbox,
     ) -> BrokerResult<ShortString> {
+        if crate::reply_to::is_reply_to_name(consume.queue.as_str()) {
+            return self.consume_replies(connection, channel, consume);
+        }
         let id = self.queue_for(connection, consume.queue.as_str())?;
+        let priority = consumer_priority(&consume.arguments)?;
         let tag = if consume.consumer_tag.as_str().is_empty() {
             ShortString::from(self.generate_name("amq.ctag-"))
         } else {
@@ -34,7 +42,12 @@ impl Broker {
         let state = self
             .channel_mut(connection, channel)
             .expect("consume on an open channel");
-        if state.consumers.contains_key(&tag) {
+        if state.consumers.contains_key(&tag)
+            || state
+                .reply_consumer
+                .as_ref()
+                .is_some_and(|reply| reply.tag == tag)
+        {
             return Err(BrokerError::not_allowed(format!(
                 "attempt to reuse consumer tag '{tag}'"
             )));
@@ -63,6 +76,7 @@ impl Broker {
             tag: tag.clone(),
             no_ack: consume.no_ack,
             exclusive: consume.exclusive,
+            priority,
             prefetch_count,
             unacked: 0,
         });
@@ -83,10 +97,18 @@ impl Broker {
         consumer_tag: &str,
         out: &mut Outbox,
     ) -> bool {
-        let Some(queue) = self
-            .channel_mut(connection, channel)
-            .and_then(|state| state.consumers.remove(consumer_tag))
-        else {
+        let Some(state) = self.channel_mut(connection, channel) else {
+            return false;
+        };
+        if state
+            .reply_consumer
+            .as_ref()
+            .is_some_and(|reply| reply.tag.as_str() == consumer_tag)
+        {
+            state.reply_consumer = None;
+            return true;
+        }
+        let Some(queue) = state.consumers.remove(consumer_tag) else {
             return false;
         };
         self.detach_consumer(queue, connection, channel, consumer_tag, out);
@@ -106,13 +128,26 @@ impl Broker {
         let Some(queue) = self.queues.get_mut(&id) else {
             return;
         };
-        queue.consumers.retain(|consumer| {
-            !(consumer.connection == connection
+        let Some(index) = queue.consumers.iter().position(|consumer| {
+            consumer.connection == connection
                 && consumer.channel == channel
-                && consumer.tag.as_str() == consumer_tag)
-        });
+                && consumer.tag.as_str() == consumer_tag
+        }) else {
+            return;
+        };
+        queue.consumers.remove(index);
+        if queue.args.single_active_consumer && index == 0 {
+            promote_single_active_consumer(queue);
+        }
         if queue.auto_delete && queue.had_consumer && queue.consumers.is_empty() {
             self.delete_queue_by_id(id, out);
+            return;
+        }
+        if queue.consumers.is_empty()
+            && let Some(expires_ms) = queue.args.expires_ms
+        {
+            queue.last_used_ms = self.now_ms;
+            self.schedule(id, self.now_ms.saturating_add(expires_ms));
         }
     }
 
@@ -122,22 +157,36 @@ impl Broker {
         channel: u16,
         queue: &str,
         no_ack: bool,
+        out: &mut Outbox,
     ) -> BrokerResult<Option<GetOk>> {
         let id = self.queue_for(connection, queue)?;
+        let now_ms = self.now_ms;
         let queue = self
             .queues
             .get_mut(&id)
             .expect("queue_for returns live queues");
+        queue.last_used_ms = now_ms;
         let log = message_log(self.store.as_ref());
-        let Some(taken) = queue.dequeue(log) else {
+        let mut expired = Vec::new();
+        let taken = queue.dequeue(log, now_ms, &mut expired);
+        let message_count = queue.ready_count() as u32;
+        let ack_deadline_ms = queue
+            .args
+            .consumer_timeout_ms
+            .map(|timeout| now_ms.saturating_add(timeout));
+        let message = taken.as_ref().map(|taken| message_for_delivery(queue, taken));
+        if let Some(taken) = &taken {
+            if no_ack {
+                forget_stored(self.store.as_ref(), true, id, taken.sequence, taken.stored);
+            } else {
+                record_delivery(log, id, taken);
+            }
+        }
+        self.expired(id, expired);
+        self.deliver_all(&[], out);
+        let (Some(taken), Some(message)) = (taken, message) else {
             return Ok(None);
         };
-        let message_count = queue.ready_count() as u32;
-        if no_ack {
-            forget_stored(self.store.as_ref(), true, id, taken.sequence, taken.stored);
-        } else {
-            record_delivery(log, id, &taken);
-        }
         let state = self
             .connections
             .get_mut(&connection)
@@ -145,21 +194,24 @@ impl Broker {
             .expect("get on an open channel");
         let delivery_tag = state.take_delivery_tag();
         if !no_ack {
+            state.track_ack_deadline(ack_deadline_ms);
             state.unacked.insert(
                 delivery_tag,
                 Unacked {
                     queue: id,
                     sequence: taken.sequence,
-                    message: Arc::clone(&taken.message),
+                    message: taken.message,
                     stored: taken.stored,
+                    meta: taken.meta,
                     consumer_tag: None,
+                    ack_deadline_ms,
                 },
             );
         }
         Ok(Some(GetOk {
             delivery_tag,
             redelivered: taken.redelivered,
-            message: taken.message,
+            message,
             message_count,
         }))
     }
@@ -192,7 +244,12 @@ impl Broker {
         out: &mut Outbox,
     ) -> BrokerResult<()> {
         let settled = self.settle(connection, channel, delivery_tag, multiple)?;
-        let touched = self.requeue_or_discard(settled, requeue);
+        let how = if requeue {
+            Settled::Requeue
+        } else {
+            Settled::Rejected
+        };
+        let touched = self.settle_all(settled, how);
         self.after_settle(connection, channel, &touched, out);
         Ok(())
     }
@@ -207,33 +264,67 @@ impl Broker {
         self.after_settle(connection, channel, &touched, out);
     }
 
-    /// Puts settled deliveries back in their queues, or lets them go.
+    /// Puts settled deliveries back in their queues (`requeue`), or lets
+    /// them go: acked, or rejected and dead-lettered where the queue has a
+    /// dead-letter exchange. A quorum queue counts each return and
+    /// dead-letters a message returned more often than its delivery limit.
     pub(crate) fn requeue_or_discard(
         &mut self,
         settled: Vec<Unacked>,
         requeue: bool,
     ) -> Vec<QueueId> {
+        self.settle_all(settled, if requeue { Settled::Requeue } else { Settled::Acked })
+    }
+
+    pub(crate) fn settle_all(&mut self, settled: Vec<Unacked>, how: Settled) -> Vec<QueueId> {
         let mut touched = Vec::with_capacity(settled.len());
         for unacked in settled {
             touched.push(unacked.queue);
-            match self.queues.get_mut(&unacked.queue) {
-                Some(queue) if requeue => {
-                    queue.requeue(unacked.sequence, unacked.message, unacked.stored)
-                }
-                Some(_) => forget_stored(
+            let Some(queue) = self.queues.get_mut(&unacked.queue) else {
+                forget_stored(
+                    self.store.as_ref(),
+                    false,
+                    unacked.queue,
+                    unacked.sequence,
+                    unacked.stored,
+                );
+                continue;
+            };
+            let dead_letter = |reason| DeadLetter {
+                queue: unacked.queue,
+                sequence: unacked.sequence,
+                message: Arc::clone(&unacked.message),
+                stored: unacked.stored,
+                reason,
+            };
+            match how {
+                Settled::Acked => forget_stored(
                     self.store.as_ref(),
                     true,
                     unacked.queue,
                     unacked.sequence,
                     unacked.stored,
                 ),
-                None => forget_stored(
-                    self.store.as_ref(),
-                    false,
-                    unacked.queue,
-                    unacked.sequence,
-                    unacked.stored,
-                ),
+                Settled::Rejected => self.dead_letters.push(dead_letter(DeathReason::Rejected)),
+                Settled::Requeue => {
+                    let mut meta = unacked.meta;
+                    if queue.is_quorum() {
+                        meta.returns += 1;
+                        if queue
+                            .args
+                            .delivery_limit
+                            .is_some_and(|limit| meta.returns as u64 > limit)
+                        {
+                            self.dead_letters
+                                .push(dead_letter(DeathReason::DeliveryLimit));
+                            continue;
+                        }
+                    }
+                    queue.requeue(unacked.sequence, unacked.message, unacked.stored, meta);
+                    if let Expiry::At(at) = meta.expires {
+                        self.schedule(unacked.queue, at);
+                    }
+                }
             }
         }
         touched
@@ -304,22 +395,48 @@ impl Broker {
 
     // ----- delivery ------------------------------------------------------
 
+    /// Delivers what the given queues hold to their consumers, then routes
+    /// the dead letters that this (or the operation before it) produced,
+    /// and delivers from the queues they reach, until none are left. Cycle
+    /// detection in dead-lettering ends every chain.
     pub(crate) fn deliver_all(&mut self, queues: &[QueueId], out: &mut Outbox) {
-        for (index, id) in queues.iter().enumerate() {
-            if queues[..index].contains(id) {
-                continue;
-            }
-            if let Some(queue) = self.queues.get_mut(id) {
-                deliver(
+        let mut round = queues.to_vec();
+        loop {
+            for (index, id) in round.iter().enumerate() {
+                if round[..index].contains(id) {
+                    continue;
+                }
+                let Some(queue) = self.queues.get_mut(id) else {
+                    continue;
+                };
+                let expired = deliver(
                     *id,
                     queue,
                     &mut self.connections,
                     &self.limits,
                     self.store.as_ref(),
+                    self.now_ms,
                     out,
                 );
+                self.expired(*id, expired);
             }
+            if self.dead_letters.is_empty() {
+                return;
+            }
+            round = self.route_dead_letters();
         }
+    }
+
+    /// Messages that expired in `queue`, on their way out.
+    pub(crate) fn expired(&mut self, queue: QueueId, expired: Vec<Dequeued>) {
+        self.dead_letters
+            .extend(expired.into_iter().map(|taken| DeadLetter {
+                queue,
+                sequence: taken.sequence,
+                message: taken.message,
+                stored: taken.stored,
+                reason: DeathReason::Expired,
+            }));
     }
 
     pub(crate) fn deliver_to_channel(
@@ -336,36 +453,67 @@ impl Broker {
     }
 }
 
-/// Hands a queue's waiting messages to its consumers, round-robin, while any
-/// consumer has room.
+/// How settled deliveries leave their channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Acknowledged: gone for good.
+    Acked,
+    /// Rejected or nacked without requeue: dead-lettered if the queue has a
+    /// dead-letter exchange, else gone.
+    Rejected,
+    /// Back to the queue, at its original position.
+    Requeue,
+}
+
+/// Hands a queue's waiting messages to its consumers while any consumer has
+/// room: the highest-priority consumers with room first, round-robin among
+/// equals; only the first consumer of a single-active-consumer queue.
+/// Returns the expired messages found at the head on the way.
 fn deliver(
     queue_id: QueueId,
     queue: &mut Queue,
     connections: &mut HashMap<ConnectionId, ConnectionState>,
     limits: &Limits,
     store: Option<&Store>,
+    now_ms: u64,
     out: &mut Outbox,
-) {
+) -> Vec<Dequeued> {
     let log = message_log(store);
+    let mut expired = Vec::new();
+    let ack_deadline_ms = queue
+        .args
+        .consumer_timeout_ms
+        .map(|timeout| now_ms.saturating_add(timeout));
     while queue.ready_count() > 0 {
-        let count = queue.consumers.len();
-        let chosen = (0..count)
-            .map(|offset| (queue.next_consumer + offset) % count)
-            .find(|&index| {
-                let consumer = &queue.consumers[index];
-                consumer.has_credit()
-                    && connections
-                        .get(&consumer.connection)
-                        .and_then(|state| state.channels.get(&consumer.channel))
-                        .is_some_and(|state| state.accepts(consumer.no_ack, limits))
-            });
+        let count = if queue.args.single_active_consumer {
+            queue.consumers.len().min(1)
+        } else {
+            queue.consumers.len()
+        };
+        let mut chosen: Option<usize> = None;
+        for offset in 0..count {
+            let index = (queue.next_consumer + offset) % count;
+            let consumer = &queue.consumers[index];
+            if chosen.is_some_and(|best| queue.consumers[best].priority >= consumer.priority) {
+                continue;
+            }
+            let ready = consumer.has_credit()
+                && connections
+                    .get(&consumer.connection)
+                    .and_then(|state| state.channels.get(&consumer.channel))
+                    .is_some_and(|state| state.accepts(consumer.no_ack, limits));
+            if ready {
+                chosen = Some(index);
+            }
+        }
         let Some(index) = chosen else {
-            return;
+            break;
         };
         queue.next_consumer = (index + 1) % count;
-        let Some(taken) = queue.dequeue(log) else {
-            return;
+        let Some(taken) = queue.dequeue(log, now_ms, &mut expired) else {
+            break;
         };
+        let message = message_for_delivery(queue, &taken);
         let consumer = &mut queue.consumers[index];
         let state = connections
             .get_mut(&consumer.connection)
@@ -377,14 +525,17 @@ fn deliver(
         } else {
             record_delivery(log, queue_id, &taken);
             consumer.unacked += 1;
+            state.track_ack_deadline(ack_deadline_ms);
             state.unacked.insert(
                 delivery_tag,
                 Unacked {
                     queue: queue_id,
                     sequence: taken.sequence,
-                    message: Arc::clone(&taken.message),
+                    message: taken.message,
                     stored: taken.stored,
+                    meta: taken.meta,
                     consumer_tag: Some(consumer.tag.clone()),
+                    ack_deadline_ms,
                 },
             );
         }
@@ -395,9 +546,46 @@ fn deliver(
             consumer_tag: consumer.tag.clone(),
             delivery_tag,
             redelivered: taken.redelivered,
-            message: taken.message,
+            message,
         }));
     }
+    expired
+}
+
+/// The message as a consumer sees it: a quorum queue tells how often it
+/// came back before in an `x-delivery-count` header.
+fn message_for_delivery(queue: &Queue, taken: &Dequeued) -> Arc<Message> {
+    if !queue.is_quorum() || taken.meta.returns == 0 {
+        return Arc::clone(&taken.message);
+    }
+    let mut headers = taken.message.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(taken.meta.returns as i64),
+    );
+    Arc::new(Message {
+        exchange: taken.message.exchange.clone(),
+        routing_key: taken.message.routing_key.clone(),
+        properties: taken.message.properties.clone().with_headers(headers),
+        body: taken.message.body.clone(),
+    })
+}
+
+/// After the active consumer of a single-active-consumer queue leaves, the
+/// one with the highest priority (the earliest among equals) takes over; it
+/// is moved to the front, where `deliver` looks.
+fn promote_single_active_consumer(queue: &mut Queue) {
+    let Some(best) = queue
+        .consumers
+        .iter()
+        .enumerate()
+        .max_by_key(|(index, consumer)| (consumer.priority, std::cmp::Reverse(*index)))
+        .map(|(index, _)| index)
+    else {
+        return;
+    };
+    queue.consumers[..=best].rotate_right(1);
+    queue.next_consumer = 0;
 }
 
 /// Notes in the log that a persistent message went to a consumer, so that

@@ -11,7 +11,8 @@ use crate::broker::VHost;
 use crate::codec::{Reader, put_short, put_table};
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
-use crate::queue::Queue;
+use crate::arguments::{QueueArguments, QueueShape};
+use crate::queue::{MessageMeta, Queue, load};
 use crate::{Broker, ConnectionId, ExchangeDeclare, Outbox, QueueDeclare, QueueDeclared, QueueId};
 
 /// The broker's handle on disk.
@@ -191,8 +192,19 @@ impl Broker {
                 Some(queue) => {
                     summary.messages += messages.len();
                     queue.reserve(messages.len());
+                    let read_each = queue.recovery_reads_messages();
                     for message in messages {
-                        queue.push_recovered(message.sequence, message.location, message.delivered);
+                        let known = if read_each {
+                            recovered_meta(queue, &log, message.location, self.now_ms)
+                        } else {
+                            None
+                        };
+                        queue.push_recovered(
+                            message.sequence,
+                            message.location,
+                            message.delivered,
+                            known,
+                        );
                     }
                 }
                 None => {
@@ -208,6 +220,16 @@ impl Broker {
             topology,
             saved_topology: entries,
         });
+        // Queues with a TTL or an expiry start their clocks now.
+        let timed: Vec<QueueId> = self
+            .queues
+            .values()
+            .filter(|queue| queue.args.message_ttl_ms.is_some() || queue.args.expires_ms.is_some())
+            .map(|queue| queue.id)
+            .collect();
+        for id in timed {
+            self.schedule(id, self.now_ms);
+        }
         Ok(summary)
     }
 
@@ -286,14 +308,35 @@ impl Broker {
                 let arguments = reader.table()?;
                 self.add_vhost(vhost.as_str());
                 self.next_queue_id = self.next_queue_id.max(id.0);
+                let auto_delete = flags & 1 != 0;
+                // The arguments were validated when the queue was declared;
+                // should a later version read them differently, the queue
+                // still comes back, with the defaults.
+                let args = QueueArguments::parse(
+                    &arguments,
+                    &QueueShape {
+                        name: name.as_str(),
+                        vhost: vhost.as_str(),
+                        durable: true,
+                        exclusive: false,
+                        auto_delete,
+                    },
+                )
+                .unwrap_or_else(|error| {
+                    tracing::warn!(queue = %name, error = %error.text,
+                        "recovered queue arguments are invalid; using defaults");
+                    QueueArguments::default()
+                });
                 let queue = Queue::new(
                     id,
                     name.clone(),
                     vhost.to_string(),
                     true,
                     None,
-                    flags & 1 != 0,
+                    auto_delete,
                     arguments,
+                    args,
+                    self.now_ms,
                 );
                 self.queues.insert(id, queue);
                 self.vhosts.get_mut(vhost.as_str())?.queues.insert(name, id);
@@ -403,4 +446,20 @@ fn encode_topology(
     exchanges.extend(queue_entries);
     exchanges.extend(bindings);
     exchanges
+}
+
+/// Reads a recovered message to learn its priority, expiry and size, for a
+/// queue whose order or limits depend on them. An unreadable message is
+/// placed by what the record alone says; its read fails again, and is
+/// reported, when it reaches the head.
+fn recovered_meta(
+    queue: &Queue,
+    log: &MessageLog,
+    location: warren_store::Location,
+    now_ms: u64,
+) -> Option<(MessageMeta, u32)> {
+    let (message, arrived_ms) =
+        load(Some(log), crate::queue::Stored::Published(location)).ok()?;
+    let meta = queue.meta_for(&message, arrived_ms.unwrap_or(now_ms));
+    Some((meta, message.body.len() as u32))
 }

@@ -63,6 +63,16 @@ pub struct Exchange {
 impl Exchange {
     /// Calls `matched` with the destination of every binding that the
     /// message's routing key and headers select.
+    /// The `alternate-exchange` argument: where messages this exchange
+    /// cannot route go instead.
+    pub fn alternate_exchange(&self) -> Option<&str> {
+        match self.arguments.inner().get("alternate-exchange") {
+            Some(AMQPValue::LongString(name)) => std::str::from_utf8(name.as_bytes()).ok(),
+            Some(AMQPValue::ShortString(name)) => Some(name.as_str()),
+            _ => None,
+        }
+    }
+
     pub fn route(
         &self,
         routing_key: &str,

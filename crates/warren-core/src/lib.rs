@@ -5,14 +5,19 @@
 //! server calls [`Broker`] operations and carries out the [`Effect`]s they
 //! return. It never touches a socket and never parses a frame.
 
+pub mod arguments;
 mod broker;
 pub mod codec;
+mod dead_letter;
 mod delivery;
 mod durable;
 mod error;
 mod exchange;
 mod message;
+mod priority;
 mod queue;
+mod reply_to;
+mod timers;
 
 pub use broker::{
     Broker, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox, Published,
@@ -22,7 +27,9 @@ pub use durable::{RecoveryError, RecoverySummary};
 pub use error::{BrokerError, BrokerResult, ErrorCode};
 pub use exchange::{ExchangeKind, headers_match, topic_matches};
 pub use message::Message;
+pub use dead_letter::DeathReason;
 pub use queue::{RESIDENT_BYTES_MAX, RESIDENT_MESSAGES_MAX};
+pub use reply_to::REPLY_TO_QUEUE;
 
 /// Identifies one client connection for the broker's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

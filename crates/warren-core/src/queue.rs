@@ -6,8 +6,10 @@ use std::sync::Arc;
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use warren_store::{Backlog, Location, MemoryBacklog, MessageLog, RecordKind, Sequence};
 
-use crate::codec::{decode_message, encode_message};
+use crate::arguments::{QueueArguments, QueueType, message_expiration_ms};
+use crate::codec::{decode_stored_message, encode_message};
 use crate::error::{BrokerError, BrokerResult};
+use crate::priority::PriorityBacklog;
 use crate::{ConnectionId, Message, QueueId};
 
 /// Messages a queue keeps in memory; past this many, or past
@@ -38,6 +40,47 @@ impl Stored {
     }
 }
 
+/// When a waiting message expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Never,
+    /// Milliseconds since the UNIX epoch.
+    At(u64),
+    /// Recovered from the log and not read yet: the stored arrival time
+    /// gives the expiry once the message is loaded.
+    Unknown,
+}
+
+impl Expiry {
+    pub fn is_due(self, now_ms: u64) -> bool {
+        matches!(self, Expiry::At(at) if at <= now_ms)
+    }
+}
+
+/// What a queue knows about a message besides its bytes; it travels with
+/// the message through delivery and requeue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageMeta {
+    /// The priority level it waits at (0 outside priority queues).
+    pub priority: u8,
+    /// A requeued message keeps its original expiry, as in RabbitMQ.
+    pub expires: Expiry,
+    /// How many times it came back unacknowledged (quorum queues count
+    /// these against `x-delivery-limit`).
+    pub returns: u32,
+    /// When it entered the queue, ms since the epoch (0: not known yet).
+    pub arrived_ms: u64,
+}
+
+impl MessageMeta {
+    pub const RECOVERED: MessageMeta = MessageMeta {
+        priority: 0,
+        expires: Expiry::Unknown,
+        returns: 0,
+        arrived_ms: 0,
+    };
+}
+
 /// A message waiting in a queue.
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {
@@ -46,6 +89,9 @@ pub struct QueuedMessage {
     pub stored: Stored,
     /// Set once the message has been delivered and came back unacknowledged.
     pub redelivered: bool,
+    pub meta: MessageMeta,
+    /// Body size, counted against `x-max-length-bytes`.
+    pub body_bytes: u32,
 }
 
 /// A message taken from the head of a queue.
@@ -55,6 +101,7 @@ pub struct Dequeued {
     pub message: Arc<Message>,
     pub stored: Stored,
     pub redelivered: bool,
+    pub meta: MessageMeta,
 }
 
 /// A consumer as its queue sees it.
@@ -65,6 +112,9 @@ pub struct QueueConsumer {
     pub tag: ShortString,
     pub no_ack: bool,
     pub exclusive: bool,
+    /// `x-priority`: consumers with a higher priority and room are served
+    /// first.
+    pub priority: i32,
     /// Per-consumer prefetch (0: unlimited), fixed when the consumer starts.
     pub prefetch_count: u16,
     /// Deliveries to this consumer not yet acked.
@@ -86,10 +136,19 @@ pub struct Queue {
     pub exclusive_owner: Option<ConnectionId>,
     pub auto_delete: bool,
     pub arguments: FieldTable,
+    /// The validated form of `arguments`.
+    pub args: QueueArguments,
     backlog: Box<dyn Backlog<QueuedMessage>>,
     next_sequence: Sequence,
     resident_messages: usize,
     resident_bytes: usize,
+    /// Body bytes of every waiting message, resident or not.
+    ready_bytes: u64,
+    /// When the queue was last used (consumed from, read with `basic.get`,
+    /// redeclared): `x-expires` counts from here.
+    pub last_used_ms: u64,
+    /// The deadline the broker's timer holds for this queue, if any.
+    pub scheduled_ms: Option<u64>,
     pub consumers: Vec<QueueConsumer>,
     /// Where the next round-robin search for a consumer starts.
     pub next_consumer: usize,
@@ -128,6 +187,7 @@ const EQUIVALENCE_CHECKED_ARGUMENTS: &[&str] = &[
 ];
 
 impl Queue {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: QueueId,
         name: ShortString,
@@ -136,7 +196,13 @@ impl Queue {
         exclusive_owner: Option<ConnectionId>,
         auto_delete: bool,
         arguments: FieldTable,
+        args: QueueArguments,
+        now_ms: u64,
     ) -> Self {
+        let backlog: Box<dyn Backlog<QueuedMessage>> = match args.max_priority {
+            Some(max) => Box::new(PriorityBacklog::new(max)),
+            None => Box::new(MemoryBacklog::default()),
+        };
         Self {
             id,
             name,
@@ -145,10 +211,14 @@ impl Queue {
             exclusive_owner,
             auto_delete,
             arguments,
-            backlog: Box::new(MemoryBacklog::default()),
+            args,
+            backlog,
             next_sequence: 0,
             resident_messages: 0,
             resident_bytes: 0,
+            ready_bytes: 0,
+            last_used_ms: now_ms,
+            scheduled_ms: None,
             consumers: Vec::new(),
             next_consumer: 0,
             had_consumer: false,
@@ -166,6 +236,71 @@ impl Queue {
         self.durable && self.exclusive_owner.is_none()
     }
 
+    /// Whether a message is written to the log here: a persistent one in a
+    /// queue that persists messages, and every message in a quorum queue.
+    pub fn persists(&self, message: &Message) -> bool {
+        self.persists_messages()
+            && (message.is_persistent() || self.args.queue_type == QueueType::Quorum)
+    }
+
+    /// What the queue records about a message arriving now.
+    pub fn meta_for(&self, message: &Message, arrived_ms: u64) -> MessageMeta {
+        let priority = match self.args.max_priority {
+            Some(max) => message.properties.priority().unwrap_or(0).min(max),
+            None => 0,
+        };
+        MessageMeta {
+            priority,
+            expires: self.expiry_of(message, arrived_ms),
+            returns: 0,
+            arrived_ms,
+        }
+    }
+
+    /// When a message that arrived at `arrived_ms` expires here: the lower
+    /// of the queue's `x-message-ttl` and the message's `expiration`.
+    fn expiry_of(&self, message: &Message, arrived_ms: u64) -> Expiry {
+        // An invalid expiration was refused at publish; a stored one that
+        // does not parse is ignored rather than losing the message.
+        let message_ttl = message_expiration_ms(message.properties.expiration().as_ref())
+            .ok()
+            .flatten();
+        let ttl = match (self.args.message_ttl_ms, message_ttl) {
+            (Some(queue), Some(message)) => Some(queue.min(message)),
+            (queue, message) => queue.or(message),
+        };
+        ttl.map_or(Expiry::Never, |ttl| {
+            Expiry::At(arrived_ms.saturating_add(ttl))
+        })
+    }
+
+    pub fn is_quorum(&self) -> bool {
+        self.args.queue_type == QueueType::Quorum
+    }
+
+    /// Whether the queue holds more than `x-max-length` or
+    /// `x-max-length-bytes` allow.
+    pub fn over_length(&self) -> bool {
+        self.args
+            .max_length
+            .is_some_and(|max| self.backlog.len() as u64 > max)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes > max)
+    }
+
+    /// Whether one more message of `body_bytes` would exceed a length limit.
+    pub fn would_overflow(&self, body_bytes: usize) -> bool {
+        self.args
+            .max_length
+            .is_some_and(|max| self.backlog.len() as u64 >= max)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes + body_bytes as u64 > max)
+    }
+
     pub fn allocate_sequence(&mut self) -> Sequence {
         self.next_sequence += 1;
         self.next_sequence
@@ -179,6 +314,7 @@ impl Queue {
         sequence: Sequence,
         message: Arc<Message>,
         mut stored: Stored,
+        meta: MessageMeta,
         log: Option<&MessageLog>,
     ) {
         let over_limits = self.resident_messages >= RESIDENT_MESSAGES_MAX
@@ -191,7 +327,7 @@ impl Queue {
                 RecordKind::Paged,
                 self.id.0,
                 sequence,
-                &encode_message(&message),
+                &encode_message(&message, meta.arrived_ms),
             ) {
                 Ok((location, _)) => stored = Stored::Paged(location),
                 Err(error) => log_paging_failure(&error),
@@ -202,55 +338,154 @@ impl Queue {
             self.resident_messages += 1;
             self.resident_bytes += message.body.len();
         }
+        self.ready_bytes += message.body.len() as u64;
         self.backlog.push_back(
             sequence,
             QueuedMessage {
+                body_bytes: message.body.len() as u32,
                 message: keep_in_memory.then_some(message),
                 stored,
                 redelivered: false,
+                meta,
             },
         );
     }
+
 
     pub fn reserve(&mut self, additional: usize) {
         self.backlog.reserve(additional);
     }
 
     /// A message recovered from the log: only its location is kept; the
-    /// body is read when the message reaches the head.
-    pub fn push_recovered(&mut self, sequence: Sequence, location: Location, delivered: bool) {
+    /// body is read when the message reaches the head. A queue whose order
+    /// or limits depend on the message (priority, byte limit) is told what
+    /// they are by the caller, which read it.
+    pub fn push_recovered(
+        &mut self,
+        sequence: Sequence,
+        location: Location,
+        delivered: bool,
+        known: Option<(MessageMeta, u32)>,
+    ) {
         self.next_sequence = self.next_sequence.max(sequence);
+        // Without the message at hand, its size is estimated from the record.
+        let (meta, body_bytes) = known.unwrap_or((MessageMeta::RECOVERED, location.length));
+        self.ready_bytes += body_bytes as u64;
         self.backlog.push_back(
             sequence,
             QueuedMessage {
                 message: None,
                 stored: Stored::Published(location),
                 redelivered: delivered,
+                meta,
+                body_bytes,
             },
         );
     }
 
+    /// Whether recovery must read each message to place it (priority
+    /// queues) or to count its bytes (byte-limited queues).
+    pub fn recovery_reads_messages(&self) -> bool {
+        self.args.max_priority.is_some() || self.args.max_length_bytes.is_some()
+    }
+
     /// A message that was delivered and came back unacknowledged.
-    pub fn requeue(&mut self, sequence: Sequence, message: Arc<Message>, stored: Stored) {
+    pub fn requeue(
+        &mut self,
+        sequence: Sequence,
+        message: Arc<Message>,
+        stored: Stored,
+        meta: MessageMeta,
+    ) {
         self.resident_messages += 1;
         self.resident_bytes += message.body.len();
+        self.ready_bytes += message.body.len() as u64;
         self.backlog.requeue(
             sequence,
             QueuedMessage {
+                body_bytes: message.body.len() as u32,
                 message: Some(message),
                 stored,
                 redelivered: true,
+                meta,
             },
         );
     }
 
     /// Takes the head message, reading its body from the log if it was
-    /// paged out. A body that cannot be read is logged and skipped: the
-    /// message is lost, which a checksum failure on disk leaves no way to
-    /// avoid.
-    pub fn dequeue(&mut self, log: Option<&MessageLog>) -> Option<Dequeued> {
+    /// paged out. Expired messages met on the way are put in `expired`. A
+    /// body that cannot be read is logged and skipped: the message is lost,
+    /// which a checksum failure on disk leaves no way to avoid.
+    pub fn dequeue(
+        &mut self,
+        log: Option<&MessageLog>,
+        now_ms: u64,
+        expired: &mut Vec<Dequeued>,
+    ) -> Option<Dequeued> {
+        loop {
+            let taken = self.pop_loaded(log, now_ms)?;
+            // A message with a TTL of 0 is still delivered to a consumer
+            // waiting the moment it arrives, as RabbitMQ does.
+            let fresh = taken.meta.expires == Expiry::At(now_ms) && taken.meta.arrived_ms == now_ms;
+            if taken.meta.expires.is_due(now_ms) && !fresh {
+                expired.push(taken);
+                continue;
+            }
+            return Some(taken);
+        }
+    }
+
+    /// Moves expired messages from the head into `expired`; returns when
+    /// the head message expires next, if it ever does.
+    pub fn expire_head(
+        &mut self,
+        log: Option<&MessageLog>,
+        now_ms: u64,
+        expired: &mut Vec<Dequeued>,
+    ) -> Option<u64> {
+        let head = loop {
+            let taken = self.pop_loaded(log, now_ms)?;
+            if !taken.meta.expires.is_due(now_ms) {
+                break taken;
+            }
+            expired.push(taken);
+        };
+        let next = match head.meta.expires {
+            Expiry::At(at) => Some(at),
+            _ => None,
+        };
+        self.put_back(head);
+        next
+    }
+
+    /// Whether the head's expiry is known without reading the log.
+    pub fn head_expiry(&self) -> Option<Expiry> {
+        self.backlog.front().map(|(_, queued)| queued.meta.expires)
+    }
+
+    /// Returns a message taken by `pop_loaded` to the head, unchanged.
+    fn put_back(&mut self, taken: Dequeued) {
+        self.resident_messages += 1;
+        self.resident_bytes += taken.message.body.len();
+        self.ready_bytes += taken.message.body.len() as u64;
+        self.backlog.requeue(
+            taken.sequence,
+            QueuedMessage {
+                body_bytes: taken.message.body.len() as u32,
+                message: Some(taken.message),
+                stored: taken.stored,
+                redelivered: taken.redelivered,
+                meta: taken.meta,
+            },
+        );
+    }
+
+    /// Takes the head message with its body in memory, whatever its expiry.
+    pub fn pop_loaded(&mut self, log: Option<&MessageLog>, now_ms: u64) -> Option<Dequeued> {
         loop {
             let (sequence, queued) = self.backlog.pop_front()?;
+            self.ready_bytes -= queued.body_bytes as u64;
+            let mut meta = queued.meta;
             let message = match queued.message {
                 Some(message) => {
                     self.resident_messages -= 1;
@@ -258,7 +493,16 @@ impl Queue {
                     message
                 }
                 None => match load(log, queued.stored) {
-                    Ok(message) => Arc::new(message),
+                    Ok((message, arrived_ms)) => {
+                        // A message stored before arrival times were kept
+                        // counts as arriving now.
+                        let arrived_ms = arrived_ms.unwrap_or(now_ms);
+                        if meta.expires == Expiry::Unknown {
+                            meta.expires = self.expiry_of(&message, arrived_ms);
+                            meta.arrived_ms = arrived_ms;
+                        }
+                        Arc::new(message)
+                    }
                     Err(reason) => {
                         log_unreadable(&self.describe(), sequence, &reason);
                         if let (Some(log), Some(location)) = (log, queued.stored.location()) {
@@ -273,6 +517,7 @@ impl Queue {
                 message,
                 stored: queued.stored,
                 redelivered: queued.redelivered,
+                meta,
             });
         }
     }
@@ -281,6 +526,7 @@ impl Queue {
     pub fn drain(&mut self) -> Vec<(Sequence, Stored)> {
         self.resident_messages = 0;
         self.resident_bytes = 0;
+        self.ready_bytes = 0;
         let mut drained = Vec::with_capacity(self.backlog.len());
         while let Some((sequence, queued)) = self.backlog.pop_front() {
             drained.push((sequence, queued.stored));
@@ -387,12 +633,16 @@ pub(crate) fn describe_argument(value: Option<&AMQPValue>) -> String {
     }
 }
 
-fn load(log: Option<&MessageLog>, stored: Stored) -> Result<Message, String> {
+/// Reads a stored message and the time it arrived (ms since the epoch).
+pub(crate) fn load(
+    log: Option<&MessageLog>,
+    stored: Stored,
+) -> Result<(Message, Option<u64>), String> {
     let (Some(log), Some(location)) = (log, stored.location()) else {
         return Err("the message was paged out but no log is attached".to_owned());
     };
     let payload = log.read(location).map_err(|error| error.to_string())?;
-    decode_message(&payload).map_err(|error| error.to_string())
+    decode_stored_message(&payload).map_err(|error| error.to_string())
 }
 
 fn log_unreadable(queue: &str, sequence: Sequence, reason: &str) {

@@ -49,7 +49,7 @@ fn message(exchange: &str, routing_key: &str, body: &str) -> Arc<Message> {
 fn publish(broker: &mut Broker, exchange: &str, routing_key: &str, body: &str) -> usize {
     let mut out = Outbox::default();
     let routed = broker
-        .publish(A, message(exchange, routing_key, body), &mut out)
+        .publish(A, 1, message(exchange, routing_key, body), &mut out)
         .unwrap()
         .routed;
     assert!(out.effects.is_empty(), "no consumer expected");
@@ -82,7 +82,7 @@ fn deliveries(out: &mut Outbox) -> Vec<Delivery> {
         .into_iter()
         .filter_map(|effect| match effect {
             Effect::Deliver(delivery) => Some(delivery),
-            Effect::CancelConsumer { .. } => None,
+            Effect::CancelConsumer { .. } | Effect::CloseChannel { .. } => None,
         })
         .collect()
 }
@@ -192,7 +192,7 @@ fn consumers_share_a_queue_round_robin() {
     consume(&mut broker, B, "q", "b", &mut out);
     for index in 0..4 {
         broker
-            .publish(A, message("", "q", &index.to_string()), &mut out)
+            .publish(A, 1, message("", "q", &index.to_string()), &mut out)
             .unwrap();
     }
     let tags: Vec<String> = deliveries(&mut out)
@@ -211,7 +211,7 @@ fn prefetch_limits_unacked_deliveries_and_acks_release_more() {
     consume(&mut broker, A, "q", "c", &mut out);
     for index in 0..5 {
         broker
-            .publish(A, message("", "q", &index.to_string()), &mut out)
+            .publish(A, 1, message("", "q", &index.to_string()), &mut out)
             .unwrap();
     }
     let first = deliveries(&mut out);
@@ -231,7 +231,7 @@ fn closing_a_channel_requeues_in_original_order_marked_redelivered() {
     consume(&mut broker, A, "q", "c", &mut out);
     for index in 1..=5 {
         broker
-            .publish(B, message("", "q", &index.to_string()), &mut out)
+            .publish(B, 1, message("", "q", &index.to_string()), &mut out)
             .unwrap();
     }
     let delivered = deliveries(&mut out);
@@ -243,7 +243,7 @@ fn closing_a_channel_requeues_in_original_order_marked_redelivered() {
     assert!(deliveries(&mut out).is_empty());
     broker.open_channel(A, 2);
     let mut redelivered = Vec::new();
-    while let Some(got) = broker.get(A, 2, "q", true).unwrap() {
+    while let Some(got) = broker.get(A, 2, "q", true, &mut Outbox::default()).unwrap() {
         assert!(got.redelivered);
         redelivered.push(String::from_utf8(got.message.body.to_vec()).unwrap());
     }
@@ -256,13 +256,13 @@ fn nack_with_requeue_returns_message_to_the_head() {
     declare(&mut broker, A, "q");
     publish(&mut broker, "", "q", "first");
     publish(&mut broker, "", "q", "second");
-    let got = broker.get(A, 1, "q", false).unwrap().unwrap();
+    let got = broker.get(A, 1, "q", false, &mut Outbox::default()).unwrap().unwrap();
     assert!(!got.redelivered);
     let mut out = Outbox::default();
     broker
         .reject(A, 1, got.delivery_tag, false, true, &mut out)
         .unwrap();
-    let again = broker.get(A, 1, "q", false).unwrap().unwrap();
+    let again = broker.get(A, 1, "q", false, &mut Outbox::default()).unwrap().unwrap();
     assert_eq!(&again.message.body[..], b"first");
     assert!(again.redelivered);
 }
@@ -272,7 +272,7 @@ fn unknown_and_double_acks_are_precondition_failed() {
     let mut broker = broker();
     declare(&mut broker, A, "q");
     publish(&mut broker, "", "q", "x");
-    let got = broker.get(A, 1, "q", false).unwrap().unwrap();
+    let got = broker.get(A, 1, "q", false, &mut Outbox::default()).unwrap().unwrap();
     let mut out = Outbox::default();
     assert_eq!(
         code(broker.ack(A, 1, 99, false, &mut out)),
@@ -391,7 +391,7 @@ fn deleting_a_queue_cancels_its_consumers() {
                 consumer_tag,
                 ..
             } => Some((connection, consumer_tag)),
-            Effect::Deliver(_) => None,
+            Effect::Deliver(_) | Effect::CloseChannel { .. } => None,
         })
         .collect();
     assert_eq!(cancelled, [(B, ShortString::from("watcher"))]);
@@ -442,7 +442,7 @@ fn a_channel_that_does_not_drain_stops_receiving() {
         .unwrap();
     for index in 0..10 {
         broker
-            .publish(A, message("", "q", &index.to_string()), &mut out)
+            .publish(A, 1, message("", "q", &index.to_string()), &mut out)
             .unwrap();
     }
     assert_eq!(deliveries(&mut out).len(), 3);

@@ -67,8 +67,7 @@ fn transient_messages_past_the_memory_window_are_paged_out_and_come_back_in_orde
     let count = warren_core::RESIDENT_MESSAGES_MAX + 500;
     for index in 0..count {
         broker
-            .publish(
-                CONNECTION,
+            .publish(CONNECTION, 1,
                 message("big", format!("m{index}"), false),
                 &mut Outbox::default(),
             )
@@ -85,12 +84,12 @@ fn transient_messages_past_the_memory_window_are_paged_out_and_come_back_in_orde
     }
     for index in 0..count {
         let got = broker
-            .get(CONNECTION, 1, "big", true)
+            .get(CONNECTION, 1, "big", true, &mut Outbox::default())
             .unwrap()
             .expect("message");
         assert_eq!(got.message.body, format!("m{index}").as_bytes());
     }
-    assert!(broker.get(CONNECTION, 1, "big", true).unwrap().is_none());
+    assert!(broker.get(CONNECTION, 1, "big", true, &mut Outbox::default()).unwrap().is_none());
 }
 
 #[test]
@@ -100,8 +99,7 @@ fn after_a_failed_fsync_persistent_publishes_report_the_store_error() {
     declare(&mut broker, "jobs", true);
     fs.fail_next_syncs(1);
     let first = broker
-        .publish(
-            CONNECTION,
+        .publish(CONNECTION, 1,
             message("jobs", "first".into(), true),
             &mut Outbox::default(),
         )
@@ -116,8 +114,7 @@ fn after_a_failed_fsync_persistent_publishes_report_the_store_error() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let second = broker
-        .publish(
-            CONNECTION,
+        .publish(CONNECTION, 1,
             message("jobs", "second".into(), true),
             &mut Outbox::default(),
         )
@@ -141,8 +138,7 @@ fn a_message_redelivered_after_a_crash_stays_marked_after_a_clean_restart() {
         let mut broker = broker_on(&fs);
         declare(&mut broker, "jobs", true);
         let published = broker
-            .publish(
-                CONNECTION,
+            .publish(CONNECTION, 1,
                 message("jobs", "once".into(), true),
                 &mut Outbox::default(),
             )
@@ -159,7 +155,7 @@ fn a_message_redelivered_after_a_crash_stays_marked_after_a_clean_restart() {
     }
     let mut broker = broker_on(&fs);
     let got = broker
-        .get(CONNECTION, 1, "jobs", false)
+        .get(CONNECTION, 1, "jobs", false, &mut Outbox::default())
         .unwrap()
         .expect("recovered");
     assert!(got.redelivered);
@@ -168,7 +164,7 @@ fn a_message_redelivered_after_a_crash_stays_marked_after_a_clean_restart() {
     broker.close_store().unwrap();
     let mut broker = broker_on(&fs);
     let again = broker
-        .get(CONNECTION, 1, "jobs", true)
+        .get(CONNECTION, 1, "jobs", true, &mut Outbox::default())
         .unwrap()
         .expect("still there");
     assert!(

@@ -71,7 +71,7 @@ fn the_first_format_version_recovers() {
     assert_eq!(declared.message_count, 4);
 
     let mut seen = Vec::new();
-    while let Some(got) = broker.get(connection, 1, "fixture.queue", true).unwrap() {
+    while let Some(got) = broker.get(connection, 1, "fixture.queue", true, &mut Outbox::default()).unwrap() {
         let message = &got.message;
         let headers = message.properties.headers().as_ref().expect("headers kept");
         let number = match headers.inner().get("n") {
@@ -107,7 +107,7 @@ fn the_first_format_version_recovers() {
     });
     assert_eq!(
         broker
-            .publish(connection, message, &mut Outbox::default())
+            .publish(connection, 1, message, &mut Outbox::default())
             .unwrap()
             .routed,
         1

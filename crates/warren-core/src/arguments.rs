@@ -1,0 +1,354 @@
+//! RabbitMQ's optional queue arguments (`x-message-ttl`, `x-max-length`,
+//! ...) and per-message extensions (`expiration`), parsed and validated
+//! once when a queue is declared. A value of the wrong type or out of range
+//! is refused with 406 PRECONDITION_FAILED, naming the argument, as
+//! RabbitMQ does.
+
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+
+use crate::error::{BrokerError, BrokerResult};
+use crate::exchange::as_integer;
+
+/// The longest TTL, expiry or timeout a queue accepts, in milliseconds:
+/// RabbitMQ's limit (2^32 - 1 ms, about 49.7 days), which keeps deadlines
+/// far from overflow.
+pub const DURATION_MAX_MS: u64 = u32::MAX as u64;
+
+/// The highest priority level a queue may declare (`x-max-priority`).
+pub const PRIORITY_MAX: u8 = 255;
+
+/// Redeliveries a quorum queue allows when `x-delivery-limit` is not given:
+/// RabbitMQ 4's default, so that a poison message cannot loop forever.
+pub const QUORUM_DELIVERY_LIMIT_DEFAULT: u64 = 20;
+
+/// What a full queue (`x-max-length`, `x-max-length-bytes`) does with a new
+/// message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Drops (or dead-letters) the oldest messages to make room.
+    #[default]
+    DropHead,
+    /// Refuses the new message; a confirming publisher gets `basic.nack`.
+    RejectPublish,
+    /// Refuses it as above and dead-letters it.
+    RejectPublishDlx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    #[default]
+    Classic,
+    /// Accepted for compatibility: always durable, every message written to
+    /// disk, and redeliveries limited by `x-delivery-limit`.
+    Quorum,
+}
+
+/// A queue's validated arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueArguments {
+    pub message_ttl_ms: Option<u64>,
+    pub expires_ms: Option<u64>,
+    pub dead_letter_exchange: Option<ShortString>,
+    pub dead_letter_routing_key: Option<ShortString>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    pub max_priority: Option<u8>,
+    pub single_active_consumer: bool,
+    pub queue_type: QueueType,
+    /// Returns of one message to the queue before it is dead-lettered with
+    /// reason `delivery_limit` (quorum queues only).
+    pub delivery_limit: Option<u64>,
+    pub consumer_timeout_ms: Option<u64>,
+}
+
+/// What the queue is, for error messages and for the rules that depend on
+/// the queue's own flags.
+pub struct QueueShape<'a> {
+    pub name: &'a str,
+    pub vhost: &'a str,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+}
+
+impl QueueArguments {
+    pub fn parse(arguments: &FieldTable, queue: &QueueShape<'_>) -> BrokerResult<Self> {
+        let invalid = |key: &str, reason: String| {
+            BrokerError::precondition_failed(format!(
+                "invalid arg '{key}' for queue '{}' in vhost '{}': {reason}",
+                queue.name, queue.vhost
+            ))
+        };
+        let table = arguments.inner();
+        let integer = |key: &str, minimum: i128, maximum: i128| -> BrokerResult<Option<u64>> {
+            let Some(value) = table.get(key) else {
+                return Ok(None);
+            };
+            let Some(number) = as_integer(value) else {
+                return Err(invalid(
+                    key,
+                    format!("expected an integer, got {}", type_name(value)),
+                ));
+            };
+            if number < minimum {
+                return Err(invalid(
+                    key,
+                    format!("value {number} is below the minimum {minimum}"),
+                ));
+            }
+            if number > maximum {
+                return Err(invalid(
+                    key,
+                    format!("value {number} is above the maximum {maximum}"),
+                ));
+            }
+            Ok(Some(number as u64))
+        };
+        let text = |key: &str| -> BrokerResult<Option<ShortString>> {
+            match table.get(key) {
+                None => Ok(None),
+                Some(value) => match as_text(value) {
+                    Some(text) if text.len() <= 255 => Ok(Some(ShortString::from(text))),
+                    Some(_) => Err(invalid(key, "longer than 255 bytes".to_owned())),
+                    None => Err(invalid(
+                        key,
+                        format!("expected a string, got {}", type_name(value)),
+                    )),
+                },
+            }
+        };
+        let duration_max = DURATION_MAX_MS as i128;
+
+        let queue_type = match text("x-queue-type")?.as_ref().map(|t| t.as_str()) {
+            None | Some("classic") => QueueType::Classic,
+            Some("quorum") => QueueType::Quorum,
+            Some("stream") => {
+                return Err(invalid(
+                    "x-queue-type",
+                    "stream queues are not supported by Warren; declare 'classic' or 'quorum'"
+                        .to_owned(),
+                ));
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "x-queue-type",
+                    format!("unknown queue type '{other}'; expected 'classic' or 'quorum'"),
+                ));
+            }
+        };
+        if queue_type == QueueType::Quorum {
+            // RabbitMQ refuses these with the same code: a quorum queue
+            // outlives every connection and is always on disk.
+            for (flag, set) in [
+                ("non-durable", !queue.durable),
+                ("exclusive", queue.exclusive),
+                ("auto-delete", queue.auto_delete),
+            ] {
+                if set {
+                    return Err(BrokerError::precondition_failed(format!(
+                        "invalid property '{flag}' for quorum queue '{}' in vhost '{}'",
+                        queue.name, queue.vhost
+                    )));
+                }
+            }
+        }
+
+        let overflow = match text("x-overflow")?.as_ref().map(|t| t.as_str()) {
+            None | Some("drop-head") => Overflow::DropHead,
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+            Some(other) => {
+                return Err(invalid(
+                    "x-overflow",
+                    format!(
+                        "unknown value '{other}'; expected 'drop-head', 'reject-publish' or \
+                         'reject-publish-dlx'"
+                    ),
+                ));
+            }
+        };
+        match text("x-queue-mode")?.as_ref().map(|t| t.as_str()) {
+            // Every Warren queue already keeps only a window in memory, which
+            // is what "lazy" asks for.
+            None | Some("default") | Some("lazy") => {}
+            Some(other) => {
+                return Err(invalid(
+                    "x-queue-mode",
+                    format!("unknown value '{other}'; expected 'default' or 'lazy'"),
+                ));
+            }
+        }
+        let single_active_consumer = match table.get("x-single-active-consumer") {
+            None => false,
+            Some(AMQPValue::Boolean(flag)) => *flag,
+            Some(other) => {
+                return Err(invalid(
+                    "x-single-active-consumer",
+                    format!("expected a boolean, got {}", type_name(other)),
+                ));
+            }
+        };
+        let dead_letter_exchange = text("x-dead-letter-exchange")?;
+        let dead_letter_routing_key = text("x-dead-letter-routing-key")?;
+        if dead_letter_routing_key.is_some() && dead_letter_exchange.is_none() {
+            return Err(invalid(
+                "x-dead-letter-routing-key",
+                "x-dead-letter-exchange must also be given".to_owned(),
+            ));
+        }
+        let delivery_limit = integer("x-delivery-limit", 0, i64::MAX as i128)?;
+        Ok(Self {
+            message_ttl_ms: integer("x-message-ttl", 0, duration_max)?,
+            expires_ms: integer("x-expires", 1, duration_max)?,
+            dead_letter_exchange,
+            dead_letter_routing_key,
+            max_length: integer("x-max-length", 0, i64::MAX as i128)?,
+            max_length_bytes: integer("x-max-length-bytes", 0, i64::MAX as i128)?,
+            overflow,
+            max_priority: integer("x-max-priority", 1, PRIORITY_MAX as i128)?
+                .map(|priority| priority as u8),
+            single_active_consumer,
+            queue_type,
+            delivery_limit: match queue_type {
+                QueueType::Quorum => delivery_limit.or(Some(QUORUM_DELIVERY_LIMIT_DEFAULT)),
+                QueueType::Classic => None,
+            },
+            consumer_timeout_ms: integer("x-consumer-timeout", 1, duration_max)?,
+        })
+    }
+}
+
+/// The `x-priority` argument of `basic.consume` (0 when absent).
+pub fn consumer_priority(arguments: &FieldTable) -> BrokerResult<i32> {
+    match arguments.inner().get("x-priority") {
+        None => Ok(0),
+        Some(value) => match as_integer(value) {
+            Some(number) if (i32::MIN as i128..=i32::MAX as i128).contains(&number) => {
+                Ok(number as i32)
+            }
+            _ => Err(BrokerError::precondition_failed(format!(
+                "invalid arg 'x-priority' for basic.consume: expected an integer, got {}",
+                type_name(value)
+            ))),
+        },
+    }
+}
+
+/// A message's `expiration` property: a TTL in milliseconds written as a
+/// decimal string, as RabbitMQ requires.
+pub fn message_expiration_ms(expiration: Option<&ShortString>) -> BrokerResult<Option<u64>> {
+    let Some(expiration) = expiration else {
+        return Ok(None);
+    };
+    let text = expiration.as_str();
+    match text.parse::<u64>() {
+        Ok(ms) if ms <= DURATION_MAX_MS && !text.starts_with('+') => Ok(Some(ms)),
+        _ => Err(BrokerError::precondition_failed(format!(
+            "invalid expiration '{text}': expected milliseconds as a non-negative integer \
+             of at most {DURATION_MAX_MS}"
+        ))),
+    }
+}
+
+pub(crate) fn as_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.to_string()),
+        _ => None,
+    }
+}
+
+fn type_name(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::Boolean(_) => "a boolean",
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => "a string",
+        AMQPValue::FieldTable(_) => "a table",
+        AMQPValue::FieldArray(_) => "an array",
+        AMQPValue::Float(_) | AMQPValue::Double(_) | AMQPValue::DecimalValue(_) => "a fraction",
+        AMQPValue::Void => "void",
+        AMQPValue::ByteArray(_) => "a byte array",
+        _ => "an integer",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> QueueShape<'static> {
+        QueueShape {
+            name: "q",
+            vhost: "/",
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+        }
+    }
+
+    fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (key, value) in entries {
+            table.insert((*key).into(), value.clone());
+        }
+        table
+    }
+
+    #[test]
+    fn valid_arguments_are_parsed() {
+        let parsed = QueueArguments::parse(
+            &table(&[
+                ("x-message-ttl", AMQPValue::LongInt(500)),
+                ("x-max-length", AMQPValue::LongLongInt(10)),
+                ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+                ("x-max-priority", AMQPValue::ShortShortUInt(9)),
+                ("x-dead-letter-exchange", AMQPValue::LongString("dlx".into())),
+                ("x-queue-type", AMQPValue::LongString("quorum".into())),
+            ]),
+            &shape(),
+        )
+        .unwrap();
+        assert_eq!(parsed.message_ttl_ms, Some(500));
+        assert_eq!(parsed.max_length, Some(10));
+        assert_eq!(parsed.overflow, Overflow::RejectPublish);
+        assert_eq!(parsed.max_priority, Some(9));
+        assert_eq!(parsed.dead_letter_exchange.as_ref().unwrap().as_str(), "dlx");
+        assert_eq!(parsed.delivery_limit, Some(QUORUM_DELIVERY_LIMIT_DEFAULT));
+    }
+
+    #[test]
+    fn bad_values_name_the_argument() {
+        for (key, value) in [
+            ("x-max-length", AMQPValue::LongInt(-1)),
+            ("x-message-ttl", AMQPValue::LongString("abc".into())),
+            ("x-overflow", AMQPValue::LongString("bogus".into())),
+            ("x-max-priority", AMQPValue::LongInt(256)),
+            ("x-expires", AMQPValue::LongInt(0)),
+            ("x-single-active-consumer", AMQPValue::LongInt(1)),
+            ("x-queue-type", AMQPValue::LongString("stream".into())),
+            ("x-dead-letter-routing-key", AMQPValue::LongString("k".into())),
+        ] {
+            let error = QueueArguments::parse(&table(&[(key, value)]), &shape()).unwrap_err();
+            assert_eq!(error.code, crate::ErrorCode::PreconditionFailed);
+            assert!(error.text.contains(key), "{key}: {}", error.text);
+        }
+    }
+
+    #[test]
+    fn quorum_queues_must_be_durable() {
+        let mut transient = shape();
+        transient.durable = false;
+        let quorum = table(&[("x-queue-type", AMQPValue::LongString("quorum".into()))]);
+        let error = QueueArguments::parse(&quorum, &transient).unwrap_err();
+        assert!(error.text.contains("non-durable"));
+    }
+
+    #[test]
+    fn expirations_are_decimal_milliseconds() {
+        assert_eq!(message_expiration_ms(Some(&"250".into())).unwrap(), Some(250));
+        assert_eq!(message_expiration_ms(None).unwrap(), None);
+        for bad in ["abc", "-1", "1.5", "+5", ""] {
+            assert!(message_expiration_ms(Some(&bad.into())).is_err(), "{bad}");
+        }
+    }
+}
