@@ -9,6 +9,18 @@ yields a `Broker` handle, and on teardown sends SIGTERM and asserts that the
 process exits with status 0 within 10 s.
 
 WARREN_BIN defaults to <repo>/target/release/warren.
+
+External mode: with WARREN_TEST_EXTERNAL_AMQP=HOST:PORT set, the `broker`
+fixture starts nothing and yields an `ExternalBroker` pointing at that AMQP
+0-9-1 broker (for instance a RabbitMQ node started by scripts/rabbitmq.sh),
+so the same tests can be checked against RabbitMQ. The connection uses
+guest/guest on vhost "/" unless WARREN_TEST_EXTERNAL_USER,
+WARREN_TEST_EXTERNAL_PASSWORD or WARREN_TEST_EXTERNAL_VHOST say otherwise.
+Tests that need a Warren process of their own (restarts, a config file, its
+log) are skipped in that mode: `broker_factory` and `start_broker` skip, and
+a test can be marked `@pytest.mark.warren_only("why")`. The broker is shared
+by every test, so tests run against it must use unique names (see
+`unique_name`) and delete what they declare.
 """
 
 from __future__ import annotations
@@ -20,7 +32,9 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from typing import Callable, Iterable, List, Optional
+from urllib.parse import quote
 
 import pika
 import pytest
@@ -48,8 +62,87 @@ def _split_addr(addr: str):
     return host, int(port)
 
 
+EXTERNAL_ENV = "WARREN_TEST_EXTERNAL_AMQP"
+
+
+def external_addr() -> Optional[str]:
+    """HOST:PORT of the external broker the tests run against, or None."""
+    addr = os.environ.get(EXTERNAL_ENV, "").strip()
+    return addr or None
+
+
+def unique_name(prefix: str = "t") -> str:
+    """A queue/exchange name no other test (or earlier run) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class ExternalBroker:
+    """An AMQP broker the tests did not start (WARREN_TEST_EXTERNAL_AMQP).
+
+    Offers the connection half of `Broker` (host, port, url, params, connect,
+    channel, close_connections); `log()` is empty since its log is not ours.
+    """
+
+    external = True
+
+    def __init__(self, addr: str):
+        self.host, self.port = _split_addr(addr)
+        self.username = os.environ.get("WARREN_TEST_EXTERNAL_USER", "guest")
+        self.password = os.environ.get("WARREN_TEST_EXTERNAL_PASSWORD", "guest")
+        self.vhost = os.environ.get("WARREN_TEST_EXTERNAL_VHOST", "/")
+        self._connections: List[pika.BlockingConnection] = []
+
+    @property
+    def url(self) -> str:
+        return (f"amqp://{quote(self.username, safe='')}:{quote(self.password, safe='')}"
+                f"@{self.host}:{self.port}/{quote(self.vhost, safe='')}")
+
+    def params(self, username: Optional[str] = None, password: Optional[str] = None,
+               vhost: Optional[str] = None, **kwargs) -> pika.ConnectionParameters:
+        kwargs.setdefault("connection_attempts", 1)
+        kwargs.setdefault("socket_timeout", 10)
+        kwargs.setdefault("stack_timeout", 15)
+        kwargs.setdefault("blocked_connection_timeout", 30)
+        return pika.ConnectionParameters(
+            host=self.host,
+            port=self.port,
+            virtual_host=self.vhost if vhost is None else vhost,
+            credentials=pika.PlainCredentials(
+                self.username if username is None else username,
+                self.password if password is None else password,
+            ),
+            **kwargs,
+        )
+
+    def connect(self, **kwargs) -> pika.BlockingConnection:
+        conn = pika.BlockingConnection(self.params(**kwargs))
+        self._connections.append(conn)
+        return conn
+
+    def channel(self, **kwargs):
+        conn = self.connect(**kwargs)
+        return conn, conn.channel()
+
+    def close_connections(self) -> None:
+        for conn in self._connections:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # noqa: BLE001 - best effort during teardown
+                pass
+        self._connections.clear()
+
+    def log(self, tail: Optional[int] = None) -> str:
+        return ""
+
+    def log_lines(self) -> List[str]:
+        return []
+
+
 class Broker:
     """A running `warren serve` process."""
+
+    external = False
 
     def __init__(self, proc: subprocess.Popen, workdir: pathlib.Path):
         self.proc = proc
@@ -193,6 +286,8 @@ def start_broker(
     config: Optional[str] = None,
     extra_args: Iterable[str] = (),
 ) -> Broker:
+    if external_addr() is not None:
+        pytest.skip(f"starts its own Warren process ({EXTERNAL_ENV} is set)")
     binary = warren_bin()
     if not binary.exists():
         pytest.fail(
@@ -274,7 +369,19 @@ _active_brokers: "dict[str, List[Broker]]" = {}
 
 @pytest.fixture
 def broker(request, tmp_path):
-    """A fresh broker per test (isolated state, checked clean shutdown)."""
+    """A fresh broker per test (isolated state, checked clean shutdown).
+
+    With WARREN_TEST_EXTERNAL_AMQP set: the external broker instead (shared,
+    nothing started or stopped; only the test's connections are closed).
+    """
+    addr = external_addr()
+    if addr is not None:
+        ext = ExternalBroker(addr)
+        try:
+            yield ext
+        finally:
+            ext.close_connections()
+        return
     b = start_broker(tmp_path / "warren")
     _active_brokers.setdefault(request.node.nodeid, []).append(b)
     try:
@@ -286,6 +393,8 @@ def broker(request, tmp_path):
 @pytest.fixture
 def broker_factory(request, tmp_path):
     """Start extra brokers (e.g. with a config file): factory(config=None)."""
+    if external_addr() is not None:
+        pytest.skip(f"starts its own Warren processes ({EXTERNAL_ENV} is set)")
     started: List[Broker] = []
 
     def factory(config: Optional[str] = None, extra_args: Iterable[str] = ()) -> Broker:
@@ -321,7 +430,22 @@ def pytest_runtest_makereport(item, call):
         _active_brokers.pop(item.nodeid, None)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "warren_only(reason): checks Warren-specific behaviour; skipped when the "
+        "tests run against an external broker (WARREN_TEST_EXTERNAL_AMQP)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
+    if external_addr() is not None:
+        for item in items:
+            marker = item.get_closest_marker("warren_only")
+            if marker is not None:
+                why = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+                item.add_marker(pytest.mark.skip(
+                    reason=f"Warren only ({why})" if why else "Warren only"))
     # A hung broker must not hang the whole run: default per-test timeout
     # (pytest-timeout) unless a test sets its own.
     if not config.pluginmanager.hasplugin("timeout"):

@@ -200,7 +200,11 @@ impl Connection {
     /// The broker closes a channel on its own (a consumer timeout), unless
     /// the client is already closing it.
     pub(crate) fn close_channel_by_broker(&mut self, number: u16, error: BrokerError) {
-        if self.channels.get(&number).is_some_and(|state| !state.closing) {
+        if self
+            .channels
+            .get(&number)
+            .is_some_and(|state| !state.closing)
+        {
             tracing::warn!(connection = self.id.0, channel = number, error = %error.text,
                 "closing channel");
             self.close_channel_on_error(number, error, 0, 0);
@@ -674,9 +678,9 @@ impl Connection {
             basic::AMQPMethod::Get(get) => {
                 let mut hub = self.hub.lock();
                 let mut outbox = Outbox::default();
-                let got = hub
-                    .broker
-                    .get(self.id, number, get.queue.as_str(), get.no_ack, &mut outbox);
+                let got =
+                    hub.broker
+                        .get(self.id, number, get.queue.as_str(), get.no_ack, &mut outbox);
                 hub.dispatch(&mut outbox);
                 match got? {
                     Some(got) => self.out.send(Outbound::WithContent(

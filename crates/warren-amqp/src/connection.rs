@@ -225,10 +225,7 @@ impl Connection {
             }
             hub.broker
                 .open_connection(self.id, vhost, capabilities.consumer_cancel_notify);
-            let notices = self
-                .notices_sender
-                .take()
-                .expect("a connection opens once");
+            let notices = self.notices_sender.take().expect("a connection opens once");
             hub.register_connection(self.id, self.out.clone(), notices);
             self.opened = true;
         }

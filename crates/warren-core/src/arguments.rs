@@ -302,7 +302,10 @@ mod tests {
                 ("x-max-length", AMQPValue::LongLongInt(10)),
                 ("x-overflow", AMQPValue::LongString("reject-publish".into())),
                 ("x-max-priority", AMQPValue::ShortShortUInt(9)),
-                ("x-dead-letter-exchange", AMQPValue::LongString("dlx".into())),
+                (
+                    "x-dead-letter-exchange",
+                    AMQPValue::LongString("dlx".into()),
+                ),
                 ("x-queue-type", AMQPValue::LongString("quorum".into())),
             ]),
             &shape(),
@@ -312,7 +315,10 @@ mod tests {
         assert_eq!(parsed.max_length, Some(10));
         assert_eq!(parsed.overflow, Overflow::RejectPublish);
         assert_eq!(parsed.max_priority, Some(9));
-        assert_eq!(parsed.dead_letter_exchange.as_ref().unwrap().as_str(), "dlx");
+        assert_eq!(
+            parsed.dead_letter_exchange.as_ref().unwrap().as_str(),
+            "dlx"
+        );
         assert_eq!(parsed.delivery_limit, Some(QUORUM_DELIVERY_LIMIT_DEFAULT));
     }
 
@@ -326,7 +332,10 @@ mod tests {
             ("x-expires", AMQPValue::LongInt(0)),
             ("x-single-active-consumer", AMQPValue::LongInt(1)),
             ("x-queue-type", AMQPValue::LongString("stream".into())),
-            ("x-dead-letter-routing-key", AMQPValue::LongString("k".into())),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString("k".into()),
+            ),
         ] {
             let error = QueueArguments::parse(&table(&[(key, value)]), &shape()).unwrap_err();
             assert_eq!(error.code, crate::ErrorCode::PreconditionFailed);
@@ -345,7 +354,10 @@ mod tests {
 
     #[test]
     fn expirations_are_decimal_milliseconds() {
-        assert_eq!(message_expiration_ms(Some(&"250".into())).unwrap(), Some(250));
+        assert_eq!(
+            message_expiration_ms(Some(&"250".into())).unwrap(),
+            Some(250)
+        );
         assert_eq!(message_expiration_ms(None).unwrap(), None);
         for bad in ["abc", "-1", "1.5", "+5", ""] {
             assert!(message_expiration_ms(Some(&bad.into())).is_err(), "{bad}");

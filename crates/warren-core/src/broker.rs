@@ -855,7 +855,8 @@ impl Broker {
         }
         message_expiration_ms(message.properties.expiration().as_ref())?;
         let message = self.address_replies(connection, channel, message)?;
-        if exchange_name.is_empty() && crate::reply_to::is_reply_to_name(message.routing_key.as_str())
+        if exchange_name.is_empty()
+            && crate::reply_to::is_reply_to_name(message.routing_key.as_str())
         {
             let routed = self.deliver_reply(message, out);
             return Ok(Published {

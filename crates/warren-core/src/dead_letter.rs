@@ -146,10 +146,7 @@ pub fn dead_lettered(
     death.insert("reason".into(), long_string(reason.as_str()));
     death.insert("queue".into(), long_string(queue));
     death.insert("time".into(), AMQPValue::Timestamp(now_ms / 1000));
-    death.insert(
-        "exchange".into(),
-        long_string(message.exchange.as_str()),
-    );
+    death.insert("exchange".into(), long_string(message.exchange.as_str()));
     death.insert("routing-keys".into(), AMQPValue::FieldArray(routing_keys));
     if let Some(expiration) = message.properties.expiration() {
         death.insert(
@@ -272,7 +269,14 @@ mod tests {
     }
 
     fn deaths(message: &Message) -> Vec<FieldTable> {
-        match message.properties.headers().as_ref().unwrap().inner().get("x-death") {
+        match message
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .get("x-death")
+        {
             Some(AMQPValue::FieldArray(array)) => array
                 .as_slice()
                 .iter()
@@ -302,14 +306,38 @@ mod tests {
         assert_eq!(death["original-expiration"], long_string("5000"));
         let headers = dead.properties.headers().clone().unwrap();
         assert_eq!(headers.inner()["x-first-death-queue"], long_string("work"));
-        assert_eq!(headers.inner()["x-last-death-reason"], long_string("expired"));
+        assert_eq!(
+            headers.inner()["x-last-death-reason"],
+            long_string("expired")
+        );
     }
 
     #[test]
     fn dying_again_in_the_same_place_counts_up_and_moves_to_the_front() {
-        let once = dead_lettered(&message(), "a", DeathReason::Rejected, "dlx", Some(&"b".into()), 0);
-        let twice = dead_lettered(&once, "b", DeathReason::Rejected, "dlx", Some(&"a".into()), 0);
-        let thrice = dead_lettered(&twice, "a", DeathReason::Rejected, "dlx", Some(&"b".into()), 0);
+        let once = dead_lettered(
+            &message(),
+            "a",
+            DeathReason::Rejected,
+            "dlx",
+            Some(&"b".into()),
+            0,
+        );
+        let twice = dead_lettered(
+            &once,
+            "b",
+            DeathReason::Rejected,
+            "dlx",
+            Some(&"a".into()),
+            0,
+        );
+        let thrice = dead_lettered(
+            &twice,
+            "a",
+            DeathReason::Rejected,
+            "dlx",
+            Some(&"b".into()),
+            0,
+        );
         let deaths = deaths(&thrice);
         assert_eq!(deaths.len(), 2);
         assert_eq!(deaths[0].inner()["queue"], long_string("a"));

@@ -174,7 +174,9 @@ impl Broker {
             .args
             .consumer_timeout_ms
             .map(|timeout| now_ms.saturating_add(timeout));
-        let message = taken.as_ref().map(|taken| message_for_delivery(queue, taken));
+        let message = taken
+            .as_ref()
+            .map(|taken| message_for_delivery(queue, taken));
         if let Some(taken) = &taken {
             if no_ack {
                 forget_stored(self.store.as_ref(), true, id, taken.sequence, taken.stored);
@@ -273,7 +275,14 @@ impl Broker {
         settled: Vec<Unacked>,
         requeue: bool,
     ) -> Vec<QueueId> {
-        self.settle_all(settled, if requeue { Settled::Requeue } else { Settled::Acked })
+        self.settle_all(
+            settled,
+            if requeue {
+                Settled::Requeue
+            } else {
+                Settled::Acked
+            },
+        )
     }
 
     pub(crate) fn settle_all(&mut self, settled: Vec<Unacked>, how: Settled) -> Vec<QueueId> {
@@ -558,7 +567,12 @@ fn message_for_delivery(queue: &Queue, taken: &Dequeued) -> Arc<Message> {
     if !queue.is_quorum() || taken.meta.returns == 0 {
         return Arc::clone(&taken.message);
     }
-    let mut headers = taken.message.properties.headers().clone().unwrap_or_default();
+    let mut headers = taken
+        .message
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
     headers.insert(
         "x-delivery-count".into(),
         AMQPValue::LongLongInt(taken.meta.returns as i64),

@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use amq_protocol::types::{FieldTable, ShortString};
 use warren_store::{MessageLog, Recovery, StoreError, TopologyFile};
 
+use crate::arguments::{QueueArguments, QueueShape};
 use crate::broker::VHost;
 use crate::codec::{Reader, put_short, put_table};
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
-use crate::arguments::{QueueArguments, QueueShape};
 use crate::queue::{MessageMeta, Queue, load};
 use crate::{Broker, ConnectionId, ExchangeDeclare, Outbox, QueueDeclare, QueueDeclared, QueueId};
 
@@ -458,8 +458,7 @@ fn recovered_meta(
     location: warren_store::Location,
     now_ms: u64,
 ) -> Option<(MessageMeta, u32)> {
-    let (message, arrived_ms) =
-        load(Some(log), crate::queue::Stored::Published(location)).ok()?;
+    let (message, arrived_ms) = load(Some(log), crate::queue::Stored::Published(location)).ok()?;
     let meta = queue.meta_for(&message, arrived_ms.unwrap_or(now_ms));
     Some((meta, message.body.len() as u32))
 }

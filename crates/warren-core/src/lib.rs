@@ -23,11 +23,11 @@ pub use broker::{
     Broker, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox, Published,
     QueueDeclare, QueueDeclared,
 };
+pub use dead_letter::DeathReason;
 pub use durable::{RecoveryError, RecoverySummary};
 pub use error::{BrokerError, BrokerResult, ErrorCode};
 pub use exchange::{ExchangeKind, headers_match, topic_matches};
 pub use message::Message;
-pub use dead_letter::DeathReason;
 pub use queue::{RESIDENT_BYTES_MAX, RESIDENT_MESSAGES_MAX};
 pub use reply_to::REPLY_TO_QUEUE;
 

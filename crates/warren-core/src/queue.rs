@@ -351,7 +351,6 @@ impl Queue {
         );
     }
 
-
     pub fn reserve(&mut self, additional: usize) {
         self.backlog.reserve(additional);
     }

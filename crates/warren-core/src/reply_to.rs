@@ -13,9 +13,7 @@ use std::sync::Arc;
 use amq_protocol::types::ShortString;
 
 use crate::error::{BrokerError, BrokerResult};
-use crate::{
-    Broker, ConnectionId, Consume, Delivery, Effect, Message, Outbox, QueueDeclared,
-};
+use crate::{Broker, ConnectionId, Consume, Delivery, Effect, Message, Outbox, QueueDeclared};
 
 /// The pseudo-queue a requester consumes from.
 pub const REPLY_TO_QUEUE: &str = "amq.rabbitmq.reply-to";

@@ -139,7 +139,7 @@ impl Broker {
         let now_ms = self.now_ms;
         for (connection, state) in &mut self.connections {
             for (number, channel) in &mut state.channels {
-                if channel.closing || !channel.ack_deadline_ms.is_some_and(|at| at <= now_ms) {
+                if channel.closing || channel.ack_deadline_ms.is_none_or(|at| at > now_ms) {
                     continue;
                 }
                 let overdue = channel

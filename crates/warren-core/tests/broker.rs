@@ -256,13 +256,19 @@ fn nack_with_requeue_returns_message_to_the_head() {
     declare(&mut broker, A, "q");
     publish(&mut broker, "", "q", "first");
     publish(&mut broker, "", "q", "second");
-    let got = broker.get(A, 1, "q", false, &mut Outbox::default()).unwrap().unwrap();
+    let got = broker
+        .get(A, 1, "q", false, &mut Outbox::default())
+        .unwrap()
+        .unwrap();
     assert!(!got.redelivered);
     let mut out = Outbox::default();
     broker
         .reject(A, 1, got.delivery_tag, false, true, &mut out)
         .unwrap();
-    let again = broker.get(A, 1, "q", false, &mut Outbox::default()).unwrap().unwrap();
+    let again = broker
+        .get(A, 1, "q", false, &mut Outbox::default())
+        .unwrap()
+        .unwrap();
     assert_eq!(&again.message.body[..], b"first");
     assert!(again.redelivered);
 }
@@ -272,7 +278,10 @@ fn unknown_and_double_acks_are_precondition_failed() {
     let mut broker = broker();
     declare(&mut broker, A, "q");
     publish(&mut broker, "", "q", "x");
-    let got = broker.get(A, 1, "q", false, &mut Outbox::default()).unwrap().unwrap();
+    let got = broker
+        .get(A, 1, "q", false, &mut Outbox::default())
+        .unwrap()
+        .unwrap();
     let mut out = Outbox::default();
     assert_eq!(
         code(broker.ack(A, 1, 99, false, &mut out)),

@@ -67,7 +67,9 @@ fn transient_messages_past_the_memory_window_are_paged_out_and_come_back_in_orde
     let count = warren_core::RESIDENT_MESSAGES_MAX + 500;
     for index in 0..count {
         broker
-            .publish(CONNECTION, 1,
+            .publish(
+                CONNECTION,
+                1,
                 message("big", format!("m{index}"), false),
                 &mut Outbox::default(),
             )
@@ -89,7 +91,12 @@ fn transient_messages_past_the_memory_window_are_paged_out_and_come_back_in_orde
             .expect("message");
         assert_eq!(got.message.body, format!("m{index}").as_bytes());
     }
-    assert!(broker.get(CONNECTION, 1, "big", true, &mut Outbox::default()).unwrap().is_none());
+    assert!(
+        broker
+            .get(CONNECTION, 1, "big", true, &mut Outbox::default())
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[test]
@@ -99,7 +106,9 @@ fn after_a_failed_fsync_persistent_publishes_report_the_store_error() {
     declare(&mut broker, "jobs", true);
     fs.fail_next_syncs(1);
     let first = broker
-        .publish(CONNECTION, 1,
+        .publish(
+            CONNECTION,
+            1,
             message("jobs", "first".into(), true),
             &mut Outbox::default(),
         )
@@ -114,7 +123,9 @@ fn after_a_failed_fsync_persistent_publishes_report_the_store_error() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let second = broker
-        .publish(CONNECTION, 1,
+        .publish(
+            CONNECTION,
+            1,
             message("jobs", "second".into(), true),
             &mut Outbox::default(),
         )
@@ -138,7 +149,9 @@ fn a_message_redelivered_after_a_crash_stays_marked_after_a_clean_restart() {
         let mut broker = broker_on(&fs);
         declare(&mut broker, "jobs", true);
         let published = broker
-            .publish(CONNECTION, 1,
+            .publish(
+                CONNECTION,
+                1,
                 message("jobs", "once".into(), true),
                 &mut Outbox::default(),
             )

@@ -85,15 +85,29 @@ fn bodies(broker: &mut Broker, queue: &str) -> Vec<String> {
 fn a_ttl_counts_from_arrival_across_a_restart() {
     let fs = SimulatedFileSystem::new();
     let mut broker = broker_at(&fs, T0);
-    declare(&mut broker, "short", "x-message-ttl", AMQPValue::LongInt(1_000));
-    declare(&mut broker, "long", "x-message-ttl", AMQPValue::LongInt(10_000));
+    declare(
+        &mut broker,
+        "short",
+        "x-message-ttl",
+        AMQPValue::LongInt(1_000),
+    );
+    declare(
+        &mut broker,
+        "long",
+        "x-message-ttl",
+        AMQPValue::LongInt(10_000),
+    );
     publish(&mut broker, "short", "s", None);
     publish(&mut broker, "long", "l", None);
     broker.close_store().unwrap();
 
     let mut broker = broker_at(&fs, T0 + 1_500);
     broker.tick(&mut Outbox::default());
-    assert_eq!(broker.queue_counts("/", "short"), Some((0, 0)), "expired while down");
+    assert_eq!(
+        broker.queue_counts("/", "short"),
+        Some((0, 0)),
+        "expired while down"
+    );
     assert_eq!(broker.queue_counts("/", "long"), Some((1, 0)));
     broker.advance_clock(T0 + 10_000);
     broker.tick(&mut Outbox::default());
@@ -104,12 +118,20 @@ fn a_ttl_counts_from_arrival_across_a_restart() {
 fn a_priority_queue_recovers_in_priority_order() {
     let fs = SimulatedFileSystem::new();
     let mut broker = broker_at(&fs, T0);
-    declare(&mut broker, "urgent", "x-max-priority", AMQPValue::ShortShortUInt(9));
+    declare(
+        &mut broker,
+        "urgent",
+        "x-max-priority",
+        AMQPValue::ShortShortUInt(9),
+    );
     for (body, priority) in [("low", 1), ("high", 8), ("none", 0), ("mid", 5)] {
         publish(&mut broker, "urgent", body, Some(priority));
     }
     broker.close_store().unwrap();
 
     let mut broker = broker_at(&fs, T0 + 1);
-    assert_eq!(bodies(&mut broker, "urgent"), vec!["high", "mid", "low", "none"]);
+    assert_eq!(
+        bodies(&mut broker, "urgent"),
+        vec!["high", "mid", "low", "none"]
+    );
 }

@@ -197,13 +197,20 @@ fn queue_ttl_expires_messages_into_the_dead_letter_exchange() {
     advance(&mut broker, 600);
     publish(&mut broker, "work", "new");
     advance(&mut broker, 400);
-    assert_eq!(broker.queue_counts("/", "work"), Some((1, 0)), "the first expired at 1000 ms");
+    assert_eq!(
+        broker.queue_counts("/", "work"),
+        Some((1, 0)),
+        "the first expired at 1000 ms"
+    );
     let dead = get_all(&mut broker, "dead");
     assert_eq!(bodies(&dead), vec!["old"]);
     assert_eq!(death_field(&dead[0], 0, "reason"), text("expired"));
     assert_eq!(death_field(&dead[0], 0, "queue"), text("work"));
     assert_eq!(death_field(&dead[0], 0, "count"), AMQPValue::LongLongInt(1));
-    assert_eq!(header(&dead[0], "x-first-death-reason"), Some(&text("expired")));
+    assert_eq!(
+        header(&dead[0], "x-first-death-reason"),
+        Some(&text("expired"))
+    );
     assert_eq!(bodies(&get_all(&mut broker, "work")), vec!["new"]);
 }
 
@@ -226,12 +233,22 @@ fn the_lower_of_queue_and_message_ttl_applies_and_expired_messages_are_never_del
 #[test]
 fn ttl_zero_reaches_a_waiting_consumer_and_nobody_else() {
     let mut broker = broker();
-    declare_with(&mut broker, "now", table(&[("x-message-ttl", AMQPValue::LongInt(0))]));
+    declare_with(
+        &mut broker,
+        "now",
+        table(&[("x-message-ttl", AMQPValue::LongInt(0))]),
+    );
     publish(&mut broker, "now", "unseen");
     assert_eq!(broker.queue_counts("/", "now"), Some((0, 0)));
     let mut out = Outbox::default();
     consume(&mut broker, B, "now", "c", FieldTable::default(), &mut out);
-    publish_with(&mut broker, "now", "seen", BasicProperties::default(), &mut out);
+    publish_with(
+        &mut broker,
+        "now",
+        "seen",
+        BasicProperties::default(),
+        &mut out,
+    );
     assert_eq!(
         deliveries(&mut out)
             .iter()
@@ -268,11 +285,21 @@ fn an_unused_queue_expires_and_a_consumed_one_does_not() {
     let expires = table(&[("x-expires", AMQPValue::LongInt(500))]);
     declare_with(&mut broker, "idle", expires.clone());
     declare_with(&mut broker, "busy", expires);
-    consume(&mut broker, B, "busy", "c", FieldTable::default(), &mut Outbox::default());
+    consume(
+        &mut broker,
+        B,
+        "busy",
+        "c",
+        FieldTable::default(),
+        &mut Outbox::default(),
+    );
     advance(&mut broker, 499);
     assert!(broker.queue_counts("/", "idle").is_some());
     advance(&mut broker, 1);
-    assert!(broker.queue_counts("/", "idle").is_none(), "idle queue deleted");
+    assert!(
+        broker.queue_counts("/", "idle").is_none(),
+        "idle queue deleted"
+    );
     assert!(broker.queue_counts("/", "busy").is_some());
     // Once its consumer goes, the busy queue's clock starts.
     broker.cancel(B, 1, "c", &mut Outbox::default());
@@ -321,7 +348,10 @@ fn max_length_bytes_counts_bodies() {
 fn reject_publish_refuses_and_reject_publish_dlx_also_dead_letters() {
     let mut broker = broker();
     declare_dlx(&mut broker);
-    for (name, overflow) in [("strict", "reject-publish"), ("strict-dlx", "reject-publish-dlx")] {
+    for (name, overflow) in [
+        ("strict", "reject-publish"),
+        ("strict-dlx", "reject-publish-dlx"),
+    ] {
         declare_with(
             &mut broker,
             name,
@@ -336,7 +366,11 @@ fn reject_publish_refuses_and_reject_publish_dlx_also_dead_letters() {
         assert_eq!(bodies(&get_all(&mut broker, name)), vec!["kept"]);
     }
     let dead = get_all(&mut broker, "dead");
-    assert_eq!(bodies(&dead), vec!["refused"], "only reject-publish-dlx dead-letters");
+    assert_eq!(
+        bodies(&dead),
+        vec!["refused"],
+        "only reject-publish-dlx dead-letters"
+    );
     assert_eq!(death_field(&dead[0], 0, "queue"), text("strict-dlx"));
 }
 
@@ -348,12 +382,23 @@ fn priorities_order_delivery_and_are_capped_at_the_maximum() {
         "urgent",
         table(&[("x-max-priority", AMQPValue::ShortShortUInt(5))]),
     );
-    for (body, priority) in [("low", None), ("mid", Some(3)), ("over", Some(9)), ("top", Some(5))] {
+    for (body, priority) in [
+        ("low", None),
+        ("mid", Some(3)),
+        ("over", Some(9)),
+        ("top", Some(5)),
+    ] {
         let mut properties = BasicProperties::default();
         if let Some(priority) = priority {
             properties = properties.with_priority(priority);
         }
-        publish_with(&mut broker, "urgent", body, properties, &mut Outbox::default());
+        publish_with(
+            &mut broker,
+            "urgent",
+            body,
+            properties,
+            &mut Outbox::default(),
+        );
     }
     // 9 counts as 5 and arrived before "top", so it goes first.
     assert_eq!(
@@ -371,10 +416,30 @@ fn a_single_active_consumer_gets_everything_until_it_leaves() {
         table(&[("x-single-active-consumer", AMQPValue::Boolean(true))]),
     );
     let mut out = Outbox::default();
-    consume(&mut broker, A, "sac", "first", FieldTable::default(), &mut out);
-    consume(&mut broker, B, "sac", "second", FieldTable::default(), &mut out);
+    consume(
+        &mut broker,
+        A,
+        "sac",
+        "first",
+        FieldTable::default(),
+        &mut out,
+    );
+    consume(
+        &mut broker,
+        B,
+        "sac",
+        "second",
+        FieldTable::default(),
+        &mut out,
+    );
     for body in ["1", "2", "3"] {
-        publish_with(&mut broker, "sac", body, BasicProperties::default(), &mut out);
+        publish_with(
+            &mut broker,
+            "sac",
+            body,
+            BasicProperties::default(),
+            &mut out,
+        );
     }
     let tags: Vec<String> = deliveries(&mut out)
         .iter()
@@ -382,7 +447,13 @@ fn a_single_active_consumer_gets_everything_until_it_leaves() {
         .collect();
     assert_eq!(tags, vec!["first"; 3]);
     broker.cancel(A, 1, "first", &mut out);
-    publish_with(&mut broker, "sac", "4", BasicProperties::default(), &mut out);
+    publish_with(
+        &mut broker,
+        "sac",
+        "4",
+        BasicProperties::default(),
+        &mut out,
+    );
     let after: Vec<Delivery> = deliveries(&mut out);
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].consumer_tag.as_str(), "second");
@@ -469,12 +540,24 @@ fn a_delivery_not_acked_within_the_consumer_timeout_closes_its_channel() {
     );
     let mut out = Outbox::default();
     consume(&mut broker, B, "slow", "c", FieldTable::default(), &mut out);
-    publish_with(&mut broker, "slow", "job", BasicProperties::default(), &mut out);
+    publish_with(
+        &mut broker,
+        "slow",
+        "job",
+        BasicProperties::default(),
+        &mut out,
+    );
     assert_eq!(deliveries(&mut out).len(), 1);
     assert!(advance(&mut broker, 999).effects.is_empty());
     let closes: Vec<Effect> = advance(&mut broker, 1).take();
     match closes.as_slice() {
-        [Effect::CloseChannel { connection, channel, error }] => {
+        [
+            Effect::CloseChannel {
+                connection,
+                channel,
+                error,
+            },
+        ] => {
             assert_eq!((*connection, *channel), (B, 1));
             assert_eq!(error.code, ErrorCode::PreconditionFailed);
         }
@@ -514,10 +597,24 @@ fn an_alternate_exchange_takes_what_its_exchange_cannot_route() {
     declare_with(&mut broker, "routed", FieldTable::default());
     declare_with(&mut broker, "leftovers", FieldTable::default());
     broker
-        .bind_queue(A, "routed", "main", "known".into(), FieldTable::default(), true)
+        .bind_queue(
+            A,
+            "routed",
+            "main",
+            "known".into(),
+            FieldTable::default(),
+            true,
+        )
         .unwrap();
     broker
-        .bind_queue(A, "leftovers", "unrouted", "".into(), FieldTable::default(), true)
+        .bind_queue(
+            A,
+            "leftovers",
+            "unrouted",
+            "".into(),
+            FieldTable::default(),
+            true,
+        )
         .unwrap();
     for key in ["known", "unknown"] {
         let published = broker
@@ -553,7 +650,11 @@ fn direct_reply_to_sends_replies_straight_to_the_requesting_channel() {
         },
         &mut out,
     );
-    assert_eq!(refused.unwrap_err().code, ErrorCode::PreconditionFailed, "must be no-ack");
+    assert_eq!(
+        refused.unwrap_err().code,
+        ErrorCode::PreconditionFailed,
+        "must be no-ack"
+    );
     let request = BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into());
     let no_consumer = broker.publish(
         A,
@@ -583,7 +684,10 @@ fn direct_reply_to_sends_replies_straight_to_the_requesting_channel() {
     publish_with(&mut broker, "rpc", "question", request, &mut out);
     let received = get_all(&mut broker, "rpc");
     let address = received[0].properties.reply_to().clone().unwrap();
-    assert!(address.as_str().starts_with("amq.rabbitmq.reply-to."), "{address}");
+    assert!(
+        address.as_str().starts_with("amq.rabbitmq.reply-to."),
+        "{address}"
+    );
     let reply = broker
         .publish(
             B,
@@ -600,7 +704,10 @@ fn direct_reply_to_sends_replies_straight_to_the_requesting_channel() {
     assert_eq!(reply.routed, 1);
     let replies = deliveries(&mut out);
     assert_eq!(replies.len(), 1);
-    assert_eq!((replies[0].connection, replies[0].consumer_tag.as_str()), (A, "replies"));
+    assert_eq!(
+        (replies[0].connection, replies[0].consumer_tag.as_str()),
+        (A, "replies")
+    );
     assert_eq!(replies[0].message.body, Bytes::from_static(b"answer"));
     // Once the requester's channel is gone, a reply is unroutable.
     broker.close_channel(A, 1, &mut out);
@@ -670,7 +777,11 @@ fn rejected_messages_cycle_through_dead_letter_queues_counting_deaths() {
 #[test]
 fn redeclaring_with_different_arguments_is_refused_naming_the_argument() {
     let mut broker = broker();
-    declare_with(&mut broker, "q", table(&[("x-max-length", AMQPValue::LongInt(10))]));
+    declare_with(
+        &mut broker,
+        "q",
+        table(&[("x-max-length", AMQPValue::LongInt(10))]),
+    );
     let error = broker
         .declare_queue(
             A,

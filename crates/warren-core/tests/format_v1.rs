@@ -71,7 +71,10 @@ fn the_first_format_version_recovers() {
     assert_eq!(declared.message_count, 4);
 
     let mut seen = Vec::new();
-    while let Some(got) = broker.get(connection, 1, "fixture.queue", true, &mut Outbox::default()).unwrap() {
+    while let Some(got) = broker
+        .get(connection, 1, "fixture.queue", true, &mut Outbox::default())
+        .unwrap()
+    {
         let message = &got.message;
         let headers = message.properties.headers().as_ref().expect("headers kept");
         let number = match headers.inner().get("n") {

@@ -16,8 +16,6 @@ use lapin::{
 
 const QUIET: Duration = Duration::from_millis(300);
 
-
-
 async fn publish(ch: &Channel, queue: &str, body: &[u8]) {
     within(
         "basic_publish",
@@ -32,7 +30,6 @@ async fn publish(ch: &Channel, queue: &str, body: &[u8]) {
     .await
     .expect("basic_publish");
 }
-
 
 async fn consume(
     ch: &Channel,

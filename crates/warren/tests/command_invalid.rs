@@ -20,9 +20,14 @@ async fn unknown_exchange_type_is_503() {
         })),
     )
     .await;
-    let close = raw.expect_connection_close(COMMAND_INVALID, "unknown exchange type").await;
+    let close = raw
+        .expect_connection_close(COMMAND_INVALID, "unknown exchange type")
+        .await;
     assert!(
-        close.reply_text.as_str().contains("unknown exchange type 'nonsense'"),
+        close
+            .reply_text
+            .as_str()
+            .contains("unknown exchange type 'nonsense'"),
         "reply text names the type: {}",
         close.reply_text
     );
@@ -50,7 +55,8 @@ async fn publish_before_connection_open_is_503() {
     .await;
     // basic.publish where connection.open belongs.
     raw.send_method(0, publish_method("", "q")).await;
-    raw.expect_connection_close(COMMAND_INVALID, "method before connection.open").await;
+    raw.expect_connection_close(COMMAND_INVALID, "method before connection.open")
+        .await;
     assert_broker_alive(&broker).await;
 }
 
@@ -70,6 +76,7 @@ async fn server_only_method_from_client_is_503() {
         })),
     )
     .await;
-    raw.expect_connection_close(COMMAND_INVALID, "basic.deliver sent by a client").await;
+    raw.expect_connection_close(COMMAND_INVALID, "basic.deliver sent by a client")
+        .await;
     assert_broker_alive(&broker).await;
 }

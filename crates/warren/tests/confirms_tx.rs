@@ -11,8 +11,6 @@ use amq_protocol::{
 use common::*;
 use lapin::{BasicProperties, Channel, Confirmation, options::*};
 
-
-
 async fn publish(ch: &Channel, queue: &str, body: &[u8]) -> lapin::PublisherConfirm {
     within(
         "basic_publish",
@@ -27,7 +25,6 @@ async fn publish(ch: &Channel, queue: &str, body: &[u8]) -> lapin::PublisherConf
     .await
     .expect("basic_publish")
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirms_ack_every_publish() {

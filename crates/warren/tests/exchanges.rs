@@ -18,7 +18,6 @@ async fn open(broker: &Broker) -> (Connection, Channel) {
     (conn, ch)
 }
 
-
 async fn declare_exchange(ch: &Channel, name: &str, kind: ExchangeKind) {
     within(
         "exchange_declare",

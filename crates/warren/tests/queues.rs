@@ -13,7 +13,6 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-
 async fn declare(
     ch: &Channel,
     name: &str,

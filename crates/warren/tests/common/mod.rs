@@ -342,7 +342,11 @@ impl Broker {
             .arg(self.pid.to_string())
             .status()
             .unwrap_or_else(|error| panic!("run kill -{signal}: {error}"));
-        assert!(status.success(), "kill -{signal} {} failed: {status:?}", self.pid);
+        assert!(
+            status.success(),
+            "kill -{signal} {} failed: {status:?}",
+            self.pid
+        );
         let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
         loop {
             {
