@@ -493,12 +493,18 @@ fn deliver(
         .args
         .consumer_timeout_ms
         .map(|timeout| now_ms.saturating_add(timeout));
+    // Consumers do not come or go while this runs.
+    let count = if queue.args.single_active_consumer {
+        queue.consumers.len().min(1)
+    } else {
+        queue.consumers.len()
+    };
+    let top_priority = queue.consumers[..count]
+        .iter()
+        .map(|consumer| consumer.priority)
+        .max()
+        .unwrap_or(0);
     while queue.ready_count() > 0 {
-        let count = if queue.args.single_active_consumer {
-            queue.consumers.len().min(1)
-        } else {
-            queue.consumers.len()
-        };
         let mut chosen: Option<usize> = None;
         for offset in 0..count {
             let index = (queue.next_consumer + offset) % count;
@@ -513,6 +519,10 @@ fn deliver(
                     .is_some_and(|state| state.accepts(consumer.no_ack, limits));
             if ready {
                 chosen = Some(index);
+                // Nobody can outrank a ready consumer of the top priority.
+                if consumer.priority == top_priority {
+                    break;
+                }
             }
         }
         let Some(index) = chosen else {
