@@ -461,6 +461,14 @@ impl Broker {
                 declare.kind
             )));
         };
+        if let Some(alternate) = declare.arguments.inner().get("alternate-exchange")
+            && crate::arguments::as_text(alternate).is_none()
+        {
+            return Err(BrokerError::precondition_failed(format!(
+                "invalid arg 'alternate-exchange' for exchange '{name}' in vhost \
+                 '{vhost_name}': expected the name of an exchange as a string"
+            )));
+        }
         if let Some(existing) = vhost.exchanges.get(name) {
             let inequivalent = |what: &str, received: &str, current: &str| {
                 BrokerError::precondition_failed(format!(

@@ -589,8 +589,8 @@ impl Queue {
             ));
         }
         for key in EQUIVALENCE_CHECKED_ARGUMENTS {
-            let received = arguments.inner().get(*key);
-            let current = self.arguments.inner().get(*key);
+            let received = with_default_type(key, arguments.inner().get(*key));
+            let current = with_default_type(key, self.arguments.inner().get(*key));
             if !argument_equivalent(received, current) {
                 return Err(inequivalent(
                     key,
@@ -600,6 +600,17 @@ impl Queue {
             }
         }
         Ok(())
+    }
+}
+
+/// A queue declared without `x-queue-type` is a classic queue, so the
+/// argument's absence and `classic` are the same declaration.
+fn with_default_type<'a>(key: &str, value: Option<&'a AMQPValue>) -> Option<&'a AMQPValue> {
+    static CLASSIC: std::sync::LazyLock<AMQPValue> =
+        std::sync::LazyLock::new(|| AMQPValue::LongString("classic".into()));
+    match value {
+        None if key == "x-queue-type" => Some(&CLASSIC),
+        other => other,
     }
 }
 

@@ -806,3 +806,30 @@ fn redeclaring_with_different_arguments_is_refused_naming_the_argument() {
         .unwrap_err();
     assert!(invalid.text.contains("x-max-length"), "{}", invalid.text);
 }
+
+#[test]
+fn a_queue_declared_classic_matches_one_declared_without_a_type() {
+    let mut broker = broker();
+    declare_with(&mut broker, "typed", table(&[("x-queue-type", text("classic"))]));
+    declare_with(&mut broker, "typed", FieldTable::default());
+    declare_with(&mut broker, "untyped", FieldTable::default());
+    declare_with(&mut broker, "untyped", table(&[("x-queue-type", text("classic"))]));
+}
+
+#[test]
+fn an_alternate_exchange_must_be_named_by_a_string() {
+    let mut broker = broker();
+    let error = broker
+        .declare_exchange(
+            A,
+            ExchangeDeclare {
+                name: "main".into(),
+                kind: "direct".into(),
+                arguments: table(&[("alternate-exchange", AMQPValue::LongInt(5))]),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert_eq!(error.code, ErrorCode::PreconditionFailed);
+    assert!(error.text.contains("alternate-exchange"), "{}", error.text);
+}
