@@ -14,7 +14,8 @@ use crate::exchange::as_integer;
 /// far from overflow.
 pub const DURATION_MAX_MS: u64 = u32::MAX as u64;
 
-/// The highest priority level a queue may declare (`x-max-priority`).
+/// The highest priority level a queue may declare (`x-max-priority`); each
+/// level is a FIFO of its own, so this bounds the per-queue overhead.
 pub const PRIORITY_MAX: u8 = 255;
 
 /// Redeliveries a quorum queue allows when `x-delivery-limit` is not given:
@@ -198,6 +199,14 @@ impl QueueArguments {
             ));
         }
         let delivery_limit = integer("x-delivery-limit", 0, i64::MAX as i128)?;
+        if delivery_limit.is_some() && queue_type == QueueType::Classic {
+            // RabbitMQ refuses it too: a classic queue does not count
+            // deliveries, so the limit would silently do nothing.
+            return Err(invalid(
+                "x-delivery-limit",
+                "only quorum queues support a delivery limit".to_owned(),
+            ));
+        }
         Ok(Self {
             message_ttl_ms: integer("x-message-ttl", 0, duration_max)?,
             expires_ms: integer("x-expires", 1, duration_max)?,
@@ -206,7 +215,10 @@ impl QueueArguments {
             max_length: integer("x-max-length", 0, i64::MAX as i128)?,
             max_length_bytes: integer("x-max-length-bytes", 0, i64::MAX as i128)?,
             overflow,
-            max_priority: integer("x-max-priority", 1, PRIORITY_MAX as i128)?
+            // 0 is accepted, as by RabbitMQ, and means one level: no
+            // priorities at all.
+            max_priority: integer("x-max-priority", 0, PRIORITY_MAX as i128)?
+                .filter(|priority| *priority > 0)
                 .map(|priority| priority as u8),
             single_active_consumer,
             queue_type,
@@ -341,6 +353,15 @@ mod tests {
             assert_eq!(error.code, crate::ErrorCode::PreconditionFailed);
             assert!(error.text.contains(key), "{key}: {}", error.text);
         }
+    }
+
+    #[test]
+    fn classic_queues_refuse_a_delivery_limit_and_take_priority_zero_as_none() {
+        let limit = table(&[("x-delivery-limit", AMQPValue::LongInt(3))]);
+        let error = QueueArguments::parse(&limit, &shape()).unwrap_err();
+        assert!(error.text.contains("x-delivery-limit"), "{}", error.text);
+        let zero = table(&[("x-max-priority", AMQPValue::LongInt(0))]);
+        assert_eq!(QueueArguments::parse(&zero, &shape()).unwrap().max_priority, None);
     }
 
     #[test]

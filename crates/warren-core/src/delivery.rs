@@ -62,7 +62,9 @@ impl Broker {
             .queues
             .get_mut(&id)
             .expect("queue_for returns live queues");
-        if consume.exclusive && !queue.consumers.is_empty()
+        // An exclusive consumer on a single-active-consumer queue would
+        // defeat its hand-over; RabbitMQ refuses it the same way.
+        if consume.exclusive && (!queue.consumers.is_empty() || queue.args.single_active_consumer)
             || queue.consumers.iter().any(|consumer| consumer.exclusive)
         {
             return Err(BrokerError::access_refused(format!(
@@ -136,8 +138,12 @@ impl Broker {
             return;
         };
         queue.consumers.remove(index);
-        if queue.args.single_active_consumer && index == 0 {
+        if queue.args.single_active_consumer && index == 0 && !queue.consumers.is_empty() {
             promote_single_active_consumer(queue);
+            // The new active consumer takes over at once, even while its
+            // predecessor's deliveries are still unacked.
+            self.deliver_all(&[id], out);
+            return;
         }
         if queue.auto_delete && queue.had_consumer && queue.consumers.is_empty() {
             self.delete_queue_by_id(id, out);

@@ -6,7 +6,7 @@
 //! the broker rewrites `reply_to` into an address naming the requester's
 //! channel. A responder publishes its reply to the default exchange with
 //! that address as routing key, and the broker hands it to the requester's
-//! reply consumer. When the requester has gone, the reply is unroutable.
+//! reply consumer. When the requester has gone, the reply is dropped.
 
 use std::sync::Arc;
 
@@ -112,8 +112,10 @@ impl Broker {
         }))
     }
 
-    /// Delivers a reply published to a reply address; returns how many
-    /// consumers got it (0: the requester is gone, the reply is unroutable).
+    /// Delivers a reply published to a reply address. A reply counts as
+    /// routed even when the requester has gone (it is then dropped), as in
+    /// current RabbitMQ: a mandatory reply is never returned. Returns the
+    /// routed count, 0 only for an address that is not well formed.
     pub(crate) fn deliver_reply(&mut self, message: Arc<Message>, out: &mut Outbox) -> usize {
         let address = message.routing_key.as_str();
         let Some((connection, channel)) = parse_address(address) else {
@@ -124,14 +126,14 @@ impl Broker {
             .get_mut(&connection)
             .and_then(|state| state.channels.get_mut(&channel))
         else {
-            return 0;
+            return 1;
         };
         let Some(reply) = state
             .reply_consumer
             .as_ref()
             .filter(|reply| reply.address.as_str() == address)
         else {
-            return 0;
+            return 1;
         };
         let consumer_tag = reply.tag.clone();
         let delivery_tag = state.take_delivery_tag();

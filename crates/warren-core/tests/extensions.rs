@@ -416,6 +416,7 @@ fn a_single_active_consumer_gets_everything_until_it_leaves() {
         table(&[("x-single-active-consumer", AMQPValue::Boolean(true))]),
     );
     let mut out = Outbox::default();
+    broker.set_prefetch(A, 1, 1, false, &mut out);
     consume(
         &mut broker,
         A,
@@ -441,22 +442,36 @@ fn a_single_active_consumer_gets_everything_until_it_leaves() {
             &mut out,
         );
     }
+    // The active consumer's prefetch is full; the other waits all the same.
     let tags: Vec<String> = deliveries(&mut out)
         .iter()
         .map(|delivery| delivery.consumer_tag.to_string())
         .collect();
-    assert_eq!(tags, vec!["first"; 3]);
+    assert_eq!(tags, vec!["first"]);
+    // It leaves with a delivery unacked; the next takes over at once.
     broker.cancel(A, 1, "first", &mut out);
-    publish_with(
-        &mut broker,
-        "sac",
-        "4",
-        BasicProperties::default(),
+    let after: Vec<String> = deliveries(&mut out)
+        .iter()
+        .map(|delivery| {
+            format!(
+                "{}:{}",
+                delivery.consumer_tag,
+                String::from_utf8_lossy(&delivery.message.body)
+            )
+        })
+        .collect();
+    assert_eq!(after, vec!["second:2", "second:3"]);
+    let refused = broker.consume(
+        A,
+        1,
+        Consume {
+            queue: "sac".into(),
+            exclusive: true,
+            ..Default::default()
+        },
         &mut out,
     );
-    let after: Vec<Delivery> = deliveries(&mut out);
-    assert_eq!(after.len(), 1);
-    assert_eq!(after[0].consumer_tag.as_str(), "second");
+    assert_eq!(refused.unwrap_err().code, ErrorCode::AccessRefused);
 }
 
 #[test]
@@ -709,7 +724,8 @@ fn direct_reply_to_sends_replies_straight_to_the_requesting_channel() {
         (A, "replies")
     );
     assert_eq!(replies[0].message.body, Bytes::from_static(b"answer"));
-    // Once the requester's channel is gone, a reply is unroutable.
+    // Once the requester's channel is gone, a reply is dropped (and still
+    // counts as routed, so a mandatory reply is not returned).
     broker.close_channel(A, 1, &mut out);
     let late = broker
         .publish(
@@ -724,7 +740,8 @@ fn direct_reply_to_sends_replies_straight_to_the_requesting_channel() {
             &mut out,
         )
         .unwrap();
-    assert_eq!(late.routed, 0);
+    assert_eq!(late.routed, 1);
+    assert!(deliveries(&mut out).is_empty());
 }
 
 #[test]
@@ -810,10 +827,18 @@ fn redeclaring_with_different_arguments_is_refused_naming_the_argument() {
 #[test]
 fn a_queue_declared_classic_matches_one_declared_without_a_type() {
     let mut broker = broker();
-    declare_with(&mut broker, "typed", table(&[("x-queue-type", text("classic"))]));
+    declare_with(
+        &mut broker,
+        "typed",
+        table(&[("x-queue-type", text("classic"))]),
+    );
     declare_with(&mut broker, "typed", FieldTable::default());
     declare_with(&mut broker, "untyped", FieldTable::default());
-    declare_with(&mut broker, "untyped", table(&[("x-queue-type", text("classic"))]));
+    declare_with(
+        &mut broker,
+        "untyped",
+        table(&[("x-queue-type", text("classic"))]),
+    );
 }
 
 #[test]
