@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every Warren test: Rust unit/integration tests and the Python (pika)
-# integration tests against the release binary. Works on a fresh machine.
+# Runs every Warren test: Rust unit/integration tests and the Python
+# integration tests (pika, Celery, and amqplib through Node.js) against the
+# release binary. Works on a fresh machine.
 #
 #   bash scripts/test.sh            # from anywhere
 #   PYTEST_ARGS="-k tutorials" bash scripts/test.sh   # extra pytest arguments
@@ -23,6 +24,16 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' >/dev/null 2>
 fi
 step "installing tests/python/requirements.txt"
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+# ----------------------------------------------------------- Node.js deps
+# For the amqplib tests (tests/node, run by tests/python/test_amqplib.py).
+# Without node and npm that test fails and says why; the rest still run.
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    step "npm ci in tests/node"
+    (cd tests/node && npm ci --no-audit --no-fund)
+else
+    echo "warning: node/npm not found; the amqplib tests will fail" >&2
+fi
 
 # ------------------------------------------------------------------- build
 step "cargo build --release -p warren"
