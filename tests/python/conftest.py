@@ -76,20 +76,18 @@ def unique_name(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-class ExternalBroker:
-    """An AMQP broker the tests did not start (WARREN_TEST_EXTERNAL_AMQP).
+class AmqpEndpoint:
+    """Where tests connect: host, port and default credentials, and the
+    connections opened through it (closed at teardown)."""
 
-    Offers the connection half of `Broker` (host, port, url, params, connect,
-    channel, close_connections); `log()` is empty since its log is not ours.
-    """
+    external = False
 
-    external = True
-
-    def __init__(self, addr: str):
-        self.host, self.port = _split_addr(addr)
-        self.username = os.environ.get("WARREN_TEST_EXTERNAL_USER", "guest")
-        self.password = os.environ.get("WARREN_TEST_EXTERNAL_PASSWORD", "guest")
-        self.vhost = os.environ.get("WARREN_TEST_EXTERNAL_VHOST", "/")
+    def __init__(self) -> None:
+        self.host: Optional[str] = None
+        self.port: Optional[int] = None
+        self.username = "guest"
+        self.password = "guest"
+        self.vhost = "/"
         self._connections: List[pika.BlockingConnection] = []
 
     @property
@@ -115,11 +113,13 @@ class ExternalBroker:
         )
 
     def connect(self, **kwargs) -> pika.BlockingConnection:
+        """Open a pika BlockingConnection; closed automatically at teardown."""
         conn = pika.BlockingConnection(self.params(**kwargs))
         self._connections.append(conn)
         return conn
 
     def channel(self, **kwargs):
+        """Convenience: (connection, channel)."""
         conn = self.connect(**kwargs)
         return conn, conn.channel()
 
@@ -132,6 +132,22 @@ class ExternalBroker:
                 pass
         self._connections.clear()
 
+
+class ExternalBroker(AmqpEndpoint):
+    """An AMQP broker the tests did not start (WARREN_TEST_EXTERNAL_AMQP).
+
+    `log()` is empty since its log is not ours.
+    """
+
+    external = True
+
+    def __init__(self, addr: str):
+        super().__init__()
+        self.host, self.port = _split_addr(addr)
+        self.username = os.environ.get("WARREN_TEST_EXTERNAL_USER", "guest")
+        self.password = os.environ.get("WARREN_TEST_EXTERNAL_PASSWORD", "guest")
+        self.vhost = os.environ.get("WARREN_TEST_EXTERNAL_VHOST", "/")
+
     def log(self, tail: Optional[int] = None) -> str:
         return ""
 
@@ -139,21 +155,17 @@ class ExternalBroker:
         return []
 
 
-class Broker:
+class Broker(AmqpEndpoint):
     """A running `warren serve` process."""
 
-    external = False
-
     def __init__(self, proc: subprocess.Popen, workdir: pathlib.Path):
+        super().__init__()
         self.proc = proc
         self.workdir = workdir
-        self.host: Optional[str] = None
-        self.port: Optional[int] = None
         self._lines: List[str] = []
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._eof = threading.Event()
-        self._connections: List[pika.BlockingConnection] = []
         self._log_file = open(workdir / "warren.stderr.log", "w", encoding="utf-8")
         self._reader = threading.Thread(
             target=self._drain_stderr, name="warren-stderr", daemon=True
@@ -210,51 +222,7 @@ class Broker:
                     f"{timeout:.0f}s. Captured stderr:\n{self.log()}"
                 )
 
-    # ------------------------------------------------------------ connecting
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@{self.host}:{self.port}/%2f"
-
-    def params(
-        self,
-        username: str = "guest",
-        password: str = "guest",
-        vhost: str = "/",
-        **kwargs,
-    ) -> pika.ConnectionParameters:
-        kwargs.setdefault("connection_attempts", 1)
-        kwargs.setdefault("socket_timeout", 10)
-        kwargs.setdefault("stack_timeout", 15)
-        kwargs.setdefault("blocked_connection_timeout", 30)
-        return pika.ConnectionParameters(
-            host=self.host,
-            port=self.port,
-            virtual_host=vhost,
-            credentials=pika.PlainCredentials(username, password),
-            **kwargs,
-        )
-
-    def connect(self, **kwargs) -> pika.BlockingConnection:
-        """Open a pika BlockingConnection; closed automatically at teardown."""
-        conn = pika.BlockingConnection(self.params(**kwargs))
-        self._connections.append(conn)
-        return conn
-
-    def channel(self, **kwargs):
-        """Convenience: (connection, channel)."""
-        conn = self.connect(**kwargs)
-        return conn, conn.channel()
-
     # -------------------------------------------------------------- shutdown
-    def close_connections(self) -> None:
-        for conn in self._connections:
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception:  # noqa: BLE001 - best effort during teardown
-                pass
-        self._connections.clear()
-
     def stop(self) -> Optional[int]:
         """SIGTERM, wait up to SHUTDOWN_TIMEOUT_S, then SIGKILL.
 
