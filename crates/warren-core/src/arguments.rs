@@ -361,7 +361,10 @@ mod tests {
         let error = QueueArguments::parse(&limit, &shape()).unwrap_err();
         assert!(error.text.contains("x-delivery-limit"), "{}", error.text);
         let zero = table(&[("x-max-priority", AMQPValue::LongInt(0))]);
-        assert_eq!(QueueArguments::parse(&zero, &shape()).unwrap().max_priority, None);
+        assert_eq!(
+            QueueArguments::parse(&zero, &shape()).unwrap().max_priority,
+            None
+        );
     }
 
     #[test]

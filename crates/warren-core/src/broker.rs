@@ -17,6 +17,7 @@ use warren_store::{MessageLog, RecordKind, Sequence, StoreError, Ticket};
 use crate::arguments::{Overflow, QueueArguments, QueueShape, message_expiration_ms};
 use crate::codec::encode_message;
 use crate::dead_letter::{DeadLetter, DeathReason};
+use crate::delivery::Settled;
 use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, validate_headers_binding};
@@ -371,7 +372,7 @@ impl Broker {
             self.detach_consumer(queue, connection, channel, tag.as_str(), out);
             touched.push(queue);
         }
-        touched.extend(self.requeue_or_discard(state.unacked.into_values().collect(), true));
+        touched.extend(self.settle_all(state.unacked.into_values().collect(), Settled::Requeue));
         self.deliver_all(&touched, out);
     }
 

@@ -235,7 +235,7 @@ impl Broker {
         out: &mut Outbox,
     ) -> BrokerResult<()> {
         let settled = self.settle(connection, channel, delivery_tag, multiple)?;
-        let touched = self.requeue_or_discard(settled, false);
+        let touched = self.settle_all(settled, Settled::Acked);
         self.after_settle(connection, channel, &touched, out);
         Ok(())
     }
@@ -268,29 +268,15 @@ impl Broker {
             Some(state) => std::mem::take(&mut state.unacked).into_values().collect(),
             None => return,
         };
-        let touched = self.requeue_or_discard(settled, true);
+        let touched = self.settle_all(settled, Settled::Requeue);
         self.after_settle(connection, channel, &touched, out);
     }
 
-    /// Puts settled deliveries back in their queues (`requeue`), or lets
-    /// them go: acked, or rejected and dead-lettered where the queue has a
+    /// Puts settled deliveries back in their queues, or lets them go:
+    /// acked, or rejected and dead-lettered where the queue has a
     /// dead-letter exchange. A quorum queue counts each return and
     /// dead-letters a message returned more often than its delivery limit.
-    pub(crate) fn requeue_or_discard(
-        &mut self,
-        settled: Vec<Unacked>,
-        requeue: bool,
-    ) -> Vec<QueueId> {
-        self.settle_all(
-            settled,
-            if requeue {
-                Settled::Requeue
-            } else {
-                Settled::Acked
-            },
-        )
-    }
-
+    /// Returns the queues touched.
     pub(crate) fn settle_all(&mut self, settled: Vec<Unacked>, how: Settled) -> Vec<QueueId> {
         let mut touched = Vec::with_capacity(settled.len());
         for unacked in settled {
