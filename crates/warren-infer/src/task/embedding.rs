@@ -1,0 +1,234 @@
+//! The `embedding` task: UTF-8 text in, a sentence embedding out.
+//!
+//! Texts are tokenized with the model's HuggingFace `tokenizer.json`,
+//! padded to the longest text in the batch, run through the model, and the
+//! token embeddings are pooled (the mean over the attention mask, or the
+//! first token) and L2-normalised, as sentence-transformers does.
+
+use std::path::Path;
+
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use crate::runtime::{ModelRuntime, RuntimeError};
+use crate::tensor::{Tensor, TensorData};
+
+/// Tokens a text is cut to when neither the configuration nor the tokenizer
+/// says: BERT-family models have 512 positions.
+pub const MAX_TOKENS_DEFAULT: usize = 512;
+
+/// How token embeddings become one vector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The mean of the token embeddings, padding excluded.
+    #[default]
+    Mean,
+    /// The first token's embedding ([CLS]).
+    Cls,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddingError {
+    #[error("loading the tokenizer {path}: {reason}")]
+    Tokenizer { path: String, reason: String },
+    #[error("tokenizing: {0}")]
+    Tokenize(String),
+    #[error("the model has no '{0}' input; an embedding model takes input_ids and attention_mask")]
+    MissingInput(&'static str),
+    #[error("the model's output has shape {0:?}; expected [batch, tokens, dims] or [batch, dims]")]
+    OutputShape(Vec<usize>),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+pub struct EmbeddingModel {
+    tokenizer: Tokenizer,
+    runtime: Box<dyn ModelRuntime>,
+    pooling: Pooling,
+    normalize: bool,
+    /// Whether the model takes `token_type_ids` (BERT does; others not).
+    token_type_ids: bool,
+}
+
+impl EmbeddingModel {
+    pub fn new(
+        runtime: Box<dyn ModelRuntime>,
+        tokenizer_path: &Path,
+        pooling: Pooling,
+        normalize: bool,
+        max_tokens: Option<usize>,
+    ) -> Result<Self, EmbeddingError> {
+        let tokenizer_error = |reason: String| EmbeddingError::Tokenizer {
+            path: tokenizer_path.display().to_string(),
+            reason,
+        };
+        let mut tokenizer = Tokenizer::from_file(tokenizer_path)
+            .map_err(|error| tokenizer_error(error.to_string()))?;
+        // Pad each batch to its longest text, with the tokenizer's own pad
+        // token when it names one.
+        let padding = PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..tokenizer.get_padding().cloned().unwrap_or_default()
+        };
+        tokenizer.with_padding(Some(padding));
+        let max_length = max_tokens
+            .or_else(|| {
+                tokenizer
+                    .get_truncation()
+                    .map(|truncation| truncation.max_length)
+            })
+            .unwrap_or(MAX_TOKENS_DEFAULT);
+        let truncation = TruncationParams {
+            max_length,
+            ..tokenizer.get_truncation().cloned().unwrap_or_default()
+        };
+        tokenizer
+            .with_truncation(Some(truncation))
+            .map_err(|error| tokenizer_error(error.to_string()))?;
+        let has_input = |name: &str| runtime.inputs().iter().any(|input| input.name == name);
+        for required in ["input_ids", "attention_mask"] {
+            if !has_input(required) {
+                return Err(EmbeddingError::MissingInput(required));
+            }
+        }
+        let token_type_ids = has_input("token_type_ids");
+        Ok(Self {
+            tokenizer,
+            runtime,
+            pooling,
+            normalize,
+            token_type_ids,
+        })
+    }
+
+    pub fn runtime(&self) -> &dyn ModelRuntime {
+        self.runtime.as_ref()
+    }
+
+    /// Embeds a batch of texts in one inference.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbeddingError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|error| EmbeddingError::Tokenize(error.to_string()))?;
+        let batch = encodings.len();
+        let tokens = encodings.first().map_or(0, |encoding| encoding.len());
+        let mut ids = Vec::with_capacity(batch * tokens);
+        let mut mask = Vec::with_capacity(batch * tokens);
+        let mut types = Vec::with_capacity(batch * tokens);
+        for encoding in &encodings {
+            ids.extend(encoding.get_ids().iter().map(|&id| id as i64));
+            mask.extend(encoding.get_attention_mask().iter().map(|&m| m as i64));
+            types.extend(encoding.get_type_ids().iter().map(|&t| t as i64));
+        }
+        let shape = vec![batch, tokens];
+        let tensor = |name: &str, values: Vec<i64>| {
+            Tensor::new(name, shape.clone(), TensorData::Int64(values))
+                .map_err(|error| EmbeddingError::Tokenize(error.to_string()))
+        };
+        let mut inputs = vec![
+            tensor("input_ids", ids)?,
+            tensor("attention_mask", mask.clone())?,
+        ];
+        if self.token_type_ids {
+            inputs.push(tensor("token_type_ids", types)?);
+        }
+        let outputs = self.runtime.run(inputs)?;
+        let output = outputs
+            .first()
+            .ok_or_else(|| RuntimeError::Inference("the model returned no output".to_owned()))?;
+        let values = output
+            .as_f32()
+            .ok_or_else(|| RuntimeError::UnsupportedOutput {
+                name: output.name.clone(),
+                element_type: output.data_type().name().to_owned(),
+            })?;
+        let mut embeddings = match output.shape.as_slice() {
+            [b, t, dims] if *b == batch && *t == tokens => {
+                pool(values, &mask, batch, tokens, *dims, self.pooling)
+            }
+            [b, dims] if *b == batch => values.chunks(*dims).map(<[f32]>::to_vec).collect(),
+            other => return Err(EmbeddingError::OutputShape(other.to_vec())),
+        };
+        if self.normalize {
+            embeddings.iter_mut().for_each(|vector| normalize(vector));
+        }
+        Ok(embeddings)
+    }
+}
+
+/// Pools `[batch, tokens, dims]` token embeddings into one vector per text.
+fn pool(
+    values: &[f32],
+    mask: &[i64],
+    batch: usize,
+    tokens: usize,
+    dims: usize,
+    pooling: Pooling,
+) -> Vec<Vec<f32>> {
+    (0..batch)
+        .map(|row| {
+            let text = &values[row * tokens * dims..(row + 1) * tokens * dims];
+            match pooling {
+                Pooling::Cls => text[..dims].to_vec(),
+                Pooling::Mean => {
+                    let mut sum = vec![0.0f32; dims];
+                    let mut counted = 0.0f32;
+                    for (token, embedding) in text.chunks(dims).enumerate() {
+                        if mask[row * tokens + token] == 0 {
+                            continue;
+                        }
+                        counted += 1.0;
+                        sum.iter_mut().zip(embedding).for_each(|(s, v)| *s += v);
+                    }
+                    // sentence-transformers clamps the count the same way.
+                    let count = counted.max(1e-9);
+                    sum.iter_mut().for_each(|s| *s /= count);
+                    sum
+                }
+            }
+        })
+        .collect()
+}
+
+fn normalize(vector: &mut [f32]) {
+    let norm = vector.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    vector.iter_mut().for_each(|v| *v /= norm);
+}
+
+/// Cosine similarity of two vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b)).max(1e-12)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_pooling_skips_padding() {
+        // Two texts, three token slots, two dims; the second text has one
+        // padding token whose embedding must not count.
+        let values = [
+            1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 2.0, 2.0, 4.0, 4.0, 100.0, 100.0,
+        ];
+        let mask = [1, 1, 1, 1, 1, 0];
+        let pooled = pool(&values, &mask, 2, 3, 2, Pooling::Mean);
+        assert_eq!(pooled, vec![vec![3.0, 4.0], vec![3.0, 3.0]]);
+        let cls = pool(&values, &mask, 2, 3, 2, Pooling::Cls);
+        assert_eq!(cls, vec![vec![1.0, 2.0], vec![2.0, 2.0]]);
+    }
+
+    #[test]
+    fn normalised_vectors_have_unit_length() {
+        let mut vector = vec![3.0, 4.0];
+        normalize(&mut vector);
+        assert_eq!(vector, vec![0.6, 0.8]);
+        assert!((cosine(&[1.0, 0.0], &[0.0, 2.0])).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,3 @@
+//! What a model does with a message: the tasks.
+
+pub mod embedding;
