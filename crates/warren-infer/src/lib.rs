@@ -8,3 +8,4 @@
 pub mod runtime;
 pub mod task;
 pub mod tensor;
+pub mod worker;

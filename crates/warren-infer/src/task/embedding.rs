@@ -10,6 +10,7 @@ use std::path::Path;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::runtime::{ModelRuntime, RuntimeError};
+use crate::task::{Decoded, Encoded, Task, TaskError};
 use crate::tensor::{Tensor, TensorData};
 
 /// Tokens a text is cut to when neither the configuration nor the tokenizer
@@ -157,6 +158,39 @@ impl EmbeddingModel {
             embeddings.iter_mut().for_each(|vector| normalize(vector));
         }
         Ok(embeddings)
+    }
+}
+
+impl Task for EmbeddingModel {
+    fn decode(&self, body: &[u8], _content_type: Option<&str>) -> Result<Decoded, String> {
+        match std::str::from_utf8(body) {
+            Ok(text) => Ok(Decoded::Text(text.to_owned())),
+            Err(error) => Err(format!("the body is not UTF-8 text: {error}")),
+        }
+    }
+
+    fn infer(&self, batch: Vec<Decoded>) -> Result<Vec<Encoded>, TaskError> {
+        let texts: Vec<&str> = batch
+            .iter()
+            .map(|decoded| match decoded {
+                Decoded::Text(text) => text.as_str(),
+            })
+            .collect();
+        let embeddings = self.embed(&texts).map_err(|error| match error {
+            EmbeddingError::Runtime(error) => TaskError::Runtime(error),
+            other => TaskError::Failed(other.to_string()),
+        })?;
+        Ok(embeddings
+            .iter()
+            .map(|vector| Encoded {
+                body: serde_json::to_vec(vector).expect("a vector of floats serialises"),
+                content_type: "application/json",
+            })
+            .collect())
+    }
+
+    fn backend(&self) -> &'static str {
+        self.runtime.backend()
     }
 }
 

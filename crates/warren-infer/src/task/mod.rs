@@ -1,3 +1,39 @@
-//! What a model does with a message: the tasks.
+//! What a model does with a message: the tasks. A task decodes each
+//! request body (a body it cannot decode is a poison input, reported with
+//! a reason and never retried), runs a batch of decoded requests through
+//! the model in one inference, and encodes one reply body per request.
 
 pub mod embedding;
+
+use crate::runtime::RuntimeError;
+
+/// A request body the task could decode, ready for batching.
+pub enum Decoded {
+    Text(String),
+}
+
+/// A reply body and its content type.
+pub struct Encoded {
+    pub body: Vec<u8>,
+    pub content_type: &'static str,
+}
+
+pub trait Task: Send + Sync {
+    /// Decodes one request; `Err` carries the reason the input is poison.
+    fn decode(&self, body: &[u8], content_type: Option<&str>) -> Result<Decoded, String>;
+
+    /// Runs one batch; one reply per request, in order. An error fails the
+    /// whole batch (it is retried, up to the queue's delivery limit).
+    fn infer(&self, batch: Vec<Decoded>) -> Result<Vec<Encoded>, TaskError>;
+
+    /// The backend running the model, for reply headers and logs.
+    fn backend(&self) -> &'static str;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("{0}")]
+    Failed(String),
+}

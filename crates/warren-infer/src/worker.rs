@@ -1,0 +1,361 @@
+//! The model worker: consumes a model's queue over AMQP 0-9-1, batches
+//! requests dynamically, runs one inference per batch, replies, and only
+//! then acknowledges. It talks to any AMQP broker (Warren in-process, or
+//! RabbitMQ) and knows nothing of Warren's internals.
+//!
+//! Delivery guarantees:
+//! * A request is acked only after its reply (or its dead letter) has been
+//!   confirmed by the broker, so a worker killed mid-batch loses nothing:
+//!   its unacked requests are redelivered to another worker.
+//! * A body the task cannot decode is poison: it is published to the
+//!   dead-letter queue with an `x-warren-error` header and acked, never
+//!   retried.
+//! * A batch whose inference fails is nacked with requeue; the queue's
+//!   delivery limit (a quorum queue's `x-delivery-limit`) dead-letters a
+//!   request that keeps failing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::Confirmation;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::watch;
+
+use crate::task::{Decoded, Task};
+
+/// Requests one worker instance may hold unacked beyond the batch it is
+/// running: one more batch, so the next batch is ready when this one ends.
+const PREFETCH_BATCHES: u16 = 2;
+
+/// Redeliveries a request whose inference keeps failing gets before the
+/// queue dead-letters it (`x-delivery-limit` of the model's queue).
+pub const DELIVERY_LIMIT_DEFAULT: u32 = 5;
+
+/// What one worker serves and how it batches.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub broker_url: String,
+    pub model: String,
+    pub model_version: String,
+    pub queue: String,
+    /// Where poison inputs and requests past the delivery limit go.
+    pub dead_letter_queue: String,
+    pub delivery_limit: u32,
+    pub batch_size_max: usize,
+    pub batch_delay_max: Duration,
+    /// Also (or instead of replying) publish every result here.
+    pub result_exchange: Option<String>,
+    pub result_routing_key: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("AMQP {operation} failed: {source}")]
+    Amqp {
+        operation: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("the broker refused a {0}")]
+    Refused(&'static str),
+}
+
+fn amqp(operation: &'static str) -> impl FnOnce(lapin::Error) -> WorkerError {
+    move |source| WorkerError::Amqp { operation, source }
+}
+
+/// Declares the model's queue and its dead-letter queue if they do not
+/// exist. The model queue is a quorum queue so that the broker counts
+/// redeliveries and dead-letters a request that keeps failing.
+pub async fn declare_queues(
+    connection: &Connection,
+    config: &WorkerConfig,
+) -> Result<(), WorkerError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp("channel.open"))?;
+    channel
+        .queue_declare(
+            config.dead_letter_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("queue.declare (dead-letter queue)"))?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(config.delivery_limit as i32),
+    );
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(config.dead_letter_queue.as_str().into()),
+    );
+    // A queue the operator declared beforehand is used as it is.
+    let passive = channel
+        .queue_declare(
+            config.queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    if passive.is_ok() {
+        let _ = channel.close(200, "OK".into()).await;
+        return Ok(());
+    }
+    // The failed passive declare closed that channel; declare on a new one.
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp("channel.open"))?;
+    channel
+        .queue_declare(
+            config.queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(amqp("queue.declare (model queue)"))?;
+    let _ = channel.close(200, "OK".into()).await;
+    Ok(())
+}
+
+/// Serves the model's queue until `shutdown` turns true or the connection
+/// fails.
+pub async fn run(
+    config: WorkerConfig,
+    task: Arc<dyn Task>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    let connection = Connection::connect(&config.broker_url, ConnectionProperties::default())
+        .await
+        .map_err(amqp("connect"))?;
+    declare_queues(&connection, &config).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp("channel.open"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("confirm.select"))?;
+    let prefetch = (config.batch_size_max as u16).saturating_mul(PREFETCH_BATCHES);
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(amqp("basic.qos"))?;
+    let mut deliveries = channel
+        .basic_consume(
+            config.queue.as_str().into(),
+            format!("warren-worker-{}", config.model).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("basic.consume"))?;
+    tracing::info!(model = %config.model, queue = %config.queue, backend = task.backend(),
+        batch_size_max = config.batch_size_max, "model worker consuming");
+    loop {
+        // Wait for the first request of a batch, then take more until the
+        // batch is full or the delay since that first request runs out.
+        let first = tokio::select! {
+            next = deliveries.next() => next,
+            _ = shutdown.changed() => break,
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first.map_err(amqp("basic.deliver"))?];
+        let deadline = tokio::time::Instant::now() + config.batch_delay_max;
+        while batch.len() < config.batch_size_max {
+            match tokio::time::timeout_at(deadline, deliveries.next()).await {
+                Ok(Some(delivery)) => batch.push(delivery.map_err(amqp("basic.deliver"))?),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        serve_batch(&channel, &config, &task, batch).await?;
+    }
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(())
+}
+
+/// Decodes, infers, replies and acks one batch.
+async fn serve_batch(
+    channel: &Channel,
+    config: &WorkerConfig,
+    task: &Arc<dyn Task>,
+    batch: Vec<Delivery>,
+) -> Result<(), WorkerError> {
+    let mut accepted: Vec<Delivery> = Vec::with_capacity(batch.len());
+    let mut inputs: Vec<Decoded> = Vec::with_capacity(batch.len());
+    for delivery in batch {
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|kind| kind.as_str().to_owned());
+        match task.decode(&delivery.data, content_type.as_deref()) {
+            Ok(decoded) => {
+                inputs.push(decoded);
+                accepted.push(delivery);
+            }
+            Err(reason) => dead_letter(channel, config, delivery, &reason).await?,
+        }
+    }
+    if accepted.is_empty() {
+        return Ok(());
+    }
+    let batch_size = accepted.len();
+    let started = Instant::now();
+    let task = Arc::clone(task);
+    let outcome = tokio::task::spawn_blocking(move || task.infer(inputs))
+        .await
+        .unwrap_or_else(|panic| {
+            Err(crate::task::TaskError::Failed(format!(
+                "the inference panicked: {panic}"
+            )))
+        });
+    let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let replies = match outcome {
+        Ok(replies) => replies,
+        Err(error) => {
+            tracing::warn!(model = %config.model, %error, batch_size,
+                "inference failed; the batch is requeued");
+            for delivery in accepted {
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+                    .map_err(amqp("basic.nack"))?;
+            }
+            return Ok(());
+        }
+    };
+    let mut confirms = Vec::with_capacity(batch_size * 2);
+    for (delivery, reply) in accepted.iter().zip(replies) {
+        let mut headers = FieldTable::default();
+        headers.insert("x-warren-model".into(), text(&config.model));
+        headers.insert("x-warren-model-version".into(), text(&config.model_version));
+        headers.insert(
+            "x-warren-batch-size".into(),
+            AMQPValue::LongInt(batch_size as i32),
+        );
+        headers.insert(
+            "x-warren-inference-ms".into(),
+            AMQPValue::Double(inference_ms),
+        );
+        let mut properties = BasicProperties::default()
+            .with_content_type(reply.content_type.into())
+            .with_headers(headers);
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(correlation_id.clone());
+        }
+        if let Some(reply_to) = delivery.properties.reply_to() {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        reply_to.clone(),
+                        BasicPublishOptions::default(),
+                        &reply.body,
+                        properties.clone(),
+                    )
+                    .await
+                    .map_err(amqp("basic.publish (reply)"))?,
+            );
+        }
+        if let Some(exchange) = &config.result_exchange {
+            let routing_key = config.result_routing_key.as_deref().unwrap_or("");
+            confirms.push(
+                channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        routing_key.into(),
+                        BasicPublishOptions::default(),
+                        &reply.body,
+                        properties.with_delivery_mode(2),
+                    )
+                    .await
+                    .map_err(amqp("basic.publish (result)"))?,
+            );
+        }
+    }
+    for confirm in confirms {
+        match confirm.await.map_err(amqp("publisher confirm"))? {
+            Confirmation::Nack(_) => return Err(WorkerError::Refused("reply")),
+            Confirmation::Ack(_) | Confirmation::NotRequested => {}
+        }
+    }
+    for delivery in accepted {
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(amqp("basic.ack"))?;
+    }
+    Ok(())
+}
+
+/// Sends a poison request to the dead-letter queue with the reason, then
+/// acks it: retrying an input that cannot be decoded would never succeed.
+async fn dead_letter(
+    channel: &Channel,
+    config: &WorkerConfig,
+    delivery: Delivery,
+    reason: &str,
+) -> Result<(), WorkerError> {
+    tracing::info!(model = %config.model, reason, "dead-lettering a poison request");
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert("x-warren-error".into(), text(reason));
+    headers.insert("x-warren-model".into(), text(&config.model));
+    headers.insert("x-warren-queue".into(), text(&config.queue));
+    let properties = delivery.properties.clone().with_headers(headers);
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            config.dead_letter_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &delivery.data,
+            properties,
+        )
+        .await
+        .map_err(amqp("basic.publish (dead letter)"))?
+        .await
+        .map_err(amqp("publisher confirm"))?;
+    if let Confirmation::Nack(_) = confirm {
+        return Err(WorkerError::Refused("dead letter"));
+    }
+    delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .map_err(amqp("basic.ack"))?;
+    Ok(())
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
