@@ -5,6 +5,7 @@
 //! is not installed); a task ([`task`]) turns message bodies into model
 //! inputs and model outputs into reply bodies.
 
+pub mod deploy;
 pub mod runtime;
 pub mod task;
 pub mod tensor;

@@ -110,27 +110,7 @@ pub async fn declare_queues(
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(config.dead_letter_queue.as_str().into()),
     );
-    // A queue the operator declared beforehand is used as it is.
-    let passive = channel
-        .queue_declare(
-            config.queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    if passive.is_ok() {
-        let _ = channel.close(200, "OK".into()).await;
-        return Ok(());
-    }
-    // The failed passive declare closed that channel; declare on a new one.
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(amqp("channel.open"))?;
-    channel
+    let declared = channel
         .queue_declare(
             config.queue.as_str().into(),
             QueueDeclareOptions {
@@ -139,10 +119,35 @@ pub async fn declare_queues(
             },
             arguments,
         )
-        .await
-        .map_err(amqp("queue.declare (model queue)"))?;
-    let _ = channel.close(200, "OK".into()).await;
-    Ok(())
+        .await;
+    match declared {
+        Ok(_) => {
+            let _ = channel.close(200, "OK".into()).await;
+            Ok(())
+        }
+        // The operator declared the queue beforehand with other arguments:
+        // it is used as it is, once a passive declare (on a new channel:
+        // the refusal closed this one) shows it is there.
+        Err(_) => {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(amqp("channel.open"))?;
+            channel
+                .queue_declare(
+                    config.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(amqp("queue.declare (model queue)"))?;
+            let _ = channel.close(200, "OK".into()).await;
+            Ok(())
+        }
+    }
 }
 
 /// Serves the model's queue until `shutdown` turns true or the connection
@@ -238,7 +243,7 @@ async fn serve_batch(
                 "the inference panicked: {panic}"
             )))
         });
-    let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let inference_us = started.elapsed().as_micros() as i64;
     let replies = match outcome {
         Ok(replies) => replies,
         Err(error) => {
@@ -266,8 +271,8 @@ async fn serve_batch(
             AMQPValue::LongInt(batch_size as i32),
         );
         headers.insert(
-            "x-warren-inference-ms".into(),
-            AMQPValue::Double(inference_ms),
+            "x-warren-inference-us".into(),
+            AMQPValue::LongLongInt(inference_us),
         );
         let mut properties = BasicProperties::default()
             .with_content_type(reply.content_type.into())

@@ -18,6 +18,9 @@ pub struct FileConfig {
     pub users: Vec<UserEntry>,
     #[serde(default)]
     pub vhosts: Vec<VhostEntry>,
+    /// `[[model]]`: models served from queues (see docs/inference.md).
+    #[serde(default, rename = "model")]
+    pub models: Vec<warren_infer::deploy::ModelConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]

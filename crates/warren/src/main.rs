@@ -12,6 +12,8 @@ use tokio::sync::watch;
 use tracing::info;
 use warren_amqp::AmqpServer;
 
+use warren_infer::deploy::{ModelConfig, run_models};
+
 use crate::config::FileConfig;
 
 /// Warren: a message broker for AI/ML workloads that speaks AMQP 0-9-1 with
@@ -32,6 +34,70 @@ enum Command {
     /// guest user may connect only from the local machine). Stop it with
     /// Ctrl-C or SIGTERM: connections are closed cleanly.
     Serve(ServeArgs),
+
+    /// Run the broker with one model served from a queue: a quick start
+    /// for what `[[model]]` in the configuration file declares.
+    ///
+    /// Requests published to the queue get replies (to their `reply_to`)
+    /// with the model's output.
+    Deploy(DeployArgs),
+
+    /// Run the model workers of a configuration file against any AMQP
+    /// 0-9-1 broker (Warren or RabbitMQ), without a broker of their own.
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DeployArgs {
+    /// The ONNX model file.
+    #[arg(value_name = "MODEL.onnx")]
+    model: PathBuf,
+
+    /// The queue requests arrive on (declared if missing).
+    #[arg(long)]
+    queue: String,
+
+    /// What the model does with a request.
+    #[arg(long, value_enum, default_value = "embedding")]
+    task: DeployTask,
+
+    /// The HuggingFace tokenizer.json (embedding); default: tokenizer.json
+    /// beside the model.
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+
+    /// The model's name in reply headers; default: the file's stem.
+    #[arg(long)]
+    name: Option<String>,
+
+    #[arg(long, default_value_t = 32)]
+    batch_size_max: usize,
+
+    #[arg(long, default_value_t = 5)]
+    batch_delay_max_ms: u64,
+
+    /// Tokens a text is cut to (embedding).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DeployTask {
+    Embedding,
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// The broker to serve, e.g. amqp://user:password@host:5672/%2f
+    #[arg(long, value_name = "URL", env = "WARREN_BROKER_URL")]
+    broker: String,
+
+    /// TOML file whose `[[model]]` entries to serve.
+    #[arg(long, value_name = "FILE", env = "WARREN_CONFIG")]
+    config: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,23 +145,91 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("warren")
+        .build()
+        .context("starting the async runtime")?;
     match cli.command {
-        Command::Serve(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("warren")
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(serve(args))
+        Command::Serve(args) => runtime.block_on(serve(args, Vec::new())),
+        Command::Deploy(args) => {
+            let model = deployed_model(&args)?;
+            runtime.block_on(serve(args.serve, vec![model]))
         }
+        Command::Worker(args) => runtime.block_on(worker(args)),
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// The `[[model]]` entry `warren deploy` stands for.
+fn deployed_model(args: &DeployArgs) -> anyhow::Result<ModelConfig> {
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => args
+            .model
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .unwrap_or("model")
+            .to_owned(),
+    };
+    let tokenizer = args.tokenizer.clone().or_else(|| {
+        args.model
+            .parent()
+            .map(|directory| directory.join("tokenizer.json"))
+    });
+    let entry = format!(
+        "name = {name:?}\npath = {path:?}\ntask = {task:?}\nqueue = {queue:?}\n\
+         batch_size_max = {batch}\nbatch_delay_max_ms = {delay}\n",
+        path = args.model.display().to_string(),
+        task = match args.task {
+            DeployTask::Embedding => "embedding",
+        },
+        queue = args.queue,
+        batch = args.batch_size_max,
+        delay = args.batch_delay_max_ms,
+    );
+    let mut model: ModelConfig = toml::from_str(&entry).context("building the model entry")?;
+    model.tokenizer = tokenizer;
+    model.max_tokens = args.max_tokens;
+    Ok(model)
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let file_config = FileConfig::load(&args.config)?;
+    anyhow::ensure!(
+        !file_config.models.is_empty(),
+        "{} declares no [[model]] to serve",
+        args.config.display()
+    );
+    let signal = shutdown_signal()?;
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    let mut workers = run_models(file_config.models, args.broker.clone(), shutdown).await?;
+    info!(broker = %redact(&args.broker), "model workers running");
+    signal.await;
+    info!("shutting down");
+    let _ = shutdown_sender.send(true);
+    while workers.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// A broker URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            let user = credentials.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Result<()> {
     let file_config = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    let mut models = file_config.models.clone();
+    models.extend(extra_models);
     let mut amqp_config = file_config.amqp_config()?;
     amqp_config.storage.data_dir = Some(args.data_dir.clone());
     std::fs::create_dir_all(&args.data_dir)
@@ -114,10 +248,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     info!(addr = %address, "AMQP listener ready");
 
     let (shutdown_sender, shutdown) = watch::channel(false);
-    let server_task = tokio::spawn(server.run(shutdown));
+    let server_task = tokio::spawn(server.run(shutdown.clone()));
+    // In-process model workers reach the broker over loopback AMQP, like
+    // any other client.
+    let mut workers = if models.is_empty() {
+        tokio::task::JoinSet::new()
+    } else {
+        let host = if address.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            address.ip().to_string()
+        };
+        let url = format!("amqp://guest:guest@{host}:{}/%2f", address.port());
+        run_models(models, url, shutdown).await?
+    };
     signal.await;
     info!("shutting down");
     let _ = shutdown_sender.send(true);
+    while workers.join_next().await.is_some() {}
     server_task.await.context("AMQP server task")?;
     info!("stopped");
     Ok(())

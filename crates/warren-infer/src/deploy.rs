@@ -1,0 +1,228 @@
+//! A model as it is declared (`[[model]]` in the configuration file) and
+//! deployed: loaded once per instance and served by a worker per instance.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::runtime::{self, RuntimeConfig};
+use crate::task::Task;
+use crate::task::embedding::{EmbeddingModel, Pooling};
+use crate::worker::{self, DELIVERY_LIMIT_DEFAULT, WorkerConfig};
+
+/// Requests one batch may hold; beyond this a batch costs more memory than
+/// it saves in per-call overhead.
+pub const BATCH_SIZE_MAX_LIMIT: usize = 1_024;
+/// The longest a worker may hold a request waiting for its batch to fill.
+pub const BATCH_DELAY_MAX_LIMIT_MS: u64 = 10_000;
+/// Instances (each a loaded copy of the model) one model may run.
+pub const INSTANCES_MAX: usize = 64;
+
+/// How long a worker whose broker connection failed waits before
+/// connecting again.
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    Embedding,
+}
+
+/// One `[[model]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    /// Reported in reply headers (`x-warren-model-version`).
+    #[serde(default = "default_version")]
+    pub version: String,
+    pub path: PathBuf,
+    pub task: TaskKind,
+    /// The queue requests arrive on; declared (durable, quorum) if missing.
+    pub queue: String,
+    /// Where poison requests and those past the delivery limit go; default
+    /// `<queue>.dead-letter`.
+    pub dead_letter_queue: Option<String>,
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+    #[serde(default = "default_batch_size_max")]
+    pub batch_size_max: usize,
+    #[serde(default = "default_batch_delay_max_ms")]
+    pub batch_delay_max_ms: u64,
+    #[serde(default = "default_instances")]
+    pub instances: usize,
+    /// Publish every result here too (the "result queue"), besides replying
+    /// to `reply_to`.
+    pub result_exchange: Option<String>,
+    pub result_routing_key: Option<String>,
+    /// `embedding`: the HuggingFace tokenizer.json.
+    pub tokenizer: Option<PathBuf>,
+    /// `embedding`: tokens a text is cut to (default: the tokenizer's own
+    /// truncation, else 512).
+    pub max_tokens: Option<usize>,
+    #[serde(default)]
+    pub pooling: Pooling,
+    #[serde(default = "default_true")]
+    pub normalize: bool,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+fn default_version() -> String {
+    "1".to_owned()
+}
+fn default_delivery_limit() -> u32 {
+    DELIVERY_LIMIT_DEFAULT
+}
+fn default_batch_size_max() -> usize {
+    32
+}
+fn default_batch_delay_max_ms() -> u64 {
+    5
+}
+fn default_instances() -> usize {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("model '{model}': {reason}")]
+    Invalid { model: String, reason: String },
+    #[error("model '{model}': {source}")]
+    Runtime {
+        model: String,
+        #[source]
+        source: runtime::RuntimeError,
+    },
+    #[error("model '{model}': {source}")]
+    Embedding {
+        model: String,
+        #[source]
+        source: crate::task::embedding::EmbeddingError,
+    },
+}
+
+impl ModelConfig {
+    /// Checks the limits, so a bad entry stops the start with a message
+    /// that names it.
+    pub fn validate(&self) -> Result<(), DeployError> {
+        let invalid = |reason: String| DeployError::Invalid {
+            model: self.name.clone(),
+            reason,
+        };
+        if !(1..=BATCH_SIZE_MAX_LIMIT).contains(&self.batch_size_max) {
+            return Err(invalid(format!(
+                "batch_size_max must be 1 to {BATCH_SIZE_MAX_LIMIT}"
+            )));
+        }
+        if self.batch_delay_max_ms > BATCH_DELAY_MAX_LIMIT_MS {
+            return Err(invalid(format!(
+                "batch_delay_max_ms must be at most {BATCH_DELAY_MAX_LIMIT_MS}"
+            )));
+        }
+        if !(1..=INSTANCES_MAX).contains(&self.instances) {
+            return Err(invalid(format!("instances must be 1 to {INSTANCES_MAX}")));
+        }
+        if self.task == TaskKind::Embedding && self.tokenizer.is_none() {
+            return Err(invalid("an embedding model needs `tokenizer`".to_owned()));
+        }
+        if self.queue.is_empty() || self.queue.len() > 255 {
+            return Err(invalid("queue must be 1 to 255 bytes".to_owned()));
+        }
+        Ok(())
+    }
+
+    fn worker_config(&self, broker_url: &str) -> WorkerConfig {
+        WorkerConfig {
+            broker_url: broker_url.to_owned(),
+            model: self.name.clone(),
+            model_version: self.version.clone(),
+            queue: self.queue.clone(),
+            dead_letter_queue: self
+                .dead_letter_queue
+                .clone()
+                .unwrap_or_else(|| format!("{}.dead-letter", self.queue)),
+            delivery_limit: self.delivery_limit,
+            batch_size_max: self.batch_size_max,
+            batch_delay_max: Duration::from_millis(self.batch_delay_max_ms),
+            result_exchange: self.result_exchange.clone(),
+            result_routing_key: self.result_routing_key.clone(),
+        }
+    }
+
+    /// Loads one instance of the model with its task.
+    pub fn load(&self) -> Result<Arc<dyn Task>, DeployError> {
+        let runtime =
+            runtime::load(&self.path, &self.runtime).map_err(|source| DeployError::Runtime {
+                model: self.name.clone(),
+                source,
+            })?;
+        match self.task {
+            TaskKind::Embedding => {
+                let tokenizer = self.tokenizer.as_ref().expect("validated");
+                let model = EmbeddingModel::new(
+                    runtime,
+                    tokenizer,
+                    self.pooling,
+                    self.normalize,
+                    self.max_tokens,
+                )
+                .map_err(|source| DeployError::Embedding {
+                    model: self.name.clone(),
+                    source,
+                })?;
+                Ok(Arc::new(model))
+            }
+        }
+    }
+}
+
+/// Loads every model and runs its workers against `broker_url` until
+/// `shutdown`. A worker whose connection fails connects again; a model
+/// that cannot be loaded stops the start.
+pub async fn run_models(
+    models: Vec<ModelConfig>,
+    broker_url: String,
+    shutdown: watch::Receiver<bool>,
+) -> Result<JoinSet<()>, DeployError> {
+    let mut workers = JoinSet::new();
+    for model in models {
+        model.validate()?;
+        for instance in 0..model.instances {
+            let loading = model.clone();
+            let task = tokio::task::spawn_blocking(move || loading.load())
+                .await
+                .expect("loading a model does not panic")?;
+            tracing::info!(model = %model.name, instance, backend = task.backend(),
+                queue = %model.queue, "model loaded");
+            let config = model.worker_config(&broker_url);
+            let shutdown = shutdown.clone();
+            workers.spawn(serve_forever(config, task, shutdown));
+        }
+    }
+    Ok(workers)
+}
+
+async fn serve_forever(config: WorkerConfig, task: Arc<dyn Task>, shutdown: watch::Receiver<bool>) {
+    loop {
+        let result = worker::run(config.clone(), Arc::clone(&task), shutdown.clone()).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(error) = result {
+            tracing::warn!(model = %config.model, %error, "model worker lost its broker; reconnecting");
+        }
+        let mut shutdown = shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
