@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::runtime::{self, RuntimeConfig};
 use crate::task::Task;
+use crate::task::classification::{ClassificationModel, Preprocessing};
 use crate::task::embedding::{EmbeddingModel, Pooling};
 use crate::worker::{self, DELIVERY_LIMIT_DEFAULT, WorkerConfig};
 
@@ -30,6 +31,7 @@ const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 #[serde(rename_all = "lowercase")]
 pub enum TaskKind {
     Embedding,
+    Classification,
 }
 
 /// One `[[model]]` entry.
@@ -68,6 +70,13 @@ pub struct ModelConfig {
     pub pooling: Pooling,
     #[serde(default = "default_true")]
     pub normalize: bool,
+    /// `classification`: one label per line, in the model's class order.
+    pub labels: Option<PathBuf>,
+    /// `classification`: labels in a reply.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// `classification`: how an image becomes the model's input.
+    pub preprocessing: Option<Preprocessing>,
     #[serde(default)]
     pub runtime: RuntimeConfig,
 }
@@ -89,6 +98,9 @@ fn default_instances() -> usize {
 }
 fn default_true() -> bool {
     true
+}
+fn default_top_k() -> usize {
+    5
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +144,13 @@ impl ModelConfig {
         }
         if self.task == TaskKind::Embedding && self.tokenizer.is_none() {
             return Err(invalid("an embedding model needs `tokenizer`".to_owned()));
+        }
+        if self.task == TaskKind::Classification
+            && (self.labels.is_none() || self.preprocessing.is_none())
+        {
+            return Err(invalid(
+                "a classification model needs `labels` and `[model.preprocessing]`".to_owned(),
+            ));
         }
         if self.queue.is_empty() || self.queue.len() > 255 {
             return Err(invalid("queue must be 1 to 255 bytes".to_owned()));
@@ -177,6 +196,19 @@ impl ModelConfig {
                 .map_err(|source| DeployError::Embedding {
                     model: self.name.clone(),
                     source,
+                })?;
+                Ok(Arc::new(model))
+            }
+            TaskKind::Classification => {
+                let model = ClassificationModel::new(
+                    runtime,
+                    self.labels.as_ref().expect("validated"),
+                    self.preprocessing.clone().expect("validated"),
+                    self.top_k,
+                )
+                .map_err(|error| DeployError::Invalid {
+                    model: self.name.clone(),
+                    reason: error.to_string(),
                 })?;
                 Ok(Arc::new(model))
             }

@@ -173,9 +173,10 @@ impl Task for EmbeddingModel {
         let texts: Vec<&str> = batch
             .iter()
             .map(|decoded| match decoded {
-                Decoded::Text(text) => text.as_str(),
+                Decoded::Text(text) => Ok(text.as_str()),
+                Decoded::Image(_) => Err(TaskError::Failed("not text".to_owned())),
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let embeddings = self.embed(&texts).map_err(|error| match error {
             EmbeddingError::Runtime(error) => TaskError::Runtime(error),
             other => TaskError::Failed(other.to_string()),

@@ -3,6 +3,7 @@
 //! a reason and never retried), runs a batch of decoded requests through
 //! the model in one inference, and encodes one reply body per request.
 
+pub mod classification;
 pub mod embedding;
 
 use crate::runtime::RuntimeError;
@@ -10,6 +11,8 @@ use crate::runtime::RuntimeError;
 /// A request body the task could decode, ready for batching.
 pub enum Decoded {
     Text(String),
+    /// One preprocessed image in the model's layout.
+    Image(Vec<f32>),
 }
 
 /// A reply body and its content type.
