@@ -13,6 +13,7 @@ use crate::runtime::{self, RuntimeConfig};
 use crate::task::Task;
 use crate::task::classification::{ClassificationModel, Preprocessing};
 use crate::task::embedding::{EmbeddingModel, Pooling};
+use crate::task::tensor::TensorModel;
 use crate::worker::{self, DELIVERY_LIMIT_DEFAULT, WorkerConfig};
 
 /// Requests one batch may hold; beyond this a batch costs more memory than
@@ -32,6 +33,8 @@ const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 pub enum TaskKind {
     Embedding,
     Classification,
+    /// Any model, with KServe v2 JSON tensors in and out.
+    Tensor,
 }
 
 /// One `[[model]]` entry.
@@ -199,6 +202,7 @@ impl ModelConfig {
                 })?;
                 Ok(Arc::new(model))
             }
+            TaskKind::Tensor => Ok(Arc::new(TensorModel::new(self.name.clone(), runtime))),
             TaskKind::Classification => {
                 let model = ClassificationModel::new(
                     runtime,

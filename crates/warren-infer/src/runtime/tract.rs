@@ -81,7 +81,12 @@ impl TractRuntime {
                 .map(|outlet| {
                     let fact = model.outlet_fact(*outlet).ok();
                     TensorInfo {
-                        name: model.node(outlet.node).name.clone(),
+                        // An output is named by its label (the ONNX value
+                        // name), not by the node that computes it.
+                        name: model
+                            .outlet_label(*outlet)
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| model.node(outlet.node).name.clone()),
                         data_type: fact
                             .and_then(|fact| fact.datum_type.concretize())
                             .and_then(data_type_of),

@@ -174,7 +174,7 @@ impl Task for EmbeddingModel {
             .iter()
             .map(|decoded| match decoded {
                 Decoded::Text(text) => Ok(text.as_str()),
-                Decoded::Image(_) => Err(TaskError::Failed("not text".to_owned())),
+                _ => Err(TaskError::Failed("not text".to_owned())),
             })
             .collect::<Result<_, _>>()?;
         let embeddings = self.embed(&texts).map_err(|error| match error {

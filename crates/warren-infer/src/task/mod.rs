@@ -5,6 +5,7 @@
 
 pub mod classification;
 pub mod embedding;
+pub mod tensor;
 
 use crate::runtime::RuntimeError;
 
@@ -13,6 +14,8 @@ pub enum Decoded {
     Text(String),
     /// One preprocessed image in the model's layout.
     Image(Vec<f32>),
+    /// A KServe v2 request's tensors.
+    Tensors(tensor::TensorRequest),
 }
 
 /// A reply body and its content type.

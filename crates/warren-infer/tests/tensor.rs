@@ -1,0 +1,94 @@
+//! The `tensor` task (KServe v2 JSON) on the tiny CNN: shapes and types
+//! round-trip, concatenated requests are split back, and a request that
+//! does not fit the model is refused with a reason.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use warren_infer::runtime::{self, Backend, RuntimeConfig};
+use warren_infer::task::tensor::TensorModel;
+use warren_infer::task::{Decoded, Task};
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/models")
+}
+
+fn read(name: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(models().join(name)).expect("file")).expect("JSON")
+}
+
+fn model() -> TensorModel {
+    let config = RuntimeConfig {
+        backend: Backend::Tract,
+        ..RuntimeConfig::default()
+    };
+    let runtime = runtime::load(&models().join("tiny-cnn.onnx"), &config).expect("model loads");
+    TensorModel::new("tiny-cnn".to_owned(), runtime)
+}
+
+fn decode(model: &TensorModel, request: &Value) -> Result<Decoded, String> {
+    model.decode(
+        &serde_json::to_vec(request).expect("JSON"),
+        Some("application/json"),
+    )
+}
+
+#[test]
+fn requests_round_trip_and_batch() {
+    let model = model();
+    let request = read("tiny-cnn-tensor-request.json");
+    let expected: Vec<f64> = read("tiny-cnn-tensor-response.json")["outputs"][0]["data"]
+        .as_array()
+        .expect("logits")
+        .iter()
+        .map(|value| value.as_f64().expect("number"))
+        .collect();
+    let mut second = request.clone();
+    second["id"] = json!("second");
+    let batch = vec![
+        decode(&model, &request).expect("valid"),
+        decode(&model, &second).expect("valid"),
+    ];
+    let replies = model.infer(batch).expect("inference");
+    assert_eq!(replies.len(), 2);
+    for (reply, id) in replies.iter().zip([request["id"].clone(), json!("second")]) {
+        let body: Value = serde_json::from_slice(&reply.body).expect("JSON reply");
+        assert_eq!(body["model_name"], "tiny-cnn");
+        assert_eq!(body["id"], id);
+        let output = &body["outputs"][0];
+        assert_eq!(output["name"], "logits");
+        assert_eq!(output["datatype"], "FP32");
+        assert_eq!(output["shape"], json!([1, 5]));
+        for (got, want) in output["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .zip(&expected)
+        {
+            let got = got.as_f64().expect("number");
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn requests_that_do_not_fit_the_model_are_refused() {
+    let model = model();
+    let request = read("tiny-cnn-tensor-request.json");
+    let mut wrong_type = request.clone();
+    wrong_type["inputs"][0]["datatype"] = json!("INT64");
+    let error = decode(&model, &wrong_type).err().expect("refused");
+    assert!(error.contains("FP32"), "{error}");
+    let mut wrong_shape = request.clone();
+    wrong_shape["inputs"][0]["shape"] = json!([1, 3, 16, 64]);
+    let error = decode(&model, &wrong_shape).err().expect("refused");
+    assert!(error.contains("dimension 2"), "{error}");
+    let mut wrong_count = request.clone();
+    wrong_count["inputs"][0]["shape"] = json!([2, 3, 32, 32]);
+    let error = decode(&model, &wrong_count).err().expect("refused");
+    assert!(error.contains("elements"), "{error}");
+    let mut unknown = request;
+    unknown["inputs"][0]["name"] = json!("pixels");
+    assert!(decode(&model, &unknown).is_err());
+    assert!(model.decode(b"not json", None).is_err());
+}
