@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::metrics::ModelMetrics;
 use crate::runtime::{self, RuntimeConfig};
 use crate::task::Task;
 use crate::task::classification::{ClassificationModel, Preprocessing};
@@ -220,6 +221,12 @@ impl ModelConfig {
     }
 }
 
+/// The running workers of every model, and each model's metrics.
+pub struct Deployment {
+    pub workers: JoinSet<()>,
+    pub metrics: Vec<Arc<ModelMetrics>>,
+}
+
 /// Loads every model and runs its workers against `broker_url` until
 /// `shutdown`. A worker whose connection fails connects again; a model
 /// that cannot be loaded stops the start.
@@ -227,10 +234,13 @@ pub async fn run_models(
     models: Vec<ModelConfig>,
     broker_url: String,
     shutdown: watch::Receiver<bool>,
-) -> Result<JoinSet<()>, DeployError> {
+) -> Result<Deployment, DeployError> {
     let mut workers = JoinSet::new();
+    let mut all_metrics = Vec::with_capacity(models.len());
     for model in models {
         model.validate()?;
+        let metrics = Arc::new(ModelMetrics::new(&model.name, &model.queue));
+        all_metrics.push(Arc::clone(&metrics));
         for instance in 0..model.instances {
             let loading = model.clone();
             let task = tokio::task::spawn_blocking(move || loading.load())
@@ -240,15 +250,29 @@ pub async fn run_models(
                 queue = %model.queue, "model loaded");
             let config = model.worker_config(&broker_url);
             let shutdown = shutdown.clone();
-            workers.spawn(serve_forever(config, task, shutdown));
+            workers.spawn(serve_forever(config, task, Arc::clone(&metrics), shutdown));
         }
     }
-    Ok(workers)
+    Ok(Deployment {
+        workers,
+        metrics: all_metrics,
+    })
 }
 
-async fn serve_forever(config: WorkerConfig, task: Arc<dyn Task>, shutdown: watch::Receiver<bool>) {
+async fn serve_forever(
+    config: WorkerConfig,
+    task: Arc<dyn Task>,
+    metrics: Arc<ModelMetrics>,
+    shutdown: watch::Receiver<bool>,
+) {
     loop {
-        let result = worker::run(config.clone(), Arc::clone(&task), shutdown.clone()).await;
+        let result = worker::run(
+            config.clone(),
+            Arc::clone(&task),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        )
+        .await;
         if *shutdown.borrow() {
             return;
         }

@@ -6,6 +6,7 @@
 //! inputs and model outputs into reply bodies.
 
 pub mod deploy;
+pub mod metrics;
 pub mod runtime;
 pub mod task;
 pub mod tensor;

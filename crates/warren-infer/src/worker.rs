@@ -28,6 +28,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 
+use crate::metrics::{ModelMetrics, add};
 use crate::task::{Decoded, Task};
 
 /// Requests one worker instance may hold unacked beyond the batch it is
@@ -155,6 +156,7 @@ pub async fn declare_queues(
 pub async fn run(
     config: WorkerConfig,
     task: Arc<dyn Task>,
+    metrics: Arc<ModelMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
     let connection = Connection::connect(&config.broker_url, ConnectionProperties::default())
@@ -194,14 +196,19 @@ pub async fn run(
         };
         let Some(first) = first else { break };
         let mut batch = vec![first.map_err(amqp("basic.deliver"))?];
-        let deadline = tokio::time::Instant::now() + config.batch_delay_max;
+        let first_arrived = tokio::time::Instant::now();
+        let deadline = first_arrived + config.batch_delay_max;
         while batch.len() < config.batch_size_max {
             match tokio::time::timeout_at(deadline, deliveries.next()).await {
                 Ok(Some(delivery)) => batch.push(delivery.map_err(amqp("basic.deliver"))?),
                 Ok(None) | Err(_) => break,
             }
         }
-        serve_batch(&channel, &config, &task, batch).await?;
+        add(&metrics.requests, batch.len() as u64);
+        metrics
+            .batch_wait_us
+            .observe(first_arrived.elapsed().as_micros() as u64);
+        serve_batch(&channel, &config, &task, &metrics, batch).await?;
     }
     let _ = connection.close(200, "OK".into()).await;
     Ok(())
@@ -212,6 +219,7 @@ async fn serve_batch(
     channel: &Channel,
     config: &WorkerConfig,
     task: &Arc<dyn Task>,
+    metrics: &ModelMetrics,
     batch: Vec<Delivery>,
 ) -> Result<(), WorkerError> {
     let mut accepted: Vec<Delivery> = Vec::with_capacity(batch.len());
@@ -227,7 +235,10 @@ async fn serve_batch(
                 inputs.push(decoded);
                 accepted.push(delivery);
             }
-            Err(reason) => dead_letter(channel, config, delivery, &reason).await?,
+            Err(reason) => {
+                add(&metrics.poison, 1);
+                dead_letter(channel, config, delivery, &reason).await?
+            }
         }
     }
     if accepted.is_empty() {
@@ -245,8 +256,13 @@ async fn serve_batch(
         });
     let inference_us = started.elapsed().as_micros() as i64;
     let replies = match outcome {
-        Ok(replies) => replies,
+        Ok(replies) => {
+            metrics.batch_size.observe(batch_size as u64);
+            metrics.inference_us.observe(inference_us as u64);
+            replies
+        }
         Err(error) => {
+            add(&metrics.failed_batches, 1);
             tracing::warn!(model = %config.model, %error, batch_size,
                 "inference failed; the batch is requeued");
             for delivery in accepted {
@@ -322,6 +338,7 @@ async fn serve_batch(
             .await
             .map_err(amqp("basic.ack"))?;
     }
+    add(&metrics.replies, batch_size as u64);
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::info;
 use warren_amqp::AmqpServer;
 
-use warren_infer::deploy::{ModelConfig, run_models};
+use warren_infer::deploy::{Deployment, ModelConfig, run_models};
 
 use crate::config::FileConfig;
 
@@ -202,12 +202,15 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     );
     let signal = shutdown_signal()?;
     let (shutdown_sender, shutdown) = watch::channel(false);
-    let mut workers = run_models(file_config.models, args.broker.clone(), shutdown).await?;
+    let mut deployment = run_models(file_config.models, args.broker.clone(), shutdown).await?;
     info!(broker = %redact(&args.broker), "model workers running");
     signal.await;
     info!("shutting down");
     let _ = shutdown_sender.send(true);
-    while workers.join_next().await.is_some() {}
+    while deployment.workers.join_next().await.is_some() {}
+    for metrics in &deployment.metrics {
+        metrics.snapshot().log_summary();
+    }
     Ok(())
 }
 
@@ -251,8 +254,11 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     let server_task = tokio::spawn(server.run(shutdown.clone()));
     // In-process model workers reach the broker over loopback AMQP, like
     // any other client.
-    let mut workers = if models.is_empty() {
-        tokio::task::JoinSet::new()
+    let mut deployment = if models.is_empty() {
+        Deployment {
+            workers: tokio::task::JoinSet::new(),
+            metrics: Vec::new(),
+        }
     } else {
         let host = if address.ip().is_unspecified() {
             "127.0.0.1".to_owned()
@@ -265,7 +271,10 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     signal.await;
     info!("shutting down");
     let _ = shutdown_sender.send(true);
-    while workers.join_next().await.is_some() {}
+    while deployment.workers.join_next().await.is_some() {}
+    for metrics in &deployment.metrics {
+        metrics.snapshot().log_summary();
+    }
     server_task.await.context("AMQP server task")?;
     info!("stopped");
     Ok(())

@@ -342,6 +342,17 @@ async fn poison_inputs_are_dead_lettered_with_a_reason_and_not_retried() {
             .expect("basic.get")
             .is_none()
     );
+    // The model's metrics counted both, and say so when the broker stops.
+    broker.terminate_and_assert_clean_exit().await;
+    let summary = broker
+        .log()
+        .lines()
+        .find(|line| line.contains("model served"))
+        .map(str::to_owned)
+        .expect("a model summary at shutdown");
+    assert!(summary.contains("requests=2"), "{summary}");
+    assert!(summary.contains("poison=1"), "{summary}");
+    assert!(summary.contains("replies=1"), "{summary}");
 }
 
 /// A `warren worker` process serving the broker at `url`.
