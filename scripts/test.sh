@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every Warren test: Rust unit/integration tests and the Python
-# integration tests (pika, Celery, and amqplib through Node.js) against the
-# release binary. Works on a fresh machine.
+# integration tests (pika, Celery, amqplib through Node.js, and `warren
+# worker` against a private RabbitMQ node) against the release binary. Works
+# on a fresh machine.
 #
 #   bash scripts/test.sh            # from anywhere
 #   PYTEST_ARGS="-k tutorials" bash scripts/test.sh   # extra pytest arguments
@@ -40,6 +41,48 @@ if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
     (cd tests/node && npm ci --no-audit --no-fund)
 else
     echo "warning: node/npm not found; the amqplib tests will fail" >&2
+fi
+
+# --------------------------------------- RabbitMQ for the comparison tests
+# tests/python/test_worker_rabbitmq.py runs `warren worker` against a private
+# RabbitMQ node (scripts/rabbitmq.sh), which needs Debian's rabbitmq-server
+# package. It is installed only when its scripts are missing, with a
+# temporary /usr/sbin/policy-rc.d that exits 101 so that apt does not start
+# the system-wide service. Without it (not root, no apt-get, or the
+# installation failed) that test fails and says why; the rest still run.
+RABBITMQ_SBIN_DIR="${RABBITMQ_SBIN:-/usr/lib/rabbitmq/bin}"
+if [ ! -x "$RABBITMQ_SBIN_DIR/rabbitmq-server" ] || [ ! -x "$RABBITMQ_SBIN_DIR/rabbitmqctl" ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "apt-get install -y rabbitmq-server"
+        policy_rc=/usr/sbin/policy-rc.d
+        policy_rc_saved=""
+        if [ -e "$policy_rc" ]; then
+            policy_rc_saved="$(mktemp)"
+            cp -p "$policy_rc" "$policy_rc_saved"
+        fi
+        restore_policy_rc() {
+            if [ -n "$policy_rc_saved" ]; then
+                mv -f "$policy_rc_saved" "$policy_rc"
+            else
+                rm -f "$policy_rc"
+            fi
+        }
+        trap restore_policy_rc EXIT
+        printf '#!/bin/sh\n# Keeps apt from starting services (scripts/test.sh).\nexit 101\n' >"$policy_rc"
+        chmod 755 "$policy_rc"
+        rabbitmq_status=0
+        { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server; } \
+            || rabbitmq_status=$?
+        restore_policy_rc
+        trap - EXIT
+        if [ "$rabbitmq_status" -ne 0 ]; then
+            echo "warning: installing rabbitmq-server failed (exit $rabbitmq_status);" \
+                "test_worker_rabbitmq.py will fail" >&2
+        fi
+    else
+        echo "warning: $RABBITMQ_SBIN_DIR/rabbitmq-server is missing and cannot be installed" \
+            "here (needs root and apt-get); test_worker_rabbitmq.py will fail" >&2
+    fi
 fi
 
 # ------------------------------------------------------------------- build

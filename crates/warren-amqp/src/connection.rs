@@ -67,6 +67,12 @@ impl From<FrameError> for Fault {
     }
 }
 
+/// Whether the client ended the connection itself (see `finish`).
+enum FaultKind {
+    ClosedByClient,
+    Other,
+}
+
 pub(crate) struct Connection {
     pub(crate) id: ConnectionId,
     pub(crate) peer: SocketAddr,
@@ -555,6 +561,10 @@ impl Connection {
     // ----- closing -------------------------------------------------------
 
     async fn finish(&mut self, fault: Fault) {
+        let fault_kind = match &fault {
+            Fault::ClosedByClient => FaultKind::ClosedByClient,
+            _ => FaultKind::Other,
+        };
         match fault {
             Fault::Gone | Fault::ClosedByClient => {}
             Fault::Connection {
@@ -579,10 +589,27 @@ impl Connection {
                 let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, self.await_close_ok()).await;
             }
         }
-        self.out.send(Outbound::Close);
         if self.opened {
             self.hub.lock().remove_connection(self.id);
             info!(connection = self.id.0, peer = %self.peer, "connection closed");
+        }
+        if matches!(fault_kind, FaultKind::ClosedByClient) {
+            // As RabbitMQ does, leave closing the socket to the client once
+            // it has its close-ok: clients treat the server hanging up
+            // first as an I/O error.
+            let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, self.await_peer_close()).await;
+        }
+        self.out.send(Outbound::Close);
+    }
+
+    /// Reads and discards until the client closes its side.
+    async fn await_peer_close(&mut self) {
+        loop {
+            self.buffer.clear();
+            match self.reader.read_buf(&mut self.buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
         }
     }
 

@@ -332,13 +332,13 @@ async fn serve_batch(
             Confirmation::Ack(_) | Confirmation::NotRequested => {}
         }
     }
+    add(&metrics.replies, batch_size as u64);
     for delivery in accepted {
         delivery
             .ack(BasicAckOptions::default())
             .await
             .map_err(amqp("basic.ack"))?;
     }
-    add(&metrics.replies, batch_size as u64);
     Ok(())
 }
 

@@ -292,8 +292,42 @@ async fn a_burst_is_batched_and_each_request_answered_once_through_direct_reply_
 async fn poison_inputs_are_dead_lettered_with_a_reason_and_not_retried() {
     let broker = Broker::start_with_config(&model_config(8, 5)).await;
     let (_connection, channel) = open(&broker).await;
-    request(&channel, b"\xff\xfe not text", "nobody", "poison").await;
-    request(&channel, FOOD.as_bytes(), "nobody", "fine").await;
+    let replies = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    let reply_to = replies.name().as_str();
+    request(&channel, b"\xff\xfe not text", reply_to, "poison").await;
+    request(&channel, FOOD.as_bytes(), reply_to, "fine").await;
+    // The good request behind the poison one is answered, and only it.
+    let mut consumer = channel
+        .basic_consume(
+            replies.name().clone(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume replies");
+    let reply = next_delivery(&mut consumer, "the good request's reply").await;
+    assert_eq!(
+        reply
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str()),
+        Some("fine")
+    );
     let dead = within("the poison request dead-lettered", async {
         loop {
             if let Some(message) = channel
