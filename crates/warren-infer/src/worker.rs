@@ -22,7 +22,7 @@ use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -83,6 +83,22 @@ pub async fn declare_queues(
         .create_channel()
         .await
         .map_err(amqp("channel.open"))?;
+    if let Some(exchange) = &config.result_exchange {
+        // Results go to an exchange the operator set up; a missing one is a
+        // configuration error, reported here rather than on the first reply.
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                lapin::ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("exchange.declare (result exchange)"))?;
+    }
     channel
         .queue_declare(
             config.dead_letter_queue.as_str().into(),

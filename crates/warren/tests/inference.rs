@@ -60,6 +60,11 @@ fn onnxruntime_library() -> PathBuf {
 }
 
 fn model_config(batch_size_max: usize, batch_delay_max_ms: u64) -> String {
+    model_config_with(batch_size_max, batch_delay_max_ms, "")
+}
+
+/// The model entry with `extra` keys added to it.
+fn model_config_with(batch_size_max: usize, batch_delay_max_ms: u64, extra: &str) -> String {
     let dir = model_dir();
     format!(
         r#"
@@ -73,6 +78,7 @@ queue = "{QUEUE}"
 max_tokens = 256
 batch_size_max = {batch_size_max}
 batch_delay_max_ms = {batch_delay_max_ms}
+{extra}
 
 [model.runtime]
 backend = "onnxruntime"
@@ -387,6 +393,87 @@ async fn poison_inputs_are_dead_lettered_with_a_reason_and_not_retried() {
     assert!(summary.contains("requests=2"), "{summary}");
     assert!(summary.contains("poison=1"), "{summary}");
     assert!(summary.contains("replies=1"), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_also_published_to_the_result_exchange() {
+    let broker = Broker::start_with_config(&model_config_with(
+        8,
+        5,
+        "result_exchange = \"results\"\nresult_routing_key = \"embeddings\"",
+    ))
+    .await;
+    // The worker waits (retrying) until the operator's exchange exists.
+    let setup = broker.connect().await;
+    let channel = setup.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            "results".into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("result exchange");
+    channel
+        .queue_declare(
+            "stored-results".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("result queue");
+    channel
+        .queue_bind(
+            "stored-results".into(),
+            "results".into(),
+            "embeddings".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let (_connection, requests) = open(&broker).await;
+    // No reply_to: the result goes only to the result exchange.
+    requests
+        .basic_publish(
+            "".into(),
+            QUEUE.into(),
+            BasicPublishOptions::default(),
+            FOOD.as_bytes(),
+            BasicProperties::default().with_correlation_id("stored".into()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let result = within("the result in the result queue", async {
+        loop {
+            if let Some(message) = channel
+                .basic_get("stored-results".into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get")
+            {
+                return message;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(vector(&result.data).len(), 384);
+    assert_eq!(
+        *result.properties.delivery_mode(),
+        Some(2),
+        "results are persistent"
+    );
+    assert_eq!(
+        result
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str()),
+        Some("stored")
+    );
 }
 
 /// A `warren worker` process serving the broker at `url`.
