@@ -476,6 +476,101 @@ async fn results_are_also_published_to_the_result_exchange() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_inference_keeps_failing_is_retried_then_dead_lettered() {
+    let model = repository()
+        .join("tests/models/reshape-2x2.onnx")
+        .canonicalize()
+        .expect("model");
+    let config = format!(
+        r#"
+[[model]]
+name = "reshape"
+path = "{model}"
+task = "tensor"
+queue = "{QUEUE}"
+delivery_limit = 2
+batch_size_max = 1
+"#,
+        model = model.display()
+    );
+    let broker = Broker::start_with_config(&config).await;
+    let (_connection, channel) = open(&broker).await;
+    let failing = serde_json::json!({"inputs": [
+        {"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}
+    ]});
+    let working = serde_json::json!({"inputs": [
+        {"name": "x", "shape": [4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+    ]});
+    request(
+        &channel,
+        &serde_json::to_vec(&failing).expect("JSON"),
+        "nobody",
+        "fails",
+    )
+    .await;
+    let dead = within("the failing request dead-lettered", async {
+        loop {
+            if let Some(message) = channel
+                .basic_get(DEAD_LETTER_QUEUE.into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get")
+            {
+                return message;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The broker dead-lettered it past the queue's delivery limit, after
+    // the worker had requeued it each time.
+    assert_eq!(
+        header(&dead.properties, "x-first-death-reason"),
+        Some(AMQPValue::LongString("delivery_limit".into()))
+    );
+    assert_eq!(
+        dead.properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str()),
+        Some("fails")
+    );
+    // The worker carries on with the next request.
+    let replies = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    let mut consumer = channel
+        .basic_consume(
+            replies.name().clone(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    request(
+        &channel,
+        &serde_json::to_vec(&working).expect("JSON"),
+        replies.name().as_str(),
+        "works",
+    )
+    .await;
+    let reply = next_delivery(&mut consumer, "the working request's reply").await;
+    let body: serde_json::Value = serde_json::from_slice(&reply.data).expect("JSON");
+    assert_eq!(body["outputs"][0]["shape"], serde_json::json!([2, 2]));
+}
+
 /// A `warren worker` process serving the broker at `url`.
 struct WorkerProcess {
     child: Child,
