@@ -92,3 +92,39 @@ fn requests_that_do_not_fit_the_model_are_refused() {
     assert!(decode(&model, &unknown).is_err());
     assert!(model.decode(b"not json", None).is_err());
 }
+
+#[test]
+fn integer_inputs_and_float_outputs_keep_their_types() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.onnx").exists(),
+        "run `bash scripts/fetch-models.sh`"
+    );
+    let runtime = runtime::load(
+        &dir.join("model.onnx"),
+        &RuntimeConfig {
+            backend: Backend::Tract,
+            ..RuntimeConfig::default()
+        },
+    )
+    .expect("model loads");
+    let model = TensorModel::new("minilm".to_owned(), runtime);
+    let ids = json!([[101, 1037, 2158, 102]]);
+    let request = json!({"inputs": [
+        {"name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": ids},
+        {"name": "attention_mask", "shape": [1, 4], "datatype": "INT64", "data": [1, 1, 1, 1]},
+        {"name": "token_type_ids", "shape": [1, 4], "datatype": "INT64", "data": [0, 0, 0, 0]}
+    ]});
+    let reply = model
+        .infer(vec![decode(&model, &request).expect("valid")])
+        .expect("inference");
+    let body: Value = serde_json::from_slice(&reply[0].body).expect("JSON");
+    let output = &body["outputs"][0];
+    assert_eq!(output["name"], "last_hidden_state");
+    assert_eq!(output["datatype"], "FP32");
+    assert_eq!(output["shape"], json!([1, 4, 384]));
+    assert_eq!(output["data"].as_array().expect("data").len(), 4 * 384);
+    let mut fractional = request.clone();
+    fractional["inputs"][0]["data"] = json!([101, 1.5, 2158, 102]);
+    assert!(decode(&model, &fractional).is_err(), "1.5 is not an INT64");
+}
