@@ -2,15 +2,17 @@
 //! round-trip, concatenated requests are split back, and a request that
 //! does not fit the model is refused with a reason.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use warren_infer::runtime::{self, Backend, RuntimeConfig};
 use warren_infer::task::tensor::TensorModel;
 use warren_infer::task::{Decoded, Task};
 
+use crate::{repository, test_models};
+
 fn models() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/models")
+    test_models()
 }
 
 fn read(name: &str) -> Value {
@@ -95,7 +97,7 @@ fn requests_that_do_not_fit_the_model_are_refused() {
 
 #[test]
 fn integer_inputs_and_float_outputs_keep_their_types() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/all-MiniLM-L6-v2");
+    let dir = repository().join("models/all-MiniLM-L6-v2");
     assert!(
         dir.join("model.onnx").exists(),
         "run `bash scripts/fetch-models.sh`"

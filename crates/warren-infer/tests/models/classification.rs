@@ -3,7 +3,7 @@
 //! through Python with the same preprocessing
 //! (tests/models/tiny-cnn-reference.json).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
 use warren_infer::runtime::{self, Backend, RuntimeConfig};
@@ -11,30 +11,17 @@ use warren_infer::task::classification::{
     ClassificationModel, Layout, Preprocessing, RAW_TENSOR_CONTENT_TYPE,
 };
 
+use crate::{onnxruntime_library, repository, test_models};
+
 /// Scores may differ from the reference by the resize's rounding.
 const SCORE_TOLERANCE: f32 = 5e-3;
 
 fn models() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/models")
+    test_models()
 }
 
 fn json(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(models().join(name)).expect("file")).expect("JSON")
-}
-
-fn onnxruntime_library() -> Option<PathBuf> {
-    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
-        return None;
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/lib");
-    std::fs::read_dir(venv).ok()?.flatten().find_map(|python| {
-        let capi = python.path().join("site-packages/onnxruntime/capi");
-        std::fs::read_dir(capi).ok()?.flatten().find_map(|entry| {
-            let path = entry.path();
-            let name = path.file_name()?.to_str()?.to_owned();
-            name.starts_with("libonnxruntime.so.").then_some(path)
-        })
-    })
 }
 
 fn model(backend: Backend) -> ClassificationModel {
@@ -66,9 +53,7 @@ fn check(backend: Backend) {
     let inputs: Vec<Vec<f32>> = images
         .iter()
         .map(|image| {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../..")
-                .join(image["file"].as_str().expect("file"));
+            let path = repository().join(image["file"].as_str().expect("file"));
             let body = std::fs::read(path).expect("image");
             classifier
                 .preprocess(&body, Some("image/png"))

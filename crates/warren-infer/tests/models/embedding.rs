@@ -3,19 +3,17 @@
 //! written by tests/models/reference.py). The model comes from
 //! `scripts/fetch-models.sh`, which `scripts/test.sh` runs first.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
 use warren_infer::runtime::{self, Backend, RuntimeConfig};
 use warren_infer::task::embedding::{EmbeddingModel, Pooling, cosine};
 
+use crate::{onnxruntime_library, repository};
+
 /// sentence-transformers cuts this model's inputs at 256 tokens (its
 /// tokenizer.json says 128, which the library overrides).
 const MAX_TOKENS: usize = 256;
-
-fn repository() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn model_dir() -> PathBuf {
     let dir = repository().join("models/all-MiniLM-L6-v2");
@@ -53,24 +51,6 @@ fn model(backend: Backend) -> EmbeddingModel {
         Some(MAX_TOKENS),
     )
     .expect("tokenizer loads")
-}
-
-/// The library `scripts/fetch-models.sh` installed into the repository's
-/// virtualenv, unless ORT_DYLIB_PATH says otherwise.
-fn onnxruntime_library() -> Option<PathBuf> {
-    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
-        return None;
-    }
-    let venv = repository().join(".venv/lib");
-    let found = std::fs::read_dir(&venv).ok()?.find_map(|python| {
-        let capi = python.ok()?.path().join("site-packages/onnxruntime/capi");
-        std::fs::read_dir(capi).ok()?.find_map(|entry| {
-            let path = entry.ok()?.path();
-            let name = path.file_name()?.to_str()?.to_owned();
-            (name.starts_with("libonnxruntime.so.")).then_some(path)
-        })
-    });
-    Some(found.expect("ONNX Runtime in .venv; run `bash scripts/fetch-models.sh`"))
 }
 
 fn check(backend: Backend, tolerance: f32) {
