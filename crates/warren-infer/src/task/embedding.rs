@@ -1,13 +1,14 @@
 //! The `embedding` task: UTF-8 text in, a sentence embedding out.
 //!
 //! Texts are tokenized with the model's HuggingFace `tokenizer.json`,
-//! padded to the longest text in the batch, run through the model, and the
+//! grouped by length and padded to the longest of their group, run through
+//! the model, and the
 //! token embeddings are pooled (the mean over the attention mask, or the
 //! first token) and L2-normalised, as sentence-transformers does.
 
 use std::path::Path;
 
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
 use crate::runtime::{ModelRuntime, RuntimeError};
 use crate::task::{Decoded, Encoded, Task, TaskError};
@@ -49,6 +50,7 @@ pub struct EmbeddingModel {
     normalize: bool,
     /// Whether the model takes `token_type_ids` (BERT does; others not).
     token_type_ids: bool,
+    pad_id: i64,
 }
 
 impl EmbeddingModel {
@@ -65,13 +67,14 @@ impl EmbeddingModel {
         };
         let mut tokenizer = Tokenizer::from_file(tokenizer_path)
             .map_err(|error| tokenizer_error(error.to_string()))?;
-        // Pad each batch to its longest text, with the tokenizer's own pad
-        // token when it names one.
-        let padding = PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..tokenizer.get_padding().cloned().unwrap_or_default()
-        };
-        tokenizer.with_padding(Some(padding));
+        // Batches are padded here, per group of similar lengths, with the
+        // tokenizer's own pad token when it names one.
+        let pad_id = tokenizer
+            .get_padding()
+            .map(|padding| padding.pad_id)
+            .or_else(|| tokenizer.token_to_id("[PAD]"))
+            .unwrap_or(0) as i64;
+        tokenizer.with_padding(None);
         let max_length = max_tokens
             .or_else(|| {
                 tokenizer
@@ -99,6 +102,7 @@ impl EmbeddingModel {
             pooling,
             normalize,
             token_type_ids,
+            pad_id,
         })
     }
 
@@ -115,15 +119,36 @@ impl EmbeddingModel {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|error| EmbeddingError::Tokenize(error.to_string()))?;
-        let batch = encodings.len();
-        let tokens = encodings.first().map_or(0, |encoding| encoding.len());
-        let mut ids = Vec::with_capacity(batch * tokens);
-        let mut mask = Vec::with_capacity(batch * tokens);
-        let mut types = Vec::with_capacity(batch * tokens);
-        for encoding in &encodings {
-            ids.extend(encoding.get_ids().iter().map(|&id| id as i64));
-            mask.extend(encoding.get_attention_mask().iter().map(|&m| m as i64));
-            types.extend(encoding.get_type_ids().iter().map(|&t| t as i64));
+        let mut embeddings: Vec<Vec<f32>> = vec![Vec::new(); encodings.len()];
+        for bucket in length_buckets(&encodings) {
+            let rows: Vec<&Encoding> = bucket.iter().map(|&index| &encodings[index]).collect();
+            for (index, embedding) in bucket.iter().zip(self.embed_padded(&rows)?) {
+                embeddings[*index] = embedding;
+            }
+        }
+        Ok(embeddings)
+    }
+
+    /// One inference over texts of similar length, padded to the longest.
+    fn embed_padded(&self, rows: &[&Encoding]) -> Result<Vec<Vec<f32>>, EmbeddingError> {
+        let batch = rows.len();
+        let tokens = rows.iter().map(|row| row.len()).max().unwrap_or(0);
+        let mut ids = vec![self.pad_id; batch * tokens];
+        let mut mask = vec![0i64; batch * tokens];
+        let mut types = vec![0i64; batch * tokens];
+        for (row, encoding) in rows.iter().enumerate() {
+            let start = row * tokens;
+            for (offset, ((id, attention), kind)) in encoding
+                .get_ids()
+                .iter()
+                .zip(encoding.get_attention_mask())
+                .zip(encoding.get_type_ids())
+                .enumerate()
+            {
+                ids[start + offset] = *id as i64;
+                mask[start + offset] = *attention as i64;
+                types[start + offset] = *kind as i64;
+            }
         }
         let shape = vec![batch, tokens];
         let tensor = |name: &str, values: Vec<i64>| {
@@ -159,6 +184,32 @@ impl EmbeddingModel {
         }
         Ok(embeddings)
     }
+}
+
+/// Groups texts of similar token length, so that a batch of short and long
+/// texts does not pay for padding every short one to the longest: the
+/// attention costs grow with the padded length. Texts are sorted by length
+/// and a group takes texts up to a quarter (at least 4 tokens) longer than
+/// its shortest.
+fn length_buckets(encodings: &[Encoding]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..encodings.len()).collect();
+    order.sort_by_key(|&index| encodings[index].len());
+    let mut buckets: Vec<Vec<usize>> = Vec::new();
+    for index in order {
+        let length = encodings[index].len();
+        match buckets.last_mut() {
+            Some(bucket) => {
+                let shortest = encodings[bucket[0]].len();
+                if length <= shortest + (shortest / 4).max(4) {
+                    bucket.push(index);
+                } else {
+                    buckets.push(vec![index]);
+                }
+            }
+            None => buckets.push(vec![index]),
+        }
+    }
+    buckets
 }
 
 impl Task for EmbeddingModel {
