@@ -222,9 +222,21 @@ impl ModelConfig {
 }
 
 /// The running workers of every model, and each model's metrics.
+#[derive(Default)]
 pub struct Deployment {
     pub workers: JoinSet<()>,
     pub metrics: Vec<Arc<ModelMetrics>>,
+}
+
+impl Deployment {
+    /// Waits for the workers to stop (after `shutdown` turned true) and logs
+    /// what each model served.
+    pub async fn finish(mut self) {
+        while self.workers.join_next().await.is_some() {}
+        for metrics in &self.metrics {
+            metrics.snapshot().log_summary();
+        }
+    }
 }
 
 /// Loads every model and runs its workers against `broker_url` until

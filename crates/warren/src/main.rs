@@ -202,15 +202,12 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     );
     let signal = shutdown_signal()?;
     let (shutdown_sender, shutdown) = watch::channel(false);
-    let mut deployment = run_models(file_config.models, args.broker.clone(), shutdown).await?;
+    let deployment = run_models(file_config.models, args.broker.clone(), shutdown).await?;
     info!(broker = %redact(&args.broker), "model workers running");
     signal.await;
     info!("shutting down");
     let _ = shutdown_sender.send(true);
-    while deployment.workers.join_next().await.is_some() {}
-    for metrics in &deployment.metrics {
-        metrics.snapshot().log_summary();
-    }
+    deployment.finish().await;
     Ok(())
 }
 
@@ -254,11 +251,8 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     let server_task = tokio::spawn(server.run(shutdown.clone()));
     // In-process model workers reach the broker over loopback AMQP, like
     // any other client.
-    let mut deployment = if models.is_empty() {
-        Deployment {
-            workers: tokio::task::JoinSet::new(),
-            metrics: Vec::new(),
-        }
+    let deployment = if models.is_empty() {
+        Deployment::default()
     } else {
         let host = if address.ip().is_unspecified() {
             "127.0.0.1".to_owned()
@@ -271,10 +265,7 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     signal.await;
     info!("shutting down");
     let _ = shutdown_sender.send(true);
-    while deployment.workers.join_next().await.is_some() {}
-    for metrics in &deployment.metrics {
-        metrics.snapshot().log_summary();
-    }
+    deployment.finish().await;
     server_task.await.context("AMQP server task")?;
     info!("stopped");
     Ok(())

@@ -128,6 +128,55 @@ async fn open(broker: &Broker) -> (lapin::Connection, Channel) {
     (connection, channel)
 }
 
+/// An exclusive, server-named reply queue and a no-ack consumer on it.
+async fn reply_queue(channel: &Channel) -> (lapin::types::ShortString, lapin::Consumer) {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume replies");
+    (queue.name().clone(), consumer)
+}
+
+/// Polls `queue` with `basic.get` until a message is there.
+async fn next_message(
+    channel: &Channel,
+    queue: &str,
+    what: &str,
+) -> lapin::message::BasicGetMessage {
+    within(what, async {
+        loop {
+            if let Some(message) = channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get")
+            {
+                return message;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
 async fn request(channel: &Channel, body: &[u8], reply_to: &str, correlation_id: &str) {
     channel
         .basic_publish(
@@ -175,31 +224,9 @@ fn as_integer(value: &AMQPValue) -> i64 {
 async fn embedding_requests_get_replies_matching_onnx_runtime() {
     let broker = Broker::start_with_config(&model_config(8, 20)).await;
     let (_connection, channel) = open(&broker).await;
-    let replies = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    let mut consumer = channel
-        .basic_consume(
-            replies.name().clone(),
-            "replies".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume replies");
+    let (reply_queue, mut consumer) = reply_queue(&channel).await;
     for (id, text) in [("food", FOOD), ("bread", BREAD), ("market", MARKET)] {
-        request(&channel, text.as_bytes(), replies.name().as_str(), id).await;
+        request(&channel, text.as_bytes(), reply_queue.as_str(), id).await;
     }
     let mut vectors = HashMap::new();
     for _ in 0..3 {
@@ -298,33 +325,11 @@ async fn a_burst_is_batched_and_each_request_answered_once_through_direct_reply_
 async fn poison_inputs_are_dead_lettered_with_a_reason_and_not_retried() {
     let broker = Broker::start_with_config(&model_config(8, 5)).await;
     let (_connection, channel) = open(&broker).await;
-    let replies = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    let reply_to = replies.name().as_str();
+    let (reply_queue, mut consumer) = reply_queue(&channel).await;
+    let reply_to = reply_queue.as_str();
     request(&channel, b"\xff\xfe not text", reply_to, "poison").await;
     request(&channel, FOOD.as_bytes(), reply_to, "fine").await;
     // The good request behind the poison one is answered, and only it.
-    let mut consumer = channel
-        .basic_consume(
-            replies.name().clone(),
-            "replies".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume replies");
     let reply = next_delivery(&mut consumer, "the good request's reply").await;
     assert_eq!(
         reply
@@ -334,18 +339,11 @@ async fn poison_inputs_are_dead_lettered_with_a_reason_and_not_retried() {
             .map(|id| id.as_str()),
         Some("fine")
     );
-    let dead = within("the poison request dead-lettered", async {
-        loop {
-            if let Some(message) = channel
-                .basic_get(DEAD_LETTER_QUEUE.into(), BasicGetOptions { no_ack: true })
-                .await
-                .expect("basic.get")
-            {
-                return message;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    let dead = next_message(
+        &channel,
+        DEAD_LETTER_QUEUE.into(),
+        "the poison request dead-lettered",
+    )
     .await;
     assert_eq!(dead.data, b"\xff\xfe not text");
     match header(&dead.properties, "x-warren-error") {
@@ -447,18 +445,11 @@ async fn results_are_also_published_to_the_result_exchange() {
         .expect("publish")
         .await
         .expect("confirm");
-    let result = within("the result in the result queue", async {
-        loop {
-            if let Some(message) = channel
-                .basic_get("stored-results".into(), BasicGetOptions { no_ack: true })
-                .await
-                .expect("basic.get")
-            {
-                return message;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    let result = next_message(
+        &channel,
+        "stored-results".into(),
+        "the result in the result queue",
+    )
     .await;
     assert_eq!(vector(&result.data).len(), 384);
     assert_eq!(
@@ -509,18 +500,11 @@ batch_size_max = 1
         "fails",
     )
     .await;
-    let dead = within("the failing request dead-lettered", async {
-        loop {
-            if let Some(message) = channel
-                .basic_get(DEAD_LETTER_QUEUE.into(), BasicGetOptions { no_ack: true })
-                .await
-                .expect("basic.get")
-            {
-                return message;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    let dead = next_message(
+        &channel,
+        DEAD_LETTER_QUEUE.into(),
+        "the failing request dead-lettered",
+    )
     .await;
     // The broker dead-lettered it past the queue's delivery limit, after
     // the worker had requeued it each time.
@@ -536,33 +520,11 @@ batch_size_max = 1
         Some("fails")
     );
     // The worker carries on with the next request.
-    let replies = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    let mut consumer = channel
-        .basic_consume(
-            replies.name().clone(),
-            "replies".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let (reply_queue, mut consumer) = reply_queue(&channel).await;
     request(
         &channel,
         &serde_json::to_vec(&working).expect("JSON"),
-        replies.name().as_str(),
+        reply_queue.as_str(),
         "works",
     )
     .await;
@@ -630,29 +592,7 @@ async fn a_worker_killed_mid_batch_loses_no_request() {
     let config = model_config(8, 50);
     let mut first = WorkerProcess::start(&broker.amqp_url(), &config, "first");
     let (_connection, channel) = open(&broker).await;
-    let replies = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    let mut consumer = channel
-        .basic_consume(
-            replies.name().clone(),
-            "replies".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume replies");
+    let (reply_queue, mut consumer) = reply_queue(&channel).await;
     const REQUESTS: usize = 200;
     // Long texts (about 200 tokens) keep the worker busy for a while.
     let filler = "the quick brown fox jumps over the lazy dog ".repeat(20);
@@ -660,7 +600,7 @@ async fn a_worker_killed_mid_batch_loses_no_request() {
         request(
             &channel,
             format!("text number {index}: {filler}").as_bytes(),
-            replies.name().as_str(),
+            reply_queue.as_str(),
             &index.to_string(),
         )
         .await;
