@@ -341,7 +341,7 @@ async fn poison_inputs_are_dead_lettered_with_a_reason_and_not_retried() {
     );
     let dead = next_message(
         &channel,
-        DEAD_LETTER_QUEUE.into(),
+        DEAD_LETTER_QUEUE,
         "the poison request dead-lettered",
     )
     .await;
@@ -445,12 +445,7 @@ async fn results_are_also_published_to_the_result_exchange() {
         .expect("publish")
         .await
         .expect("confirm");
-    let result = next_message(
-        &channel,
-        "stored-results".into(),
-        "the result in the result queue",
-    )
-    .await;
+    let result = next_message(&channel, "stored-results", "the result in the result queue").await;
     assert_eq!(vector(&result.data).len(), 384);
     assert_eq!(
         *result.properties.delivery_mode(),
@@ -502,7 +497,7 @@ batch_size_max = 1
     .await;
     let dead = next_message(
         &channel,
-        DEAD_LETTER_QUEUE.into(),
+        DEAD_LETTER_QUEUE,
         "the failing request dead-lettered",
     )
     .await;
