@@ -214,15 +214,12 @@ fn execution_providers(
         .map(|name| match name.as_str() {
             #[cfg(feature = "cuda")]
             "cuda" => Ok(ort::ep::CUDA::default().build()),
+            #[cfg(not(feature = "cuda"))]
+            "cuda" => Err(not_built_in(name)),
             #[cfg(feature = "tensorrt")]
             "tensorrt" => Ok(ort::ep::TensorRT::default().build()),
-            "cuda" | "tensorrt" => Err(RuntimeError::Load {
-                path: PathBuf::new(),
-                reason: format!(
-                    "this build of Warren has no '{name}' execution provider; build with \
-                     `--features warren-infer/{name}` and an ONNX Runtime library that has it"
-                ),
-            }),
+            #[cfg(not(feature = "tensorrt"))]
+            "tensorrt" => Err(not_built_in(name)),
             other => Err(RuntimeError::Load {
                 path: PathBuf::new(),
                 reason: format!(
@@ -231,6 +228,18 @@ fn execution_providers(
             }),
         })
         .collect()
+}
+
+/// An execution provider this build was compiled without.
+#[allow(dead_code)] // used only in builds without some provider
+fn not_built_in(name: &str) -> RuntimeError {
+    RuntimeError::Load {
+        path: PathBuf::new(),
+        reason: format!(
+            "this build of Warren has no '{name}' execution provider; build with \
+             `--features warren-infer/{name}`"
+        ),
+    }
 }
 
 fn describe_outlet(name: &str, value_type: &ValueType) -> TensorInfo {

@@ -121,3 +121,28 @@ fn one_text_alone_embeds_as_in_a_batch() {
         "padding changed the embedding by {difference}"
     );
 }
+
+#[test]
+fn a_gpu_provider_the_library_lacks_leaves_the_model_on_the_cpu() {
+    let dir = model_dir();
+    let config = RuntimeConfig {
+        backend: Backend::Onnxruntime,
+        onnxruntime_library: onnxruntime_library(),
+        execution_providers: vec!["cuda".to_owned()],
+        ..RuntimeConfig::default()
+    };
+    let runtime = runtime::load(&dir.join("model.onnx"), &config).expect("loads on the CPU");
+    let model = EmbeddingModel::new(
+        runtime,
+        &dir.join("tokenizer.json"),
+        Pooling::Mean,
+        true,
+        Some(MAX_TOKENS),
+    )
+    .expect("tokenizer loads");
+    let embeddings = model
+        .embed(&["A man is eating food.", "A man is eating a piece of bread."])
+        .expect("inference");
+    let similarity = cosine(&embeddings[0], &embeddings[1]);
+    assert!((similarity - 0.7535).abs() < 1e-3, "{similarity}");
+}
