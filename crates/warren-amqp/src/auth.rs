@@ -34,9 +34,23 @@ pub fn authenticate(
         "AMQPLAIN" => parse_amqplain(response)?,
         other => return Err(AuthError::UnknownMechanism(other.to_owned())),
     };
+    check_password(users, mechanism, &name, &password, peer)?;
+    Ok(name)
+}
+
+/// Checks a user's password and where they connect from; `mechanism` only
+/// names the way the password came, for the error (HTTP basic auth passes
+/// "PLAIN").
+pub fn check_password<'a>(
+    users: &'a [User],
+    mechanism: &str,
+    name: &str,
+    password: &str,
+    peer: IpAddr,
+) -> Result<&'a User, AuthError> {
     let refused = || AuthError::Refused {
         mechanism: mechanism.to_owned(),
-        user: name.clone(),
+        user: name.to_owned(),
     };
     let user = users
         .iter()
@@ -46,9 +60,9 @@ pub fn authenticate(
         return Err(refused());
     }
     if user.loopback_only && !peer.is_loopback() && !is_mapped_loopback(peer) {
-        return Err(AuthError::LoopbackOnly(name));
+        return Err(AuthError::LoopbackOnly(name.to_owned()));
     }
-    Ok(name)
+    Ok(user)
 }
 
 fn is_mapped_loopback(peer: IpAddr) -> bool {

@@ -10,6 +10,7 @@ use amq_protocol::protocol::{
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 use warren_core::{
+    ChannelMode,
     BrokerError, BrokerResult, Consume, ErrorCode, ExchangeDeclare, Message, Outbox, QueueDeclare,
 };
 use warren_proto::Frame;
@@ -355,6 +356,10 @@ impl Connection {
                         published: 0,
                         waiting: VecDeque::new(),
                     });
+                    self.hub
+                        .lock()
+                        .broker
+                        .set_channel_mode(self.id, number, ChannelMode::Confirm);
                 }
                 if !select.nowait {
                     self.reply(
@@ -801,6 +806,10 @@ impl Connection {
                 }
                 if state.transaction.is_none() {
                     state.transaction = Some(Transaction::default());
+                    self.hub
+                        .lock()
+                        .broker
+                        .set_channel_mode(self.id, number, ChannelMode::Transactional);
                 }
                 self.reply(
                     number,

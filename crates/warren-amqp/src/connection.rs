@@ -24,7 +24,7 @@ use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_pro
 use crate::auth::{self, AuthError};
 use crate::channel::Channel;
 use crate::config::AmqpConfig;
-use crate::hub::{ConnectionNotice, SharedHub};
+use crate::hub::{ConnectionInfo, ConnectionNotice, SharedHub, wall_clock_ms};
 use crate::storage::StorageSignals;
 use crate::writer::{Outbound, OutboundQueue, Tuning, outbound_queue};
 use warren_store::Ticket;
@@ -76,6 +76,8 @@ enum FaultKind {
 pub(crate) struct Connection {
     pub(crate) id: ConnectionId,
     pub(crate) peer: SocketAddr,
+    /// The listener's address this connection came in on.
+    local: SocketAddr,
     pub(crate) config: Arc<AmqpConfig>,
     pub(crate) hub: SharedHub,
     pub(crate) out: OutboundQueue,
@@ -115,6 +117,7 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = socket.set_nodelay(true);
+    let local = socket.local_addr().unwrap_or(peer);
     let (reader, writer_half) = socket.into_split();
     let id = hub.lock().allocate_connection_id();
     let (out, writer) = outbound_queue(id, writer_half, hub.clone());
@@ -124,6 +127,7 @@ pub async fn serve(
     let mut connection = Connection {
         id,
         peer,
+        local,
         decoder: FrameDecoder::new(config.frame_max_bytes),
         channel_max: config.channel_max,
         frame_max_bytes: config.frame_max_bytes,
@@ -232,7 +236,19 @@ impl Connection {
             hub.broker
                 .open_connection(self.id, vhost, capabilities.consumer_cancel_notify);
             let notices = self.notices_sender.take().expect("a connection opens once");
-            hub.register_connection(self.id, self.out.clone(), notices);
+            let info = ConnectionInfo {
+                id: self.id,
+                peer: self.peer,
+                local: self.local,
+                user: self.user.clone(),
+                vhost: vhost.to_owned(),
+                client_properties: start_ok.client_properties.clone(),
+                connected_at_ms: wall_clock_ms(),
+                channel_max: self.channel_max,
+                frame_max_bytes: self.frame_max_bytes,
+                heartbeat_s: self.heartbeat_s,
+            };
+            hub.register_connection(info, self.out.clone(), notices);
             self.opened = true;
         }
         self.out.method(
@@ -542,18 +558,23 @@ impl Connection {
                 self.process_confirms();
                 Ok(())
             }
-            Some(notice) = self.notices.recv() => {
-                self.handle_notice(notice);
-                Ok(())
-            }
+            Some(notice) = self.notices.recv() => self.handle_notice(notice),
             _ = self.shutdown.changed() => Err(shutdown_fault()),
         }
     }
 
-    fn handle_notice(&mut self, notice: ConnectionNotice) {
+    fn handle_notice(&mut self, notice: ConnectionNotice) -> Result<(), Fault> {
         match notice {
             ConnectionNotice::CloseChannel { channel, error } => {
                 self.close_channel_by_broker(channel, error);
+                Ok(())
+            }
+            ConnectionNotice::Close { reason } => {
+                info!(connection = self.id.0, peer = %self.peer, %reason, "closing connection on request");
+                Err(Fault::connection(BrokerError::new(
+                    ErrorCode::ConnectionForced,
+                    reason,
+                )))
             }
         }
     }

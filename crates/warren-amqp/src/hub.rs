@@ -7,10 +7,12 @@
 //! the same moment.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::protocol::{AMQPClass, basic};
+use amq_protocol::types::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use warren_core::{Broker, BrokerError, ConnectionId, Effect, Outbox};
@@ -65,6 +67,32 @@ pub fn wall_clock_ms() -> u64 {
 pub enum ConnectionNotice {
     /// Close this channel with this error (a consumer timeout).
     CloseChannel { channel: u16, error: BrokerError },
+    /// Close the whole connection with 320 CONNECTION_FORCED (an operator
+    /// asked for it through the management API).
+    Close { reason: String },
+}
+
+/// What the management API shows about an open connection; fixed once the
+/// opening handshake is done.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub id: ConnectionId,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub user: String,
+    pub vhost: String,
+    pub client_properties: FieldTable,
+    pub connected_at_ms: u64,
+    pub channel_max: u16,
+    pub frame_max_bytes: u32,
+    pub heartbeat_s: u16,
+}
+
+impl ConnectionInfo {
+    /// RabbitMQ's name for a connection: "PEER -> LOCAL".
+    pub fn name(&self) -> String {
+        format!("{} -> {}", self.peer, self.local)
+    }
 }
 
 pub struct Hub {
@@ -73,6 +101,7 @@ pub struct Hub {
     /// Unbounded, yet bounded in practice: the broker asks at most once per
     /// channel, and a connection has at most channel_max channels.
     notices: HashMap<ConnectionId, mpsc::UnboundedSender<ConnectionNotice>>,
+    connections: HashMap<ConnectionId, ConnectionInfo>,
     next_connection: u64,
 }
 
@@ -82,6 +111,7 @@ impl Hub {
             broker,
             writers: HashMap::new(),
             notices: HashMap::new(),
+            connections: HashMap::new(),
             next_connection: 0,
         }
     }
@@ -91,20 +121,45 @@ impl Hub {
         ConnectionId(self.next_connection)
     }
 
-    pub fn register_connection(
+    pub(crate) fn register_connection(
         &mut self,
-        connection: ConnectionId,
+        info: ConnectionInfo,
         writer: OutboundQueue,
         notices: mpsc::UnboundedSender<ConnectionNotice>,
     ) {
-        self.writers.insert(connection, writer);
-        self.notices.insert(connection, notices);
+        self.writers.insert(info.id, writer);
+        self.notices.insert(info.id, notices);
+        self.connections.insert(info.id, info);
+    }
+
+    /// The open connections, oldest first.
+    pub fn connection_infos(&self) -> Vec<ConnectionInfo> {
+        let mut infos: Vec<ConnectionInfo> = self.connections.values().cloned().collect();
+        infos.sort_by_key(|info| info.id);
+        infos
+    }
+
+    pub fn connection_info(&self, connection: ConnectionId) -> Option<&ConnectionInfo> {
+        self.connections.get(&connection)
+    }
+
+    /// Asks a connection to close itself with 320 CONNECTION_FORCED;
+    /// false when it is not open.
+    pub fn close_connection(&self, connection: ConnectionId, reason: &str) -> bool {
+        self.notices.get(&connection).is_some_and(|notices| {
+            notices
+                .send(ConnectionNotice::Close {
+                    reason: reason.to_owned(),
+                })
+                .is_ok()
+        })
     }
 
     /// Forgets a connection and releases what it held in the broker.
     pub fn remove_connection(&mut self, connection: ConnectionId) {
         self.writers.remove(&connection);
         self.notices.remove(&connection);
+        self.connections.remove(&connection);
         let mut out = Outbox::default();
         self.broker.close_connection(connection, &mut out);
         self.dispatch(&mut out);

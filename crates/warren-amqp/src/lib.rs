@@ -2,7 +2,7 @@
 //! writer task per connection, channel state, and the mapping between AMQP
 //! methods and `warren-core` broker operations, with RabbitMQ's error codes.
 
-mod auth;
+pub mod auth;
 mod channel;
 mod config;
 mod connection;
@@ -12,5 +12,6 @@ mod storage;
 mod writer;
 
 pub use config::{AmqpConfig, StorageConfig, User};
+pub use hub::{ConnectionInfo, Hub, SharedHub, wall_clock_ms};
 pub use server::{AmqpServer, StartError};
 pub use warren_proto::FRAME_MIN_SIZE_BYTES;

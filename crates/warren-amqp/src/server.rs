@@ -62,6 +62,15 @@ impl AmqpServer {
         self.listener.local_addr()
     }
 
+    /// The broker and its connections, for the HTTP side.
+    pub fn hub(&self) -> SharedHub {
+        self.hub.clone()
+    }
+
+    pub fn config(&self) -> Arc<AmqpConfig> {
+        Arc::clone(&self.config)
+    }
+
     /// Accepts connections until `shutdown` turns true, then closes them all.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut connections = JoinSet::new();

@@ -23,6 +23,7 @@ use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, validate_headers_binding};
 use crate::queue::{Expiry, MessageMeta, Queue, Stored};
 use crate::reply_to::ReplyConsumer;
+use crate::stats::MessageCounts;
 use crate::{ConnectionId, Message, QueueId};
 
 /// Bounds on what one channel may hold; each exists so that one peer cannot
@@ -193,6 +194,17 @@ pub(crate) struct ChannelState {
     /// Set once a consumer timeout asked the connection to close the
     /// channel: it gets no more deliveries meanwhile.
     pub(crate) closing: bool,
+    /// The channel's publishing mode, for the management API.
+    pub(crate) mode: ChannelMode,
+}
+
+/// How a channel's publishes are settled (`confirm.select`, `tx.select`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ChannelMode {
+    #[default]
+    Plain,
+    Confirm,
+    Transactional,
 }
 
 impl ChannelState {
@@ -249,6 +261,9 @@ pub struct Broker {
     /// Messages on their way to a dead-letter exchange; the delivery loop
     /// routes them (see `deliver_all`).
     pub(crate) dead_letters: Vec<DeadLetter>,
+    /// Messages published by clients, and the counts of deleted queues:
+    /// with the live queues' counts, the broker-wide totals.
+    pub(crate) counts: MessageCounts,
 }
 
 const BUILTIN_EXCHANGES: &[(&str, ExchangeKind)] = &[
@@ -274,6 +289,7 @@ impl Broker {
             now_ms: 0,
             timers: BTreeSet::new(),
             dead_letters: Vec::new(),
+            counts: MessageCounts::default(),
         };
         broker.add_vhost("/");
         for name in vhost_names {
@@ -374,6 +390,13 @@ impl Broker {
         }
         touched.extend(self.settle_all(state.unacked.into_values().collect(), Settled::Requeue));
         self.deliver_all(&touched, out);
+    }
+
+    /// Notes `confirm.select` or `tx.select`, which the management API shows.
+    pub fn set_channel_mode(&mut self, connection: ConnectionId, channel: u16, mode: ChannelMode) {
+        if let Some(state) = self.channel_mut(connection, channel) {
+            state.mode = mode;
+        }
     }
 
     /// `channel.flow`: a paused channel receives no deliveries.
@@ -790,6 +813,11 @@ impl Broker {
             self.timers.remove(&(at, id));
         }
         let message_count = queue.ready_count() as u32;
+        self.counts += MessageCounts {
+            published: 0,
+            unroutable: 0,
+            ..queue.counts
+        };
         for (sequence, stored) in queue.drain() {
             // The topology no longer names the queue, so recovery ignores its
             // records; the log only needs to stop counting them.
@@ -863,6 +891,7 @@ impl Broker {
             )));
         }
         message_expiration_ms(message.properties.expiration().as_ref())?;
+        self.counts.published += 1;
         let message = self.address_replies(connection, channel, message)?;
         if exchange_name.is_empty()
             && crate::reply_to::is_reply_to_name(message.routing_key.as_str())
@@ -875,6 +904,7 @@ impl Broker {
         }
         let vhost = &self.vhosts[&vhost_name];
         let targets = route(vhost, &vhost.exchanges[exchange_name], &message);
+        self.counts.unroutable += targets.is_empty() as u64;
         let mut outcome = Published {
             routed: targets.len(),
             ..Published::default()
@@ -934,6 +964,7 @@ impl Broker {
                 }
             }
             let meta = queue.meta_for(&message, now_ms);
+            queue.counts.published += 1;
             queue.enqueue(sequence, Arc::clone(&message), stored, meta, log);
             while queue.over_length() {
                 let Some(dropped) = queue.pop_loaded(log, now_ms) else {

@@ -184,6 +184,11 @@ impl Broker {
             .as_ref()
             .map(|taken| message_for_delivery(queue, taken));
         if let Some(taken) = &taken {
+            queue.counts.got += 1;
+            queue.counts.redelivered += taken.redelivered as u64;
+            if !no_ack {
+                queue.unacked += 1;
+            }
             if no_ack {
                 forget_stored(self.store.as_ref(), true, id, taken.sequence, taken.stored);
             } else {
@@ -291,6 +296,10 @@ impl Broker {
                 );
                 continue;
             };
+            queue.unacked = queue.unacked.saturating_sub(1);
+            if how == Settled::Acked {
+                queue.counts.acked += 1;
+            }
             let dead_letter = |reason| DeadLetter {
                 queue: unacked.queue,
                 sequence: unacked.sequence,
@@ -525,6 +534,11 @@ fn deliver(
             break;
         };
         let message = message_for_delivery(queue, &taken);
+        queue.counts.delivered += 1;
+        queue.counts.redelivered += taken.redelivered as u64;
+        if !queue.consumers[index].no_ack {
+            queue.unacked += 1;
+        }
         let consumer = &mut queue.consumers[index];
         let state = connections
             .get_mut(&consumer.connection)

@@ -13,23 +13,29 @@ mod delivery;
 mod durable;
 mod error;
 mod exchange;
+mod inspect;
 mod message;
 mod priority;
 mod queue;
 mod reply_to;
+mod stats;
 mod timers;
 
 pub use broker::{
-    Broker, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox, Published,
+    Broker, ChannelMode, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox, Published,
     QueueDeclare, QueueDeclared,
 };
 pub use dead_letter::DeathReason;
 pub use durable::{RecoveryError, RecoverySummary};
 pub use error::{BrokerError, BrokerResult, ErrorCode};
 pub use exchange::{ExchangeKind, headers_match, topic_matches};
+pub use inspect::{
+    BindingInfo, ChannelInfo, ConsumerInfo, DestinationKind, ExchangeInfo, QueueInfo, Totals,
+};
 pub use message::Message;
 pub use queue::{RESIDENT_BYTES_MAX, RESIDENT_MESSAGES_MAX};
 pub use reply_to::REPLY_TO_QUEUE;
+pub use stats::MessageCounts;
 
 /// Identifies one client connection for the broker's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -10,6 +10,7 @@ use crate::arguments::{QueueArguments, QueueType, message_expiration_ms};
 use crate::codec::{decode_stored_message, encode_message};
 use crate::error::{BrokerError, BrokerResult};
 use crate::priority::PriorityBacklog;
+use crate::stats::MessageCounts;
 use crate::{ConnectionId, Message, QueueId};
 
 /// Messages a queue keeps in memory; past this many, or past
@@ -155,6 +156,9 @@ pub struct Queue {
     /// An auto-delete queue is deleted when its last consumer goes, but only
     /// once it has had one.
     pub had_consumer: bool,
+    /// Deliveries of this queue's messages not yet settled, on any channel.
+    pub unacked: usize,
+    pub counts: MessageCounts,
 }
 
 impl std::fmt::Debug for Queue {
@@ -222,6 +226,8 @@ impl Queue {
             consumers: Vec::new(),
             next_consumer: 0,
             had_consumer: false,
+            unacked: 0,
+            counts: MessageCounts::default(),
         }
     }
 
@@ -531,6 +537,11 @@ impl Queue {
             drained.push((sequence, queued.stored));
         }
         drained
+    }
+
+    /// Body bytes of the waiting messages.
+    pub fn ready_bytes(&self) -> u64 {
+        self.ready_bytes
     }
 
     pub fn ready_count(&self) -> usize {

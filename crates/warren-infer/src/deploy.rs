@@ -55,6 +55,10 @@ pub struct ModelConfig {
     pub dead_letter_queue: Option<String>,
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: u32,
+    /// Requests the queue may hold (declared as `x-max-length` with
+    /// `x-overflow = reject-publish`): a publisher past it is nacked and an
+    /// HTTP client gets 429, instead of a backlog no one will wait for.
+    pub queue_length_max: Option<u32>,
     #[serde(default = "default_batch_size_max")]
     pub batch_size_max: usize,
     #[serde(default = "default_batch_delay_max_ms")]
@@ -173,6 +177,7 @@ impl ModelConfig {
                 .clone()
                 .unwrap_or_else(|| format!("{}.dead-letter", self.queue)),
             delivery_limit: self.delivery_limit,
+            queue_length_max: self.queue_length_max,
             batch_size_max: self.batch_size_max,
             batch_delay_max: Duration::from_millis(self.batch_delay_max_ms),
             result_exchange: self.result_exchange.clone(),
@@ -226,6 +231,8 @@ impl ModelConfig {
 pub struct Deployment {
     pub workers: JoinSet<()>,
     pub metrics: Vec<Arc<ModelMetrics>>,
+    /// The entries served, in the order of `metrics`.
+    pub models: Vec<ModelConfig>,
 }
 
 impl Deployment {
@@ -249,6 +256,7 @@ pub async fn run_models(
 ) -> Result<Deployment, DeployError> {
     let mut workers = JoinSet::new();
     let mut all_metrics = Vec::with_capacity(models.len());
+    let served = models.clone();
     for model in models {
         model.validate()?;
         let metrics = Arc::new(ModelMetrics::new(&model.name, &model.queue));
@@ -268,6 +276,7 @@ pub async fn run_models(
     Ok(Deployment {
         workers,
         metrics: all_metrics,
+        models: served,
     })
 }
 

@@ -84,6 +84,9 @@ pub struct ModelMetrics {
     pub batch_size: Histogram,
     /// How long the first request of a batch waited for the batch to fill.
     pub batch_wait_us: Histogram,
+    /// How long requests waited in the queue (for those that carry their
+    /// publishing time).
+    pub queue_wait_us: Histogram,
     pub inference_us: Histogram,
 }
 
@@ -97,6 +100,7 @@ pub struct ModelMetricsSnapshot {
     pub failed_batches: u64,
     pub batch_size: HistogramSnapshot,
     pub batch_wait_us: HistogramSnapshot,
+    pub queue_wait_us: HistogramSnapshot,
     pub inference_us: HistogramSnapshot,
 }
 
@@ -111,6 +115,7 @@ impl ModelMetrics {
             failed_batches: AtomicU64::new(0),
             batch_size: Histogram::new(BATCH_SIZE_BOUNDS),
             batch_wait_us: Histogram::new(DURATION_BOUNDS_US),
+            queue_wait_us: Histogram::new(DURATION_BOUNDS_US),
             inference_us: Histogram::new(DURATION_BOUNDS_US),
         }
     }
@@ -125,6 +130,7 @@ impl ModelMetrics {
             failed_batches: self.failed_batches.load(Ordering::Relaxed),
             batch_size: self.batch_size.snapshot(),
             batch_wait_us: self.batch_wait_us.snapshot(),
+            queue_wait_us: self.queue_wait_us.snapshot(),
             inference_us: self.inference_us.snapshot(),
         }
     }

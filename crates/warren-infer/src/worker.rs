@@ -49,6 +49,9 @@ pub struct WorkerConfig {
     /// Where poison inputs and requests past the delivery limit go.
     pub dead_letter_queue: String,
     pub delivery_limit: u32,
+    /// `x-max-length` of the model's queue, with `x-overflow =
+    /// reject-publish`.
+    pub queue_length_max: Option<u32>,
     pub batch_size_max: usize,
     pub batch_delay_max: Duration,
     /// Also (or instead of replying) publish every result here.
@@ -127,6 +130,13 @@ pub async fn declare_queues(
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(config.dead_letter_queue.as_str().into()),
     );
+    if let Some(length) = config.queue_length_max {
+        arguments.insert("x-max-length".into(), AMQPValue::LongInt(length as i32));
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
     let declared = channel
         .queue_declare(
             config.queue.as_str().into(),
@@ -221,6 +231,16 @@ pub async fn run(
             }
         }
         add(&metrics.requests, batch.len() as u64);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        for delivery in &batch {
+            if let Some(published_ms) = published_at_ms(delivery) {
+                metrics
+                    .queue_wait_us
+                    .observe(now_ms.saturating_sub(published_ms) * 1_000);
+            }
+        }
         metrics
             .batch_wait_us
             .observe(first_arrived.elapsed().as_micros() as u64);
@@ -358,8 +378,25 @@ async fn serve_batch(
     Ok(())
 }
 
+/// When the request was published, from the `timestamp_in_ms` header that
+/// RabbitMQ's message interceptor and Warren's HTTP gateway add (ms since
+/// the epoch; across machines it is only as good as their clocks).
+fn published_at_ms(delivery: &Delivery) -> Option<u64> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get("timestamp_in_ms")? {
+        AMQPValue::LongLongInt(ms) => u64::try_from(*ms).ok(),
+        AMQPValue::Timestamp(ms) => Some(*ms),
+        AMQPValue::LongUInt(ms) => Some(*ms as u64),
+        AMQPValue::LongInt(ms) => u64::try_from(*ms).ok(),
+        _ => None,
+    }
+}
+
 /// Sends a poison request to the dead-letter queue with the reason, then
 /// acks it: retrying an input that cannot be decoded would never succeed.
+/// A requester waiting on `reply_to` gets the reason as its reply (JSON
+/// `{"error": ...}` with the `x-warren-error` header), as an inference
+/// server answers a bad request, instead of waiting for nothing.
 async fn dead_letter(
     channel: &Channel,
     config: &WorkerConfig,
@@ -386,6 +423,30 @@ async fn dead_letter(
         .map_err(amqp("publisher confirm"))?;
     if let Confirmation::Nack(_) = confirm {
         return Err(WorkerError::Refused("dead letter"));
+    }
+    if let Some(reply_to) = delivery.properties.reply_to() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-warren-error".into(), text(reason));
+        headers.insert("x-warren-model".into(), text(&config.model));
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(correlation_id.clone());
+        }
+        let body = serde_json::to_vec(&serde_json::json!({ "error": reason }))
+            .expect("a JSON object serialises");
+        // The reply is best effort: a requester that went away has no
+        // address any more, and the dead letter already holds the request.
+        let _ = channel
+            .basic_publish(
+                "".into(),
+                reply_to.clone(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await;
     }
     delivery
         .ack(BasicAckOptions::default())

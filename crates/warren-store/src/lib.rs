@@ -23,7 +23,7 @@ pub mod topology;
 
 pub use fs::{FileSystem, OsFileSystem, SimulatedFileSystem};
 pub use log::{
-    DurableListener, Location, LogConfig, MessageLog, RecoveredMessage, Recovery, StoreError,
+    COMMIT_DURATION_BOUNDS_US, CommitTimesSnapshot, DurableListener, Location, LogConfig, MessageLog, RecoveredMessage, Recovery, StoreError,
     Ticket,
 };
 pub use record::RecordKind;

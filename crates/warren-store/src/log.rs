@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -153,7 +154,59 @@ struct State {
     last_append: Instant,
 }
 
+/// Upper bounds of the commit-duration buckets (write and fsync of one
+/// batch), in microseconds.
+pub const COMMIT_DURATION_BOUNDS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// How long the commit thread's batches took to write and fsync.
+#[derive(Default)]
+struct CommitTimes {
+    /// One count per bound of `COMMIT_DURATION_BOUNDS_US`, then overflow.
+    counts: [AtomicU64; COMMIT_DURATION_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+/// A copy of the commit durations: (upper bound in µs, batches in that
+/// bucket), the last bound None (overflow).
+#[derive(Debug, Clone, Default)]
+pub struct CommitTimesSnapshot {
+    pub buckets: Vec<(Option<u64>, u64)>,
+    pub count: u64,
+    pub sum_us: u64,
+}
+
+impl CommitTimes {
+    fn observe(&self, elapsed: Duration) {
+        let micros = elapsed.as_micros().min(u64::MAX as u128) as u64;
+        let bucket = COMMIT_DURATION_BOUNDS_US.partition_point(|bound| *bound < micros);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> CommitTimesSnapshot {
+        let buckets: Vec<(Option<u64>, u64)> = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(index, count)| {
+                (
+                    COMMIT_DURATION_BOUNDS_US.get(index).copied(),
+                    count.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        CommitTimesSnapshot {
+            count: buckets.iter().map(|(_, count)| count).sum(),
+            buckets,
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
 struct Shared {
+    commit_times: CommitTimes,
     fs: Arc<dyn FileSystem>,
     dir: PathBuf,
     config: LogConfig,
@@ -213,6 +266,7 @@ impl MessageLog {
         };
         state.segments.entry(active_segment).or_default();
         let shared = Arc::new(Shared {
+            commit_times: CommitTimes::default(),
             fs,
             dir: dir.to_path_buf(),
             config,
@@ -409,6 +463,11 @@ impl MessageLog {
             .count()
     }
 
+    /// How long group commits (write and fsync) have taken.
+    pub fn commit_times(&self) -> CommitTimesSnapshot {
+        self.shared.commit_times.snapshot()
+    }
+
     pub fn available_bytes(&self) -> io::Result<u64> {
         self.shared.fs.available_bytes(&self.shared.dir)
     }
@@ -502,7 +561,9 @@ fn commit_loop(shared: &Shared) {
             state.in_flight = Some(Arc::clone(&batch));
             (batch, state.last_ticket)
         };
+        let started = Instant::now();
         let result = write_batch(shared, &batch);
+        shared.commit_times.observe(started.elapsed());
         let doomed = {
             let mut state = shared.state.lock();
             state.in_flight = None;

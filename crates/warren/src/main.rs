@@ -2,19 +2,23 @@
 //! the wiring of the broker's servers.
 
 mod config;
+mod models;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tracing::info;
 use warren_amqp::AmqpServer;
+use warren_http::{HttpConfig, HttpContext, HttpServer};
 
 use warren_infer::deploy::{Deployment, ModelConfig, run_models};
 
 use crate::config::FileConfig;
+use crate::models::DeployedModels;
 
 /// Warren: a message broker for AI/ML workloads that speaks AMQP 0-9-1 with
 /// RabbitMQ's semantics, so RabbitMQ clients (pika, Celery/kombu, amqplib,
@@ -111,8 +115,9 @@ struct ServeArgs {
     )]
     amqp_listen: SocketAddr,
 
-    /// Address and port for the HTTP management API and dashboard (reserved;
-    /// the HTTP server is not part of this release yet).
+    /// Address and port for the HTTP side: the management API, the
+    /// dashboard at /, messaging over HTTP and WebSocket, KServe v2
+    /// inference and Prometheus metrics (see docs/http-api.md).
     #[arg(
         long,
         value_name = "ADDR",
@@ -239,16 +244,36 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
         .await
         .with_context(|| format!("binding the AMQP listener to {}", args.amqp_listen))?;
     let address = server.local_addr()?;
+    let deployed_models = Arc::new(DeployedModels::default());
+    let http = HttpServer::bind(
+        args.http_listen,
+        HttpConfig::default(),
+        HttpContext {
+            hub: server.hub(),
+            amqp: server.config(),
+            amqp_address: address,
+            models: Arc::clone(&deployed_models) as Arc<dyn warren_http::models::ModelDirectory>,
+            node_name: node_name(),
+            data_dir: Some(args.data_dir.clone()),
+        },
+    )
+    .await
+    .with_context(|| format!("binding the HTTP listener to {}", args.http_listen))?;
+    let http_address = http.local_addr()?;
     let signal = shutdown_signal()?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         data_dir = %args.data_dir.display(),
         "Warren starting"
     );
+    // The HTTP line comes first: tools wait for the AMQP line and then
+    // find both addresses logged.
+    info!(addr = %http_address, "HTTP listener ready");
     info!(addr = %address, "AMQP listener ready");
 
     let (shutdown_sender, shutdown) = watch::channel(false);
     let server_task = tokio::spawn(server.run(shutdown.clone()));
+    let http_task = tokio::spawn(http.run(shutdown.clone()));
     // In-process model workers reach the broker over loopback AMQP, like
     // any other client.
     let deployment = if models.is_empty() {
@@ -262,13 +287,34 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
         let url = format!("amqp://guest:guest@{host}:{}/%2f", address.port());
         run_models(models, url, shutdown).await?
     };
+    deployed_models.set(&deployment.models, &deployment.metrics);
     signal.await;
     info!("shutting down");
     let _ = shutdown_sender.send(true);
     deployment.finish().await;
+    // Requests in flight get a few seconds to finish (an inference is
+    // bounded by its own timeout, which may be longer).
+    match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, http_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::error!(%error, "the HTTP server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "the HTTP server task panicked"),
+        Err(_) => tracing::warn!("HTTP requests still running at shutdown were dropped"),
+    }
     server_task.await.context("AMQP server task")?;
     info!("stopped");
     Ok(())
+}
+
+/// How long shutdown waits for HTTP requests in flight.
+const HTTP_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The node's name in the management API: `warren@HOST`, as RabbitMQ
+/// names its nodes `rabbit@HOST`.
+fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("warren@{host}")
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is

@@ -1,0 +1,161 @@
+//! `/api/exchanges`: listing, declaring and deleting exchanges.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use lapin::ExchangeKind;
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use warren_core::ExchangeInfo;
+
+use crate::api::{exchange_from_path, flag, require_vhost};
+use crate::auth::Credentials;
+use crate::body::JsonBody;
+use crate::error::{ApiError, ApiResult};
+use crate::gateway::amqp_error;
+use crate::json::{json_to_table, table_to_json};
+use crate::state::AppState;
+
+fn exchange_json(exchange: &ExchangeInfo) -> Value {
+    json!({
+        "name": exchange.name,
+        "vhost": exchange.vhost,
+        "type": exchange.kind,
+        "durable": exchange.durable,
+        "auto_delete": exchange.auto_delete,
+        "internal": exchange.internal,
+        "arguments": table_to_json(&exchange.arguments),
+    })
+}
+
+pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
+    let exchanges = state.hub.lock().broker.exchange_infos(None);
+    Json(Value::Array(exchanges.iter().map(exchange_json).collect()))
+}
+
+pub async fn list_vhost(
+    State(state): State<AppState>,
+    _user: Credentials,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_vhost(&state, &vhost)?;
+    let exchanges = state.hub.lock().broker.exchange_infos(Some(&vhost));
+    Ok(Json(Value::Array(exchanges.iter().map(exchange_json).collect())))
+}
+
+/// The exchange named in a path (`amq.default` is ""), or 404.
+pub fn find(state: &AppState, vhost: &str, name: &str) -> ApiResult<ExchangeInfo> {
+    require_vhost(state, vhost)?;
+    let name = exchange_from_path(name);
+    state
+        .hub
+        .lock()
+        .broker
+        .exchange_infos(Some(vhost))
+        .into_iter()
+        .find(|exchange| exchange.name == name)
+        .ok_or_else(|| ApiError::NotFound(format!("no exchange '{name}' in vhost '{vhost}'")))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    _user: Credentials,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(exchange_json(&find(&state, &vhost, &name)?)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ExchangeSettings {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    #[serde(default = "durable_by_default")]
+    durable: bool,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    internal: bool,
+    #[serde(default)]
+    arguments: Value,
+}
+
+fn durable_by_default() -> bool {
+    true
+}
+
+/// `PUT /api/exchanges/{vhost}/{name}`: 201 when created, 204 when an
+/// equivalent exchange existed.
+pub async fn declare(
+    State(state): State<AppState>,
+    user: Credentials,
+    Path((vhost, name)): Path<(String, String)>,
+    JsonBody(settings): JsonBody<ExchangeSettings>,
+) -> ApiResult<StatusCode> {
+    require_vhost(&state, &vhost)?;
+    let kind = settings
+        .kind
+        .ok_or_else(|| ApiError::BadRequest("the exchange's \"type\" is required".to_owned()))?;
+    if !matches!(kind.as_str(), "direct" | "fanout" | "topic" | "headers") {
+        return Err(ApiError::BadRequest(format!(
+            "unknown exchange type '{kind}' (direct, fanout, topic or headers)"
+        )));
+    }
+    if name == "amq.default" || name.is_empty() {
+        return Err(ApiError::Forbidden(
+            "operation not permitted on the default exchange".to_owned(),
+        ));
+    }
+    let arguments = json_to_table(&settings.arguments, "arguments")?;
+    let existed = find(&state, &vhost, &name).is_ok();
+    let channel = state.gateway.channel(&user, &vhost).await?;
+    channel
+        .exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Custom(kind),
+            ExchangeDeclareOptions {
+                durable: settings.durable,
+                auto_delete: settings.auto_delete,
+                internal: settings.internal,
+                ..ExchangeDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(amqp_error)?;
+    Ok(if existed {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::CREATED
+    })
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    user: Credentials,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<StatusCode> {
+    let if_unused = flag(query.get("if-unused"))?;
+    let exchange = find(&state, &vhost, &name)?;
+    if exchange.name.is_empty() || exchange.name.starts_with("amq.") {
+        return Err(ApiError::Forbidden(format!(
+            "cannot delete the built-in exchange '{}'",
+            if exchange.name.is_empty() { "amq.default" } else { &exchange.name }
+        )));
+    }
+    let channel = state.gateway.channel(&user, &vhost).await?;
+    channel
+        .exchange_delete(
+            exchange.name.as_str().into(),
+            ExchangeDeleteOptions {
+                if_unused,
+                ..ExchangeDeleteOptions::default()
+            },
+        )
+        .await
+        .map_err(amqp_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,51 @@
+//! `GET /api/models`: Warren's own endpoint, each model served on a
+//! queue with its workers' statistics.
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use crate::auth::Credentials;
+use crate::models::HistogramView;
+use crate::state::AppState;
+
+fn histogram_json(histogram: &HistogramView) -> Value {
+    json!({
+        "count": histogram.count,
+        "sum": histogram.sum,
+        "buckets": histogram.buckets,
+        "p50": histogram.quantile(0.5),
+        "p99": histogram.quantile(0.99),
+    })
+}
+
+pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
+    let models = state.models.models();
+    let answer = models
+        .iter()
+        .map(|model| {
+            let queue = state.hub.lock().broker.queue_info("/", &model.queue);
+            let (consumers, messages) =
+                queue.map_or((0, 0), |queue| (queue.consumers, queue.ready + queue.unacked));
+            let stats = &model.stats;
+            json!({
+                "name": model.name,
+                "version": model.version,
+                "queue": model.queue,
+                "task": model.task,
+                "ready": consumers > 0,
+                "consumers": consumers,
+                "messages": messages,
+                "requests": stats.requests,
+                "replies": stats.replies,
+                "poison": stats.poison,
+                "failed_batches": stats.failed_batches,
+                "batch_size": histogram_json(&stats.batch_size),
+                "batch_wait_us": histogram_json(&stats.batch_wait_us),
+                "queue_wait_us": histogram_json(&stats.queue_wait_us),
+                "inference_us": histogram_json(&stats.inference_us),
+            })
+        })
+        .collect();
+    Json(Value::Array(answer))
+}

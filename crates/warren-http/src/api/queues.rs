@@ -1,0 +1,185 @@
+//! `/api/queues`: listing, declaring, deleting and purging queues.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use warren_core::{ConsumerInfo, QueueInfo};
+
+use crate::api::connections::consumer_json;
+use crate::api::{flag, message_stats, require_vhost};
+use crate::auth::Credentials;
+use crate::body::JsonBody;
+use crate::error::{ApiError, ApiResult};
+use crate::gateway::amqp_error;
+use crate::json::{json_to_table, table_to_json};
+use crate::state::AppState;
+
+pub fn queue_json(state: &AppState, queue: &QueueInfo) -> Value {
+    let rates = state.rates.queue(&queue.vhost, &queue.name);
+    json!({
+        "name": queue.name,
+        "vhost": queue.vhost,
+        "type": if queue.quorum { "quorum" } else { "classic" },
+        "durable": queue.durable,
+        "auto_delete": queue.auto_delete,
+        "exclusive": queue.exclusive,
+        "arguments": table_to_json(&queue.arguments),
+        "state": "running",
+        "node": state.node.name,
+        "messages": queue.ready + queue.unacked,
+        "messages_ready": queue.ready,
+        "messages_unacknowledged": queue.unacked,
+        "message_bytes_ready": queue.ready_bytes,
+        "consumers": queue.consumers,
+        "message_stats": message_stats(&queue.counts, &rates),
+    })
+}
+
+pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
+    let queues = state.hub.lock().broker.queue_infos(None);
+    Json(Value::Array(
+        queues.iter().map(|queue| queue_json(&state, queue)).collect(),
+    ))
+}
+
+pub async fn list_vhost(
+    State(state): State<AppState>,
+    _user: Credentials,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_vhost(&state, &vhost)?;
+    let queues = state.hub.lock().broker.queue_infos(Some(&vhost));
+    Ok(Json(Value::Array(
+        queues.iter().map(|queue| queue_json(&state, queue)).collect(),
+    )))
+}
+
+/// The queue, or 404 naming it.
+pub fn find(state: &AppState, vhost: &str, name: &str) -> ApiResult<QueueInfo> {
+    require_vhost(state, vhost)?;
+    state
+        .hub
+        .lock()
+        .broker
+        .queue_info(vhost, name)
+        .ok_or_else(|| ApiError::NotFound(format!("no queue '{name}' in vhost '{vhost}'")))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    _user: Credentials,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let queue = find(&state, &vhost, &name)?;
+    let (consumers, connections): (Vec<ConsumerInfo>, _) = {
+        let hub = state.hub.lock();
+        (hub.broker.consumers_of(&vhost, &name), hub.connection_infos())
+    };
+    let mut body = queue_json(&state, &queue);
+    body["consumer_details"] = Value::Array(
+        consumers
+            .iter()
+            .map(|consumer| consumer_json(consumer, &connections))
+            .collect(),
+    );
+    Ok(Json(body))
+}
+
+/// Other fields RabbitMQ's tools send (`node`) are ignored, as RabbitMQ
+/// does.
+#[derive(Debug, Deserialize)]
+pub struct QueueSettings {
+    #[serde(default = "durable_by_default")]
+    durable: bool,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    arguments: Value,
+}
+
+/// RabbitMQ's management API declares durable queues unless told not to.
+fn durable_by_default() -> bool {
+    true
+}
+
+/// `PUT /api/queues/{vhost}/{name}`: 201 when created, 204 when an
+/// equivalent queue existed, 400 when it exists with other settings.
+pub async fn declare(
+    State(state): State<AppState>,
+    user: Credentials,
+    Path((vhost, name)): Path<(String, String)>,
+    JsonBody(settings): JsonBody<QueueSettings>,
+) -> ApiResult<StatusCode> {
+    require_vhost(&state, &vhost)?;
+    if name.is_empty() || name.len() > 255 {
+        return Err(ApiError::BadRequest(
+            "a queue name is 1 to 255 bytes".to_owned(),
+        ));
+    }
+    let arguments = json_to_table(&settings.arguments, "arguments")?;
+    let existed = state.hub.lock().broker.queue_info(&vhost, &name).is_some();
+    let channel = state.gateway.channel(&user, &vhost).await?;
+    channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: settings.durable,
+                auto_delete: settings.auto_delete,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(amqp_error)?;
+    Ok(if existed {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::CREATED
+    })
+}
+
+/// `DELETE /api/queues/{vhost}/{name}` with RabbitMQ's `if-empty` and
+/// `if-unused` conditions.
+pub async fn delete(
+    State(state): State<AppState>,
+    user: Credentials,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<StatusCode> {
+    let if_empty = flag(query.get("if-empty"))?;
+    let if_unused = flag(query.get("if-unused"))?;
+    find(&state, &vhost, &name)?;
+    let channel = state.gateway.channel(&user, &vhost).await?;
+    channel
+        .queue_delete(
+            name.as_str().into(),
+            QueueDeleteOptions {
+                if_empty,
+                if_unused,
+                ..QueueDeleteOptions::default()
+            },
+        )
+        .await
+        .map_err(amqp_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /api/queues/{vhost}/{name}/contents`: purge.
+pub async fn purge(
+    State(state): State<AppState>,
+    user: Credentials,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    find(&state, &vhost, &name)?;
+    let channel = state.gateway.channel(&user, &vhost).await?;
+    channel
+        .queue_purge(name.as_str().into(), QueuePurgeOptions::default())
+        .await
+        .map_err(amqp_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}

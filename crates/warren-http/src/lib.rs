@@ -1,0 +1,184 @@
+//! Warren's HTTP side: the management API shaped like RabbitMQ's,
+//! messaging over plain HTTP and WebSocket, KServe v2 inference on the
+//! models' queues, Prometheus metrics and the web dashboard.
+//!
+//! Reads come straight from the broker under its lock (`warren-core`'s
+//! inspection views); everything that changes the broker goes through an
+//! AMQP connection opened as the requesting user (`gateway.rs`), so that
+//! HTTP clients get exactly the broker's semantics and refusals.
+
+mod api;
+mod auth;
+mod body;
+mod dashboard;
+mod error;
+mod gateway;
+mod inference;
+mod json;
+mod metrics;
+pub mod models;
+mod rates;
+mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{delete, get, post};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use warren_amqp::{AmqpConfig, SharedHub};
+
+pub use error::ApiError;
+pub use state::{HttpConfig, NodeInfo};
+
+use crate::gateway::Gateway;
+use crate::inference::Inference;
+use crate::models::ModelDirectory;
+use crate::rates::Rates;
+use crate::state::AppState;
+
+pub struct HttpServer {
+    listener: TcpListener,
+    state: AppState,
+}
+
+/// What the HTTP side is given by the binary.
+pub struct HttpContext {
+    pub hub: SharedHub,
+    pub amqp: Arc<AmqpConfig>,
+    pub amqp_address: SocketAddr,
+    pub models: Arc<dyn ModelDirectory>,
+    pub node_name: String,
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl HttpServer {
+    pub async fn bind(
+        address: SocketAddr,
+        config: HttpConfig,
+        context: HttpContext,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(address).await?;
+        let http_address = listener.local_addr()?;
+        let state = AppState {
+            inference: Arc::new(Inference::new(config.inference_in_flight_max)),
+            config: Arc::new(config),
+            amqp: context.amqp,
+            hub: context.hub,
+            gateway: Arc::new(Gateway::new(context.amqp_address)),
+            rates: Arc::new(Rates::default()),
+            models: context.models,
+            node: Arc::new(NodeInfo {
+                name: context.node_name,
+                amqp_address: context.amqp_address,
+                http_address,
+                data_dir: context.data_dir,
+            }),
+        };
+        Ok(Self { listener, state })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+        let sampler = tokio::spawn(Arc::clone(&self.state.rates).run(self.state.hub.clone()));
+        let gateway = Arc::clone(&self.state.gateway);
+        let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            })
+            .await;
+        sampler.abort();
+        gateway.close().await;
+        served
+    }
+}
+
+fn router(state: AppState) -> Router {
+    use api::{bindings, connections, consume, exchanges, messages, overview, queues};
+    let binding_path = "/api/bindings/{vhost}/e/{source}/{kind}/{destination}";
+    Router::new()
+        .route("/", get(dashboard::index))
+        .route("/assets/{*path}", get(dashboard::asset))
+        .route("/metrics", get(metrics::metrics))
+        .route("/api/overview", get(overview::overview))
+        .route("/api/whoami", get(overview::whoami))
+        .route("/api/vhosts", get(overview::vhosts))
+        .route("/api/vhosts/{vhost}", get(overview::vhost))
+        .route("/api/queues", get(queues::list))
+        .route("/api/queues/{vhost}", get(queues::list_vhost))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(queues::show).put(queues::declare).delete(queues::delete),
+        )
+        .route("/api/queues/{vhost}/{name}/contents", delete(queues::purge))
+        .route("/api/queues/{vhost}/{name}/bindings", get(bindings::of_queue))
+        .route("/api/queues/{vhost}/{name}/get", post(messages::get))
+        .route("/api/queues/{vhost}/{name}/messages", post(messages::post_to_queue))
+        .route("/api/queues/{vhost}/{name}/consume", get(consume::consume))
+        .route("/api/exchanges", get(exchanges::list))
+        .route("/api/exchanges/{vhost}", get(exchanges::list_vhost))
+        .route(
+            "/api/exchanges/{vhost}/{name}",
+            get(exchanges::show)
+                .put(exchanges::declare)
+                .delete(exchanges::delete),
+        )
+        .route("/api/exchanges/{vhost}/{name}/publish", post(messages::publish))
+        .route("/api/exchanges/{vhost}/{name}/messages", post(messages::post_to_exchange))
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/source",
+            get(bindings::from_exchange),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/destination",
+            get(bindings::to_exchange),
+        )
+        .route("/api/bindings", get(bindings::list))
+        .route("/api/bindings/{vhost}", get(bindings::list_vhost))
+        .route(
+            binding_path,
+            get(bindings::list_between)
+                .post(bindings::create)
+                .put(bindings::create),
+        )
+        .route(
+            &format!("{binding_path}/{{key}}"),
+            get(bindings::show).delete(bindings::delete),
+        )
+        .route("/api/connections", get(connections::list))
+        .route(
+            "/api/connections/{name}",
+            get(connections::show).delete(connections::close),
+        )
+        .route("/api/channels", get(connections::channels))
+        .route("/api/consumers", get(connections::consumers))
+        .route("/api/consumers/{vhost}", get(connections::consumers_vhost))
+        .route("/api/models", get(api::models::list))
+        .route("/v2", get(inference::server_metadata))
+        .route("/v2/health/live", get(inference::live))
+        .route("/v2/health/ready", get(inference::ready))
+        .route("/v2/models/{name}", get(inference::model_metadata))
+        .route("/v2/models/{name}/ready", get(inference::model_ready))
+        .route("/v2/models/{name}/infer", post(inference::infer))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(inference::infer_version),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no such path: {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,213 @@
+//! `GET /metrics`: Prometheus text format, encoded by `prometheus-client`
+//! from a snapshot of the broker taken at scrape time.
+
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use warren_core::QueueInfo;
+use warren_store::CommitTimesSnapshot;
+
+use crate::error::ApiError;
+use crate::models::{HistogramView, ModelStatus};
+use crate::state::AppState;
+
+/// Everything one scrape reports, copied out of the broker first so that
+/// encoding happens without its lock.
+#[derive(Debug)]
+struct Snapshot {
+    queues: Vec<QueueInfo>,
+    connections: usize,
+    channels: usize,
+    consumers: usize,
+    resident_memory_bytes: Option<u64>,
+    disk_free_bytes: Option<u64>,
+    store_bytes: Option<u64>,
+    commit_times: Option<CommitTimesSnapshot>,
+    models: Vec<ModelStatus>,
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let snapshot = {
+        let hub = state.hub.lock();
+        let totals = hub.broker.totals();
+        let log = hub.broker.message_log();
+        Snapshot {
+            queues: hub.broker.queue_infos(None),
+            connections: totals.connections,
+            channels: totals.channels,
+            consumers: totals.consumers,
+            resident_memory_bytes: None,
+            disk_free_bytes: log.and_then(|log| log.available_bytes().ok()),
+            store_bytes: None,
+            commit_times: log.map(|log| log.commit_times()),
+            models: Vec::new(),
+        }
+    };
+    let snapshot = Snapshot {
+        resident_memory_bytes: resident_memory_bytes(),
+        store_bytes: state.node.data_dir.as_deref().map(directory_bytes),
+        models: state.models.models(),
+        ..snapshot
+    };
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(snapshot));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .map_err(|_| ApiError::Internal("encoding the metrics failed".to_owned()))?;
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(response)
+}
+
+impl prometheus_client::collector::Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type QueueValue = fn(&QueueInfo) -> u64;
+        let queue_gauges: [(&str, &str, QueueValue); 4] = [
+            ("warren_queue_messages_ready", "Messages waiting in the queue.", |q| q.ready as u64),
+            ("warren_queue_messages_unacked", "Messages delivered and not yet acknowledged.", |q| q.unacked as u64),
+            ("warren_queue_consumers", "Consumers of the queue.", |q| q.consumers as u64),
+            ("warren_queue_message_bytes_ready", "Body bytes of the waiting messages.", |q| q.ready_bytes),
+        ];
+        for (name, help, value) in queue_gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for queue in &self.queues {
+                let labels = [("vhost", queue.vhost.as_str()), ("queue", queue.name.as_str())];
+                ConstGauge::new(value(queue) as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let queue_counters: [(&str, &str, QueueValue); 4] = [
+            ("warren_queue_messages_published", "Messages that entered the queue.", |q| q.counts.published),
+            ("warren_queue_messages_delivered", "Messages delivered to consumers or got.", |q| q.counts.delivered + q.counts.got),
+            ("warren_queue_messages_acked", "Deliveries acknowledged.", |q| q.counts.acked),
+            ("warren_queue_messages_redelivered", "Deliveries of messages delivered before.", |q| q.counts.redelivered),
+        ];
+        for (name, help, value) in queue_counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for queue in &self.queues {
+                let labels = [("vhost", queue.vhost.as_str()), ("queue", queue.name.as_str())];
+                ConstCounter::new(value(queue)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let gauges = [
+            ("warren_connections", "Open AMQP connections.", Some(self.connections as u64)),
+            ("warren_channels", "Open AMQP channels.", Some(self.channels as u64)),
+            ("warren_queues", "Queues.", Some(self.queues.len() as u64)),
+            ("warren_consumers", "Consumers.", Some(self.consumers as u64)),
+            ("warren_process_resident_memory_bytes", "The broker's resident memory.", self.resident_memory_bytes),
+            ("warren_disk_free_bytes", "Free space where the broker keeps its data.", self.disk_free_bytes),
+            ("warren_store_bytes", "Bytes of the broker's data directory.", self.store_bytes),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(value) = value {
+                let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(value as i64).encode(family)?;
+            }
+        }
+        if let Some(commit_times) = &self.commit_times {
+            let family = encoder.encode_descriptor(
+                "warren_fsync_seconds",
+                "Time to write and fsync one group commit of the message store.",
+                None,
+                MetricType::Histogram,
+            )?;
+            encode_histogram(
+                family,
+                &HistogramView {
+                    buckets: commit_times.buckets.clone(),
+                    count: commit_times.count,
+                    sum: commit_times.sum_us,
+                },
+                1e-6,
+            )?;
+        }
+        self.encode_models(&mut encoder)
+    }
+}
+
+impl Snapshot {
+    fn encode_models(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.models.is_empty() {
+            return Ok(());
+        }
+        type ModelValue = fn(&ModelStatus) -> u64;
+        let counters: [(&str, &str, ModelValue); 4] = [
+            ("warren_model_requests", "Requests the model's workers took.", |m| m.stats.requests),
+            ("warren_model_replies", "Replies published and confirmed.", |m| m.stats.replies),
+            ("warren_model_poison", "Requests dead-lettered as undecodable.", |m| m.stats.poison),
+            ("warren_model_failed_batches", "Batches whose inference failed.", |m| m.stats.failed_batches),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for model in &self.models {
+                let labels = [("model", model.name.as_str())];
+                ConstCounter::new(value(model)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        type ModelHistogram = fn(&ModelStatus) -> &HistogramView;
+        let histograms: [(&str, &str, ModelHistogram, f64); 4] = [
+            ("warren_model_batch_size", "Requests per inference batch.", |m| &m.stats.batch_size, 1.0),
+            ("warren_model_batch_wait_seconds", "How long a batch's first request waited for the batch to fill.", |m| &m.stats.batch_wait_us, 1e-6),
+            ("warren_model_queue_wait_seconds", "How long requests waited in the queue before a worker took them.", |m| &m.stats.queue_wait_us, 1e-6),
+            ("warren_model_inference_seconds", "Time of one batch's inference.", |m| &m.stats.inference_us, 1e-6),
+        ];
+        for (name, help, histogram, scale) in histograms {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for model in &self.models {
+                let labels = [("model", model.name.as_str())];
+                encode_histogram(family.encode_family(&labels)?, histogram(model), scale)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fixed-bucket histogram in Prometheus form; `scale` turns its unit
+/// into the metric's (µs into seconds).
+fn encode_histogram(
+    mut encoder: prometheus_client::encoding::MetricEncoder,
+    histogram: &HistogramView,
+    scale: f64,
+) -> Result<(), std::fmt::Error> {
+    let buckets: Vec<(f64, u64)> = histogram
+        .buckets
+        .iter()
+        .map(|(bound, count)| (bound.map_or(f64::MAX, |bound| bound as f64 * scale), *count))
+        .collect();
+    encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+        histogram.sum as f64 * scale,
+        histogram.count,
+        &buckets,
+        None,
+    )
+}
+
+/// The process's resident set, from /proc (Linux).
+fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Bytes of the files under a directory (the message log's segments and
+/// the topology file).
+fn directory_bytes(directory: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(metadata) if metadata.is_dir() => directory_bytes(&entry.path()),
+            Ok(metadata) => metadata.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

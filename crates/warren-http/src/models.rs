@@ -1,0 +1,94 @@
+//! What the HTTP side knows of the models `warren serve` runs: their
+//! queues and their workers' statistics. The binary fills this in from the
+//! model deployment, so that this crate knows nothing of machine learning.
+
+/// A histogram with fixed buckets: (upper bound, count in the bucket), the
+/// last bound None (overflow).
+#[derive(Debug, Clone, Default)]
+pub struct HistogramView {
+    pub buckets: Vec<(Option<u64>, u64)>,
+    pub count: u64,
+    pub sum: u64,
+}
+
+impl HistogramView {
+    /// The bucket bound under which `quantile` of the observations fall
+    /// (the last finite bound for the overflow bucket); None when empty.
+    pub fn quantile(&self, quantile: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let wanted = (quantile * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        let mut last_bound = 0;
+        for (bound, count) in &self.buckets {
+            seen += count;
+            if let Some(bound) = bound {
+                last_bound = *bound;
+            }
+            if seen >= wanted {
+                return Some(bound.unwrap_or(last_bound));
+            }
+        }
+        Some(last_bound)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ModelStats {
+    pub requests: u64,
+    pub replies: u64,
+    pub poison: u64,
+    pub failed_batches: u64,
+    pub batch_size: HistogramView,
+    pub batch_wait_us: HistogramView,
+    pub queue_wait_us: HistogramView,
+    pub inference_us: HistogramView,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelStatus {
+    pub name: String,
+    pub version: String,
+    /// The queue its requests go to.
+    pub queue: String,
+    /// "embedding", "classification" or "tensor": how an HTTP inference
+    /// request is turned into queue messages.
+    pub task: String,
+    pub stats: ModelStats,
+}
+
+pub trait ModelDirectory: Send + Sync {
+    fn models(&self) -> Vec<ModelStatus>;
+
+    fn model(&self, name: &str) -> Option<ModelStatus> {
+        self.models().into_iter().find(|model| model.name == name)
+    }
+}
+
+/// No models: `warren serve` without `[[model]]`.
+pub struct NoModels;
+
+impl ModelDirectory for NoModels {
+    fn models(&self) -> Vec<ModelStatus> {
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_bucket_bounds() {
+        let histogram = HistogramView {
+            buckets: vec![(Some(1), 50), (Some(8), 45), (Some(32), 5), (None, 0)],
+            count: 100,
+            sum: 0,
+        };
+        assert_eq!(histogram.quantile(0.5), Some(1));
+        assert_eq!(histogram.quantile(0.9), Some(8));
+        assert_eq!(histogram.quantile(0.99), Some(32));
+        assert_eq!(HistogramView::default().quantile(0.5), None);
+    }
+}

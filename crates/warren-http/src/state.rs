@@ -1,0 +1,64 @@
+//! What every HTTP handler shares.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use warren_amqp::{AmqpConfig, SharedHub};
+
+use crate::gateway::Gateway;
+use crate::inference::Inference;
+use crate::models::ModelDirectory;
+use crate::rates::Rates;
+
+/// The HTTP server's settings, each a limit on what a client can make it
+/// hold.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest request body accepted (publishes, inference requests).
+    pub body_max_bytes: usize,
+    /// How long an inference request waits for the model's reply.
+    pub inference_timeout: Duration,
+    /// Inference requests one model may have in flight over HTTP; past
+    /// this the answer is 429.
+    pub inference_in_flight_max: usize,
+    /// Messages a WebSocket consumer may hold unacknowledged, at most.
+    pub websocket_prefetch_max: u16,
+    /// Messages one `POST .../get` may take.
+    pub get_count_max: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            body_max_bytes: 16 * 1024 * 1024,
+            inference_timeout: Duration::from_secs(30),
+            inference_in_flight_max: 1_024,
+            websocket_prefetch_max: 1_000,
+            get_count_max: 1_000,
+        }
+    }
+}
+
+/// Where the node listens and keeps its data, for `/api/overview` and the
+/// metrics.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub name: String,
+    pub amqp_address: SocketAddr,
+    pub http_address: SocketAddr,
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<HttpConfig>,
+    pub amqp: Arc<AmqpConfig>,
+    pub hub: SharedHub,
+    pub gateway: Arc<Gateway>,
+    pub rates: Arc<Rates>,
+    pub models: Arc<dyn ModelDirectory>,
+    pub inference: Arc<Inference>,
+    pub node: Arc<NodeInfo>,
+}

@@ -1,0 +1,67 @@
+//! The deployed models as the HTTP side sees them: each `[[model]]`'s
+//! queue and task, and its workers' metrics.
+
+use std::sync::{Arc, OnceLock};
+
+use warren_http::models::{HistogramView, ModelDirectory, ModelStats, ModelStatus};
+use warren_infer::deploy::{ModelConfig, TaskKind};
+use warren_infer::metrics::{HistogramSnapshot, ModelMetrics};
+
+/// Empty until the models are loaded: the HTTP server starts first, so
+/// that the broker answers while large models load.
+#[derive(Default)]
+pub struct DeployedModels {
+    models: OnceLock<Vec<(ModelConfig, Arc<ModelMetrics>)>>,
+}
+
+impl DeployedModels {
+    /// Makes the loaded models visible; only the first call counts.
+    pub fn set(&self, configs: &[ModelConfig], metrics: &[Arc<ModelMetrics>]) {
+        let _ = self
+            .models
+            .set(configs.iter().cloned().zip(metrics.iter().cloned()).collect());
+    }
+}
+
+fn view(histogram: HistogramSnapshot) -> HistogramView {
+    HistogramView {
+        buckets: histogram.buckets,
+        count: histogram.count,
+        sum: histogram.sum,
+    }
+}
+
+impl ModelDirectory for DeployedModels {
+    fn models(&self) -> Vec<ModelStatus> {
+        let Some(models) = self.models.get() else {
+            return Vec::new();
+        };
+        models
+            .iter()
+            .map(|(config, metrics)| {
+                let snapshot = metrics.snapshot();
+                ModelStatus {
+                    name: config.name.clone(),
+                    version: config.version.clone(),
+                    queue: config.queue.clone(),
+                    task: match config.task {
+                        TaskKind::Embedding => "embedding",
+                        TaskKind::Classification => "classification",
+                        TaskKind::Tensor => "tensor",
+                    }
+                    .to_owned(),
+                    stats: ModelStats {
+                        requests: snapshot.requests,
+                        replies: snapshot.replies,
+                        poison: snapshot.poison,
+                        failed_batches: snapshot.failed_batches,
+                        batch_size: view(snapshot.batch_size),
+                        batch_wait_us: view(snapshot.batch_wait_us),
+                        queue_wait_us: view(snapshot.queue_wait_us),
+                        inference_us: view(snapshot.inference_us),
+                    },
+                }
+            })
+            .collect()
+    }
+}
