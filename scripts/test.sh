@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every Warren test: Rust unit/integration tests and the Python
-# integration tests (pika, Celery, amqplib through Node.js, and `warren
-# worker` against a private RabbitMQ node) against the release binary. Works
-# on a fresh machine.
+# integration tests (pika, Celery, amqplib through Node.js, the web dashboard
+# in Chromium, and `warren worker` against a private RabbitMQ node) against
+# the release binary. Works on a fresh machine.
 #
 #   bash scripts/test.sh            # from anywhere
 #   PYTEST_ARGS="-k tutorials" bash scripts/test.sh   # extra pytest arguments
@@ -34,13 +34,35 @@ ORT_DYLIB_PATH="$(bash scripts/fetch-models.sh)"
 export ORT_DYLIB_PATH
 
 # ----------------------------------------------------------- Node.js deps
-# For the amqplib tests (tests/node, run by tests/python/test_amqplib.py).
-# Without node and npm that test fails and says why; the rest still run.
+# For the amqplib and dashboard tests (tests/node, run by
+# tests/python/test_amqplib.py and test_dashboard.py). Without node and npm
+# those tests fail and say why; the rest still run.
 if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
     step "npm ci in tests/node"
     (cd tests/node && npm ci --no-audit --no-fund)
 else
-    echo "warning: node/npm not found; the amqplib tests will fail" >&2
+    echo "warning: node/npm not found; the amqplib and dashboard tests will fail" >&2
+fi
+
+# ------------------------------------------------ Chromium for the dashboard
+# tests/python/test_dashboard.py drives Debian's chromium package with
+# playwright-core (which downloads no browser). It is installed only when
+# /usr/bin/chromium is missing; without it (not root, no apt-get, or the
+# installation failed) that test fails and says why; the rest still run.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "apt-get install -y chromium"
+        chromium_status=0
+        { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; } \
+            || chromium_status=$?
+        if [ "$chromium_status" -ne 0 ]; then
+            echo "warning: installing chromium failed (exit $chromium_status);" \
+                "test_dashboard.py will fail" >&2
+        fi
+    else
+        echo "warning: /usr/bin/chromium is missing and cannot be installed here" \
+            "(needs root and apt-get); test_dashboard.py will fail" >&2
+    fi
 fi
 
 # --------------------------------------- RabbitMQ for the comparison tests

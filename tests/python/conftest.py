@@ -6,7 +6,9 @@ The `broker` fixture starts
 
 reads its stderr until the line `AMQP listener ready addr=HOST:PORT` appears,
 yields a `Broker` handle, and on teardown sends SIGTERM and asserts that the
-process exits with status 0 within 10 s.
+process exits with status 0 within 10 s. The line `HTTP listener ready
+addr=HOST:PORT`, logged before it, gives `Broker.http_url` (the dashboard and
+/api, docs/http-api.md); it is None if no such line was logged.
 
 WARREN_BIN defaults to <repo>/target/release/warren.
 
@@ -48,6 +50,7 @@ LOG_TAIL_LINES = 200
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _READY_RE = re.compile(r"AMQP listener ready\b.*?\baddr=(\S+)")
+_HTTP_READY_RE = re.compile(r"HTTP listener ready\b.*?\baddr=(\S+)")
 
 
 def warren_bin() -> pathlib.Path:
@@ -88,7 +91,18 @@ class AmqpEndpoint:
         self.username = "guest"
         self.password = "guest"
         self.vhost = "/"
+        # The HTTP listener (Warren's own; an external broker has none here).
+        self.http_host: Optional[str] = None
+        self.http_port: Optional[int] = None
         self._connections: List[pika.BlockingConnection] = []
+
+    @property
+    def http_url(self) -> Optional[str]:
+        """http://HOST:PORT of the HTTP API and dashboard, or None."""
+        if self.http_host is None or self.http_port is None:
+            return None
+        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
+        return f"http://{host}:{self.http_port}"
 
     @property
     def url(self) -> str:
@@ -185,6 +199,10 @@ class Broker(AmqpEndpoint):
                     self._log_file.flush()
                 except ValueError:  # file closed during teardown
                     pass
+                if self.http_port is None:
+                    m = _HTTP_READY_RE.search(line)
+                    if m:
+                        self.http_host, self.http_port = _split_addr(m.group(1))
                 if not self._ready.is_set():
                     m = _READY_RE.search(line)
                     if m:

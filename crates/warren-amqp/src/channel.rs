@@ -10,8 +10,8 @@ use amq_protocol::protocol::{
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 use warren_core::{
-    ChannelMode,
-    BrokerError, BrokerResult, Consume, ErrorCode, ExchangeDeclare, Message, Outbox, QueueDeclare,
+    BrokerError, BrokerResult, ChannelMode, Consume, ErrorCode, ExchangeDeclare, Message, Outbox,
+    QueueDeclare,
 };
 use warren_proto::Frame;
 use warren_store::Ticket;
@@ -265,6 +265,7 @@ impl Connection {
             return;
         };
         let mut ack_up_to = None;
+        let mut acked = 0;
         while let Some(&(sequence, wait)) = confirms.waiting.front() {
             let verdict = match wait {
                 ConfirmWait::Nothing => Some(true),
@@ -275,7 +276,10 @@ impl Connection {
             };
             match verdict {
                 None => break,
-                Some(true) => ack_up_to = Some(sequence),
+                Some(true) => {
+                    ack_up_to = Some(sequence);
+                    acked += 1;
+                }
                 Some(false) => {
                     if let Some(delivery_tag) = ack_up_to.take() {
                         self.out.method(
@@ -297,6 +301,9 @@ impl Connection {
                 }
             }
             confirms.waiting.pop_front();
+        }
+        if acked > 0 {
+            self.hub.count_confirms(acked);
         }
         if let Some(delivery_tag) = ack_up_to {
             self.out.method(
@@ -806,10 +813,11 @@ impl Connection {
                 }
                 if state.transaction.is_none() {
                     state.transaction = Some(Transaction::default());
-                    self.hub
-                        .lock()
-                        .broker
-                        .set_channel_mode(self.id, number, ChannelMode::Transactional);
+                    self.hub.lock().broker.set_channel_mode(
+                        self.id,
+                        number,
+                        ChannelMode::Transactional,
+                    );
                 }
                 self.reply(
                     number,

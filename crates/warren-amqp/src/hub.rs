@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::protocol::{AMQPClass, basic};
@@ -25,17 +26,34 @@ pub const TIMER_TICK: Duration = Duration::from_millis(10);
 
 /// The hub, shared by every connection task and the timer.
 #[derive(Clone)]
-pub struct SharedHub(Arc<Mutex<Hub>>);
+pub struct SharedHub {
+    hub: Arc<Mutex<Hub>>,
+    /// Publisher confirms (acks) sent, counted outside the lock: confirms
+    /// go out when the log's fsync completes, not under a broker call.
+    confirmed: Arc<AtomicU64>,
+}
 
 impl SharedHub {
     pub fn new(hub: Hub) -> Self {
-        Self(Arc::new(Mutex::new(hub)))
+        Self {
+            hub: Arc::new(Mutex::new(hub)),
+            confirmed: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn count_confirms(&self, count: u64) {
+        self.confirmed.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Publisher confirms sent since the start.
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed.load(Ordering::Relaxed)
     }
 
     /// Locks the hub and tells the broker the time, so that every operation
     /// sees the current time without the broker reading a clock itself.
     pub fn lock(&self) -> MutexGuard<'_, Hub> {
-        let mut hub = self.0.lock();
+        let mut hub = self.hub.lock();
         hub.broker.advance_clock(wall_clock_ms());
         hub
     }

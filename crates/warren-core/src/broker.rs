@@ -311,6 +311,7 @@ impl Broker {
                         internal: false,
                         arguments: FieldTable::default(),
                         bindings: Vec::new(),
+                        counts: Default::default(),
                     };
                     ((*name).into(), exchange)
                 })
@@ -541,6 +542,7 @@ impl Broker {
                 internal: declare.internal,
                 arguments: declare.arguments,
                 bindings: Vec::new(),
+                counts: Default::default(),
             },
         );
         Ok(())
@@ -904,6 +906,14 @@ impl Broker {
         }
         let vhost = &self.vhosts[&vhost_name];
         let targets = route(vhost, &vhost.exchanges[exchange_name], &message);
+        if let Some(exchange) = self
+            .vhosts
+            .get_mut(&vhost_name)
+            .and_then(|vhost| vhost.exchanges.get_mut(exchange_name))
+        {
+            exchange.counts.published_in += 1;
+            exchange.counts.published_out += !targets.is_empty() as u64;
+        }
         self.counts.unroutable += targets.is_empty() as u64;
         let mut outcome = Published {
             routed: targets.len(),

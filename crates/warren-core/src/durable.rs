@@ -296,6 +296,7 @@ impl Broker {
                         internal: flags & 2 != 0,
                         arguments,
                         bindings: Vec::new(),
+                        counts: Default::default(),
                     },
                 );
                 summary.exchanges += 1;

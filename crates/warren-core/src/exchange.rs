@@ -4,6 +4,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::QueueId;
 use crate::error::{BrokerError, BrokerResult};
+use crate::stats::ExchangeCounts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExchangeKind {
@@ -58,6 +59,7 @@ pub struct Exchange {
     pub arguments: FieldTable,
     /// Bindings whose source is this exchange.
     pub bindings: Vec<Binding>,
+    pub counts: ExchangeCounts,
 }
 
 impl Exchange {

@@ -6,7 +6,7 @@ use amq_protocol::types::FieldTable;
 
 use crate::broker::{Broker, ChannelMode};
 use crate::exchange::Destination;
-use crate::stats::MessageCounts;
+use crate::stats::{ExchangeCounts, MessageCounts};
 use crate::{ConnectionId, QueueId};
 
 #[derive(Debug, Clone)]
@@ -34,6 +34,7 @@ pub struct ExchangeInfo {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
+    pub counts: ExchangeCounts,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +123,19 @@ impl Broker {
             .collect()
     }
 
+    /// Every exchange's counts, for the rate sampler.
+    pub fn exchange_counts(&self) -> Vec<(String, String, ExchangeCounts)> {
+        self.vhosts
+            .iter()
+            .flat_map(|(vhost, state)| {
+                state
+                    .exchanges
+                    .values()
+                    .map(|exchange| (vhost.clone(), exchange.name.to_string(), exchange.counts))
+            })
+            .collect()
+    }
+
     pub fn queue_info(&self, vhost: &str, name: &str) -> Option<QueueInfo> {
         let id = self.vhosts.get(vhost)?.queues.get(name)?;
         Some(self.queue_info_of(*id))
@@ -160,6 +174,7 @@ impl Broker {
                 auto_delete: exchange.auto_delete,
                 internal: exchange.internal,
                 arguments: exchange.arguments.clone(),
+                counts: exchange.counts,
             }));
         }
         infos.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
@@ -178,7 +193,8 @@ impl Broker {
         let mut infos = Vec::new();
         for vhost_name in vhost_names {
             let state = &self.vhosts[vhost_name];
-            let mut queue_names: Vec<&str> = state.queues.keys().map(|name| name.as_str()).collect();
+            let mut queue_names: Vec<&str> =
+                state.queues.keys().map(|name| name.as_str()).collect();
             queue_names.sort();
             infos.extend(queue_names.into_iter().map(|queue| BindingInfo {
                 vhost: vhost_name.clone(),
@@ -226,7 +242,11 @@ impl Broker {
 
     /// The consumers of one queue, in the order the queue serves them.
     pub fn consumers_of(&self, vhost: &str, name: &str) -> Vec<ConsumerInfo> {
-        match self.vhosts.get(vhost).and_then(|state| state.queues.get(name)) {
+        match self
+            .vhosts
+            .get(vhost)
+            .and_then(|state| state.queues.get(name))
+        {
             Some(id) => self.queue_consumer_infos(*id),
             None => Vec::new(),
         }
@@ -300,7 +320,11 @@ impl Broker {
                 .values()
                 .map(|state| state.channels.len())
                 .sum(),
-            exchanges: self.vhosts.values().map(|vhost| vhost.exchanges.len()).sum(),
+            exchanges: self
+                .vhosts
+                .values()
+                .map(|vhost| vhost.exchanges.len())
+                .sum(),
             queues: self.queues.len(),
             counts: self.counts,
             ..Totals::default()

@@ -22,8 +22,8 @@ mod stats;
 mod timers;
 
 pub use broker::{
-    Broker, ChannelMode, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox, Published,
-    QueueDeclare, QueueDeclared,
+    Broker, ChannelMode, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox,
+    Published, QueueDeclare, QueueDeclared,
 };
 pub use dead_letter::DeathReason;
 pub use durable::{RecoveryError, RecoverySummary};
@@ -35,7 +35,7 @@ pub use inspect::{
 pub use message::Message;
 pub use queue::{RESIDENT_BYTES_MAX, RESIDENT_MESSAGES_MAX};
 pub use reply_to::REPLY_TO_QUEUE;
-pub use stats::MessageCounts;
+pub use stats::{ExchangeCounts, MessageCounts};
 
 /// Identifies one client connection for the broker's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

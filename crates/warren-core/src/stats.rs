@@ -34,3 +34,12 @@ impl AddAssign for MessageCounts {
         self.unroutable += other.unroutable;
     }
 }
+
+/// What an exchange passed on, counted since the broker started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExchangeCounts {
+    /// Messages published to the exchange.
+    pub published_in: u64,
+    /// Of those, the messages it routed to at least one queue.
+    pub published_out: u64,
+}

@@ -22,7 +22,9 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("user", &self.user).finish()
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish()
     }
 }
 
@@ -60,7 +62,9 @@ impl FromRequestParts<AppState> for Credentials {
             }),
             Err(AuthError::LoopbackOnly(user)) => {
                 tracing::warn!(%user, %peer, "HTTP login refused: loopback-only user");
-                Err(unauthorized(&format!("user '{user}' can only log in via localhost")))
+                Err(unauthorized(&format!(
+                    "user '{user}' can only log in via localhost"
+                )))
             }
             Err(error) => {
                 tracing::warn!(%user, %peer, %error, "HTTP login refused");

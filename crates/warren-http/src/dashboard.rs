@@ -10,8 +10,16 @@ use crate::error::ApiError;
 
 /// (path under /assets/, content type, bytes)
 const ASSETS: &[(&str, &str, &[u8])] = &[
-    ("app.js", "text/javascript; charset=utf-8", include_bytes!("../assets/app.js")),
-    ("app.css", "text/css; charset=utf-8", include_bytes!("../assets/app.css")),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/app.js"),
+    ),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../assets/app.css"),
+    ),
     (
         "vendor/uPlot.iife.min.js",
         "text/javascript; charset=utf-8",

@@ -26,7 +26,10 @@ pub enum ApiError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{reason}")]
-    TooManyRequests { reason: String, retry_after: Duration },
+    TooManyRequests {
+        reason: String,
+        retry_after: Duration,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]

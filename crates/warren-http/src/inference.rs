@@ -160,9 +160,16 @@ pub async fn model_ready(
 pub async fn infer_version(
     state: State<AppState>,
     user: Credentials,
-    Path((name, _version)): Path<(String, String)>,
+    Path((name, version)): Path<(String, String)>,
     body: crate::body::JsonBody<Value>,
 ) -> ApiResult<impl IntoResponse> {
+    let model = find_model(&state, &name)?;
+    if model.version != version {
+        return Err(ApiError::NotFound(format!(
+            "model '{name}' has no version '{version}' (it serves version '{}')",
+            model.version
+        )));
+    }
     infer(state, user, Path(name), body).await
 }
 
@@ -230,7 +237,10 @@ fn byte_items<'a>(request: &'a Value, input: &str) -> ApiResult<Vec<&'a str>> {
         .ok_or_else(|| bad(format!("input '{input}' has no \"data\" list")))?;
     let items: Vec<&str> = data
         .iter()
-        .map(|item| item.as_str().ok_or_else(|| bad(format!("input '{input}' holds a non-string"))))
+        .map(|item| {
+            item.as_str()
+                .ok_or_else(|| bad(format!("input '{input}' holds a non-string")))
+        })
         .collect::<ApiResult<_>>()?;
     if items.is_empty() {
         return Err(bad(format!("input '{input}' is empty")));
@@ -379,7 +389,9 @@ async fn round_trip(
             .as_ref()
             .and_then(|headers| headers.inner().get("x-warren-error").cloned())
             .map(|value| match value {
-                AMQPValue::LongString(text) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+                AMQPValue::LongString(text) => {
+                    String::from_utf8_lossy(text.as_bytes()).into_owned()
+                }
                 other => format!("{other:?}"),
             });
         if answers[index].is_none() {
@@ -395,11 +407,17 @@ async fn round_trip(
 
 fn response_for(model: &ModelStatus, replies: Vec<Reply>) -> ApiResult<Value> {
     if let Some(reason) = replies.iter().find_map(|reply| reply.error.clone()) {
-        return Err(bad(format!("model '{}' refused the input: {reason}", model.name)));
+        return Err(bad(format!(
+            "model '{}' refused the input: {reason}",
+            model.name
+        )));
     }
     let parse = |reply: &Reply| -> ApiResult<Value> {
         serde_json::from_slice(&reply.body).map_err(|error| {
-            ApiError::Internal(format!("model '{}' sent a reply that is not JSON: {error}", model.name))
+            ApiError::Internal(format!(
+                "model '{}' sent a reply that is not JSON: {error}",
+                model.name
+            ))
         })
     };
     match model.task.as_str() {

@@ -65,7 +65,11 @@ fn json_to_table_at(value: &Value, what: &str, depth: usize) -> Result<FieldTabl
     let object = match value {
         Value::Null => return Ok(FieldTable::default()),
         Value::Object(object) => object,
-        _ => return Err(ApiError::BadRequest(format!("{what} must be a JSON object"))),
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "{what} must be a JSON object"
+            )));
+        }
     };
     let mut table = FieldTable::default();
     for (key, value) in object {

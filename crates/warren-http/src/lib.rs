@@ -114,12 +114,20 @@ fn router(state: AppState) -> Router {
         .route("/api/queues/{vhost}", get(queues::list_vhost))
         .route(
             "/api/queues/{vhost}/{name}",
-            get(queues::show).put(queues::declare).delete(queues::delete),
+            get(queues::show)
+                .put(queues::declare)
+                .delete(queues::delete),
         )
         .route("/api/queues/{vhost}/{name}/contents", delete(queues::purge))
-        .route("/api/queues/{vhost}/{name}/bindings", get(bindings::of_queue))
+        .route(
+            "/api/queues/{vhost}/{name}/bindings",
+            get(bindings::of_queue),
+        )
         .route("/api/queues/{vhost}/{name}/get", post(messages::get))
-        .route("/api/queues/{vhost}/{name}/messages", post(messages::post_to_queue))
+        .route(
+            "/api/queues/{vhost}/{name}/messages",
+            post(messages::post_to_queue),
+        )
         .route("/api/queues/{vhost}/{name}/consume", get(consume::consume))
         .route("/api/exchanges", get(exchanges::list))
         .route("/api/exchanges/{vhost}", get(exchanges::list_vhost))
@@ -129,8 +137,14 @@ fn router(state: AppState) -> Router {
                 .put(exchanges::declare)
                 .delete(exchanges::delete),
         )
-        .route("/api/exchanges/{vhost}/{name}/publish", post(messages::publish))
-        .route("/api/exchanges/{vhost}/{name}/messages", post(messages::post_to_exchange))
+        .route(
+            "/api/exchanges/{vhost}/{name}/publish",
+            post(messages::publish),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/messages",
+            post(messages::post_to_exchange),
+        )
         .route(
             "/api/exchanges/{vhost}/{name}/bindings/source",
             get(bindings::from_exchange),

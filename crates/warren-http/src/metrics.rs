@@ -71,39 +71,99 @@ impl prometheus_client::collector::Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type QueueValue = fn(&QueueInfo) -> u64;
         let queue_gauges: [(&str, &str, QueueValue); 4] = [
-            ("warren_queue_messages_ready", "Messages waiting in the queue.", |q| q.ready as u64),
-            ("warren_queue_messages_unacked", "Messages delivered and not yet acknowledged.", |q| q.unacked as u64),
-            ("warren_queue_consumers", "Consumers of the queue.", |q| q.consumers as u64),
-            ("warren_queue_message_bytes_ready", "Body bytes of the waiting messages.", |q| q.ready_bytes),
+            (
+                "warren_queue_messages_ready",
+                "Messages waiting in the queue.",
+                |q| q.ready as u64,
+            ),
+            (
+                "warren_queue_messages_unacked",
+                "Messages delivered and not yet acknowledged.",
+                |q| q.unacked as u64,
+            ),
+            ("warren_queue_consumers", "Consumers of the queue.", |q| {
+                q.consumers as u64
+            }),
+            (
+                "warren_queue_message_bytes_ready",
+                "Body bytes of the waiting messages.",
+                |q| q.ready_bytes,
+            ),
         ];
         for (name, help, value) in queue_gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for queue in &self.queues {
-                let labels = [("vhost", queue.vhost.as_str()), ("queue", queue.name.as_str())];
+                let labels = [
+                    ("vhost", queue.vhost.as_str()),
+                    ("queue", queue.name.as_str()),
+                ];
                 ConstGauge::new(value(queue) as i64).encode(family.encode_family(&labels)?)?;
             }
         }
         let queue_counters: [(&str, &str, QueueValue); 4] = [
-            ("warren_queue_messages_published", "Messages that entered the queue.", |q| q.counts.published),
-            ("warren_queue_messages_delivered", "Messages delivered to consumers or got.", |q| q.counts.delivered + q.counts.got),
-            ("warren_queue_messages_acked", "Deliveries acknowledged.", |q| q.counts.acked),
-            ("warren_queue_messages_redelivered", "Deliveries of messages delivered before.", |q| q.counts.redelivered),
+            (
+                "warren_queue_messages_published",
+                "Messages that entered the queue.",
+                |q| q.counts.published,
+            ),
+            (
+                "warren_queue_messages_delivered",
+                "Messages delivered to consumers or got.",
+                |q| q.counts.delivered + q.counts.got,
+            ),
+            (
+                "warren_queue_messages_acked",
+                "Deliveries acknowledged.",
+                |q| q.counts.acked,
+            ),
+            (
+                "warren_queue_messages_redelivered",
+                "Deliveries of messages delivered before.",
+                |q| q.counts.redelivered,
+            ),
         ];
         for (name, help, value) in queue_counters {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for queue in &self.queues {
-                let labels = [("vhost", queue.vhost.as_str()), ("queue", queue.name.as_str())];
+                let labels = [
+                    ("vhost", queue.vhost.as_str()),
+                    ("queue", queue.name.as_str()),
+                ];
                 ConstCounter::new(value(queue)).encode(family.encode_family(&labels)?)?;
             }
         }
         let gauges = [
-            ("warren_connections", "Open AMQP connections.", Some(self.connections as u64)),
-            ("warren_channels", "Open AMQP channels.", Some(self.channels as u64)),
+            (
+                "warren_connections",
+                "Open AMQP connections.",
+                Some(self.connections as u64),
+            ),
+            (
+                "warren_channels",
+                "Open AMQP channels.",
+                Some(self.channels as u64),
+            ),
             ("warren_queues", "Queues.", Some(self.queues.len() as u64)),
-            ("warren_consumers", "Consumers.", Some(self.consumers as u64)),
-            ("warren_process_resident_memory_bytes", "The broker's resident memory.", self.resident_memory_bytes),
-            ("warren_disk_free_bytes", "Free space where the broker keeps its data.", self.disk_free_bytes),
-            ("warren_store_bytes", "Bytes of the broker's data directory.", self.store_bytes),
+            (
+                "warren_consumers",
+                "Consumers.",
+                Some(self.consumers as u64),
+            ),
+            (
+                "warren_process_resident_memory_bytes",
+                "The broker's resident memory.",
+                self.resident_memory_bytes,
+            ),
+            (
+                "warren_disk_free_bytes",
+                "Free space where the broker keeps its data.",
+                self.disk_free_bytes,
+            ),
+            (
+                "warren_store_bytes",
+                "Bytes of the broker's data directory.",
+                self.store_bytes,
+            ),
         ];
         for (name, help, value) in gauges {
             if let Some(value) = value {
@@ -139,10 +199,26 @@ impl Snapshot {
         }
         type ModelValue = fn(&ModelStatus) -> u64;
         let counters: [(&str, &str, ModelValue); 4] = [
-            ("warren_model_requests", "Requests the model's workers took.", |m| m.stats.requests),
-            ("warren_model_replies", "Replies published and confirmed.", |m| m.stats.replies),
-            ("warren_model_poison", "Requests dead-lettered as undecodable.", |m| m.stats.poison),
-            ("warren_model_failed_batches", "Batches whose inference failed.", |m| m.stats.failed_batches),
+            (
+                "warren_model_requests",
+                "Requests the model's workers took.",
+                |m| m.stats.requests,
+            ),
+            (
+                "warren_model_replies",
+                "Replies published and confirmed.",
+                |m| m.stats.replies,
+            ),
+            (
+                "warren_model_poison",
+                "Requests dead-lettered as undecodable.",
+                |m| m.stats.poison,
+            ),
+            (
+                "warren_model_failed_batches",
+                "Batches whose inference failed.",
+                |m| m.stats.failed_batches,
+            ),
         ];
         for (name, help, value) in counters {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -153,10 +229,30 @@ impl Snapshot {
         }
         type ModelHistogram = fn(&ModelStatus) -> &HistogramView;
         let histograms: [(&str, &str, ModelHistogram, f64); 4] = [
-            ("warren_model_batch_size", "Requests per inference batch.", |m| &m.stats.batch_size, 1.0),
-            ("warren_model_batch_wait_seconds", "How long a batch's first request waited for the batch to fill.", |m| &m.stats.batch_wait_us, 1e-6),
-            ("warren_model_queue_wait_seconds", "How long requests waited in the queue before a worker took them.", |m| &m.stats.queue_wait_us, 1e-6),
-            ("warren_model_inference_seconds", "Time of one batch's inference.", |m| &m.stats.inference_us, 1e-6),
+            (
+                "warren_model_batch_size",
+                "Requests per inference batch.",
+                |m| &m.stats.batch_size,
+                1.0,
+            ),
+            (
+                "warren_model_batch_wait_seconds",
+                "How long a batch's first request waited for the batch to fill.",
+                |m| &m.stats.batch_wait_us,
+                1e-6,
+            ),
+            (
+                "warren_model_queue_wait_seconds",
+                "How long requests waited in the queue before a worker took them.",
+                |m| &m.stats.queue_wait_us,
+                1e-6,
+            ),
+            (
+                "warren_model_inference_seconds",
+                "Time of one batch's inference.",
+                |m| &m.stats.inference_us,
+                1e-6,
+            ),
         ];
         for (name, help, histogram, scale) in histograms {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;

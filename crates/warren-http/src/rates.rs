@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use warren_amqp::SharedHub;
-use warren_core::MessageCounts;
+use warren_core::{ExchangeCounts, MessageCounts};
 
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// The span a rate is averaged over.
@@ -22,12 +22,16 @@ pub struct MessageRates {
     pub acked: f64,
     pub redelivered: f64,
     pub unroutable: f64,
+    /// Broker-wide only: publisher confirms sent.
+    pub confirmed: f64,
 }
 
 struct Sample {
     at: Instant,
     broker: MessageCounts,
+    confirmed: u64,
     queues: HashMap<(String, String), MessageCounts>,
+    exchanges: HashMap<(String, String), ExchangeCounts>,
 }
 
 #[derive(Default)]
@@ -42,14 +46,23 @@ impl Rates {
         let mut interval = tokio::time::interval(SAMPLE_INTERVAL);
         loop {
             interval.tick().await;
-            let (broker, queues) = {
+            let (broker, queues, exchanges) = {
                 let hub = hub.lock();
-                (hub.broker.totals().counts, hub.broker.queue_message_counts())
+                (
+                    hub.broker.totals().counts,
+                    hub.broker.queue_message_counts(),
+                    hub.broker.exchange_counts(),
+                )
             };
             self.record(Sample {
                 at: Instant::now(),
                 broker,
+                confirmed: hub.confirmed(),
                 queues: queues
+                    .into_iter()
+                    .map(|(vhost, name, counts)| ((vhost, name), counts))
+                    .collect(),
+                exchanges: exchanges
                     .into_iter()
                     .map(|(vhost, name, counts)| ((vhost, name), counts))
                     .collect(),
@@ -68,12 +81,42 @@ impl Rates {
     }
 
     pub fn broker(&self) -> MessageRates {
-        self.rate_of(|sample| Some(sample.broker))
+        let mut rates = self.rate_of(|sample| Some(sample.broker));
+        let samples = self.samples.lock();
+        if let (Some(first), Some(last)) = (samples.front(), samples.back()) {
+            let seconds = last.at.duration_since(first.at).as_secs_f64();
+            if seconds > 0.0 {
+                rates.confirmed = last.confirmed.saturating_sub(first.confirmed) as f64 / seconds;
+            }
+        }
+        rates
     }
 
     pub fn queue(&self, vhost: &str, name: &str) -> MessageRates {
         let key = (vhost.to_owned(), name.to_owned());
         self.rate_of(|sample| sample.queues.get(&key).copied())
+    }
+
+    /// (publish_in, publish_out) per second.
+    pub fn exchange(&self, vhost: &str, name: &str) -> (f64, f64) {
+        let key = (vhost.to_owned(), name.to_owned());
+        let samples = self.samples.lock();
+        let start = samples
+            .iter()
+            .find_map(|sample| sample.exchanges.get(&key).map(|c| (sample.at, *c)));
+        let end = samples
+            .back()
+            .and_then(|sample| sample.exchanges.get(&key).map(|c| (sample.at, *c)));
+        match (start, end) {
+            (Some((from, start)), Some((to, end))) if to > from => {
+                let seconds = to.duration_since(from).as_secs_f64();
+                (
+                    end.published_in.saturating_sub(start.published_in) as f64 / seconds,
+                    end.published_out.saturating_sub(start.published_out) as f64 / seconds,
+                )
+            }
+            _ => (0.0, 0.0),
+        }
     }
 
     fn rate_of(&self, counts: impl Fn(&Sample) -> Option<MessageCounts>) -> MessageRates {
@@ -97,6 +140,7 @@ impl Rates {
             acked: per_second(start.acked, end.acked),
             redelivered: per_second(start.redelivered, end.redelivered),
             unroutable: per_second(start.unroutable, end.unroutable),
+            confirmed: 0.0,
         }
     }
 }
@@ -113,7 +157,9 @@ mod tests {
         Sample {
             at,
             broker: counts,
+            confirmed: published,
             queues: HashMap::from([(("/".to_owned(), "q".to_owned()), counts)]),
+            exchanges: HashMap::new(),
         }
     }
 
@@ -126,6 +172,7 @@ mod tests {
             rates.record(sample(start + Duration::from_secs(second), second * 100));
         }
         assert!((rates.broker().published - 100.0).abs() < 1e-9);
+        assert!((rates.broker().confirmed - 100.0).abs() < 1e-9);
         assert!((rates.queue("/", "q").published - 100.0).abs() < 1e-9);
         assert_eq!(rates.queue("/", "other").published, 0.0);
         // Old samples are dropped: the window holds about RATE_WINDOW.

@@ -246,21 +246,31 @@ impl Deployment {
     }
 }
 
+/// Checks every entry and makes each model's (empty) metrics, before
+/// anything loads: a bad entry stops the start at once, and the metrics
+/// can be shown while large models are still loading.
+pub fn prepare(models: &[ModelConfig]) -> Result<Vec<Arc<ModelMetrics>>, DeployError> {
+    models
+        .iter()
+        .map(|model| {
+            model.validate()?;
+            Ok(Arc::new(ModelMetrics::new(&model.name, &model.queue)))
+        })
+        .collect()
+}
+
 /// Loads every model and runs its workers against `broker_url` until
-/// `shutdown`. A worker whose connection fails connects again; a model
+/// `shutdown`, updating `metrics` (from [`prepare`], in the order of
+/// `models`). A worker whose connection fails connects again; a model
 /// that cannot be loaded stops the start.
 pub async fn run_models(
     models: Vec<ModelConfig>,
+    metrics: Vec<Arc<ModelMetrics>>,
     broker_url: String,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Deployment, DeployError> {
     let mut workers = JoinSet::new();
-    let mut all_metrics = Vec::with_capacity(models.len());
-    let served = models.clone();
-    for model in models {
-        model.validate()?;
-        let metrics = Arc::new(ModelMetrics::new(&model.name, &model.queue));
-        all_metrics.push(Arc::clone(&metrics));
+    for (model, metrics) in models.iter().zip(&metrics) {
         for instance in 0..model.instances {
             let loading = model.clone();
             let task = tokio::task::spawn_blocking(move || loading.load())
@@ -270,13 +280,13 @@ pub async fn run_models(
                 queue = %model.queue, "model loaded");
             let config = model.worker_config(&broker_url);
             let shutdown = shutdown.clone();
-            workers.spawn(serve_forever(config, task, Arc::clone(&metrics), shutdown));
+            workers.spawn(serve_forever(config, task, Arc::clone(metrics), shutdown));
         }
     }
     Ok(Deployment {
         workers,
-        metrics: all_metrics,
-        models: served,
+        metrics,
+        models,
     })
 }
 

@@ -15,7 +15,7 @@ use tracing::info;
 use warren_amqp::AmqpServer;
 use warren_http::{HttpConfig, HttpContext, HttpServer};
 
-use warren_infer::deploy::{Deployment, ModelConfig, run_models};
+use warren_infer::deploy::{Deployment, ModelConfig, prepare, run_models};
 
 use crate::config::FileConfig;
 use crate::models::DeployedModels;
@@ -207,7 +207,8 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     );
     let signal = shutdown_signal()?;
     let (shutdown_sender, shutdown) = watch::channel(false);
-    let deployment = run_models(file_config.models, args.broker.clone(), shutdown).await?;
+    let metrics = prepare(&file_config.models)?;
+    let deployment = run_models(file_config.models, metrics, args.broker.clone(), shutdown).await?;
     info!(broker = %redact(&args.broker), "model workers running");
     signal.await;
     info!("shutting down");
@@ -274,6 +275,8 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     let (shutdown_sender, shutdown) = watch::channel(false);
     let server_task = tokio::spawn(server.run(shutdown.clone()));
     let http_task = tokio::spawn(http.run(shutdown.clone()));
+    let metrics = prepare(&models)?;
+    deployed_models.set(&models, &metrics);
     // In-process model workers reach the broker over loopback AMQP, like
     // any other client.
     let deployment = if models.is_empty() {
@@ -285,9 +288,8 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
             address.ip().to_string()
         };
         let url = format!("amqp://guest:guest@{host}:{}/%2f", address.port());
-        run_models(models, url, shutdown).await?
+        run_models(models, metrics, url, shutdown).await?
     };
-    deployed_models.set(&deployment.models, &deployment.metrics);
     signal.await;
     info!("shutting down");
     let _ = shutdown_sender.send(true);

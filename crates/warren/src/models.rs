@@ -17,9 +17,13 @@ pub struct DeployedModels {
 impl DeployedModels {
     /// Makes the loaded models visible; only the first call counts.
     pub fn set(&self, configs: &[ModelConfig], metrics: &[Arc<ModelMetrics>]) {
-        let _ = self
-            .models
-            .set(configs.iter().cloned().zip(metrics.iter().cloned()).collect());
+        let _ = self.models.set(
+            configs
+                .iter()
+                .cloned()
+                .zip(metrics.iter().cloned())
+                .collect(),
+        );
     }
 }
 

@@ -29,9 +29,11 @@ pub fn properties_key(binding: &BindingInfo) -> String {
     } else {
         let arguments = table_to_json(&binding.arguments).to_string();
         // FNV-1a: stable across runs and platforms, which a path needs.
-        let hash = arguments.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-            (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+        let hash = arguments
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+                (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3)
+            });
         format!("{}~{hash:016x}", binding.routing_key)
     }
 }
@@ -239,7 +241,11 @@ pub async fn create(
         "/api/bindings/{}/e/{}/{}/{}/{}",
         encode(&vhost),
         encode(&source),
-        if kind == DestinationKind::Queue { "q" } else { "e" },
+        if kind == DestinationKind::Queue {
+            "q"
+        } else {
+            "e"
+        },
         encode(&destination),
         encode(&key)
     );

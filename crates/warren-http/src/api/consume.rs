@@ -198,7 +198,11 @@ async fn settle(
                 .basic_nack(tag, BasicNackOptions { multiple, requeue })
                 .await
         }
-        _ => channel.basic_reject(tag, BasicRejectOptions { requeue }).await,
+        _ => {
+            channel
+                .basic_reject(tag, BasicRejectOptions { requeue })
+                .await
+        }
     };
     tracing::trace!(tag, how, settled, "WebSocket settlement");
     result.map_err(|error| format!("the broker refused the settlement: {error}"))

@@ -19,7 +19,8 @@ use crate::gateway::amqp_error;
 use crate::json::{json_to_table, table_to_json};
 use crate::state::AppState;
 
-fn exchange_json(exchange: &ExchangeInfo) -> Value {
+fn exchange_json(state: &AppState, exchange: &ExchangeInfo) -> Value {
+    let (rate_in, rate_out) = state.rates.exchange(&exchange.vhost, &exchange.name);
     json!({
         "name": exchange.name,
         "vhost": exchange.vhost,
@@ -28,12 +29,23 @@ fn exchange_json(exchange: &ExchangeInfo) -> Value {
         "auto_delete": exchange.auto_delete,
         "internal": exchange.internal,
         "arguments": table_to_json(&exchange.arguments),
+        "message_stats": {
+            "publish_in": exchange.counts.published_in,
+            "publish_in_details": {"rate": rate_in},
+            "publish_out": exchange.counts.published_out,
+            "publish_out_details": {"rate": rate_out},
+        },
     })
 }
 
 pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
     let exchanges = state.hub.lock().broker.exchange_infos(None);
-    Json(Value::Array(exchanges.iter().map(exchange_json).collect()))
+    Json(Value::Array(
+        exchanges
+            .iter()
+            .map(|exchange| exchange_json(&state, exchange))
+            .collect(),
+    ))
 }
 
 pub async fn list_vhost(
@@ -43,7 +55,12 @@ pub async fn list_vhost(
 ) -> ApiResult<Json<Value>> {
     require_vhost(&state, &vhost)?;
     let exchanges = state.hub.lock().broker.exchange_infos(Some(&vhost));
-    Ok(Json(Value::Array(exchanges.iter().map(exchange_json).collect())))
+    Ok(Json(Value::Array(
+        exchanges
+            .iter()
+            .map(|exchange| exchange_json(&state, exchange))
+            .collect(),
+    )))
 }
 
 /// The exchange named in a path (`amq.default` is ""), or 404.
@@ -65,7 +82,7 @@ pub async fn show(
     _user: Credentials,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(exchange_json(&find(&state, &vhost, &name)?)))
+    Ok(Json(exchange_json(&state, &find(&state, &vhost, &name)?)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,7 +160,11 @@ pub async fn delete(
     if exchange.name.is_empty() || exchange.name.starts_with("amq.") {
         return Err(ApiError::Forbidden(format!(
             "cannot delete the built-in exchange '{}'",
-            if exchange.name.is_empty() { "amq.default" } else { &exchange.name }
+            if exchange.name.is_empty() {
+                "amq.default"
+            } else {
+                &exchange.name
+            }
         )));
     }
     let channel = state.gateway.channel(&user, &vhost).await?;

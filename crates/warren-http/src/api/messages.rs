@@ -10,7 +10,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation};
 use serde::Deserialize;
@@ -104,8 +106,14 @@ pub async fn publish(
     };
     let properties = json_to_properties(&form.properties)?;
     let channel = state.gateway.channel(&user, &vhost).await?;
-    let routed =
-        publish_confirmed(&channel, &exchange.name, &form.routing_key, &body, properties).await?;
+    let routed = publish_confirmed(
+        &channel,
+        &exchange.name,
+        &form.routing_key,
+        &body,
+        properties,
+    )
+    .await?;
     Ok(Json(json!({ "routed": routed })))
 }
 
@@ -256,7 +264,17 @@ pub async fn post_to_exchange(
     let exchange = exchanges::find(&state, &vhost, &name)?;
     let routing_key = query.get("routing_key").cloned().unwrap_or_default();
     let exchange_name = exchange_from_path(&exchange.name).to_owned();
-    post(&state, &user, &vhost, &exchange_name, &routing_key, &query, &headers, &body).await
+    post(
+        &state,
+        &user,
+        &vhost,
+        &exchange_name,
+        &routing_key,
+        &query,
+        &headers,
+        &body,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -22,10 +22,8 @@ pub fn message_stats(counts: &MessageCounts, rates: &MessageRates) -> Value {
     let (publish, publish_details) = with_rate(counts.published, rates.published);
     let (deliver, deliver_details) = with_rate(counts.delivered, rates.delivered);
     let (get, get_details) = with_rate(counts.got, rates.got);
-    let (deliver_get, deliver_get_details) = with_rate(
-        counts.delivered + counts.got,
-        rates.delivered + rates.got,
-    );
+    let (deliver_get, deliver_get_details) =
+        with_rate(counts.delivered + counts.got, rates.delivered + rates.got);
     let (ack, ack_details) = with_rate(counts.acked, rates.acked);
     let (redeliver, redeliver_details) = with_rate(counts.redelivered, rates.redelivered);
     json!({

@@ -25,8 +25,9 @@ pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Val
         .iter()
         .map(|model| {
             let queue = state.hub.lock().broker.queue_info("/", &model.queue);
-            let (consumers, messages) =
-                queue.map_or((0, 0), |queue| (queue.consumers, queue.ready + queue.unacked));
+            let (consumers, messages) = queue.map_or((0, 0), |queue| {
+                (queue.consumers, queue.ready + queue.unacked)
+            });
             let stats = &model.stats;
             json!({
                 "name": model.name,

@@ -19,6 +19,8 @@ pub async fn overview(State(state): State<AppState>, _user: Credentials) -> Json
     let mut stats = message_stats(&totals.counts, &rates);
     stats["return_unroutable"] = json!(totals.counts.unroutable);
     stats["return_unroutable_details"] = json!({"rate": rates.unroutable});
+    stats["confirm"] = json!(state.hub.confirmed());
+    stats["confirm_details"] = json!({"rate": rates.confirmed});
     let node = &state.node;
     Json(json!({
         "product_name": "Warren",

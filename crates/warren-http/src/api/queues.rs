@@ -43,7 +43,10 @@ pub fn queue_json(state: &AppState, queue: &QueueInfo) -> Value {
 pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
     let queues = state.hub.lock().broker.queue_infos(None);
     Json(Value::Array(
-        queues.iter().map(|queue| queue_json(&state, queue)).collect(),
+        queues
+            .iter()
+            .map(|queue| queue_json(&state, queue))
+            .collect(),
     ))
 }
 
@@ -55,7 +58,10 @@ pub async fn list_vhost(
     require_vhost(&state, &vhost)?;
     let queues = state.hub.lock().broker.queue_infos(Some(&vhost));
     Ok(Json(Value::Array(
-        queues.iter().map(|queue| queue_json(&state, queue)).collect(),
+        queues
+            .iter()
+            .map(|queue| queue_json(&state, queue))
+            .collect(),
     )))
 }
 
@@ -78,7 +84,10 @@ pub async fn show(
     let queue = find(&state, &vhost, &name)?;
     let (consumers, connections): (Vec<ConsumerInfo>, _) = {
         let hub = state.hub.lock();
-        (hub.broker.consumers_of(&vhost, &name), hub.connection_infos())
+        (
+            hub.broker.consumers_of(&vhost, &name),
+            hub.connection_infos(),
+        )
     };
     let mut body = queue_json(&state, &queue);
     body["consumer_details"] = Value::Array(

@@ -1,0 +1,131 @@
+"""The web dashboard in Chromium: runs tests/node/dashboard.test.js.
+
+That node:test file drives Debian's Chromium (/usr/bin/chromium, or
+CHROMIUM_PATH) with playwright-core: it logs in, watches a queue filled over
+AMQP reach its depth in the queues table, gets a message through the queue
+page and checks that the overview draws its charts. Screenshots go to
+<repo>/artifacts (dashboard-queues.png, dashboard-overview.png).
+
+scripts/test.sh installs the requirements: `npm ci` in tests/node and, as
+root with apt-get, Debian's `chromium` package. Like the amqplib test, a
+missing requirement fails this test and says what is missing rather than
+skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+NODE_TESTS_DIR = REPO_ROOT / "tests" / "node"
+TEST_FILE = "dashboard.test.js"
+ARTIFACTS_DIR = REPO_ROOT / "artifacts"
+DEFAULT_CHROMIUM = "/usr/bin/chromium"
+# playwright-core (tests/node/package.json) needs Node.js 20.
+MIN_NODE = (20, 0)
+MIN_NODE_TEXT = ".".join(map(str, MIN_NODE))
+NODE_TIMEOUT_S = 150
+
+pytestmark = [
+    pytest.mark.timeout(NODE_TIMEOUT_S + 30),
+    pytest.mark.warren_only("the dashboard is Warren's own"),
+]
+
+
+def node_binary() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail(
+            f"`node` is not on PATH: the dashboard test needs Node.js >= {MIN_NODE_TEXT}, "
+            f"then `npm ci` in {NODE_TESTS_DIR}",
+            pytrace=False,
+        )
+    version = subprocess.run(
+        [node, "--version"], stdout=subprocess.PIPE, text=True, check=True, timeout=30
+    ).stdout.strip()
+    m = re.match(r"v(\d+)\.(\d+)\.", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) < MIN_NODE:
+        pytest.fail(
+            f"{node} is Node.js {version}; the dashboard test (playwright-core) needs "
+            f">= {MIN_NODE_TEXT}",
+            pytrace=False,
+        )
+    for package in ("playwright-core", "amqplib"):
+        if not (NODE_TESTS_DIR / "node_modules" / package).is_dir():
+            pytest.fail(
+                f"{package} is not installed: run `npm ci` in {NODE_TESTS_DIR} "
+                f"(scripts/test.sh does this)",
+                pytrace=False,
+            )
+    return node
+
+
+def chromium_binary() -> str:
+    chromium = os.environ.get("CHROMIUM_PATH") or DEFAULT_CHROMIUM
+    if not os.access(chromium, os.X_OK):
+        pytest.fail(
+            f"Chromium not found at {chromium}: the dashboard test needs it (on Debian, as "
+            f"root: apt-get install -y chromium; scripts/test.sh does this), or set "
+            f"CHROMIUM_PATH to a Chromium or Chrome binary",
+            pytrace=False,
+        )
+    return chromium
+
+
+def test_dashboard_in_chromium(broker):
+    node = node_binary()
+    chromium = chromium_binary()
+    assert broker.http_url is not None, (
+        "warren did not log 'HTTP listener ready addr=HOST:PORT' before "
+        "'AMQP listener ready'"
+    )
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    screenshots = [ARTIFACTS_DIR / "dashboard-queues.png", ARTIFACTS_DIR / "dashboard-overview.png"]
+    for shot in screenshots:  # so that a stale one from an earlier run does not count
+        shot.unlink(missing_ok=True)
+
+    env = dict(os.environ)
+    env["WARREN_HTTP_URL"] = broker.http_url
+    env["WARREN_AMQP_URL"] = broker.url
+    env["CHROMIUM_PATH"] = chromium
+    env["WARREN_ARTIFACTS_DIR"] = str(ARTIFACTS_DIR)
+    env["NO_COLOR"] = "1"
+    try:
+        run = subprocess.run(
+            # TAP explicitly: the default reporter differs between versions.
+            [node, "--test", "--test-reporter=tap", TEST_FILE],
+            cwd=str(NODE_TESTS_DIR),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=NODE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout or ""
+        if isinstance(output, bytes):
+            output = output.decode("utf-8", "replace")
+        pytest.fail(
+            f"node --test {TEST_FILE} did not finish within {NODE_TIMEOUT_S}s. "
+            f"Its output:\n{output}",
+            pytrace=False,
+        )
+
+    assert run.returncode == 0, (
+        f"node --test {TEST_FILE} exited {run.returncode}. Its output:\n{run.stdout}"
+    )
+    # The TAP summary: a run that found no test must not pass.
+    tests = re.search(r"^# tests (\d+)$", run.stdout, re.MULTILINE)
+    passed = re.search(r"^# pass (\d+)$", run.stdout, re.MULTILINE)
+    assert tests and passed, f"no TAP summary in node's output:\n{run.stdout}"
+    assert int(tests.group(1)) > 0, f"node --test ran no tests:\n{run.stdout}"
+    assert passed.group(1) == tests.group(1), run.stdout
+    for shot in screenshots:
+        assert shot.is_file(), f"no screenshot {shot}:\n{run.stdout}"
