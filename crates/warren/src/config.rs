@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Deserialize;
 use warren_amqp::{AmqpConfig, User};
+use warren_http::HttpConfig;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -14,6 +15,8 @@ pub struct FileConfig {
     pub amqp: AmqpSection,
     #[serde(default)]
     pub storage: StorageSection,
+    #[serde(default)]
+    pub http: HttpSection,
     #[serde(default)]
     pub users: Vec<UserEntry>,
     #[serde(default)]
@@ -46,6 +49,17 @@ pub struct StorageSection {
     pub segment_size_bytes: Option<u64>,
 }
 
+/// `[http]`: the limits of the HTTP side (docs/http-api.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    pub body_max_bytes: Option<usize>,
+    pub inference_timeout_ms: Option<u64>,
+    pub inference_in_flight_max: Option<usize>,
+    pub websocket_prefetch_max: Option<u16>,
+    pub get_count_max: Option<usize>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
@@ -70,6 +84,32 @@ impl FileConfig {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    pub fn http_config(&self) -> anyhow::Result<HttpConfig> {
+        let mut config = HttpConfig::default();
+        let section = &self.http;
+        if let Some(bytes) = section.body_max_bytes {
+            anyhow::ensure!(bytes > 0, "http.body_max_bytes must be at least 1");
+            config.body_max_bytes = bytes;
+        }
+        if let Some(ms) = section.inference_timeout_ms {
+            anyhow::ensure!(ms > 0, "http.inference_timeout_ms must be at least 1");
+            config.inference_timeout = std::time::Duration::from_millis(ms);
+        }
+        if let Some(count) = section.inference_in_flight_max {
+            anyhow::ensure!(count > 0, "http.inference_in_flight_max must be at least 1");
+            config.inference_in_flight_max = count;
+        }
+        if let Some(count) = section.websocket_prefetch_max {
+            anyhow::ensure!(count > 0, "http.websocket_prefetch_max must be at least 1");
+            config.websocket_prefetch_max = count;
+        }
+        if let Some(count) = section.get_count_max {
+            anyhow::ensure!(count > 0, "http.get_count_max must be at least 1");
+            config.get_count_max = count;
+        }
+        Ok(config)
     }
 
     pub fn amqp_config(&self) -> anyhow::Result<AmqpConfig> {

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tracing::info;
 use warren_amqp::AmqpServer;
-use warren_http::{HttpConfig, HttpContext, HttpServer};
+use warren_http::{HttpContext, HttpServer};
 
 use warren_infer::deploy::{Deployment, ModelConfig, prepare, run_models};
 
@@ -248,7 +248,7 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     let deployed_models = Arc::new(DeployedModels::default());
     let http = HttpServer::bind(
         args.http_listen,
-        HttpConfig::default(),
+        file_config.http_config()?,
         HttpContext {
             hub: server.hub(),
             amqp: server.config(),
