@@ -9,9 +9,8 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::Bytes;
 use warren_core::{
-    Broker, ChannelMode, ConnectionId, Consume, Delivery, DestinationKind, Effect,
-    ExchangeCounts, ExchangeDeclare, Limits, Message, MessageCounts, Outbox, QueueDeclare,
-    QueueInfo,
+    Broker, ChannelMode, ConnectionId, Consume, Delivery, DestinationKind, Effect, ExchangeCounts,
+    ExchangeDeclare, Limits, Message, MessageCounts, Outbox, QueueDeclare, QueueInfo,
 };
 
 const A: ConnectionId = ConnectionId(1);
@@ -74,15 +73,35 @@ fn message(exchange: &str, routing_key: &str, body: &str) -> Arc<Message> {
 }
 
 /// Publishes on connection B's channel 1; returns how many queues it reached.
-fn publish(broker: &mut Broker, exchange: &str, routing_key: &str, body: &str, out: &mut Outbox) -> usize {
+fn publish(
+    broker: &mut Broker,
+    exchange: &str,
+    routing_key: &str,
+    body: &str,
+    out: &mut Outbox,
+) -> usize {
     broker
         .publish(B, 1, message(exchange, routing_key, body), out)
         .unwrap()
         .routed
 }
 
-fn consume(broker: &mut Broker, connection: ConnectionId, queue: &str, tag: &str, out: &mut Outbox) {
-    consume_with(broker, connection, queue, tag, false, FieldTable::default(), out);
+fn consume(
+    broker: &mut Broker,
+    connection: ConnectionId,
+    queue: &str,
+    tag: &str,
+    out: &mut Outbox,
+) {
+    consume_with(
+        broker,
+        connection,
+        queue,
+        tag,
+        false,
+        FieldTable::default(),
+        out,
+    );
 }
 
 fn consume_with(
@@ -225,7 +244,10 @@ fn an_unroutable_message_counts_once_broker_wide_and_in_but_not_out() {
         }
     );
     // Untouched exchanges stay at zero.
-    assert_eq!(exchange_counts_of(&broker, "amq.topic"), ExchangeCounts::default());
+    assert_eq!(
+        exchange_counts_of(&broker, "amq.topic"),
+        ExchangeCounts::default()
+    );
 }
 
 #[test]
@@ -339,7 +361,15 @@ fn no_ack_consumers_count_deliveries_but_leave_nothing_unacked() {
     let mut broker = broker();
     declare(&mut broker, "q");
     let mut out = Outbox::default();
-    consume_with(&mut broker, A, "q", "auto", true, FieldTable::default(), &mut out);
+    consume_with(
+        &mut broker,
+        A,
+        "q",
+        "auto",
+        true,
+        FieldTable::default(),
+        &mut out,
+    );
     for body in ["1", "2"] {
         publish(&mut broker, "", "q", body, &mut out);
     }
@@ -500,7 +530,10 @@ fn rejecting_to_a_dead_letter_exchange_counts_on_the_target_not_broker_wide() {
     declare_with(
         &mut broker,
         "work",
-        table(&[("x-dead-letter-exchange", AMQPValue::LongString("dlx".into()))]),
+        table(&[(
+            "x-dead-letter-exchange",
+            AMQPValue::LongString("dlx".into()),
+        )]),
     );
     let mut out = Outbox::default();
     publish(&mut broker, "", "work", "x", &mut out);
@@ -543,21 +576,28 @@ fn deleting_a_queue_keeps_the_broker_totals_and_drops_it_from_the_views() {
         .ack(A, 1, delivered[0].delivery_tag, false, &mut out)
         .unwrap();
     let kept = broker.get(B, 1, "kept", false, &mut out).unwrap().unwrap();
-    broker.ack(B, 1, kept.delivery_tag, false, &mut out).unwrap();
+    broker
+        .ack(B, 1, kept.delivery_tag, false, &mut out)
+        .unwrap();
 
     let before = broker.totals();
-    assert_eq!(before.counts, MessageCounts {
-        published: 4,
-        delivered: 3,
-        got: 1,
-        acked: 2,
-        redelivered: 0,
-        unroutable: 0,
-    });
+    assert_eq!(
+        before.counts,
+        MessageCounts {
+            published: 4,
+            delivered: 3,
+            got: 1,
+            acked: 2,
+            redelivered: 0,
+            unroutable: 0,
+        }
+    );
     assert_eq!(before.unacked, 2);
     assert_eq!(before.queues, 2);
 
-    broker.delete_queue(B, "gone", false, false, &mut out).unwrap();
+    broker
+        .delete_queue(B, "gone", false, false, &mut out)
+        .unwrap();
 
     let after = broker.totals();
     assert_eq!(after.counts, before.counts, "totals must not go backwards");
@@ -724,7 +764,10 @@ fn exchange_infos_list_the_builtins_and_declared_ones_sorted() {
             ("events", "topic"),
         ]
     );
-    let events = infos.iter().find(|exchange| exchange.name == "events").unwrap();
+    let events = infos
+        .iter()
+        .find(|exchange| exchange.name == "events")
+        .unwrap();
     assert!(events.durable && events.internal && !events.auto_delete);
     assert_eq!(broker.totals().exchanges, 7);
     assert_eq!(broker.exchange_counts().len(), 7);
@@ -739,10 +782,24 @@ fn binding_infos_put_the_default_exchange_first_then_explicit_bindings() {
     declare_exchange(&mut broker, "headers-ex", "headers");
     declare_exchange(&mut broker, "b-dest", "fanout");
     broker
-        .bind_queue(A, "q1", "direct-ex", "red".into(), FieldTable::default(), true)
+        .bind_queue(
+            A,
+            "q1",
+            "direct-ex",
+            "red".into(),
+            FieldTable::default(),
+            true,
+        )
         .unwrap();
     broker
-        .bind_queue(A, "q2", "direct-ex", "blue".into(), FieldTable::default(), true)
+        .bind_queue(
+            A,
+            "q2",
+            "direct-ex",
+            "blue".into(),
+            FieldTable::default(),
+            true,
+        )
         .unwrap();
     let match_all = table(&[
         ("x-match", AMQPValue::LongString("all".into())),
@@ -752,7 +809,14 @@ fn binding_infos_put_the_default_exchange_first_then_explicit_bindings() {
         .bind_queue(A, "q2", "headers-ex", "".into(), match_all.clone(), true)
         .unwrap();
     broker
-        .bind_exchange(A, "b-dest", "direct-ex", "green".into(), FieldTable::default(), true)
+        .bind_exchange(
+            A,
+            "b-dest",
+            "direct-ex",
+            "green".into(),
+            FieldTable::default(),
+            true,
+        )
         .unwrap();
 
     let rows: Vec<(String, String, DestinationKind, String)> = broker
@@ -769,7 +833,12 @@ fn binding_infos_put_the_default_exchange_first_then_explicit_bindings() {
         })
         .collect();
     let row = |source: &str, destination: &str, kind, key: &str| {
-        (source.to_owned(), destination.to_owned(), kind, key.to_owned())
+        (
+            source.to_owned(),
+            destination.to_owned(),
+            kind,
+            key.to_owned(),
+        )
     };
     assert_eq!(
         rows,
@@ -797,7 +866,14 @@ fn binding_infos_put_the_default_exchange_first_then_explicit_bindings() {
 
     // Unbinding removes just that row.
     broker
-        .bind_queue(A, "q1", "direct-ex", "red".into(), FieldTable::default(), false)
+        .bind_queue(
+            A,
+            "q1",
+            "direct-ex",
+            "red".into(),
+            FieldTable::default(),
+            false,
+        )
         .unwrap();
     assert!(
         !broker
@@ -849,7 +925,17 @@ fn consumer_infos_show_tags_acks_prefetch_and_priority() {
         )
         .unwrap();
 
-    let rows: Vec<(String, String, ConnectionId, u16, bool, bool, u16, i32, bool)> = broker
+    let rows: Vec<(
+        String,
+        String,
+        ConnectionId,
+        u16,
+        bool,
+        bool,
+        u16,
+        i32,
+        bool,
+    )> = broker
         .consumer_infos(None)
         .into_iter()
         .map(|consumer| {

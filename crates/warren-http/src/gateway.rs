@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use lapin::uri::{AMQPAuthority, AMQPUri, AMQPUserInfo};
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
@@ -15,12 +16,18 @@ use crate::auth::Credentials;
 use crate::error::ApiError;
 
 /// Connections kept open, one per user and vhost in use. Past this many,
-/// the idlest is closed to make room (they are reopened on demand).
+/// the least recently used is closed to make room (it is reopened on
+/// demand).
 pub const GATEWAY_CONNECTIONS_MAX: usize = 64;
 
 pub struct Gateway {
     amqp_address: SocketAddr,
-    connections: Mutex<HashMap<(String, String), Connection>>,
+    connections: Mutex<HashMap<(String, String), PooledConnection>>,
+}
+
+struct PooledConnection {
+    connection: Connection,
+    last_used: Instant,
 }
 
 impl Gateway {
@@ -50,9 +57,10 @@ impl Gateway {
     async fn open_channel(&self, user: &Credentials, vhost: &str) -> Result<Channel, ApiError> {
         let key = (user.user.clone(), vhost.to_owned());
         let mut connections = self.connections.lock().await;
-        if let Some(connection) = connections.get(&key) {
-            if connection.status().connected() {
-                match connection.create_channel().await {
+        if let Some(pooled) = connections.get_mut(&key) {
+            if pooled.connection.status().connected() {
+                pooled.last_used = Instant::now();
+                match pooled.connection.create_channel().await {
                     Ok(channel) => return Ok(channel),
                     Err(error) => {
                         tracing::debug!(%error, "gateway connection unusable; reconnecting")
@@ -62,14 +70,23 @@ impl Gateway {
             connections.remove(&key);
         }
         if connections.len() >= GATEWAY_CONNECTIONS_MAX
-            && let Some(evicted) = connections.keys().next().cloned()
-            && let Some(connection) = connections.remove(&evicted)
+            && let Some(evicted) = connections
+                .iter()
+                .min_by_key(|(_, pooled)| pooled.last_used)
+                .map(|(key, _)| key.clone())
+            && let Some(pooled) = connections.remove(&evicted)
         {
-            let _ = connection.close(200, "OK".into()).await;
+            let _ = pooled.connection.close(200, "OK".into()).await;
         }
         let connection = self.connect(user, vhost).await?;
         let channel = connection.create_channel().await.map_err(amqp_error)?;
-        connections.insert(key, connection);
+        connections.insert(
+            key,
+            PooledConnection {
+                connection,
+                last_used: Instant::now(),
+            },
+        );
         Ok(channel)
     }
 
@@ -101,8 +118,8 @@ impl Gateway {
 
     /// Closes every connection (at shutdown).
     pub async fn close(&self) {
-        for (_, connection) in self.connections.lock().await.drain() {
-            let _ = connection.close(200, "OK".into()).await;
+        for (_, pooled) in self.connections.lock().await.drain() {
+            let _ = pooled.connection.close(200, "OK".into()).await;
         }
     }
 }
