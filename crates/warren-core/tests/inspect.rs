@@ -925,7 +925,9 @@ fn consumer_infos_show_tags_acks_prefetch_and_priority() {
         )
         .unwrap();
 
-    let rows: Vec<(
+    /// queue, tag, connection, channel, ack_required, exclusive,
+    /// prefetch_count, priority, active
+    type Row = (
         String,
         String,
         ConnectionId,
@@ -935,7 +937,8 @@ fn consumer_infos_show_tags_acks_prefetch_and_priority() {
         u16,
         i32,
         bool,
-    )> = broker
+    );
+    let rows: Vec<Row> = broker
         .consumer_infos(None)
         .into_iter()
         .map(|consumer| {
