@@ -685,8 +685,16 @@ def test_poison_is_dead_lettered_with_its_reason_and_not_retried(stack: Stack):
         method, _properties, body = channel.basic_get(dead_letter_queue, auto_ack=True)
         assert method is None, f"dead-lettered again: {body!r}"
         assert queue_counts(conn, stack.queue) == (0, 1)
-        assert "poison" not in replies.count
-        assert replies.count == Counter({"fine": 1, "later": 1})
+        # The requester was told why, once, instead of waiting for nothing.
+        assert replies.count["poison"] == 1, replies.count
+        error_properties, error_body = replies.by_id()["poison"]
+        error_headers = error_properties.headers or {}
+        error_reason = error_headers.get("x-warren-error")
+        error_reason = (error_reason.decode("utf-8", "replace")
+                        if isinstance(error_reason, bytes) else error_reason)
+        assert isinstance(error_reason, str) and "UTF-8" in error_reason, error_headers
+        assert "UTF-8" in json.loads(error_body)["error"], error_body
+        assert replies.count == Counter({"poison": 1, "fine": 1, "later": 1})
 
 
 @pytest.mark.timeout(480)

@@ -329,16 +329,30 @@ async fn poison_inputs_are_dead_lettered_with_a_reason_and_not_retried() {
     let reply_to = reply_queue.as_str();
     request(&channel, b"\xff\xfe not text", reply_to, "poison").await;
     request(&channel, FOOD.as_bytes(), reply_to, "fine").await;
-    // The good request behind the poison one is answered, and only it.
-    let reply = next_delivery(&mut consumer, "the good request's reply").await;
-    assert_eq!(
-        reply
+    // Both get a reply: the poison request its reason (JSON with the
+    // x-warren-error header), the good one behind it its embedding.
+    let mut replies = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let reply = next_delivery(&mut consumer, "a reply").await;
+        let id = reply
             .properties
             .correlation_id()
             .as_ref()
-            .map(|id| id.as_str()),
-        Some("fine")
-    );
+            .map(|id| id.to_string())
+            .expect("replies carry the request's correlation id");
+        assert!(replies.insert(id, reply).is_none(), "one reply per request");
+    }
+    let refusal = &replies["poison"];
+    match header(&refusal.properties, "x-warren-error") {
+        Some(AMQPValue::LongString(reason)) => {
+            assert!(String::from_utf8_lossy(reason.as_bytes()).contains("UTF-8"))
+        }
+        other => panic!("the poison reply has no x-warren-error header: {other:?}"),
+    }
+    let body: serde_json::Value = serde_json::from_slice(&refusal.data).expect("JSON");
+    assert!(body["error"].as_str().is_some_and(|reason| reason.contains("UTF-8")));
+    let answer: Vec<f32> = serde_json::from_slice(&replies["fine"].data).expect("an embedding");
+    assert_eq!(answer.len(), 384);
     let dead = next_message(
         &channel,
         DEAD_LETTER_QUEUE,
