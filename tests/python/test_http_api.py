@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -52,7 +51,6 @@ RATE_TIMEOUT = 20.0
 # window full, so a longer wait only makes the check stricter.
 ABSENCE_WAIT_S = 0.5
 
-HTTP_READY_RE = re.compile(r"HTTP listener ready\b.*?\baddr=(\S+)")
 VHOST = "%2F"
 
 
@@ -89,32 +87,13 @@ def eventually(check: Callable[[], Any], what: str = "condition",
         time.sleep(POLL_INTERVAL_S)
 
 
-def split_addr(addr: str) -> Tuple[str, int]:
-    addr = addr.strip().strip('",;')
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def http_url_of(broker, timeout: float = 5.0) -> str:
-    """http://HOST:PORT of a broker started by conftest, from its log line
-    `HTTP listener ready addr=HOST:PORT` (logged before the AMQP one, so it
-    is normally there already once the broker fixture is ready)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = HTTP_READY_RE.search(broker.log())
-        if m:
-            host, port = split_addr(m.group(1))
-            if host in ("", "0.0.0.0"):
-                host = "127.0.0.1"
-            elif host == "::":
-                host = "::1"
-            if ":" in host:
-                host = f"[{host}]"
-            return f"http://{host}:{port}"
-        if time.monotonic() > deadline:
-            pytest.fail("the broker did not log 'HTTP listener ready addr=HOST:PORT'. "
-                        f"Its log:\n{broker.log(tail=100)}", pytrace=False)
-        time.sleep(POLL_INTERVAL_S)
+def http_url_of(broker) -> str:
+    """http://HOST:PORT of the broker's HTTP listener, which conftest reads
+    from its `HTTP listener ready addr=HOST:PORT` log line."""
+    if broker.http_url is None:
+        pytest.fail("the broker did not log 'HTTP listener ready addr=HOST:PORT'. "
+                    f"Its log:\n{broker.log(tail=100)}", pytrace=False)
+    return broker.http_url
 
 
 def describe(resp: requests.Response) -> str:
@@ -422,7 +401,7 @@ def test_overview_identifies_warren_and_its_listeners(broker, api, http_base):
         assert isinstance(ov["message_stats"][key], int), (key, ov["message_stats"])
         assert isinstance(ov["message_stats"][f"{key}_details"]["rate"], (int, float))
     listeners = {(l["protocol"], l["port"]) for l in ov["listeners"]}
-    http_port = split_addr(http_base[len("http://"):])[1]
+    http_port = broker.http_port
     assert ("amqp", broker.port) in listeners, ov["listeners"]
     assert ("http", http_port) in listeners, ov["listeners"]
 

@@ -72,7 +72,6 @@ WORKER_READY_TIMEOUT_S = 90.0
 POLL_INTERVAL_S = 0.05
 PARALLEL_REQUESTS = 20
 
-HTTP_READY_RE = re.compile(r"HTTP listener ready\b.*?\baddr=(\S+)")
 
 
 # --------------------------------------------------------------------------
@@ -129,30 +128,13 @@ def reference() -> Tuple[Dict[str, List[float]], float]:
     return dims, cosine_ab[0]
 
 
-def split_addr(addr: str) -> Tuple[str, int]:
-    addr = addr.strip().strip('",;')
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def http_url_of(broker, timeout: float = 5.0) -> str:
-    """http://HOST:PORT from the broker's `HTTP listener ready addr=...`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = HTTP_READY_RE.search(broker.log())
-        if m:
-            host, port = split_addr(m.group(1))
-            if host in ("", "0.0.0.0"):
-                host = "127.0.0.1"
-            elif host == "::":
-                host = "::1"
-            if ":" in host:
-                host = f"[{host}]"
-            return f"http://{host}:{port}"
-        if time.monotonic() > deadline:
-            pytest.fail("the broker did not log 'HTTP listener ready addr=HOST:PORT'. "
-                        f"Its log:\n{broker.log(tail=100)}", pytrace=False)
-        time.sleep(POLL_INTERVAL_S)
+def http_url_of(broker) -> str:
+    """http://HOST:PORT of the broker's HTTP listener, which conftest reads
+    from its `HTTP listener ready addr=HOST:PORT` log line."""
+    if broker.http_url is None:
+        pytest.fail("the broker did not log 'HTTP listener ready addr=HOST:PORT'. "
+                    f"Its log:\n{broker.log(tail=100)}", pytrace=False)
+    return broker.http_url
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:

@@ -111,7 +111,7 @@ fn router(state: AppState) -> Router {
         .route("/api/vhosts", get(overview::vhosts))
         .route("/api/vhosts/{vhost}", get(overview::vhost))
         .route("/api/queues", get(queues::list))
-        .route("/api/queues/{vhost}", get(queues::list_vhost))
+        .route("/api/queues/{vhost}", get(queues::list))
         .route(
             "/api/queues/{vhost}/{name}",
             get(queues::show)
@@ -130,7 +130,7 @@ fn router(state: AppState) -> Router {
         )
         .route("/api/queues/{vhost}/{name}/consume", get(consume::consume))
         .route("/api/exchanges", get(exchanges::list))
-        .route("/api/exchanges/{vhost}", get(exchanges::list_vhost))
+        .route("/api/exchanges/{vhost}", get(exchanges::list))
         .route(
             "/api/exchanges/{vhost}/{name}",
             get(exchanges::show)
@@ -154,7 +154,7 @@ fn router(state: AppState) -> Router {
             get(bindings::to_exchange),
         )
         .route("/api/bindings", get(bindings::list))
-        .route("/api/bindings/{vhost}", get(bindings::list_vhost))
+        .route("/api/bindings/{vhost}", get(bindings::list))
         .route(
             binding_path,
             get(bindings::list_between)
@@ -172,7 +172,7 @@ fn router(state: AppState) -> Router {
         )
         .route("/api/channels", get(connections::channels))
         .route("/api/consumers", get(connections::consumers))
-        .route("/api/consumers/{vhost}", get(connections::consumers_vhost))
+        .route("/api/consumers/{vhost}", get(connections::consumers))
         .route("/api/models", get(api::models::list))
         .route("/v2", get(inference::server_metadata))
         .route("/v2/health/live", get(inference::live))

@@ -68,17 +68,17 @@ fn bindings_where(
     ))
 }
 
-pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
-    bindings_where(&state, None, |_| true)
-}
-
-pub async fn list_vhost(
+/// `GET /api/bindings` and `/api/bindings/{vhost}`.
+pub async fn list(
     State(state): State<AppState>,
     _user: Credentials,
-    Path(vhost): Path<String>,
+    vhost: Option<Path<String>>,
 ) -> ApiResult<Json<Value>> {
-    require_vhost(&state, &vhost)?;
-    Ok(bindings_where(&state, Some(&vhost), |_| true))
+    let vhost = vhost.map(|Path(vhost)| vhost);
+    if let Some(vhost) = &vhost {
+        require_vhost(&state, vhost)?;
+    }
+    Ok(bindings_where(&state, vhost.as_deref(), |_| true))
 }
 
 pub async fn of_queue(

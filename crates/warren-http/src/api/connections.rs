@@ -161,28 +161,27 @@ pub fn consumer_json(consumer: &ConsumerInfo, connections: &[ConnectionInfo]) ->
     })
 }
 
-pub async fn consumers(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
-    consumers_in(&state, None)
-}
-
-pub async fn consumers_vhost(
+/// `GET /api/consumers` and `/api/consumers/{vhost}`.
+pub async fn consumers(
     State(state): State<AppState>,
     _user: Credentials,
-    Path(vhost): Path<String>,
+    vhost: Option<Path<String>>,
 ) -> ApiResult<Json<Value>> {
-    require_vhost(&state, &vhost)?;
-    Ok(consumers_in(&state, Some(&vhost)))
-}
-
-fn consumers_in(state: &AppState, vhost: Option<&str>) -> Json<Value> {
+    let vhost = vhost.map(|Path(vhost)| vhost);
+    if let Some(vhost) = &vhost {
+        require_vhost(&state, vhost)?;
+    }
     let (consumers, connections) = {
         let hub = state.hub.lock();
-        (hub.broker.consumer_infos(vhost), hub.connection_infos())
+        (
+            hub.broker.consumer_infos(vhost.as_deref()),
+            hub.connection_infos(),
+        )
     };
-    Json(Value::Array(
+    Ok(Json(Value::Array(
         consumers
             .iter()
             .map(|consumer| consumer_json(consumer, &connections))
             .collect(),
-    ))
+    )))
 }

@@ -38,27 +38,21 @@ fn exchange_json(state: &AppState, exchange: &ExchangeInfo) -> Value {
     })
 }
 
-pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
-    let exchanges = state.hub.lock().broker.exchange_infos(None);
-    Json(Value::Array(
-        exchanges
-            .iter()
-            .map(|exchange| exchange_json(&state, exchange))
-            .collect(),
-    ))
-}
-
-pub async fn list_vhost(
+/// `GET /api/exchanges` and `/api/exchanges/{vhost}`.
+pub async fn list(
     State(state): State<AppState>,
     _user: Credentials,
-    Path(vhost): Path<String>,
+    vhost: Option<Path<String>>,
 ) -> ApiResult<Json<Value>> {
-    require_vhost(&state, &vhost)?;
-    let exchanges = state.hub.lock().broker.exchange_infos(Some(&vhost));
+    let vhost = vhost.map(|Path(vhost)| vhost);
+    if let Some(vhost) = &vhost {
+        require_vhost(&state, vhost)?;
+    }
+    let items = state.hub.lock().broker.exchange_infos(vhost.as_deref());
     Ok(Json(Value::Array(
-        exchanges
+        items
             .iter()
-            .map(|exchange| exchange_json(&state, exchange))
+            .map(|item| exchange_json(&state, item))
             .collect(),
     )))
 }

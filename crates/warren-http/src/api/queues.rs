@@ -40,28 +40,19 @@ pub fn queue_json(state: &AppState, queue: &QueueInfo) -> Value {
     })
 }
 
-pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
-    let queues = state.hub.lock().broker.queue_infos(None);
-    Json(Value::Array(
-        queues
-            .iter()
-            .map(|queue| queue_json(&state, queue))
-            .collect(),
-    ))
-}
-
-pub async fn list_vhost(
+/// `GET /api/queues` and `/api/queues/{vhost}`.
+pub async fn list(
     State(state): State<AppState>,
     _user: Credentials,
-    Path(vhost): Path<String>,
+    vhost: Option<Path<String>>,
 ) -> ApiResult<Json<Value>> {
-    require_vhost(&state, &vhost)?;
-    let queues = state.hub.lock().broker.queue_infos(Some(&vhost));
+    let vhost = vhost.map(|Path(vhost)| vhost);
+    if let Some(vhost) = &vhost {
+        require_vhost(&state, vhost)?;
+    }
+    let items = state.hub.lock().broker.queue_infos(vhost.as_deref());
     Ok(Json(Value::Array(
-        queues
-            .iter()
-            .map(|queue| queue_json(&state, queue))
-            .collect(),
+        items.iter().map(|item| queue_json(&state, item)).collect(),
     )))
 }
 
