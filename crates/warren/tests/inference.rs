@@ -350,7 +350,11 @@ async fn poison_inputs_are_dead_lettered_with_a_reason_and_not_retried() {
         other => panic!("the poison reply has no x-warren-error header: {other:?}"),
     }
     let body: serde_json::Value = serde_json::from_slice(&refusal.data).expect("JSON");
-    assert!(body["error"].as_str().is_some_and(|reason| reason.contains("UTF-8")));
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("UTF-8"))
+    );
     let answer: Vec<f32> = serde_json::from_slice(&replies["fine"].data).expect("an embedding");
     assert_eq!(answer.len(), 384);
     let dead = next_message(
