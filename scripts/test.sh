@@ -108,9 +108,11 @@ if [ ! -x "$RABBITMQ_SBIN_DIR/rabbitmq-server" ] || [ ! -x "$RABBITMQ_SBIN_DIR/r
 fi
 
 # ------------------------------------------------------------------- build
-step "cargo build --release -p warren"
-cargo build --release -p warren
+step "cargo build --release -p warren -p warren-bench"
+cargo build --release -p warren -p warren-bench
 export WARREN_BIN="$ROOT/target/release/warren"
+# The load generator, for tests/python/test_bench_smoke.py.
+export WARREN_BENCH_BIN="$ROOT/target/release/warren-bench"
 
 status=0
 
@@ -131,7 +133,7 @@ if [ "$status" -ne 0 ]; then
 fi
 
 # ------------------------------------------------------------ Python tests
-step "pytest tests/python (WARREN_BIN=$WARREN_BIN)"
+step "pytest tests/python (WARREN_BIN=$WARREN_BIN, WARREN_BENCH_BIN=$WARREN_BENCH_BIN)"
 py_status=0
 # shellcheck disable=SC2086 # PYTEST_ARGS is intentionally word-split
 .venv/bin/python -m pytest tests/python -q ${PYTEST_ARGS:-} || py_status=$?

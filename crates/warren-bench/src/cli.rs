@@ -20,11 +20,45 @@ const CONFIRM_WINDOW_MAX: usize = 100_000;
 /// Default URL: a local broker on the standard port, default vhost.
 const URL_DEFAULT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// Most connections `--idle-connections` opens. One client host rarely gets
+/// past ~28,000 connections to one broker address anyway (the default
+/// ephemeral port range, and lapin's one I/O thread per connection), so this
+/// bound only stops a typo from trying for millions.
+pub const IDLE_CONNECTIONS_MAX: u32 = 100_000;
+
+/// Default `--idle-hold`, seconds.
+const IDLE_HOLD_DEFAULT_S: u64 = 5;
+
+/// The options that shape the message load; idle mode sends no messages, so
+/// giving one of them with `--idle-connections` is a mistake worth reporting
+/// rather than silently ignoring.
+const LOAD_OPTIONS: [&str; 15] = [
+    "producers",
+    "consumers",
+    "size",
+    "queues",
+    "exchange_fanout",
+    "persistent",
+    "transient",
+    "confirm",
+    "ack",
+    "prefetch",
+    "ack_every",
+    "rate",
+    "duration",
+    "prefill",
+    "drain_timeout",
+];
+
 /// Load generator for AMQP 0-9-1 brokers (Warren or RabbitMQ).
 ///
 /// Publishes stamped messages to `warren-bench-<i>` queues (deleted and
 /// declared afresh at start) and reports publish and consume rates, end-to-end
 /// latency, confirm latency and, with --broker-pid, the broker's peak memory.
+///
+/// With --idle-connections it sends no messages: it opens that many
+/// connections with one channel each, holds them open, and reports what they
+/// cost the broker in memory.
 #[derive(Debug, Parser)]
 #[command(name = "warren-bench", version)]
 pub struct Args {
@@ -105,6 +139,22 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub drain_timeout: u64,
 
+    /// Idle-connections mode: open N connections with one channel each (50 at
+    /// a time), hold them for --idle-hold seconds and, with --broker-pid,
+    /// report the broker's memory per connection. Sends no messages and
+    /// declares nothing, so no load option may be given with it.
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(IDLE_CONNECTIONS_MAX)),
+          conflicts_with_all = LOAD_OPTIONS)]
+    pub idle_connections: Option<u32>,
+
+    /// How long --idle-connections holds every connection open, seconds,
+    /// before measuring the broker's memory again.
+    #[arg(long, default_value_t = IDLE_HOLD_DEFAULT_S, value_name = "SECONDS",
+          requires = "idle_connections",
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub idle_hold: u64,
+
     /// PID of the broker process, to sample its resident memory every 100 ms.
     #[arg(long, value_name = "PID")]
     pub broker_pid: Option<u32>,
@@ -128,12 +178,22 @@ pub enum AckMode {
     Auto,
 }
 
-/// What a run does: fixed duration, or prefill then drain.
+/// What a run does: fixed duration, prefill then drain, or idle connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Mode {
-    Duration { duration_s: u64 },
-    Prefill { count: u64, phase_timeout_s: u64 },
+    Duration {
+        duration_s: u64,
+    },
+    Prefill {
+        count: u64,
+        phase_timeout_s: u64,
+    },
+    /// `connections` idle connections with a channel each, held `hold_s`.
+    Idle {
+        connections: u32,
+        hold_s: u64,
+    },
 }
 
 /// The run's settings after cross-option checks; also echoed in the report.
@@ -163,6 +223,33 @@ pub struct Config {
 impl Config {
     /// Checks the options against each other; the error text is for the user.
     pub fn from_args(args: Args) -> Result<Self, String> {
+        if let Some(connections) = args.idle_connections {
+            // Clap has already refused every load option next to
+            // --idle-connections; what it set are the defaults, so the
+            // config says what idle mode really does: no producers, no
+            // consumers, no queues, no messages.
+            return Ok(Self {
+                url: args.url,
+                producers: 0,
+                consumers: 0,
+                size_bytes: 0,
+                queues: 0,
+                exchange_fanout: false,
+                persistent: false,
+                confirm_window: 0,
+                ack: args.ack,
+                prefetch: args.prefetch,
+                ack_every: args.ack_every,
+                rate_per_s: 0,
+                mode: Mode::Idle {
+                    connections,
+                    hold_s: args.idle_hold,
+                },
+                broker_pid: args.broker_pid,
+                json: args.json,
+                quiet: args.quiet,
+            });
+        }
         if args.producers == 0 {
             return Err("--producers must be at least 1".into());
         }
@@ -310,5 +397,104 @@ mod tests {
     #[test]
     fn persistent_and_transient_conflict() {
         assert!(parse(&["--persistent", "--transient"]).is_err());
+    }
+
+    #[test]
+    fn idle_mode_defaults_to_a_five_second_hold() {
+        let config = parse(&["--idle-connections", "1000"]).expect("valid");
+        assert_eq!(
+            config.mode,
+            Mode::Idle {
+                connections: 1000,
+                hold_s: 5
+            }
+        );
+        // The echoed config must not claim a load that idle mode never runs.
+        assert_eq!(
+            (config.producers, config.consumers, config.queues),
+            (0, 0, 0)
+        );
+        assert_eq!((config.size_bytes, config.confirm_window), (0, 0));
+    }
+
+    #[test]
+    fn idle_mode_takes_hold_pid_json_and_url() {
+        let config = parse(&[
+            "--idle-connections",
+            "20",
+            "--idle-hold",
+            "0",
+            "--broker-pid",
+            "42",
+            "--json",
+            "/tmp/out.json",
+            "--url",
+            "amqp://u:p@h:1/%2f",
+            "--quiet",
+        ])
+        .expect("valid");
+        assert_eq!(
+            config.mode,
+            Mode::Idle {
+                connections: 20,
+                hold_s: 0
+            }
+        );
+        assert_eq!(config.broker_pid, Some(42));
+        assert_eq!(config.url, "amqp://u:p@h:1/%2f");
+    }
+
+    #[test]
+    fn idle_connection_count_is_bounded() {
+        assert!(parse(&["--idle-connections", "0"]).is_err());
+        assert!(parse(&["--idle-connections", "1"]).is_ok());
+        assert!(parse(&["--idle-connections", "100000"]).is_ok());
+        let err = parse(&["--idle-connections", "100001"]).expect_err("too many");
+        assert!(err.contains("100000"), "{err}");
+        assert!(parse(&["--idle-connections", "-5"]).is_err());
+    }
+
+    #[test]
+    fn idle_hold_needs_idle_mode() {
+        let err = parse(&["--idle-hold", "3"]).expect_err("hold without idle");
+        assert!(err.contains("--idle-connections"), "{err}");
+        assert!(parse(&["--idle-connections", "5", "--idle-hold", "86401"]).is_err());
+    }
+
+    #[test]
+    fn idle_mode_refuses_every_load_option() {
+        for extra in [
+            &["--producers", "2"][..],
+            &["--consumers", "2"],
+            &["--size", "1024"],
+            &["--queues", "2"],
+            &["--exchange-fanout"],
+            &["--persistent"],
+            &["--transient"],
+            &["--confirm", "10"],
+            &["--ack", "manual"],
+            &["--prefetch", "5"],
+            &["--ack-every", "2"],
+            &["--rate", "100"],
+            &["--duration", "3"],
+            &["--prefill", "10"],
+            &["--drain-timeout", "3"],
+        ] {
+            let mut argv = vec!["--idle-connections", "10"];
+            argv.extend_from_slice(extra);
+            let err = parse(&argv).expect_err("load option in idle mode");
+            assert!(err.contains("cannot be used with"), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn idle_mode_serializes_its_marker() {
+        let config = parse(&["--idle-connections", "7", "--idle-hold", "2"]).expect("valid");
+        let json = serde_json::to_value(&config).expect("serializable");
+        assert_eq!(
+            json["mode"],
+            serde_json::json!({"kind": "idle", "connections": 7, "hold_s": 2})
+        );
+        assert_eq!(json["producers"], 0);
     }
 }

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
 use crate::error::BenchError;
@@ -41,15 +42,29 @@ pub async fn within<T>(
 /// Opens a connection named after its role, so it can be told apart in the
 /// broker's connection list and logs.
 pub async fn connect(url: &str, role: &str) -> Result<Connection, BenchError> {
-    let properties =
-        ConnectionProperties::default().with_connection_name(format!("warren-bench {role}").into());
     within(
         role,
         "connect",
         SETUP_TIMEOUT_S,
-        Connection::connect(url, properties),
+        Connection::connect(url, properties(role)),
     )
     .await
+}
+
+/// [`connect`] with an already parsed (and possibly adjusted) URI.
+pub async fn connect_uri(uri: &AMQPUri, role: &str) -> Result<Connection, BenchError> {
+    within(
+        role,
+        "connect",
+        SETUP_TIMEOUT_S,
+        Connection::connect_uri(uri.clone(), properties(role)),
+    )
+    .await
+}
+
+/// Client properties: the connection name "warren-bench ROLE".
+fn properties(role: &str) -> ConnectionProperties {
+    ConnectionProperties::default().with_connection_name(format!("warren-bench {role}").into())
 }
 
 /// Closes a connection with reply code 200, within [`CLOSE_TIMEOUT_S`].

@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod consumer;
 mod error;
+mod idle;
 mod producer;
 mod progress;
 mod rate;

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::cli::{Config, Mode};
 use crate::error::BenchError;
+use crate::idle::{IdleReport, OPEN_CONCURRENCY};
 use crate::stats::LatencySummary;
 
 /// Messages counted over a measured span of time.
@@ -87,6 +88,8 @@ pub struct Report {
     pub end_to_end_latency: Option<LatencySummary>,
     pub confirm_latency: Option<LatencySummary>,
     pub broker_memory: Option<BrokerMemory>,
+    /// The idle-connections measurement (idle mode only).
+    pub idle: Option<IdleReport>,
     /// Whether the run was cut short by Ctrl-C.
     pub interrupted: bool,
     /// Errors met by any connection, in the order their tasks were joined.
@@ -106,12 +109,16 @@ impl Report {
 
     /// The human-readable summary.
     pub fn render(&self) -> String {
-        let mut out = String::new();
         let config = &self.config;
         let mode = match config.mode {
             Mode::Duration { duration_s } => format!("{duration_s} s run"),
             Mode::Prefill { count, .. } => format!("prefill {count} then drain"),
+            Mode::Idle {
+                connections,
+                hold_s,
+            } => return self.render_idle(connections, hold_s),
         };
+        let mut out = String::new();
         let exchange = if config.exchange_fanout {
             "fanout exchange"
         } else {
@@ -159,7 +166,7 @@ impl Report {
         let _ = writeln!(out);
 
         let (publish_label, consume_label) = match config.mode {
-            Mode::Duration { .. } => ("publish", "consume"),
+            Mode::Duration { .. } | Mode::Idle { .. } => ("publish", "consume"),
             Mode::Prefill { .. } => ("prefill", "drain"),
         };
         let totals = &self.publish_totals;
@@ -228,6 +235,80 @@ impl Report {
                 }
             }
         }
+        self.render_memory(&mut out);
+        self.render_tail(&mut out);
+        out
+    }
+
+    /// The summary of an idle-connections run.
+    fn render_idle(&self, requested: u32, hold_s: u64) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "warren-bench {} against {}", self.version, self.url);
+        let _ = writeln!(
+            out,
+            "  idle connections: {requested} connections with one channel each, \
+             opened {OPEN_CONCURRENCY} at a time, held {hold_s} s; no messages"
+        );
+        let _ = writeln!(out);
+        if let Some(idle) = &self.idle {
+            let rate = if idle.opened_in_s > 0.0 {
+                f64::from(idle.connections) / idle.opened_in_s
+            } else {
+                0.0
+            };
+            let heartbeat = match idle.heartbeat_s {
+                0 => "no heartbeats".to_owned(),
+                seconds => format!("heartbeat {seconds} s"),
+            };
+            let _ = writeln!(
+                out,
+                "  opened   {} connections in {:.2} s ({} conn/s; {heartbeat}, frame_max {})",
+                idle.connections,
+                idle.opened_in_s,
+                format_rate(rate),
+                idle.frame_max_bytes,
+            );
+            if let (Some(before), Some(after), Some(memory)) = (
+                idle.rss_before_bytes,
+                idle.rss_after_bytes,
+                &self.broker_memory,
+            ) {
+                let mut line = format!(
+                    "  broker RSS (pid {})  before {}  after {}  growth {}  (peak {})",
+                    memory.pid,
+                    format_bytes(before),
+                    format_bytes(after),
+                    format_signed_bytes(i128::from(after) - i128::from(before)),
+                    format_bytes(memory.peak_rss_bytes),
+                );
+                if memory.failed_samples > 0 {
+                    let _ = write!(line, "  ({} samples failed)", memory.failed_samples);
+                }
+                let _ = writeln!(out, "{line}");
+            }
+            match idle.bytes_per_connection {
+                Some(per) => {
+                    let _ = writeln!(
+                        out,
+                        "  per idle connection with a channel  {} B  ({})",
+                        format_signed_rate(per),
+                        format_signed_bytes(per.round() as i128),
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "  per idle connection: give --broker-pid to measure the broker's memory"
+                    );
+                }
+            }
+        }
+        self.render_tail(&mut out);
+        out
+    }
+
+    /// The broker RSS line (with --broker-pid).
+    fn render_memory(&self, out: &mut String) {
         if let Some(memory) = &self.broker_memory {
             let mut line = format!(
                 "  broker RSS (pid {})  peak {}  end {}",
@@ -243,6 +324,10 @@ impl Report {
             }
             let _ = writeln!(out, "{line}");
         }
+    }
+
+    /// The Ctrl-C notice and the errors, if any.
+    fn render_tail(&self, out: &mut String) {
         if self.interrupted {
             let _ = writeln!(
                 out,
@@ -255,7 +340,6 @@ impl Report {
                 let _ = writeln!(out, "    {error}");
             }
         }
-        out
     }
 }
 
@@ -271,6 +355,23 @@ pub fn format_rate(rate_per_s: f64) -> String {
         out.push(digit);
     }
     out
+}
+
+/// A signed figure with thousands separators and no decimals: "-1,234".
+pub fn format_signed_rate(value: f64) -> String {
+    let magnitude = format_rate(value.abs());
+    if value.round() < 0.0 {
+        format!("-{magnitude}")
+    } else {
+        magnitude
+    }
+}
+
+/// A byte difference in KiB or MiB with its sign: "+33.3 MiB", "-2.0 KiB".
+pub fn format_signed_bytes(bytes: i128) -> String {
+    let sign = if bytes < 0 { '-' } else { '+' };
+    let magnitude = u64::try_from(bytes.unsigned_abs()).unwrap_or(u64::MAX);
+    format!("{sign}{}", format_bytes(magnitude))
 }
 
 /// A latency in the unit that keeps three significant digits readable.
@@ -318,6 +419,115 @@ mod tests {
         let throughput = Throughput::new(50_000, 2.0);
         assert_eq!(throughput.rate_per_s, 25_000.0);
         assert_eq!(Throughput::new(5, 0.0).rate_per_s, 0.0);
+    }
+
+    fn idle_report(broker_pid: Option<u32>) -> Report {
+        use clap::Parser as _;
+        let mut argv = vec!["warren-bench", "--idle-connections", "20"];
+        let pid_text = broker_pid.map(|pid| pid.to_string());
+        if let Some(pid) = &pid_text {
+            argv.extend(["--broker-pid", pid.as_str()]);
+        }
+        let config = Config::from_args(crate::cli::Args::try_parse_from(argv).expect("args"))
+            .expect("valid");
+        let rss = broker_pid.map(|_| (10_911_744u64, 11_550_720u64));
+        Report {
+            tool: "warren-bench",
+            version: "0.1.0",
+            url: "amqp://guest:***@127.0.0.1:5672/%2f".into(),
+            config,
+            stale_messages_deleted: 0,
+            publish: Throughput::new(0, 0.0),
+            publish_totals: PublishTotals::default(),
+            consume: Throughput::new(0, 0.0),
+            consume_totals: ConsumeTotals::default(),
+            drain_expected: None,
+            drain_complete: None,
+            end_to_end_latency: None,
+            confirm_latency: None,
+            broker_memory: broker_pid.map(|pid| BrokerMemory {
+                pid,
+                peak_rss_bytes: 11_600_000,
+                end_rss_bytes: 11_550_720,
+                after_prefill_rss_bytes: None,
+                failed_samples: 0,
+            }),
+            idle: Some(IdleReport {
+                connections: 20,
+                opened_in_s: 0.5,
+                rss_before_bytes: rss.map(|(before, _)| before),
+                rss_after_bytes: rss.map(|(_, after)| after),
+                bytes_per_connection: rss.and_then(|(before, after)| {
+                    crate::idle::bytes_per_connection(before, after, 20)
+                }),
+                heartbeat_s: 60,
+                frame_max_bytes: 4096,
+            }),
+            interrupted: false,
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn idle_summary_shows_the_per_connection_cost() {
+        let text = idle_report(Some(4242)).render();
+        assert!(
+            text.contains("20 connections with one channel each"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "opened   20 connections in 0.50 s (40 conn/s; heartbeat 60 s, frame_max 4096)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "broker RSS (pid 4242)  before 10.4 MiB  after 11.0 MiB  growth +624.0 KiB"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("per idle connection with a channel  31,949 B  (+31.2 KiB)"),
+            "{text}"
+        );
+        // Nothing about messages: idle mode sends none.
+        assert!(!text.contains("msg/s"), "{text}");
+        assert!(!text.contains("latency"), "{text}");
+    }
+
+    #[test]
+    fn idle_summary_without_a_pid_says_how_to_get_the_figure() {
+        let text = idle_report(None).render();
+        assert!(text.contains("give --broker-pid"), "{text}");
+        assert!(!text.contains("broker RSS"), "{text}");
+    }
+
+    #[test]
+    fn idle_json_has_the_idle_object_and_the_mode_marker() {
+        let json = serde_json::to_value(idle_report(Some(1))).expect("serializable");
+        assert_eq!(json["config"]["mode"]["kind"], "idle");
+        let idle = &json["idle"];
+        for key in [
+            "connections",
+            "opened_in_s",
+            "rss_before_bytes",
+            "rss_after_bytes",
+            "bytes_per_connection",
+        ] {
+            assert!(idle[key].is_number(), "{key}: {idle}");
+        }
+        assert_eq!(idle["bytes_per_connection"], 31_948.8);
+        assert_eq!(json["publish"]["rate_per_s"], 0.0);
+    }
+
+    #[test]
+    fn signed_figures_keep_their_sign() {
+        assert_eq!(format_signed_rate(31_948.8), "31,949");
+        assert_eq!(format_signed_rate(-1_234.4), "-1,234");
+        assert_eq!(format_signed_rate(-0.2), "0");
+        assert_eq!(format_signed_bytes(2048), "+2.0 KiB");
+        assert_eq!(format_signed_bytes(-3 * 1024 * 1024), "-3.0 MiB");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::cli::{Config, FANOUT_EXCHANGE, Mode, queue_name};
 use crate::client::redact_url;
 use crate::consumer::{Consumer, ConsumerOutcome, ConsumerPlan, DrainTarget};
 use crate::error::BenchError;
+use crate::idle;
 use crate::producer::{Producer, ProducerOutcome, ProducerPlan};
 use crate::progress::{self, Progress, Track};
 use crate::rate::Schedule;
@@ -26,6 +27,14 @@ use crate::topology;
 
 /// Runs the benchmark `config` describes and reports what it measured.
 pub async fn run(config: &Config) -> Result<Report, BenchError> {
+    // Idle mode declares nothing and sends nothing: none of what follows.
+    if let Mode::Idle {
+        connections,
+        hold_s,
+    } = config.mode
+    {
+        return idle::run(config, connections, hold_s).await;
+    }
     let progress = Progress::new(config.quiet);
     // Fail on a wrong PID before any load is generated, not after.
     if let Some(pid) = config.broker_pid {
@@ -59,6 +68,7 @@ pub async fn run(config: &Config) -> Result<Report, BenchError> {
         Mode::Duration { duration_s } => {
             run_duration(config, duration_s, &progress, &counters, &interrupt).await
         }
+        Mode::Idle { .. } => unreachable!("idle mode returned above"),
         Mode::Prefill {
             count,
             phase_timeout_s,
@@ -136,6 +146,7 @@ pub async fn run(config: &Config) -> Result<Report, BenchError> {
             after_prefill_rss_bytes: measured.after_prefill_rss_bytes,
             failed_samples,
         }),
+        idle: None,
         interrupted: interrupt.is_triggered(),
         errors,
     })

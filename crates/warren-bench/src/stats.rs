@@ -124,6 +124,19 @@ mod tests {
     }
 
     #[test]
+    fn the_json_report_carries_every_percentile() {
+        let mut histogram = latency_histogram();
+        record_latency_ns(&mut histogram, 250_000);
+        let json = serde_json::to_value(LatencySummary::of(&histogram).expect("a sample"))
+            .expect("serializable");
+        for key in [
+            "samples", "min_us", "mean_us", "p50_us", "p99_us", "p999_us", "max_us",
+        ] {
+            assert!(json[key].is_number(), "{key} missing from {json}");
+        }
+    }
+
+    #[test]
     fn merging_adds_samples() {
         let mut total = latency_histogram();
         let mut part = latency_histogram();
