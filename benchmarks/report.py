@@ -750,10 +750,28 @@ class Report:
                 out.append("No target is missed.")
             out.append("")
             return out
-        for target, measured in missed:
-            out.append(f"- Scenario {target.scenario}, {target.text}: missed, measured "
-                       f"{md_escape(measured)}. _Profile analysis pending._")
-        out.append("")
+        # What stands in the way of each scenario's missed targets is kept
+        # in benchmarks/in-the-way.json ({"SCENARIO": "text"}), written from
+        # the profiles, so that re-rendering keeps it.
+        analysis_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "in-the-way.json")
+        try:
+            with open(analysis_path, encoding="utf-8") as analysis_file:
+                analysis = json.load(analysis_file)
+        except (OSError, ValueError):
+            analysis = {}
+        scenarios = []
+        for target, _ in missed:
+            if target.scenario not in scenarios:
+                scenarios.append(target.scenario)
+        for scenario in scenarios:
+            for target, measured in missed:
+                if target.scenario == scenario:
+                    out.append(f"- Scenario {target.scenario}, {target.text}: missed, measured "
+                               f"{md_escape(measured)}.")
+            text = analysis.get(str(scenario))
+            out.append("")
+            out.append(text if text else "_Profile analysis pending._")
+            out.append("")
         return out
 
     def render_all_runs(self) -> list[str]:

@@ -285,11 +285,13 @@ fn encode_histogram(
     )
 }
 
-/// The process's resident set, from /proc (Linux).
+/// The process's resident set: `VmRSS` from /proc/self/status (Linux),
+/// which the kernel gives in kB whatever the page size.
 fn resident_memory_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
+    let kilobytes: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kilobytes * 1024)
 }
 
 /// Bytes of the files under a directory (the message log's segments and
