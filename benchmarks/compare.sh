@@ -110,29 +110,6 @@ die() { log "error: $*"; exit 1; }
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
-# N distinct TCP ports free on 127.0.0.1 now, in 20000-32767 (below the
-# usual ephemeral range, so outgoing connections do not take them meanwhile).
-free_ports() {
-    python3 - "$1" <<'PY'
-import random, socket, sys
-n = int(sys.argv[1]); found = []
-for port in random.sample(range(20000, 32768), 2000):
-    if len(found) == n:
-        break
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    found.append(port)
-if len(found) < n:
-    sys.exit("no free ports")
-print(" ".join(map(str, found)))
-PY
-}
-
 # Appends one JSON object (from KEY=VALUE arguments) to runs.jsonl.
 manifest_add() {
     python3 -c '
@@ -375,7 +352,7 @@ start_broker() {
     case "$kind" in
         warren)
             local ports amqp_port http_port
-            ports="$(free_ports 2)" || die "no free ports"
+            ports="$(bash "$ROOT/scripts/rabbitmq.sh" free-ports 2)" || die "no free ports"
             read -r amqp_port http_port <<<"$ports"
             WARREN_DATA="$WORK_DIR/$name-data"
             rm -rf "$WARREN_DATA"

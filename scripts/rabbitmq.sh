@@ -37,6 +37,8 @@
 #                                       node; exits with CMD's status.
 #   scripts/rabbitmq.sh ctl DIR ARG..   run `rabbitmqctl ARG..` against the node
 #   scripts/rabbitmq.sh addr [DIR]      print HOST:PORT of a running node
+#   scripts/rabbitmq.sh free-ports N    print N TCP ports free on 127.0.0.1
+#                                       (benchmarks/compare.sh uses it too)
 #
 # Environment:
 #   RABBITMQ_PORT        AMQP port (default: a free port)
@@ -302,6 +304,7 @@ case "${1:-}" in
     run) shift; cmd_run "$@" ;;
     ctl) shift; [ $# -ge 1 ] || die "ctl DIR ARGS.."; d="$(resolve_dir "$1")"; shift; ctl "$d" "$@" ;;
     addr) shift; cmd_addr "$@" ;;
+    free-ports) shift; free_ports "${1:?usage: $0 free-ports N}" ;;
     -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-    *) echo "usage: $0 start [DIR] | stop [DIR] | run CMD [ARGS..] | ctl DIR ARGS.. | addr [DIR]" >&2; exit 2 ;;
+    *) echo "usage: $0 start [DIR] | stop [DIR] | run CMD [ARGS..] | ctl DIR ARGS.. | addr [DIR] | free-ports N" >&2; exit 2 ;;
 esac

@@ -905,15 +905,9 @@ impl Broker {
             });
         }
         let vhost = &self.vhosts[&vhost_name];
-        let targets = route(vhost, &vhost.exchanges[exchange_name], &message);
-        if let Some(exchange) = self
-            .vhosts
-            .get_mut(&vhost_name)
-            .and_then(|vhost| vhost.exchanges.get_mut(exchange_name))
-        {
-            exchange.counts.published_in += 1;
-            exchange.counts.published_out += !targets.is_empty() as u64;
-        }
+        let exchange = &vhost.exchanges[exchange_name];
+        let targets = route(vhost, exchange, &message);
+        exchange.count_publish(!targets.is_empty());
         self.counts.unroutable += targets.is_empty() as u64;
         let mut outcome = Published {
             routed: targets.len(),

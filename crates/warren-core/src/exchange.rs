@@ -2,6 +2,8 @@
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
+use std::cell::Cell;
+
 use crate::QueueId;
 use crate::error::{BrokerError, BrokerResult};
 use crate::stats::ExchangeCounts;
@@ -59,7 +61,9 @@ pub struct Exchange {
     pub arguments: FieldTable,
     /// Bindings whose source is this exchange.
     pub bindings: Vec<Binding>,
-    pub counts: ExchangeCounts,
+    /// A `Cell` so that publishing counts through the shared reference
+    /// routing already holds, without a second lookup per message.
+    pub counts: Cell<ExchangeCounts>,
 }
 
 impl Exchange {
@@ -67,6 +71,14 @@ impl Exchange {
     /// message's routing key and headers select.
     /// The `alternate-exchange` argument: where messages this exchange
     /// cannot route go instead.
+    /// Counts one message published to this exchange.
+    pub fn count_publish(&self, routed: bool) {
+        let mut counts = self.counts.get();
+        counts.published_in += 1;
+        counts.published_out += routed as u64;
+        self.counts.set(counts);
+    }
+
     pub fn alternate_exchange(&self) -> Option<&str> {
         match self.arguments.inner().get("alternate-exchange") {
             Some(AMQPValue::LongString(name)) => std::str::from_utf8(name.as_bytes()).ok(),

@@ -128,10 +128,13 @@ impl Broker {
         self.vhosts
             .iter()
             .flat_map(|(vhost, state)| {
-                state
-                    .exchanges
-                    .values()
-                    .map(|exchange| (vhost.clone(), exchange.name.to_string(), exchange.counts))
+                state.exchanges.values().map(|exchange| {
+                    (
+                        vhost.clone(),
+                        exchange.name.to_string(),
+                        exchange.counts.get(),
+                    )
+                })
             })
             .collect()
     }
@@ -174,7 +177,7 @@ impl Broker {
                 auto_delete: exchange.auto_delete,
                 internal: exchange.internal,
                 arguments: exchange.arguments.clone(),
-                counts: exchange.counts,
+                counts: exchange.counts.get(),
             }));
         }
         infos.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));

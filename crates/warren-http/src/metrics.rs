@@ -32,6 +32,10 @@ struct Snapshot {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    // Files, /proc and the models are read before taking the broker lock.
+    let resident_memory_bytes = resident_memory_bytes();
+    let store_bytes = state.node.data_dir.as_deref().map(directory_bytes);
+    let models = state.models.models();
     let snapshot = {
         let hub = state.hub.lock();
         let totals = hub.broker.totals();
@@ -41,18 +45,12 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             connections: totals.connections,
             channels: totals.channels,
             consumers: totals.consumers,
-            resident_memory_bytes: None,
+            resident_memory_bytes,
             disk_free_bytes: log.and_then(|log| log.available_bytes().ok()),
-            store_bytes: None,
+            store_bytes,
             commit_times: log.map(|log| log.commit_times()),
-            models: Vec::new(),
+            models,
         }
-    };
-    let snapshot = Snapshot {
-        resident_memory_bytes: resident_memory_bytes(),
-        store_bytes: state.node.data_dir.as_deref().map(directory_bytes),
-        models: state.models.models(),
-        ..snapshot
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snapshot));
@@ -289,7 +287,9 @@ fn encode_histogram(
 /// which the kernel gives in kB whatever the page size.
 fn resident_memory_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?;
     let kilobytes: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
     Some(kilobytes * 1024)
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use warren_core::ExchangeInfo;
 
-use crate::api::{exchange_from_path, flag, require_vhost};
+use crate::api::{declared, exchange_from_path, flag, require_vhost};
 use crate::auth::Credentials;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
@@ -136,11 +136,7 @@ pub async fn declare(
         )
         .await
         .map_err(amqp_error)?;
-    Ok(if existed {
-        StatusCode::NO_CONTENT
-    } else {
-        StatusCode::CREATED
-    })
+    Ok(declared(existed))
 }
 
 pub async fn delete(

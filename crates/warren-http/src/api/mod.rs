@@ -50,6 +50,16 @@ pub fn exchange_from_path(name: &str) -> &str {
     if name == "amq.default" { "" } else { name }
 }
 
+/// RabbitMQ's answer to a PUT that declares: 201 when it created the
+/// object, 204 when an equivalent one was there.
+pub fn declared(existed: bool) -> axum::http::StatusCode {
+    if existed {
+        axum::http::StatusCode::NO_CONTENT
+    } else {
+        axum::http::StatusCode::CREATED
+    }
+}
+
 /// A boolean query flag such as `if-empty=true`.
 pub fn flag(value: Option<&String>) -> Result<bool, ApiError> {
     match value.map(String::as_str) {

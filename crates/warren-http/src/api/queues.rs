@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use warren_core::{ConsumerInfo, QueueInfo};
 
 use crate::api::connections::consumer_json;
-use crate::api::{flag, message_stats, require_vhost};
+use crate::api::{declared, flag, message_stats, require_vhost};
 use crate::auth::Credentials;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
@@ -136,11 +136,7 @@ pub async fn declare(
         )
         .await
         .map_err(amqp_error)?;
-    Ok(if existed {
-        StatusCode::NO_CONTENT
-    } else {
-        StatusCode::CREATED
-    })
+    Ok(declared(existed))
 }
 
 /// `DELETE /api/queues/{vhost}/{name}` with RabbitMQ's `if-empty` and
