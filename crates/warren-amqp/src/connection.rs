@@ -5,7 +5,7 @@
 //! nothing else: every failure here ends in `Fault`, never in a panic, and
 //! the broker releases what the connection held when it goes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use warren_core::{BrokerError, ConnectionId, ErrorCode};
 use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_protocol_header};
@@ -25,6 +25,7 @@ use crate::auth::{self, AuthError};
 use crate::channel::Channel;
 use crate::config::AmqpConfig;
 use crate::hub::{ConnectionInfo, ConnectionNotice, SharedHub, wall_clock_ms};
+use crate::mailbox::Mailbox;
 use crate::storage::StorageSignals;
 use crate::writer::{Outbound, OutboundQueue, Tuning, outbound_queue};
 use warren_store::Ticket;
@@ -102,9 +103,18 @@ pub(crate) struct Connection {
     /// A `tx.commit` whose messages must reach the disk before `commit-ok`.
     pub(crate) commit_waiting: Option<(u16, Ticket)>,
     /// What the broker asks of this connection (closing a channel whose
-    /// consumer timed out); the sender is handed to the hub on open.
-    notices: mpsc::UnboundedReceiver<ConnectionNotice>,
-    notices_sender: Option<mpsc::UnboundedSender<ConnectionNotice>>,
+    /// consumer timed out); a clone is handed to the hub on open.
+    notices: Mailbox<ConnectionNotice>,
+    /// Notices taken from the mailbox and not handled yet.
+    notices_taken: VecDeque<ConnectionNotice>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // The writer stops at the first Close; this one matters only when
+        // the reader ends without `finish`, so that its writer ends too.
+        self.out.send(Outbound::Close);
+    }
 }
 
 /// Serves one accepted socket until it closes.
@@ -121,7 +131,6 @@ pub async fn serve(
     let (reader, writer_half) = socket.into_split();
     let id = hub.lock().allocate_connection_id();
     let (out, writer) = outbound_queue(id, writer_half, hub.clone());
-    let (notices_sender, notices) = mpsc::unbounded_channel();
     let tuning = Arc::new(Tuning::new(config.frame_max_bytes));
     let writer_task = tokio::spawn(writer.run(Arc::clone(&tuning)));
     let mut connection = Connection {
@@ -146,8 +155,8 @@ pub async fn serve(
         has_published: false,
         blocked_notify: false,
         commit_waiting: None,
-        notices,
-        notices_sender: Some(notices_sender),
+        notices: Mailbox::new(),
+        notices_taken: VecDeque::new(),
     };
     let fault = connection.run().await;
     connection.finish(fault).await;
@@ -235,7 +244,6 @@ impl Connection {
             }
             hub.broker
                 .open_connection(self.id, vhost, capabilities.consumer_cancel_notify);
-            let notices = self.notices_sender.take().expect("a connection opens once");
             let info = ConnectionInfo {
                 id: self.id,
                 peer: self.peer,
@@ -248,7 +256,7 @@ impl Connection {
                 frame_max_bytes: self.frame_max_bytes,
                 heartbeat_s: self.heartbeat_s,
             };
-            hub.register_connection(info, self.out.clone(), notices);
+            hub.register_connection(info, self.out.clone(), self.notices.clone());
             self.opened = true;
         }
         self.out.method(
@@ -558,9 +566,17 @@ impl Connection {
                 self.process_confirms();
                 Ok(())
             }
-            Some(notice) = self.notices.recv() => self.handle_notice(notice),
+            _ = self.notices.ready() => self.handle_notices(),
             _ = self.shutdown.changed() => Err(shutdown_fault()),
         }
+    }
+
+    fn handle_notices(&mut self) -> Result<(), Fault> {
+        self.notices.take_all(&mut self.notices_taken);
+        while let Some(notice) = self.notices_taken.pop_front() {
+            self.handle_notice(notice)?;
+        }
+        Ok(())
     }
 
     fn handle_notice(&mut self, notice: ConnectionNotice) -> Result<(), Fault> {

@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use amq_protocol::protocol::{AMQPClass, basic};
 use amq_protocol::types::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
-use tokio::sync::mpsc;
 use warren_core::{Broker, BrokerError, ConnectionId, Effect, Outbox};
 
+use crate::mailbox::Mailbox;
 use crate::writer::{Outbound, OutboundQueue};
 
 /// How often the broker's timer runs (message TTLs, queue expiry, consumer
@@ -118,7 +118,7 @@ pub struct Hub {
     writers: HashMap<ConnectionId, OutboundQueue>,
     /// Unbounded, yet bounded in practice: the broker asks at most once per
     /// channel, and a connection has at most channel_max channels.
-    notices: HashMap<ConnectionId, mpsc::UnboundedSender<ConnectionNotice>>,
+    notices: HashMap<ConnectionId, Mailbox<ConnectionNotice>>,
     connections: HashMap<ConnectionId, ConnectionInfo>,
     next_connection: u64,
 }
@@ -143,7 +143,7 @@ impl Hub {
         &mut self,
         info: ConnectionInfo,
         writer: OutboundQueue,
-        notices: mpsc::UnboundedSender<ConnectionNotice>,
+        notices: Mailbox<ConnectionNotice>,
     ) {
         self.writers.insert(info.id, writer);
         self.notices.insert(info.id, notices);
@@ -165,11 +165,9 @@ impl Hub {
     /// false when it is not open.
     pub fn close_connection(&self, connection: ConnectionId, reason: &str) -> bool {
         self.notices.get(&connection).is_some_and(|notices| {
-            notices
-                .send(ConnectionNotice::Close {
-                    reason: reason.to_owned(),
-                })
-                .is_ok()
+            notices.push(ConnectionNotice::Close {
+                reason: reason.to_owned(),
+            })
         })
     }
 
@@ -198,7 +196,7 @@ impl Hub {
                     error,
                 } => {
                     if let Some(notices) = self.notices.get(&connection) {
-                        let _ = notices.send(ConnectionNotice::CloseChannel { channel, error });
+                        notices.push(ConnectionNotice::CloseChannel { channel, error });
                     }
                 }
                 Effect::CancelConsumer {

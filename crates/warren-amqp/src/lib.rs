@@ -7,6 +7,7 @@ mod channel;
 mod config;
 mod connection;
 mod hub;
+mod mailbox;
 mod server;
 mod storage;
 mod writer;

@@ -2,7 +2,7 @@
 //! frames and writes them in batches, so many small frames cost one system
 //! call, and that sends heartbeats while the connection is otherwise quiet.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -10,11 +10,12 @@ use std::time::Duration;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use warren_core::{ConnectionId, Delivery, Message};
 use warren_proto::FrameEncoder;
 
 use crate::hub::SharedHub;
+use crate::mailbox::Mailbox;
 
 /// Bytes gathered before a write is issued even if more frames are waiting.
 const WRITE_BATCH_MAX_BYTES: usize = 256 * 1024;
@@ -36,7 +37,7 @@ pub enum Outbound {
 /// The sending side, shared by the connection's reader and the broker hub.
 #[derive(Debug, Clone)]
 pub struct OutboundQueue {
-    sender: mpsc::UnboundedSender<Outbound>,
+    items: Mailbox<Outbound>,
     queued: Arc<AtomicUsize>,
     drained: Arc<Notify>,
 }
@@ -44,7 +45,7 @@ pub struct OutboundQueue {
 impl OutboundQueue {
     pub fn send(&self, item: Outbound) {
         self.queued.fetch_add(1, Ordering::Relaxed);
-        if self.sender.send(item).is_err() {
+        if !self.items.push(item) {
             // The writer has gone: the socket is closed and the reader will
             // see that and clean up; nothing more can reach this peer.
             self.queued.fetch_sub(1, Ordering::Relaxed);
@@ -67,7 +68,7 @@ impl OutboundQueue {
 
 pub struct Writer {
     connection: ConnectionId,
-    receiver: mpsc::UnboundedReceiver<Outbound>,
+    items: Mailbox<Outbound>,
     queued: Arc<AtomicUsize>,
     drained: Arc<Notify>,
     socket: OwnedWriteHalf,
@@ -80,17 +81,17 @@ pub fn outbound_queue(
     socket: OwnedWriteHalf,
     hub: SharedHub,
 ) -> (OutboundQueue, Writer) {
-    let (sender, receiver) = mpsc::unbounded_channel();
+    let items = Mailbox::new();
     let queued = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(Notify::new());
     let queue = OutboundQueue {
-        sender,
+        items: items.clone(),
         queued: Arc::clone(&queued),
         drained: Arc::clone(&drained),
     };
     let writer = Writer {
         connection,
-        receiver,
+        items,
         queued,
         drained,
         socket,
@@ -137,63 +138,64 @@ impl Tuning {
 }
 
 impl Writer {
-    /// Runs until the queue closes, `Outbound::Close` is written, or the
-    /// socket fails.
+    /// Runs until `Outbound::Close` is written or the socket fails.
     pub async fn run(mut self, tuning: Arc<Tuning>) {
         let mut written: HashMap<u16, u32> = HashMap::new();
+        let mut batch = VecDeque::new();
         loop {
-            let item = match tokio::time::timeout(tuning.quiet_max(), self.receiver.recv()).await {
-                Ok(item) => item,
-                Err(_) => {
-                    if tuning.heartbeat_s.load(Ordering::Relaxed) != 0 {
-                        self.encoder.heartbeat();
-                        if self.flush().await.is_err() {
-                            return;
-                        }
+            self.items.take_all(&mut batch);
+            if batch.is_empty() {
+                if tokio::time::timeout(tuning.quiet_max(), self.items.ready())
+                    .await
+                    .is_err()
+                    && tuning.heartbeat_s.load(Ordering::Relaxed) != 0
+                {
+                    self.encoder.heartbeat();
+                    if self.flush().await.is_err() {
+                        return;
                     }
-                    continue;
                 }
-            };
+                continue;
+            }
             let frame_max_bytes = tuning.frame_max_bytes();
-            let Some(mut item) = item else {
-                let _ = self.flush().await;
-                let _ = self.socket.shutdown().await;
-                return;
-            };
-            let mut close = false;
-            let mut taken = 0usize;
-            loop {
-                taken += 1;
-                match item {
-                    Outbound::Close => {
-                        close = true;
-                        break;
-                    }
-                    other => self.encode(other, frame_max_bytes, &mut written),
+            let mut encoded = 0usize;
+            while let Some(item) = batch.pop_front() {
+                if matches!(item, Outbound::Close) {
+                    let _ = self.write_out(encoded, &mut written).await;
+                    let _ = self.socket.shutdown().await;
+                    return;
                 }
+                self.encode(item, frame_max_bytes, &mut written);
+                encoded += 1;
                 if self.encoder.len() >= WRITE_BATCH_MAX_BYTES {
-                    break;
+                    if self.write_out(encoded, &mut written).await.is_err() {
+                        return;
+                    }
+                    encoded = 0;
                 }
-                match self.receiver.try_recv() {
-                    Ok(next) => item = next,
-                    Err(_) => break,
-                }
             }
-            self.queued.fetch_sub(taken, Ordering::Relaxed);
-            // One waiter at most (the reader); notify_one keeps the wake-up
-            // if the reader has not started waiting yet.
-            self.drained.notify_one();
-            if self.flush().await.is_err() {
-                return;
-            }
-            if !written.is_empty() {
-                self.report_written(&mut written);
-            }
-            if close {
-                let _ = self.socket.shutdown().await;
+            if self.write_out(encoded, &mut written).await.is_err() {
                 return;
             }
         }
+    }
+
+    /// Writes what is encoded, then tells the reader (waiting for room) and
+    /// the broker (waiting to send more deliveries) how far it got.
+    async fn write_out(
+        &mut self,
+        encoded: usize,
+        written: &mut HashMap<u16, u32>,
+    ) -> std::io::Result<()> {
+        self.queued.fetch_sub(encoded, Ordering::Relaxed);
+        // One waiter at most (the reader); notify_one keeps the wake-up if
+        // the reader has not started waiting yet.
+        self.drained.notify_one();
+        self.flush().await?;
+        if !written.is_empty() {
+            self.report_written(written);
+        }
+        Ok(())
     }
 
     fn encode(&mut self, item: Outbound, frame_max_bytes: u32, written: &mut HashMap<u16, u32>) {
@@ -258,8 +260,10 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // Nothing will be written any more: release a reader waiting for
-        // room so it can notice the closed socket.
+        // Nothing will be written any more: drop what is queued and
+        // release a reader waiting for room so it can notice the closed
+        // socket.
+        self.items.close();
         self.queued.store(0, Ordering::Relaxed);
         self.drained.notify_one();
     }
