@@ -11,12 +11,14 @@ use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 use warren_core::{
     BrokerError, BrokerResult, ChannelMode, Consume, ErrorCode, ExchangeDeclare, Message, Outbox,
-    QueueDeclare,
+    QueueDeclare, QueueId,
 };
 use warren_proto::Frame;
 use warren_store::Ticket;
 
-use crate::connection::{Connection, Fault, describe_frame, method_name};
+use crate::connection::{
+    Connection, FLOW_PAUSE_MAX, Fault, FlowHold, describe_frame, method_name,
+};
 use crate::writer::Outbound;
 
 /// Class id of `basic`, the only class that carries content.
@@ -249,13 +251,54 @@ impl Connection {
     /// with `multiple`) for publishes that are durable or needed no disk,
     /// nacks for publishes the log refused or can no longer make durable.
     pub(crate) fn process_confirms(&mut self) {
+        let mut budget = self.confirm_budget();
         let numbers: Vec<u16> = self.channels.keys().copied().collect();
         for number in numbers {
-            self.process_channel_confirms(number);
+            self.settle_confirms(number, &mut budget);
+        }
+        if self.confirms_waiting_max() == 0 {
+            self.confirms_held = None;
         }
     }
 
+    /// A publish reached a queue whose consumers are behind: hold back
+    /// this publisher (see `FlowHold`).
+    fn hold_back(&mut self, number: u16, queue: QueueId) {
+        if self.channel(number).confirms.is_none() {
+            self.paused_by = Some(queue);
+        } else if self.confirms_held.is_none() {
+            self.confirms_held = Some(FlowHold {
+                queue,
+                until: tokio::time::Instant::now() + FLOW_PAUSE_MAX,
+            });
+        }
+    }
+
+    /// How many confirms may go out now: as many as the held-back queue has
+    /// room for, or all once the hold is over.
+    fn confirm_budget(&mut self) -> usize {
+        let Some(hold) = self.confirms_held else {
+            return usize::MAX;
+        };
+        let room = if tokio::time::Instant::now() >= hold.until {
+            None
+        } else {
+            self.hub.lock().broker.flow_room(hold.queue)
+        };
+        room.unwrap_or_else(|| {
+            self.confirms_held = None;
+            usize::MAX
+        })
+    }
+
     pub(crate) fn process_channel_confirms(&mut self, number: u16) {
+        let mut unlimited = usize::MAX;
+        self.settle_confirms(number, &mut unlimited);
+    }
+
+    /// Sends the confirms (acks and nacks) of this channel that are due, at
+    /// most `budget` acks.
+    fn settle_confirms(&mut self, number: u16, budget: &mut usize) {
         let progress = *self.signals.durable.borrow();
         let Some(confirms) = self
             .channels
@@ -267,6 +310,9 @@ impl Connection {
         let mut ack_up_to = None;
         let mut acked = 0;
         while let Some(&(sequence, wait)) = confirms.waiting.front() {
+            if *budget == 0 {
+                break;
+            }
             let verdict = match wait {
                 ConfirmWait::Nothing => Some(true),
                 ConfirmWait::Durable(ticket) if ticket <= progress.ticket => Some(true),
@@ -279,6 +325,7 @@ impl Connection {
                 Some(true) => {
                     ack_up_to = Some(sequence);
                     acked += 1;
+                    *budget -= 1;
                 }
                 Some(false) => {
                     if let Some(delivery_tag) = ack_up_to.take() {
@@ -1023,6 +1070,9 @@ impl Connection {
             hub.dispatch(&mut outbox);
             published?
         };
+        if let Some(queue) = published.flow {
+            self.hold_back(number, queue);
+        }
         if published.routed == 0 && mandatory {
             // The return must reach the client before the confirm.
             self.process_channel_confirms(number);

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use warren_core::{BrokerError, ConnectionId, ErrorCode};
+use warren_core::{BrokerError, ConnectionId, ErrorCode, QueueId};
 use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_protocol_header};
 
 use crate::auth::{self, AuthError};
@@ -33,6 +33,27 @@ use warren_store::Ticket;
 /// How long the broker waits for `connection.close-ok` after sending
 /// `connection.close` before dropping the socket anyway.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The longest a publisher is held back at one time by a queue whose
+/// consumers are behind (see `warren_core::flow`). Flow control slows
+/// publishers; it must not stall one whose queue's consumers have stopped
+/// acking, so after this the connection reads another batch and looks again.
+pub(crate) const FLOW_PAUSE_MAX: Duration = Duration::from_millis(100);
+
+/// A publisher with confirms is held back through its confirms rather than
+/// its socket: the broker goes on reading, and confirms go out only as there
+/// is room in the queue. Its window then fills with messages already
+/// delivered, not with messages waiting unread in a socket, so a message's
+/// time from publish to delivery stays short.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FlowHold {
+    pub(crate) queue: QueueId,
+    /// The hold ends here whatever the queue (see `FLOW_PAUSE_MAX`).
+    pub(crate) until: tokio::time::Instant,
+}
+
+/// How often a held-back publisher looks at its queue again.
+const FLOW_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Read buffer size; grows up to one frame_max when a large frame arrives.
 const READ_BUFFER_INITIAL_BYTES: usize = 64 * 1024;
@@ -100,6 +121,13 @@ pub(crate) struct Connection {
     pub(crate) has_published: bool,
     /// Whether the client understands `connection.blocked`.
     blocked_notify: bool,
+    /// A queue this connection published to without confirms whose
+    /// consumers are behind: the connection reads no more until they have
+    /// caught up.
+    pub(crate) paused_by: Option<QueueId>,
+    /// The same for publishes with confirms: their confirms go out only as
+    /// the queue's consumers catch up (see `FlowHold`).
+    pub(crate) confirms_held: Option<FlowHold>,
     /// A `tx.commit` whose messages must reach the disk before `commit-ok`.
     pub(crate) commit_waiting: Option<(u16, Ticket)>,
     /// What the broker asks of this connection (closing a channel whose
@@ -155,6 +183,8 @@ pub async fn serve(
         has_published: false,
         blocked_notify: false,
         commit_waiting: None,
+        paused_by: None,
+        confirms_held: None,
         notices: Mailbox::new(),
         notices_taken: VecDeque::new(),
     };
@@ -371,8 +401,11 @@ impl Connection {
     /// Stops reading from this connection while what it already sent has
     /// not drained: its socket's outbound queue, its confirms waiting for
     /// the disk, or the log's unwritten bytes; and, for a publisher, while
-    /// the disk alarm is raised.
+    /// a queue it feeds is behind its consumers or the disk alarm is raised.
     async fn apply_backpressure(&mut self) -> Result<(), Fault> {
+        if let Some(queue) = self.paused_by.take() {
+            self.hold_for_consumers(queue).await?;
+        }
         while self.out.queued() > self.config.outbound_frames_max {
             self.out.drained().await;
         }
@@ -392,6 +425,28 @@ impl Connection {
         }
         if self.has_published && *self.signals.disk_alarm.borrow() {
             self.block_while_disk_is_low().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits, up to `FLOW_PAUSE_MAX`, for the queue's consumers to catch
+    /// up, sending confirms meanwhile.
+    async fn hold_for_consumers(&mut self, queue: QueueId) -> Result<(), Fault> {
+        let deadline = tokio::time::Instant::now() + FLOW_PAUSE_MAX;
+        while self.hub.lock().broker.flow_holds(queue) {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(FLOW_POLL_INTERVAL) => {}
+                changed = self.signals.durable.changed() => {
+                    if changed.is_err() {
+                        return Err(Fault::Gone);
+                    }
+                    self.process_confirms();
+                }
+                _ = self.shutdown.changed() => return Err(shutdown_fault()),
+            }
         }
         Ok(())
     }
@@ -567,6 +622,10 @@ impl Connection {
                 Ok(())
             }
             _ = self.notices.ready() => self.handle_notices(),
+            () = tokio::time::sleep(FLOW_POLL_INTERVAL), if self.confirms_held.is_some() => {
+                self.process_confirms();
+                Ok(())
+            }
             _ = self.shutdown.changed() => Err(shutdown_fault()),
         }
     }

@@ -26,6 +26,12 @@ use crate::reply_to::ReplyConsumer;
 use crate::stats::MessageCounts;
 use crate::{ConnectionId, Message, QueueId};
 
+/// The default for `Limits::flow_ready_max`: far under what a queue holds
+/// in memory (`RESIDENT_MESSAGES_MAX`), so a queue whose consumers keep up
+/// delivers from memory, and a message waits behind about a millisecond of
+/// its consumers' work.
+pub const FLOW_READY_MAX_DEFAULT: usize = 100;
+
 /// Bounds on what one channel may hold; each exists so that one peer cannot
 /// grow the broker's memory without limit.
 #[derive(Debug, Clone)]
@@ -39,6 +45,10 @@ pub struct Limits {
     /// socket. A consumer that does not read its socket stops receiving here
     /// instead of making the broker buffer its whole queue.
     pub deliveries_unwritten_per_channel_max: u32,
+    /// Ready messages in a queue with consumers past which publishers to it
+    /// are held back until it is down to half (see `flow.rs`); 0 turns flow
+    /// control off.
+    pub flow_ready_max: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +57,7 @@ impl Default for Limits {
             consumers_per_channel_max: 1_000,
             unacked_per_channel_max: 100_000,
             deliveries_unwritten_per_channel_max: 2_048,
+            flow_ready_max: FLOW_READY_MAX_DEFAULT,
         }
     }
 }
@@ -107,6 +118,9 @@ pub struct Published {
     /// Set when a full queue with `x-overflow` = `reject-publish(-dlx)`
     /// refused the message; the publisher must be nacked.
     pub rejected: bool,
+    /// A queue it reached whose consumers are falling behind: the
+    /// publisher should pause while `Broker::flow_holds` says so.
+    pub flow: Option<QueueId>,
 }
 
 /// What `queue.declare` reports.
@@ -915,6 +929,9 @@ impl Broker {
         };
         self.enqueue_routed(&targets, message, &mut outcome);
         self.deliver_all(&targets, out);
+        outcome.flow = self
+            .queue_over_flow_limit(&targets)
+            .filter(|_| !self.connection_consumes(connection));
         // A message with a TTL of 0 that found no consumer expires now.
         if self.expire_due_heads(&targets) {
             self.deliver_all(&[], out);

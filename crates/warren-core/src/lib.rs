@@ -13,6 +13,7 @@ mod delivery;
 mod durable;
 mod error;
 mod exchange;
+mod flow;
 mod inspect;
 mod message;
 mod priority;

@@ -105,6 +105,38 @@ pub struct Dequeued {
     pub meta: MessageMeta,
 }
 
+/// Deliveries per second over the last complete window, measured from the
+/// queue's delivery counter as publishes look at it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DrainRate {
+    window_start_ms: u64,
+    delivered_at_start: u64,
+    per_s: u64,
+}
+
+impl DrainRate {
+    /// Long enough to span many deliveries and acks, short enough to follow
+    /// a consumer that stops.
+    const WINDOW_MS: u64 = 20;
+
+    /// The rate, after closing the window if it is over.
+    pub fn update(&mut self, delivered: u64, now_ms: u64) -> u64 {
+        let elapsed_ms = now_ms.saturating_sub(self.window_start_ms);
+        if elapsed_ms >= Self::WINDOW_MS {
+            // A window that ran far past its end (nobody published) says
+            // nothing about now: its deliveries are spread over a long gap.
+            self.per_s = if elapsed_ms <= 2 * Self::WINDOW_MS {
+                (delivered - self.delivered_at_start) * 1000 / elapsed_ms
+            } else {
+                0
+            };
+            self.window_start_ms = now_ms;
+            self.delivered_at_start = delivered;
+        }
+        self.per_s
+    }
+}
+
 /// A consumer as its queue sees it.
 #[derive(Debug)]
 pub struct QueueConsumer {
@@ -159,6 +191,8 @@ pub struct Queue {
     /// Deliveries of this queue's messages not yet settled, on any channel.
     pub unacked: usize,
     pub counts: MessageCounts,
+    /// How fast consumers have been taking its messages, for flow control.
+    pub drain: DrainRate,
 }
 
 impl std::fmt::Debug for Queue {
@@ -228,6 +262,7 @@ impl Queue {
             had_consumer: false,
             unacked: 0,
             counts: MessageCounts::default(),
+            drain: DrainRate::default(),
         }
     }
 

@@ -39,6 +39,7 @@ pub struct AmqpSection {
     pub unacked_per_channel_max: Option<usize>,
     pub tx_operations_max: Option<usize>,
     pub pending_confirms_per_channel_max: Option<usize>,
+    pub flow_ready_max: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +148,9 @@ impl FileConfig {
         }
         if let Some(unacked) = section.unacked_per_channel_max {
             config.limits.unacked_per_channel_max = unacked;
+        }
+        if let Some(ready) = section.flow_ready_max {
+            config.limits.flow_ready_max = ready;
         }
         if let Some(operations) = section.tx_operations_max {
             config.tx_operations_max = operations;
