@@ -21,7 +21,7 @@ use crate::delivery::Settled;
 use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, validate_headers_binding};
-use crate::queue::{Expiry, MessageMeta, Queue, Stored};
+use crate::queue::{MessageMeta, Queue, Stored};
 use crate::reply_to::ReplyConsumer;
 use crate::stats::MessageCounts;
 use crate::{ConnectionId, Message, QueueId};
@@ -999,7 +999,7 @@ impl Broker {
                     reason: DeathReason::Maxlen,
                 });
             }
-            if let Expiry::At(at) = meta.expires {
+            if let Some(at) = meta.expires.deadline() {
                 expiries.push((*id, at));
             }
         }

@@ -14,7 +14,7 @@ use crate::broker::{ConnectionState, Unacked, forget_stored, message_log};
 use crate::dead_letter::{DeadLetter, DeathReason};
 use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult};
-use crate::queue::{Dequeued, Expiry, Stored};
+use crate::queue::{Dequeued, Stored};
 use crate::queue::{Queue, QueueConsumer};
 use crate::{
     Broker, ConnectionId, Consume, Delivery, Effect, GetOk, Limits, Message, Outbox, QueueId,
@@ -331,7 +331,7 @@ impl Broker {
                         }
                     }
                     queue.requeue(unacked.sequence, unacked.message, unacked.stored, meta);
-                    if let Expiry::At(at) = meta.expires {
+                    if let Some(at) = meta.expires.deadline() {
                         self.schedule(unacked.queue, at);
                     }
                 }

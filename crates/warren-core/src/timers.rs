@@ -9,7 +9,6 @@
 //! look at the queue and is set again.
 
 use crate::error::BrokerError;
-use crate::queue::Expiry;
 use crate::{Broker, Effect, Outbox, QueueId};
 
 impl Broker {
@@ -113,11 +112,10 @@ impl Broker {
         }
         // A head recovered from the log has an unknown expiry; read it only
         // where the queue itself has a TTL.
-        let look = match queue.head_expiry() {
-            Some(Expiry::At(_)) => true,
-            Some(Expiry::Unknown) => queue.args.message_ttl_ms.is_some(),
-            _ => false,
-        };
+        let look = queue.head_expiry().is_some_and(|expiry| {
+            expiry.deadline().is_some()
+                || (expiry.is_unknown() && queue.args.message_ttl_ms.is_some())
+        });
         if look {
             let log = crate::broker::message_log(self.store.as_ref());
             let mut expired = Vec::new();

@@ -26,10 +26,15 @@ use crate::fs::FileSystem;
 use crate::record::{self, Decoded, RecordKind};
 
 /// Where a record lives: segment number, byte offset, encoded length.
+///
+/// A queue keeps one per message it has on disk, so its size is a backlog's
+/// memory: 16 bytes. A 32-bit offset is enough because a segment is closed
+/// once it passes its size (at most 1 GiB) and one record is at most a
+/// message (at most 512 MiB) and its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Location {
     pub segment: u64,
-    pub offset: u64,
+    pub offset: u32,
     pub length: u32,
 }
 
@@ -377,6 +382,11 @@ impl MessageLog {
         }
         let segment = state.active_segment;
         let offset = state.active_length;
+        let Ok(record_offset) = u32::try_from(offset) else {
+            return Err(StoreError::Poisoned(format!(
+                "segment {segment} grew past 4 GiB, which a record's location cannot address"
+            )));
+        };
         let write = match state.pending.last_mut() {
             Some(last) if last.segment == segment => last,
             _ => {
@@ -397,7 +407,7 @@ impl MessageLog {
         Ok((
             Location {
                 segment,
-                offset,
+                offset: record_offset,
                 length: length as u32,
             },
             state.last_ticket,
@@ -421,10 +431,10 @@ impl MessageLog {
                 let path = self.shared.dir.join(segment_name(location.segment));
                 self.shared
                     .fs
-                    .read_at(&path, location.offset, location.length as usize)
+                    .read_at(&path, location.offset.into(), location.length as usize)
                     .map_err(|error| StoreError::Read {
                         segment: location.segment,
-                        offset: location.offset,
+                        offset: location.offset.into(),
                         reason: error.to_string(),
                     })?
             }
@@ -433,7 +443,7 @@ impl MessageLog {
             Decoded::Record(record, _) => Ok(record.payload.to_vec()),
             other => Err(StoreError::Read {
                 segment: location.segment,
-                offset: location.offset,
+                offset: location.offset.into(),
                 reason: format!("record does not decode ({other:?})"),
             }),
         }
@@ -519,10 +529,11 @@ impl Drop for MessageLog {
 }
 
 fn slice_of(write: &PendingWrite, location: Location) -> Option<&[u8]> {
-    if write.segment != location.segment || location.offset < write.base_offset {
+    let offset = u64::from(location.offset);
+    if write.segment != location.segment || offset < write.base_offset {
         return None;
     }
-    let start = (location.offset - write.base_offset) as usize;
+    let start = (offset - write.base_offset) as usize;
     write.bytes.get(start..start + location.length as usize)
 }
 
@@ -743,11 +754,15 @@ fn recover(fs: &dyn FileSystem, dir: &Path) -> Result<Recovered, StoreError> {
         segment_state.created = true;
         let mut offset = 0usize;
         while offset < bytes.len() {
+            let Ok(record_offset) = u32::try_from(offset) else {
+                tracing::error!(path = %path.display(), "a segment larger than 4 GiB was not written by Warren; reading stops here");
+                break;
+            };
             match record::decode(&bytes[offset..]) {
                 Decoded::Record(record, length) => {
                     let location = Location {
                         segment: number,
-                        offset: offset as u64,
+                        offset: record_offset,
                         length: length as u32,
                     };
                     let queue = live.entry(record.queue).or_default();
