@@ -14,32 +14,42 @@ const MESSAGES: u32 = 20_000;
 /// publisher is held back many times over the run.
 const CONFIG: &str = "[amqp]\nflow_ready_max = 5\n";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_held_back_publisher_gets_every_confirm_and_loses_nothing() {
-    let broker = Broker::start_with_config(CONFIG).await;
-    let consumer_conn = broker.connect().await;
-    let consumer_ch = new_channel(&consumer_conn).await;
-    declare(&consumer_ch, "q.flow").await;
-    let mut consumer = within(
+async fn consume(ch: &lapin::Channel, queue: &str, no_ack: bool) -> lapin::Consumer {
+    within(
         "basic_consume",
-        consumer_ch.basic_consume(
-            "q.flow".into(),
+        ch.basic_consume(
+            queue.into(),
             "".into(),
             BasicConsumeOptions {
-                no_ack: true,
+                no_ack,
                 ..Default::default()
             },
             FieldTable::default(),
         ),
     )
     .await
-    .expect("basic_consume");
+    .expect("basic_consume")
+}
 
-    let publisher_conn = broker.connect().await;
-    let ch = new_channel(&publisher_conn).await;
+/// A channel in confirm mode on a connection of its own.
+async fn confirming_channel(broker: &Broker) -> (lapin::Connection, lapin::Channel) {
+    let conn = broker.connect().await;
+    let ch = new_channel(&conn).await;
     within("confirm_select", ch.confirm_select(Default::default()))
         .await
         .expect("confirm.select");
+    (conn, ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_back_publisher_gets_every_confirm_and_loses_nothing() {
+    let broker = Broker::start_with_config(CONFIG).await;
+    let consumer_conn = broker.connect().await;
+    let consumer_ch = new_channel(&consumer_conn).await;
+    declare(&consumer_ch, "q.flow").await;
+    let mut consumer = consume(&consumer_ch, "q.flow", true).await;
+
+    let (_publisher_conn, ch) = confirming_channel(&broker).await;
     let mut confirms = Vec::with_capacity(MESSAGES as usize);
     for sequence in 0..MESSAGES {
         let confirm = within(
@@ -82,23 +92,9 @@ async fn a_publisher_to_a_queue_with_a_slow_consumer_is_not_held_back() {
         .await
         .expect("basic.qos");
     // Takes one message and never acks it.
-    let mut consumer = within(
-        "basic_consume",
-        consumer_ch.basic_consume(
-            "q.slow".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .expect("basic_consume");
+    let mut consumer = consume(&consumer_ch, "q.slow", false).await;
 
-    let publisher_conn = broker.connect().await;
-    let ch = new_channel(&publisher_conn).await;
-    within("confirm_select", ch.confirm_select(Default::default()))
-        .await
-        .expect("confirm.select");
+    let (_publisher_conn, ch) = confirming_channel(&broker).await;
     // Each publish waits for its confirm, as a synchronous client does.
     // Were this publisher held back, each confirm would wait out the
     // longest hold (100 ms) and the whole would take over 3 minutes,
