@@ -1,0 +1,223 @@
+//! Passwords: stored only as Argon2id hashes (PHC strings, salt included),
+//! checked by the `argon2` crate, whose comparison runs in constant time.
+//!
+//! Argon2id is deliberately slow (tens of milliseconds and 19 MiB per check
+//! with the crate's defaults, OWASP's recommendation), which a broker cannot
+//! afford on every HTTP request of a polling dashboard. So a successful
+//! check is remembered: [`VerifiedLogins`] keeps, per user, a keyed digest
+//! (HMAC-SHA256 under a key drawn at start) of the password that matched
+//! and the hash it matched. The password itself is never kept, the digest is
+//! useless outside this process, and changing the user's password changes
+//! the hash, which invalidates the entry.
+
+use std::collections::HashMap;
+
+use argon2::password_hash::{PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Argon2, PasswordHash as PhcHash};
+use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
+use rand_core::{OsRng, RngCore};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+/// Longest password accepted: Argon2 takes any length, but the broker
+/// should not hash megabytes for a peer that has not logged in.
+pub const PASSWORD_LENGTH_MAX_BYTES: usize = 1024;
+
+/// Users whose successful logins are remembered; past this the memory is
+/// cleared (the next login of each user pays for one Argon2 check again).
+pub const VERIFIED_LOGINS_MAX: usize = 4096;
+
+/// An Argon2id hash in PHC string form (`$argon2id$v=19$m=...$salt$hash`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PasswordHash(String);
+
+impl std::fmt::Debug for PasswordHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordHash(..)")
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PasswordError {
+    #[error("not an Argon2id hash in PHC form ($argon2id$v=19$...): {0}")]
+    NotArgon2id(String),
+    #[error("password longer than {PASSWORD_LENGTH_MAX_BYTES} bytes")]
+    TooLong,
+    #[error("hashing failed: {0}")]
+    Hashing(String),
+}
+
+impl PasswordHash {
+    /// Hashes a password with a fresh random salt.
+    pub fn generate(password: &str) -> Result<Self, PasswordError> {
+        if password.len() > PASSWORD_LENGTH_MAX_BYTES {
+            return Err(PasswordError::TooLong);
+        }
+        let salt = SaltString::generate(&mut OsRng);
+        let hash = Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map_err(|e| PasswordError::Hashing(e.to_string()))?;
+        Ok(Self(hash.to_string()))
+    }
+
+    /// Accepts a hash made elsewhere (by `warren ctl hash-password`, or
+    /// copied from another broker's definitions), refusing anything but
+    /// Argon2id.
+    pub fn parse(phc: &str) -> Result<Self, PasswordError> {
+        let parsed = PhcHash::new(phc).map_err(|e| PasswordError::NotArgon2id(e.to_string()))?;
+        if parsed.algorithm.as_str() != "argon2id" {
+            return Err(PasswordError::NotArgon2id(format!(
+                "algorithm is '{}'",
+                parsed.algorithm
+            )));
+        }
+        Ok(Self(phc.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The slow check. Always runs the full Argon2 computation, so a wrong
+    /// password costs as much as a right one.
+    pub fn verify(&self, password: &str) -> bool {
+        if password.len() > PASSWORD_LENGTH_MAX_BYTES {
+            return false;
+        }
+        let Ok(parsed) = PhcHash::new(&self.0) else {
+            return false;
+        };
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    }
+}
+
+/// A hash no password matches, checked against when a login names an
+/// unknown user so that the answer takes as long as for a known one.
+pub(crate) fn decoy_hash() -> &'static PasswordHash {
+    static DECOY: std::sync::OnceLock<PasswordHash> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| {
+        let mut random = [0u8; 32];
+        OsRng.fill_bytes(&mut random);
+        let secret: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
+        PasswordHash::generate(&secret).expect("a 64-byte password hashes")
+    })
+}
+
+/// Successful logins remembered by keyed digest (see the module comment).
+pub struct VerifiedLogins {
+    key: [u8; 32],
+    entries: Mutex<HashMap<String, Remembered>>,
+}
+
+struct Remembered {
+    hash: PasswordHash,
+    digest: [u8; 32],
+}
+
+impl Default for VerifiedLogins {
+    fn default() -> Self {
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        Self {
+            key,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl VerifiedLogins {
+    fn digest(&self, user: &str, password: &str) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key");
+        mac.update(&(user.len() as u64).to_be_bytes());
+        mac.update(user.as_bytes());
+        mac.update(password.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Checks `password` against `hash`, answering from memory when this
+    /// user last logged in with the same password against the same hash.
+    pub fn verify(&self, user: &str, password: &str, hash: &PasswordHash) -> bool {
+        let digest = self.digest(user, password);
+        if let Some(entry) = self.entries.lock().get(user)
+            && entry.hash == *hash
+            && bool::from(entry.digest.ct_eq(&digest))
+        {
+            return true;
+        }
+        if !hash.verify(password) {
+            return false;
+        }
+        let mut entries = self.entries.lock();
+        if entries.len() >= VERIFIED_LOGINS_MAX && !entries.contains_key(user) {
+            entries.clear();
+        }
+        entries.insert(
+            user.to_owned(),
+            Remembered {
+                hash: hash.clone(),
+                digest,
+            },
+        );
+        true
+    }
+
+    pub fn forget(&self, user: &str) {
+        self.entries.lock().remove(user);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hash_verifies_its_password_only() {
+        let hash = PasswordHash::generate("s3cret").unwrap();
+        assert!(hash.as_str().starts_with("$argon2id$"));
+        assert!(hash.verify("s3cret"));
+        assert!(!hash.verify("s3creT"));
+        assert!(!hash.verify(""));
+    }
+
+    #[test]
+    fn the_same_password_gets_a_different_salt() {
+        let first = PasswordHash::generate("same").unwrap();
+        let second = PasswordHash::generate("same").unwrap();
+        assert_ne!(first, second);
+        assert!(second.verify("same"));
+    }
+
+    #[test]
+    fn only_argon2id_hashes_are_accepted() {
+        let hash = PasswordHash::generate("x").unwrap();
+        assert_eq!(PasswordHash::parse(hash.as_str()).unwrap(), hash);
+        let argon2i = hash.as_str().replacen("$argon2id$", "$argon2i$", 1);
+        assert!(PasswordHash::parse(&argon2i).is_err());
+        assert!(PasswordHash::parse("plaintext").is_err());
+        assert!(PasswordHash::parse("").is_err());
+    }
+
+    #[test]
+    fn remembered_logins_follow_the_hash() {
+        let logins = VerifiedLogins::default();
+        let old = PasswordHash::generate("old").unwrap();
+        assert!(logins.verify("alice", "old", &old));
+        assert!(logins.verify("alice", "old", &old));
+        assert!(!logins.verify("alice", "wrong", &old));
+        // Another user with the same password is not alice.
+        assert!(!logins.verify("bob", "old", &PasswordHash::generate("new").unwrap()));
+        // After a password change the remembered login no longer counts.
+        let new = PasswordHash::generate("new").unwrap();
+        assert!(!logins.verify("alice", "old", &new));
+        assert!(logins.verify("alice", "new", &new));
+    }
+
+    #[test]
+    fn the_decoy_matches_nothing_likely() {
+        assert!(!decoy_hash().verify("guest"));
+        assert!(!decoy_hash().verify(""));
+    }
+}
