@@ -371,7 +371,7 @@ def test_whoami(api):
 
 def test_another_user_of_the_configuration_file(broker_factory):
     b = broker_factory(config='[[users]]\nname = "alice"\npassword = "wonderland"\n'
-                              'loopback_only = false\n')
+                              'tags = ["management"]\n')
     alice = Api(http_url_of(b), ("alice", "wonderland"))
     try:
         assert alice.json("/api/whoami")["name"] == "alice"

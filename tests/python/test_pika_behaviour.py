@@ -265,6 +265,13 @@ password = "secret"
 
 [[vhosts]]
 name = "ml"
+
+[[permissions]]
+user = "alice"
+vhost = "ml"
+configure = ".*"
+write = ".*"
+read = ".*"
 """
 
 

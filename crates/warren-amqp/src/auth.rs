@@ -1,10 +1,11 @@
-//! SASL PLAIN and AMQPLAIN, checked against the configured users.
+//! SASL: PLAIN and AMQPLAIN (a password, checked against the user's
+//! Argon2id hash) and EXTERNAL (the name a verified TLS client certificate
+//! carries). The checks themselves are `warren-access`'s.
 
 use std::net::IpAddr;
 
 use amq_protocol::types::{AMQPValue, FieldTable, parsing::parse_field_table};
-
-use crate::config::User;
+use warren_access::{AccessControl, LoginError, User};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -20,56 +21,46 @@ pub enum AuthError {
     LoopbackOnly(String),
 }
 
+/// Mechanisms offered without TLS client certificates, in RabbitMQ's order.
 pub const MECHANISMS: &str = "PLAIN AMQPLAIN";
+/// Mechanisms offered on a TLS listener that verifies client certificates.
+pub const MECHANISMS_WITH_EXTERNAL: &str = "EXTERNAL PLAIN AMQPLAIN";
 
-/// Returns the authenticated user's name.
+/// Logs a user in. `certificate_name` is the common name of the client's
+/// verified TLS certificate, if it presented one. Slow (Argon2) for a
+/// password not seen before: call it off the async executor.
 pub fn authenticate(
-    users: &[User],
+    access: &AccessControl,
     mechanism: &str,
     response: &[u8],
     peer: IpAddr,
-) -> Result<String, AuthError> {
-    let (name, password) = match mechanism {
-        "PLAIN" => parse_plain(response)?,
-        "AMQPLAIN" => parse_amqplain(response)?,
+    certificate_name: Option<&str>,
+) -> Result<User, AuthError> {
+    let login = match mechanism {
+        "PLAIN" | "AMQPLAIN" => {
+            let (name, password) = if mechanism == "PLAIN" {
+                parse_plain(response)?
+            } else {
+                parse_amqplain(response)?
+            };
+            access.login_with_password(&name, &password, peer)
+        }
+        "EXTERNAL" => {
+            let name = certificate_name.ok_or_else(|| AuthError::Refused {
+                mechanism: mechanism.to_owned(),
+                user: String::new(),
+            })?;
+            access.login_external(name, peer)
+        }
         other => return Err(AuthError::UnknownMechanism(other.to_owned())),
     };
-    check_password(users, mechanism, &name, &password, peer)?;
-    Ok(name)
-}
-
-/// Checks a user's password and where they connect from; `mechanism` only
-/// names the way the password came, for the error (HTTP basic auth passes
-/// "PLAIN").
-pub fn check_password<'a>(
-    users: &'a [User],
-    mechanism: &str,
-    name: &str,
-    password: &str,
-    peer: IpAddr,
-) -> Result<&'a User, AuthError> {
-    let refused = || AuthError::Refused {
-        mechanism: mechanism.to_owned(),
-        user: name.to_owned(),
-    };
-    let user = users
-        .iter()
-        .find(|user| user.name == name)
-        .ok_or_else(refused)?;
-    if !constant_time_eq(user.password.as_bytes(), password.as_bytes()) {
-        return Err(refused());
-    }
-    if user.loopback_only && !peer.is_loopback() && !is_mapped_loopback(peer) {
-        return Err(AuthError::LoopbackOnly(name.to_owned()));
-    }
-    Ok(user)
-}
-
-fn is_mapped_loopback(peer: IpAddr) -> bool {
-    match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
-        IpAddr::V4(_) => false,
-    }
+    login.map_err(|error| match error {
+        LoginError::Refused { user } => AuthError::Refused {
+            mechanism: mechanism.to_owned(),
+            user,
+        },
+        LoginError::LoopbackOnly { user } => AuthError::LoopbackOnly(user),
+    })
 }
 
 /// "\0user\0password", optionally with an authorization identity first.
@@ -108,35 +99,22 @@ fn parse_amqplain(response: &[u8]) -> Result<(String, String), AuthError> {
     ))
 }
 
-/// Compares passwords without an early exit, so response time does not
-/// reveal how much of a guess was right.
-fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    let mut difference = left.len() ^ right.len();
-    for (index, byte) in left.iter().enumerate() {
-        difference |= (byte ^ right.get(index).copied().unwrap_or(0)) as usize;
-    }
-    difference == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use amq_protocol::auth::{Credentials, SASLMechanism};
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::net::Ipv4Addr;
+    use warren_access::{PasswordChange, PasswordHash, Tags};
 
-    fn users() -> Vec<User> {
-        vec![
-            User {
-                name: "guest".into(),
-                password: "guest".into(),
-                loopback_only: true,
-            },
-            User {
-                name: "alice".into(),
-                password: "secret".into(),
-                loopback_only: false,
-            },
-        ]
+    use crate::config::{default_definitions, default_loopback_users};
+
+    fn access() -> AccessControl {
+        let access = AccessControl::in_memory(default_definitions(), default_loopback_users());
+        let hash = PasswordHash::generate("secret").unwrap();
+        access
+            .put_user("alice", PasswordChange::Set(hash), Tags::default())
+            .unwrap();
+        access
     }
 
     const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -144,56 +122,57 @@ mod tests {
 
     #[test]
     fn plain_and_amqplain_accept_the_right_password() {
+        let access = access();
         let alice = Credentials::new("alice".into(), "secret".into());
         for mechanism in [SASLMechanism::Plain, SASLMechanism::AMQPlain] {
             let response = alice.sasl_auth_string(mechanism);
             let name = mechanism.to_string();
-            assert_eq!(
-                authenticate(&users(), &name, response.as_bytes(), REMOTE),
-                Ok("alice".into())
-            );
+            let user = authenticate(&access, &name, response.as_bytes(), REMOTE, None);
+            assert_eq!(user.unwrap().name, "alice");
         }
     }
 
     #[test]
     fn wrong_password_is_refused() {
-        let result = authenticate(&users(), "PLAIN", b"\0alice\0nope", LOOPBACK);
+        let access = access();
+        let result = authenticate(&access, "PLAIN", b"\0alice\0nope", LOOPBACK, None);
         assert!(matches!(result, Err(AuthError::Refused { .. })));
-        let result = authenticate(&users(), "PLAIN", b"\0mallory\0secret", LOOPBACK);
+        let result = authenticate(&access, "PLAIN", b"\0mallory\0secret", LOOPBACK, None);
         assert!(matches!(result, Err(AuthError::Refused { .. })));
     }
 
     #[test]
     fn guest_only_from_loopback() {
-        assert_eq!(
-            authenticate(&users(), "PLAIN", b"\0guest\0guest", LOOPBACK),
-            Ok("guest".into())
-        );
-        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
-        assert_eq!(
-            authenticate(&users(), "PLAIN", b"\0guest\0guest", v6),
-            Ok("guest".into())
-        );
-        let mapped = IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped());
-        assert_eq!(
-            authenticate(&users(), "PLAIN", b"\0guest\0guest", mapped),
-            Ok("guest".into())
-        );
-        assert_eq!(
-            authenticate(&users(), "PLAIN", b"\0guest\0guest", REMOTE),
-            Err(AuthError::LoopbackOnly("guest".into()))
-        );
+        let access = access();
+        let guest = |peer| authenticate(&access, "PLAIN", b"\0guest\0guest", peer, None);
+        assert!(guest(LOOPBACK).is_ok());
+        assert!(guest(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)).is_ok());
+        assert!(guest(IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped())).is_ok());
+        assert_eq!(guest(REMOTE), Err(AuthError::LoopbackOnly("guest".into())));
+    }
+
+    #[test]
+    fn external_takes_the_certificate_name() {
+        let access = access();
+        let external = |name| authenticate(&access, "EXTERNAL", b"", REMOTE, name);
+        assert_eq!(external(Some("alice")).unwrap().name, "alice");
+        assert!(matches!(
+            external(Some("mallory")),
+            Err(AuthError::Refused { .. })
+        ));
+        assert!(matches!(external(None), Err(AuthError::Refused { .. })));
     }
 
     #[test]
     fn malformed_and_unknown() {
+        let access = access();
         assert_eq!(
-            authenticate(&users(), "PLAIN", b"guest", LOOPBACK),
+            authenticate(&access, "PLAIN", b"guest", LOOPBACK, None),
             Err(AuthError::MalformedResponse("PLAIN"))
         );
         assert_eq!(
-            authenticate(&users(), "EXTERNAL", b"", LOOPBACK),
-            Err(AuthError::UnknownMechanism("EXTERNAL".into()))
+            authenticate(&access, "CRAM-MD5", b"", LOOPBACK, None),
+            Err(AuthError::UnknownMechanism("CRAM-MD5".into()))
         );
     }
 }

@@ -9,6 +9,8 @@ use amq_protocol::protocol::{
 };
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
+use tracing::warn;
+use warren_access::{Access, Resource};
 use warren_core::{
     BrokerError, BrokerResult, ChannelMode, Consume, ErrorCode, ExchangeDeclare, Message, Outbox,
     QueueDeclare, QueueId,
@@ -16,9 +18,8 @@ use warren_core::{
 use warren_proto::Frame;
 use warren_store::Ticket;
 
-use crate::connection::{
-    Connection, FLOW_PAUSE_MAX, Fault, FlowHold, describe_frame, method_name,
-};
+use crate::authorize;
+use crate::connection::{Connection, FLOW_PAUSE_MAX, Fault, FlowHold, describe_frame, method_name};
 use crate::writer::Outbound;
 
 /// Class id of `basic`, the only class that carries content.
@@ -383,7 +384,7 @@ impl Connection {
         self.out.method(number, method);
     }
 
-    fn handle_method(&mut self, number: u16, method: AMQPClass) -> BrokerResult<()> {
+    fn handle_method(&mut self, number: u16, mut method: AMQPClass) -> BrokerResult<()> {
         if !matches!(self.channel(number).content, Content::Idle) {
             return Err(BrokerError::new(
                 ErrorCode::UnexpectedFrame,
@@ -393,10 +394,21 @@ impl Connection {
                 ),
             ));
         }
+        let mut server_named = false;
+        if let AMQPClass::Queue(queue::AMQPMethod::Declare(declare)) = &mut method
+            && !declare.passive
+            && declare.queue.as_str().is_empty()
+        {
+            declare.queue = self.hub.lock().broker.generate_queue_name();
+            server_named = true;
+        }
+        for (access, resource) in authorize::required(&method).into_iter().flatten() {
+            self.authorize(number, access, resource)?;
+        }
         match method {
             AMQPClass::Channel(method) => self.channel_method(number, method),
             AMQPClass::Exchange(method) => self.exchange_method(number, method),
-            AMQPClass::Queue(method) => self.queue_method(number, method),
+            AMQPClass::Queue(method) => self.queue_method(number, method, server_named),
             AMQPClass::Basic(method) => self.basic_method(number, method),
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
                 let state = self.channel(number);
@@ -438,6 +450,31 @@ impl Connection {
                 method_name(&other)
             ))),
         }
+    }
+
+    /// One permission check; a refusal closes the channel with 403 naming
+    /// the resource, and is logged with who was refused what.
+    fn authorize(
+        &mut self,
+        number: u16,
+        access: Access,
+        resource: Resource<'_>,
+    ) -> BrokerResult<()> {
+        let grant = self
+            .grant
+            .as_mut()
+            .expect("channels are opened only after connection.open");
+        grant.check(access, resource).map_err(|refused| {
+            warn!(
+                connection = self.id.0,
+                channel = number,
+                user = %refused.user,
+                vhost = %refused.vhost,
+                permission = access.as_str(),
+                "{refused}"
+            );
+            BrokerError::access_refused(refused.to_string())
+        })
     }
 
     fn channel_method(&mut self, number: u16, method: channel::AMQPMethod) -> BrokerResult<()> {
@@ -560,22 +597,31 @@ impl Connection {
         Ok(())
     }
 
-    fn queue_method(&mut self, number: u16, method: queue::AMQPMethod) -> BrokerResult<()> {
+    /// `server_named`: a `queue.declare` whose name the broker generated.
+    fn queue_method(
+        &mut self,
+        number: u16,
+        method: queue::AMQPMethod,
+        server_named: bool,
+    ) -> BrokerResult<()> {
         let mut hub = self.hub.lock();
         match method {
             queue::AMQPMethod::Declare(declare) => {
                 let nowait = declare.nowait;
-                let declared = hub.broker.declare_queue(
-                    self.id,
-                    QueueDeclare {
-                        name: declare.queue,
-                        passive: declare.passive,
-                        durable: declare.durable,
-                        exclusive: declare.exclusive,
-                        auto_delete: declare.auto_delete,
-                        arguments: declare.arguments,
-                    },
-                )?;
+                let declare_queue = QueueDeclare {
+                    name: declare.queue,
+                    passive: declare.passive,
+                    durable: declare.durable,
+                    exclusive: declare.exclusive,
+                    auto_delete: declare.auto_delete,
+                    arguments: declare.arguments,
+                };
+                let declared = if server_named {
+                    hub.broker
+                        .declare_server_named_queue(self.id, declare_queue)?
+                } else {
+                    hub.broker.declare_queue(self.id, declare_queue)?
+                };
                 if !nowait {
                     self.reply(
                         number,

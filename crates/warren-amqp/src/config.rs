@@ -1,19 +1,13 @@
 //! The AMQP server's settings, each with the limit it puts on a peer.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use warren_access::{
+    AccessControl, DeclaredPassword, DeclaredUser, Definitions, PermissionEntry, Permissions, Tags,
+};
 use warren_core::Limits;
-
-/// A user allowed to connect.
-#[derive(Debug, Clone)]
-pub struct User {
-    pub name: String,
-    pub password: String,
-    /// Whether the user may connect only from a loopback address, as
-    /// RabbitMQ's default `guest` may.
-    pub loopback_only: bool,
-}
 
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
@@ -31,6 +25,9 @@ pub struct AmqpConfig {
     pub message_size_max_bytes: u64,
     /// Open client connections; a socket beyond this is closed on accept.
     pub connections_max: usize,
+    /// Open connections one user may hold, so that one tenant (or one
+    /// leaked credential) cannot take every slot of `connections_max`.
+    pub connections_per_user_max: usize,
     /// Time a client has to finish the opening handshake.
     pub handshake_timeout: Duration,
     /// Frames queued for a connection's socket before the broker stops
@@ -45,8 +42,8 @@ pub struct AmqpConfig {
     pub pending_confirms_per_channel_max: usize,
     pub storage: StorageConfig,
     pub limits: Limits,
-    pub users: Vec<User>,
-    pub vhosts: Vec<String>,
+    /// Users, vhosts and permissions.
+    pub access: Arc<AccessControl>,
 }
 
 impl Default for AmqpConfig {
@@ -57,20 +54,44 @@ impl Default for AmqpConfig {
             heartbeat_s: 60,
             message_size_max_bytes: 16 * 1024 * 1024,
             connections_max: 10_000,
+            connections_per_user_max: 10_000,
             handshake_timeout: Duration::from_secs(10),
             outbound_frames_max: 4_096,
             tx_operations_max: 100_000,
             pending_confirms_per_channel_max: 10_000,
             storage: StorageConfig::default(),
             limits: Limits::default(),
-            users: vec![User {
-                name: "guest".to_owned(),
-                password: "guest".to_owned(),
-                loopback_only: true,
-            }],
-            vhosts: vec!["/".to_owned()],
+            access: Arc::new(AccessControl::in_memory(
+                default_definitions(),
+                default_loopback_users(),
+            )),
         }
     }
+}
+
+/// What a broker starts with when it has no access file yet, as RabbitMQ
+/// does: the vhost `/` and the user `guest` (password `guest`, tagged
+/// administrator) with every permission there.
+pub fn default_definitions() -> Definitions {
+    Definitions {
+        users: vec![DeclaredUser {
+            name: "guest".to_owned(),
+            password: DeclaredPassword::Plain("guest".to_owned()),
+            tags: Tags::administrator(),
+        }],
+        vhosts: vec!["/".to_owned()],
+        permissions: vec![PermissionEntry {
+            user: "guest".to_owned(),
+            vhost: "/".to_owned(),
+            permissions: Arc::new(Permissions::full()),
+        }],
+    }
+}
+
+/// RabbitMQ's `loopback_users` default: `guest` may log in only from the
+/// machine itself, because everyone knows its password.
+pub fn default_loopback_users() -> Vec<String> {
+    vec!["guest".to_owned()]
 }
 
 /// Where and how durable state is kept.

@@ -16,8 +16,9 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
+use warren_access::Grant;
 use warren_core::{BrokerError, ConnectionId, ErrorCode, QueueId};
 use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_protocol_header};
 
@@ -55,8 +56,15 @@ pub(crate) struct FlowHold {
 /// How often a held-back publisher looks at its queue again.
 const FLOW_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
-/// Read buffer size; grows up to one frame_max when a large frame arrives.
-const READ_BUFFER_INITIAL_BYTES: usize = 64 * 1024;
+/// Bytes read at a time once the peer has logged in; the buffer grows up to
+/// one frame_max when a large frame arrives.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Bytes read at a time before the peer has logged in. With frames capped at
+/// the AMQP minimum until `connection.tune-ok`, a peer that has not
+/// authenticated can make the broker hold only a few KiB, however many such
+/// peers there are and however slowly they send.
+const HANDSHAKE_READ_CHUNK_BYTES: usize = FRAME_MIN_SIZE_BYTES as usize;
 
 /// Why the frame loop stopped.
 #[derive(Debug)]
@@ -113,6 +121,16 @@ pub(crate) struct Connection {
     heartbeat_s: u16,
     pub(crate) channels: HashMap<u16, Channel>,
     pub(crate) user: String,
+    /// The user's permissions in this connection's vhost, set by
+    /// `connection.open`; every channel method is checked against it.
+    pub(crate) grant: Option<Grant>,
+    /// Bytes `read_more` makes room for: small until the peer has logged in.
+    read_chunk_bytes: usize,
+    /// Argon2 checks run on the blocking pool, at most this many at once.
+    logins: Arc<Semaphore>,
+    /// The common name of the client's verified TLS certificate, for
+    /// EXTERNAL.
+    certificate_name: Option<String>,
     /// Whether the broker has this connection registered.
     opened: bool,
     pub(crate) signals: StorageSignals,
@@ -152,6 +170,7 @@ pub async fn serve(
     config: Arc<AmqpConfig>,
     hub: SharedHub,
     signals: StorageSignals,
+    logins: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = socket.set_nodelay(true);
@@ -165,7 +184,8 @@ pub async fn serve(
         id,
         peer,
         local,
-        decoder: FrameDecoder::new(config.frame_max_bytes),
+        // Until tune-ok, frames are capped at the AMQP minimum (§4.2.3).
+        decoder: FrameDecoder::new(FRAME_MIN_SIZE_BYTES),
         channel_max: config.channel_max,
         frame_max_bytes: config.frame_max_bytes,
         heartbeat_s: 0,
@@ -174,10 +194,14 @@ pub async fn serve(
         out,
         tuning,
         reader,
-        buffer: BytesMut::with_capacity(READ_BUFFER_INITIAL_BYTES),
+        buffer: BytesMut::with_capacity(HANDSHAKE_READ_CHUNK_BYTES),
         shutdown,
         channels: HashMap::new(),
         user: String::new(),
+        grant: None,
+        read_chunk_bytes: HANDSHAKE_READ_CHUNK_BYTES,
+        logins,
+        certificate_name: None,
         opened: false,
         signals,
         has_published: false,
@@ -232,13 +256,29 @@ impl Connection {
         };
         let capabilities = client_capabilities(&start_ok.client_properties);
         self.blocked_notify = capabilities.connection_blocked;
-        match auth::authenticate(
-            &self.config.users,
-            start_ok.mechanism.as_str(),
-            start_ok.response.as_bytes(),
-            self.peer.ip(),
-        ) {
-            Ok(user) => self.user = user,
+        let login = {
+            // The permit bounds how many Argon2 checks (19 MiB each) run at
+            // once, whatever the number of peers logging in.
+            let _permit = self.logins.acquire().await.map_err(|_| shutdown_fault())?;
+            let access = Arc::clone(&self.config.access);
+            let mechanism = start_ok.mechanism.to_string();
+            let response = start_ok.response.as_bytes().to_vec();
+            let peer = self.peer.ip();
+            let certificate_name = self.certificate_name.clone();
+            tokio::task::spawn_blocking(move || {
+                auth::authenticate(
+                    &access,
+                    &mechanism,
+                    &response,
+                    peer,
+                    certificate_name.as_deref(),
+                )
+            })
+            .await
+            .map_err(|_| shutdown_fault())?
+        };
+        match login {
+            Ok(user) => self.user = user.name,
             Err(error) => {
                 return Err(self.refuse_login(error, capabilities.authentication_failure_close));
             }
@@ -263,15 +303,30 @@ impl Connection {
             other => return Err(unexpected_in_handshake("connection.open", &other)),
         };
         let vhost = open.virtual_host.as_str();
+        let refuse_open = |text: String| Fault::Connection {
+            error: BrokerError::not_allowed(text),
+            class_id: 10,
+            method_id: 40,
+        };
+        if let Err(refusal) = self.config.access.open_vhost(&self.user, vhost) {
+            warn!(peer = %self.peer, user = %self.user, %refusal, "connection.open refused");
+            return Err(refuse_open(refusal.to_string()));
+        }
         {
             let mut hub = self.hub.lock();
-            if !hub.broker.vhost_exists(vhost) {
-                return Err(Fault::Connection {
-                    error: BrokerError::not_allowed(format!("vhost '{vhost}' not found")),
-                    class_id: 10,
-                    method_id: 40,
-                });
+            let user_connections = hub.connections_of_user(&self.user);
+            let user_connections_max = self.config.connections_per_user_max;
+            if user_connections >= user_connections_max {
+                warn!(peer = %self.peer, user = %self.user, limit = user_connections_max,
+                    "connection.open refused: the user's connection limit is reached");
+                return Err(refuse_open(format!(
+                    "Connection refused for user '{}'. User connection limit ({user_connections_max}) is reached",
+                    self.user
+                )));
             }
+            // The access control is the authority on which vhosts exist; the
+            // broker learns of one made at run time here at the latest.
+            hub.broker.add_vhost(vhost);
             hub.broker
                 .open_connection(self.id, vhost, capabilities.consumer_cancel_notify);
             let info = ConnectionInfo {
@@ -289,6 +344,12 @@ impl Connection {
             hub.register_connection(info, self.out.clone(), self.notices.clone());
             self.opened = true;
         }
+        self.grant = Some(Grant::new(
+            Arc::clone(&self.config.access),
+            &self.user,
+            vhost,
+        ));
+        self.read_chunk_bytes = READ_CHUNK_BYTES;
         self.out.method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
@@ -601,8 +662,8 @@ impl Connection {
             0 => Duration::from_secs(u32::MAX as u64),
             seconds => Duration::from_secs(seconds as u64 * 2),
         };
-        if self.buffer.capacity() - self.buffer.len() < 4096 {
-            self.buffer.reserve(READ_BUFFER_INITIAL_BYTES);
+        if self.buffer.capacity() - self.buffer.len() < HANDSHAKE_READ_CHUNK_BYTES {
+            self.buffer.reserve(self.read_chunk_bytes);
         }
         tokio::select! {
             read = tokio::time::timeout(silence_max, self.reader.read_buf(&mut self.buffer)) => match read {

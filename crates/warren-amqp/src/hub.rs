@@ -161,6 +161,35 @@ impl Hub {
         self.connections.get(&connection)
     }
 
+    /// Open connections logged in as `user`; a scan, made once per
+    /// `connection.open`, which is cheap next to the login before it.
+    pub(crate) fn connections_of_user(&self, user: &str) -> usize {
+        self.connections
+            .values()
+            .filter(|info| info.user == user)
+            .count()
+    }
+
+    /// Asks every connection that matches to close with 320
+    /// CONNECTION_FORCED (its user or its vhost was deleted); returns how
+    /// many were asked.
+    pub fn close_connections_where(
+        &self,
+        matches: impl Fn(&ConnectionInfo) -> bool,
+        reason: &str,
+    ) -> usize {
+        let chosen: Vec<ConnectionId> = self
+            .connections
+            .values()
+            .filter(|info| matches(info))
+            .map(|info| info.id)
+            .collect();
+        chosen
+            .into_iter()
+            .filter(|id| self.close_connection(*id, reason))
+            .count()
+    }
+
     /// Asks a connection to close itself with 320 CONNECTION_FORCED;
     /// false when it is not open.
     pub fn close_connection(&self, connection: ConnectionId, reason: &str) -> bool {

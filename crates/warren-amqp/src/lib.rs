@@ -2,7 +2,9 @@
 //! writer task per connection, channel state, and the mapping between AMQP
 //! methods and `warren-core` broker operations, with RabbitMQ's error codes.
 
+mod admin;
 pub mod auth;
+mod authorize;
 mod channel;
 mod config;
 mod connection;
@@ -12,7 +14,8 @@ mod server;
 mod storage;
 mod writer;
 
-pub use config::{AmqpConfig, StorageConfig, User};
+pub use admin::{Admin, AdminError};
+pub use config::{AmqpConfig, StorageConfig, default_definitions, default_loopback_users};
 pub use hub::{ConnectionInfo, Hub, SharedHub, wall_clock_ms};
 pub use server::{AmqpServer, StartError};
 pub use warren_proto::FRAME_MIN_SIZE_BYTES;

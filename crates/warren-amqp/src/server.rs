@@ -6,15 +6,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 use warren_core::Broker;
 
+use crate::admin::Admin;
 use crate::config::AmqpConfig;
 use crate::connection;
 use crate::hub::{Hub, SharedHub, wall_clock_ms};
 use crate::storage::{self, StorageError, StorageSignals};
+
+/// Password checks (Argon2id: about 19 MiB and tens of milliseconds each)
+/// running at once; a flood of logins queues here instead of taking all the
+/// memory and every core.
+const LOGINS_IN_PROGRESS_MAX: usize = 4;
 
 /// How long shutdown waits for connections to finish their closing
 /// handshake before the process exits anyway.
@@ -45,7 +51,7 @@ impl AmqpServer {
             .map(|elapsed| elapsed.as_nanos() as u64)
             .unwrap_or(0x9E37_79B9_7F4A_7C15)
             ^ (std::process::id() as u64) << 32;
-        let mut broker = Broker::new(&config.vhosts, config.limits.clone(), seed);
+        let mut broker = Broker::new(&config.access.vhosts(), config.limits.clone(), seed);
         broker.advance_clock(wall_clock_ms());
         let (signals, disk_alarm) = storage::open(&mut broker, &config.storage)?;
         let listener = TcpListener::bind(address).await?;
@@ -67,6 +73,12 @@ impl AmqpServer {
         self.hub.clone()
     }
 
+    /// Changes to users, vhosts and permissions that reach the running
+    /// broker (for the HTTP API).
+    pub fn admin(&self) -> Admin {
+        Admin::new(Arc::clone(&self.config.access), self.hub.clone())
+    }
+
     pub fn config(&self) -> Arc<AmqpConfig> {
         Arc::clone(&self.config)
     }
@@ -74,6 +86,7 @@ impl AmqpServer {
     /// Accepts connections until `shutdown` turns true, then closes them all.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut connections = JoinSet::new();
+        let logins = Arc::new(Semaphore::new(LOGINS_IN_PROGRESS_MAX));
         let timer = tokio::spawn(self.hub.clone().run_timer());
         let disk_monitor = tokio::spawn(storage::watch_disk(
             self.hub.clone(),
@@ -98,6 +111,7 @@ impl AmqpServer {
                             Arc::clone(&self.config),
                             self.hub.clone(),
                             self.signals.clone(),
+                            Arc::clone(&logins),
                             shutdown.clone(),
                         ));
                     }

@@ -49,6 +49,10 @@ pub struct Limits {
     /// are held back until it is down to half (see `flow.rs`); 0 turns flow
     /// control off.
     pub flow_ready_max: usize,
+    /// Queues one vhost may hold, so that one tenant cannot exhaust the
+    /// broker's memory with declarations; RabbitMQ's `max-queues` vhost
+    /// limit, on by default here.
+    pub queues_per_vhost_max: usize,
 }
 
 impl Default for Limits {
@@ -58,6 +62,7 @@ impl Default for Limits {
             unacked_per_channel_max: 100_000,
             deliveries_unwritten_per_channel_max: 2_048,
             flow_ready_max: FLOW_READY_MAX_DEFAULT,
+            queues_per_vhost_max: 100_000,
         }
     }
 }
@@ -641,10 +646,13 @@ impl Broker {
 
     // ----- queues --------------------------------------------------------
 
+    /// `server_named`: the name came from `generate_queue_name`, so its
+    /// `amq.gen-` prefix is the broker's own and not a reserved name.
     pub(crate) fn declare_queue_unsaved(
         &mut self,
         connection: ConnectionId,
         declare: QueueDeclare,
+        server_named: bool,
     ) -> BrokerResult<QueueDeclared> {
         let vhost_name = self.vhost_of(connection)?;
         let mut name = declare.name.clone();
@@ -678,10 +686,17 @@ impl Broker {
             )));
         }
         if name.as_str().is_empty() {
-            name = self.generate_name("amq.gen-").into();
-        } else if name.as_str().starts_with("amq.") {
+            name = self.generate_queue_name();
+        } else if name.as_str().starts_with("amq.") && !server_named {
             return Err(BrokerError::access_refused(format!(
                 "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let queues_max = self.limits.queues_per_vhost_max;
+        if self.vhosts[&vhost_name].queues.len() >= queues_max {
+            return Err(BrokerError::precondition_failed(format!(
+                "cannot declare queue '{name}': queue limit in virtual host '{vhost_name}' \
+                 is reached ({queues_max})"
             )));
         }
         let args = QueueArguments::parse(
@@ -1011,11 +1026,22 @@ impl Broker {
 
     // ----- helpers -------------------------------------------------------
 
+    /// The vhost a connection opened, which an operator may have deleted
+    /// since: the connection is then being closed, and every operation it
+    /// still sends is refused with 320 instead of touching the vhost.
     pub(crate) fn vhost_of(&self, connection: ConnectionId) -> BrokerResult<String> {
-        self.connections
+        let vhost = self
+            .connections
             .get(&connection)
             .map(|state| state.vhost.clone())
-            .ok_or_else(|| BrokerError::new(ErrorCode::InternalError, "connection is not open"))
+            .ok_or_else(|| BrokerError::new(ErrorCode::InternalError, "connection is not open"))?;
+        if !self.vhosts.contains_key(&vhost) {
+            return Err(BrokerError::new(
+                ErrorCode::ConnectionForced,
+                format!("vhost '{vhost}' is deleted"),
+            ));
+        }
+        Ok(vhost)
     }
 
     pub(crate) fn channel_mut(
@@ -1041,6 +1067,13 @@ impl Broker {
             })?;
         self.queues[&id].check_access(connection)?;
         Ok(id)
+    }
+
+    /// A fresh name for a queue declared with an empty name, handed out
+    /// before the declaration so that permissions can be checked against
+    /// the name the queue will have, as RabbitMQ does.
+    pub fn generate_queue_name(&mut self) -> ShortString {
+        self.generate_name("amq.gen-").into()
     }
 
     /// A name like RabbitMQ's server-generated ones: a prefix and 22

@@ -101,9 +101,35 @@ impl Broker {
         connection: ConnectionId,
         declare: QueueDeclare,
     ) -> BrokerResult<QueueDeclared> {
-        let declared = self.declare_queue_unsaved(connection, declare)?;
+        let declared = self.declare_queue_unsaved(connection, declare, false)?;
         self.sync_topology()?;
         Ok(declared)
+    }
+
+    /// Declares a queue under a name from `generate_queue_name`.
+    pub fn declare_server_named_queue(
+        &mut self,
+        connection: ConnectionId,
+        declare: QueueDeclare,
+    ) -> BrokerResult<QueueDeclared> {
+        let declared = self.declare_queue_unsaved(connection, declare, true)?;
+        self.sync_topology()?;
+        Ok(declared)
+    }
+
+    /// Deletes a vhost with its queues, their messages and its exchanges.
+    /// Connections still open in it get 320 on their next operation; the
+    /// caller closes them.
+    pub fn delete_vhost(&mut self, name: &str, out: &mut Outbox) -> BrokerResult<()> {
+        let Some(vhost) = self.vhosts.get(name) else {
+            return Ok(());
+        };
+        let queues: Vec<QueueId> = vhost.queues.values().copied().collect();
+        for id in queues {
+            self.delete_queue_by_id(id, out);
+        }
+        self.vhosts.remove(name);
+        self.sync_topology()
     }
 
     /// `queue.bind` (bind = true) and `queue.unbind`.

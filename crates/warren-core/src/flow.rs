@@ -59,9 +59,10 @@ impl Broker {
     pub fn flow_holds(&self, queue: QueueId) -> bool {
         let limit = self.limits.flow_ready_max;
         limit != 0
-            && self.queues.get(&queue).is_some_and(|queue| {
-                !queue.consumers.is_empty() && queue.ready_count() > limit / 2
-            })
+            && self
+                .queues
+                .get(&queue)
+                .is_some_and(|queue| !queue.consumers.is_empty() && queue.ready_count() > limit / 2)
     }
 
     /// How many more messages a queue holding back a publisher has room

@@ -1,5 +1,18 @@
 //! HTTP basic auth against the broker's users, with the same rules as an
-//! AMQP login (`guest` only from a loopback address).
+//! AMQP login (Argon2id hashes, `guest` only from a loopback address), and
+//! the user tags that decide what the management API shows and allows, as
+//! in RabbitMQ's management plugin:
+//!
+//! * no management tag: refused everywhere under `/api` (401);
+//! * `management`, `policymaker`: only the vhosts they have permissions in,
+//!   and only their own connections;
+//! * `monitoring`: every vhost and connection, read only where permissions
+//!   say so;
+//! * `administrator`: all of that, plus users, vhosts and permissions.
+//!
+//! What a user may change in a vhost is not decided here: every change
+//! goes through the gateway's AMQP connection as that user, where the
+//! permission checks of `warren-amqp` apply.
 
 use std::net::SocketAddr;
 
@@ -8,7 +21,7 @@ use axum::http::header;
 use axum::http::request::Parts;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use warren_amqp::auth::{AuthError, check_password};
+use warren_access::{LoginError, Tags};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -18,6 +31,7 @@ use crate::state::AppState;
 pub struct Credentials {
     pub user: String,
     pub password: String,
+    pub tags: Tags,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -25,6 +39,29 @@ impl std::fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("user", &self.user)
             .finish()
+    }
+}
+
+impl Credentials {
+    /// Users, vhosts and permissions are the administrator's.
+    pub fn require_administrator(&self) -> Result<(), ApiError> {
+        if self.tags.is_administrator() {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized("Not administrator user".to_owned()))
+        }
+    }
+
+    /// Whether this user sees the vhost's queues, exchanges, bindings and
+    /// connections.
+    pub fn sees_vhost(&self, state: &AppState, vhost: &str) -> bool {
+        self.tags.can_monitor() || state.access().permissions_of(&self.user, vhost).is_some()
+    }
+
+    /// Whether this user sees a connection: monitoring users see all,
+    /// others only their own.
+    pub fn sees_connection_of(&self, user: &str) -> bool {
+        self.tags.can_monitor() || self.user == user
     }
 }
 
@@ -55,21 +92,37 @@ impl FromRequestParts<AppState> for Credentials {
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(address)| address.ip())
             .ok_or_else(|| ApiError::Internal("the peer address is unknown".to_owned()))?;
-        match check_password(&state.amqp.users, "PLAIN", user, password, peer) {
-            Ok(_) => Ok(Credentials {
-                user: user.to_owned(),
-                password: password.to_owned(),
-            }),
-            Err(AuthError::LoopbackOnly(user)) => {
+        let login = {
+            let access = std::sync::Arc::clone(state.access());
+            let (user, password) = (user.to_owned(), password.to_owned());
+            // Argon2 is slow the first time a password is seen: off the
+            // executor, like an AMQP login.
+            tokio::task::spawn_blocking(move || access.login_with_password(&user, &password, peer))
+                .await
+                .map_err(|_| ApiError::Internal("the login check failed".to_owned()))?
+        };
+        let found = match login {
+            Ok(found) => found,
+            Err(LoginError::LoopbackOnly { user }) => {
                 tracing::warn!(%user, %peer, "HTTP login refused: loopback-only user");
-                Err(unauthorized(&format!(
+                return Err(unauthorized(&format!(
                     "user '{user}' can only log in via localhost"
-                )))
+                )));
             }
             Err(error) => {
                 tracing::warn!(%user, %peer, %error, "HTTP login refused");
-                Err(unauthorized("login failed"))
+                return Err(unauthorized("login failed"));
             }
+        };
+        let under_api = parts.uri.path().starts_with("/api/");
+        if under_api && !found.tags.can_manage() {
+            tracing::warn!(%user, %peer, "HTTP request refused: not a management user");
+            return Err(unauthorized("Not management user"));
         }
+        Ok(Credentials {
+            user: found.name,
+            password: password.to_owned(),
+            tags: found.tags,
+        })
     }
 }

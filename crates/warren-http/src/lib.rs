@@ -27,7 +27,7 @@ use axum::Router;
 use axum::routing::{delete, get, post};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use warren_amqp::{AmqpConfig, SharedHub};
+use warren_amqp::{Admin, SharedHub};
 
 pub use error::ApiError;
 pub use state::{HttpConfig, NodeInfo};
@@ -46,7 +46,7 @@ pub struct HttpServer {
 /// What the HTTP side is given by the binary.
 pub struct HttpContext {
     pub hub: SharedHub,
-    pub amqp: Arc<AmqpConfig>,
+    pub admin: Admin,
     pub amqp_address: SocketAddr,
     pub models: Arc<dyn ModelDirectory>,
     pub node_name: String,
@@ -64,8 +64,8 @@ impl HttpServer {
         let state = AppState {
             inference: Arc::new(Inference::new(config.inference_in_flight_max)),
             config: Arc::new(config),
-            amqp: context.amqp,
             hub: context.hub,
+            admin: context.admin,
             gateway: Arc::new(Gateway::new(context.amqp_address)),
             rates: Arc::new(Rates::default()),
             models: context.models,
@@ -100,7 +100,7 @@ impl HttpServer {
 }
 
 fn router(state: AppState) -> Router {
-    use api::{bindings, connections, consume, exchanges, messages, overview, queues};
+    use api::{access, bindings, connections, consume, exchanges, messages, overview, queues};
     let binding_path = "/api/bindings/{vhost}/e/{source}/{kind}/{destination}";
     Router::new()
         .route("/", get(dashboard::index))
@@ -109,7 +109,34 @@ fn router(state: AppState) -> Router {
         .route("/api/overview", get(overview::overview))
         .route("/api/whoami", get(overview::whoami))
         .route("/api/vhosts", get(overview::vhosts))
-        .route("/api/vhosts/{vhost}", get(overview::vhost))
+        .route(
+            "/api/vhosts/{vhost}",
+            get(overview::vhost)
+                .put(access::put_vhost)
+                .delete(access::delete_vhost),
+        )
+        .route(
+            "/api/vhosts/{vhost}/permissions",
+            get(access::vhost_permissions),
+        )
+        .route("/api/users", get(access::users))
+        .route(
+            "/api/users/{user}",
+            get(access::show_user)
+                .put(access::put_user)
+                .delete(access::delete_user),
+        )
+        .route(
+            "/api/users/{user}/permissions",
+            get(access::user_permissions),
+        )
+        .route("/api/permissions", get(access::permissions))
+        .route(
+            "/api/permissions/{vhost}/{user}",
+            get(access::show_permission)
+                .put(access::put_permission)
+                .delete(access::delete_permission),
+        )
         .route("/api/queues", get(queues::list))
         .route("/api/queues/{vhost}", get(queues::list))
         .route(

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use warren_amqp::{AmqpConfig, SharedHub};
+use warren_amqp::{Admin, SharedHub};
 
 use crate::gateway::Gateway;
 use crate::inference::Inference;
@@ -54,11 +54,19 @@ pub struct NodeInfo {
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<HttpConfig>,
-    pub amqp: Arc<AmqpConfig>,
     pub hub: SharedHub,
+    /// Changes to users, vhosts and permissions.
+    pub admin: Admin,
     pub gateway: Arc<Gateway>,
     pub rates: Arc<Rates>,
     pub models: Arc<dyn ModelDirectory>,
     pub inference: Arc<Inference>,
     pub node: Arc<NodeInfo>,
+}
+
+impl AppState {
+    /// Users, vhosts and permissions.
+    pub fn access(&self) -> &Arc<warren_access::AccessControl> {
+        self.admin.access()
+    }
 }

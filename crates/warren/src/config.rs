@@ -3,9 +3,16 @@
 
 use std::path::Path;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use anyhow::Context;
 use serde::Deserialize;
-use warren_amqp::{AmqpConfig, User};
+use warren_access::{
+    AccessControl, DeclaredPassword, DeclaredUser, Definitions, PasswordHash, PermissionEntry,
+    Permissions, Tags,
+};
+use warren_amqp::{AmqpConfig, default_definitions, default_loopback_users};
 use warren_http::HttpConfig;
 
 #[derive(Debug, Default, Deserialize)]
@@ -18,9 +25,13 @@ pub struct FileConfig {
     #[serde(default)]
     pub http: HttpSection,
     #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
     pub users: Vec<UserEntry>,
     #[serde(default)]
     pub vhosts: Vec<VhostEntry>,
+    #[serde(default)]
+    pub permissions: Vec<PermissionsEntry>,
     /// `[[model]]`: models served from queues (see docs/inference.md).
     #[serde(default, rename = "model")]
     pub models: Vec<warren_infer::deploy::ModelConfig>,
@@ -34,6 +45,8 @@ pub struct AmqpSection {
     pub heartbeat_s: Option<u16>,
     pub message_size_max_bytes: Option<u64>,
     pub connections_max: Option<usize>,
+    pub connections_per_user_max: Option<usize>,
+    pub queues_per_vhost_max: Option<usize>,
     pub handshake_timeout_s: Option<u64>,
     pub consumers_per_channel_max: Option<usize>,
     pub unacked_per_channel_max: Option<usize>,
@@ -61,13 +74,45 @@ pub struct HttpSection {
     pub get_count_max: Option<usize>,
 }
 
+/// `[auth]`: who may log in from where.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// Users who may log in only from a loopback address; default
+    /// `["guest"]`, as RabbitMQ's `loopback_users`. `[]` lets guest in from
+    /// anywhere.
+    pub loopback_users: Option<Vec<String>>,
+}
+
+/// `[[users]]`: installed (or updated) at every start.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
     pub name: String,
-    pub password: String,
+    /// Hashed with Argon2id at start; never stored as given.
+    pub password: Option<String>,
+    /// An Argon2id PHC string (`warren ctl hash-password` makes one), so
+    /// that the configuration file need not hold the password.
+    pub password_hash: Option<String>,
     #[serde(default)]
-    pub loopback_only: bool,
+    pub tags: Vec<String>,
+}
+
+/// `[[permissions]]`: a user's rights in a vhost, as RabbitMQ's
+/// `set_permissions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionsEntry {
+    pub user: String,
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
+fn default_vhost() -> String {
+    "/".to_owned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +185,17 @@ impl FileConfig {
         if let Some(connections) = section.connections_max {
             config.connections_max = connections;
         }
+        if let Some(connections) = section.connections_per_user_max {
+            anyhow::ensure!(
+                connections > 0,
+                "amqp.connections_per_user_max must be at least 1"
+            );
+            config.connections_per_user_max = connections;
+        }
+        if let Some(queues) = section.queues_per_vhost_max {
+            anyhow::ensure!(queues > 0, "amqp.queues_per_vhost_max must be at least 1");
+            config.limits.queues_per_vhost_max = queues;
+        }
         if let Some(seconds) = section.handshake_timeout_s {
             config.handshake_timeout = std::time::Duration::from_secs(seconds);
         }
@@ -176,24 +232,61 @@ impl FileConfig {
             );
             config.storage.segment_size_bytes = size;
         }
+        Ok(config)
+    }
+
+    /// The users, vhosts and permissions of the configuration file.
+    fn declared_definitions(&self) -> anyhow::Result<Definitions> {
+        let mut definitions = Definitions::default();
         for entry in &self.users {
-            anyhow::ensure!(
-                !entry.name.is_empty(),
-                "a [[users]] entry has an empty name"
-            );
-            config.users.retain(|user| user.name != entry.name);
-            config.users.push(User {
+            let password = match (&entry.password, &entry.password_hash) {
+                (Some(_), Some(_)) => anyhow::bail!(
+                    "user '{}': give password or password_hash, not both",
+                    entry.name
+                ),
+                (Some(password), None) => DeclaredPassword::Plain(password.clone()),
+                (None, Some(hash)) => DeclaredPassword::Hash(
+                    PasswordHash::parse(hash)
+                        .with_context(|| format!("user '{}': password_hash", entry.name))?,
+                ),
+                (None, None) => DeclaredPassword::None,
+            };
+            definitions.users.push(DeclaredUser {
                 name: entry.name.clone(),
-                password: entry.password.clone(),
-                loopback_only: entry.loopback_only,
+                password,
+                tags: Tags::new(&entry.tags)
+                    .with_context(|| format!("user '{}': tags", entry.name))?,
             });
         }
-        for vhost in &self.vhosts {
-            if !config.vhosts.contains(&vhost.name) {
-                config.vhosts.push(vhost.name.clone());
-            }
+        definitions.vhosts = self.vhosts.iter().map(|vhost| vhost.name.clone()).collect();
+        for entry in &self.permissions {
+            let permissions = Permissions::new(&entry.configure, &entry.write, &entry.read)
+                .with_context(|| format!("permissions of '{}' in '{}'", entry.user, entry.vhost))?;
+            definitions.permissions.push(PermissionEntry {
+                user: entry.user.clone(),
+                vhost: entry.vhost.clone(),
+                permissions: Arc::new(permissions),
+            });
         }
-        Ok(config)
+        Ok(definitions)
+    }
+
+    /// Opens the access file in the data directory (RabbitMQ's defaults
+    /// on the first start) and applies the configuration file's users,
+    /// vhosts and permissions over it.
+    pub fn access_control(&self, data_dir: Option<PathBuf>) -> anyhow::Result<AccessControl> {
+        let loopback_users = self
+            .auth
+            .loopback_users
+            .clone()
+            .unwrap_or_else(default_loopback_users);
+        AccessControl::open(
+            data_dir,
+            default_definitions(),
+            self.declared_definitions()?,
+            loopback_users,
+        )
+        .context("loading users, vhosts and permissions")
     }
 }
 
@@ -207,7 +300,8 @@ mod tests {
         let amqp = config.amqp_config().unwrap();
         assert_eq!(amqp.channel_max, 2047);
         assert_eq!(amqp.frame_max_bytes, 131_072);
-        assert_eq!(amqp.users.len(), 1);
+        let access = config.access_control(None).unwrap();
+        assert_eq!(access.users().len(), 1, "only guest");
     }
 
     #[test]
@@ -216,22 +310,34 @@ mod tests {
             r#"
             [amqp]
             channel_max = 16
+            [auth]
+            loopback_users = []
             [[users]]
             name = "alice"
             password = "secret"
+            tags = ["management"]
             [[vhosts]]
             name = "ml"
+            [[permissions]]
+            user = "alice"
+            vhost = "ml"
+            configure = "^alice\\."
+            write = ".*"
+            read = ".*"
             "#,
         )
         .unwrap();
         let amqp = config.amqp_config().unwrap();
         assert_eq!(amqp.channel_max, 16);
-        assert!(
-            amqp.users
-                .iter()
-                .any(|user| user.name == "alice" && !user.loopback_only)
-        );
-        assert!(amqp.vhosts.contains(&"ml".to_owned()));
+        let access = config.access_control(None).unwrap();
+        let remote = std::net::IpAddr::from([192, 0, 2, 7]);
+        let alice = access
+            .login_with_password("alice", "secret", remote)
+            .unwrap();
+        assert!(alice.tags.can_manage());
+        assert!(access.login_with_password("guest", "guest", remote).is_ok());
+        assert!(access.open_vhost("alice", "ml").is_ok());
+        assert!(access.open_vhost("alice", "/").is_err());
     }
 
     #[test]
@@ -239,5 +345,12 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("[amqp]\nchanel_max = 3").is_err());
         let config: FileConfig = toml::from_str("[amqp]\nframe_max_bytes = 100").unwrap();
         assert!(config.amqp_config().is_err());
+        let bad_pattern =
+            "[[permissions]]\nuser = \"guest\"\nconfigure = \"(\"\nwrite = \"\"\nread = \"\"";
+        let config: FileConfig = toml::from_str(bad_pattern).unwrap();
+        assert!(config.access_control(None).is_err());
+        let config: FileConfig =
+            toml::from_str("[[users]]\nname = \"x\"\npassword_hash = \"md5\"").unwrap();
+        assert!(config.access_control(None).is_err());
     }
 }

@@ -2,6 +2,7 @@
 //! the wiring of the broker's servers.
 
 mod config;
+mod ctl;
 mod models;
 
 use std::net::SocketAddr;
@@ -49,6 +50,10 @@ enum Command {
     /// Run the model workers of a configuration file against any AMQP
     /// 0-9-1 broker (Warren or RabbitMQ), without a broker of their own.
     Worker(WorkerArgs),
+
+    /// Manage a running broker's users, vhosts and permissions through its
+    /// management API (an administrator's credentials; guest by default).
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -150,6 +155,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Command::Ctl(args) = cli.command {
+        return ctl::run(args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("warren")
@@ -162,6 +170,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve(args.serve, vec![model]))
         }
         Command::Worker(args) => runtime.block_on(worker(args)),
+        Command::Ctl(_) => unreachable!("ctl runs without the async runtime"),
     }
 }
 
@@ -240,6 +249,7 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     amqp_config.storage.data_dir = Some(args.data_dir.clone());
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    amqp_config.access = Arc::new(file_config.access_control(Some(args.data_dir.clone()))?);
 
     let server = AmqpServer::bind(args.amqp_listen, amqp_config)
         .await
@@ -251,7 +261,7 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
         file_config.http_config()?,
         HttpContext {
             hub: server.hub(),
-            amqp: server.config(),
+            admin: server.admin(),
             amqp_address: address,
             models: Arc::clone(&deployed_models) as Arc<dyn warren_http::models::ModelDirectory>,
             node_name: node_name(),

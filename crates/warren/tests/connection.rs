@@ -214,6 +214,19 @@ password = "secret"
 
 [[vhosts]]
 name = "staging"
+
+[[permissions]]
+user = "alice"
+configure = ".*"
+write = ".*"
+read = ".*"
+
+[[permissions]]
+user = "alice"
+vhost = "staging"
+configure = ".*"
+write = ".*"
+read = ".*"
 "#,
     )
     .await;

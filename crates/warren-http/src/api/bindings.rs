@@ -55,6 +55,7 @@ fn binding_json(binding: &BindingInfo) -> Value {
 
 fn bindings_where(
     state: &AppState,
+    user: &Credentials,
     vhost: Option<&str>,
     keep: impl Fn(&BindingInfo) -> bool,
 ) -> Json<Value> {
@@ -62,7 +63,7 @@ fn bindings_where(
     Json(Value::Array(
         bindings
             .iter()
-            .filter(|binding| keep(binding))
+            .filter(|binding| user.sees_vhost(state, &binding.vhost) && keep(binding))
             .map(binding_json)
             .collect(),
     ))
@@ -71,45 +72,45 @@ fn bindings_where(
 /// `GET /api/bindings` and `/api/bindings/{vhost}`.
 pub async fn list(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     vhost: Option<Path<String>>,
 ) -> ApiResult<Json<Value>> {
     let vhost = vhost.map(|Path(vhost)| vhost);
     if let Some(vhost) = &vhost {
-        require_vhost(&state, vhost)?;
+        require_vhost(&state, &user, vhost)?;
     }
-    Ok(bindings_where(&state, vhost.as_deref(), |_| true))
+    Ok(bindings_where(&state, &user, vhost.as_deref(), |_| true))
 }
 
 pub async fn of_queue(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    queues::find(&state, &vhost, &name)?;
-    Ok(bindings_where(&state, Some(&vhost), |binding| {
+    queues::find(&state, &user, &vhost, &name)?;
+    Ok(bindings_where(&state, &user, Some(&vhost), |binding| {
         binding.destination_kind == DestinationKind::Queue && binding.destination == name
     }))
 }
 
 pub async fn from_exchange(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let exchange = exchanges::find(&state, &vhost, &name)?;
-    Ok(bindings_where(&state, Some(&vhost), |binding| {
+    let exchange = exchanges::find(&state, &user, &vhost, &name)?;
+    Ok(bindings_where(&state, &user, Some(&vhost), |binding| {
         binding.source == exchange.name
     }))
 }
 
 pub async fn to_exchange(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let exchange = exchanges::find(&state, &vhost, &name)?;
-    Ok(bindings_where(&state, Some(&vhost), |binding| {
+    let exchange = exchanges::find(&state, &user, &vhost, &name)?;
+    Ok(bindings_where(&state, &user, Some(&vhost), |binding| {
         binding.destination_kind == DestinationKind::Exchange
             && binding.destination == exchange.name
     }))
@@ -129,15 +130,16 @@ fn destination_kind(segment: &str) -> ApiResult<DestinationKind> {
 /// Checks that both ends exist (404 otherwise).
 fn check_ends(
     state: &AppState,
+    user: &Credentials,
     vhost: &str,
     source: &str,
     kind: DestinationKind,
     destination: &str,
 ) -> ApiResult<()> {
-    exchanges::find(state, vhost, source)?;
+    exchanges::find(state, user, vhost, source)?;
     match kind {
-        DestinationKind::Queue => queues::find(state, vhost, destination).map(|_| ()),
-        DestinationKind::Exchange => exchanges::find(state, vhost, destination).map(|_| ()),
+        DestinationKind::Queue => queues::find(state, user, vhost, destination).map(|_| ()),
+        DestinationKind::Exchange => exchanges::find(state, user, vhost, destination).map(|_| ()),
     }
 }
 
@@ -165,11 +167,11 @@ fn between(
 
 pub async fn list_between(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     Path((vhost, source, kind, destination)): Path<(String, String, String, String)>,
 ) -> ApiResult<Json<Value>> {
     let kind = destination_kind(&kind)?;
-    check_ends(&state, &vhost, &source, kind, &destination)?;
+    check_ends(&state, &user, &vhost, &source, kind, &destination)?;
     Ok(Json(Value::Array(
         between(&state, &vhost, &source, kind, &destination)
             .iter()
@@ -195,7 +197,7 @@ pub async fn create(
     JsonBody(binding): JsonBody<NewBinding>,
 ) -> ApiResult<(StatusCode, HeaderMap)> {
     let kind = destination_kind(&kind)?;
-    check_ends(&state, &vhost, &source, kind, &destination)?;
+    check_ends(&state, &user, &vhost, &source, kind, &destination)?;
     let source_name = exchange_from_path(&source);
     if source_name.is_empty() {
         return Err(ApiError::Forbidden(
@@ -258,13 +260,14 @@ pub async fn create(
 
 fn find_binding(
     state: &AppState,
+    user: &Credentials,
     vhost: &str,
     source: &str,
     kind: DestinationKind,
     destination: &str,
     key: &str,
 ) -> ApiResult<BindingInfo> {
-    check_ends(state, vhost, source, kind, destination)?;
+    check_ends(state, user, vhost, source, kind, destination)?;
     between(state, vhost, source, kind, destination)
         .into_iter()
         .find(|binding| properties_key(binding) == key)
@@ -273,11 +276,11 @@ fn find_binding(
 
 pub async fn show(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     Path((vhost, source, kind, destination, key)): Path<(String, String, String, String, String)>,
 ) -> ApiResult<Json<Value>> {
     let kind = destination_kind(&kind)?;
-    let binding = find_binding(&state, &vhost, &source, kind, &destination, &key)?;
+    let binding = find_binding(&state, &user, &vhost, &source, kind, &destination, &key)?;
     Ok(Json(binding_json(&binding)))
 }
 
@@ -287,7 +290,7 @@ pub async fn delete(
     Path((vhost, source, kind, destination, key)): Path<(String, String, String, String, String)>,
 ) -> ApiResult<StatusCode> {
     let kind = destination_kind(&kind)?;
-    let binding = find_binding(&state, &vhost, &source, kind, &destination, &key)?;
+    let binding = find_binding(&state, &user, &vhost, &source, kind, &destination, &key)?;
     if binding.source.is_empty() {
         return Err(ApiError::Forbidden(
             "the default exchange's bindings cannot be removed".to_owned(),

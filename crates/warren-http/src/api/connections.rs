@@ -35,11 +35,12 @@ fn connection_json(state: &AppState, info: &ConnectionInfo, channels: usize) -> 
     })
 }
 
-pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
+pub async fn list(State(state): State<AppState>, user: Credentials) -> Json<Value> {
     let connections: Vec<(ConnectionInfo, usize)> = {
         let hub = state.hub.lock();
         hub.connection_infos()
             .into_iter()
+            .filter(|info| user.sees_connection_of(&info.user))
             .map(|info| {
                 let channels = hub.broker.channel_count(info.id);
                 (info, channels)
@@ -54,11 +55,12 @@ pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Val
     ))
 }
 
-fn find(state: &AppState, name: &str) -> ApiResult<(ConnectionInfo, usize)> {
+/// The connection, or 404; a connection the user may not see is not found.
+fn find(state: &AppState, user: &Credentials, name: &str) -> ApiResult<(ConnectionInfo, usize)> {
     let hub = state.hub.lock();
     hub.connection_infos()
         .into_iter()
-        .find(|info| info.name() == name)
+        .find(|info| info.name() == name && user.sees_connection_of(&info.user))
         .map(|info| {
             let channels = hub.broker.channel_count(info.id);
             (info, channels)
@@ -68,10 +70,10 @@ fn find(state: &AppState, name: &str) -> ApiResult<(ConnectionInfo, usize)> {
 
 pub async fn show(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let (info, channels) = find(&state, &name)?;
+    let (info, channels) = find(&state, &user, &name)?;
     Ok(Json(connection_json(&state, &info, channels)))
 }
 
@@ -81,7 +83,7 @@ pub async fn close(
     user: Credentials,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let (info, _) = find(&state, &name)?;
+    let (info, _) = find(&state, &user, &name)?;
     let reason = format!("Closed via management API by user '{}'", user.user);
     if state.hub.lock().close_connection(info.id, &reason) {
         Ok(StatusCode::NO_CONTENT)
@@ -119,7 +121,7 @@ fn channel_json(channel: &ChannelInfo, connection: &ConnectionInfo) -> Value {
     })
 }
 
-pub async fn channels(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
+pub async fn channels(State(state): State<AppState>, user: Credentials) -> Json<Value> {
     let (channels, connections) = {
         let hub = state.hub.lock();
         (hub.broker.channel_infos(), hub.connection_infos())
@@ -129,6 +131,7 @@ pub async fn channels(State(state): State<AppState>, _user: Credentials) -> Json
             .iter()
             .filter_map(|channel| {
                 connection_of(&connections, channel.connection)
+                    .filter(|connection| user.sees_connection_of(&connection.user))
                     .map(|connection| channel_json(channel, connection))
             })
             .collect(),
@@ -164,12 +167,12 @@ pub fn consumer_json(consumer: &ConsumerInfo, connections: &[ConnectionInfo]) ->
 /// `GET /api/consumers` and `/api/consumers/{vhost}`.
 pub async fn consumers(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     vhost: Option<Path<String>>,
 ) -> ApiResult<Json<Value>> {
     let vhost = vhost.map(|Path(vhost)| vhost);
     if let Some(vhost) = &vhost {
-        require_vhost(&state, vhost)?;
+        require_vhost(&state, &user, vhost)?;
     }
     let (consumers, connections) = {
         let hub = state.hub.lock();
@@ -181,6 +184,7 @@ pub async fn consumers(
     Ok(Json(Value::Array(
         consumers
             .iter()
+            .filter(|consumer| user.sees_vhost(&state, &consumer.vhost))
             .map(|consumer| consumer_json(consumer, &connections))
             .collect(),
     )))

@@ -70,7 +70,7 @@ pub async fn consume(
                 ))
             })?,
     };
-    queues::find(&state, &vhost, &name)?;
+    queues::find(&state, &user, &vhost, &name)?;
     // The consumer starts before the upgrade, so that a refusal (an
     // exclusive queue, say) is an HTTP error and not a closed socket.
     let channel = state.gateway.channel(&user, &vhost).await?;

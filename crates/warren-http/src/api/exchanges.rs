@@ -41,25 +41,31 @@ fn exchange_json(state: &AppState, exchange: &ExchangeInfo) -> Value {
 /// `GET /api/exchanges` and `/api/exchanges/{vhost}`.
 pub async fn list(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     vhost: Option<Path<String>>,
 ) -> ApiResult<Json<Value>> {
     let vhost = vhost.map(|Path(vhost)| vhost);
     if let Some(vhost) = &vhost {
-        require_vhost(&state, vhost)?;
+        require_vhost(&state, &user, vhost)?;
     }
     let items = state.hub.lock().broker.exchange_infos(vhost.as_deref());
     Ok(Json(Value::Array(
         items
             .iter()
+            .filter(|item| user.sees_vhost(&state, &item.vhost))
             .map(|item| exchange_json(&state, item))
             .collect(),
     )))
 }
 
 /// The exchange named in a path (`amq.default` is ""), or 404.
-pub fn find(state: &AppState, vhost: &str, name: &str) -> ApiResult<ExchangeInfo> {
-    require_vhost(state, vhost)?;
+pub fn find(
+    state: &AppState,
+    user: &Credentials,
+    vhost: &str,
+    name: &str,
+) -> ApiResult<ExchangeInfo> {
+    require_vhost(state, user, vhost)?;
     let name = exchange_from_path(name);
     state
         .hub
@@ -73,10 +79,13 @@ pub fn find(state: &AppState, vhost: &str, name: &str) -> ApiResult<ExchangeInfo
 
 pub async fn show(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(exchange_json(&state, &find(&state, &vhost, &name)?)))
+    Ok(Json(exchange_json(
+        &state,
+        &find(&state, &user, &vhost, &name)?,
+    )))
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,7 +114,7 @@ pub async fn declare(
     Path((vhost, name)): Path<(String, String)>,
     JsonBody(settings): JsonBody<ExchangeSettings>,
 ) -> ApiResult<StatusCode> {
-    require_vhost(&state, &vhost)?;
+    require_vhost(&state, &user, &vhost)?;
     let kind = settings
         .kind
         .ok_or_else(|| ApiError::BadRequest("the exchange's \"type\" is required".to_owned()))?;
@@ -120,7 +129,7 @@ pub async fn declare(
         ));
     }
     let arguments = json_to_table(&settings.arguments, "arguments")?;
-    let existed = find(&state, &vhost, &name).is_ok();
+    let existed = find(&state, &user, &vhost, &name).is_ok();
     let channel = state.gateway.channel(&user, &vhost).await?;
     channel
         .exchange_declare(
@@ -146,7 +155,7 @@ pub async fn delete(
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<StatusCode> {
     let if_unused = flag(query.get("if-unused"))?;
-    let exchange = find(&state, &vhost, &name)?;
+    let exchange = find(&state, &user, &vhost, &name)?;
     if exchange.name.is_empty() || exchange.name.starts_with("amq.") {
         return Err(ApiError::Forbidden(format!(
             "cannot delete the built-in exchange '{}'",

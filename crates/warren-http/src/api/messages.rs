@@ -92,7 +92,7 @@ pub async fn publish(
     Path((vhost, name)): Path<(String, String)>,
     JsonBody(form): JsonBody<PublishForm>,
 ) -> ApiResult<Json<Value>> {
-    let exchange = exchanges::find(&state, &vhost, &name)?;
+    let exchange = exchanges::find(&state, &user, &vhost, &name)?;
     let body = match form.payload_encoding.as_str() {
         "string" => form.payload.into_bytes(),
         "base64" => STANDARD
@@ -149,7 +149,7 @@ pub async fn get(
     Path((vhost, name)): Path<(String, String)>,
     JsonBody(form): JsonBody<GetForm>,
 ) -> ApiResult<Json<Value>> {
-    queues::find(&state, &vhost, &name)?;
+    queues::find(&state, &user, &vhost, &name)?;
     let (no_ack, requeue) = match form.ackmode.as_str() {
         "ack_requeue_true" | "reject_requeue_true" => (false, true),
         "ack_requeue_false" => (true, false),
@@ -248,7 +248,7 @@ pub async fn post_to_queue(
     headers: HeaderMap,
     Body(body): Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    queues::find(&state, &vhost, &name)?;
+    queues::find(&state, &user, &vhost, &name)?;
     post(&state, &user, &vhost, "", &name, &query, &headers, &body).await
 }
 
@@ -261,7 +261,7 @@ pub async fn post_to_exchange(
     headers: HeaderMap,
     Body(body): Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let exchange = exchanges::find(&state, &vhost, &name)?;
+    let exchange = exchanges::find(&state, &user, &vhost, &name)?;
     let routing_key = query.get("routing_key").cloned().unwrap_or_default();
     let exchange_name = exchange_from_path(&exchange.name).to_owned();
     post(

@@ -1,5 +1,6 @@
 //! The management API, shaped like RabbitMQ's: one module per resource.
 
+pub mod access;
 pub mod bindings;
 pub mod connections;
 pub mod consume;
@@ -12,6 +13,7 @@ pub mod queues;
 use serde_json::{Value, json};
 use warren_core::MessageCounts;
 
+use crate::auth::Credentials;
 use crate::error::ApiError;
 use crate::rates::MessageRates;
 use crate::state::AppState;
@@ -36,13 +38,18 @@ pub fn message_stats(counts: &MessageCounts, rates: &MessageRates) -> Value {
     })
 }
 
-/// 404 unless the vhost exists.
-pub fn require_vhost(state: &AppState, vhost: &str) -> Result<(), ApiError> {
-    if state.hub.lock().broker.vhost_exists(vhost) {
-        Ok(())
-    } else {
-        Err(ApiError::NotFound(format!("no vhost '{vhost}'")))
+/// 404 unless the vhost exists; 401 unless the user may see it.
+pub fn require_vhost(state: &AppState, user: &Credentials, vhost: &str) -> Result<(), ApiError> {
+    if !state.access().vhost_exists(vhost) {
+        return Err(ApiError::NotFound(format!("no vhost '{vhost}'")));
     }
+    if !user.sees_vhost(state, vhost) {
+        return Err(ApiError::Unauthorized(format!(
+            "access to vhost '{vhost}' refused for user '{}'",
+            user.user
+        )));
+    }
+    Ok(())
 }
 
 /// The default exchange is `amq.default` in paths and "" to AMQP.

@@ -53,23 +53,28 @@ pub async fn overview(State(state): State<AppState>, _user: Credentials) -> Json
 }
 
 pub async fn whoami(user: Credentials) -> Json<Value> {
-    // Every user may do everything until permissions and tags exist.
-    Json(json!({"name": user.user, "tags": ["administrator"]}))
+    let tags: Vec<&str> = user.tags.iter().collect();
+    Json(json!({"name": user.user, "tags": tags}))
 }
 
-pub async fn vhosts(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
-    let names = state.hub.lock().broker.vhost_names();
+/// The vhosts this user may see.
+pub async fn vhosts(State(state): State<AppState>, user: Credentials) -> Json<Value> {
+    let names = state.access().vhosts();
     Json(Value::Array(
-        names.iter().map(|name| vhost_json(&state, name)).collect(),
+        names
+            .iter()
+            .filter(|name| user.sees_vhost(&state, name))
+            .map(|name| vhost_json(&state, name))
+            .collect(),
     ))
 }
 
 pub async fn vhost(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    require_vhost(&state, &name)?;
+    require_vhost(&state, &user, &name)?;
     Ok(Json(vhost_json(&state, &name)))
 }
 

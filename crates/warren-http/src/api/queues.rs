@@ -43,22 +43,26 @@ pub fn queue_json(state: &AppState, queue: &QueueInfo) -> Value {
 /// `GET /api/queues` and `/api/queues/{vhost}`.
 pub async fn list(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     vhost: Option<Path<String>>,
 ) -> ApiResult<Json<Value>> {
     let vhost = vhost.map(|Path(vhost)| vhost);
     if let Some(vhost) = &vhost {
-        require_vhost(&state, vhost)?;
+        require_vhost(&state, &user, vhost)?;
     }
     let items = state.hub.lock().broker.queue_infos(vhost.as_deref());
     Ok(Json(Value::Array(
-        items.iter().map(|item| queue_json(&state, item)).collect(),
+        items
+            .iter()
+            .filter(|item| user.sees_vhost(&state, &item.vhost))
+            .map(|item| queue_json(&state, item))
+            .collect(),
     )))
 }
 
 /// The queue, or 404 naming it.
-pub fn find(state: &AppState, vhost: &str, name: &str) -> ApiResult<QueueInfo> {
-    require_vhost(state, vhost)?;
+pub fn find(state: &AppState, user: &Credentials, vhost: &str, name: &str) -> ApiResult<QueueInfo> {
+    require_vhost(state, user, vhost)?;
     state
         .hub
         .lock()
@@ -69,10 +73,10 @@ pub fn find(state: &AppState, vhost: &str, name: &str) -> ApiResult<QueueInfo> {
 
 pub async fn show(
     State(state): State<AppState>,
-    _user: Credentials,
+    user: Credentials,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let queue = find(&state, &vhost, &name)?;
+    let queue = find(&state, &user, &vhost, &name)?;
     let (consumers, connections): (Vec<ConsumerInfo>, _) = {
         let hub = state.hub.lock();
         (
@@ -115,7 +119,7 @@ pub async fn declare(
     Path((vhost, name)): Path<(String, String)>,
     JsonBody(settings): JsonBody<QueueSettings>,
 ) -> ApiResult<StatusCode> {
-    require_vhost(&state, &vhost)?;
+    require_vhost(&state, &user, &vhost)?;
     if name.is_empty() || name.len() > 255 {
         return Err(ApiError::BadRequest(
             "a queue name is 1 to 255 bytes".to_owned(),
@@ -149,7 +153,7 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let if_empty = flag(query.get("if-empty"))?;
     let if_unused = flag(query.get("if-unused"))?;
-    find(&state, &vhost, &name)?;
+    find(&state, &user, &vhost, &name)?;
     let channel = state.gateway.channel(&user, &vhost).await?;
     channel
         .queue_delete(
@@ -171,7 +175,7 @@ pub async fn purge(
     user: Credentials,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    find(&state, &vhost, &name)?;
+    find(&state, &user, &vhost, &name)?;
     let channel = state.gateway.channel(&user, &vhost).await?;
     channel
         .queue_purge(name.as_str().into(), QueuePurgeOptions::default())

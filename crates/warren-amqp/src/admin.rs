@@ -1,0 +1,108 @@
+//! Operator changes that reach past the access control into the running
+//! broker: a new vhost gets its exchanges, a deleted vhost loses its queues
+//! and its connections, a deleted user loses their connections. The HTTP
+//! API (and through it `warren ctl`) makes every such change here.
+
+use std::sync::Arc;
+
+use tracing::info;
+use warren_access::{AccessControl, AccessError, PasswordChange, Permissions, Tags};
+use warren_core::{BrokerError, Outbox};
+
+use crate::hub::SharedHub;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error("deleting the vhost's queues: {0}")]
+    Broker(BrokerError),
+}
+
+#[derive(Clone)]
+pub struct Admin {
+    access: Arc<AccessControl>,
+    hub: SharedHub,
+}
+
+impl Admin {
+    pub fn new(access: Arc<AccessControl>, hub: SharedHub) -> Self {
+        Self { access, hub }
+    }
+
+    pub fn access(&self) -> &Arc<AccessControl> {
+        &self.access
+    }
+
+    /// True when the vhost is new.
+    pub fn add_vhost(&self, name: &str) -> Result<bool, AdminError> {
+        let created = self.access.add_vhost(name)?;
+        self.hub.lock().broker.add_vhost(name);
+        if created {
+            info!(vhost = %name, "vhost created");
+        }
+        Ok(created)
+    }
+
+    /// Deletes the vhost's queues and messages first, then the vhost: a
+    /// crash between the two leaves an empty vhost, never queues in a vhost
+    /// nobody can open.
+    pub fn delete_vhost(&self, name: &str) -> Result<(), AdminError> {
+        if !self.access.vhost_exists(name) {
+            return Err(AccessError::VhostNotFound(name.to_owned()).into());
+        }
+        {
+            let mut hub = self.hub.lock();
+            let reason = format!("vhost '{name}' is deleted");
+            let closed = hub.close_connections_where(|info| info.vhost == name, &reason);
+            let mut outbox = Outbox::default();
+            let deleted = hub.broker.delete_vhost(name, &mut outbox);
+            hub.dispatch(&mut outbox);
+            deleted.map_err(AdminError::Broker)?;
+            info!(vhost = %name, connections_closed = closed, "vhost deleted");
+        }
+        self.access.delete_vhost(name)?;
+        Ok(())
+    }
+
+    /// True when the user is new.
+    pub fn put_user(
+        &self,
+        name: &str,
+        password: PasswordChange,
+        tags: Tags,
+    ) -> Result<bool, AdminError> {
+        let created = self.access.put_user(name, password, tags)?;
+        info!(user = %name, created, "user saved");
+        Ok(created)
+    }
+
+    /// Deletes the user and closes their connections, as RabbitMQ does.
+    pub fn delete_user(&self, name: &str) -> Result<(), AdminError> {
+        self.access.delete_user(name)?;
+        let reason = format!("user '{name}' is deleted");
+        let closed = self
+            .hub
+            .lock()
+            .close_connections_where(|info| info.user == name, &reason);
+        info!(user = %name, connections_closed = closed, "user deleted");
+        Ok(())
+    }
+
+    pub fn set_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+        permissions: Permissions,
+    ) -> Result<(), AdminError> {
+        self.access.set_permissions(user, vhost, permissions)?;
+        info!(%user, %vhost, "permissions set");
+        Ok(())
+    }
+
+    pub fn clear_permissions(&self, user: &str, vhost: &str) -> Result<(), AdminError> {
+        self.access.clear_permissions(user, vhost)?;
+        info!(%user, %vhost, "permissions cleared");
+        Ok(())
+    }
+}
