@@ -291,6 +291,8 @@ def start_broker(
         "127.0.0.1:0",
         "--http-listen",
         "127.0.0.1:0",
+        "--amqps-listen",  # used only when the config has a [tls] section
+        "127.0.0.1:0",
         "--data-dir",
         str(data_dir),
     ]

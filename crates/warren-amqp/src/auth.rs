@@ -23,8 +23,10 @@ pub enum AuthError {
 
 /// Mechanisms offered without TLS client certificates, in RabbitMQ's order.
 pub const MECHANISMS: &str = "PLAIN AMQPLAIN";
-/// Mechanisms offered on a TLS listener that verifies client certificates.
-pub const MECHANISMS_WITH_EXTERNAL: &str = "EXTERNAL PLAIN AMQPLAIN";
+/// Mechanisms offered to a client that presented a verified certificate.
+/// EXTERNAL comes last, so that a client which takes the first mechanism
+/// it knows keeps using its password unless it asks for EXTERNAL.
+pub const MECHANISMS_WITH_EXTERNAL: &str = "PLAIN AMQPLAIN EXTERNAL";
 
 /// Logs a user in. `certificate_name` is the common name of the client's
 /// verified TLS certificate, if it presented one. Slow (Argon2) for a

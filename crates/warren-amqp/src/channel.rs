@@ -171,6 +171,30 @@ impl Connection {
         }
     }
 
+    /// A content header the frame decoder refused (its `headers` table over
+    /// the limit): the message is refused as one over the size limit is,
+    /// by closing its channel with 406; the body frames that follow are
+    /// dropped with the closing channel.
+    pub(crate) fn refuse_content_header(
+        &mut self,
+        number: u16,
+        error: BrokerError,
+    ) -> Result<(), Fault> {
+        match self.channels.get(&number) {
+            None => Err(Fault::connection(BrokerError::new(
+                ErrorCode::ChannelError,
+                format!("expected 'channel.open' on channel {number}, got a content header"),
+            ))),
+            Some(state) if state.closing => Ok(()),
+            Some(_) => {
+                warn!(connection = self.id.0, channel = number, user = %self.user,
+                    reason = %error.text, "message refused");
+                self.close_channel_on_error(number, error, CLASS_BASIC, 40);
+                Ok(())
+            }
+        }
+    }
+
     fn open_channel(&mut self, number: u16) -> Result<(), Fault> {
         if number > self.channel_max {
             return Err(Fault::Connection {

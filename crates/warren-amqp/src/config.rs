@@ -23,6 +23,13 @@ pub struct AmqpConfig {
     /// Largest message body accepted (RabbitMQ 3.10's default is 128 MiB;
     /// Warren keeps 16 MiB so one publisher cannot hold much memory).
     pub message_size_max_bytes: u64,
+    /// Nesting of field tables and arrays a frame may carry (a top-level
+    /// table is 1). Checked before the recursive parser runs, so a hostile
+    /// frame cannot exhaust the stack; real traffic needs 4 (`x-death`).
+    pub table_depth_max: u32,
+    /// Encoded size of a message's `headers` table; past it the message is
+    /// refused (406), whatever frame_max allows.
+    pub headers_size_max_bytes: u32,
     /// Open client connections; a socket beyond this is closed on accept.
     pub connections_max: usize,
     /// Open connections one user may hold, so that one tenant (or one
@@ -44,6 +51,15 @@ pub struct AmqpConfig {
     pub limits: Limits,
     /// Users, vhosts and permissions.
     pub access: Arc<AccessControl>,
+    /// AMQPS, when configured: AMQP over TLS on a second listener.
+    pub amqps: Option<Amqps>,
+}
+
+/// The AMQPS listener: its address and its rustls configuration.
+#[derive(Debug, Clone)]
+pub struct Amqps {
+    pub address: std::net::SocketAddr,
+    pub tls: Arc<rustls::ServerConfig>,
 }
 
 impl Default for AmqpConfig {
@@ -53,6 +69,8 @@ impl Default for AmqpConfig {
             frame_max_bytes: 131_072,
             heartbeat_s: 60,
             message_size_max_bytes: 16 * 1024 * 1024,
+            table_depth_max: warren_proto::table_limits::TABLE_DEPTH_MAX_DEFAULT,
+            headers_size_max_bytes: warren_proto::table_limits::HEADERS_SIZE_MAX_BYTES_DEFAULT,
             connections_max: 10_000,
             connections_per_user_max: 10_000,
             handshake_timeout: Duration::from_secs(10),
@@ -65,6 +83,7 @@ impl Default for AmqpConfig {
                 default_definitions(),
                 default_loopback_users(),
             )),
+            amqps: None,
         }
     }
 }

@@ -10,16 +10,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use amq_protocol::protocol::{AMQPClass, connection, tx};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 use warren_access::Grant;
 use warren_core::{BrokerError, ConnectionId, ErrorCode, QueueId};
+use warren_proto::table_limits::TableLimits;
 use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_protocol_header};
 
 use crate::auth::{self, AuthError};
@@ -28,6 +29,7 @@ use crate::config::AmqpConfig;
 use crate::hub::{ConnectionInfo, ConnectionNotice, SharedHub, wall_clock_ms};
 use crate::mailbox::Mailbox;
 use crate::storage::StorageSignals;
+use crate::transport::{ReadHalf, Transport};
 use crate::writer::{Outbound, OutboundQueue, Tuning, outbound_queue};
 use warren_store::Ticket;
 
@@ -92,6 +94,8 @@ impl Fault {
 }
 
 impl From<FrameError> for Fault {
+    /// A frame that cannot be decoded safely (too large, malformed, tables
+    /// nested too deep) closes the connection with 501.
     fn from(error: FrameError) -> Self {
         Fault::connection(BrokerError::new(ErrorCode::FrameError, error.to_string()))
     }
@@ -112,7 +116,7 @@ pub(crate) struct Connection {
     pub(crate) hub: SharedHub,
     pub(crate) out: OutboundQueue,
     tuning: Arc<Tuning>,
-    reader: OwnedReadHalf,
+    reader: ReadHalf,
     buffer: BytesMut,
     decoder: FrameDecoder,
     shutdown: watch::Receiver<bool>,
@@ -131,6 +135,8 @@ pub(crate) struct Connection {
     /// The common name of the client's verified TLS certificate, for
     /// EXTERNAL.
     certificate_name: Option<String>,
+    /// When the opening handshake must be done.
+    handshake_deadline: Instant,
     /// Whether the broker has this connection registered.
     opened: bool,
     pub(crate) signals: StorageSignals,
@@ -163,19 +169,38 @@ impl Drop for Connection {
     }
 }
 
-/// Serves one accepted socket until it closes.
-pub async fn serve(
-    socket: TcpStream,
+/// What every connection task is handed by the listener.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) config: Arc<AmqpConfig>,
+    pub(crate) hub: SharedHub,
+    pub(crate) signals: StorageSignals,
+    /// Argon2 checks run on the blocking pool, at most this many at once.
+    pub(crate) logins: Arc<Semaphore>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Serves one accepted socket until it closes. `handshake_deadline`: the
+/// peer must have opened its vhost by then (TLS handshake included).
+pub(crate) async fn serve(
+    transport: Transport,
     peer: SocketAddr,
-    config: Arc<AmqpConfig>,
-    hub: SharedHub,
-    signals: StorageSignals,
-    logins: Arc<Semaphore>,
-    shutdown: watch::Receiver<bool>,
+    handshake_deadline: Instant,
+    shared: Shared,
 ) {
-    let _ = socket.set_nodelay(true);
-    let local = socket.local_addr().unwrap_or(peer);
-    let (reader, writer_half) = socket.into_split();
+    let Shared {
+        config,
+        hub,
+        signals,
+        logins,
+        shutdown,
+    } = shared;
+    let Transport {
+        reader,
+        writer: writer_half,
+        local,
+        certificate_name,
+    } = transport;
     let id = hub.lock().allocate_connection_id();
     let (out, writer) = outbound_queue(id, writer_half, hub.clone());
     let tuning = Arc::new(Tuning::new(config.frame_max_bytes));
@@ -185,7 +210,10 @@ pub async fn serve(
         peer,
         local,
         // Until tune-ok, frames are capped at the AMQP minimum (§4.2.3).
-        decoder: FrameDecoder::new(FRAME_MIN_SIZE_BYTES),
+        decoder: FrameDecoder::new(FRAME_MIN_SIZE_BYTES).with_table_limits(TableLimits::new(
+            config.table_depth_max,
+            config.headers_size_max_bytes,
+        )),
         channel_max: config.channel_max,
         frame_max_bytes: config.frame_max_bytes,
         heartbeat_s: 0,
@@ -201,7 +229,8 @@ pub async fn serve(
         grant: None,
         read_chunk_bytes: HANDSHAKE_READ_CHUNK_BYTES,
         logins,
-        certificate_name: None,
+        certificate_name,
+        handshake_deadline,
         opened: false,
         signals,
         has_published: false,
@@ -219,8 +248,7 @@ pub async fn serve(
 
 impl Connection {
     async fn run(&mut self) -> Fault {
-        let handshake_timeout = self.config.handshake_timeout;
-        match tokio::time::timeout(handshake_timeout, self.handshake()).await {
+        match tokio::time::timeout_at(self.handshake_deadline, self.handshake()).await {
             Ok(Ok(())) => {}
             Ok(Err(fault)) => return fault,
             Err(_) => {
@@ -248,7 +276,12 @@ impl Connection {
             return Err(Fault::Gone);
         }
         let _ = self.buffer.split_to(8);
-        self.out.method(0, start_method());
+        let mechanisms = if self.certificate_name.is_some() {
+            auth::MECHANISMS_WITH_EXTERNAL
+        } else {
+            auth::MECHANISMS
+        };
+        self.out.method(0, start_method(mechanisms));
 
         let start_ok = match self.next_method().await? {
             AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)) => start_ok,
@@ -445,7 +478,24 @@ impl Connection {
 
     async fn frame_loop(&mut self) -> Result<(), Fault> {
         loop {
-            while let Some(frame) = self.decoder.decode(&mut self.buffer)? {
+            loop {
+                let frame = match self.decoder.decode(&mut self.buffer) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(FrameError::HeadersTooLarge {
+                        channel,
+                        size_bytes,
+                        max_bytes,
+                    }) if channel != 0 => {
+                        let error = BrokerError::precondition_failed(format!(
+                            "message headers of {size_bytes} bytes are larger than the \
+                             configured max size {max_bytes}"
+                        ));
+                        self.refuse_content_header(channel, error)?;
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                };
                 if self.handle_frame(frame)? {
                     return Ok(());
                 }
@@ -829,7 +879,7 @@ fn client_capabilities(client_properties: &FieldTable) -> ClientCapabilities {
 
 /// `connection.start`: who we are and what we implement. The capabilities
 /// table claims only features that work.
-fn start_method() -> AMQPClass {
+fn start_method(mechanisms: &str) -> AMQPClass {
     let mut capabilities = FieldTable::default();
     for capability in [
         "publisher_confirms",
@@ -860,7 +910,7 @@ fn start_method() -> AMQPClass {
         version_major: 0,
         version_minor: 9,
         server_properties,
-        mechanisms: LongString::from(auth::MECHANISMS),
+        mechanisms: LongString::from(mechanisms),
         locales: LongString::from("en_US"),
     }))
 }

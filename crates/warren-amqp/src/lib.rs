@@ -12,10 +12,13 @@ mod hub;
 mod mailbox;
 mod server;
 mod storage;
+pub mod tls;
+mod transport;
 mod writer;
 
 pub use admin::{Admin, AdminError};
-pub use config::{AmqpConfig, StorageConfig, default_definitions, default_loopback_users};
+pub use config::{AmqpConfig, Amqps, StorageConfig, default_definitions, default_loopback_users};
 pub use hub::{ConnectionInfo, Hub, SharedHub, wall_clock_ms};
 pub use server::{AmqpServer, StartError};
 pub use warren_proto::FRAME_MIN_SIZE_BYTES;
+pub use warren_proto::table_limits::TABLE_DEPTH_CEILING;

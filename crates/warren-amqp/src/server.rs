@@ -8,19 +8,35 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 use warren_core::Broker;
 
 use crate::admin::Admin;
 use crate::config::AmqpConfig;
-use crate::connection;
+use crate::connection::{self, Shared};
 use crate::hub::{Hub, SharedHub, wall_clock_ms};
 use crate::storage::{self, StorageError, StorageSignals};
+use crate::transport::Transport;
 
 /// Password checks (Argon2id: about 19 MiB and tens of milliseconds each)
 /// running at once; a flood of logins queues here instead of taking all the
 /// memory and every core.
 const LOGINS_IN_PROGRESS_MAX: usize = 4;
+
+/// Accepts on the AMQPS listener, or never when there is none.
+async fn accept_tls(
+    listener: &Option<(TcpListener, TlsAcceptor)>,
+) -> (
+    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    Option<TlsAcceptor>,
+) {
+    match listener {
+        Some((listener, acceptor)) => (listener.accept().await, Some(acceptor.clone())),
+        None => std::future::pending().await,
+    }
+}
 
 /// How long shutdown waits for connections to finish their closing
 /// handshake before the process exits anyway.
@@ -28,6 +44,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub struct AmqpServer {
     listener: TcpListener,
+    /// AMQPS: the TLS listener and its rustls acceptor, when configured.
+    tls_listener: Option<(TcpListener, TlsAcceptor)>,
     config: Arc<AmqpConfig>,
     hub: SharedHub,
     signals: StorageSignals,
@@ -55,8 +73,16 @@ impl AmqpServer {
         broker.advance_clock(wall_clock_ms());
         let (signals, disk_alarm) = storage::open(&mut broker, &config.storage)?;
         let listener = TcpListener::bind(address).await?;
+        let tls_listener = match &config.amqps {
+            Some(amqps) => Some((
+                TcpListener::bind(amqps.address).await?,
+                TlsAcceptor::from(Arc::clone(&amqps.tls)),
+            )),
+            None => None,
+        };
         Ok(Self {
             listener,
+            tls_listener,
             config: Arc::new(config),
             hub: SharedHub::new(Hub::new(broker)),
             signals,
@@ -66,6 +92,13 @@ impl AmqpServer {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The AMQPS listener's address, when there is one.
+    pub fn tls_local_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.tls_listener
+            .as_ref()
+            .map(|(listener, _)| listener.local_addr())
     }
 
     /// The broker and its connections, for the HTTP side.
@@ -93,36 +126,64 @@ impl AmqpServer {
             self.config.storage.clone(),
             self.disk_alarm,
         ));
+        let shared = Shared {
+            config: Arc::clone(&self.config),
+            hub: self.hub.clone(),
+            signals: self.signals.clone(),
+            logins,
+            shutdown: shutdown.clone(),
+        };
         loop {
-            tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok((socket, peer)) => {
-                        // Reap finished connection tasks so the set stays small.
-                        while connections.try_join_next().is_some() {}
-                        if connections.len() >= self.config.connections_max {
-                            warn!(%peer, limit = self.config.connections_max,
-                                "refusing connection: connection limit reached");
-                            drop(socket);
-                            continue;
-                        }
-                        connections.spawn(connection::serve(
-                            socket,
-                            peer,
-                            Arc::clone(&self.config),
-                            self.hub.clone(),
-                            self.signals.clone(),
-                            Arc::clone(&logins),
-                            shutdown.clone(),
-                        ));
-                    }
-                    Err(accept_error) => {
-                        // Running out of file descriptors, for instance:
-                        // back off instead of spinning.
-                        error!(error = %accept_error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
+            let (accepted, tls) = tokio::select! {
+                accepted = self.listener.accept() => (accepted, None),
+                accepted = accept_tls(&self.tls_listener) => accepted,
                 _ = shutdown.changed() => break,
+            };
+            let (socket, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(accept_error) => {
+                    // Running out of file descriptors, for instance: back
+                    // off instead of spinning.
+                    error!(error = %accept_error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Reap finished connection tasks so the set stays small.
+            while connections.try_join_next().is_some() {}
+            if connections.len() >= self.config.connections_max {
+                warn!(%peer, limit = self.config.connections_max,
+                    "refusing connection: connection limit reached");
+                drop(socket);
+                continue;
+            }
+            let deadline = Instant::now() + self.config.handshake_timeout;
+            let shared = shared.clone();
+            match tls {
+                None => {
+                    connections.spawn(connection::serve(
+                        Transport::tcp(socket, peer),
+                        peer,
+                        deadline,
+                        shared,
+                    ));
+                }
+                Some(acceptor) => {
+                    connections.spawn(async move {
+                        let handshake = Transport::tls(socket, peer, &acceptor);
+                        match tokio::time::timeout_at(deadline, handshake).await {
+                            Ok(Ok(transport)) => {
+                                connection::serve(transport, peer, deadline, shared).await;
+                            }
+                            Ok(Err(error)) => {
+                                warn!(%peer, %error, "closing connection: TLS handshake failed");
+                            }
+                            Err(_) => {
+                                warn!(%peer, "closing connection: TLS handshake not completed in time");
+                            }
+                        }
+                    });
+                }
             }
         }
         // Finished connection tasks are still in the set until joined.

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use warren_core::{ConnectionId, Delivery, Message};
 use warren_proto::FrameEncoder;
 
 use crate::hub::SharedHub;
 use crate::mailbox::Mailbox;
+use crate::transport::WriteHalf;
 
 /// Bytes gathered before a write is issued even if more frames are waiting.
 const WRITE_BATCH_MAX_BYTES: usize = 256 * 1024;
@@ -71,14 +71,14 @@ pub struct Writer {
     items: Mailbox<Outbound>,
     queued: Arc<AtomicUsize>,
     drained: Arc<Notify>,
-    socket: OwnedWriteHalf,
+    socket: WriteHalf,
     encoder: FrameEncoder,
     hub: SharedHub,
 }
 
 pub fn outbound_queue(
     connection: ConnectionId,
-    socket: OwnedWriteHalf,
+    socket: WriteHalf,
     hub: SharedHub,
 ) -> (OutboundQueue, Writer) {
     let items = Mailbox::new();

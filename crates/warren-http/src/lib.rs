@@ -19,15 +19,19 @@ mod metrics;
 pub mod models;
 mod rates;
 mod state;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::{delete, get, post};
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use warren_amqp::{Admin, SharedHub};
+
+use crate::tls::TlsListener;
 
 pub use error::ApiError;
 pub use state::{HttpConfig, NodeInfo};
@@ -87,12 +91,26 @@ impl HttpServer {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
         let sampler = tokio::spawn(Arc::clone(&self.state.rates).run(self.state.hub.clone()));
         let gateway = Arc::clone(&self.state.gateway);
+        let tls = self.state.config.tls.clone();
         let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
+        let stopped = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        let served = match tls {
+            None => {
+                axum::serve(self.listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            Some(config) => {
+                // tap_io makes axum hand the peer's address to handlers
+                // (ConnectInfo) for a listener of our own, as for TCP.
+                let listener = TlsListener::new(self.listener, config)?.tap_io(|_| ());
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        };
         sampler.abort();
         gateway.close().await;
         served

@@ -27,6 +27,8 @@ pub struct HttpConfig {
     pub websocket_prefetch_max: u16,
     /// Messages one `POST .../get` may take.
     pub get_count_max: usize,
+    /// HTTPS: the rustls configuration, when the API is served over TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for HttpConfig {
@@ -37,6 +39,7 @@ impl Default for HttpConfig {
             inference_in_flight_max: 1_024,
             websocket_prefetch_max: 1_000,
             get_count_max: 1_000,
+            tls: None,
         }
     }
 }

@@ -11,6 +11,10 @@
 //! * the `prefetch_size` field of `basic.qos`, which `amq-protocol` parses and
 //!   discards: RabbitMQ refuses a non-zero value with 540 NOT_IMPLEMENTED, so
 //!   the broker has to see it;
+//! * limits on field tables (nesting depth, and the size of a message's
+//!   `headers`), checked by a non-recursive scan before `amq-protocol`'s
+//!   recursive parser sees them, so that a deeply nested table cannot
+//!   overflow the parser's stack (see [`table_limits`]);
 //! * encoders that append straight into one reusable output buffer, so a
 //!   connection's writer batches many frames into one socket write.
 //!
@@ -27,6 +31,13 @@ use cookie_factory::{WriteContext, sequence::tuple};
 pub use amq_protocol::frame::ProtocolVersion;
 pub use amq_protocol::protocol;
 pub use amq_protocol::types;
+
+pub mod table_limits;
+
+pub use table_limits::{
+    HEADERS_SIZE_MAX_BYTES_DEFAULT, TABLE_DEPTH_CEILING, TABLE_DEPTH_MAX_DEFAULT, TableError,
+    TableLimits,
+};
 
 /// The eight bytes a client sends first: "AMQP" 0 0 9 1.
 pub const PROTOCOL_HEADER: [u8; 8] = *b"AMQP\x00\x00\x09\x01";
@@ -80,8 +91,15 @@ impl Frame {
     }
 }
 
-/// Why a byte stream is not valid AMQP 0-9-1 framing. Every variant is a
-/// connection error 501 FRAME_ERROR except where noted by the server.
+/// Why a byte stream is not valid AMQP 0-9-1 framing, or a frame broke a
+/// limit. Every variant is a connection error 501 FRAME_ERROR except
+/// [`FrameError::HeadersTooLarge`].
+///
+/// [`FrameError::Malformed`], [`FrameError::TableTooDeep`] and
+/// [`FrameError::HeadersTooLarge`] are returned only after the whole frame
+/// has been taken off the buffer, so the stream stays in step and the next
+/// `decode` starts at the next frame; the other variants leave the buffer as
+/// it was, and the stream cannot be trusted after them.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error(
@@ -97,6 +115,24 @@ pub enum FrameError {
     UnknownType(u8),
     #[error("malformed {what} frame on channel {channel}")]
     Malformed { what: &'static str, channel: u16 },
+    /// A field table (method arguments, client properties or message
+    /// headers) nests deeper than the decoder's limit. The frame is not
+    /// parsed at all: parsing it is what the limit prevents.
+    #[error("field table on channel {channel} nests deeper than {depth_max} levels")]
+    TableTooDeep { channel: u16, depth_max: u32 },
+    /// A content header's `headers` table is larger than the decoder's
+    /// limit. The message is refused but the stream is intact, so this is a
+    /// channel error (406 PRECONDITION_FAILED, as RabbitMQ refuses a message
+    /// over its size limit); the body frames that follow belong to the
+    /// refused message and must be discarded with the closing channel.
+    #[error(
+        "headers table of {size_bytes} bytes on channel {channel} exceeds the limit of {max_bytes} bytes"
+    )]
+    HeadersTooLarge {
+        channel: u16,
+        size_bytes: u32,
+        max_bytes: u32,
+    },
 }
 
 /// Whether the first eight bytes of a connection are the AMQP 0-9-1 header.
@@ -104,21 +140,40 @@ pub fn is_protocol_header(first_bytes: &[u8; 8]) -> bool {
     *first_bytes == PROTOCOL_HEADER
 }
 
-/// Splits a byte stream into frames, enforcing a maximum frame size.
+/// Splits a byte stream into frames, enforcing a maximum frame size and the
+/// [`TableLimits`] on field tables.
 #[derive(Debug, Clone)]
 pub struct FrameDecoder {
     frame_max_bytes: u32,
+    table_limits: TableLimits,
 }
 
 impl FrameDecoder {
     /// `frame_max_bytes` counts the whole frame including its 8 bytes of
     /// framing, as `connection.tune` does; 0 means no limit beyond u32.
+    /// Field tables get the default [`TableLimits`].
     pub fn new(frame_max_bytes: u32) -> Self {
-        Self { frame_max_bytes }
+        Self {
+            frame_max_bytes,
+            table_limits: TableLimits::default(),
+        }
+    }
+
+    pub fn with_table_limits(mut self, table_limits: TableLimits) -> Self {
+        self.table_limits = table_limits;
+        self
     }
 
     pub fn set_frame_max(&mut self, frame_max_bytes: u32) {
         self.frame_max_bytes = frame_max_bytes;
+    }
+
+    pub fn set_table_limits(&mut self, table_limits: TableLimits) {
+        self.table_limits = table_limits;
+    }
+
+    pub fn table_limits(&self) -> TableLimits {
+        self.table_limits
     }
 
     /// Takes one complete frame off the front of `buffer`, or returns
@@ -155,18 +210,27 @@ impl FrameDecoder {
         buffer.advance(7);
         let payload = buffer.split_to(payload_size as usize).freeze();
         buffer.advance(1);
-        decode_payload(frame_type, channel, payload).map(Some)
+        decode_payload(frame_type, channel, payload, &self.table_limits).map(Some)
     }
 }
 
-fn decode_payload(frame_type: u8, channel: u16, payload: Bytes) -> Result<Frame, FrameError> {
+fn decode_payload(
+    frame_type: u8,
+    channel: u16,
+    payload: Bytes,
+    limits: &TableLimits,
+) -> Result<Frame, FrameError> {
     match frame_type {
-        FRAME_TYPE_METHOD => decode_method(channel, &payload),
+        FRAME_TYPE_METHOD => {
+            table_limits::scan_method(&payload, limits)
+                .map_err(|error| table_error(error, "method", channel))?;
+            decode_method(channel, &payload)
+        }
         FRAME_TYPE_HEADER => {
-            let malformed = FrameError::Malformed {
-                what: "content header",
-                channel,
-            };
+            let what = "content header";
+            table_limits::scan_content_header(&payload, limits)
+                .map_err(|error| table_error(error, what, channel))?;
+            let malformed = FrameError::Malformed { what, channel };
             match amq_protocol::frame::parsing::parse_content_header(&payload[..]) {
                 Ok((&[], header)) => Ok(Frame::Header {
                     channel,
@@ -180,6 +244,21 @@ fn decode_payload(frame_type: u8, channel: u16, payload: Bytes) -> Result<Frame,
         FRAME_TYPE_BODY => Ok(Frame::Body(channel, payload)),
         FRAME_TYPE_HEARTBEAT => Ok(Frame::Heartbeat(channel)),
         other => Err(FrameError::UnknownType(other)),
+    }
+}
+
+fn table_error(error: TableError, what: &'static str, channel: u16) -> FrameError {
+    match error {
+        TableError::Malformed => FrameError::Malformed { what, channel },
+        TableError::TooDeep { depth_max } => FrameError::TableTooDeep { channel, depth_max },
+        TableError::HeadersTooLarge {
+            size_bytes,
+            max_bytes,
+        } => FrameError::HeadersTooLarge {
+            channel,
+            size_bytes,
+            max_bytes,
+        },
     }
 }
 

@@ -26,6 +26,8 @@ pub struct FileConfig {
     pub http: HttpSection,
     #[serde(default)]
     pub auth: AuthSection,
+    /// `[tls]`: AMQPS and HTTPS.
+    pub tls: Option<TlsSection>,
     #[serde(default)]
     pub users: Vec<UserEntry>,
     #[serde(default)]
@@ -46,6 +48,8 @@ pub struct AmqpSection {
     pub message_size_max_bytes: Option<u64>,
     pub connections_max: Option<usize>,
     pub connections_per_user_max: Option<usize>,
+    pub table_depth_max: Option<u32>,
+    pub headers_size_max_bytes: Option<u32>,
     pub queues_per_vhost_max: Option<usize>,
     pub handshake_timeout_s: Option<u64>,
     pub consumers_per_channel_max: Option<usize>,
@@ -72,6 +76,34 @@ pub struct HttpSection {
     pub inference_in_flight_max: Option<usize>,
     pub websocket_prefetch_max: Option<u16>,
     pub get_count_max: Option<usize>,
+}
+
+/// `[tls]`: certificates for AMQPS (on `--amqps-listen`, 5671 by default)
+/// and, with `https = true`, for the HTTP listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// CAs whose client certificates are accepted; enables EXTERNAL.
+    pub ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate.
+    #[serde(default)]
+    pub verify_peer: bool,
+    /// Serve the management API, dashboard and HTTP messaging over TLS.
+    #[serde(default)]
+    pub https: bool,
+}
+
+impl TlsSection {
+    pub fn files(&self) -> warren_amqp::tls::TlsFiles {
+        warren_amqp::tls::TlsFiles {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            ca_file: self.ca_file.clone(),
+            verify_peer: self.verify_peer,
+        }
+    }
 }
 
 /// `[auth]`: who may log in from where.
@@ -155,6 +187,12 @@ impl FileConfig {
             anyhow::ensure!(count > 0, "http.get_count_max must be at least 1");
             config.get_count_max = count;
         }
+        if let Some(tls) = self.tls.as_ref().filter(|tls| tls.https) {
+            config.tls = Some(
+                warren_amqp::tls::server_config(&tls.files(), warren_amqp::tls::HTTPS_ALPN)
+                    .context("[tls] for HTTPS")?,
+            );
+        }
         Ok(config)
     }
 
@@ -191,6 +229,18 @@ impl FileConfig {
                 "amqp.connections_per_user_max must be at least 1"
             );
             config.connections_per_user_max = connections;
+        }
+        if let Some(depth) = section.table_depth_max {
+            let ceiling = warren_amqp::TABLE_DEPTH_CEILING;
+            anyhow::ensure!(
+                (1..=ceiling).contains(&depth),
+                "amqp.table_depth_max must be between 1 and {ceiling}"
+            );
+            config.table_depth_max = depth;
+        }
+        if let Some(size) = section.headers_size_max_bytes {
+            anyhow::ensure!(size > 0, "amqp.headers_size_max_bytes must be at least 1");
+            config.headers_size_max_bytes = size;
         }
         if let Some(queues) = section.queues_per_vhost_max {
             anyhow::ensure!(queues > 0, "amqp.queues_per_vhost_max must be at least 1");

@@ -120,6 +120,16 @@ struct ServeArgs {
     )]
     amqp_listen: SocketAddr,
 
+    /// Address and port for AMQP over TLS (AMQPS), used when the
+    /// configuration file has a `[tls]` section.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:5671",
+        env = "WARREN_AMQPS_LISTEN"
+    )]
+    amqps_listen: SocketAddr,
+
     /// Address and port for the HTTP side: the management API, the
     /// dashboard at /, messaging over HTTP and WebSocket, KServe v2
     /// inference and Prometheus metrics (see docs/http-api.md).
@@ -250,11 +260,18 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     amqp_config.access = Arc::new(file_config.access_control(Some(args.data_dir.clone()))?);
+    if let Some(tls) = &file_config.tls {
+        amqp_config.amqps = Some(warren_amqp::Amqps {
+            address: args.amqps_listen,
+            tls: warren_amqp::tls::server_config(&tls.files(), &[]).context("[tls] for AMQPS")?,
+        });
+    }
 
     let server = AmqpServer::bind(args.amqp_listen, amqp_config)
         .await
         .with_context(|| format!("binding the AMQP listener to {}", args.amqp_listen))?;
     let address = server.local_addr()?;
+    let tls_address = server.tls_local_addr().transpose()?;
     let deployed_models = Arc::new(DeployedModels::default());
     let http = HttpServer::bind(
         args.http_listen,
@@ -279,7 +296,11 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     );
     // The HTTP line comes first: tools wait for the AMQP line and then
     // find both addresses logged.
-    info!(addr = %http_address, "HTTP listener ready");
+    info!(addr = %http_address, https = file_config.tls.as_ref().is_some_and(|tls| tls.https),
+        "HTTP listener ready");
+    if let Some(tls_address) = tls_address {
+        info!(addr = %tls_address, "AMQPS listener ready");
+    }
     info!(addr = %address, "AMQP listener ready");
 
     let (shutdown_sender, shutdown) = watch::channel(false);

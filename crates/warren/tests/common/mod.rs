@@ -162,6 +162,9 @@ impl Broker {
             .arg("127.0.0.1:0")
             .arg("--http-listen")
             .arg("127.0.0.1:0")
+            // Used only when the config has a [tls] section.
+            .arg("--amqps-listen")
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&data_dir);
         if let Some(toml) = config {
@@ -265,6 +268,17 @@ impl Broker {
     }
 
     /// The broker's stderr captured so far.
+    /// The AMQPS listener's port, from its ready line (logged before the
+    /// AMQP line `start` waits for); None without `[tls]`.
+    pub fn amqps_port(&self) -> Option<u16> {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|line| line.contains("AMQPS listener ready"))?;
+        parse_ready_addr(&line.replace("AMQPS listener ready addr=", READY_MARKER))
+            .map(|addr| addr.port())
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
