@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Fuzzes warren-proto's frame decoder with the cargo-fuzz targets in fuzz/.
+# Fuzzes warren-proto's frame decoder and the AMQP connection state machine
+# with the cargo-fuzz targets in fuzz/.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
 # runs each target (all of them when none is named: frame_decoder,
-# field_table, content_header) for SECONDS (default 60) and exits non-zero
+# field_table, content_header, connection) for SECONDS (default 60) and exits non-zero
 # if any crashed, printing where the crashing input was written and how to
 # replay it. For a long run, an hour a target:
 #
@@ -29,7 +30,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(frame_decoder field_table content_header)
+    targets=(frame_decoder field_table content_header connection)
 fi
 sanitizer="${FUZZ_SANITIZER:-address}"
 jobs="${FUZZ_JOBS:-1}"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs every Warren test: Rust unit/integration tests and the Python
+# Runs every Warren test: Rust unit/integration tests, the Python
 # integration tests (pika, Celery, amqplib through Node.js, the web dashboard
 # in Chromium, and `warren worker` against a private RabbitMQ node) against
-# the release binary. Works on a fresh machine.
+# the release binary, and each fuzz target for a short while. Works on a
+# fresh machine.
 #
 #   bash scripts/test.sh            # from anywhere
 #   PYTEST_ARGS="-k tutorials" bash scripts/test.sh   # extra pytest arguments
@@ -62,6 +63,18 @@ if [ ! -x /usr/bin/chromium ]; then
     else
         echo "warning: /usr/bin/chromium is missing and cannot be installed here" \
             "(needs root and apt-get); test_dashboard.py will fail" >&2
+    fi
+fi
+
+# ------------------------------------------------- openssl for the TLS tests
+# tests/tls/make-certs.sh makes the test certificates with the openssl tool.
+if ! command -v openssl >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "apt-get install -y openssl"
+        { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y openssl; } \
+            || echo "warning: installing openssl failed; the TLS tests will fail" >&2
+    else
+        echo "warning: openssl is missing; the TLS tests will fail" >&2
     fi
 fi
 
@@ -140,6 +153,18 @@ py_status=0
 if [ "$py_status" -ne 0 ]; then
     echo "Python tests FAILED (exit $py_status)" >&2
     status=$py_status
+fi
+
+# ---------------------------------------------------------------- fuzzing
+# Each cargo-fuzz target briefly, from the committed corpus (seeded from real
+# pika traffic): a crash fails the run and prints the input. Long runs are
+# `nice -n 19 scripts/fuzz.sh 3600` (an hour a target), outside CI.
+step "scripts/fuzz.sh ${FUZZ_SECONDS:-30} (each target)"
+fuzz_status=0
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-30}" || fuzz_status=$?
+if [ "$fuzz_status" -ne 0 ]; then
+    echo "fuzzing FAILED (exit $fuzz_status)" >&2
+    status=$fuzz_status
 fi
 
 if [ "$status" -ne 0 ]; then

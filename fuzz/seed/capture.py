@@ -260,6 +260,7 @@ def write_seed(target, data):
 
 
 def write_seeds(stream):
+    write_connection_seeds(stream)
     write_seed("frame_decoder", FRAME_MAX_SELECTOR + stream[len(PROTOCOL_HEADER) :])
     frames = split_frames(stream)
     seen_methods = set()
@@ -292,6 +293,39 @@ def write_seeds(stream):
                     + bytes([chunk_selector])
                     + body,
                 )
+
+
+def write_connection_seeds(stream):
+    """Seeds for the connection target: the whole session from the first
+    byte after the protocol header (mode 0), and, after the target's own
+    login and channel.open (mode 1), the session's frames that follow its
+    channel.open, whole and one kind of method at a time."""
+    write_seed("connection", b"\x00" + stream[len(PROTOCOL_HEADER) :])
+    frames = split_frames(stream)
+    opened = next(
+        (index for index, (frame_type, _, payload, _) in enumerate(frames)
+         if frame_type == FRAME_METHOD and struct.unpack_from(">HH", payload) == (20, 10)),
+        None,
+    )
+    if opened is None:
+        return
+    after = frames[opened + 1 :]
+    write_seed("connection", b"\x01" + b"".join(raw for *_, raw in after))
+    seen = set()
+    for index, (frame_type, _, payload, raw) in enumerate(after):
+        if frame_type != FRAME_METHOD:
+            continue
+        ids = struct.unpack_from(">HH", payload)
+        if ids in seen:
+            continue
+        seen.add(ids)
+        # A method with the content that follows it, if any.
+        content = [raw]
+        for next_type, _, _, next_raw in after[index + 1 :]:
+            if next_type == FRAME_METHOD:
+                break
+            content.append(next_raw)
+        write_seed("connection", b"\x01" + b"".join(content))
 
 
 def nested_table(depth, container=b"F"):

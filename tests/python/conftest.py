@@ -222,6 +222,17 @@ class Broker(AmqpEndpoint):
         with self._lock:
             return list(self._lines)
 
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> None:
+        """Waits until a log line matches the regular expression: stderr is
+        read by another thread, so a line the broker wrote before answering
+        a client may arrive here after the answer."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while not any(regex.search(line) for line in self.log_lines()):
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"the log never matched {pattern!r}:\n{self.log()}")
+            time.sleep(0.01)
+
     # --------------------------------------------------------------- startup
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout

@@ -525,7 +525,8 @@ def test_vhosts_list_counts_messages(broker, api):
 
 
 def test_queues_and_exchanges_are_listed_by_vhost(broker_factory):
-    b = broker_factory(config='[[vhosts]]\nname = "ml"\n')
+    b = broker_factory(config='[[vhosts]]\nname = "ml"\n\n[[permissions]]\nuser = "guest"\n'
+                              'vhost = "ml"\nconfigure = ".*"\nwrite = ".*"\nread = ".*"\n')
     api = Api(http_url_of(b))
     try:
         root_q, ml_q = uname("root"), uname("ml")

@@ -290,8 +290,13 @@ def test_config_users_and_vhosts(broker_factory, h):
         root.channel().queue_declare(queue="only-in-ml", passive=True)
     assert excinfo.value.reply_code == 404
 
-    # guest still works beside the configured user; wrong password refused.
-    assert b.connect(vhost="ml").is_open
+    # guest still works beside the configured user, but only where it has
+    # permissions: none were given in "ml" (530, as in RabbitMQ).
+    assert b.connect().is_open
+    with pytest.raises(pika.exceptions.AMQPConnectionError) as refused:
+        b.connect(vhost="ml")
+    assert "530" in str(refused.value) and "access to vhost 'ml' refused" in str(refused.value)
+    # A wrong password is refused.
     with pytest.raises(
         (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError)
     ):

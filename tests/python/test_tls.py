@@ -98,7 +98,7 @@ def test_tls_1_1_is_refused(broker_factory, certs):
     with pytest.raises(REFUSED):
         connect(b, certs, pika.PlainCredentials("guest", "guest"),
                 maximum=ssl.TLSVersion.TLSv1_1)
-    assert "TLS handshake failed" in b.log()
+    b.wait_for_log("TLS handshake failed")
 
 
 def test_external_logs_in_as_the_certificates_common_name(broker_factory, certs):
@@ -106,7 +106,7 @@ def test_external_logs_in_as_the_certificates_common_name(broker_factory, certs)
     conn = connect(b, certs, pika.credentials.ExternalCredentials(), client="client")
     try:
         conn.channel().queue_declare("alice-q")
-        assert re.search(r"connection opened.*user=alice", b.log()), b.log()
+        b.wait_for_log(r"connection opened.*user=alice")
     finally:
         conn.close()
 
@@ -115,7 +115,7 @@ def test_a_certificate_from_an_untrusted_ca_is_refused(broker_factory, certs):
     b = broker_factory(config=tls_config(certs))
     with pytest.raises(REFUSED):
         connect(b, certs, pika.credentials.ExternalCredentials(), client="rogue")
-    assert "TLS handshake failed" in b.log()
+    b.wait_for_log("TLS handshake failed")
     # Others are unaffected.
     connect(b, certs, pika.PlainCredentials("guest", "guest")).close()
 

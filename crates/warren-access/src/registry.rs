@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -251,7 +251,7 @@ impl AccessControl {
     }
 
     fn check_origin(&self, user: &User, peer: IpAddr) -> Result<(), LoginError> {
-        if self.loopback_users.iter().any(|name| *name == user.name) && !is_loopback(peer) {
+        if self.loopback_users.contains(&user.name) && !is_loopback(peer) {
             return Err(LoginError::LoopbackOnly {
                 user: user.name.clone(),
             });
@@ -601,10 +601,10 @@ impl State {
         Ok(())
     }
 
-    fn restore(&mut self, contents: AccessFile, path: &PathBuf) -> Result<(), AccessError> {
+    fn restore(&mut self, contents: AccessFile, path: &Path) -> Result<(), AccessError> {
         let invalid = |reason: String| {
             AccessError::Storage(FileError::Invalid {
-                path: path.clone(),
+                path: path.to_owned(),
                 reason,
             })
         };

@@ -187,8 +187,6 @@ impl Connection {
             ))),
             Some(state) if state.closing => Ok(()),
             Some(_) => {
-                warn!(connection = self.id.0, channel = number, user = %self.user,
-                    reason = %error.text, "message refused");
                 self.close_channel_on_error(number, error, CLASS_BASIC, 40);
                 Ok(())
             }
@@ -248,8 +246,10 @@ impl Connection {
         class_id: u16,
         method_id: u16,
     ) {
-        tracing::debug!(connection = self.id.0, channel = number, code = error.code.reply_code(),
-            error = %error.text, "closing channel on error");
+        // Every refusal is logged with its reason, as RabbitMQ logs every
+        // channel exception: an operator sees who was refused what.
+        warn!(connection = self.id.0, channel = number, user = %self.user,
+            code = error.code.reply_code(), reason = %error.text, "channel closed on error");
         self.process_confirms();
         {
             let mut hub = self.hub.lock();

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -114,6 +115,27 @@ impl AmqpServer {
 
     pub fn config(&self) -> Arc<AmqpConfig> {
         Arc::clone(&self.config)
+    }
+
+    /// Serves one connection over any byte stream as if it had come in on
+    /// the AMQP listener, until it closes: how the fuzz target drives the
+    /// connection state machine with raw bytes, without sockets.
+    pub async fn serve_stream<S>(&self, stream: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        // Held until the connection ends: a dropped sender reads as shutdown.
+        let (_shutdown_sender, shutdown) = watch::channel(false);
+        let shared = Shared {
+            config: Arc::clone(&self.config),
+            hub: self.hub.clone(),
+            signals: self.signals.clone(),
+            logins: Arc::new(Semaphore::new(LOGINS_IN_PROGRESS_MAX)),
+            shutdown,
+        };
+        let local = self.listener.local_addr().unwrap_or(peer);
+        let deadline = Instant::now() + self.config.handshake_timeout;
+        connection::serve(Transport::stream(stream, local), peer, deadline, shared).await;
     }
 
     /// Accepts connections until `shutdown` turns true, then closes them all.

@@ -37,6 +37,20 @@ impl Transport {
         }
     }
 
+    /// Any byte stream (an in-memory pipe in tests and fuzzing).
+    pub(crate) fn stream<S>(stream: S, local: SocketAddr) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (reader, writer) = tokio::io::split(stream);
+        Self {
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            local,
+            certificate_name: None,
+        }
+    }
+
     /// Runs the TLS handshake. A client certificate, when there is one,
     /// has been verified by rustls before this returns.
     pub(crate) async fn tls(

@@ -108,9 +108,16 @@ impl Gateway {
         Connection::connect_uri(uri, properties)
             .await
             .map_err(|error| match error.kind() {
-                // The broker refuses an unknown vhost with 530 NOT_ALLOWED.
+                // The broker refuses connection.open with 530 NOT_ALLOWED: for
+                // an unknown vhost, or a user without permissions there (or
+                // at their connection limit), in RabbitMQ's words.
                 ErrorKind::ProtocolError(refusal) if refusal.get_id() == 530 => {
-                    ApiError::NotFound(format!("no vhost '{vhost}'"))
+                    let reason = refusal.get_message().to_string();
+                    if reason.contains("not found") {
+                        ApiError::NotFound(format!("no vhost '{vhost}'"))
+                    } else {
+                        ApiError::Unauthorized(reason)
+                    }
                 }
                 _ => amqp_error(error),
             })

@@ -97,6 +97,9 @@ async fn a_thousand_unfinished_handshakes_cost_little_and_are_closed_in_time() {
     }
     let after = rss_bytes(broker.pid());
     let per_connection = after.saturating_sub(before) / SLOW_LORIS_CONNECTIONS as u64;
+    eprintln!(
+        "broker RSS {before} -> {after} bytes: {per_connection} bytes per unfinished handshake"
+    );
     assert!(
         per_connection < UNAUTHENTICATED_CONNECTION_BYTES_MAX,
         "{per_connection} bytes per unfinished handshake (RSS {before} -> {after})"
@@ -115,7 +118,7 @@ async fn a_thousand_unfinished_handshakes_cost_little_and_are_closed_in_time() {
         elapsed >= Duration::from_secs(3),
         "closed after the timeout, not before ({elapsed:?})"
     );
-    assert!(broker.log().contains("handshake not completed in time"));
+    broker.wait_for_log("handshake not completed in time").await;
     round_trip(&broker, "after").await;
 }
 
@@ -219,5 +222,67 @@ async fn headers_over_the_limit_close_the_channel_with_406() {
         )
         .await
         .expect("the connection still works");
-    assert!(broker.log().contains("message refused"));
+    broker
+        .wait_for_log("message headers of 2013 bytes are larger than the configured max size 1024")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_connections_are_limited() {
+    let broker = Broker::start_with_config("[amqp]\nconnections_per_user_max = 2\n").await;
+    let first = broker.connect().await;
+    let _second = broker.connect().await;
+    let refused = broker.try_connect_url(&broker.amqp_url()).await;
+    assert_amqp_error(refused, 530, "a third connection of guest");
+    broker
+        .wait_for_log("User connection limit (2) is reached")
+        .await;
+    // A slot frees when a connection closes.
+    first.close(200, "bye".into()).await.expect("close");
+    let mut reconnected = None;
+    for _ in 0..50 {
+        if let Ok(connection) = broker.try_connect_url(&broker.amqp_url()).await {
+            reconnected = Some(connection);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reconnected.is_some(), "the freed slot is usable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vhosts_queues_are_limited() {
+    let broker = Broker::start_with_config("[amqp]\nqueues_per_vhost_max = 3\n").await;
+    let connection = broker.connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    for name in ["a", "b", "c"] {
+        channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("under the limit");
+    }
+    // Redeclaring an existing queue is not a new one.
+    channel
+        .queue_declare(
+            "a".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("redeclare");
+    let refused = channel
+        .queue_declare(
+            "d".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert_amqp_error(refused, 406, "a fourth queue");
+    broker
+        .wait_for_log("cannot declare queue 'd': queue limit in virtual host '/' is reached (3)")
+        .await;
 }

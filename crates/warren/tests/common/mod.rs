@@ -279,6 +279,20 @@ impl Broker {
             .map(|addr| addr.port())
     }
 
+    /// Waits until the broker's log contains `needle`: its stderr is read by
+    /// another thread, so a line the broker wrote before answering may
+    /// arrive here after the answer. Panics with the log after
+    /// [`EVENT_TIMEOUT`].
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while !self.log().contains(needle) {
+            if Instant::now() >= deadline {
+                panic!("the log never said {needle:?}:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
