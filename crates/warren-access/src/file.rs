@@ -2,9 +2,12 @@
 //! JSON in the data directory, rewritten whole and atomically after every
 //! change (write a temporary file, fsync it, rename it over the old one,
 //! fsync the directory), so a crash leaves either the old or the new file.
+//! The file holds password hashes, so it is readable by the broker's user
+//! alone (mode 0600), as RabbitMQ keeps its Mnesia directory.
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +19,9 @@ pub const ACCESS_FILE_NAME: &str = "access.json";
 /// permissions in every vhost would need is still refused, rather than
 /// read into memory whole.
 const ACCESS_FILE_SIZE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Owner read and write, nothing for group or others.
+const ACCESS_FILE_MODE: u32 = 0o600;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +83,12 @@ pub(crate) fn load(path: &Path) -> Result<Option<AccessFile>, FileError> {
             reason: format!("larger than {ACCESS_FILE_SIZE_MAX_BYTES} bytes"),
         });
     }
+    if metadata.permissions().mode() & 0o077 != 0 {
+        // A file written by an older version, or copied in by hand: the
+        // hashes in it should not stay readable by other local users.
+        tracing::warn!(path = %path.display(), "access file was readable by others; restricting it to mode 0600");
+        fs::set_permissions(path, fs::Permissions::from_mode(ACCESS_FILE_MODE)).map_err(io)?;
+    }
     let text = fs::read(path).map_err(io)?;
     serde_json::from_slice(&text)
         .map(Some)
@@ -94,7 +106,17 @@ pub(crate) fn save(path: &Path, contents: &AccessFile) -> Result<(), FileError> 
     let bytes = serde_json::to_vec_pretty(contents).expect("the access file serialises");
     let temporary = path.with_extension("json.tmp");
     {
-        let mut file = fs::File::create(&temporary).map_err(io)?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(ACCESS_FILE_MODE)
+            .open(&temporary)
+            .map_err(io)?;
+        // `mode` applies only when the file is created; a temporary file
+        // left by a crash keeps whatever mode it had.
+        file.set_permissions(fs::Permissions::from_mode(ACCESS_FILE_MODE))
+            .map_err(io)?;
         file.write_all(&bytes).map_err(io)?;
         file.sync_all().map_err(io)?;
     }

@@ -230,3 +230,31 @@ fn a_change_that_cannot_be_saved_does_not_happen() {
     assert!(access.add_vhost("lost").is_err());
     assert!(!access.vhost_exists("lost"));
 }
+
+#[test]
+fn the_access_file_is_readable_by_its_owner_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.json");
+    drop(open(dir.path(), Definitions::default()));
+    assert_eq!(mode(&path), 0o600, "the first start writes the file 0600");
+
+    // A file made readable by others (copied in by hand, or written by an
+    // older version) is restricted again when the broker opens it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let access = open(dir.path(), Definitions::default());
+    assert_eq!(mode(&path), 0o600, "opening restricts a readable file");
+
+    // Every rewrite keeps it so, even over a leftover temporary file.
+    let leftover = dir.path().join("access.json.tmp");
+    std::fs::write(&leftover, b"{}").unwrap();
+    std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o666)).unwrap();
+    access.add_vhost("ml").unwrap();
+    assert_eq!(
+        mode(&path),
+        0o600,
+        "a rewrite over a leftover temporary file"
+    );
+}
