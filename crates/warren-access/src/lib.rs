@@ -8,12 +8,14 @@
 //! queue or exchange, and turn its answers into their own error codes.
 
 mod file;
+mod internal;
 pub mod password;
 pub mod permissions;
 mod registry;
 pub mod tags;
 
 pub use file::{ACCESS_FILE_NAME, FileError};
+pub use internal::INTERNAL_USER;
 pub use password::{PasswordError, PasswordHash};
 pub use permissions::{Access, Pattern, PatternError, Permissions, Resource, ResourceKind};
 pub use registry::{

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::RwLock;
 
 use crate::file::{self, AccessFile, FileError};
+use crate::internal::{INTERNAL_USER, InternalIdentity};
 use crate::password::{PasswordError, PasswordHash, VerifiedLogins, decoy_hash};
 use crate::permissions::{Access, PatternError, Permissions, Resource};
 use crate::tags::{Tags, TagsError};
@@ -108,6 +109,8 @@ pub enum AccessError {
     VhostNotFound(String),
     #[error("{what} name '{name}' is empty or longer than {NAME_LENGTH_MAX_BYTES} bytes")]
     BadName { what: &'static str, name: String },
+    #[error("user name '{0}' is reserved for the broker itself")]
+    ReservedUserName(String),
     #[error("cannot add {what}: the limit of {limit} is reached")]
     TooMany { what: &'static str, limit: usize },
     #[error(transparent)]
@@ -137,6 +140,7 @@ pub struct AccessControl {
     /// Users who may log in only from a loopback address.
     loopback_users: Vec<String>,
     logins: VerifiedLogins,
+    internal: InternalIdentity,
 }
 
 impl std::fmt::Debug for AccessControl {
@@ -173,6 +177,7 @@ impl AccessControl {
             path,
             loopback_users,
             logins: VerifiedLogins::default(),
+            internal: InternalIdentity::generate(),
         };
         access.persist(&access.state.read())?;
         Ok(access)
@@ -211,6 +216,12 @@ impl AccessControl {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// The password of [`INTERNAL_USER`] for this run of the broker, for
+    /// the clients the broker itself starts (see the `internal` module).
+    pub fn internal_secret(&self) -> &str {
+        self.internal.secret()
+    }
+
     // ----- logging in ------------------------------------------------------
 
     /// PLAIN, AMQPLAIN and HTTP basic: the password against the user's hash.
@@ -225,6 +236,9 @@ impl AccessControl {
         let refused = || LoginError::Refused {
             user: name.to_owned(),
         };
+        if name == INTERNAL_USER {
+            return self.login_internal(password, peer).ok_or_else(refused);
+        }
         let user = self.user(name);
         let matched = match user.as_ref().and_then(|user| user.password_hash.as_ref()) {
             Some(hash) => self.logins.verify(name, password, hash),
@@ -250,6 +264,15 @@ impl AccessControl {
         Ok(user)
     }
 
+    /// The broker's own identity: the right secret, from loopback only.
+    fn login_internal(&self, password: &str, peer: IpAddr) -> Option<User> {
+        (is_loopback(peer) && self.internal.verify(password)).then(|| User {
+            name: INTERNAL_USER.to_owned(),
+            password_hash: None,
+            tags: Tags::default(),
+        })
+    }
+
     fn check_origin(&self, user: &User, peer: IpAddr) -> Result<(), LoginError> {
         if self.loopback_users.contains(&user.name) && !is_loopback(peer) {
             return Err(LoginError::LoopbackOnly {
@@ -268,6 +291,9 @@ impl AccessControl {
         if !state.vhosts.contains_key(vhost) {
             return Err(VhostRefusal::NotFound(vhost.to_owned()));
         }
+        if user == INTERNAL_USER {
+            return Ok(full_permissions());
+        }
         state
             .permissions
             .get(&(user.to_owned(), vhost.to_owned()))
@@ -279,6 +305,9 @@ impl AccessControl {
     }
 
     pub fn permissions_of(&self, user: &str, vhost: &str) -> Option<Arc<Permissions>> {
+        if user == INTERNAL_USER {
+            return self.vhost_exists(vhost).then(full_permissions);
+        }
         self.state
             .read()
             .permissions
@@ -355,7 +384,7 @@ impl AccessControl {
         password: PasswordChange,
         tags: Tags,
     ) -> Result<bool, AccessError> {
-        check_name("user", name)?;
+        check_user_name(name)?;
         let created = self.change(|state| {
             let existing = state.users.get(name);
             if existing.is_none() && state.users.len() >= USERS_MAX {
@@ -498,6 +527,21 @@ fn refusal(user: &str, vhost: &str, access: Access, resource: Resource<'_>) -> R
     }
 }
 
+/// What the broker's own identity holds in every vhost.
+fn full_permissions() -> Arc<Permissions> {
+    static FULL: std::sync::OnceLock<Arc<Permissions>> = std::sync::OnceLock::new();
+    FULL.get_or_init(|| Arc::new(Permissions::full())).clone()
+}
+
+/// A user name operators may give: valid, and not the broker's own.
+fn check_user_name(name: &str) -> Result<(), AccessError> {
+    check_name("user", name)?;
+    if name == INTERNAL_USER {
+        return Err(AccessError::ReservedUserName(name.to_owned()));
+    }
+    Ok(())
+}
+
 fn check_name(what: &'static str, name: &str) -> Result<(), AccessError> {
     if name.is_empty() || name.len() > NAME_LENGTH_MAX_BYTES {
         return Err(AccessError::BadName {
@@ -567,7 +611,7 @@ impl State {
             self.add_vhost(vhost)?;
         }
         for declared in definitions.users {
-            check_name("user", &declared.name)?;
+            check_user_name(&declared.name)?;
             let existing = self
                 .users
                 .get(&declared.name)
@@ -612,7 +656,7 @@ impl State {
             self.add_vhost(&vhost.name)?;
         }
         for user in contents.users {
-            check_name("user", &user.name)?;
+            check_user_name(&user.name)?;
             let password_hash = user
                 .password_hash
                 .map(|hash| PasswordHash::parse(&hash))

@@ -258,3 +258,64 @@ fn the_access_file_is_readable_by_its_owner_alone() {
         "a rewrite over a leftover temporary file"
     );
 }
+
+#[test]
+fn the_broker_s_own_identity_is_not_an_operator_s_user() {
+    use warren_access::{AccessError, INTERNAL_USER};
+    let dir = tempfile::tempdir().unwrap();
+    let access = Arc::new(open(dir.path(), Definitions::default()));
+    let secret = access.internal_secret().to_owned();
+    assert!(secret.len() >= 32, "a secret worth the name: {secret}");
+
+    let user = access
+        .login_with_password(INTERNAL_USER, &secret, LOOPBACK)
+        .unwrap();
+    assert_eq!(user.name, INTERNAL_USER);
+    assert!(!user.tags.can_manage(), "no management API for it");
+    assert_eq!(
+        access.login_with_password(INTERNAL_USER, &secret, REMOTE),
+        Err(LoginError::Refused {
+            user: INTERNAL_USER.into()
+        }),
+        "loopback only"
+    );
+    assert!(
+        access
+            .login_with_password(INTERNAL_USER, "guest", LOOPBACK)
+            .is_err()
+    );
+    assert!(
+        access.login_external(INTERNAL_USER, LOOPBACK).is_err(),
+        "a certificate naming it proves nothing"
+    );
+
+    // Full permissions in every vhost that exists, whatever operators do to
+    // guest; none in one that does not.
+    access.delete_user("guest").unwrap();
+    access.add_vhost("ml").unwrap();
+    for vhost in ["/", "ml"] {
+        assert!(access.open_vhost(INTERNAL_USER, vhost).is_ok());
+        let mut grant = Grant::new(Arc::clone(&access), INTERNAL_USER, vhost);
+        for operation in [Access::Configure, Access::Write, Access::Read] {
+            assert!(grant.check(operation, Resource::queue("embed")).is_ok());
+        }
+    }
+    assert_eq!(
+        access.open_vhost(INTERNAL_USER, "absent").err(),
+        Some(VhostRefusal::NotFound("absent".into()))
+    );
+
+    // Operators can neither create nor see it, and it is never stored.
+    assert!(matches!(
+        access.put_user(INTERNAL_USER, PasswordChange::Clear, Tags::administrator()),
+        Err(AccessError::ReservedUserName(_))
+    ));
+    assert!(access.users().iter().all(|user| user.name != INTERNAL_USER));
+    let text = std::fs::read_to_string(dir.path().join("access.json")).unwrap();
+    assert!(!text.contains(INTERNAL_USER) && !text.contains(&secret));
+    assert_ne!(
+        open(dir.path(), Definitions::default()).internal_secret(),
+        secret,
+        "each start draws a new secret"
+    );
+}

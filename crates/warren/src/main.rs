@@ -259,7 +259,8 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     amqp_config.storage.data_dir = Some(args.data_dir.clone());
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
-    amqp_config.access = Arc::new(file_config.access_control(Some(args.data_dir.clone()))?);
+    let access = Arc::new(file_config.access_control(Some(args.data_dir.clone()))?);
+    amqp_config.access = Arc::clone(&access);
     if let Some(tls) = &file_config.tls {
         amqp_config.amqps = Some(warren_amqp::Amqps {
             address: args.amqps_listen,
@@ -309,7 +310,8 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     let metrics = prepare(&models)?;
     deployed_models.set(&models, &metrics);
     // In-process model workers reach the broker over loopback AMQP, like
-    // any other client.
+    // any other client, as the broker's own identity: they keep working
+    // whatever operators do to guest or to any other user.
     let deployment = if models.is_empty() {
         Deployment::default()
     } else {
@@ -318,7 +320,12 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
         } else {
             address.ip().to_string()
         };
-        let url = format!("amqp://guest:guest@{host}:{}/%2f", address.port());
+        let url = format!(
+            "amqp://{}:{}@{host}:{}/%2f",
+            warren_access::INTERNAL_USER,
+            access.internal_secret(),
+            address.port()
+        );
         run_models(models, metrics, url, shutdown).await?
     };
     signal.await;

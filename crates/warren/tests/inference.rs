@@ -665,3 +665,65 @@ async fn a_worker_killed_mid_batch_loses_no_request() {
     let duplicates = answered.values().filter(|count| **count > 1).count();
     assert!(duplicates <= 16, "{duplicates} requests answered twice");
 }
+
+/// The in-process workers log in as the broker's own identity, not as
+/// guest: an operator deleting guest (which closes guest's connections)
+/// leaves the model answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_workers_survive_guest_being_deleted() {
+    let config = format!(
+        r#"
+[[users]]
+name = "operator"
+password = "operator-password"
+tags = ["administrator"]
+
+[[permissions]]
+user = "operator"
+configure = ".*"
+write = ".*"
+read = ".*"
+{}"#,
+        model_config(8, 20)
+    );
+    let broker = Broker::start_with_config(&config).await;
+    let operator_url = broker.url_for("operator", "operator-password", "%2f");
+    let connection = broker.connect_url(&operator_url).await;
+    wait_for_worker(&connection).await;
+
+    let deleted = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["ctl", "--url"])
+        .arg(format!("http://{}", broker.http_addr()))
+        .args(["--user", "operator", "--password", "operator-password"])
+        .args(["delete-user", "guest"])
+        .output()
+        .expect("run warren ctl");
+    assert!(
+        deleted.status.success(),
+        "warren ctl delete-user guest: {}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    assert!(
+        broker.try_connect_url(&broker.amqp_url()).await.is_err(),
+        "guest is gone"
+    );
+
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    let (reply_queue, mut consumer) = reply_queue(&channel).await;
+    request(&channel, FOOD.as_bytes(), reply_queue.as_str(), "food").await;
+    let reply = next_delivery(&mut consumer, "a reply after guest was deleted").await;
+    assert_eq!(vector(&reply.data).len(), 384);
+    let log = broker.log();
+    assert!(
+        log.contains("user deleted user=guest connections_closed=0"),
+        "guest had no connection to close, the workers' included:\n{log}"
+    );
+    assert!(
+        log.contains("user=warren-internal vhost=/"),
+        "the workers logged in as the broker's own identity:\n{log}"
+    );
+}

@@ -49,6 +49,7 @@ fn admin_error(error: AdminError) -> ApiError {
         }
         AdminError::Access(
             error @ (AccessError::BadName { .. }
+            | AccessError::ReservedUserName(_)
             | AccessError::Pattern(_)
             | AccessError::Password(_)
             | AccessError::Tags(_)),

@@ -267,16 +267,25 @@ impl Broker {
         format!("amqp://{user}:{password}@127.0.0.1:{}/{vhost}", self.port())
     }
 
-    /// The broker's stderr captured so far.
     /// The AMQPS listener's port, from its ready line (logged before the
     /// AMQP line `start` waits for); None without `[tls]`.
     pub fn amqps_port(&self) -> Option<u16> {
+        self.listener_addr("AMQPS").map(|addr| addr.port())
+    }
+
+    /// The HTTP listener's address, from its ready line (logged before the
+    /// AMQP line `start` waits for).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener_addr("HTTP")
+            .expect("the HTTP listener is logged before the AMQP one")
+    }
+
+    /// The address in the ready line of the listener called `name`.
+    fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        let ready = format!("{name} listener ready addr=");
         let log = self.log();
-        let line = log
-            .lines()
-            .find(|line| line.contains("AMQPS listener ready"))?;
-        parse_ready_addr(&line.replace("AMQPS listener ready addr=", READY_MARKER))
-            .map(|addr| addr.port())
+        let line = log.lines().find(|line| line.contains(&ready))?;
+        parse_ready_addr(&line.replace(&ready, READY_MARKER))
     }
 
     /// Waits until the broker's log contains `needle`: its stderr is read by
@@ -293,6 +302,7 @@ impl Broker {
         }
     }
 
+    /// The broker's stderr captured so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
