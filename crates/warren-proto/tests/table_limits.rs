@@ -7,10 +7,13 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame};
 use bytes::BytesMut;
 use cookie_factory::gen_simple;
 use warren_proto::protocol::{AMQPClass, BasicProperties, basic, connection, exchange, queue};
+use warren_proto::table_limits::{scan_content_header, scan_field_table};
+use warren_proto::types::generation::gen_field_table;
+use warren_proto::types::parsing::parse_field_table;
 use warren_proto::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString};
 use warren_proto::{
     Frame, FrameDecoder, FrameError, HEADERS_SIZE_MAX_BYTES_DEFAULT, TABLE_DEPTH_MAX_DEFAULT,
-    TableLimits,
+    TableError, TableLimits,
 };
 
 const CHANNEL: u16 = 7;
@@ -113,11 +116,48 @@ fn every_value_type() -> FieldTable {
         AMQPValue::ByteArray(ByteArray::from(vec![0, 1, 255])),
     );
     table.insert("V".into(), AMQPValue::Void);
+    table.insert("F".into(), AMQPValue::FieldTable(death.clone()));
     table.insert(
         "x-death".into(),
         AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
     );
     table
+}
+
+#[test]
+fn every_value_type_is_scanned_to_its_exact_length() {
+    let mut bytes = gen_simple(gen_field_table(&every_value_type()), Vec::new()).unwrap();
+    let length = bytes.len();
+    bytes.extend_from_slice(b"trailing");
+    assert_eq!(
+        scan_field_table(&bytes, &TableLimits::default()),
+        Ok(length)
+    );
+    let (rest, _) = parse_field_table(&bytes[..]).unwrap();
+    assert_eq!(rest, b"trailing");
+}
+
+#[test]
+fn content_header_headers_are_found_after_the_string_properties() {
+    let headers = gen_simple(gen_field_table(&every_value_type()), Vec::new()).unwrap();
+    // basic class, weight 0, body size 3; content-type, content-encoding
+    // and headers present.
+    let mut payload = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+    payload.extend_from_slice(&(0b1110_0000_0000_0000u16).to_be_bytes());
+    payload.extend_from_slice(&[4, b't', b'e', b'x', b't', 0]);
+    payload.extend_from_slice(&headers);
+    assert_eq!(
+        scan_content_header(&payload, &TableLimits::default()),
+        Ok(())
+    );
+    let tight = TableLimits::new(TABLE_DEPTH_MAX_DEFAULT, headers.len() as u32 - 5);
+    assert_eq!(
+        scan_content_header(&payload, &tight),
+        Err(TableError::HeadersTooLarge {
+            size_bytes: headers.len() as u32 - 4,
+            max_bytes: headers.len() as u32 - 5,
+        })
+    );
 }
 
 /// One of each method that carries a field table, with `table` in it and
