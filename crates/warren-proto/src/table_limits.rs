@@ -344,29 +344,8 @@ mod tests {
     use super::*;
     use amq_protocol::types::generation::gen_field_table;
     use amq_protocol::types::parsing::parse_field_table;
-    use amq_protocol::types::{AMQPValue, FieldArray, FieldTable};
+    use amq_protocol::types::{AMQPValue, FieldTable};
     use cookie_factory::gen_simple;
-
-    /// A field table nested `depth` levels deep, alternating arrays and
-    /// tables below the top so that both kinds of container are counted.
-    fn nested(depth: usize) -> FieldTable {
-        let mut top = FieldTable::default();
-        if depth == 1 {
-            return top;
-        }
-        let mut value = AMQPValue::FieldTable(FieldTable::default());
-        for level in (2..depth).rev() {
-            value = if level % 2 == 0 {
-                AMQPValue::FieldArray(FieldArray::from(vec![value]))
-            } else {
-                let mut table = FieldTable::default();
-                table.insert("n".into(), value);
-                AMQPValue::FieldTable(table)
-            };
-        }
-        top.insert("n".into(), value);
-        top
-    }
 
     fn encode(table: &FieldTable) -> Vec<u8> {
         gen_simple(gen_field_table(table), Vec::new()).unwrap()
@@ -384,23 +363,6 @@ mod tests {
     }
 
     #[test]
-    fn nesting_is_counted_from_the_top_level_table() {
-        let limits = TableLimits::new(3, HEADERS_SIZE_MAX_BYTES_DEFAULT);
-        for depth in 1..=3 {
-            let bytes = encode(&nested(depth));
-            assert_eq!(
-                scan_field_table(&bytes, &limits),
-                Ok(bytes.len()),
-                "{depth}"
-            );
-        }
-        assert_eq!(
-            scan_field_table(&encode(&nested(4)), &limits),
-            Err(TableError::TooDeep { depth_max: 3 })
-        );
-    }
-
-    #[test]
     fn siblings_do_not_add_depth() {
         // A table holding two depth-2 tables, then a value after them: the
         // scan must pop back to depth 1 between siblings.
@@ -413,20 +375,6 @@ mod tests {
         let bytes = encode(&table);
         let limits = TableLimits::new(2, HEADERS_SIZE_MAX_BYTES_DEFAULT);
         assert_eq!(scan_field_table(&bytes, &limits), Ok(bytes.len()));
-    }
-
-    #[test]
-    fn the_deepest_supported_limit_is_enforced() {
-        let ceiling = TABLE_DEPTH_CEILING as usize;
-        let limits = TableLimits::new(TABLE_DEPTH_CEILING, HEADERS_SIZE_MAX_BYTES_DEFAULT);
-        let at_limit = encode(&nested(ceiling));
-        assert_eq!(scan_field_table(&at_limit, &limits), Ok(at_limit.len()));
-        assert_eq!(
-            scan_field_table(&encode(&nested(ceiling + 1)), &limits),
-            Err(TableError::TooDeep {
-                depth_max: TABLE_DEPTH_CEILING
-            })
-        );
     }
 
     #[test]

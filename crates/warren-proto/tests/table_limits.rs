@@ -12,8 +12,8 @@ use warren_proto::types::generation::gen_field_table;
 use warren_proto::types::parsing::parse_field_table;
 use warren_proto::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString};
 use warren_proto::{
-    Frame, FrameDecoder, FrameError, HEADERS_SIZE_MAX_BYTES_DEFAULT, TABLE_DEPTH_MAX_DEFAULT,
-    TableError, TableLimits,
+    Frame, FrameDecoder, FrameError, HEADERS_SIZE_MAX_BYTES_DEFAULT, TABLE_DEPTH_CEILING,
+    TABLE_DEPTH_MAX_DEFAULT, TableError, TableLimits,
 };
 
 const CHANNEL: u16 = 7;
@@ -125,8 +125,43 @@ fn every_value_type() -> FieldTable {
 }
 
 #[test]
+fn nesting_is_counted_from_the_top_level_table() {
+    let limits = TableLimits::new(3, HEADERS_SIZE_MAX_BYTES_DEFAULT);
+    for depth in 1..=3 {
+        let bytes = encode_table(&nested(depth));
+        assert_eq!(
+            scan_field_table(&bytes, &limits),
+            Ok(bytes.len()),
+            "{depth}"
+        );
+    }
+    assert_eq!(
+        scan_field_table(&encode_table(&nested(4)), &limits),
+        Err(TableError::TooDeep { depth_max: 3 })
+    );
+}
+
+#[test]
+fn the_deepest_supported_limit_is_enforced() {
+    let ceiling = TABLE_DEPTH_CEILING as usize;
+    let limits = TableLimits::new(TABLE_DEPTH_CEILING, HEADERS_SIZE_MAX_BYTES_DEFAULT);
+    let at_limit = encode_table(&nested(ceiling));
+    assert_eq!(scan_field_table(&at_limit, &limits), Ok(at_limit.len()));
+    assert_eq!(
+        scan_field_table(&encode_table(&nested(ceiling + 1)), &limits),
+        Err(TableError::TooDeep {
+            depth_max: TABLE_DEPTH_CEILING
+        })
+    );
+}
+
+fn encode_table(table: &FieldTable) -> Vec<u8> {
+    gen_simple(gen_field_table(table), Vec::new()).unwrap()
+}
+
+#[test]
 fn every_value_type_is_scanned_to_its_exact_length() {
-    let mut bytes = gen_simple(gen_field_table(&every_value_type()), Vec::new()).unwrap();
+    let mut bytes = encode_table(&every_value_type());
     let length = bytes.len();
     bytes.extend_from_slice(b"trailing");
     assert_eq!(
@@ -139,7 +174,7 @@ fn every_value_type_is_scanned_to_its_exact_length() {
 
 #[test]
 fn content_header_headers_are_found_after_the_string_properties() {
-    let headers = gen_simple(gen_field_table(&every_value_type()), Vec::new()).unwrap();
+    let headers = encode_table(&every_value_type());
     // basic class, weight 0, body size 3; content-type, content-encoding
     // and headers present.
     let mut payload = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
