@@ -12,11 +12,13 @@
 #   nice -n 19 scripts/fuzz.sh 3600
 #
 # Each run starts from a scratch copy of the committed corpus in
-# fuzz/corpus/<target>, so the repository's corpus stays the small one that
-# fuzz/seed/capture.py recorded; the scratch directory (printed) keeps what
-# the run found. To fold worthwhile finds back into the committed corpus:
+# fuzz/corpus/<target> (the inputs fuzz/seed/capture.py recorded from pika,
+# plus the minimised finds of hour-long runs), so a run never changes the
+# repository; the scratch directory (printed) keeps what the run found. To
+# fold the finds of a long run back into the committed corpus:
 #
-#   cargo fuzz cmin TARGET fuzz/corpus/TARGET   # after copying finds in
+#   cp -n SCRATCH/corpus/TARGET/* DIR/ && cp fuzz/corpus/TARGET/* DIR/
+#   (cd fuzz && cargo fuzz cmin TARGET DIR) && cp -n DIR/* fuzz/corpus/TARGET/
 #
 # cargo-fuzz needs a nightly compiler's -Z flags; on a stable toolchain this
 # script sets RUSTC_BOOTSTRAP=1, which unlocks them. FUZZ_SANITIZER picks the
