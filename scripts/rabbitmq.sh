@@ -44,6 +44,9 @@
 #   RABBITMQ_PORT        AMQP port (default: a free port)
 #   RABBITMQ_EXTRA_CONF  extra lines appended to the node's rabbitmq.conf,
 #                        e.g. $'consumer_timeout = 5000\nvm_memory_high_watermark.relative = 0.6'
+#   RABBITMQ_PLUGINS     plugins to enable, separated by spaces (default none),
+#                        e.g. "rabbitmq_management"; its HTTP listener is set
+#                        with RABBITMQ_EXTRA_CONF (management.tcp.port = ...)
 #   RABBITMQ_ADVANCED_CONFIG  the node's advanced.config (Erlang terms), for
 #                        settings rabbitmq.conf lacks; default "[]."
 #                        e.g. '[{rabbit, [{channel_tick_interval, 1000}]}].'
@@ -179,7 +182,12 @@ ERL_EPMD_PORT=$epmd_port
 WARREN_RABBITMQ_CREATED_DIR=$created
 EOF
     : >"$dir/rabbitmq-env.conf"      # keeps /etc/rabbitmq/rabbitmq-env.conf out
-    echo '[].' >"$dir/enabled_plugins"
+    if [ -n "${RABBITMQ_PLUGINS:-}" ]; then
+        # e.g. RABBITMQ_PLUGINS="rabbitmq_management" -> [rabbitmq_management].
+        printf '[%s].\n' "$(printf '%s' "$RABBITMQ_PLUGINS" | tr ' ' ',')" >"$dir/enabled_plugins"
+    else
+        echo '[].' >"$dir/enabled_plugins"
+    fi
     printf '%s\n' "${RABBITMQ_ADVANCED_CONFIG:-[].}" >"$dir/advanced.config"
     {
         echo "# private node started by scripts/rabbitmq.sh"
