@@ -30,13 +30,17 @@
 #   suite_run LOG       runs the suite against $AMQP_URL, appending its
 #                       output to LOG; its last line of stdout is
 #                       "PASSED FAILED SKIPPED" (three integers)
-# with AMQP_URL, AMQP_HOST, AMQP_PORT, HTTP_PORT and BROKER (warren or
-# rabbitmq) in its environment.
+# with AMQP_URL, AMQP_HOST, AMQP_PORT, HTTP_PORT, BROKER (warren or
+# rabbitmq) and CLIENT_SUITES_SUPPORT (scripts/client-suites/support: JUnit
+# and TAP counters, a Node.js preload that sends port 5672 to AMQP_PORT) in
+# its environment.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 SUITE_FILES="$ROOT/scripts/client-suites"
+# What the suite files share: report counters, the Node.js port redirect.
+export CLIENT_SUITES_SUPPORT="$SUITE_FILES/support"
 
 usage() {
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'

@@ -119,7 +119,9 @@ node_env() {
     export RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf"
     export RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config"
     export RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins"
-    export RABBITMQ_ENABLED_PLUGINS=""
+    # The enabled_plugins file in the node directory decides (RABBITMQ_PLUGINS);
+    # an empty RABBITMQ_ENABLED_PLUGINS would override it with none.
+    unset RABBITMQ_ENABLED_PLUGINS
     export RABBITMQ_MNESIA_BASE="$dir/mnesia"
     export RABBITMQ_MNESIA_DIR="$dir/mnesia/$RABBITMQ_NODENAME"
     export RABBITMQ_LOG_BASE="$dir/log"

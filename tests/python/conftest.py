@@ -295,23 +295,18 @@ def start_broker(
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "data"
     data_dir.mkdir(exist_ok=True)
-    args = [
-        str(binary),
-        "serve",
-        "--amqp-listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--amqps-listen",  # used only when the config has a [tls] section
-        "127.0.0.1:0",
-        "--data-dir",
-        str(data_dir),
-    ]
+    extra_args = list(extra_args)
+    args = [str(binary), "serve", "--data-dir", str(data_dir)]
+    # Ephemeral loopback ports unless the test names its own listeners
+    # (--amqps-listen is used only when the config has a [tls] section).
+    for listener in ("--amqp-listen", "--http-listen", "--amqps-listen"):
+        if listener not in extra_args:
+            args += [listener, "127.0.0.1:0"]
     if config is not None:
         cfg = workdir / "warren.toml"
         cfg.write_text(config, encoding="utf-8")
         args += ["--config", str(cfg)]
-    args += list(extra_args)
+    args += extra_args
 
     env = dict(os.environ)
     env.setdefault("NO_COLOR", "1")

@@ -34,8 +34,10 @@ enum Content {
         publish: basic::Publish,
         properties: Box<BasicProperties>,
         body_size: usize,
-        chunks: Vec<Bytes>,
-        received: usize,
+        /// The body so far, in one buffer sized for the whole body when
+        /// its first frame arrives: a body that spans frames is copied
+        /// once, from the read buffer, and never joined afterwards.
+        received: BytesMut,
     },
 }
 
@@ -83,6 +85,9 @@ pub(crate) struct Channel {
     content: Content,
     confirms: Option<Confirms>,
     transaction: Option<Transaction>,
+    /// The queue named by this channel's last `queue.declare-ok`, which an
+    /// empty queue name stands for (see `expand_queue_shortcut`).
+    last_declared_queue: Option<ShortString>,
 }
 
 impl Channel {
@@ -92,12 +97,50 @@ impl Channel {
             content: Content::Idle,
             confirms: None,
             transaction: None,
+            last_declared_queue: None,
         }
     }
 }
 
 fn basic(method: basic::AMQPMethod) -> AMQPClass {
     AMQPClass::Basic(method)
+}
+
+/// AMQP 0-9-1's shortcut: in `queue.bind`, `queue.unbind`, `queue.purge`,
+/// `queue.delete`, `basic.consume` and `basic.get`, an empty queue name
+/// means the queue last declared on the channel (and in the bindings an
+/// empty routing key with it means that queue's name too). With no queue
+/// declared yet the method fails with 404, as in RabbitMQ. Done before the
+/// permission checks, which then see the real name.
+fn expand_queue_shortcut(
+    method: &mut AMQPClass,
+    last_declared: Option<&ShortString>,
+) -> BrokerResult<()> {
+    let (queue, routing_key) = match method {
+        AMQPClass::Queue(queue::AMQPMethod::Bind(bind)) => {
+            (&mut bind.queue, Some(&mut bind.routing_key))
+        }
+        AMQPClass::Queue(queue::AMQPMethod::Unbind(unbind)) => {
+            (&mut unbind.queue, Some(&mut unbind.routing_key))
+        }
+        AMQPClass::Queue(queue::AMQPMethod::Purge(purge)) => (&mut purge.queue, None),
+        AMQPClass::Queue(queue::AMQPMethod::Delete(delete)) => (&mut delete.queue, None),
+        AMQPClass::Basic(basic::AMQPMethod::Consume(consume)) => (&mut consume.queue, None),
+        AMQPClass::Basic(basic::AMQPMethod::Get(get)) => (&mut get.queue, None),
+        _ => return Ok(()),
+    };
+    if !queue.as_str().is_empty() {
+        return Ok(());
+    }
+    let last_declared =
+        last_declared.ok_or_else(|| BrokerError::not_found("no previously declared queue"))?;
+    if let Some(routing_key) = routing_key
+        && routing_key.as_str().is_empty()
+    {
+        *routing_key = last_declared.clone();
+    }
+    *queue = last_declared.clone();
+    Ok(())
 }
 
 impl Connection {
@@ -426,6 +469,10 @@ impl Connection {
             declare.queue = self.hub.lock().broker.generate_queue_name();
             server_named = true;
         }
+        expand_queue_shortcut(
+            &mut method,
+            self.channel(number).last_declared_queue.as_ref(),
+        )?;
         for (access, resource) in authorize::required(&method).into_iter().flatten() {
             self.authorize(number, access, resource)?;
         }
@@ -519,18 +566,17 @@ impl Connection {
                 Ok(())
             }
             channel::AMQPMethod::CloseOk(_) => Ok(()),
-            channel::AMQPMethod::Flow(flow) => {
-                {
-                    let mut hub = self.hub.lock();
-                    let mut outbox = Outbox::default();
-                    hub.broker
-                        .set_channel_flow(self.id, number, flow.active, &mut outbox);
-                    hub.dispatch(&mut outbox);
-                }
+            // As RabbitMQ: a client may not pause the broker's deliveries
+            // with channel.flow (basic.qos is the way to limit them), so
+            // active=false closes the connection with 540.
+            channel::AMQPMethod::Flow(flow) if !flow.active => {
+                Err(BrokerError::not_implemented("active=false"))
+            }
+            channel::AMQPMethod::Flow(_) => {
                 self.reply(
                     number,
                     AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
-                        active: flow.active,
+                        active: true,
                     })),
                 );
                 Ok(())
@@ -646,6 +692,9 @@ impl Connection {
                 } else {
                     hub.broker.declare_queue(self.id, declare_queue)?
                 };
+                if let Some(state) = self.channels.get_mut(&number) {
+                    state.last_declared_queue = Some(declared.name.clone());
+                }
                 if !nowait {
                     self.reply(
                         number,
@@ -1028,8 +1077,7 @@ impl Connection {
             publish,
             properties: Box::new(properties),
             body_size: body_size as usize,
-            chunks: Vec::new(),
-            received: 0,
+            received: BytesMut::new(),
         };
         Ok(())
     }
@@ -1038,7 +1086,6 @@ impl Connection {
         let state = self.channel(number);
         let Content::AwaitingBody {
             body_size,
-            chunks,
             received,
             ..
         } = &mut state.content
@@ -1050,39 +1097,39 @@ impl Connection {
                 ),
             ));
         };
-        *received += payload.len();
-        if *received > *body_size {
+        let total = received.len() + payload.len();
+        if total > *body_size {
             return Err(BrokerError::new(
                 ErrorCode::UnexpectedFrame,
                 format!(
-                    "content body on channel {number} is {} bytes, more than the {body_size} its header declared",
-                    received
+                    "content body on channel {number} is {total} bytes, more than the {body_size} its header declared"
                 ),
             ));
         }
-        chunks.push(payload);
-        if *received < *body_size {
-            return Ok(());
+        // A body that comes in one frame is used as it is, without a copy.
+        let whole_in_one_frame = received.is_empty() && total == *body_size;
+        if !whole_in_one_frame {
+            if received.capacity() == 0 {
+                received.reserve(*body_size);
+            }
+            received.extend_from_slice(&payload);
+            if total < *body_size {
+                return Ok(());
+            }
         }
         let Content::AwaitingBody {
             publish,
             properties,
-            mut chunks,
-            body_size,
+            received,
             ..
         } = std::mem::replace(&mut state.content, Content::Idle)
         else {
             unreachable!("matched above");
         };
-        // A body that came in one frame is used as it is, without a copy.
-        let body = if chunks.len() == 1 {
-            chunks.pop().expect("one chunk")
+        let body = if whole_in_one_frame {
+            payload
         } else {
-            let mut joined = BytesMut::with_capacity(body_size);
-            for chunk in chunks {
-                joined.extend_from_slice(&chunk);
-            }
-            joined.freeze()
+            received.freeze()
         };
         self.publish(number, publish, *properties, body)
     }

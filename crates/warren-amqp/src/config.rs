@@ -20,8 +20,11 @@ pub struct AmqpConfig {
     pub frame_max_bytes: u32,
     /// Heartbeat interval proposed to clients; 0 disables heartbeats.
     pub heartbeat_s: u16,
-    /// Largest message body accepted (RabbitMQ 3.10's default is 128 MiB;
-    /// Warren keeps 16 MiB so one publisher cannot hold much memory).
+    /// Largest message body accepted: 128 MiB by default, RabbitMQ 3.x's
+    /// default (ML payloads, such as images, tensors and batches of
+    /// documents, are often that large), at most 512 MiB, RabbitMQ's
+    /// ceiling. A body is assembled in one buffer and written to the store
+    /// from it, and a queue keeps a body that large on disk while it waits.
     pub message_size_max_bytes: u64,
     /// Nesting of field tables and arrays a frame may carry (a top-level
     /// table is 1). Checked before the recursive parser runs, so a hostile
@@ -53,6 +56,43 @@ pub struct AmqpConfig {
     pub access: Arc<AccessControl>,
     /// AMQPS, when configured: AMQP over TLS on a second listener.
     pub amqps: Option<Amqps>,
+    /// The product `connection.start` names.
+    pub product: Product,
+}
+
+/// The RabbitMQ version whose AMQP behaviour Warren follows, reported where
+/// tools and clients ask for RabbitMQ's version.
+pub const RABBITMQ_COMPATIBLE_VERSION: &str = "3.13.0";
+
+/// What the server says it is in `connection.start`'s `product` and
+/// `version` properties. Some clients choose behaviour from them: amqplib's
+/// and amqp091-go's RabbitMQ-only tests, and kombu and Celery, which take
+/// `basic.qos`'s global flag to mean what RabbitMQ makes it mean only when
+/// the product is "RabbitMQ".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Product {
+    /// "Warren" and Warren's own version.
+    #[default]
+    Warren,
+    /// "RabbitMQ" and `RABBITMQ_COMPATIBLE_VERSION`, for deployments whose
+    /// clients gate behaviour on the name.
+    RabbitMq,
+}
+
+impl Product {
+    pub fn name(self) -> &'static str {
+        match self {
+            Product::Warren => "Warren",
+            Product::RabbitMq => "RabbitMQ",
+        }
+    }
+
+    pub fn version(self) -> &'static str {
+        match self {
+            Product::Warren => env!("CARGO_PKG_VERSION"),
+            Product::RabbitMq => RABBITMQ_COMPATIBLE_VERSION,
+        }
+    }
 }
 
 /// The AMQPS listener: its address and its rustls configuration.
@@ -68,7 +108,7 @@ impl Default for AmqpConfig {
             channel_max: 2047,
             frame_max_bytes: 131_072,
             heartbeat_s: 60,
-            message_size_max_bytes: 16 * 1024 * 1024,
+            message_size_max_bytes: 128 * 1024 * 1024,
             table_depth_max: warren_proto::table_limits::TABLE_DEPTH_MAX_DEFAULT,
             headers_size_max_bytes: warren_proto::table_limits::HEADERS_SIZE_MAX_BYTES_DEFAULT,
             connections_max: 10_000,
@@ -84,6 +124,7 @@ impl Default for AmqpConfig {
                 default_loopback_users(),
             )),
             amqps: None,
+            product: Product::default(),
         }
     }
 }

@@ -25,7 +25,7 @@ use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_pro
 
 use crate::auth::{self, AuthError};
 use crate::channel::Channel;
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, Product};
 use crate::hub::{ConnectionInfo, ConnectionNotice, SharedHub, wall_clock_ms};
 use crate::mailbox::Mailbox;
 use crate::storage::StorageSignals;
@@ -281,7 +281,8 @@ impl Connection {
         } else {
             auth::MECHANISMS
         };
-        self.out.method(0, start_method(mechanisms));
+        self.out
+            .method(0, start_method(mechanisms, self.config.product));
 
         let start_ok = match self.next_method().await? {
             AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)) => start_ok,
@@ -412,10 +413,16 @@ impl Connection {
             self.out.send(Outbound::Close);
             return Fault::Gone;
         }
+        // RabbitMQ names no method in a refused login's close (0, 0); a
+        // malformed start-ok is blamed on connection.start-ok.
+        let (class_id, method_id) = match code {
+            ErrorCode::AccessRefused => (0, 0),
+            _ => (10, 11),
+        };
         Fault::Connection {
             error: BrokerError::new(code, error.to_string()),
-            class_id: 10,
-            method_id: 11,
+            class_id,
+            method_id,
         }
     }
 
@@ -879,7 +886,7 @@ fn client_capabilities(client_properties: &FieldTable) -> ClientCapabilities {
 
 /// `connection.start`: who we are and what we implement. The capabilities
 /// table claims only features that work.
-fn start_method(mechanisms: &str) -> AMQPClass {
+fn start_method(mechanisms: &str, product: Product) -> AMQPClass {
     let mut capabilities = FieldTable::default();
     for capability in [
         "publisher_confirms",
@@ -898,8 +905,8 @@ fn start_method(mechanisms: &str) -> AMQPClass {
     let mut text = |key: &str, value: &str| {
         server_properties.insert(key.into(), AMQPValue::LongString(value.into()));
     };
-    text("product", "Warren");
-    text("version", env!("CARGO_PKG_VERSION"));
+    text("product", product.name());
+    text("version", product.version());
     text("platform", "Rust");
     text(
         "information",

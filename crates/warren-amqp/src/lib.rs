@@ -9,6 +9,7 @@ mod channel;
 mod config;
 mod connection;
 mod hub;
+pub mod listen;
 mod mailbox;
 mod server;
 mod storage;
@@ -17,7 +18,10 @@ mod transport;
 mod writer;
 
 pub use admin::{Admin, AdminError};
-pub use config::{AmqpConfig, Amqps, StorageConfig, default_definitions, default_loopback_users};
+pub use config::{
+    AmqpConfig, Amqps, Product, RABBITMQ_COMPATIBLE_VERSION, StorageConfig, default_definitions,
+    default_loopback_users,
+};
 pub use hub::{ConnectionInfo, Hub, SharedHub, wall_clock_ms};
 pub use server::{AmqpServer, StartError};
 pub use warren_proto::FRAME_MIN_SIZE_BYTES;

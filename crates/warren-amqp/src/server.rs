@@ -18,6 +18,7 @@ use crate::admin::Admin;
 use crate::config::AmqpConfig;
 use crate::connection::{self, Shared};
 use crate::hub::{Hub, SharedHub, wall_clock_ms};
+use crate::listen;
 use crate::storage::{self, StorageError, StorageSignals};
 use crate::transport::Transport;
 
@@ -73,10 +74,10 @@ impl AmqpServer {
         let mut broker = Broker::new(&config.access.vhosts(), config.limits.clone(), seed);
         broker.advance_clock(wall_clock_ms());
         let (signals, disk_alarm) = storage::open(&mut broker, &config.storage)?;
-        let listener = TcpListener::bind(address).await?;
+        let listener = listen::bind(address).await?;
         let tls_listener = match &config.amqps {
             Some(amqps) => Some((
-                TcpListener::bind(amqps.address).await?,
+                listen::bind(amqps.address).await?,
                 TlsAcceptor::from(Arc::clone(&amqps.tls)),
             )),
             None => None,
@@ -162,7 +163,7 @@ impl AmqpServer {
                 _ = shutdown.changed() => break,
             };
             let (socket, peer) = match accepted {
-                Ok(accepted) => accepted,
+                Ok((socket, peer)) => (socket, listen::canonical_peer(peer)),
                 Err(accept_error) => {
                     // Running out of file descriptors, for instance: back
                     // off instead of spinning.

@@ -15,7 +15,7 @@ use amq_protocol::types::{FieldTable, ShortString};
 use warren_store::{MessageLog, RecordKind, Sequence, StoreError, Ticket};
 
 use crate::arguments::{Overflow, QueueArguments, QueueShape, message_expiration_ms};
-use crate::codec::encode_message;
+use crate::codec::encode_message_head;
 use crate::dead_letter::{DeadLetter, DeathReason};
 use crate::delivery::Settled;
 use crate::durable::Store;
@@ -201,8 +201,6 @@ pub(crate) struct ChannelState {
     pub(crate) consumer_prefetch: u16,
     /// `basic.qos` with global=true: shared by all consumers on the channel.
     pub(crate) global_prefetch: u16,
-    /// Cleared by `channel.flow(active=false)`.
-    pub(crate) paused: bool,
     pub(crate) consumers: HashMap<ShortString, QueueId>,
     pub(crate) deliveries_unwritten: u32,
     /// The channel's direct reply-to consumer, if it has one.
@@ -228,8 +226,7 @@ pub enum ChannelMode {
 
 impl ChannelState {
     pub(crate) fn accepts(&self, no_ack: bool, limits: &Limits) -> bool {
-        if self.paused
-            || self.closing
+        if self.closing
             || self.deliveries_unwritten >= limits.deliveries_unwritten_per_channel_max
         {
             return false;
@@ -419,22 +416,6 @@ impl Broker {
         }
     }
 
-    /// `channel.flow`: a paused channel receives no deliveries.
-    pub fn set_channel_flow(
-        &mut self,
-        connection: ConnectionId,
-        channel: u16,
-        active: bool,
-        out: &mut Outbox,
-    ) {
-        if let Some(state) = self.channel_mut(connection, channel) {
-            state.paused = !active;
-        }
-        if active {
-            self.deliver_to_channel(connection, channel, out);
-        }
-    }
-
     /// `basic.qos` (prefetch_size has been checked by the caller).
     pub fn set_prefetch(
         &mut self,
@@ -499,9 +480,11 @@ impl Broker {
                 ))),
             };
         }
+        // RabbitMQ 3.x closed the connection with 503 here; the current
+        // RabbitMQ closes only the channel, with 406.
         let Some(kind) = ExchangeKind::parse(declare.kind.as_str()) else {
-            return Err(BrokerError::command_invalid(format!(
-                "unknown exchange type '{}'",
+            return Err(BrokerError::precondition_failed(format!(
+                "invalid exchange type '{}'",
                 declare.kind
             )));
         };
@@ -601,7 +584,9 @@ impl Broker {
         Ok(())
     }
 
-    /// `exchange.bind` (bind = true) and `exchange.unbind`.
+    /// `exchange.bind` (bind = true) and `exchange.unbind`. Unbinding
+    /// succeeds when either exchange is gone, as in RabbitMQ: the binding
+    /// went with it (an auto-delete exchange, typically, that just went).
     pub(crate) fn bind_exchange_unsaved(
         &mut self,
         connection: ConnectionId,
@@ -623,13 +608,13 @@ impl Broker {
         }
         for name in [destination, source] {
             if !vhost.exchanges.contains_key(name) {
+                if !bind {
+                    return Ok(());
+                }
                 return Err(BrokerError::not_found(format!(
                     "no exchange '{name}' in vhost '{vhost_name}'"
                 )));
             }
-        }
-        if vhost.exchanges[source].kind == ExchangeKind::Headers {
-            validate_headers_binding(&arguments)?;
         }
         let binding = Binding {
             destination: Destination::Exchange(destination.into()),
@@ -637,6 +622,9 @@ impl Broker {
             arguments,
         };
         if bind {
+            if vhost.exchanges[source].kind == ExchangeKind::Headers {
+                validate_headers_binding(&binding.arguments)?;
+            }
             add_binding(vhost, source, binding);
         } else {
             remove_binding(vhost, source, &binding);
@@ -745,7 +733,10 @@ impl Broker {
         })
     }
 
-    /// `queue.bind` (bind = true) and `queue.unbind`.
+    /// `queue.bind` (bind = true) and `queue.unbind`. Unbinding succeeds
+    /// when the queue or the exchange is gone, as in RabbitMQ: clients
+    /// unbind an auto-delete reply queue after cancelling its consumer,
+    /// which deleted it and its bindings.
     pub(crate) fn bind_queue_unsaved(
         &mut self,
         connection: ConnectionId,
@@ -755,24 +746,28 @@ impl Broker {
         arguments: FieldTable,
         bind: bool,
     ) -> BrokerResult<()> {
-        let id = self.queue_for(connection, queue)?;
-        let vhost_name = self.vhost_of(connection)?;
-        let vhost = self
-            .vhosts
-            .get_mut(&vhost_name)
-            .expect("connection's vhost exists");
         if exchange.is_empty() {
             return Err(BrokerError::access_refused(
                 "operation not permitted on the default exchange",
             ));
         }
+        let id = match self.queue_for(connection, queue) {
+            Ok(id) => id,
+            Err(error) if !bind && error.code == ErrorCode::NotFound => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        let vhost_name = self.vhost_of(connection)?;
+        let vhost = self
+            .vhosts
+            .get_mut(&vhost_name)
+            .expect("connection's vhost exists");
         if !vhost.exchanges.contains_key(exchange) {
+            if !bind {
+                return Ok(());
+            }
             return Err(BrokerError::not_found(format!(
                 "no exchange '{exchange}' in vhost '{vhost_name}'"
             )));
-        }
-        if vhost.exchanges[exchange].kind == ExchangeKind::Headers {
-            validate_headers_binding(&arguments)?;
         }
         let binding = Binding {
             destination: Destination::Queue(id),
@@ -780,6 +775,9 @@ impl Broker {
             arguments,
         };
         if bind {
+            if vhost.exchanges[exchange].kind == ExchangeKind::Headers {
+                validate_headers_binding(&binding.arguments)?;
+            }
             add_binding(vhost, exchange, binding);
         } else {
             remove_binding(vhost, exchange, &binding);
@@ -964,7 +962,7 @@ impl Broker {
     ) {
         let log = self.store.as_ref().map(|store| &store.log);
         let now_ms = self.now_ms;
-        let mut payload: Option<Vec<u8>> = None;
+        let mut head: Option<Vec<u8>> = None;
         let mut expiries = Vec::new();
         let mut dead_letters = Vec::new();
         for id in targets {
@@ -990,8 +988,14 @@ impl Broker {
             if queue.persists(&message)
                 && let Some(log) = log
             {
-                let payload = payload.get_or_insert_with(|| encode_message(&message, now_ms));
-                match log.append_message(RecordKind::Publish, id.0, sequence, payload) {
+                let head = head.get_or_insert_with(|| encode_message_head(&message, now_ms));
+                match log.append_message_with_tail(
+                    RecordKind::Publish,
+                    id.0,
+                    sequence,
+                    head,
+                    &message.body,
+                ) {
                     Ok((location, ticket)) => {
                         stored = Stored::Published(location);
                         outcome.ticket = Some(ticket);

@@ -28,7 +28,15 @@ const MESSAGE_FORMAT_WITHOUT_ARRIVAL: u8 = 1;
 /// [properties len u32][properties][body]`. The arrival time (ms since the
 /// epoch) lets a TTL keep counting across a restart.
 pub fn encode_message(message: &Message, arrived_ms: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.body.len() + 72);
+    let mut out = encode_message_head(message, arrived_ms);
+    out.extend_from_slice(&message.body);
+    out
+}
+
+/// Everything of `encode_message` but the body, which the store writes
+/// from the message's own buffer (`append_message_with_tail`).
+pub fn encode_message_head(message: &Message, arrived_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(72);
     out.push(MESSAGE_FORMAT);
     out.extend_from_slice(&arrived_ms.to_le_bytes());
     put_short(&mut out, message.exchange.as_str());
@@ -38,18 +46,22 @@ pub fn encode_message(message: &Message, arrived_ms: u64) -> Vec<u8> {
         .write;
     out.extend_from_slice(&(properties.len() as u32).to_le_bytes());
     out.extend_from_slice(&properties);
-    out.extend_from_slice(&message.body);
     out
 }
 
 pub fn decode_message(bytes: &[u8]) -> Result<Message, DecodeError> {
-    decode_stored_message(bytes).map(|(message, _)| message)
+    decode_stored_message(&Bytes::copy_from_slice(bytes)).map(|(message, _)| message)
 }
 
 /// Decodes a payload and the arrival time it carries (None for format 1).
-pub fn decode_stored_message(bytes: &[u8]) -> Result<(Message, Option<u64>), DecodeError> {
+/// The body is a view of `bytes`, not a copy: a large message read back
+/// from the store is held once.
+pub fn decode_stored_message(bytes: &Bytes) -> Result<(Message, Option<u64>), DecodeError> {
     let error = DecodeError { what: "message" };
-    let mut reader = Reader { bytes, position: 0 };
+    let mut reader = Reader {
+        bytes: &bytes[..],
+        position: 0,
+    };
     let arrived_ms = match reader.u8().ok_or(error.clone())? {
         MESSAGE_FORMAT => Some(reader.u64().ok_or(error.clone())?),
         MESSAGE_FORMAT_WITHOUT_ARRIVAL => None,
@@ -67,7 +79,7 @@ pub fn decode_stored_message(bytes: &[u8]) -> Result<(Message, Option<u64>), Dec
         exchange,
         routing_key,
         properties,
-        body: Bytes::copy_from_slice(reader.rest()),
+        body: bytes.slice(reader.position..),
     };
     Ok((message, arrived_ms))
 }
@@ -128,12 +140,6 @@ impl<'a> Reader<'a> {
         self.position += rest.len() - remaining.len();
         Some(table)
     }
-
-    pub fn rest(&mut self) -> &'a [u8] {
-        let rest = &self.bytes[self.position..];
-        self.position = self.bytes.len();
-        rest
-    }
 }
 
 #[cfg(test)]
@@ -156,7 +162,7 @@ mod tests {
             body: Bytes::from_static(b"payload"),
         };
         let (decoded, arrived_ms) =
-            decode_stored_message(&encode_message(&message, 1_700_000_000_123)).unwrap();
+            decode_stored_message(&Bytes::from(encode_message(&message, 1_700_000_000_123))).unwrap();
         assert_eq!(arrived_ms, Some(1_700_000_000_123));
         assert_eq!(decoded.exchange, message.exchange);
         assert_eq!(decoded.routing_key, message.routing_key);

@@ -7,7 +7,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use warren_store::{Backlog, Location, MemoryBacklog, MessageLog, RecordKind, Sequence};
 
 use crate::arguments::{QueueArguments, QueueType, message_expiration_ms};
-use crate::codec::{decode_stored_message, encode_message};
+use crate::codec::{decode_stored_message, encode_message_head};
 use crate::error::{BrokerError, BrokerResult};
 use crate::priority::PriorityBacklog;
 use crate::stats::MessageCounts;
@@ -380,17 +380,21 @@ impl Queue {
         meta: MessageMeta,
         log: Option<&MessageLog>,
     ) {
+        // A message whose body alone passes the byte limit waits on disk
+        // from the start: a large body costs disk, not memory, while it
+        // waits.
         let over_limits = self.resident_messages >= RESIDENT_MESSAGES_MAX
-            || self.resident_bytes >= RESIDENT_BYTES_MAX;
+            || self.resident_bytes + message.body.len() > RESIDENT_BYTES_MAX;
         if over_limits
             && stored == Stored::Nowhere
             && let Some(log) = log
         {
-            match log.append_message(
+            match log.append_message_with_tail(
                 RecordKind::Paged,
                 self.id.0,
                 sequence,
-                &encode_message(&message, meta.arrived_ms),
+                &encode_message_head(&message, meta.arrived_ms),
+                &message.body,
             ) {
                 Ok((location, _)) => stored = Stored::Paged(location),
                 Err(error) => log_paging_failure(&error),

@@ -90,7 +90,7 @@ impl FromRequestParts<AppState> for Credentials {
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(address)| address.ip())
+            .map(|ConnectInfo(address)| address.ip().to_canonical())
             .ok_or_else(|| ApiError::Internal("the peer address is unknown".to_owned()))?;
         let login = {
             let access = std::sync::Arc::clone(state.access());

@@ -63,7 +63,7 @@ impl HttpServer {
         config: HttpConfig,
         context: HttpContext,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(address).await?;
+        let listener = warren_amqp::listen::bind(address).await?;
         let http_address = listener.local_addr()?;
         let state = AppState {
             inference: Arc::new(Inference::new(config.inference_in_flight_max)),

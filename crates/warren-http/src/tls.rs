@@ -61,7 +61,7 @@ async fn accept_loop(
             return;
         };
         let (socket, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok((socket, peer)) => (socket, warren_amqp::listen::canonical_peer(peer)),
             Err(error) => {
                 tracing::error!(%error, "HTTPS accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use crate::fs::FileSystem;
@@ -138,10 +139,32 @@ struct SegmentState {
     created: bool,
 }
 
+/// A payload tail at least this long is written from the caller's buffer
+/// instead of being copied into the log's own (see `append_message_with_tail`).
+const SHARED_TAIL_MIN_BYTES: usize = 64 * 1024;
+
+/// Bytes waiting to be written at `base_offset` of a segment.
 struct PendingWrite {
     segment: u64,
     base_offset: u64,
-    bytes: Vec<u8>,
+    data: PendingData,
+}
+
+enum PendingData {
+    /// Records encoded into the log's own buffer.
+    Encoded(Vec<u8>),
+    /// The tail of a record's payload, still in the buffer it came in (a
+    /// large message body shared with the broker's `Message`).
+    Shared(Bytes),
+}
+
+impl PendingData {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            PendingData::Encoded(bytes) => bytes,
+            PendingData::Shared(bytes) => bytes,
+        }
+    }
 }
 
 struct State {
@@ -302,9 +325,25 @@ impl MessageLog {
         sequence: u64,
         payload: &[u8],
     ) -> Result<(Location, Ticket), StoreError> {
+        self.append_message_with_tail(kind, queue, sequence, payload, &Bytes::new())
+    }
+
+    /// Appends a message record whose payload is `head` then `tail`. A
+    /// large `tail` (a message body) is not copied: the log keeps a
+    /// reference to it until it is written, so a large message is held in
+    /// memory once, in the buffer it arrived in, and only until it is on
+    /// disk.
+    pub fn append_message_with_tail(
+        &self,
+        kind: RecordKind,
+        queue: u64,
+        sequence: u64,
+        head: &[u8],
+        tail: &Bytes,
+    ) -> Result<(Location, Ticket), StoreError> {
         debug_assert!(matches!(kind, RecordKind::Publish | RecordKind::Paged));
         let mut state = self.shared.state.lock();
-        let (location, ticket) = self.append_locked(&mut state, kind, queue, sequence, payload)?;
+        let (location, ticket) = self.append_locked(&mut state, kind, queue, sequence, head, tail)?;
         state.segments.entry(location.segment).or_default().live += 1;
         Ok((location, ticket))
     }
@@ -337,7 +376,8 @@ impl MessageLog {
         published_at: Location,
     ) -> Result<Ticket, StoreError> {
         let mut state = self.shared.state.lock();
-        let (location, ticket) = self.append_locked(&mut state, kind, queue, sequence, &[])?;
+        let (location, ticket) =
+            self.append_locked(&mut state, kind, queue, sequence, &[], &Bytes::new())?;
         if published_at.segment < location.segment
             && state.segments.contains_key(&published_at.segment)
         {
@@ -367,12 +407,13 @@ impl MessageLog {
         kind: RecordKind,
         queue: u64,
         sequence: u64,
-        payload: &[u8],
+        head: &[u8],
+        tail: &Bytes,
     ) -> Result<(Location, Ticket), StoreError> {
         if let Some(reason) = &state.poisoned {
             return Err(StoreError::Poisoned(reason.clone()));
         }
-        let length = record::encoded_length(payload.len()) as u64;
+        let length = record::encoded_length(head.len() + tail.len()) as u64;
         if state.active_length > 0
             && state.active_length + length > self.shared.config.segment_size_bytes
         {
@@ -387,18 +428,40 @@ impl MessageLog {
                 "segment {segment} grew past 4 GiB, which a record's location cannot address"
             )));
         };
-        let write = match state.pending.last_mut() {
-            Some(last) if last.segment == segment => last,
+        let buffer = match state.pending.last_mut() {
+            Some(PendingWrite {
+                segment: last_segment,
+                data: PendingData::Encoded(bytes),
+                ..
+            }) if *last_segment == segment => bytes,
             _ => {
                 state.pending.push(PendingWrite {
                     segment,
                     base_offset: offset,
-                    bytes: Vec::with_capacity(64 * 1024),
+                    data: PendingData::Encoded(Vec::with_capacity(64 * 1024)),
                 });
-                state.pending.last_mut().expect("just pushed")
+                let Some(PendingWrite {
+                    data: PendingData::Encoded(bytes),
+                    ..
+                }) = state.pending.last_mut()
+                else {
+                    unreachable!("just pushed an encoded write");
+                };
+                bytes
             }
         };
-        record::encode(&mut write.bytes, kind, queue, sequence, payload);
+        if tail.len() >= SHARED_TAIL_MIN_BYTES {
+            let head_length = record::encode_head(buffer, kind, queue, sequence, head, tail)
+                - tail.len();
+            state.pending.push(PendingWrite {
+                segment,
+                base_offset: offset + head_length as u64,
+                data: PendingData::Shared(tail.clone()),
+            });
+        } else {
+            record::encode_head(buffer, kind, queue, sequence, head, tail);
+            buffer.extend_from_slice(tail);
+        }
         state.active_length += length;
         state.pending_bytes += length as usize;
         state.last_ticket += 1;
@@ -415,15 +478,12 @@ impl MessageLog {
     }
 
     /// Reads a message's payload back, from memory if it is not written yet.
-    pub fn read(&self, location: Location) -> Result<Vec<u8>, StoreError> {
+    /// The payload is a view of the one buffer the record was read into.
+    pub fn read(&self, location: Location) -> Result<Bytes, StoreError> {
         let from_memory = {
             let state = self.shared.state.lock();
             let in_flight = state.in_flight.as_deref().map(Vec::as_slice).unwrap_or(&[]);
-            state
-                .pending
-                .iter()
-                .chain(in_flight.iter())
-                .find_map(|write| slice_of(write, location).map(<[u8]>::to_vec))
+            gather_unwritten(state.pending.iter().chain(in_flight.iter()), location)
         };
         let bytes = match from_memory {
             Some(bytes) => bytes,
@@ -439,14 +499,15 @@ impl MessageLog {
                     })?
             }
         };
-        match record::decode(&bytes) {
-            Decoded::Record(record, _) => Ok(record.payload.to_vec()),
+        let payload_start = match record::decode(&bytes) {
+            Decoded::Record(record, used) => used - record.payload.len(),
             other => Err(StoreError::Read {
                 segment: location.segment,
                 offset: location.offset.into(),
                 reason: format!("record does not decode ({other:?})"),
-            }),
-        }
+            })?,
+        };
+        Ok(Bytes::from(bytes).slice(payload_start..))
     }
 
     pub fn durable_ticket(&self) -> Ticket {
@@ -528,13 +589,29 @@ impl Drop for MessageLog {
     }
 }
 
-fn slice_of(write: &PendingWrite, location: Location) -> Option<&[u8]> {
-    let offset = u64::from(location.offset);
-    if write.segment != location.segment || offset < write.base_offset {
-        return None;
+/// The bytes at `location` if they are all among `writes` (not on disk
+/// yet); a record may span an encoded write and the shared tail after it.
+fn gather_unwritten<'a>(
+    writes: impl Iterator<Item = &'a PendingWrite>,
+    location: Location,
+) -> Option<Vec<u8>> {
+    let start = u64::from(location.offset);
+    let end = start + u64::from(location.length);
+    let mut gathered = Vec::new();
+    for write in writes.filter(|write| write.segment == location.segment) {
+        let bytes = write.data.as_slice();
+        let write_end = write.base_offset + bytes.len() as u64;
+        let next = start + gathered.len() as u64;
+        if write.base_offset <= next && next < write_end {
+            let from = (next - write.base_offset) as usize;
+            let to = (end.min(write_end) - write.base_offset) as usize;
+            gathered.extend_from_slice(&bytes[from..to]);
+            if gathered.len() as u64 == end - start {
+                return Some(gathered);
+            }
+        }
     }
-    let start = (offset - write.base_offset) as usize;
-    write.bytes.get(start..start + location.length as usize)
+    None
 }
 
 fn release_locked(state: &mut State, location: Location) {
@@ -575,6 +652,9 @@ fn commit_loop(shared: &Shared) {
         let started = Instant::now();
         let result = write_batch(shared, &batch);
         shared.commit_times.observe(started.elapsed());
+        // The batch may hold large message bodies: they go before anyone
+        // hears the batch is durable.
+        drop(batch);
         let doomed = {
             let mut state = shared.state.lock();
             state.in_flight = None;
@@ -623,7 +703,7 @@ fn write_batch(shared: &Shared, batch: &[PendingWrite]) -> Result<Vec<u64>, Stor
         let path = shared.dir.join(segment_name(write.segment));
         shared
             .fs
-            .append(&path, &write.bytes)
+            .append(&path, write.data.as_slice())
             .map_err(|error| StoreError::io("writing", &path, error))?;
         if write.base_offset == 0 {
             created.push(write.segment);

@@ -55,16 +55,34 @@ pub fn encode(
     payload: &[u8],
 ) -> usize {
     let start = out.len();
-    let body_length = BODY_HEADER_BYTES + payload.len();
+    encode_head(out, kind, queue, sequence, payload, &[]);
+    out.len() - start
+}
+
+/// Appends one record whose payload is `head` followed by `tail`, leaving
+/// the `tail` bytes out of `out`: the caller writes them right after,
+/// from wherever they already are (a large message body is written from
+/// the buffer it arrived in, never copied). The length and checksum cover
+/// both parts. Returns the record's whole encoded length.
+pub fn encode_head(
+    out: &mut Vec<u8>,
+    kind: RecordKind,
+    queue: u64,
+    sequence: u64,
+    head: &[u8],
+    tail: &[u8],
+) -> usize {
+    let start = out.len();
+    let body_length = BODY_HEADER_BYTES + head.len() + tail.len();
     out.extend_from_slice(&(body_length as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.push(kind as u8);
     out.extend_from_slice(&queue.to_le_bytes());
     out.extend_from_slice(&sequence.to_le_bytes());
-    out.extend_from_slice(payload);
-    let checksum = crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]);
+    out.extend_from_slice(head);
+    let checksum = crc32c::crc32c_append(crc32c::crc32c(&out[start + FRAME_HEADER_BYTES..]), tail);
     out[start + 4..start + 8].copy_from_slice(&checksum.to_le_bytes());
-    out.len() - start
+    FRAME_HEADER_BYTES + body_length
 }
 
 pub fn encoded_length(payload_length: usize) -> usize {
@@ -134,6 +152,17 @@ mod tests {
             (record.queue, record.sequence, record.payload),
             (7, 42, &b"hello"[..])
         );
+    }
+
+    #[test]
+    fn a_record_written_in_two_parts_is_the_record_written_whole() {
+        let mut whole = Vec::new();
+        encode(&mut whole, RecordKind::Paged, 3, 9, b"head and tail");
+        let mut parts = Vec::new();
+        let length = encode_head(&mut parts, RecordKind::Paged, 3, 9, b"head ", b"and tail");
+        parts.extend_from_slice(b"and tail");
+        assert_eq!(length, whole.len());
+        assert_eq!(parts, whole);
     }
 
     #[test]

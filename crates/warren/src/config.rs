@@ -57,6 +57,9 @@ pub struct AmqpSection {
     pub tx_operations_max: Option<usize>,
     pub pending_confirms_per_channel_max: Option<usize>,
     pub flow_ready_max: Option<usize>,
+    /// The product `connection.start` names: "Warren" (the default) or
+    /// "RabbitMQ", for clients that gate behaviour on the name.
+    pub product: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -254,6 +257,15 @@ impl FileConfig {
         }
         if let Some(unacked) = section.unacked_per_channel_max {
             config.limits.unacked_per_channel_max = unacked;
+        }
+        if let Some(product) = &section.product {
+            config.product = match product.as_str() {
+                "Warren" => warren_amqp::Product::Warren,
+                "RabbitMQ" => warren_amqp::Product::RabbitMq,
+                other => anyhow::bail!(
+                    "amqp.product must be \"Warren\" or \"RabbitMQ\", not {other:?}"
+                ),
+            };
         }
         if let Some(ready) = section.flow_ready_max {
             config.limits.flow_ready_max = ready;

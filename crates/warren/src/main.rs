@@ -111,11 +111,12 @@ struct WorkerArgs {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// Address and port for AMQP 0-9-1 clients.
+    /// Address and port for AMQP 0-9-1 clients. `[::]` (the default)
+    /// accepts IPv4 and IPv6 clients on one dual-stack socket.
     #[arg(
         long,
         value_name = "ADDR",
-        default_value = "0.0.0.0:5672",
+        default_value = "[::]:5672",
         env = "WARREN_AMQP_LISTEN"
     )]
     amqp_listen: SocketAddr,
@@ -125,7 +126,7 @@ struct ServeArgs {
     #[arg(
         long,
         value_name = "ADDR",
-        default_value = "0.0.0.0:5671",
+        default_value = "[::]:5671",
         env = "WARREN_AMQPS_LISTEN"
     )]
     amqps_listen: SocketAddr,
@@ -136,7 +137,7 @@ struct ServeArgs {
     #[arg(
         long,
         value_name = "ADDR",
-        default_value = "0.0.0.0:15672",
+        default_value = "[::]:15672",
         env = "WARREN_HTTP_LISTEN"
     )]
     http_listen: SocketAddr,

@@ -185,8 +185,11 @@ async fn wrong_password_raw_gets_connection_close_403() {
     let mut raw = broker.raw().await;
     let _ = raw.start().await;
     raw.start_ok("guest", "wrong").await;
-    raw.expect_connection_close(ACCESS_REFUSED, "bad password")
+    let close = raw
+        .expect_connection_close(ACCESS_REFUSED, "bad password")
         .await;
+    // As RabbitMQ: the close names no method.
+    assert_eq!((close.class_id, close.method_id), (0, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,6 @@ use crate::auth::Credentials;
 use crate::error::ApiResult;
 use crate::state::AppState;
 
-/// The RabbitMQ version Warren's AMQP behaviour follows, for tools that
-/// check it.
-const RABBITMQ_COMPATIBLE_VERSION: &str = "3.13.0";
 
 pub async fn overview(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
     let totals = state.hub.lock().broker.totals();
@@ -26,7 +23,7 @@ pub async fn overview(State(state): State<AppState>, _user: Credentials) -> Json
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
         "management_version": env!("CARGO_PKG_VERSION"),
-        "rabbitmq_version": RABBITMQ_COMPATIBLE_VERSION,
+        "rabbitmq_version": warren_amqp::RABBITMQ_COMPATIBLE_VERSION,
         "node": node.name,
         "cluster_name": node.name,
         "rates_mode": "basic",
