@@ -168,7 +168,6 @@ def test_a_22_mb_message_is_accepted_by_default(broker):
     ch.queue_delete(queue=queue)
 
 
-@pytest.mark.warren_only("RabbitMQ 3.10 closes the channel only after receiving the whole body")
 def test_a_message_over_128_mib_is_refused_with_406(broker):
     conn = broker.connect()
     ch = conn.channel()
