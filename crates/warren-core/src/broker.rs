@@ -226,8 +226,7 @@ pub enum ChannelMode {
 
 impl ChannelState {
     pub(crate) fn accepts(&self, no_ack: bool, limits: &Limits) -> bool {
-        if self.closing
-            || self.deliveries_unwritten >= limits.deliveries_unwritten_per_channel_max
+        if self.closing || self.deliveries_unwritten >= limits.deliveries_unwritten_per_channel_max
         {
             return false;
         }

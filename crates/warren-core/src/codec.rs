@@ -162,7 +162,8 @@ mod tests {
             body: Bytes::from_static(b"payload"),
         };
         let (decoded, arrived_ms) =
-            decode_stored_message(&Bytes::from(encode_message(&message, 1_700_000_000_123))).unwrap();
+            decode_stored_message(&Bytes::from(encode_message(&message, 1_700_000_000_123)))
+                .unwrap();
         assert_eq!(arrived_ms, Some(1_700_000_000_123));
         assert_eq!(decoded.exchange, message.exchange);
         assert_eq!(decoded.routing_key, message.routing_key);

@@ -343,7 +343,8 @@ impl MessageLog {
     ) -> Result<(Location, Ticket), StoreError> {
         debug_assert!(matches!(kind, RecordKind::Publish | RecordKind::Paged));
         let mut state = self.shared.state.lock();
-        let (location, ticket) = self.append_locked(&mut state, kind, queue, sequence, head, tail)?;
+        let (location, ticket) =
+            self.append_locked(&mut state, kind, queue, sequence, head, tail)?;
         state.segments.entry(location.segment).or_default().live += 1;
         Ok((location, ticket))
     }
@@ -451,8 +452,8 @@ impl MessageLog {
             }
         };
         if tail.len() >= SHARED_TAIL_MIN_BYTES {
-            let head_length = record::encode_head(buffer, kind, queue, sequence, head, tail)
-                - tail.len();
+            let head_length =
+                record::encode_head(buffer, kind, queue, sequence, head, tail) - tail.len();
             state.pending.push(PendingWrite {
                 segment,
                 base_offset: offset + head_length as u64,

@@ -125,16 +125,28 @@ fn durable_messages_survive_a_crash_and_read_back() {
 fn a_large_body_written_from_its_own_buffer_reads_back_and_survives_a_crash() {
     let fs = SimulatedFileSystem::new();
     let (log, _, reports) = open(&fs);
-    let body = bytes::Bytes::from((0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let body = bytes::Bytes::from(
+        (0..200_000u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
     let (before, _) = publish(&log, 1, 1, b"before");
     let (large, _) = log
         .append_message_with_tail(RecordKind::Publish, 1, 2, b"head:", &body)
         .expect("append");
     let (after, ticket) = publish(&log, 1, 3, b"after");
     let expected: Vec<u8> = b"head:".iter().chain(body.iter()).copied().collect();
-    assert_eq!(&log.read(large).unwrap()[..], &expected[..], "read before the write");
+    assert_eq!(
+        &log.read(large).unwrap()[..],
+        &expected[..],
+        "read before the write"
+    );
     reports.wait_durable(ticket).unwrap();
-    assert_eq!(&log.read(large).unwrap()[..], &expected[..], "read from the disk");
+    assert_eq!(
+        &log.read(large).unwrap()[..],
+        &expected[..],
+        "read from the disk"
+    );
     log.abandon();
     fs.crash(|unsynced| unsynced);
 
@@ -144,7 +156,10 @@ fn a_large_body_written_from_its_own_buffer_reads_back_and_survives_a_crash() {
     assert_eq!(&log.read(messages[0].location).unwrap()[..], b"before");
     assert_eq!(&log.read(messages[1].location).unwrap()[..], &expected[..]);
     assert_eq!(&log.read(messages[2].location).unwrap()[..], b"after");
-    assert_eq!((messages[0].location, messages[2].location), (before, after));
+    assert_eq!(
+        (messages[0].location, messages[2].location),
+        (before, after)
+    );
 }
 
 #[test]

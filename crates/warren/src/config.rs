@@ -262,9 +262,9 @@ impl FileConfig {
             config.product = match product.as_str() {
                 "Warren" => warren_amqp::Product::Warren,
                 "RabbitMQ" => warren_amqp::Product::RabbitMq,
-                other => anyhow::bail!(
-                    "amqp.product must be \"Warren\" or \"RabbitMQ\", not {other:?}"
-                ),
+                other => {
+                    anyhow::bail!("amqp.product must be \"Warren\" or \"RabbitMQ\", not {other:?}")
+                }
             };
         }
         if let Some(ready) = section.flow_ready_max {

@@ -23,7 +23,8 @@ async fn unknown_exchange_type_closes_only_the_channel_with_406() {
     let broker = Broker::start().await;
     let (mut raw, _) = broker.raw_handshake().await;
     raw.open_channel(1).await;
-    raw.send_method(1, declare_exchange("jobs", "nonsense")).await;
+    raw.send_method(1, declare_exchange("jobs", "nonsense"))
+        .await;
     let close = raw
         .expect_channel_close(1, PRECONDITION_FAILED, "unknown exchange type")
         .await;
@@ -37,7 +38,10 @@ async fn unknown_exchange_type_closes_only_the_channel_with_406() {
     );
     raw.open_channel(2).await;
     raw.send_method(2, declare_exchange("jobs", "direct")).await;
-    match raw.expect_method("exchange.declare-ok on the same connection").await {
+    match raw
+        .expect_method("exchange.declare-ok on the same connection")
+        .await
+    {
         (2, AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_))) => {}
         other => panic!("expected exchange.declare-ok on channel 2, got {other:?}"),
     }

@@ -9,7 +9,6 @@ use crate::auth::Credentials;
 use crate::error::ApiResult;
 use crate::state::AppState;
 
-
 pub async fn overview(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
     let totals = state.hub.lock().broker.totals();
     let rates = state.rates.broker();
