@@ -10,20 +10,12 @@
 # the checkout is edited. Counts come from the TAP reporter's closing summary
 # (cancelled tests, e.g. timeouts and failed hooks, count as failed).
 
+source "$CLIENT_SUITES_SUPPORT/node.sh"
+
 suite_setup() {
-    if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
-        npm ci --ignore-scripts --no-audit --no-fund
-    fi
+    node_suite_setup
 }
 
 suite_run() {
-    local log="$1" tap=".client-suites-results.tap"
-    rm -f "$tap"
-    URL="$AMQP_URL" NODE_OPTIONS="--require $CLIENT_SUITES_SUPPORT/redirect-5672.js" \
-        timeout 900 node --test --test-timeout=20000 \
-        --test-reporter=spec --test-reporter-destination=stdout \
-        --test-reporter=tap --test-reporter-destination="$tap" \
-        test/*.test.js >>"$log" 2>&1 || true
-    cat "$tap" >>"$log" 2>/dev/null || true
-    awk -f "$CLIENT_SUITES_SUPPORT/tap_counts.awk" "$tap"
+    URL="$AMQP_URL" node_suite_run "$1" --test --test-timeout=20000 test/*.test.js
 }

@@ -429,27 +429,25 @@ impl MessageLog {
                 "segment {segment} grew past 4 GiB, which a record's location cannot address"
             )));
         };
-        let buffer = match state.pending.last_mut() {
-            Some(PendingWrite {
-                segment: last_segment,
-                data: PendingData::Encoded(bytes),
-                ..
-            }) if *last_segment == segment => bytes,
-            _ => {
-                state.pending.push(PendingWrite {
-                    segment,
-                    base_offset: offset,
-                    data: PendingData::Encoded(Vec::with_capacity(64 * 1024)),
-                });
-                let Some(PendingWrite {
-                    data: PendingData::Encoded(bytes),
-                    ..
-                }) = state.pending.last_mut()
-                else {
-                    unreachable!("just pushed an encoded write");
-                };
-                bytes
-            }
+        // Records go into the last pending write's own buffer unless that
+        // write is in another segment or is a shared tail.
+        let appendable = matches!(
+            state.pending.last(),
+            Some(PendingWrite { segment: last, data: PendingData::Encoded(_), .. }) if *last == segment
+        );
+        if !appendable {
+            state.pending.push(PendingWrite {
+                segment,
+                base_offset: offset,
+                data: PendingData::Encoded(Vec::with_capacity(64 * 1024)),
+            });
+        }
+        let Some(PendingWrite {
+            data: PendingData::Encoded(buffer),
+            ..
+        }) = state.pending.last_mut()
+        else {
+            unreachable!("the last pending write is an encoded one");
         };
         if tail.len() >= SHARED_TAIL_MIN_BYTES {
             let head_length =
