@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tracing::info;
 use warren_access::{AccessControl, AccessError, PasswordChange, Permissions, Tags};
-use warren_core::{BrokerError, Outbox};
+use warren_core::{BrokerError, ErrorCode, Outbox};
 
 use crate::hub::SharedHub;
 
@@ -51,7 +51,7 @@ impl Admin {
         if !self.access.vhost_exists(name) {
             return Err(AccessError::VhostNotFound(name.to_owned()).into());
         }
-        {
+        let durable_wait = {
             let mut hub = self.hub.lock();
             let reason = format!("vhost '{name}' is deleted");
             let closed = hub.close_connections_where(|info| info.vhost == name, &reason);
@@ -60,6 +60,16 @@ impl Admin {
             hub.dispatch(&mut outbox);
             deleted.map_err(AdminError::Broker)?;
             info!(vhost = %name, connections_closed = closed, "vhost deleted");
+            hub.broker.take_topology_wait()
+        };
+        // The queues' deletion is on disk before the vhost's.
+        if let Some((waiter, ticket)) = durable_wait {
+            waiter.wait_durable(ticket).map_err(|error| {
+                AdminError::Broker(BrokerError::new(
+                    ErrorCode::InternalError,
+                    format!("could not save the durable topology: {error}"),
+                ))
+            })?;
         }
         self.access.delete_vhost(name)?;
         Ok(())

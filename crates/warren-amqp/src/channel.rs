@@ -19,7 +19,9 @@ use warren_proto::Frame;
 use warren_store::Ticket;
 
 use crate::authorize;
-use crate::connection::{Connection, FLOW_PAUSE_MAX, Fault, FlowHold, describe_frame, method_name};
+use crate::connection::{
+    Connection, FLOW_PAUSE_MAX, Fault, FlowHold, HeldReplies, describe_frame, method_name,
+};
 use crate::writer::Outbound;
 
 /// Class id of `basic`, the only class that carries content.
@@ -447,8 +449,28 @@ impl Connection {
             .expect("frame dispatch checked the channel is open")
     }
 
+    /// Sends a reply, or keeps it behind a durable change this frame made
+    /// (see `hold_replies`).
     fn reply(&self, number: u16, method: AMQPClass) {
-        self.out.method(number, method);
+        match self.held_replies.lock().as_mut() {
+            Some(held) => held.replies.push((number, method)),
+            None => self.out.method(number, method),
+        }
+    }
+
+    /// Holds this frame's reply until the topology journal has made
+    /// `ticket` durable: a `*-ok` is sent only for a change that survives a
+    /// crash. The reader waits for it before it reads the next frame, so
+    /// replies keep their order; no other connection waits.
+    fn hold_replies(&self, ticket: Option<Ticket>) {
+        if let Some(ticket) = ticket {
+            let mut held = self.held_replies.lock();
+            let held = held.get_or_insert_with(|| HeldReplies {
+                ticket,
+                replies: Vec::new(),
+            });
+            held.ticket = held.ticket.max(ticket);
+        }
     }
 
     fn handle_method(&mut self, number: u16, mut method: AMQPClass) -> BrokerResult<()> {
@@ -557,6 +579,7 @@ impl Connection {
                     let mut outbox = Outbox::default();
                     hub.broker.close_channel(self.id, number, &mut outbox);
                     hub.dispatch(&mut outbox);
+                    self.hold_replies(hub.broker.take_topology_ticket());
                 }
                 self.channels.remove(&number);
                 self.reply(
@@ -606,6 +629,7 @@ impl Connection {
                         arguments: declare.arguments,
                     },
                 )?;
+                self.hold_replies(hub.broker.take_topology_ticket());
                 if !nowait {
                     self.reply(
                         number,
@@ -618,6 +642,7 @@ impl Connection {
             exchange::AMQPMethod::Delete(delete) => {
                 hub.broker
                     .delete_exchange(self.id, delete.exchange.as_str(), delete.if_unused)?;
+                self.hold_replies(hub.broker.take_topology_ticket());
                 if !delete.nowait {
                     self.reply(
                         number,
@@ -634,6 +659,7 @@ impl Connection {
                     bind.arguments,
                     true,
                 )?;
+                self.hold_replies(hub.broker.take_topology_ticket());
                 if !bind.nowait {
                     self.reply(
                         number,
@@ -650,6 +676,7 @@ impl Connection {
                     unbind.arguments,
                     false,
                 )?;
+                self.hold_replies(hub.broker.take_topology_ticket());
                 if !unbind.nowait {
                     self.reply(
                         number,
@@ -692,6 +719,7 @@ impl Connection {
                 } else {
                     hub.broker.declare_queue(self.id, declare_queue)?
                 };
+                self.hold_replies(hub.broker.take_topology_ticket());
                 if let Some(state) = self.channels.get_mut(&number) {
                     state.last_declared_queue = Some(declared.name.clone());
                 }
@@ -715,6 +743,7 @@ impl Connection {
                     bind.arguments,
                     true,
                 )?;
+                self.hold_replies(hub.broker.take_topology_ticket());
                 if !bind.nowait {
                     self.reply(
                         number,
@@ -758,6 +787,7 @@ impl Connection {
                 );
                 hub.dispatch(&mut outbox);
                 let message_count = result?;
+                self.hold_replies(hub.broker.take_topology_ticket());
                 if !delete.nowait {
                     self.reply(
                         number,
@@ -842,6 +872,7 @@ impl Connection {
                 let mut outbox = Outbox::default();
                 hub.broker
                     .cancel(self.id, number, cancel.consumer_tag.as_str(), &mut outbox);
+                self.hold_replies(hub.broker.take_topology_ticket());
                 if !cancel.nowait {
                     self.reply(
                         number,

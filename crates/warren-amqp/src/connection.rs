@@ -154,11 +154,21 @@ pub(crate) struct Connection {
     pub(crate) confirms_held: Option<FlowHold>,
     /// A `tx.commit` whose messages must reach the disk before `commit-ok`.
     pub(crate) commit_waiting: Option<(u16, Ticket)>,
+    /// Replies held until a durable topology change is on disk (see
+    /// `Connection::hold_replies`). A lock only so that `reply` can take
+    /// `&self` while the hub is locked; nothing else touches it.
+    pub(crate) held_replies: parking_lot::Mutex<Option<HeldReplies>>,
     /// What the broker asks of this connection (closing a channel whose
     /// consumer timed out); a clone is handed to the hub on open.
     notices: Mailbox<ConnectionNotice>,
     /// Notices taken from the mailbox and not handled yet.
     notices_taken: VecDeque<ConnectionNotice>,
+}
+
+/// Replies that wait for a topology journal ticket.
+pub(crate) struct HeldReplies {
+    pub(crate) ticket: Ticket,
+    pub(crate) replies: Vec<(u16, AMQPClass)>,
 }
 
 impl Drop for Connection {
@@ -236,6 +246,7 @@ pub(crate) async fn serve(
         has_published: false,
         blocked_notify: false,
         commit_waiting: None,
+        held_replies: parking_lot::Mutex::new(None),
         paused_by: None,
         confirms_held: None,
         notices: Mailbox::new(),
@@ -506,6 +517,9 @@ impl Connection {
                 if self.handle_frame(frame)? {
                     return Ok(());
                 }
+                if let Some(held) = self.held_replies.get_mut().take() {
+                    self.release_held_replies(held).await?;
+                }
                 if let Some((channel, ticket)) = self.commit_waiting.take() {
                     self.finish_commit(channel, ticket).await?;
                 }
@@ -624,6 +638,35 @@ impl Connection {
 
     /// Sends `tx.commit-ok` once the transaction's messages are durable (or
     /// closes the channel with 541 if they cannot become durable).
+    /// Sends the held replies once the topology journal has synced their
+    /// ticket; a journal that failed closes the connection with 541, as the
+    /// change cannot be made durable.
+    async fn release_held_replies(&mut self, held: HeldReplies) -> Result<(), Fault> {
+        loop {
+            let progress = *self.signals.topology.borrow();
+            if progress.ticket >= held.ticket {
+                for (channel, method) in held.replies {
+                    self.out.method(channel, method);
+                }
+                return Ok(());
+            }
+            if progress.poisoned {
+                return Err(Fault::connection(BrokerError::new(
+                    ErrorCode::InternalError,
+                    "the topology store failed; the change could not be made durable",
+                )));
+            }
+            tokio::select! {
+                changed = self.signals.topology.changed() => {
+                    if changed.is_err() {
+                        return Err(Fault::Gone);
+                    }
+                }
+                _ = self.shutdown.changed() => return Err(shutdown_fault()),
+            }
+        }
+    }
+
     async fn finish_commit(&mut self, channel: u16, ticket: Ticket) -> Result<(), Fault> {
         loop {
             let progress = *self.signals.durable.borrow();

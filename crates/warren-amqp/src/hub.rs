@@ -207,6 +207,8 @@ impl Hub {
         self.connections.remove(&connection);
         let mut out = Outbox::default();
         self.broker.close_connection(connection, &mut out);
+        // Nobody is left to hold a reply for what closing changed.
+        self.broker.take_topology_ticket();
         self.dispatch(&mut out);
     }
 

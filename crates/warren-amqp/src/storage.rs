@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use warren_core::{Broker, RecoveryError};
-use warren_store::{LogConfig, MessageLog, OsFileSystem, StoreError, TopologyFile};
+use warren_store::{LogConfig, MessageLog, OsFileSystem, StoreError, TopologyJournal};
 
 use crate::config::StorageConfig;
 use crate::hub::SharedHub;
 
-/// How far the message log has made appends durable.
+/// How far the message log (or the topology journal) has made appends
+/// durable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DurableProgress {
     pub ticket: u64,
@@ -25,6 +26,8 @@ pub struct DurableProgress {
 #[derive(Debug, Clone)]
 pub struct StorageSignals {
     pub durable: watch::Receiver<DurableProgress>,
+    /// The topology journal's progress: a declaration's `*-ok` waits for it.
+    pub topology: watch::Receiver<DurableProgress>,
     /// True while free disk space is under the limit.
     pub disk_alarm: watch::Receiver<bool>,
 }
@@ -45,14 +48,15 @@ pub fn open(
     config: &StorageConfig,
 ) -> Result<(StorageSignals, watch::Sender<bool>), StorageError> {
     let (durable_sender, durable) = watch::channel(DurableProgress::default());
+    let (topology_sender, topology) = watch::channel(DurableProgress::default());
     let (alarm_sender, disk_alarm) = watch::channel(false);
     if let Some(data_dir) = &config.data_dir {
         let fs = Arc::new(OsFileSystem::new());
         let listener = Box::new(move |result: Result<u64, StoreError>| {
-            durable_sender.send_modify(|progress| match result {
-                Ok(ticket) => progress.ticket = ticket,
-                Err(_) => progress.poisoned = true,
-            });
+            record_progress(&durable_sender, result);
+        });
+        let topology_listener = Box::new(move |result: Result<u64, StoreError>| {
+            record_progress(&topology_sender, result);
         });
         let log_config = LogConfig {
             segment_size_bytes: config.segment_size_bytes,
@@ -61,8 +65,8 @@ pub fn open(
         let started = Instant::now();
         let (log, recovery) =
             MessageLog::open(fs.clone(), &data_dir.join("messages"), log_config, listener)?;
-        let topology = TopologyFile::new(fs, data_dir);
-        let summary = broker.attach_store(log, topology, recovery)?;
+        let (topology, entries) = TopologyJournal::open(fs, data_dir, topology_listener)?;
+        let summary = broker.attach_store(log, recovery, topology, entries)?;
         info!(
             data_dir = %data_dir.display(),
             exchanges = summary.exchanges,
@@ -81,10 +85,18 @@ pub fn open(
     Ok((
         StorageSignals {
             durable,
+            topology,
             disk_alarm,
         },
         alarm_sender,
     ))
+}
+
+fn record_progress(sender: &watch::Sender<DurableProgress>, result: Result<u64, StoreError>) {
+    sender.send_modify(|progress| match result {
+        Ok(ticket) => progress.ticket = ticket,
+        Err(_) => progress.poisoned = true,
+    });
 }
 
 /// Checks free disk space periodically and raises or clears the alarm.

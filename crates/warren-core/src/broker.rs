@@ -12,13 +12,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use amq_protocol::types::{FieldTable, ShortString};
-use warren_store::{MessageLog, RecordKind, Sequence, StoreError, Ticket};
+use warren_store::{MessageLog, RecordKind, Sequence, StoreError, Ticket, TopologyChange};
 
 use crate::arguments::{Overflow, QueueArguments, QueueShape, message_expiration_ms};
 use crate::codec::encode_message_head;
 use crate::dead_letter::{DeadLetter, DeathReason};
 use crate::delivery::Settled;
-use crate::durable::Store;
+use crate::durable::{
+    DurableDestination, Store, binding_entry, exchange_entry, exchange_removal, queue_entry,
+};
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, validate_headers_binding};
 use crate::queue::{MessageMeta, Queue, Stored};
@@ -177,6 +179,7 @@ pub struct GetOk {
 }
 
 pub(crate) struct VHost {
+    pub(crate) name: String,
     pub(crate) exchanges: HashMap<ShortString, Exchange>,
     pub(crate) queues: HashMap<ShortString, QueueId>,
 }
@@ -279,6 +282,12 @@ pub struct Broker {
     /// Messages published by clients, and the counts of deleted queues:
     /// with the live queues' counts, the broker-wide totals.
     pub(crate) counts: MessageCounts,
+    /// Durable entries the current operation added and removed, handed to
+    /// the topology journal when it ends (`sync_topology`).
+    pub(crate) topology_changes: Vec<TopologyChange>,
+    /// The journal ticket that makes the last recorded changes durable,
+    /// until the caller takes it to hold its reply for it.
+    pub(crate) topology_ticket: Option<Ticket>,
 }
 
 const BUILTIN_EXCHANGES: &[(&str, ExchangeKind)] = &[
@@ -305,6 +314,8 @@ impl Broker {
             timers: BTreeSet::new(),
             dead_letters: Vec::new(),
             counts: MessageCounts::default(),
+            topology_changes: Vec::new(),
+            topology_ticket: None,
         };
         broker.add_vhost("/");
         for name in vhost_names {
@@ -332,6 +343,7 @@ impl Broker {
                 })
                 .collect();
             VHost {
+                name: name.to_owned(),
                 exchanges,
                 queues: HashMap::new(),
             }
@@ -533,19 +545,20 @@ impl Broker {
                 "exchange name '{name}' contains reserved prefix 'amq.*'"
             )));
         }
-        vhost.exchanges.insert(
-            declare.name.clone(),
-            Exchange {
-                name: declare.name,
-                kind,
-                durable: declare.durable,
-                auto_delete: declare.auto_delete,
-                internal: declare.internal,
-                arguments: declare.arguments,
-                bindings: Vec::new(),
-                counts: Default::default(),
-            },
-        );
+        let exchange = Exchange {
+            name: declare.name,
+            kind,
+            durable: declare.durable,
+            auto_delete: declare.auto_delete,
+            internal: declare.internal,
+            arguments: declare.arguments,
+            bindings: Vec::new(),
+            counts: Default::default(),
+        };
+        if let Some(entry) = exchange_entry(&vhost_name, &exchange) {
+            self.topology_changes.push(TopologyChange::Added(entry));
+        }
+        vhost.exchanges.insert(exchange.name.clone(), exchange);
         Ok(())
     }
 
@@ -579,7 +592,7 @@ impl Broker {
                 "exchange '{name}' in vhost '{vhost_name}' in use"
             )));
         }
-        remove_exchange(vhost, name);
+        remove_exchange(vhost, name, &mut self.topology_changes);
         Ok(())
     }
 
@@ -615,18 +628,29 @@ impl Broker {
                 )));
             }
         }
+        let persisted = (vhost.exchanges[source].durable && vhost.exchanges[destination].durable)
+            .then(|| {
+                binding_entry(
+                    &vhost_name,
+                    source,
+                    DurableDestination::Exchange(destination),
+                    routing_key.as_str(),
+                    &arguments,
+                )
+            });
         let binding = Binding {
             destination: Destination::Exchange(destination.into()),
             routing_key,
             arguments,
+            persisted,
         };
         if bind {
             if vhost.exchanges[source].kind == ExchangeKind::Headers {
                 validate_headers_binding(&binding.arguments)?;
             }
-            add_binding(vhost, source, binding);
+            add_binding(vhost, source, binding, &mut self.topology_changes);
         } else {
-            remove_binding(vhost, source, &binding);
+            remove_binding(vhost, source, &binding, &mut self.topology_changes);
         }
         Ok(())
     }
@@ -711,6 +735,10 @@ impl Broker {
             args,
             self.now_ms,
         );
+        if let Some(entry) = queue_entry(&queue) {
+            self.topology_changes
+                .push(TopologyChange::Added(entry.into()));
+        }
         self.queues.insert(id, queue);
         if let Some(expires_ms) = expires_ms {
             self.schedule(id, self.now_ms.saturating_add(expires_ms));
@@ -760,26 +788,37 @@ impl Broker {
             .vhosts
             .get_mut(&vhost_name)
             .expect("connection's vhost exists");
-        if !vhost.exchanges.contains_key(exchange) {
+        let Some(source) = vhost.exchanges.get(exchange) else {
             if !bind {
                 return Ok(());
             }
             return Err(BrokerError::not_found(format!(
                 "no exchange '{exchange}' in vhost '{vhost_name}'"
             )));
-        }
+        };
+        let target = &self.queues[&id];
+        let persisted = (source.durable && target.persists_messages()).then(|| {
+            binding_entry(
+                &vhost_name,
+                exchange,
+                DurableDestination::Queue(target.name.as_str()),
+                routing_key.as_str(),
+                &arguments,
+            )
+        });
         let binding = Binding {
             destination: Destination::Queue(id),
             routing_key,
             arguments,
+            persisted,
         };
         if bind {
-            if vhost.exchanges[exchange].kind == ExchangeKind::Headers {
+            if source.kind == ExchangeKind::Headers {
                 validate_headers_binding(&binding.arguments)?;
             }
-            add_binding(vhost, exchange, binding);
+            add_binding(vhost, exchange, binding, &mut self.topology_changes);
         } else {
-            remove_binding(vhost, exchange, &binding);
+            remove_binding(vhost, exchange, &binding, &mut self.topology_changes);
         }
         Ok(())
     }
@@ -837,6 +876,10 @@ impl Broker {
         let Some(mut queue) = self.queues.remove(&id) else {
             return 0;
         };
+        if let Some(entry) = queue_entry(&queue) {
+            self.topology_changes
+                .push(TopologyChange::Removed(entry.into()));
+        }
         if let Some(at) = queue.scheduled_ms {
             self.timers.remove(&(at, id));
         }
@@ -866,7 +909,12 @@ impl Broker {
                 .map(|exchange| exchange.name.clone())
                 .collect();
             for source in sources {
-                remove_bindings_to(vhost, source.as_str(), &destination);
+                remove_bindings_to(
+                    vhost,
+                    source.as_str(),
+                    &destination,
+                    &mut self.topology_changes,
+                );
             }
         }
         if let Some(owner) = queue.exclusive_owner
@@ -1171,51 +1219,89 @@ pub(crate) fn route(vhost: &VHost, exchange: &Exchange, message: &Message) -> Ve
     queues
 }
 
-fn add_binding(vhost: &mut VHost, source: &str, binding: Binding) {
+fn add_binding(
+    vhost: &mut VHost,
+    source: &str,
+    binding: Binding,
+    changes: &mut Vec<TopologyChange>,
+) {
     let exchange = vhost
         .exchanges
         .get_mut(source)
         .expect("caller checked the source");
     if !exchange.bindings.contains(&binding) {
+        if let Some(entry) = &binding.persisted {
+            changes.push(TopologyChange::Added(entry.to_vec()));
+        }
         exchange.bindings.push(binding);
     }
 }
 
-fn remove_binding(vhost: &mut VHost, source: &str, binding: &Binding) {
+fn remove_binding(
+    vhost: &mut VHost,
+    source: &str,
+    binding: &Binding,
+    changes: &mut Vec<TopologyChange>,
+) {
+    remove_bindings_where(vhost, source, |existing| existing == binding, changes);
+}
+
+fn remove_bindings_to(
+    vhost: &mut VHost,
+    source: &str,
+    destination: &Destination,
+    changes: &mut Vec<TopologyChange>,
+) {
+    remove_bindings_where(
+        vhost,
+        source,
+        |binding| binding.destination == *destination,
+        changes,
+    );
+}
+
+/// Removes the source's bindings that `matches` picks; an auto-delete
+/// source that loses its last binding goes with it.
+fn remove_bindings_where(
+    vhost: &mut VHost,
+    source: &str,
+    matches: impl Fn(&Binding) -> bool,
+    changes: &mut Vec<TopologyChange>,
+) {
     let Some(exchange) = vhost.exchanges.get_mut(source) else {
         return;
     };
     let before = exchange.bindings.len();
-    exchange.bindings.retain(|existing| existing != binding);
+    exchange.bindings.retain(|binding| {
+        let remove = matches(binding);
+        if remove && let Some(entry) = &binding.persisted {
+            changes.push(TopologyChange::Removed(entry.to_vec()));
+        }
+        !remove
+    });
     if exchange.bindings.len() < before {
-        delete_if_auto(vhost, source);
+        delete_if_auto(vhost, source, changes);
     }
 }
 
-fn remove_bindings_to(vhost: &mut VHost, source: &str, destination: &Destination) {
-    let Some(exchange) = vhost.exchanges.get_mut(source) else {
-        return;
-    };
-    exchange
-        .bindings
-        .retain(|binding| binding.destination != *destination);
-    delete_if_auto(vhost, source);
-}
-
 /// An auto-delete exchange goes when its last binding does.
-fn delete_if_auto(vhost: &mut VHost, name: &str) {
+fn delete_if_auto(vhost: &mut VHost, name: &str, changes: &mut Vec<TopologyChange>) {
     if vhost
         .exchanges
         .get(name)
         .is_some_and(|exchange| exchange.auto_delete && exchange.bindings.is_empty())
     {
-        remove_exchange(vhost, name);
+        remove_exchange(vhost, name, changes);
     }
 }
 
-/// Removes an exchange and every binding that points at it.
-fn remove_exchange(vhost: &mut VHost, name: &str) {
-    vhost.exchanges.remove(name);
+/// Removes an exchange with its own bindings and every binding that points
+/// at it.
+pub(crate) fn remove_exchange(vhost: &mut VHost, name: &str, changes: &mut Vec<TopologyChange>) {
+    let Some(exchange) = vhost.exchanges.remove(name) else {
+        return;
+    };
+    changes.extend(exchange_removal(&vhost.name, &exchange));
     let destination = Destination::Exchange(name.into());
     let sources: Vec<ShortString> = vhost
         .exchanges
@@ -1229,7 +1315,7 @@ fn remove_exchange(vhost: &mut VHost, name: &str) {
         .map(|exchange| exchange.name.clone())
         .collect();
     for source in sources {
-        remove_bindings_to(vhost, source.as_str(), &destination);
+        remove_bindings_to(vhost, source.as_str(), &destination, changes);
     }
 }
 

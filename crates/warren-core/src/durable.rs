@@ -1,14 +1,23 @@
 //! What survives a restart: durable exchanges, queues and bindings (the
-//! topology file) and persistent messages in durable queues (the message
+//! topology journal) and persistent messages in durable queues (the message
 //! log), and how the broker is rebuilt from them.
+//!
+//! An operation that adds or removes something durable notes the entry it
+//! added or removed as it makes the change (`Broker::topology_changes`);
+//! when the operation ends, `sync_topology` hands those entries to the
+//! journal and keeps the ticket that makes them durable, which the caller
+//! takes (`take_topology_ticket`) to hold its `*-ok` until the journal has
+//! synced. An operation that changes nothing durable writes nothing.
 
 use std::collections::HashMap;
 
 use amq_protocol::types::{FieldTable, ShortString};
-use warren_store::{MessageLog, Recovery, StoreError, TopologyFile};
+use warren_store::{
+    MessageLog, Recovery, StoreError, Ticket, TopologyChange, TopologyJournal, TopologyWaiter,
+};
 
 use crate::arguments::{QueueArguments, QueueShape};
-use crate::broker::VHost;
+use crate::broker::{VHost, remove_exchange};
 use crate::codec::{Reader, put_short, put_table};
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
@@ -18,10 +27,7 @@ use crate::{Broker, ConnectionId, ExchangeDeclare, Outbox, QueueDeclare, QueueDe
 /// The broker's handle on disk.
 pub struct Store {
     pub log: MessageLog,
-    topology: TopologyFile,
-    /// The entries last written to the topology file, to skip rewriting it
-    /// when an operation changed nothing durable.
-    saved_topology: Vec<Vec<u8>>,
+    topology: TopologyJournal,
 }
 
 /// What recovery rebuilt, for the log line that reports it.
@@ -53,8 +59,10 @@ const DESTINATION_QUEUE: u8 = 0;
 const DESTINATION_EXCHANGE: u8 = 1;
 
 /// Every operation that can change the durable topology (an auto-delete
-/// queue losing its last consumer included) saves it before it returns, so
-/// a `*-ok` reply is only sent for a change that survives a crash.
+/// queue losing its last consumer included) hands its changes to the
+/// journal before it returns; the caller holds the `*-ok` reply until the
+/// ticket it takes with `take_topology_ticket` is durable, so a reply is
+/// only sent for a change that survives a crash.
 impl Broker {
     pub fn declare_exchange(
         &mut self,
@@ -128,7 +136,12 @@ impl Broker {
         for id in queues {
             self.delete_queue_by_id(id, out);
         }
-        self.vhosts.remove(name);
+        if let Some(mut vhost) = self.vhosts.remove(name) {
+            let names: Vec<ShortString> = vhost.exchanges.keys().cloned().collect();
+            for name in names {
+                remove_exchange(&mut vhost, name.as_str(), &mut self.topology_changes);
+            }
+        }
         self.sync_topology()
     }
 
@@ -189,13 +202,14 @@ impl Broker {
 
     /// Rebuilds durable exchanges, queues, bindings and messages from disk,
     /// then keeps the store for everything that follows.
+    /// `entries` are what `TopologyJournal::open` loaded.
     pub fn attach_store(
         &mut self,
         log: MessageLog,
-        topology: TopologyFile,
         recovery: Recovery,
+        topology: TopologyJournal,
+        entries: Vec<Vec<u8>>,
     ) -> Result<RecoverySummary, RecoveryError> {
-        let entries = topology.load()?;
         let mut summary = RecoverySummary {
             segments_read: recovery.segments_read,
             bytes_read: recovery.bytes_read,
@@ -241,11 +255,7 @@ impl Broker {
                 }
             }
         }
-        self.store = Some(Store {
-            log,
-            topology,
-            saved_topology: entries,
-        });
+        self.store = Some(Store { log, topology });
         // Queues with a TTL or an expiry start their clocks now.
         let timed: Vec<QueueId> = self
             .queues
@@ -262,7 +272,10 @@ impl Broker {
     /// Writes everything pending and marks the shutdown clean.
     pub fn close_store(&mut self) -> Result<(), StoreError> {
         match self.store.take() {
-            Some(store) => store.log.close(),
+            Some(store) => {
+                store.topology.close();
+                store.log.close()
+            }
             None => Ok(()),
         }
     }
@@ -271,6 +284,7 @@ impl Broker {
     /// and no clean-shutdown marker is left. Only tests have a use for this.
     pub fn abandon_store(&mut self) {
         if let Some(store) = self.store.take() {
+            store.topology.abandon();
             store.log.abandon();
         }
     }
@@ -279,26 +293,57 @@ impl Broker {
         self.store.as_ref().map(|store| &store.log)
     }
 
-    /// Rewrites the topology file if the durable topology changed.
+    /// Hands the durable changes the operation made to the journal; the
+    /// ticket that makes them durable waits in `topology_ticket` for the
+    /// caller. Nothing is written when nothing durable changed.
     pub(crate) fn sync_topology(&mut self) -> Result<(), BrokerError> {
+        if self.topology_changes.is_empty() {
+            return Ok(());
+        }
+        let changes = std::mem::take(&mut self.topology_changes);
         let Some(store) = &self.store else {
             return Ok(());
         };
-        let entries = encode_topology(&self.vhosts, &self.queues);
-        if entries == store.saved_topology {
-            return Ok(());
-        }
-        store.topology.save(&entries).map_err(|error| {
+        let ticket = store.topology.record(changes).map_err(|error| {
             tracing::error!(%error, "could not save the durable topology");
             BrokerError::new(
                 ErrorCode::InternalError,
                 format!("could not save the durable topology: {error}"),
             )
         })?;
-        if let Some(store) = &mut self.store {
-            store.saved_topology = entries;
-        }
+        self.topology_ticket = Some(ticket);
         Ok(())
+    }
+
+    /// The journal ticket the last operation's durable changes wait for, if
+    /// it made any: its reply goes out once the journal reports it.
+    pub fn take_topology_ticket(&mut self) -> Option<Ticket> {
+        self.topology_ticket.take()
+    }
+
+    /// Blocks until the last operation's durable changes are on disk: what
+    /// the server does, without blocking, before it replies. For tests and
+    /// tools that drive the broker directly.
+    pub fn wait_for_topology(&mut self) -> Result<(), StoreError> {
+        match (self.topology_ticket.take(), &self.store) {
+            (Some(ticket), Some(store)) => store.topology.wait_durable(ticket),
+            _ => Ok(()),
+        }
+    }
+
+    /// The last operation's ticket with a handle to wait for it outside
+    /// the broker's lock; None when it changed nothing durable.
+    pub fn take_topology_wait(&mut self) -> Option<(TopologyWaiter, Ticket)> {
+        let ticket = self.topology_ticket.take()?;
+        Some((self.store.as_ref()?.topology.waiter(), ticket))
+    }
+
+    /// Every entry the durable topology has now, sorted: what the journal
+    /// holds once it has synced.
+    pub fn durable_topology(&self) -> Vec<Vec<u8>> {
+        let mut entries = encode_topology(&self.vhosts, &self.queues);
+        entries.sort();
+        entries
     }
 
     fn apply_topology_entry(&mut self, entry: &[u8], summary: &mut RecoverySummary) -> Option<()> {
@@ -376,23 +421,34 @@ impl Broker {
                 let destination_name = reader.short()?;
                 let routing_key = reader.short()?;
                 let arguments = reader.table()?;
-                let vhost = self.vhosts.get_mut(vhost_name.as_str())?;
                 let destination = match destination_kind {
-                    DESTINATION_QUEUE => {
-                        Destination::Queue(*vhost.queues.get(destination_name.as_str())?)
-                    }
-                    DESTINATION_EXCHANGE => Destination::Exchange(destination_name),
+                    DESTINATION_QUEUE => self
+                        .vhosts
+                        .get(vhost_name.as_str())
+                        .and_then(|vhost| vhost.queues.get(destination_name.as_str()))
+                        .map(|id| Destination::Queue(*id)),
+                    DESTINATION_EXCHANGE => Some(Destination::Exchange(destination_name)),
                     _ => return None,
                 };
-                vhost
-                    .exchanges
-                    .get_mut(source.as_str())?
-                    .bindings
-                    .push(Binding {
-                        destination,
-                        routing_key,
-                        arguments,
-                    });
+                let source_exchange = self
+                    .vhosts
+                    .get_mut(vhost_name.as_str())
+                    .and_then(|vhost| vhost.exchanges.get_mut(source.as_str()));
+                let (Some(destination), Some(source_exchange)) = (destination, source_exchange)
+                else {
+                    // Whatever removed an end removed the binding too; a
+                    // binding left behind is dropped rather than refusing
+                    // to start.
+                    tracing::warn!(vhost = %vhost_name, exchange = %source,
+                        "dropping a recovered binding whose source or destination is gone");
+                    return Some(());
+                };
+                source_exchange.bindings.push(Binding {
+                    destination,
+                    routing_key,
+                    arguments,
+                    persisted: Some(entry.into()),
+                });
                 summary.bindings += 1;
             }
             _ => return None,
@@ -401,78 +457,124 @@ impl Broker {
     }
 }
 
-/// Durable exchanges first, then durable queues, then bindings whose ends
-/// are both durable, so that recovery can apply entries in order.
+/// Where a durable binding leads, by name, as its entry records it.
+pub(crate) enum DurableDestination<'a> {
+    Queue(&'a str),
+    Exchange(&'a str),
+}
+
+/// The entry of an exchange that survives a restart; None for a transient
+/// exchange and for the built-in ones, which every vhost has anyway.
+pub(crate) fn exchange_entry(vhost: &str, exchange: &Exchange) -> Option<Vec<u8>> {
+    let name = exchange.name.as_str();
+    let builtin = name.is_empty() || name.starts_with("amq.");
+    if !exchange.durable || builtin {
+        return None;
+    }
+    let mut entry = vec![ENTRY_EXCHANGE];
+    put_short(&mut entry, vhost);
+    put_short(&mut entry, name);
+    put_short(&mut entry, exchange.kind.name());
+    entry.push(exchange.auto_delete as u8 | (exchange.internal as u8) << 1);
+    put_table(&mut entry, &exchange.arguments);
+    Some(entry)
+}
+
+/// What removing an exchange removes from the durable topology: its own
+/// entry and those of its bindings.
+pub(crate) fn exchange_removal(vhost: &str, exchange: &Exchange) -> Vec<TopologyChange> {
+    exchange_entry(vhost, exchange)
+        .into_iter()
+        .chain(
+            exchange
+                .bindings
+                .iter()
+                .filter_map(|binding| binding.persisted.as_deref().map(<[u8]>::to_vec)),
+        )
+        .map(TopologyChange::Removed)
+        .collect()
+}
+
+/// The entry of a queue whose messages survive a restart; None otherwise.
+pub(crate) fn queue_entry(queue: &Queue) -> Option<Box<[u8]>> {
+    if !queue.persists_messages() {
+        return None;
+    }
+    let mut entry = vec![ENTRY_QUEUE];
+    put_short(&mut entry, &queue.vhost);
+    put_short(&mut entry, queue.name.as_str());
+    entry.extend_from_slice(&queue.id.0.to_le_bytes());
+    entry.push(queue.auto_delete as u8);
+    put_table(&mut entry, &queue.arguments);
+    Some(entry.into())
+}
+
+/// The entry of a binding between two durable ends.
+pub(crate) fn binding_entry(
+    vhost: &str,
+    source: &str,
+    destination: DurableDestination<'_>,
+    routing_key: &str,
+    arguments: &FieldTable,
+) -> Box<[u8]> {
+    let (kind, name) = match destination {
+        DurableDestination::Queue(name) => (DESTINATION_QUEUE, name),
+        DurableDestination::Exchange(name) => (DESTINATION_EXCHANGE, name),
+    };
+    let mut entry = vec![ENTRY_BINDING];
+    put_short(&mut entry, vhost);
+    put_short(&mut entry, source);
+    entry.push(kind);
+    put_short(&mut entry, name);
+    put_short(&mut entry, routing_key);
+    put_table(&mut entry, arguments);
+    entry.into()
+}
+
+/// Every durable entry, computed from scratch: what the journal's changes
+/// must add up to.
 fn encode_topology(
     vhosts: &HashMap<String, VHost>,
     queues: &HashMap<QueueId, Queue>,
 ) -> Vec<Vec<u8>> {
-    let mut vhost_names: Vec<&String> = vhosts.keys().collect();
-    vhost_names.sort();
-    let mut exchanges = Vec::new();
-    let mut queue_entries = Vec::new();
-    let mut bindings = Vec::new();
-    for vhost_name in vhost_names {
-        let vhost = &vhosts[vhost_name];
-        let mut exchange_names: Vec<&ShortString> = vhost.exchanges.keys().collect();
-        exchange_names.sort();
-        for name in exchange_names {
-            let exchange = &vhost.exchanges[name];
-            let builtin = name.as_str().is_empty() || name.as_str().starts_with("amq.");
-            if exchange.durable && !builtin {
-                let mut entry = vec![ENTRY_EXCHANGE];
-                put_short(&mut entry, vhost_name);
-                put_short(&mut entry, name.as_str());
-                put_short(&mut entry, exchange.kind.name());
-                entry.push(exchange.auto_delete as u8 | (exchange.internal as u8) << 1);
-                put_table(&mut entry, &exchange.arguments);
-                exchanges.push(entry);
-            }
+    let mut entries = Vec::new();
+    for (vhost_name, vhost) in vhosts {
+        for exchange in vhost.exchanges.values() {
+            entries.extend(exchange_entry(vhost_name, exchange));
             for binding in &exchange.bindings {
-                let (kind, destination) = match &binding.destination {
+                let destination = match &binding.destination {
                     Destination::Queue(id) => match queues.get(id) {
                         Some(queue) if queue.persists_messages() => {
-                            (DESTINATION_QUEUE, queue.name.as_str())
+                            DurableDestination::Queue(queue.name.as_str())
                         }
                         _ => continue,
                     },
                     Destination::Exchange(name) => match vhost.exchanges.get(name.as_str()) {
-                        Some(target) if target.durable => (DESTINATION_EXCHANGE, name.as_str()),
+                        Some(target) if target.durable => {
+                            DurableDestination::Exchange(name.as_str())
+                        }
                         _ => continue,
                     },
                 };
-                if !exchange.durable {
-                    continue;
+                if exchange.durable {
+                    entries.push(
+                        binding_entry(
+                            vhost_name,
+                            exchange.name.as_str(),
+                            destination,
+                            binding.routing_key.as_str(),
+                            &binding.arguments,
+                        )
+                        .into(),
+                    );
                 }
-                let mut entry = vec![ENTRY_BINDING];
-                put_short(&mut entry, vhost_name);
-                put_short(&mut entry, name.as_str());
-                entry.push(kind);
-                put_short(&mut entry, destination);
-                put_short(&mut entry, binding.routing_key.as_str());
-                put_table(&mut entry, &binding.arguments);
-                bindings.push(entry);
             }
         }
-        let mut queue_names: Vec<(&ShortString, &QueueId)> = vhost.queues.iter().collect();
-        queue_names.sort();
-        for (name, id) in queue_names {
-            let queue = &queues[id];
-            if !queue.persists_messages() {
-                continue;
-            }
-            let mut entry = vec![ENTRY_QUEUE];
-            put_short(&mut entry, vhost_name);
-            put_short(&mut entry, name.as_str());
-            entry.extend_from_slice(&id.0.to_le_bytes());
-            entry.push(queue.auto_delete as u8);
-            put_table(&mut entry, &queue.arguments);
-            queue_entries.push(entry);
+        for id in vhost.queues.values() {
+            entries.extend(queue_entry(&queues[id]).map(Vec::from));
         }
     }
-    exchanges.extend(queue_entries);
-    exchanges.extend(bindings);
-    exchanges
+    entries
 }
 
 /// Reads a recovered message to learn its priority, expiry and size, for a

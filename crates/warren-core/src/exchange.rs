@@ -44,11 +44,25 @@ pub enum Destination {
     Exchange(ShortString),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Binding {
     pub destination: Destination,
     pub routing_key: ShortString,
     pub arguments: FieldTable,
+    /// The binding's entry in the durable topology, when both of its ends
+    /// survive a restart; fixed when it is made, and what the journal is
+    /// told when it goes.
+    pub persisted: Option<Box<[u8]>>,
+}
+
+/// Two bindings are the same binding when they join the same ends with the
+/// same key and arguments.
+impl PartialEq for Binding {
+    fn eq(&self, other: &Self) -> bool {
+        self.destination == other.destination
+            && self.routing_key == other.routing_key
+            && self.arguments == other.arguments
+    }
 }
 
 #[derive(Debug)]

@@ -48,6 +48,7 @@ impl Broker {
             // Nobody waits on this save; a failure has been logged and the
             // queue comes back after a restart, to expire again.
             let _ = self.sync_topology();
+            self.topology_ticket = None;
         }
         self.check_ack_deadlines(out);
     }

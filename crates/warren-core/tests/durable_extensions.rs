@@ -9,7 +9,7 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::Bytes;
 use warren_core::{Broker, ConnectionId, Limits, Message, Outbox, QueueDeclare};
-use warren_store::{FileSystem, LogConfig, MessageLog, SimulatedFileSystem, TopologyFile};
+use warren_store::{FileSystem, LogConfig, MessageLog, SimulatedFileSystem, TopologyJournal};
 
 const CONNECTION: ConnectionId = ConnectionId(1);
 const T0: u64 = 1_800_000_000_000;
@@ -24,10 +24,12 @@ fn broker_at(fs: &Arc<SimulatedFileSystem>, now_ms: u64) -> Broker {
         Box::new(|_| {}),
     )
     .unwrap();
+    let (topology, entries) =
+        TopologyJournal::open(fs_dyn, Path::new("/data"), Box::new(|_| {})).unwrap();
     let mut broker = Broker::new(&[], Limits::default(), 3);
     broker.advance_clock(now_ms);
     broker
-        .attach_store(log, TopologyFile::new(fs_dyn, Path::new("/data")), recovery)
+        .attach_store(log, recovery, topology, entries)
         .unwrap();
     broker.open_connection(CONNECTION, "/", true);
     broker.open_channel(CONNECTION, 1);
@@ -48,6 +50,8 @@ fn declare(broker: &mut Broker, name: &str, key: &str, value: AMQPValue) {
             },
         )
         .unwrap();
+    // The server replies declare-ok only once the declaration is durable.
+    broker.wait_for_topology().unwrap();
 }
 
 fn publish(broker: &mut Broker, queue: &str, body: &str, priority: Option<u8>) {

@@ -12,7 +12,8 @@
 //!
 //! * [`log::MessageLog`]: the append-only segment log with group commit and
 //!   recovery;
-//! * [`topology::TopologyFile`]: durable exchanges, queues and bindings;
+//! * [`topology::TopologyJournal`]: durable exchanges, queues and bindings,
+//!   as a snapshot and a journal of changes;
 //! * [`fs::FileSystem`]: the file operations both use, with a real and a
 //!   simulated (crashing, failing) implementation.
 
@@ -27,9 +28,9 @@ pub use log::{
     MessageLog, RecoveredMessage, Recovery, StoreError, Ticket,
 };
 pub use record::RecordKind;
-pub use topology::TopologyFile;
+pub use topology::{TopologyChange, TopologyJournal, TopologyWaiter};
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 /// A queue's position counter: a message's sequence number is assigned when
 /// it enters the queue and never changes, so a requeued message can go back to
@@ -68,56 +69,88 @@ pub trait Backlog<M>: Send {
 }
 
 /// A backlog held entirely in memory, ordered by sequence number.
+///
+/// Messages that came back (requeued, or put back after a look at the head)
+/// are kept apart from those that never left: a message can only be taken
+/// from the head, and every later arrival gets a higher sequence number, so a
+/// returning message is always older than every message that never left.
+/// Putting one back is then an insertion among the returned ones only,
+/// O(log k), however long the queue is; a channel that closes with 100,000
+/// unacknowledged deliveries costs 100,000 such insertions, not a shift of
+/// the whole queue for each.
 #[derive(Debug)]
 pub struct MemoryBacklog<M> {
-    entries: VecDeque<(Sequence, M)>,
+    /// Messages that were taken and came back, by sequence number.
+    returned: BTreeMap<Sequence, M>,
+    /// Messages that never left, in arrival (and sequence) order.
+    arrived: VecDeque<(Sequence, M)>,
 }
 
 impl<M> Default for MemoryBacklog<M> {
     fn default() -> Self {
         Self {
-            entries: VecDeque::new(),
+            returned: BTreeMap::new(),
+            arrived: VecDeque::new(),
         }
     }
 }
 
 impl<M: Send> Backlog<M> for MemoryBacklog<M> {
     fn push_back(&mut self, sequence: Sequence, message: M) {
-        debug_assert!(self.entries.back().is_none_or(|(last, _)| *last < sequence));
-        self.entries.push_back((sequence, message));
+        debug_assert!(self.arrived.back().is_none_or(|(last, _)| *last < sequence));
+        debug_assert!(
+            self.returned
+                .last_key_value()
+                .is_none_or(|(last, _)| *last < sequence)
+        );
+        self.arrived.push_back((sequence, message));
     }
 
     fn pop_front(&mut self) -> Option<(Sequence, M)> {
-        self.entries.pop_front()
+        self.returned
+            .pop_first()
+            .or_else(|| self.arrived.pop_front())
     }
 
     fn front(&self) -> Option<(Sequence, &M)> {
-        self.entries
-            .front()
-            .map(|(sequence, message)| (*sequence, message))
+        match self.returned.first_key_value() {
+            Some((sequence, message)) => Some((*sequence, message)),
+            None => self
+                .arrived
+                .front()
+                .map(|(sequence, message)| (*sequence, message)),
+        }
     }
 
     fn requeue(&mut self, sequence: Sequence, message: M) {
-        // Requeued messages usually belong at or near the head, so search
-        // from the front rather than bisecting the whole deque.
-        let position = self
-            .entries
-            .iter()
-            .position(|(waiting, _)| *waiting > sequence)
-            .unwrap_or(self.entries.len());
-        self.entries.insert(position, (sequence, message));
+        match self.arrived.front() {
+            // A sequence number this backlog never handed out: place it by
+            // binary search rather than break the order.
+            Some((oldest, _)) if *oldest < sequence => {
+                let position = self
+                    .arrived
+                    .partition_point(|(waiting, _)| *waiting <= sequence);
+                self.arrived.insert(position, (sequence, message));
+            }
+            _ => {
+                self.returned.insert(sequence, message);
+            }
+        }
     }
 
     fn len(&self) -> usize {
-        self.entries.len()
+        self.returned.len() + self.arrived.len()
     }
 
     fn drain(&mut self) -> Vec<M> {
-        self.entries.drain(..).map(|(_, message)| message).collect()
+        let mut drained = Vec::with_capacity(self.len());
+        drained.extend(std::mem::take(&mut self.returned).into_values());
+        drained.extend(self.arrived.drain(..).map(|(_, message)| message));
+        drained
     }
 
     fn reserve(&mut self, additional: usize) {
-        self.entries.reserve_exact(additional);
+        self.arrived.reserve_exact(additional);
     }
 }
 
@@ -138,6 +171,51 @@ mod tests {
         backlog.requeue(first.0, first.1);
         backlog.requeue(second.0, second.1);
         assert_eq!(backlog.drain(), vec![10, 20, 30, 40, 50]);
+    }
+
+    #[test]
+    fn requeued_and_arrived_messages_keep_one_order() {
+        let mut backlog = MemoryBacklog::default();
+        for sequence in 1..=4 {
+            backlog.push_back(sequence, sequence);
+        }
+        let first = backlog.pop_front().unwrap();
+        let second = backlog.pop_front().unwrap();
+        backlog.requeue(second.0, second.1);
+        backlog.push_back(5, 5);
+        assert_eq!(backlog.front(), Some((2, &2)));
+        backlog.requeue(first.0, first.1);
+        assert_eq!(backlog.len(), 5);
+        assert_eq!(backlog.front(), Some((1, &1)));
+        // An out-of-order sequence number still lands in its place.
+        backlog.requeue(4, 40);
+        assert_eq!(backlog.drain(), vec![1, 2, 3, 4, 40, 5]);
+    }
+
+    /// Requeueing is a search among the returned messages, not a shift of
+    /// the whole queue: putting back 200,000 deliveries in delivery order in
+    /// front of 1,000,000 waiting messages would move 10^11 entries if each
+    /// insertion shifted the queue, and takes milliseconds here. The bound is
+    /// generous so that a busy machine does not fail it; a quadratic
+    /// requeue misses it by minutes.
+    #[test]
+    fn requeueing_many_deliveries_does_not_shift_the_queue() {
+        let mut backlog = MemoryBacklog::default();
+        for sequence in 1..=1_200_000u64 {
+            backlog.push_back(sequence, ());
+        }
+        let taken: Vec<_> = (0..200_000).map(|_| backlog.pop_front().unwrap()).collect();
+        let started = std::time::Instant::now();
+        for (sequence, message) in taken {
+            backlog.requeue(sequence, message);
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "requeueing 200,000 messages took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(backlog.len(), 1_200_000);
+        assert_eq!(backlog.pop_front().map(|(sequence, _)| sequence), Some(1));
     }
 
     #[test]

@@ -885,7 +885,7 @@ fn recover(fs: &dyn FileSystem, dir: &Path) -> Result<Recovered, StoreError> {
                                 segment_state.back_references.insert(published.segment);
                             }
                         }
-                        RecordKind::Paged | RecordKind::Topology => {}
+                        RecordKind::Paged | RecordKind::Topology | RecordKind::TopologyRemoved => {}
                     }
                     offset += length;
                 }

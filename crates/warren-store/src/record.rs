@@ -21,8 +21,11 @@ pub enum RecordKind {
     Delivered = 3,
     /// A transient message written only to free memory; ignored by recovery.
     Paged = 4,
-    /// One entry of the topology file.
+    /// One entry of the topology snapshot, or one added by the topology
+    /// journal.
     Topology = 5,
+    /// An entry the topology journal removed.
+    TopologyRemoved = 6,
 }
 
 impl RecordKind {
@@ -33,6 +36,7 @@ impl RecordKind {
             3 => Self::Delivered,
             4 => Self::Paged,
             5 => Self::Topology,
+            6 => Self::TopologyRemoved,
             _ => return None,
         })
     }
