@@ -8,13 +8,14 @@
 //! connections' writers before releasing the lock, which keeps each
 //! connection's frames in the order the broker decided them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use amq_protocol::types::{FieldTable, ShortString};
 use warren_store::{MessageLog, RecordKind, Sequence, StoreError, Ticket, TopologyChange};
 
 use crate::arguments::{Overflow, QueueArguments, QueueShape, message_expiration_ms};
+use crate::bindings::Bindings;
 use crate::codec::encode_message_head;
 use crate::dead_letter::{DeadLetter, DeathReason};
 use crate::delivery::Settled;
@@ -336,7 +337,7 @@ impl Broker {
                         auto_delete: false,
                         internal: false,
                         arguments: FieldTable::default(),
-                        bindings: Vec::new(),
+                        bindings: Bindings::new(*kind),
                         counts: Default::default(),
                     };
                     ((*name).into(), exchange)
@@ -552,7 +553,7 @@ impl Broker {
             auto_delete: declare.auto_delete,
             internal: declare.internal,
             arguments: declare.arguments,
-            bindings: Vec::new(),
+            bindings: Bindings::new(kind),
             counts: Default::default(),
         };
         if let Some(entry) = exchange_entry(&vhost_name, &exchange) {
@@ -900,12 +901,7 @@ impl Broker {
             let sources: Vec<ShortString> = vhost
                 .exchanges
                 .values()
-                .filter(|exchange| {
-                    exchange
-                        .bindings
-                        .iter()
-                        .any(|b| b.destination == destination)
-                })
+                .filter(|exchange| exchange.bindings.leads_to(&destination))
                 .map(|exchange| exchange.name.clone())
                 .collect();
             for source in sources {
@@ -1174,12 +1170,12 @@ impl Broker {
 /// as RabbitMQ does.
 pub(crate) fn route(vhost: &VHost, exchange: &Exchange, message: &Message) -> Vec<QueueId> {
     let routing_key = message.routing_key.as_str();
-    let mut queues = Vec::new();
+    let mut queues = DistinctQueues::default();
     if exchange.name.as_str().is_empty() {
         if let Some(id) = vhost.queues.get(routing_key) {
-            queues.push(*id);
+            queues.add(*id);
         }
-        return queues;
+        return queues.list;
     }
     let headers = message.properties.headers().as_ref();
     let mut visited: Vec<&str> = vec![exchange.name.as_str()];
@@ -1199,24 +1195,52 @@ pub(crate) fn route(vhost: &VHost, exchange: &Exchange, message: &Message) -> Ve
     }
     while let Some(exchange) = pending.pop() {
         let mut matched_any = false;
-        exchange.route(routing_key, headers, |destination| {
-            matched_any = true;
-            match destination {
-                Destination::Queue(id) => {
-                    if !queues.contains(id) {
-                        queues.push(*id);
+        exchange
+            .bindings
+            .route(routing_key, headers, |destination| {
+                matched_any = true;
+                match destination {
+                    Destination::Queue(id) => queues.add(*id),
+                    Destination::Exchange(name) => {
+                        follow(vhost, name.as_str(), &mut visited, &mut pending)
                     }
                 }
-                Destination::Exchange(name) => {
-                    follow(vhost, name.as_str(), &mut visited, &mut pending)
-                }
-            }
-        });
+            });
         if !matched_any && let Some(alternate) = exchange.alternate_exchange() {
             follow(vhost, alternate, &mut visited, &mut pending);
         }
     }
-    queues
+    queues.list
+}
+
+/// Queues a message reaches, each once, in the order first reached: a
+/// list while it is short (most messages reach one queue, and a list
+/// allocates nothing more), with a set beside it once it is long, so that a
+/// fan-out to thousands of queues is not quadratic.
+#[derive(Default)]
+struct DistinctQueues {
+    list: Vec<QueueId>,
+    set: Option<HashSet<QueueId>>,
+}
+
+impl DistinctQueues {
+    const LIST_SCAN_MAX: usize = 16;
+
+    fn add(&mut self, id: QueueId) {
+        let new = match &mut self.set {
+            Some(set) => set.insert(id),
+            None if self.list.len() < Self::LIST_SCAN_MAX => !self.list.contains(&id),
+            None => {
+                let mut set: HashSet<QueueId> = self.list.iter().copied().collect();
+                let new = set.insert(id);
+                self.set = Some(set);
+                new
+            }
+        };
+        if new {
+            self.list.push(id);
+        }
+    }
 }
 
 fn add_binding(
@@ -1229,11 +1253,11 @@ fn add_binding(
         .exchanges
         .get_mut(source)
         .expect("caller checked the source");
-    if !exchange.bindings.contains(&binding) {
-        if let Some(entry) = &binding.persisted {
-            changes.push(TopologyChange::Added(entry.to_vec()));
-        }
-        exchange.bindings.push(binding);
+    let entry = binding.persisted.clone();
+    if exchange.bindings.insert(binding)
+        && let Some(entry) = entry
+    {
+        changes.push(TopologyChange::Added(entry.into()));
     }
 }
 
@@ -1243,7 +1267,11 @@ fn remove_binding(
     binding: &Binding,
     changes: &mut Vec<TopologyChange>,
 ) {
-    remove_bindings_where(vhost, source, |existing| existing == binding, changes);
+    let Some(exchange) = vhost.exchanges.get_mut(source) else {
+        return;
+    };
+    let removed = exchange.bindings.remove(binding);
+    forget_bindings(vhost, source, removed, changes);
 }
 
 fn remove_bindings_to(
@@ -1252,34 +1280,29 @@ fn remove_bindings_to(
     destination: &Destination,
     changes: &mut Vec<TopologyChange>,
 ) {
-    remove_bindings_where(
-        vhost,
-        source,
-        |binding| binding.destination == *destination,
-        changes,
-    );
-}
-
-/// Removes the source's bindings that `matches` picks; an auto-delete
-/// source that loses its last binding goes with it.
-fn remove_bindings_where(
-    vhost: &mut VHost,
-    source: &str,
-    matches: impl Fn(&Binding) -> bool,
-    changes: &mut Vec<TopologyChange>,
-) {
     let Some(exchange) = vhost.exchanges.get_mut(source) else {
         return;
     };
-    let before = exchange.bindings.len();
-    exchange.bindings.retain(|binding| {
-        let remove = matches(binding);
-        if remove && let Some(entry) = &binding.persisted {
-            changes.push(TopologyChange::Removed(entry.to_vec()));
+    let removed = exchange.bindings.remove_to(destination);
+    forget_bindings(vhost, source, removed, changes);
+}
+
+/// Notes the removal of the source's bindings that were durable; an
+/// auto-delete source that lost its last binding goes with them.
+fn forget_bindings(
+    vhost: &mut VHost,
+    source: &str,
+    removed: impl IntoIterator<Item = Binding>,
+    changes: &mut Vec<TopologyChange>,
+) {
+    let mut any = false;
+    for binding in removed {
+        any = true;
+        if let Some(entry) = binding.persisted {
+            changes.push(TopologyChange::Removed(entry.into()));
         }
-        !remove
-    });
-    if exchange.bindings.len() < before {
+    }
+    if any {
         delete_if_auto(vhost, source, changes);
     }
 }
@@ -1306,12 +1329,7 @@ pub(crate) fn remove_exchange(vhost: &mut VHost, name: &str, changes: &mut Vec<T
     let sources: Vec<ShortString> = vhost
         .exchanges
         .values()
-        .filter(|exchange| {
-            exchange
-                .bindings
-                .iter()
-                .any(|b| b.destination == destination)
-        })
+        .filter(|exchange| exchange.bindings.leads_to(&destination))
         .map(|exchange| exchange.name.clone())
         .collect();
     for source in sources {

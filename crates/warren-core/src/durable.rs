@@ -17,6 +17,7 @@ use warren_store::{
 };
 
 use crate::arguments::{QueueArguments, QueueShape};
+use crate::bindings::Bindings;
 use crate::broker::{VHost, remove_exchange};
 use crate::codec::{Reader, put_short, put_table};
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
@@ -366,7 +367,7 @@ impl Broker {
                         auto_delete: flags & 1 != 0,
                         internal: flags & 2 != 0,
                         arguments,
-                        bindings: Vec::new(),
+                        bindings: Bindings::new(kind),
                         counts: Default::default(),
                     },
                 );
@@ -443,7 +444,7 @@ impl Broker {
                         "dropping a recovered binding whose source or destination is gone");
                     return Some(());
                 };
-                source_exchange.bindings.push(Binding {
+                source_exchange.bindings.insert(Binding {
                     destination,
                     routing_key,
                     arguments,
@@ -541,7 +542,7 @@ fn encode_topology(
     for (vhost_name, vhost) in vhosts {
         for exchange in vhost.exchanges.values() {
             entries.extend(exchange_entry(vhost_name, exchange));
-            for binding in &exchange.bindings {
+            for binding in exchange.bindings.iter() {
                 let destination = match &binding.destination {
                     Destination::Queue(id) => match queues.get(id) {
                         Some(queue) if queue.persists_messages() => {

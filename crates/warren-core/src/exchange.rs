@@ -5,6 +5,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use std::cell::Cell;
 
 use crate::QueueId;
+use crate::bindings::Bindings;
 use crate::error::{BrokerError, BrokerResult};
 use crate::stats::ExchangeCounts;
 
@@ -73,18 +74,14 @@ pub struct Exchange {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
-    /// Bindings whose source is this exchange.
-    pub bindings: Vec<Binding>,
+    /// Bindings whose source is this exchange, indexed for its kind.
+    pub bindings: Bindings,
     /// A `Cell` so that publishing counts through the shared reference
     /// routing already holds, without a second lookup per message.
     pub counts: Cell<ExchangeCounts>,
 }
 
 impl Exchange {
-    /// Calls `matched` with the destination of every binding that the
-    /// message's routing key and headers select.
-    /// The `alternate-exchange` argument: where messages this exchange
-    /// cannot route go instead.
     /// Counts one message published to this exchange.
     pub fn count_publish(&self, routed: bool) {
         let mut counts = self.counts.get();
@@ -93,30 +90,13 @@ impl Exchange {
         self.counts.set(counts);
     }
 
+    /// The `alternate-exchange` argument: where messages this exchange
+    /// cannot route go instead.
     pub fn alternate_exchange(&self) -> Option<&str> {
         match self.arguments.inner().get("alternate-exchange") {
             Some(AMQPValue::LongString(name)) => std::str::from_utf8(name.as_bytes()).ok(),
             Some(AMQPValue::ShortString(name)) => Some(name.as_str()),
             _ => None,
-        }
-    }
-
-    pub fn route(
-        &self,
-        routing_key: &str,
-        headers: Option<&FieldTable>,
-        mut matched: impl FnMut(&Destination),
-    ) {
-        for binding in &self.bindings {
-            let selects = match self.kind {
-                ExchangeKind::Direct => binding.routing_key.as_str() == routing_key,
-                ExchangeKind::Fanout => true,
-                ExchangeKind::Topic => topic_matches(binding.routing_key.as_str(), routing_key),
-                ExchangeKind::Headers => headers_match(&binding.arguments, headers),
-            };
-            if selects {
-                matched(&binding.destination);
-            }
         }
     }
 }
@@ -192,19 +172,19 @@ pub(crate) fn validate_headers_binding(arguments: &FieldTable) -> BrokerResult<(
 /// `all-with-x` or `any-with-x`. An argument of type void matches on the
 /// key's presence alone.
 pub fn headers_match(binding_arguments: &FieldTable, headers: Option<&FieldTable>) -> bool {
-    let mode = match binding_arguments.inner().get("x-match") {
-        Some(AMQPValue::LongString(mode)) => String::from_utf8_lossy(mode.as_bytes()).into_owned(),
-        Some(AMQPValue::ShortString(mode)) => mode.as_str().to_owned(),
-        _ => "all".to_owned(),
+    let mode: &[u8] = match binding_arguments.inner().get("x-match") {
+        Some(AMQPValue::LongString(mode)) => mode.as_bytes(),
+        Some(AMQPValue::ShortString(mode)) => mode.as_str().as_bytes(),
+        _ => b"all",
     };
-    let (want_all, include_x) = match mode.as_str() {
-        "any" => (false, false),
-        "all-with-x" => (true, true),
-        "any-with-x" => (false, true),
+    let (want_all, include_x) = match mode {
+        b"any" => (false, false),
+        b"all-with-x" => (true, true),
+        b"any-with-x" => (false, true),
         _ => (true, false),
     };
-    let empty = FieldTable::default();
-    let headers = headers.unwrap_or(&empty).inner();
+    static EMPTY: std::sync::LazyLock<FieldTable> = std::sync::LazyLock::new(FieldTable::default);
+    let headers = headers.unwrap_or(&EMPTY).inner();
     let mut considered = binding_arguments
         .inner()
         .iter()

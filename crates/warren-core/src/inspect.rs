@@ -210,7 +210,7 @@ impl Broker {
             let mut exchanges: Vec<_> = state.exchanges.values().collect();
             exchanges.sort_by(|a, b| a.name.cmp(&b.name));
             for exchange in exchanges {
-                for binding in &exchange.bindings {
+                for binding in exchange.bindings.iter() {
                     let (destination, destination_kind) = match &binding.destination {
                         Destination::Queue(id) => match self.queues.get(id) {
                             Some(queue) => (queue.name.to_string(), DestinationKind::Queue),

@@ -6,6 +6,7 @@
 //! return. It never touches a socket and never parses a frame.
 
 pub mod arguments;
+mod bindings;
 mod broker;
 pub mod codec;
 mod dead_letter;
