@@ -219,6 +219,11 @@ pub(crate) struct ChannelState {
     pub(crate) mode: ChannelMode,
 }
 
+/// Channels' earliest acknowledgement deadlines, earliest first. An entry
+/// may be stale (its delivery acked, its channel closed): the timer then
+/// looks at the channel once and moves on.
+pub(crate) type AckDeadlines = BTreeSet<(u64, ConnectionId, u16)>;
+
 /// How a channel's publishes are settled (`confirm.select`, `tx.select`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ChannelMode {
@@ -240,10 +245,22 @@ impl ChannelState {
                     || self.unacked.len() < self.global_prefetch as usize))
     }
 
-    /// Notes a delivery's acknowledgement deadline, if it has one.
-    pub(crate) fn track_ack_deadline(&mut self, deadline_ms: Option<u64>) {
-        if let Some(at) = deadline_ms {
-            self.ack_deadline_ms = Some(self.ack_deadline_ms.map_or(at, |current| current.min(at)));
+    /// Notes a delivery's acknowledgement deadline, if it has one; a
+    /// deadline earlier than the channel's goes into the broker's
+    /// `deadlines`, which the timer takes due entries from.
+    pub(crate) fn track_ack_deadline(
+        &mut self,
+        deadline_ms: Option<u64>,
+        deadlines: &mut AckDeadlines,
+        connection: ConnectionId,
+        channel: u16,
+    ) {
+        let Some(at) = deadline_ms else {
+            return;
+        };
+        if self.ack_deadline_ms.is_none_or(|current| at < current) {
+            self.ack_deadline_ms = Some(at);
+            deadlines.insert((at, connection, channel));
         }
     }
 
@@ -277,6 +294,8 @@ pub struct Broker {
     /// Queues that want the timer at a given time (message expiry,
     /// `x-expires`), earliest first.
     pub(crate) timers: BTreeSet<(u64, QueueId)>,
+    /// Channels with a delivery under `x-consumer-timeout`, by deadline.
+    pub(crate) ack_deadlines: AckDeadlines,
     /// Messages on their way to a dead-letter exchange; the delivery loop
     /// routes them (see `deliver_all`).
     pub(crate) dead_letters: Vec<DeadLetter>,
@@ -313,6 +332,7 @@ impl Broker {
             limits,
             now_ms: 0,
             timers: BTreeSet::new(),
+            ack_deadlines: AckDeadlines::new(),
             dead_letters: Vec::new(),
             counts: MessageCounts::default(),
             topology_changes: Vec::new(),

@@ -10,7 +10,7 @@ use amq_protocol::types::{AMQPValue, ShortString};
 use warren_store::MessageLog;
 
 use crate::arguments::consumer_priority;
-use crate::broker::{ConnectionState, Unacked, forget_stored, message_log};
+use crate::broker::{AckDeadlines, ConnectionState, Unacked, forget_stored, message_log};
 use crate::dead_letter::{DeadLetter, DeathReason};
 use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult};
@@ -207,7 +207,12 @@ impl Broker {
             .expect("get on an open channel");
         let delivery_tag = state.take_delivery_tag();
         if !no_ack {
-            state.track_ack_deadline(ack_deadline_ms);
+            state.track_ack_deadline(
+                ack_deadline_ms,
+                &mut self.ack_deadlines,
+                connection,
+                channel,
+            );
             state.unacked.insert(
                 delivery_tag,
                 Unacked {
@@ -420,6 +425,7 @@ impl Broker {
                     *id,
                     queue,
                     &mut self.connections,
+                    &mut self.ack_deadlines,
                     &self.limits,
                     self.store.as_ref(),
                     self.now_ms,
@@ -491,6 +497,7 @@ fn deliver(
     queue_id: QueueId,
     queue: &mut Queue,
     connections: &mut HashMap<ConnectionId, ConnectionState>,
+    ack_deadlines: &mut AckDeadlines,
     limits: &Limits,
     store: Option<&Store>,
     now_ms: u64,
@@ -558,7 +565,12 @@ fn deliver(
         } else {
             record_delivery(log, queue_id, &taken);
             consumer.unacked += 1;
-            state.track_ack_deadline(ack_deadline_ms);
+            state.track_ack_deadline(
+                ack_deadline_ms,
+                ack_deadlines,
+                consumer.connection,
+                consumer.channel,
+            );
             state.unacked.insert(
                 delivery_tag,
                 Unacked {

@@ -133,39 +133,59 @@ impl Broker {
 
     /// Closes, through their connections, the channels holding a delivery
     /// past its acknowledgement deadline. The messages go back to their
-    /// queues when the channel closes.
+    /// queues when the channel closes. Looks only at channels whose
+    /// earliest deadline is due, not at every channel.
     fn check_ack_deadlines(&mut self, out: &mut Outbox) {
         let now_ms = self.now_ms;
-        for (connection, state) in &mut self.connections {
-            for (number, channel) in &mut state.channels {
-                if channel.closing || channel.ack_deadline_ms.is_none_or(|at| at > now_ms) {
+        while let Some(&(at, connection, number)) = self.ack_deadlines.first() {
+            if at > now_ms {
+                break;
+            }
+            self.ack_deadlines.pop_first();
+            let Some(channel) = self
+                .connections
+                .get_mut(&connection)
+                .and_then(|state| state.channels.get_mut(&number))
+            else {
+                continue;
+            };
+            match channel.ack_deadline_ms {
+                None => continue,
+                Some(at) if at > now_ms => {
+                    // Stale: a later deadline replaced this one.
+                    self.ack_deadlines.insert((at, connection, number));
                     continue;
                 }
-                let overdue = channel
-                    .unacked
-                    .values()
-                    .filter_map(|unacked| {
-                        let at = unacked.ack_deadline_ms?;
-                        let queue = self.queues.get(&unacked.queue)?;
-                        Some((at, queue.args.consumer_timeout_ms.unwrap_or(0)))
-                    })
-                    .min();
-                match overdue {
-                    Some((at, timeout_ms)) if at <= now_ms => {
-                        channel.closing = true;
-                        out.effects.push(Effect::CloseChannel {
-                            connection: *connection,
-                            channel: *number,
-                            error: BrokerError::precondition_failed(format!(
-                                "delivery acknowledgement on channel {number} timed out. \
-                                 Timeout value used: {timeout_ms} ms. This timeout value can \
-                                 be configured, see consumers doc guide to learn more"
-                            )),
-                        });
-                    }
-                    Some((at, _)) => channel.ack_deadline_ms = Some(at),
-                    None => channel.ack_deadline_ms = None,
+                Some(_) if channel.closing => continue,
+                Some(_) => {}
+            }
+            let overdue = channel
+                .unacked
+                .values()
+                .filter_map(|unacked| {
+                    let at = unacked.ack_deadline_ms?;
+                    let queue = self.queues.get(&unacked.queue)?;
+                    Some((at, queue.args.consumer_timeout_ms.unwrap_or(0)))
+                })
+                .min();
+            match overdue {
+                Some((at, timeout_ms)) if at <= now_ms => {
+                    channel.closing = true;
+                    out.effects.push(Effect::CloseChannel {
+                        connection,
+                        channel: number,
+                        error: BrokerError::precondition_failed(format!(
+                            "delivery acknowledgement on channel {number} timed out. \
+                             Timeout value used: {timeout_ms} ms. This timeout value can \
+                             be configured, see consumers doc guide to learn more"
+                        )),
+                    });
                 }
+                Some((at, _)) => {
+                    channel.ack_deadline_ms = Some(at);
+                    self.ack_deadlines.insert((at, connection, number));
+                }
+                None => channel.ack_deadline_ms = None,
             }
         }
     }
