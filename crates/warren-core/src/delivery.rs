@@ -493,6 +493,7 @@ pub(crate) enum Settled {
 /// room: the highest-priority consumers with room first, round-robin among
 /// equals; only the first consumer of a single-active-consumer queue.
 /// Returns the expired messages found at the head on the way.
+#[allow(clippy::too_many_arguments)]
 fn deliver(
     queue_id: QueueId,
     queue: &mut Queue,
