@@ -249,10 +249,10 @@ impl Hub {
         }
     }
 
-    pub fn deliveries_written(&mut self, connection: ConnectionId, channel: u16, count: u32) {
+    /// Delivers again to a channel whose writer had fallen behind.
+    pub fn resume_deliveries(&mut self, connection: ConnectionId, channel: u16) {
         let mut out = Outbox::default();
-        self.broker
-            .deliveries_written(connection, channel, count, &mut out);
+        self.broker.resume_deliveries(connection, channel, &mut out);
         self.dispatch(&mut out);
     }
 }

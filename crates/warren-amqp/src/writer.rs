@@ -10,12 +10,16 @@ use std::time::Duration;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
-use warren_core::{ConnectionId, Delivery, Message};
+use warren_core::{ConnectionId, Delivery, Message, UnwrittenDeliveries};
 use warren_proto::FrameEncoder;
 
 use crate::hub::SharedHub;
 use crate::mailbox::Mailbox;
 use crate::transport::WriteHalf;
+
+/// Deliveries written per channel since the last report, with the
+/// channel's unwritten count to lower.
+type Written = HashMap<u16, (Arc<UnwrittenDeliveries>, u32)>;
 
 /// Bytes gathered before a write is issued even if more frames are waiting.
 const WRITE_BATCH_MAX_BYTES: usize = 256 * 1024;
@@ -140,7 +144,7 @@ impl Tuning {
 impl Writer {
     /// Runs until `Outbound::Close` is written or the socket fails.
     pub async fn run(mut self, tuning: Arc<Tuning>) {
-        let mut written: HashMap<u16, u32> = HashMap::new();
+        let mut written: Written = HashMap::new();
         let mut batch = VecDeque::new();
         loop {
             self.items.take_all(&mut batch);
@@ -182,11 +186,7 @@ impl Writer {
 
     /// Writes what is encoded, then tells the reader (waiting for room) and
     /// the broker (waiting to send more deliveries) how far it got.
-    async fn write_out(
-        &mut self,
-        encoded: usize,
-        written: &mut HashMap<u16, u32>,
-    ) -> std::io::Result<()> {
+    async fn write_out(&mut self, encoded: usize, written: &mut Written) -> std::io::Result<()> {
         self.queued.fetch_sub(encoded, Ordering::Relaxed);
         // One waiter at most (the reader); notify_one keeps the wake-up if
         // the reader has not started waiting yet.
@@ -198,7 +198,7 @@ impl Writer {
         Ok(())
     }
 
-    fn encode(&mut self, item: Outbound, frame_max_bytes: u32, written: &mut HashMap<u16, u32>) {
+    fn encode(&mut self, item: Outbound, frame_max_bytes: u32, written: &mut Written) {
         match item {
             Outbound::Method(channel, method) => self.encoder.method(channel, &method),
             Outbound::Deliver(delivery) => {
@@ -217,7 +217,10 @@ impl Writer {
                     &message.body,
                     frame_max_bytes,
                 );
-                *written.entry(delivery.channel).or_default() += 1;
+                written
+                    .entry(delivery.channel)
+                    .or_insert_with(|| (Arc::clone(&delivery.unwritten), 0))
+                    .1 += 1;
             }
             Outbound::WithContent(channel, method, message) => {
                 self.encoder.method(channel, &method);
@@ -248,12 +251,21 @@ impl Writer {
         result
     }
 
-    /// Tells the broker how many deliveries reached the socket, which lets
-    /// it hand this connection more.
-    fn report_written(&mut self, written: &mut HashMap<u16, u32>) {
+    /// Lowers each channel's count of unwritten deliveries; only a channel
+    /// the broker stopped delivering to, because this writer was behind,
+    /// costs a visit to the broker's lock.
+    fn report_written(&mut self, written: &mut Written) {
+        let stopped: Vec<u16> = written
+            .drain()
+            .filter(|(_, (unwritten, count))| unwritten.written(*count))
+            .map(|(channel, _)| channel)
+            .collect();
+        if stopped.is_empty() {
+            return;
+        }
         let mut hub = self.hub.lock();
-        for (channel, count) in written.drain() {
-            hub.deliveries_written(self.connection, channel, count);
+        for channel in stopped {
+            hub.resume_deliveries(self.connection, channel);
         }
     }
 }

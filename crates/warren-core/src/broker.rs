@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use amq_protocol::types::{FieldTable, ShortString};
 use warren_store::{MessageLog, RecordKind, Sequence, StoreError, Ticket, TopologyChange};
@@ -79,6 +80,46 @@ pub struct Delivery {
     pub delivery_tag: u64,
     pub redelivered: bool,
     pub message: Arc<Message>,
+    /// The channel's count of deliveries not yet on the wire, which the
+    /// connection's writer lowers once it has written this one.
+    pub unwritten: Arc<UnwrittenDeliveries>,
+}
+
+/// Deliveries handed to a connection's writer and not yet written to its
+/// socket, for one channel. The broker raises the count as it delivers and
+/// stops at `Limits::deliveries_unwritten_per_channel_max`; the writer
+/// lowers it without the broker's lock, and takes the lock only when the
+/// broker stopped at the limit and must be told to go on.
+#[derive(Debug, Default)]
+pub struct UnwrittenDeliveries {
+    count: AtomicU32,
+    /// Set by the broker when it stopped delivering at the limit.
+    stopped: AtomicBool,
+}
+
+impl UnwrittenDeliveries {
+    /// Whether another delivery fits under `limit`. Called under the
+    /// broker's lock. When it does not, the broker marks itself stopped
+    /// and looks again, so that a writer lowering the count at the same
+    /// moment either sees the mark (and resumes the channel) or is seen.
+    pub(crate) fn has_room(&self, limit: u32) -> bool {
+        if self.count.load(Ordering::SeqCst) < limit {
+            return true;
+        }
+        self.stopped.store(true, Ordering::SeqCst);
+        self.count.load(Ordering::SeqCst) < limit
+    }
+
+    pub(crate) fn add_one(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The writer has written `count` of them; true when the broker had
+    /// stopped at the limit and must now be asked to deliver again.
+    pub fn written(&self, count: u32) -> bool {
+        self.count.fetch_sub(count, Ordering::SeqCst);
+        self.stopped.swap(false, Ordering::SeqCst)
+    }
 }
 
 /// Something the broker decided that a connection must be told.
@@ -206,7 +247,7 @@ pub(crate) struct ChannelState {
     /// `basic.qos` with global=true: shared by all consumers on the channel.
     pub(crate) global_prefetch: u16,
     pub(crate) consumers: HashMap<ShortString, QueueId>,
-    pub(crate) deliveries_unwritten: u32,
+    pub(crate) unwritten: Arc<UnwrittenDeliveries>,
     /// The channel's direct reply-to consumer, if it has one.
     pub(crate) reply_consumer: Option<ReplyConsumer>,
     /// The earliest ack deadline among the unacked deliveries (it may
@@ -235,7 +276,10 @@ pub enum ChannelMode {
 
 impl ChannelState {
     pub(crate) fn accepts(&self, no_ack: bool, limits: &Limits) -> bool {
-        if self.closing || self.deliveries_unwritten >= limits.deliveries_unwritten_per_channel_max
+        if self.closing
+            || !self
+                .unwritten
+                .has_room(limits.deliveries_unwritten_per_channel_max)
         {
             return false;
         }
@@ -467,7 +511,9 @@ impl Broker {
         self.deliver_to_channel(connection, channel, out);
     }
 
-    /// The writer has put `count` deliveries of this channel on the wire.
+    /// The writer has put `count` deliveries of this channel on the wire
+    /// (what a writer does through `UnwrittenDeliveries::written` and
+    /// `resume_deliveries`, in one call).
     pub fn deliveries_written(
         &mut self,
         connection: ConnectionId,
@@ -475,15 +521,18 @@ impl Broker {
         count: u32,
         out: &mut Outbox,
     ) {
-        let limit = self.limits.deliveries_unwritten_per_channel_max;
         let Some(state) = self.channel_mut(connection, channel) else {
             return;
         };
-        let was_blocked = state.deliveries_unwritten >= limit;
-        state.deliveries_unwritten = state.deliveries_unwritten.saturating_sub(count);
-        if was_blocked {
-            self.deliver_to_channel(connection, channel, out);
+        if state.unwritten.written(count) {
+            self.resume_deliveries(connection, channel, out);
         }
+    }
+
+    /// Delivers to a channel the broker had stopped delivering to because
+    /// its writer was behind.
+    pub fn resume_deliveries(&mut self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
+        self.deliver_to_channel(connection, channel, out);
     }
 
     // ----- exchanges -----------------------------------------------------

@@ -585,7 +585,7 @@ fn deliver(
                 },
             );
         }
-        state.deliveries_unwritten += 1;
+        state.unwritten.add_one();
         out.effects.push(Effect::Deliver(Delivery {
             connection: consumer.connection,
             channel: consumer.channel,
@@ -593,6 +593,7 @@ fn deliver(
             delivery_tag,
             redelivered: taken.redelivered,
             message,
+            unwritten: Arc::clone(&state.unwritten),
         }));
     }
     expired

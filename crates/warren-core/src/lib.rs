@@ -25,7 +25,7 @@ mod timers;
 
 pub use broker::{
     Broker, ChannelMode, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox,
-    Published, QueueDeclare, QueueDeclared,
+    Published, QueueDeclare, QueueDeclared, UnwrittenDeliveries,
 };
 pub use dead_letter::DeathReason;
 pub use durable::{RecoveryError, RecoverySummary};

@@ -137,7 +137,7 @@ impl Broker {
         };
         let consumer_tag = reply.tag.clone();
         let delivery_tag = state.take_delivery_tag();
-        state.deliveries_unwritten += 1;
+        state.unwritten.add_one();
         out.effects.push(Effect::Deliver(Delivery {
             connection,
             channel,
@@ -145,6 +145,7 @@ impl Broker {
             delivery_tag,
             redelivered: false,
             message,
+            unwritten: Arc::clone(&state.unwritten),
         }));
         1
     }
