@@ -765,6 +765,7 @@ impl Connection {
         if self.buffer.capacity() - self.buffer.len() < HANDSHAKE_READ_CHUNK_BYTES {
             self.buffer.reserve(self.read_chunk_bytes);
         }
+        let awaits_durable = self.confirms_waiting_max() > 0;
         tokio::select! {
             read = tokio::time::timeout(silence_max, self.reader.read_buf(&mut self.buffer)) => match read {
                 Ok(Ok(0)) | Ok(Err(_)) => Err(Fault::Gone),
@@ -775,7 +776,9 @@ impl Connection {
                     Err(Fault::Gone)
                 }
             },
-            changed = self.signals.durable.changed() => {
+            // Only a connection with confirms outstanding wakes when the
+            // log syncs: an idle one, or a consumer, sleeps through fsyncs.
+            changed = self.signals.durable.changed(), if awaits_durable => {
                 if changed.is_err() {
                     return Err(Fault::Gone);
                 }
