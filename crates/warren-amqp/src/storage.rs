@@ -101,22 +101,20 @@ fn record_progress(sender: &watch::Sender<DurableProgress>, result: Result<u64, 
 
 /// Checks free disk space periodically and raises or clears the alarm.
 pub async fn watch_disk(hub: SharedHub, config: StorageConfig, alarm: watch::Sender<bool>) {
+    // The file system is asked outside the broker's lock.
+    let Some(free_space) = hub.lock().broker.message_log().map(MessageLog::free_space) else {
+        return;
+    };
     let mut ticker =
         tokio::time::interval(config.disk_check_interval.max(Duration::from_millis(50)));
     loop {
         ticker.tick().await;
-        let available = match hub
-            .lock()
-            .broker
-            .message_log()
-            .map(MessageLog::available_bytes)
-        {
-            Some(Ok(available)) => available,
-            Some(Err(error)) => {
+        let available = match free_space.available_bytes() {
+            Ok(available) => available,
+            Err(error) => {
                 warn!(%error, "could not read free disk space");
                 continue;
             }
-            None => return,
         };
         let low = available < config.disk_free_limit_bytes;
         if low != *alarm.borrow() {

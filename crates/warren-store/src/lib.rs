@@ -24,8 +24,8 @@ pub mod topology;
 
 pub use fs::{FileSystem, OsFileSystem, SimulatedFileSystem};
 pub use log::{
-    COMMIT_DURATION_BOUNDS_US, CommitTimesSnapshot, DurableListener, Location, LogConfig,
-    MessageLog, RecoveredMessage, Recovery, StoreError, Ticket,
+    COMMIT_DURATION_BOUNDS_US, CommitTimesSnapshot, DurableListener, FreeSpace, Location,
+    LogConfig, MessageLog, RecoveredMessage, Recovery, StoreError, Ticket,
 };
 pub use record::RecordKind;
 pub use topology::{TopologyChange, TopologyJournal, TopologyWaiter};

@@ -243,6 +243,18 @@ struct Shared {
     listener: DurableListener,
 }
 
+/// Reads the free space of the disk a log is on (see `MessageLog::free_space`).
+pub struct FreeSpace {
+    fs: Arc<dyn FileSystem>,
+    dir: PathBuf,
+}
+
+impl FreeSpace {
+    pub fn available_bytes(&self) -> io::Result<u64> {
+        self.fs.available_bytes(&self.dir)
+    }
+}
+
 pub struct MessageLog {
     shared: Arc<Shared>,
     commit_thread: Option<JoinHandle<()>>,
@@ -540,6 +552,16 @@ impl MessageLog {
 
     pub fn available_bytes(&self) -> io::Result<u64> {
         self.shared.fs.available_bytes(&self.shared.dir)
+    }
+
+    /// A handle that reads the free space of the log's disk without the
+    /// log, so that whoever guards the log need not be held while the
+    /// file system answers.
+    pub fn free_space(&self) -> FreeSpace {
+        FreeSpace {
+            fs: Arc::clone(&self.shared.fs),
+            dir: self.shared.dir.clone(),
+        }
     }
 
     /// Writes and syncs everything appended, stops the commit thread and
