@@ -526,6 +526,10 @@ impl Connection {
             }
             self.process_confirms();
             self.apply_backpressure().await?;
+            // A publisher that keeps the socket full never makes a read
+            // wait: let the other tasks on this thread run between reads
+            // (as the writer does between writes).
+            tokio::task::yield_now().await;
             self.read_more().await?;
         }
     }

@@ -64,10 +64,24 @@ impl SharedHub {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            let mut hub = self.lock();
-            let mut out = Outbox::default();
-            hub.broker.tick(&mut out);
-            hub.dispatch(&mut out);
+            let mut settling = {
+                let mut hub = self.lock();
+                let mut out = Outbox::default();
+                hub.broker.tick(&mut out);
+                hub.dispatch(&mut out);
+                hub.broker.settling()
+            };
+            // A large settle (a channel closed with many unacked
+            // deliveries) goes on in rounds of about a millisecond each;
+            // between rounds the lock goes to whoever waits for it.
+            while settling {
+                tokio::task::yield_now().await;
+                let mut hub = self.lock();
+                let mut out = Outbox::default();
+                settling = hub.broker.continue_settling(&mut out);
+                hub.dispatch(&mut out);
+                MutexGuard::unlock_fair(hub);
+            }
         }
     }
 }

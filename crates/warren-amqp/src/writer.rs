@@ -181,6 +181,12 @@ impl Writer {
             if self.write_out(encoded, &mut written).await.is_err() {
                 return;
             }
+            // A consumer that reads as fast as the broker delivers keeps
+            // this loop busy without a socket write ever waiting: give the
+            // other connections' tasks on this thread their turn after
+            // every batch, not when tokio's budget runs out (a budget is
+            // 128 writes, which is a whole backlog of small deliveries).
+            tokio::task::yield_now().await;
         }
     }
 

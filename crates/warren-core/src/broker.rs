@@ -8,7 +8,7 @@
 //! connections' writers before releasing the lock, which keeps each
 //! connection's frames in the order the broker decided them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -19,7 +19,7 @@ use crate::arguments::{Overflow, QueueArguments, QueueShape, message_expiration_
 use crate::bindings::Bindings;
 use crate::codec::encode_message_head;
 use crate::dead_letter::{DeadLetter, DeathReason};
-use crate::delivery::Settled;
+use crate::delivery::{SettleRound, Settled};
 use crate::durable::{
     DurableDestination, Store, binding_entry, exchange_entry, exchange_removal, queue_entry,
 };
@@ -346,6 +346,9 @@ pub struct Broker {
     /// Messages published by clients, and the counts of deleted queues:
     /// with the live queues' counts, the broker-wide totals.
     pub(crate) counts: MessageCounts,
+    /// Deliveries of large settles still to be settled, oldest first (see
+    /// `continue_settling`).
+    pub(crate) pending_settles: VecDeque<SettleRound>,
     /// Durable entries the current operation added and removed, handed to
     /// the topology journal when it ends (`sync_topology`).
     pub(crate) topology_changes: Vec<TopologyChange>,
@@ -379,6 +382,7 @@ impl Broker {
             ack_deadlines: AckDeadlines::new(),
             dead_letters: Vec::new(),
             counts: MessageCounts::default(),
+            pending_settles: VecDeque::new(),
             topology_changes: Vec::new(),
             topology_ticket: None,
         };
@@ -481,7 +485,7 @@ impl Broker {
             self.detach_consumer(queue, connection, channel, tag.as_str(), out);
             touched.push(queue);
         }
-        touched.extend(self.settle_all(state.unacked.into_values().collect(), Settled::Requeue));
+        self.settle_deliveries(connection, channel, state.unacked, Settled::Requeue, out);
         self.deliver_all(&touched, out);
     }
 
