@@ -8,6 +8,7 @@
 #   bash benchmarks/compare.sh                         # everything, 3 rounds
 #   QUICK=1 ROUNDS=1 bash benchmarks/compare.sh        # a short trial run
 #   SCENARIOS="1 2" ROUNDS=5 bash benchmarks/compare.sh
+#   SCENARIOS=7 STALL_DISRUPTIONS=declare bash benchmarks/compare.sh
 #
 # What it does:
 #   1. installs rabbitmq-server (and python3) with apt-get when missing, with a
@@ -15,7 +16,9 @@
 #      the system-wide RabbitMQ service (as scripts/test.sh does);
 #   2. cargo build --release -p warren -p warren-bench (once; BUILD=0 skips);
 #   3. for each scenario, ROUNDS rounds of: Warren, then RabbitMQ (A, B, A,
-#      B, ...), so drift of the machine during the run hits both alike. Every
+#      B, ...), so drift of the machine during the run hits both alike.
+#      Scenarios 7 and 8 make several runs per round, one per variant (each
+#      disruption, each queue count), each variant against both brokers. Every
 #      run gets a freshly started broker with an empty data directory, and
 #      only the broker under test is running while it is measured; memory
 #      numbers therefore never carry over from an earlier run. Warren is
@@ -38,12 +41,23 @@
 #      then drain them (manual ack, prefetch 100): rates and broker RSS
 #   6  1,000 idle connections with a channel each: broker RSS per connection
 #      (needs warren-bench --idle-connections)
+#   7  stall probe: a probe publishes and consumes 1,000 msg/s on a queue of
+#      its own while a second client disrupts the broker, one run per
+#      disruption: unacked-close (requeue 100,000 unacked deliveries),
+#      declare (10,000 durable queues), paged-drain (200,000 persistent
+#      1 KiB, mostly paged to disk, then drained), connection-churn (1,000
+#      connections opened and closed); reports the probe's p99.9, worst
+#      latency and longest silence, and how long the disruption took (needs
+#      warren-bench --stall)
+#   8  independent queues: 1, 2 and 4 queues, each with its own producer and
+#      consumer (transient 16 B, no confirms, auto-ack); total throughput per
+#      queue count shows how it grows with queues
 #
 # Environment:
 #   ROUNDS=3            rounds per scenario (each round runs both brokers)
 #   QUICK=0             1: short trial (5 s runs, 50,000-message prefill,
 #                       2 s idle hold); not for publishing
-#   SCENARIOS="1 2 3 4 5 6"   the scenarios to run, in this order
+#   SCENARIOS="1 2 3 4 5 6 7 8"   the scenarios to run, in this order
 #   RESULTS_DIR         where JSON, logs and the command lines go
 #                       (default target/benchmarks/<UTC time>)
 #   WORK_DIR            broker data directories (default target/benchmarks/work;
@@ -51,15 +65,23 @@
 #   REPORT              the report to write (default BENCHMARKS.md at the root)
 #   BROKERS="warren rabbitmq"  which brokers to run (both for a comparison)
 #   BUILD=1             0: use the existing target/release binaries
-#   DURATION            seconds per run of scenarios 1-4 (default 20; QUICK 5)
+#   DURATION            seconds per run of scenarios 1-4 and 8 (default 20; QUICK 5)
 #   PREFILL_COUNT       messages of scenario 5 (default 1000000; QUICK 50000)
 #   PHASE_TIMEOUT       limit per prefill/drain phase, s (default 900; QUICK 120)
 #   IDLE_CONNECTIONS    connections of scenario 6 (default 1000)
 #   IDLE_HOLD           seconds scenario 6 holds them (default 10; QUICK 2)
+#   STALL_DISRUPTIONS="unacked-close declare paged-drain connection-churn"
+#                       the disruptions scenario 7 runs, in this order
+#   PROBE_RATE          scenario 7's probe rate, msg/s (default 1000)
+#   STALL_TIMEOUT       limit on each scenario 7 disruption, s (default 600;
+#                       QUICK 120)
+#   QUEUE_COUNTS="1 2 4"  the queue counts scenario 8 runs, in this order
+#   MULTI_QUEUE_SIZE    scenario 8's message size, bytes (default 16)
 #   COOLDOWN            seconds of pause after each broker stops (default 3)
 #   RABBITMQ_SBIN       RabbitMQ's scripts (default /usr/lib/rabbitmq/bin)
 #
-# Output: RESULTS_DIR holds s<N>-r<R>-<broker>.json (warren-bench --json),
+# Output: RESULTS_DIR holds s<N>-r<R>-<broker>.json (warren-bench --json;
+# s<N>-<variant>-r<R>-<broker>.json for scenarios 7 and 8),
 # .txt (its summary), .stderr, logs/ (broker logs), runs.jsonl (one line per
 # run: exit status, exact commands), commands.txt, meta.json (machine and
 # settings) and compare.log. Re-render the report alone with
@@ -72,7 +94,7 @@ ROOT="$(pwd)"
 # ------------------------------------------------------------- settings
 ROUNDS="${ROUNDS:-3}"
 QUICK="${QUICK:-0}"
-SCENARIOS="${SCENARIOS:-1 2 3 4 5 6}"
+SCENARIOS="${SCENARIOS:-1 2 3 4 5 6 7 8}"
 BROKERS="${BROKERS:-warren rabbitmq}"
 BUILD="${BUILD:-1}"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -86,13 +108,19 @@ if [ "$QUICK" = 1 ]; then
     PREFILL_COUNT="${PREFILL_COUNT:-50000}"
     PHASE_TIMEOUT="${PHASE_TIMEOUT:-120}"
     IDLE_HOLD="${IDLE_HOLD:-2}"
+    STALL_TIMEOUT="${STALL_TIMEOUT:-120}"
 else
     DURATION="${DURATION:-20}"
     PREFILL_COUNT="${PREFILL_COUNT:-1000000}"
     PHASE_TIMEOUT="${PHASE_TIMEOUT:-900}"
     IDLE_HOLD="${IDLE_HOLD:-10}"
+    STALL_TIMEOUT="${STALL_TIMEOUT:-600}"
 fi
 IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-1000}"
+STALL_DISRUPTIONS="${STALL_DISRUPTIONS:-unacked-close declare paged-drain connection-churn}"
+PROBE_RATE="${PROBE_RATE:-1000}"
+QUEUE_COUNTS="${QUEUE_COUNTS:-1 2 4}"
+MULTI_QUEUE_SIZE="${MULTI_QUEUE_SIZE:-16}"
 WARREN_START_TIMEOUT="${WARREN_START_TIMEOUT:-60}"
 
 WARREN_BIN="target/release/warren"
@@ -206,12 +234,22 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ------------------------------------------------------------- checks
-for name in ROUNDS DURATION PREFILL_COUNT PHASE_TIMEOUT IDLE_CONNECTIONS IDLE_HOLD COOLDOWN; do
+for name in ROUNDS DURATION PREFILL_COUNT PHASE_TIMEOUT IDLE_CONNECTIONS IDLE_HOLD COOLDOWN \
+    PROBE_RATE STALL_TIMEOUT MULTI_QUEUE_SIZE; do
     is_uint "${!name}" || die "$name must be a whole number, got '${!name}'"
 done
 [ "$ROUNDS" -ge 1 ] || die "ROUNDS must be at least 1"
 for s in $SCENARIOS; do
-    case "$s" in 1|2|3|4|5|6) ;; *) die "unknown scenario '$s' in SCENARIOS (1-6)" ;; esac
+    case "$s" in 1|2|3|4|5|6|7|8) ;; *) die "unknown scenario '$s' in SCENARIOS (1-8)" ;; esac
+done
+for d in $STALL_DISRUPTIONS; do
+    case "$d" in
+        unacked-close|declare|paged-drain|connection-churn) ;;
+        *) die "unknown disruption '$d' in STALL_DISRUPTIONS (unacked-close, declare, paged-drain, connection-churn)" ;;
+    esac
+done
+for q in $QUEUE_COUNTS; do
+    is_uint "$q" && [ "$q" -ge 1 ] || die "QUEUE_COUNTS must be whole numbers of at least 1, got '$q'"
 done
 for b in $BROKERS; do
     case "$b" in warren|rabbitmq) ;; *) die "unknown broker '$b' in BROKERS (warren, rabbitmq)" ;; esac
@@ -269,6 +307,12 @@ case " $SCENARIOS " in
         [[ "$bench_help" == *--idle-connections* ]] \
             || die "$BENCH_BIN has no --idle-connections (needed by scenario 6); rebuild it or leave 6 out of SCENARIOS" ;;
 esac
+case " $SCENARIOS " in
+    *" 7 "*)
+        bench_help="$("$BENCH_BIN" --help 2>/dev/null || true)"
+        [[ "$bench_help" == *--stall* ]] \
+            || die "$BENCH_BIN has no --stall (needed by scenario 7); rebuild it or leave 7 out of SCENARIOS" ;;
+esac
 
 # Scenario 6 needs about 2 descriptors per connection in the bench and one
 # in the broker; RabbitMQ inherits this limit from us.
@@ -303,7 +347,10 @@ python3 benchmarks/report.py machine-info "$RESULTS_DIR/meta.json" \
     "invocation=$invocation" "rounds=$ROUNDS" "quick=$QUICK" "scenarios=$SCENARIOS" \
     "brokers=$BROKERS" "duration_s=$DURATION" "prefill_count=$PREFILL_COUNT" \
     "phase_timeout_s=$PHASE_TIMEOUT" "idle_connections=$IDLE_CONNECTIONS" \
-    "idle_hold_s=$IDLE_HOLD" "work_dir=$WORK_DIR" "results_dir=$RESULTS_REL" \
+    "idle_hold_s=$IDLE_HOLD" "stall_disruptions=$STALL_DISRUPTIONS" \
+    "probe_rate=$PROBE_RATE" "stall_timeout_s=$STALL_TIMEOUT" \
+    "queue_counts=$QUEUE_COUNTS" "multi_queue_size=$MULTI_QUEUE_SIZE" \
+    "work_dir=$WORK_DIR" "results_dir=$RESULTS_REL" \
     "warren_bin=$WARREN_BIN" "bench_bin=$BENCH_BIN" "rabbitmq_sbin=$SBIN" \
     "open_files_limit=$(ulimit -Sn)" \
     || die "collecting machine information failed"
@@ -318,10 +365,21 @@ case " $SCENARIOS " in
 esac
 
 # ------------------------------------------------------------- scenarios
-# scenario_args N: sets SCENARIO_ARGS (warren-bench options besides --url,
-# --broker-pid, --json, --quiet) and SCENARIO_LIMIT (seconds before timeout).
+# scenario_variants N: the runs scenario N makes per round and broker: its
+# disruptions (7), its queue counts as qN (8), or "-" (one run).
+scenario_variants() {
+    case "$1" in
+        7) printf '%s' "$STALL_DISRUPTIONS" ;;
+        8) for q in $QUEUE_COUNTS; do printf 'q%s ' "$q"; done ;;
+        *) printf '%s' - ;;
+    esac
+}
+
+# scenario_args N VARIANT: sets SCENARIO_ARGS (warren-bench options besides
+# --url, --broker-pid, --json, --quiet) and SCENARIO_LIMIT (seconds before
+# timeout).
 scenario_args() {
-    local duration_limit=$((DURATION + 180))
+    local duration_limit=$((DURATION + 180)) variant="${2:--}"
     case "$1" in
         1) SCENARIO_ARGS=(--producers 1 --consumers 1 --size 16 --transient
                           --confirm 0 --ack auto --duration "$DURATION")
@@ -343,6 +401,17 @@ scenario_args() {
            SCENARIO_LIMIT=$((2 * PHASE_TIMEOUT + 300)) ;;
         6) SCENARIO_ARGS=(--idle-connections "$IDLE_CONNECTIONS" --idle-hold "$IDLE_HOLD")
            SCENARIO_LIMIT=$((IDLE_HOLD + 600)) ;;
+        # The disruption's own default count (see warren-bench --help).
+        7) SCENARIO_ARGS=(--stall "$variant" --probe-rate "$PROBE_RATE"
+                          --stall-timeout "$STALL_TIMEOUT")
+           SCENARIO_LIMIT=$((STALL_TIMEOUT + 300)) ;;
+        # Producer i and consumer i both go to queue i mod N (warren-bench
+        # assigns round-robin), so N of each give every queue its own pair.
+        8) local queues="${variant#q}"
+           SCENARIO_ARGS=(--queues "$queues" --producers "$queues" --consumers "$queues"
+                          --size "$MULTI_QUEUE_SIZE" --transient --confirm 0 --ack auto
+                          --duration "$DURATION")
+           SCENARIO_LIMIT=$duration_limit ;;
     esac
 }
 
@@ -422,20 +491,24 @@ stop_broker() {
     sleep "$COOLDOWN"
 }
 
-# run_one SCENARIO ROUND KIND
+# run_one SCENARIO ROUND KIND [VARIANT]
 FAILED_RUNS=0
 run_one() {
-    local scenario="$1" round="$2" kind="$3"
-    local name="s$scenario-r$round-$kind"
-    scenario_args "$scenario"
-    log "scenario $scenario, round $round/$ROUNDS, $kind: starting broker"
+    local scenario="$1" round="$2" kind="$3" variant="${4:--}"
+    local name="s$scenario-r$round-$kind" label="scenario $scenario"
+    if [ "$variant" != - ]; then
+        name="s$scenario-$variant-r$round-$kind"
+        label="scenario $scenario ($variant)"
+    fi
+    scenario_args "$scenario" "$variant"
+    log "$label, round $round/$ROUNDS, $kind: starting broker"
     start_broker "$kind" "$name"
     local json="$RESULTS_DIR/$name.json"
     local cmd=("$BENCH_BIN" --url "$BROKER_URL" "${SCENARIO_ARGS[@]}"
                --broker-pid "$BROKER_PID" --json "$RESULTS_REL/$name.json" --quiet)
     local cmd_text
     cmd_text="$(quote_cmd "${cmd[@]}")"
-    log "scenario $scenario, round $round/$ROUNDS, $kind (pid $BROKER_PID): $cmd_text"
+    log "$label, round $round/$ROUNDS, $kind (pid $BROKER_PID): $cmd_text"
     local started ended status=0
     started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     timeout --kill-after=30 "$SCENARIO_LIMIT" "${cmd[@]}" \
@@ -450,9 +523,9 @@ run_one() {
     stop_broker "$kind" "$name"
 
     if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
-        log "scenario $scenario, round $round, $kind: TIMED OUT after ${SCENARIO_LIMIT}s"
+        log "$label, round $round, $kind: TIMED OUT after ${SCENARIO_LIMIT}s"
     elif [ "$status" -ne 0 ]; then
-        log "scenario $scenario, round $round, $kind: warren-bench exited $status; see $name.stderr"
+        log "$label, round $round, $kind: warren-bench exited $status; see $name.stderr"
         tail -n 5 "$RESULTS_DIR/$name.stderr" >&2 || true
     fi
     [ "$status" -eq 0 ] || FAILED_RUNS=$((FAILED_RUNS + 1))
@@ -461,12 +534,13 @@ run_one() {
     else
         log "  no JSON written"
     fi
-    manifest_add "scenario=$scenario" "round=$round" "broker=$kind" "status=$status" \
+    manifest_add "scenario=$scenario" "variant=$([ "$variant" = - ] || printf '%s' "$variant")" \
+        "round=$round" "broker=$kind" "status=$status" \
         "json=$name.json" "stdout=$name.txt" "stderr=$name.stderr" \
         "started=$started" "ended=$ended" "broker_pid=$BROKER_PID" \
         "broker_command=$BROKER_CMD" "command=$cmd_text"
     {
-        printf '# scenario %s, round %s, %s (exit %s)\n' "$scenario" "$round" "$kind" "$status"
+        printf '# %s, round %s, %s (exit %s)\n' "$label" "$round" "$kind" "$status"
         printf '%s\n%s\n\n' "$BROKER_CMD" "$cmd_text"
     } >>"$RESULTS_DIR/commands.txt"
 }
@@ -475,9 +549,11 @@ run_one() {
 total=0
 for scenario in $SCENARIOS; do
     for round in $(seq 1 "$ROUNDS"); do
-        for kind in $BROKERS; do
-            run_one "$scenario" "$round" "$kind"
-            total=$((total + 1))
+        for variant in $(scenario_variants "$scenario"); do
+            for kind in $BROKERS; do
+                run_one "$scenario" "$round" "$kind" "$variant"
+                total=$((total + 1))
+            done
         done
     done
 done

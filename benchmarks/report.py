@@ -166,6 +166,10 @@ def idle(key: str) -> Callable[[dict], Optional[float]]:
     return lambda doc: dig(doc, "idle", key)
 
 
+def stall(*path: str) -> Callable[[dict], Optional[float]]:
+    return lambda doc: dig(doc, "stall", *path)
+
+
 PEAK_RSS = Metric("Broker peak RSS", memory("peak_rss_bytes"), "bytes", "lower")
 
 
@@ -190,6 +194,19 @@ class Scenario:
     title: str
     setup: str
     metrics: list[Metric]
+    # Scenarios that make one run per variant per round (7: each disruption,
+    # 8: each queue count) have their medians taken per variant.
+    variant_kind: Optional[str] = None  # "disruption" | "queues"
+
+
+# Scenario 7's disruptions, in the order of the report.
+DISRUPTIONS = ("unacked-close", "declare", "paged-drain", "connection-churn")
+DISRUPTION_TEXT = {
+    "unacked-close": "a client holding unacked deliveries closes its channel (all requeued)",
+    "declare": "a client declares durable queues one after another",
+    "paged-drain": "a client fills a durable queue (most paged to disk) and drains it",
+    "connection-churn": "a client opens and closes connections, each with a channel",
+}
 
 
 SCENARIOS = {
@@ -278,6 +295,41 @@ SCENARIOS = {
             Metric("Connections held", idle("connections"), "count"),
         ],
     ),
+    7: Scenario(
+        7,
+        "Stall probe: does one client stall another?",
+        "A probe publishes 16 B messages at a fixed rate to a queue of its own and consumes "
+        "them (auto-ack), from a 1 s settle before a disruption to a 1 s settle after it. "
+        "Latency and silence are the probe's during the disruption: latency over the probe "
+        "messages in flight during it, silence the largest gap between consecutive deliveries "
+        "to the probe that overlaps it (it catches a stall while no probe message is in "
+        "flight).",
+        [
+            Metric("Probe p99.9", stall("window", "latency", "p999_us"), "latency", "lower"),
+            Metric("Worst latency", stall("window", "latency", "max_us"), "latency", "lower"),
+            Metric("Longest silence", stall("window", "longest_silence_us"), "latency", "lower"),
+            Metric("Disruption took", stall("disruption_s"), "seconds", "lower"),
+            Metric("Probe p99.9 before (baseline)", stall("before", "latency", "p999_us"),
+                   "latency", "lower"),
+            Metric("Disruption count", stall("count"), "count"),
+        ],
+        variant_kind="disruption",
+    ),
+    8: Scenario(
+        8,
+        "Independent queues, each with its own producer and consumer, transient, "
+        "no confirms, auto-ack",
+        "N queues, N producers and N consumers: producer i and consumer i use queue i, so "
+        "the queues share nothing but the broker. Throughput is messages consumed per second, "
+        "all queues together.",
+        [
+            Metric("Throughput (consumed)", rate("consume"), "rate", "higher"),
+            Metric("Publish rate", rate("publish"), "rate", "higher"),
+            Metric("Latency p99", latency("end_to_end_latency", "p99_us"), "latency", "lower"),
+            BACKLOG,
+        ],
+        variant_kind="queues",
+    ),
 }
 
 
@@ -286,9 +338,10 @@ class Target:
     scenario: int
     text: str
     metric: str  # label of a metric of the scenario
-    kind: str  # ratio_at_least | below
+    kind: str  # ratio_at_least | below | at_most
     bound: float
     note: str = ""
+    variant: str = ""  # for scenarios with variants
 
 
 TARGETS = [
@@ -307,6 +360,12 @@ TARGETS = [
     Target(6, "under 16 KiB of broker memory per idle connection with a channel",
            "Broker memory per connection", "below", 16 * KIB,
            "RabbitMQ 3.10 on the issue's machine: about 59 KiB"),
+    Target(7, "10,000 durable queues declared in under 5 s", "Disruption took", "below", 5,
+           variant="declare"),
+] + [
+    Target(7, f"{disruption}: the probe's worst latency at most 10 ms", "Worst latency",
+           "at_most", 10_000, variant=disruption)
+    for disruption in DISRUPTIONS
 ]
 
 
@@ -318,6 +377,7 @@ class Run:
     broker: str
     status: Optional[int]
     json_name: str
+    variant: str = ""
     command: str = ""
     broker_command: str = ""
     doc: Optional[dict] = None
@@ -338,11 +398,14 @@ def load_runs(results_dir: str) -> list[Run]:
                 except json.JSONDecodeError:
                     print(f"report.py: {manifest}:{number}: not JSON, skipped", file=sys.stderr)
     else:
-        # No manifest: take whatever results are there, named s<N>-r<R>-<broker>.json.
+        # No manifest: take whatever results are there, named
+        # s<N>-r<R>-<broker>.json or s<N>-<variant>-r<R>-<broker>.json.
         for path in sorted(glob.glob(os.path.join(results_dir, "s*-r*-*.json"))):
-            match = re.fullmatch(r"s(\d+)-r(\d+)-(\w+)\.json", os.path.basename(path))
+            match = re.fullmatch(r"s(\d+)(?:-([\w-]+?))?-r(\d+)-(\w+)\.json",
+                                 os.path.basename(path))
             if match:
-                records.append({"scenario": match[1], "round": match[2], "broker": match[3],
+                records.append({"scenario": match[1], "variant": match[2] or "",
+                                "round": match[3], "broker": match[4],
                                 "json": os.path.basename(path)})
     runs = []
     for record in records:
@@ -354,8 +417,8 @@ def load_runs(results_dir: str) -> list[Run]:
         status_text = record.get("status")
         status = int(status_text) if status_text not in (None, "") else None
         run = Run(scenario, round_number, record.get("broker", "?"), status,
-                  record.get("json", ""), record.get("command", ""),
-                  record.get("broker_command", ""))
+                  record.get("json", ""), record.get("variant", ""),
+                  record.get("command", ""), record.get("broker_command", ""))
         path = os.path.join(results_dir, run.json_name) if run.json_name else ""
         if path and os.path.exists(path):
             try:
@@ -399,6 +462,14 @@ def check_run(run: Run) -> list[str]:
     failed = dig(doc, "broker_memory", "failed_samples")
     if failed:
         problems.append(f"{failed:,.0f} RSS samples failed")
+    if dig(doc, "stall", "complete") == 0.0:
+        problems.append(
+            f"disruption incomplete ({fmt_count(stall('completed')(doc))} of "
+            f"{fmt_count(stall('count')(doc))})")
+    published = stall("probe", "published")(doc)
+    received = stall("probe", "received")(doc)
+    if published is not None and received is not None and received < published:
+        problems.append(f"the probe lost {published - received:,.0f} of {published:,.0f} messages")
     offered = dig(doc, "config", "rate_per_s")
     achieved = dig(doc, "publish", "rate_per_s")
     if offered and achieved is not None and achieved < 0.95 * offered:
@@ -409,7 +480,13 @@ def check_run(run: Run) -> list[str]:
 def summary_line(doc: dict) -> str:
     """One line of the numbers that matter for a result."""
     parts = []
-    if isinstance(doc.get("idle"), dict):
+    if isinstance(doc.get("stall"), dict):
+        parts.append(f"stall {doc['stall'].get('disruption', '?')}: "
+                     f"took {fmt_seconds(stall('disruption_s')(doc))}, probe p99.9 "
+                     f"{fmt_us(stall('window', 'latency', 'p999_us')(doc))}, worst "
+                     f"{fmt_us(stall('window', 'latency', 'max_us')(doc))}, longest silence "
+                     f"{fmt_us(stall('window', 'longest_silence_us')(doc))}")
+    elif isinstance(doc.get("idle"), dict):
         parts.append(f"idle {fmt_count(idle('connections')(doc))} connections: "
                      f"{fmt_bytes(idle('bytes_per_connection')(doc))}/connection, "
                      f"RSS {fmt_bytes(idle('rss_before_bytes')(doc))} -> "
@@ -515,25 +592,45 @@ class Report:
                 held = idle("connections")(run.doc) if run.doc else None
                 if held is not None and held < int(wanted):
                     run.problems.append(f"held {held:,.0f} of {int(wanted):,} connections")
-        # scenario -> metric label -> broker -> median
-        self.medians: dict[int, dict[str, dict[str, Optional[float]]]] = {}
-        self.counts: dict[int, dict[str, int]] = {}
+        # (scenario, variant) -> metric label -> broker -> median; the
+        # variant is "" for scenarios without variants.
+        self.medians: dict[tuple[int, str], dict[str, dict[str, Optional[float]]]] = {}
+        self.counts: dict[tuple[int, str], dict[str, int]] = {}
         for number, scenario in SCENARIOS.items():
-            self.medians[number] = {}
-            self.counts[number] = {}
-            for broker in BROKERS:
-                docs = [r.doc for r in self.runs_of(number, broker) if r.doc]
-                self.counts[number][broker] = len(docs)
-                for metric in scenario.metrics:
-                    values = [v for v in (metric.extract(d) for d in docs) if v is not None]
-                    self.medians[number].setdefault(metric.label, {})[broker] = median(values)
+            for variant in self.variants_of(number):
+                key = (number, variant)
+                self.medians[key] = {}
+                self.counts[key] = {}
+                for broker in BROKERS:
+                    docs = [r.doc for r in self.runs_of(number, broker, variant) if r.doc]
+                    self.counts[key][broker] = len(docs)
+                    for metric in scenario.metrics:
+                        values = [v for v in (metric.extract(d) for d in docs) if v is not None]
+                        self.medians[key].setdefault(metric.label, {})[broker] = median(values)
 
-    def runs_of(self, scenario: int, broker: Optional[str] = None) -> list[Run]:
+    def runs_of(self, scenario: int, broker: Optional[str] = None,
+                variant: Optional[str] = None) -> list[Run]:
         return [r for r in self.runs
-                if r.scenario == scenario and (broker is None or r.broker == broker)]
+                if r.scenario == scenario and (broker is None or r.broker == broker)
+                and (variant is None or r.variant == variant)]
 
-    def value(self, scenario: int, label: str, broker: str) -> Optional[float]:
-        return self.medians.get(scenario, {}).get(label, {}).get(broker)
+    def variants_of(self, scenario: int) -> list[str]:
+        """The variants run of a scenario in report order ([""] without variants)."""
+        kind = SCENARIOS[scenario].variant_kind
+        if kind is None:
+            return [""]
+        seen = {r.variant for r in self.runs_of(scenario)}
+        if kind == "disruption":
+            return [d for d in DISRUPTIONS if d in seen] + sorted(seen - set(DISRUPTIONS))
+
+        def queues(variant: str) -> float:
+            digits = variant.lstrip("q")
+            return float(digits) if digits.isdigit() else float("inf")
+        return sorted(seen, key=lambda v: (queues(v), v))
+
+    def value(self, scenario: int, label: str, broker: str,
+              variant: str = "") -> Optional[float]:
+        return self.medians.get((scenario, variant), {}).get(label, {}).get(broker)
 
     def metric(self, scenario: int, label: str) -> Metric:
         return next(m for m in SCENARIOS[scenario].metrics if m.label == label)
@@ -542,8 +639,8 @@ class Report:
     def judge(self, target: Target) -> tuple[str, str]:
         """(verdict, measured text) for one target."""
         metric = self.metric(target.scenario, target.metric)
-        warren = self.value(target.scenario, target.metric, "warren")
-        rabbit = self.value(target.scenario, target.metric, "rabbitmq")
+        warren = self.value(target.scenario, target.metric, "warren", target.variant)
+        rabbit = self.value(target.scenario, target.metric, "rabbitmq", target.variant)
         if target.kind == "ratio_at_least":
             value = ratio(warren, rabbit)
             if value is None:
@@ -568,6 +665,8 @@ class Report:
                     if warren > 0 else f"; RabbitMQ {metric.fmt(rabbit)}"
             else:
                 measured += f"; RabbitMQ {metric.fmt(rabbit)}"
+        if target.kind == "at_most":
+            return ("met" if warren <= target.bound else "MISSED"), measured
         return ("met" if warren < target.bound else "MISSED"), measured
 
     # -- rendering
@@ -669,13 +768,20 @@ class Report:
             f"{fmt_count(float(s['prefill_count'])) if str(s.get('prefill_count', '')).isdigit() else '?'}"
             f" messages (phase limit {s.get('phase_timeout_s', '?')} s); scenario 6 holds "
             f"{s.get('idle_connections', '?')} connections for {s.get('idle_hold_s', '?')} s.")
+        if s.get("stall_disruptions"):
+            out.append(
+                f"- Scenario 7 runs each disruption ({s['stall_disruptions']}) with a freshly "
+                f"started broker, the probe at {s.get('probe_rate', '?')} msg/s, and a limit of "
+                f"{s.get('stall_timeout_s', '?')} s on the disruption. Scenario 8 runs "
+                f"{s.get('queue_counts', '?')} queue(s) for {runs} each, each count with a "
+                "freshly started broker.")
         out.append("- Ratios are Warren/RabbitMQ of the medians; the Reading column says which "
                    "way is better for each metric.")
         out.append("")
         return out
 
     def render_targets(self) -> list[str]:
-        out = ["## Targets (issue 7)", ""]
+        out = ["## Targets", ""]
         if self.quick:
             out.append("Judged on this QUICK trial run: indicative only.")
             out.append("")
@@ -698,7 +804,13 @@ class Report:
                 out.append("Not run in this session.")
                 out.append("")
                 continue
-            counts = self.counts[number]
+            if scenario.variant_kind == "disruption":
+                out += self.render_stall(number, scenario, runs)
+                continue
+            if scenario.variant_kind == "queues":
+                out += self.render_queue_scaling(number, scenario, runs)
+                continue
+            counts = self.counts[(number, "")]
             planned = {b: len(self.runs_of(number, b)) for b in BROKERS}
             out.append(f"{scenario.setup} Medians of {counts['warren']} Warren and "
                        f"{counts['rabbitmq']} RabbitMQ run(s) with results "
@@ -724,14 +836,95 @@ class Report:
                 out.append(f"| {metric.label} | {metric.fmt(warren)} | {metric.fmt(rabbit)} | "
                            f"{ratio_text} | {reading(metric, warren, rabbit)} |")
             out.append("")
-            problems = [(r, p) for r in runs for p in r.problems]
-            if problems:
-                out.append("Problems in these runs:")
-                out.append("")
-                for run, problem in problems:
-                    out.append(f"- round {run.round}, {BROKER_NAMES.get(run.broker, run.broker)}: "
-                               f"{md_escape(problem)}")
-                out.append("")
+            out += self.render_problems(runs)
+        return out
+
+    def render_problems(self, runs: list[Run]) -> list[str]:
+        problems = [(r, p) for r in runs for p in r.problems]
+        if not problems:
+            return []
+        out = ["Problems in these runs:", ""]
+        for run, problem in problems:
+            variant = f", {run.variant}" if run.variant else ""
+            out.append(f"- round {run.round}{variant}, "
+                       f"{BROKER_NAMES.get(run.broker, run.broker)}: {md_escape(problem)}")
+        out.append("")
+        return out
+
+    def counts_text(self, number: int, variants: list[str]) -> str:
+        """The sentence that says how many runs the medians of a scenario come from."""
+        have = {b: sum(self.counts[(number, v)][b] for v in variants) for b in BROKERS}
+        planned = {b: len(self.runs_of(number, b)) for b in BROKERS}
+        return (f"Medians of {have['warren']} Warren and {have['rabbitmq']} RabbitMQ run(s) "
+                f"with results (of {planned['warren']} and {planned['rabbitmq']}).")
+
+    def render_stall(self, number: int, scenario: Scenario, runs: list[Run]) -> list[str]:
+        """Scenario 7: per disruption, the probe's numbers for each broker."""
+        variants = self.variants_of(number)
+        rate_text = str(self.settings.get("probe_rate", "1000"))
+        if rate_text.isdigit():
+            rate_text = fmt_count(float(rate_text))
+        out = [f"{scenario.setup} The probe publishes {rate_text} msg/s. "
+               f"{self.counts_text(number, variants)}", ""]
+        labels = ["Probe p99.9", "Worst latency", "Longest silence", "Disruption took"]
+        out.append("| Disruption | Broker | " + " | ".join(labels) + " | Probe p99.9 before |")
+        out.append("|---|---|" + "--:|" * (len(labels) + 1))
+        for variant in variants:
+            count = self.value(number, "Disruption count", "warren", variant) or \
+                self.value(number, "Disruption count", "rabbitmq", variant)
+            unit = next((r.doc["stall"].get("unit", "") for r in self.runs_of(number, None, variant)
+                         if r.doc and isinstance(r.doc.get("stall"), dict)), "")
+            title = f"{variant} ({fmt_count(count)} {unit})" if count else variant
+            text = DISRUPTION_TEXT.get(variant)
+            if text:
+                title += f": {text}"
+            for index, broker in enumerate(BROKERS):
+                cells = []
+                for label in labels + ["Probe p99.9 before (baseline)"]:
+                    metric = self.metric(number, label)
+                    cells.append(metric.fmt(self.value(number, label, broker, variant)))
+                first = md_escape(title) if index == 0 else ""
+                out.append(f"| {first} | {BROKER_NAMES[broker]} | " + " | ".join(cells) + " |")
+        out.append("")
+        out.append("Worst latency is the slowest probe message in flight during the disruption; "
+                   "the last column is the probe's p99.9 during the settle before it, undisturbed.")
+        out.append("")
+        out += self.render_problems(runs)
+        return out
+
+    def render_queue_scaling(self, number: int, scenario: Scenario,
+                             runs: list[Run]) -> list[str]:
+        """Scenario 8: total throughput per queue count, and its growth from the fewest."""
+        variants = self.variants_of(number)
+        size = self.settings.get("multi_queue_size", "16")
+        out = [f"{scenario.setup} Messages of {size} B. {self.counts_text(number, variants)}", ""]
+        label = "Throughput (consumed)"
+        metric = self.metric(number, label)
+        base = variants[0] if variants else ""
+        base_queues = base.lstrip("q") or "?"
+        base_text = f"{base_queues} queue" + ("" if base_queues == "1" else "s")
+        out.append(f"| Queues | Warren | RabbitMQ | Warren/RabbitMQ | Warren vs {base_text} "
+                   f"| RabbitMQ vs {base_text} | Left queued (Warren, RabbitMQ) |")
+        out.append("|--:|--:|--:|--:|--:|--:|---|")
+        for variant in variants:
+            warren = self.value(number, label, "warren", variant)
+            rabbit = self.value(number, label, "rabbitmq", variant)
+            value = ratio(warren, rabbit)
+            growth = []
+            for broker, current in (("warren", warren), ("rabbitmq", rabbit)):
+                first = self.value(number, label, broker, base)
+                grown = ratio(current, first)
+                growth.append("—" if grown is None else f"{grown:.2f}×")
+            backlog = ", ".join(fmt_count(self.value(number, BACKLOG.label, b, variant))
+                                for b in BROKERS)
+            out.append(f"| {variant.lstrip('q')} | {metric.fmt(warren)} | {metric.fmt(rabbit)} | "
+                       f"{'—' if value is None else f'{value:.2f}×'} | {growth[0]} | "
+                       f"{growth[1]} | {backlog} |")
+        out.append("")
+        out.append("With a broker that serves independent queues independently, throughput "
+                   "grows with the queues until the cores run out.")
+        out.append("")
+        out += self.render_problems(runs)
         return out
 
     def render_in_the_way(self) -> list[str]:
@@ -777,11 +970,13 @@ class Report:
     def render_all_runs(self) -> list[str]:
         out = ["## Every run", "", "| Scenario | Round | Broker | Exit | Numbers | Problems |",
                "|--:|--:|---|--:|---|---|"]
-        for run in sorted(self.runs, key=lambda r: (r.scenario, r.round, r.broker != "warren")):
+        for run in sorted(self.runs, key=lambda r: (r.scenario, r.round, r.variant,
+                                                    r.broker != "warren")):
             numbers = summary_line(run.doc) if run.doc else "—"
             status = "?" if run.status is None else str(run.status)
             problems = "; ".join(run.problems) or ""
-            out.append(f"| {run.scenario} | {run.round} | "
+            scenario = f"{run.scenario} ({run.variant})" if run.variant else f"{run.scenario}"
+            out.append(f"| {scenario} | {run.round} | "
                        f"{BROKER_NAMES.get(run.broker, run.broker)} | {status} | "
                        f"{md_escape(numbers)} | {md_escape(problems)} |")
         out.append("")
@@ -799,7 +994,7 @@ class Report:
         out.append("")
         for number in SCENARIOS:
             runs = sorted(self.runs_of(number),
-                          key=lambda r: (r.round, r.broker != "warren"))
+                          key=lambda r: (r.round, r.variant, r.broker != "warren"))
             if not runs:
                 continue
             out.append(f"Scenario {number}:")
@@ -807,8 +1002,9 @@ class Report:
             out.append("```sh")
             for run in runs:
                 status = "?" if run.status is None else run.status
-                out.append(f"# round {run.round}, {BROKER_NAMES.get(run.broker, run.broker)} "
-                           f"(exit {status})")
+                variant = f", {run.variant}" if run.variant else ""
+                out.append(f"# round {run.round}{variant}, "
+                           f"{BROKER_NAMES.get(run.broker, run.broker)} (exit {status})")
                 if run.broker_command:
                     out.append(run.broker_command)
                 out.append(run.command or "(command not recorded)")

@@ -29,6 +29,38 @@ pub const IDLE_CONNECTIONS_MAX: u32 = 100_000;
 /// Default `--idle-hold`, seconds.
 const IDLE_HOLD_DEFAULT_S: u64 = 5;
 
+/// Default `--probe-rate`, messages per second: one message a millisecond,
+/// so a silence of a few milliseconds already shows.
+const PROBE_RATE_DEFAULT_PER_S: u64 = 1_000;
+
+/// Highest `--probe-rate`. The probe measures the broker, so it must stay a
+/// light load; past 10,000 msg/s it becomes load of its own, and its
+/// resolution (0.1 ms between messages) is already finer than any stall
+/// worth reporting.
+pub const PROBE_RATE_MAX_PER_S: u64 = 10_000;
+
+/// Default `--stall-timeout`, seconds: ten minutes covers every default
+/// disruption on a slow broker (RabbitMQ declares 10,000 durable queues in
+/// about a minute) and still ends a hung one.
+const STALL_TIMEOUT_DEFAULT_S: u64 = 600;
+
+/// Most messages `--stall unacked-close` may hold: the disruptor keeps every
+/// delivery in its client's memory until it closes its channel.
+const UNACKED_CLOSE_COUNT_MAX: u64 = 1_000_000;
+
+/// Most queues `--stall declare` may declare: ten times the issue's target,
+/// and what is left on the broker if the deletion afterwards fails.
+const DECLARE_COUNT_MAX: u64 = 100_000;
+
+/// Most messages `--stall paged-drain` may publish: 10 GiB of 1 KiB bodies
+/// on the broker's disk.
+const PAGED_DRAIN_COUNT_MAX: u64 = 10_000_000;
+
+/// Most connections `--stall connection-churn` may open. Each closed
+/// connection leaves its client port in TIME_WAIT for a minute, and one
+/// client host has about 28,000 ephemeral ports to one broker address.
+const CONNECTION_CHURN_COUNT_MAX: u64 = 20_000;
+
 /// The options that shape the message load; idle mode sends no messages, so
 /// giving one of them with `--idle-connections` is a mistake worth reporting
 /// rather than silently ignoring.
@@ -59,6 +91,11 @@ const LOAD_OPTIONS: [&str; 15] = [
 /// With --idle-connections it sends no messages: it opens that many
 /// connections with one channel each, holds them open, and reports what they
 /// cost the broker in memory.
+///
+/// With --stall it measures whether one client stalls another: a probe
+/// publishes and consumes at a fixed rate on a queue of its own while a
+/// second client disrupts the broker, and the report gives the probe's
+/// latency and longest silence during the disruption.
 #[derive(Debug, Parser)]
 #[command(name = "warren-bench", version)]
 pub struct Args {
@@ -155,6 +192,36 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub idle_hold: u64,
 
+    /// Stall mode: a probe connection publishes --probe-rate stamped
+    /// messages a second to a queue of its own and consumes them, from one
+    /// second before the disruption until one second after it, while another
+    /// client causes DISRUPTION. Reports the probe's latency and longest
+    /// silence during the disruption, and how long the disruption took. No
+    /// load option may be given with it.
+    #[arg(long, value_enum, value_name = "DISRUPTION",
+          conflicts_with_all = LOAD_OPTIONS, conflicts_with = "idle_connections")]
+    pub stall: Option<Disruption>,
+
+    /// How many messages, queues or connections the --stall disruption
+    /// involves (defaults: unacked-close 100000, declare 10000, paged-drain
+    /// 200000, connection-churn 1000).
+    #[arg(long, value_name = "N", requires = "stall",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_count: Option<u64>,
+
+    /// The --stall probe's publish rate, messages per second.
+    #[arg(long, default_value_t = PROBE_RATE_DEFAULT_PER_S, value_name = "MSGS_PER_S",
+          requires = "stall",
+          value_parser = clap::value_parser!(u64).range(1..=PROBE_RATE_MAX_PER_S))]
+    pub probe_rate: u64,
+
+    /// Limit on the --stall disruption, seconds; one that runs past it is
+    /// stopped and reported as incomplete.
+    #[arg(long, default_value_t = STALL_TIMEOUT_DEFAULT_S, value_name = "SECONDS",
+          requires = "stall",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stall_timeout: u64,
+
     /// PID of the broker process, to sample its resident memory every 100 ms.
     #[arg(long, value_name = "PID")]
     pub broker_pid: Option<u32>,
@@ -178,7 +245,71 @@ pub enum AckMode {
     Auto,
 }
 
-/// What a run does: fixed duration, prefill then drain, or idle connections.
+/// What the second client of `--stall` does to the broker while the probe
+/// runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Disruption {
+    /// Publishes N 16 B messages to its own queue, takes them all as
+    /// deliveries without a prefetch limit and without acking, then closes
+    /// its channel, so the broker requeues all N at once.
+    UnackedClose,
+    /// Declares N durable queues one after another, each waiting for its
+    /// declare-ok (deleted afterwards, outside the measurement).
+    Declare,
+    /// Fills a durable queue with N persistent 1 KiB messages with confirms,
+    /// far more than a broker keeps in memory, then drains it (manual ack,
+    /// prefetch 100).
+    PagedDrain,
+    /// Opens and closes N connections, each opening a channel, a few at a
+    /// time.
+    ConnectionChurn,
+}
+
+impl Disruption {
+    /// `--stall-count` when it is not given: the figures of the issue that
+    /// asked for the probe.
+    pub fn default_count(self) -> u64 {
+        match self {
+            Self::UnackedClose => 100_000,
+            Self::Declare => 10_000,
+            Self::PagedDrain => 200_000,
+            Self::ConnectionChurn => 1_000,
+        }
+    }
+
+    /// Largest `--stall-count` (see each constant for why).
+    pub fn count_max(self) -> u64 {
+        match self {
+            Self::UnackedClose => UNACKED_CLOSE_COUNT_MAX,
+            Self::Declare => DECLARE_COUNT_MAX,
+            Self::PagedDrain => PAGED_DRAIN_COUNT_MAX,
+            Self::ConnectionChurn => CONNECTION_CHURN_COUNT_MAX,
+        }
+    }
+
+    /// What the count counts.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Self::UnackedClose | Self::PagedDrain => "messages",
+            Self::Declare => "queues",
+            Self::ConnectionChurn => "connections",
+        }
+    }
+
+    /// The name on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::UnackedClose => "unacked-close",
+            Self::Declare => "declare",
+            Self::PagedDrain => "paged-drain",
+            Self::ConnectionChurn => "connection-churn",
+        }
+    }
+}
+
+/// What a run does: fixed duration, prefill then drain, idle connections,
+/// or the stall probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Mode {
@@ -193,6 +324,14 @@ pub enum Mode {
     Idle {
         connections: u32,
         hold_s: u64,
+    },
+    /// The probe at `probe_rate_per_s` while `disruption` involves `count`
+    /// messages, queues or connections, stopped after `timeout_s`.
+    Stall {
+        disruption: Disruption,
+        count: u64,
+        probe_rate_per_s: u64,
+        timeout_s: u64,
     },
 }
 
@@ -244,6 +383,44 @@ impl Config {
                 mode: Mode::Idle {
                     connections,
                     hold_s: args.idle_hold,
+                },
+                broker_pid: args.broker_pid,
+                json: args.json,
+                quiet: args.quiet,
+            });
+        }
+        if let Some(disruption) = args.stall {
+            let count = args
+                .stall_count
+                .unwrap_or_else(|| disruption.default_count());
+            if count > disruption.count_max() {
+                return Err(format!(
+                    "--stall-count for --stall {} must be at most {} {}",
+                    disruption.name(),
+                    disruption.count_max(),
+                    disruption.unit()
+                ));
+            }
+            // As in idle mode, clap has refused every load option; the
+            // config says that no load of that kind runs.
+            return Ok(Self {
+                url: args.url,
+                producers: 0,
+                consumers: 0,
+                size_bytes: 0,
+                queues: 0,
+                exchange_fanout: false,
+                persistent: false,
+                confirm_window: 0,
+                ack: args.ack,
+                prefetch: args.prefetch,
+                ack_every: args.ack_every,
+                rate_per_s: 0,
+                mode: Mode::Stall {
+                    disruption,
+                    count,
+                    probe_rate_per_s: args.probe_rate,
+                    timeout_s: args.stall_timeout,
                 },
                 broker_pid: args.broker_pid,
                 json: args.json,
@@ -496,5 +673,106 @@ mod tests {
             serde_json::json!({"kind": "idle", "connections": 7, "hold_s": 2})
         );
         assert_eq!(json["producers"], 0);
+    }
+
+    #[test]
+    fn stall_mode_takes_each_disruption_with_its_default_count() {
+        for (name, count) in [
+            ("unacked-close", 100_000),
+            ("declare", 10_000),
+            ("paged-drain", 200_000),
+            ("connection-churn", 1_000),
+        ] {
+            let config = parse(&["--stall", name]).expect("valid");
+            let Mode::Stall {
+                disruption,
+                count: chosen,
+                probe_rate_per_s,
+                timeout_s,
+            } = config.mode
+            else {
+                panic!("{name}: not stall mode: {:?}", config.mode);
+            };
+            assert_eq!(disruption.name(), name);
+            assert_eq!(chosen, count, "{name}");
+            assert_eq!((probe_rate_per_s, timeout_s), (1_000, 600));
+            assert_eq!(
+                (config.producers, config.consumers, config.queues),
+                (0, 0, 0)
+            );
+        }
+    }
+
+    #[test]
+    fn stall_count_is_bounded_per_disruption() {
+        assert!(parse(&["--stall", "declare", "--stall-count", "0"]).is_err());
+        assert!(parse(&["--stall", "declare", "--stall-count", "100000"]).is_ok());
+        let err =
+            parse(&["--stall", "declare", "--stall-count", "100001"]).expect_err("too many queues");
+        assert!(err.contains("at most 100000 queues"), "{err}");
+        let err = parse(&["--stall", "connection-churn", "--stall-count", "20001"])
+            .expect_err("too many connections");
+        assert!(err.contains("at most 20000 connections"), "{err}");
+        assert!(parse(&["--stall", "unacked-close", "--stall-count", "1000001"]).is_err());
+        assert!(parse(&["--stall", "paged-drain", "--stall-count", "10000000"]).is_ok());
+    }
+
+    #[test]
+    fn probe_rate_is_bounded() {
+        assert!(parse(&["--stall", "declare", "--probe-rate", "0"]).is_err());
+        assert!(parse(&["--stall", "declare", "--probe-rate", "10000"]).is_ok());
+        assert!(parse(&["--stall", "declare", "--probe-rate", "10001"]).is_err());
+    }
+
+    #[test]
+    fn stall_options_need_stall_mode() {
+        for extra in [
+            &["--stall-count", "5"][..],
+            &["--probe-rate", "500"],
+            &["--stall-timeout", "30"],
+        ] {
+            let err = parse(extra).expect_err("stall option without --stall");
+            assert!(err.contains("--stall"), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn stall_mode_refuses_load_options_and_idle_mode() {
+        for extra in [
+            &["--producers", "2"][..],
+            &["--size", "1024"],
+            &["--rate", "100"],
+            &["--prefill", "10"],
+            &["--idle-connections", "10"],
+        ] {
+            let mut argv = vec!["--stall", "declare"];
+            argv.extend_from_slice(extra);
+            let err = parse(&argv).expect_err("load option in stall mode");
+            assert!(err.contains("cannot be used with"), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn stall_mode_serializes_its_settings() {
+        let config = parse(&[
+            "--stall",
+            "paged-drain",
+            "--stall-count",
+            "5000",
+            "--probe-rate",
+            "200",
+        ])
+        .expect("valid");
+        let json = serde_json::to_value(&config).expect("serializable");
+        assert_eq!(
+            json["mode"],
+            serde_json::json!({
+                "kind": "stall",
+                "disruption": "paged-drain",
+                "count": 5000,
+                "probe_rate_per_s": 200,
+                "timeout_s": 600,
+            })
+        );
     }
 }

@@ -34,6 +34,9 @@ const ACK_DRAIN_TIMEOUT_S: u64 = 10;
 /// What one consumer consumes and how.
 #[derive(Clone, Debug)]
 pub struct ConsumerPlan {
+    /// Names the connection in errors and in the broker's connection list.
+    pub role: String,
+    /// Makes the consumer tag, `warren-bench-INDEX`.
     pub index: usize,
     pub queue: String,
     pub ack: AckMode,
@@ -85,7 +88,7 @@ impl Consumer {
     /// Connects, opens the channel and sets the prefetch; does not subscribe,
     /// so a phase can start the clock after every connection is up.
     pub async fn connect(url: &str, plan: ConsumerPlan) -> Result<Self, BenchError> {
-        let role = format!("consumer {}", plan.index);
+        let role = plan.role.clone();
         let connection = client::connect(url, &role).await?;
         let channel = within(
             &role,

@@ -25,6 +25,11 @@ pub enum BenchError {
         limit_s: u64,
     },
 
+    /// The broker cancelled a consumer the run still needed (its queue was
+    /// deleted, or the broker closed the subscription).
+    #[error("{role}: the broker cancelled the consumer")]
+    Cancelled { role: String },
+
     /// The broker's status file could not be read: wrong PID, or it exited.
     #[error("cannot read broker memory from {path}")]
     RssRead {

@@ -418,6 +418,7 @@ pub async fn run(config: &Config, connections: u32, hold_s: u64) -> Result<Repor
             heartbeat_s,
             frame_max_bytes,
         }),
+        stall: None,
         interrupted: interrupt.is_triggered(),
         errors,
     })

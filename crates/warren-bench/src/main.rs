@@ -13,6 +13,7 @@ mod rate;
 mod report;
 mod rss;
 mod run;
+mod stall;
 mod stamp;
 mod stats;
 mod stop;

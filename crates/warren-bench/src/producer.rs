@@ -43,7 +43,8 @@ const DELIVERY_MODE_PERSISTENT: u8 = 2;
 /// What one producer publishes and how.
 #[derive(Clone, Debug)]
 pub struct ProducerPlan {
-    pub index: usize,
+    /// Names the connection in errors and in the broker's connection list.
+    pub role: String,
     /// "" for the default exchange.
     pub exchange: String,
     /// The queue name with the default exchange; "" with fanout.
@@ -91,7 +92,7 @@ type Settled = lapin::Result<(Confirmation, Duration)>;
 impl Producer {
     /// Connects and opens the channel, in confirm mode when asked for.
     pub async fn connect(url: &str, plan: ProducerPlan) -> Result<Self, BenchError> {
-        let role = format!("producer {}", plan.index);
+        let role = plan.role.clone();
         let connection = client::connect(url, &role).await?;
         let channel = within(
             &role,

@@ -7,9 +7,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::cli::{Config, Mode};
+use crate::cli::{Config, Disruption, Mode};
 use crate::error::BenchError;
 use crate::idle::{IdleReport, OPEN_CONCURRENCY};
+use crate::stall::{StallReport, StretchReport};
 use crate::stats::LatencySummary;
 
 /// Messages counted over a measured span of time.
@@ -90,6 +91,8 @@ pub struct Report {
     pub broker_memory: Option<BrokerMemory>,
     /// The idle-connections measurement (idle mode only).
     pub idle: Option<IdleReport>,
+    /// The stall probe's measurement (stall mode only).
+    pub stall: Option<StallReport>,
     /// Whether the run was cut short by Ctrl-C.
     pub interrupted: bool,
     /// Errors met by any connection, in the order their tasks were joined.
@@ -117,6 +120,7 @@ impl Report {
                 connections,
                 hold_s,
             } => return self.render_idle(connections, hold_s),
+            Mode::Stall { .. } => return self.render_stall(),
         };
         let mut out = String::new();
         let exchange = if config.exchange_fanout {
@@ -166,7 +170,9 @@ impl Report {
         let _ = writeln!(out);
 
         let (publish_label, consume_label) = match config.mode {
-            Mode::Duration { .. } | Mode::Idle { .. } => ("publish", "consume"),
+            Mode::Duration { .. } | Mode::Idle { .. } | Mode::Stall { .. } => {
+                ("publish", "consume")
+            }
             Mode::Prefill { .. } => ("prefill", "drain"),
         };
         let totals = &self.publish_totals;
@@ -303,6 +309,90 @@ impl Report {
                 }
             }
         }
+        self.render_tail(&mut out);
+        out
+    }
+
+    /// The summary of a stall-probe run.
+    fn render_stall(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "warren-bench {} against {}", self.version, self.url);
+        let Some(stall) = &self.stall else {
+            self.render_tail(&mut out);
+            return out;
+        };
+        let name = stall.disruption.name();
+        let _ = writeln!(
+            out,
+            "  stall probe: {name} with {} {}; probe {} msg/s of {} B on a queue of its own \
+             (auto ack), settle {:.0} s before and after",
+            format_rate(stall.count as f64),
+            stall.unit,
+            format_rate(stall.probe.rate_per_s as f64),
+            crate::stamp::STAMP_SIZE_BYTES,
+            stall.settle_s,
+        );
+        let _ = writeln!(out);
+        let verb = match stall.disruption {
+            Disruption::UnackedClose => "requeued",
+            Disruption::Declare => "declared",
+            Disruption::PagedDrain => "drained",
+            Disruption::ConnectionChurn => "opened and closed",
+        };
+        let phases: Vec<String> = stall
+            .phases
+            .iter()
+            .map(|phase| format!("{} {:.2} s", phase.name, phase.elapsed_s))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  disruption  {} of {} {} {verb} in {:.2} s{}  ({})",
+            format_rate(stall.completed as f64),
+            format_rate(stall.count as f64),
+            stall.unit,
+            stall.disruption_s,
+            if stall.complete { "" } else { ", INCOMPLETE" },
+            phases.join(", "),
+        );
+        let _ = writeln!(
+            out,
+            "  probe       published {}, received {}",
+            format_rate(stall.probe.published as f64),
+            format_rate(stall.probe.received as f64),
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "  {:<18} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>16}",
+            "probe", "time", "in flight", "p50", "p99", "p99.9", "max", "longest silence"
+        );
+        let row = |out: &mut String, label: String, stretch: &StretchReport| {
+            let (p50, p99, p999, max) = match &stretch.latency {
+                Some(latency) => (
+                    format_us(latency.p50_us),
+                    format_us(latency.p99_us),
+                    format_us(latency.p999_us),
+                    format_us(latency.max_us),
+                ),
+                None => Default::default(),
+            };
+            let _ = writeln!(
+                out,
+                "  {label:<18} {:>8} {:>9} {p50:>9} {p99:>9} {p999:>9} {max:>9} {:>16}",
+                format!("{:.2} s", stretch.elapsed_s),
+                format_rate(stretch.deliveries as f64),
+                format_us(stretch.longest_silence_us),
+            );
+        };
+        row(&mut out, "before".to_owned(), &stall.before);
+        row(&mut out, name.to_owned(), &stall.window);
+        if stall.phases.len() > 1 {
+            for phase in &stall.phases {
+                row(&mut out, format!("  {}", phase.name), phase);
+            }
+        }
+        row(&mut out, "after".to_owned(), &stall.after);
+        self.render_memory(&mut out);
         self.render_tail(&mut out);
         out
     }
@@ -463,6 +553,7 @@ mod tests {
                 heartbeat_s: 60,
                 frame_max_bytes: 4096,
             }),
+            stall: None,
             interrupted: false,
             errors: Vec::new(),
         }
@@ -534,5 +625,101 @@ mod tests {
     fn bytes_in_mib() {
         assert_eq!(format_bytes(81_920 * 1024), "80.0 MiB");
         assert_eq!(format_bytes(2048), "2.0 KiB");
+    }
+
+    fn stretch(name: &'static str, elapsed_s: f64, max_us: u64, silence_us: u64) -> StretchReport {
+        let mut histogram = crate::stats::latency_histogram();
+        crate::stats::record_latency_ns(&mut histogram, 200_000);
+        crate::stats::record_latency_ns(&mut histogram, max_us * 1_000);
+        StretchReport {
+            name,
+            elapsed_s,
+            deliveries: histogram.len(),
+            latency: LatencySummary::of(&histogram),
+            longest_silence_us: silence_us,
+        }
+    }
+
+    fn stall_report() -> Report {
+        use clap::Parser as _;
+        let argv = [
+            "warren-bench",
+            "--stall",
+            "unacked-close",
+            "--broker-pid",
+            "7",
+        ];
+        let config = Config::from_args(crate::cli::Args::try_parse_from(argv).expect("args"))
+            .expect("valid");
+        Report {
+            tool: "warren-bench",
+            version: "0.1.0",
+            url: "amqp://guest:***@127.0.0.1:5672/%2f".into(),
+            config,
+            stale_messages_deleted: 0,
+            publish: Throughput::new(3_000, 3.0),
+            publish_totals: PublishTotals::default(),
+            consume: Throughput::new(3_000, 3.0),
+            consume_totals: ConsumeTotals::default(),
+            drain_expected: None,
+            drain_complete: None,
+            end_to_end_latency: None,
+            confirm_latency: None,
+            broker_memory: None,
+            idle: None,
+            stall: Some(StallReport {
+                disruption: Disruption::UnackedClose,
+                count: 100_000,
+                unit: "messages",
+                completed: 100_000,
+                complete: true,
+                disruption_s: 1.5,
+                settle_s: 1.0,
+                probe: crate::stall::ProbeTotals {
+                    rate_per_s: 1_000,
+                    published: 3_500,
+                    received: 3_500,
+                },
+                window: stretch("window", 1.5, 2_500_000, 2_400_000),
+                before: stretch("before", 1.0, 300, 1_100),
+                phases: vec![
+                    stretch("publish", 0.5, 900, 1_500),
+                    stretch("deliver", 0.5, 950, 1_600),
+                    stretch("requeue", 0.5, 2_500_000, 2_400_000),
+                ],
+                after: stretch("after", 1.0, 400, 1_200),
+            }),
+            interrupted: false,
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn stall_summary_has_a_row_per_stretch() {
+        let text = stall_report().render();
+        assert!(
+            text.contains("100,000 of 100,000 messages requeued in 1.50 s  (publish 0.50 s"),
+            "{text}"
+        );
+        assert!(text.contains("published 3,500, received 3,500"), "{text}");
+        for label in ["before", "unacked-close", "  publish", "  requeue", "after"] {
+            assert!(text.contains(&format!("  {label} ")), "{label}: {text}");
+        }
+        assert!(text.contains("2.40 s"), "the requeue's silence: {text}");
+        // Nothing of the throughput modes.
+        assert!(!text.contains("msg/s  ("), "{text}");
+    }
+
+    #[test]
+    fn stall_json_has_what_the_comparison_reads() {
+        let json = serde_json::to_value(stall_report()).expect("serializable");
+        let stall = &json["stall"];
+        assert_eq!(stall["disruption"], "unacked-close");
+        assert_eq!(stall["disruption_s"], 1.5);
+        assert_eq!(stall["window"]["longest_silence_us"], 2_400_000);
+        assert!(stall["window"]["latency"]["p999_us"].is_number(), "{stall}");
+        assert!(stall["window"]["latency"]["max_us"].is_number(), "{stall}");
+        assert_eq!(stall["phases"][2]["name"], "requeue");
+        assert_eq!(json["config"]["mode"]["kind"], "stall");
     }
 }

@@ -21,19 +21,36 @@ use crate::progress::{self, Progress, Track};
 use crate::rate::Schedule;
 use crate::report::{BrokerMemory, ConsumeTotals, PublishTotals, Report, Throughput};
 use crate::rss::{self, RssGauge};
+use crate::stall;
 use crate::stats::{self, Counters, LatencySummary};
 use crate::stop::Stop;
 use crate::topology;
 
 /// Runs the benchmark `config` describes and reports what it measured.
 pub async fn run(config: &Config) -> Result<Report, BenchError> {
-    // Idle mode declares nothing and sends nothing: none of what follows.
+    // Idle mode declares nothing and sends nothing, and stall mode runs a
+    // probe and a disruption of its own: none of what follows.
     if let Mode::Idle {
         connections,
         hold_s,
     } = config.mode
     {
         return idle::run(config, connections, hold_s).await;
+    }
+    if let Mode::Stall {
+        disruption,
+        count,
+        probe_rate_per_s,
+        timeout_s,
+    } = config.mode
+    {
+        let plan = stall::StallPlan {
+            disruption,
+            count,
+            probe_rate_per_s,
+            timeout_s,
+        };
+        return stall::run(config, plan).await;
     }
     let progress = Progress::new(config.quiet);
     // Fail on a wrong PID before any load is generated, not after.
@@ -68,7 +85,7 @@ pub async fn run(config: &Config) -> Result<Report, BenchError> {
         Mode::Duration { duration_s } => {
             run_duration(config, duration_s, &progress, &counters, &interrupt).await
         }
-        Mode::Idle { .. } => unreachable!("idle mode returned above"),
+        Mode::Idle { .. } | Mode::Stall { .. } => unreachable!("returned above"),
         Mode::Prefill {
             count,
             phase_timeout_s,
@@ -147,6 +164,7 @@ pub async fn run(config: &Config) -> Result<Report, BenchError> {
             failed_samples,
         }),
         idle: None,
+        stall: None,
         interrupted: interrupt.is_triggered(),
         errors,
     })
@@ -384,7 +402,7 @@ fn producer_plans(config: &Config, total: Option<u64>) -> Vec<ProducerPlan> {
                 (String::new(), queue_name(queue))
             };
             ProducerPlan {
-                index,
+                role: format!("producer {index}"),
                 exchange,
                 routing_key,
                 size_bytes: config.size_bytes,
@@ -401,6 +419,7 @@ fn producer_plans(config: &Config, total: Option<u64>) -> Vec<ProducerPlan> {
 fn consumer_plans(config: &Config) -> Vec<ConsumerPlan> {
     (0..config.consumers)
         .map(|index| ConsumerPlan {
+            role: format!("consumer {index}"),
             index,
             queue: queue_name(queue_index(index, config.queues)),
             ack: config.ack,
