@@ -30,6 +30,7 @@ use crate::hub::{ConnectionInfo, ConnectionNotice, SharedHub, wall_clock_ms};
 use crate::mailbox::Mailbox;
 use crate::storage::StorageSignals;
 use crate::transport::{ReadHalf, Transport};
+use crate::turn::Turn;
 use crate::writer::{Outbound, OutboundQueue, Tuning, outbound_queue};
 use warren_store::Ticket;
 
@@ -495,6 +496,7 @@ impl Connection {
     // ----- frame loop ----------------------------------------------------
 
     async fn frame_loop(&mut self) -> Result<(), Fault> {
+        let mut turn = Turn::new();
         loop {
             loop {
                 let frame = match self.decoder.decode(&mut self.buffer) {
@@ -527,9 +529,8 @@ impl Connection {
             self.process_confirms();
             self.apply_backpressure().await?;
             // A publisher that keeps the socket full never makes a read
-            // wait: let the other tasks on this thread run between reads
-            // (as the writer does between writes).
-            tokio::task::yield_now().await;
+            // wait.
+            turn.end_if_long().await;
             self.read_more().await?;
         }
     }

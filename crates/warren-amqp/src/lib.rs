@@ -15,6 +15,7 @@ mod server;
 mod storage;
 pub mod tls;
 mod transport;
+mod turn;
 mod writer;
 
 pub use admin::{Admin, AdminError};

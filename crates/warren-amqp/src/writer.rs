@@ -16,6 +16,7 @@ use warren_proto::FrameEncoder;
 use crate::hub::SharedHub;
 use crate::mailbox::Mailbox;
 use crate::transport::WriteHalf;
+use crate::turn::Turn;
 
 /// Deliveries written per channel since the last report, with the
 /// channel's unwritten count to lower.
@@ -145,6 +146,7 @@ impl Writer {
     /// Runs until `Outbound::Close` is written or the socket fails.
     pub async fn run(mut self, tuning: Arc<Tuning>) {
         let mut written: Written = HashMap::new();
+        let mut turn = Turn::new();
         let mut batch = VecDeque::new();
         loop {
             self.items.take_all(&mut batch);
@@ -182,11 +184,8 @@ impl Writer {
                 return;
             }
             // A consumer that reads as fast as the broker delivers keeps
-            // this loop busy without a socket write ever waiting: give the
-            // other connections' tasks on this thread their turn after
-            // every batch, not when tokio's budget runs out (a budget is
-            // 128 writes, which is a whole backlog of small deliveries).
-            tokio::task::yield_now().await;
+            // this loop busy without a socket write ever waiting.
+            turn.end_if_long().await;
         }
     }
 

@@ -19,7 +19,7 @@ use crate::arguments::{Overflow, QueueArguments, QueueShape, message_expiration_
 use crate::bindings::Bindings;
 use crate::codec::encode_message_head;
 use crate::dead_letter::{DeadLetter, DeathReason};
-use crate::delivery::{SettleRound, Settled};
+use crate::delivery::{SettleRound, Settled, Settling};
 use crate::durable::{
     DurableDestination, Store, binding_entry, exchange_entry, exchange_removal, queue_entry,
 };
@@ -485,7 +485,13 @@ impl Broker {
             self.detach_consumer(queue, connection, channel, tag.as_str(), out);
             touched.push(queue);
         }
-        self.settle_deliveries(connection, channel, state.unacked, Settled::Requeue, out);
+        self.settle_deliveries(
+            connection,
+            channel,
+            Settling::Many(state.unacked),
+            Settled::Requeue,
+            out,
+        );
         self.deliver_all(&touched, out);
     }
 

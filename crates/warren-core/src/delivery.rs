@@ -273,7 +273,7 @@ impl Broker {
     /// `basic.recover`: every unacked message on the channel is requeued.
     pub fn recover(&mut self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
         let settled = match self.channel_mut(connection, channel) {
-            Some(state) => std::mem::take(&mut state.unacked),
+            Some(state) => Settling::Many(std::mem::take(&mut state.unacked)),
             None => return,
         };
         self.settle_deliveries(connection, channel, settled, Settled::Requeue, out);
@@ -290,7 +290,7 @@ impl Broker {
         &mut self,
         connection: ConnectionId,
         channel: u16,
-        deliveries: BTreeMap<u64, Unacked>,
+        deliveries: Settling,
         how: Settled,
         out: &mut Outbox,
     ) {
@@ -326,7 +326,7 @@ impl Broker {
     fn settle_round(&mut self, round: &mut SettleRound, out: &mut Outbox) {
         let mut touched = Vec::new();
         for _ in 0..SETTLE_ROUND_MAX {
-            let Some((_, unacked)) = round.deliveries.pop_first() else {
+            let Some(unacked) = round.deliveries.next() else {
                 break;
             };
             touched.push(unacked.queue);
@@ -414,7 +414,7 @@ impl Broker {
         channel: u16,
         delivery_tag: u64,
         multiple: bool,
-    ) -> BrokerResult<BTreeMap<u64, Unacked>> {
+    ) -> BrokerResult<Settling> {
         let state = self
             .channel_mut(connection, channel)
             .expect("settle on an open channel");
@@ -429,10 +429,10 @@ impl Broker {
             } else {
                 state.unacked.split_off(&(delivery_tag + 1))
             };
-            Ok(std::mem::replace(&mut state.unacked, keep))
+            Ok(Settling::Many(std::mem::replace(&mut state.unacked, keep)))
         } else {
             let unacked = state.unacked.remove(&delivery_tag).ok_or_else(unknown)?;
-            Ok(BTreeMap::from([(delivery_tag, unacked)]))
+            Ok(Settling::One(Some(unacked)))
         }
     }
 
@@ -514,7 +514,19 @@ impl Broker {
 /// The queues named, each once, in the order first named: a settle of
 /// 100,000 deliveries names their queue 100,000 times.
 fn distinct(queues: &[QueueId]) -> Vec<QueueId> {
-    let mut seen = HashSet::with_capacity(queues.len().min(64));
+    // Most calls name one or two queues (a publish, an ack): a scan of the
+    // few kept so far costs less than building a set.
+    const SCAN_MAX: usize = 16;
+    if queues.len() <= SCAN_MAX {
+        let mut kept = Vec::with_capacity(queues.len());
+        for id in queues {
+            if !kept.contains(id) {
+                kept.push(*id);
+            }
+        }
+        return kept;
+    }
+    let mut seen = HashSet::with_capacity(queues.len().min(1024));
     queues
         .iter()
         .copied()
@@ -531,8 +543,31 @@ pub const SETTLE_ROUND_MAX: usize = 2_048;
 pub(crate) struct SettleRound {
     connection: ConnectionId,
     channel: u16,
-    deliveries: BTreeMap<u64, Unacked>,
+    deliveries: Settling,
     how: Settled,
+}
+
+/// Deliveries being settled: one (most acks), or a channel's map of them,
+/// taken whole and settled in delivery order.
+pub(crate) enum Settling {
+    One(Option<Unacked>),
+    Many(BTreeMap<u64, Unacked>),
+}
+
+impl Settling {
+    fn next(&mut self) -> Option<Unacked> {
+        match self {
+            Settling::One(unacked) => unacked.take(),
+            Settling::Many(deliveries) => deliveries.pop_first().map(|(_, unacked)| unacked),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Settling::One(unacked) => unacked.is_none(),
+            Settling::Many(deliveries) => deliveries.is_empty(),
+        }
+    }
 }
 
 /// How settled deliveries leave their channel.
