@@ -23,7 +23,7 @@ use crate::client::{self, CLOSE_TIMEOUT_S, SETUP_TIMEOUT_S, within};
 use crate::consumer::{Consumer, ConsumerPlan, DrainTarget};
 use crate::error::BenchError;
 use crate::idle;
-use crate::producer::{Producer, ProducerPlan};
+use crate::producer::{Producer, ProducerOutcome, ProducerPlan};
 use crate::progress::{self, Progress, Track};
 use crate::stall::probe::Timeline;
 use crate::stamp::STAMP_SIZE_BYTES;
@@ -439,17 +439,7 @@ async fn unacked_close(
     progress: &Progress,
 ) -> DisruptionOutcome {
     // Phase "publish".
-    let counters = Arc::new(Counters::default());
-    let display_stop = Arc::new(Stop::default());
-    let display = tokio::spawn(progress::follow(
-        progress.bar("publish", count),
-        Track::Published,
-        Arc::clone(&counters),
-        Arc::clone(&display_stop),
-    ));
-    let published = producer.run(Arc::clone(cancel), counters).await;
-    display_stop.trigger();
-    let _ = display.await;
+    let published = publish_showing_progress(producer, "publish", count, cancel, progress).await;
     if let Some(error) = &published.error {
         return DisruptionOutcome::failed(0, error);
     }
@@ -560,6 +550,28 @@ async fn unacked_close(
     }
 }
 
+/// Runs a phase's producer with a progress bar that follows it.
+async fn publish_showing_progress(
+    producer: Producer,
+    phase: &'static str,
+    count: u64,
+    cancel: &Arc<Stop>,
+    progress: &Progress,
+) -> ProducerOutcome {
+    let counters = Arc::new(Counters::default());
+    let display_stop = Arc::new(Stop::default());
+    let display = tokio::spawn(progress::follow(
+        progress.bar(phase, count),
+        Track::Published,
+        Arc::clone(&counters),
+        Arc::clone(&display_stop),
+    ));
+    let published = producer.run(Arc::clone(cancel), counters).await;
+    display_stop.trigger();
+    let _ = display.await;
+    published
+}
+
 /// Fills the durable queue with `count` persistent messages (confirmed),
 /// then drains it with a manual-ack consumer.
 async fn paged_drain(
@@ -572,19 +584,7 @@ async fn paged_drain(
     progress: &Progress,
 ) -> DisruptionOutcome {
     // Phase "fill".
-    let counters = Arc::new(Counters::default());
-    let display_stop = Arc::new(Stop::default());
-    let display = tokio::spawn(progress::follow(
-        progress.bar("fill", count),
-        Track::Published,
-        Arc::clone(&counters),
-        Arc::clone(&display_stop),
-    ));
-    let filled = producer
-        .run(Arc::clone(cancel), Arc::clone(&counters))
-        .await;
-    display_stop.trigger();
-    let _ = display.await;
+    let filled = publish_showing_progress(producer, "fill", count, cancel, progress).await;
     let mut outcome = DisruptionOutcome::default();
     if let Some(error) = &filled.error {
         outcome.errors.push(error.with_causes());
