@@ -29,7 +29,6 @@ pub struct Bindings {
     /// destination's bindings touches only those.
     keys_to: HashMap<Destination, HashSet<ShortString>>,
     made: u64,
-    count: usize,
     index: RouteIndex,
 }
 
@@ -55,13 +54,13 @@ impl Bindings {
             by_ends: HashMap::new(),
             keys_to: HashMap::new(),
             made: 0,
-            count: 0,
             index,
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        // A slot goes when its last binding does.
+        self.by_ends.is_empty()
     }
 
     /// Adds a binding; false when the same binding exists already.
@@ -94,7 +93,6 @@ impl Bindings {
                 .insert(binding.routing_key.clone());
         }
         self.made += 1;
-        self.count += 1;
         slot.push((self.made, binding));
         true
     }
@@ -134,7 +132,6 @@ impl Bindings {
     }
 
     fn unindex(&mut self, binding: &Binding) {
-        self.count -= 1;
         match &mut self.index {
             RouteIndex::Direct(by_key) => {
                 if let Some(destinations) = by_key.get_mut(&binding.routing_key) {
