@@ -19,8 +19,8 @@ use warren_proto::Frame;
 use warren_store::Ticket;
 
 use crate::authorize;
-use crate::connection::{
-    Connection, FLOW_PAUSE_MAX, Fault, FlowHold, HeldReplies, describe_frame, method_name,
+use crate::session::{
+    FLOW_PAUSE_MAX, Fault, FlowHold, HeldReplies, Session, describe_frame, method_name,
 };
 use crate::writer::Outbound;
 
@@ -145,7 +145,7 @@ fn expand_queue_shortcut(
     Ok(())
 }
 
-impl Connection {
+impl Session {
     pub(crate) fn handle_channel_frame(&mut self, frame: Frame) -> Result<(), Fault> {
         let number = frame.channel();
         if let Frame::Method(_, method) = &frame

@@ -1,63 +1,43 @@
 //! One client connection: the opening handshake, the frame loop, heartbeats
-//! and the closing handshake. Channel methods are in `channel.rs`.
+//! and the closing handshake, around the connection's `Session`.
 //!
 //! A protocol error closes this connection with the right reply code and
 //! nothing else: every failure here ends in `Fault`, never in a panic, and
 //! the broker releases what the connection held when it goes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use amq_protocol::protocol::{AMQPClass, connection, tx};
+use amq_protocol::protocol::{AMQPClass, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 use warren_access::Grant;
-use warren_core::{BrokerError, ConnectionId, ErrorCode, QueueId};
+use warren_core::{BrokerError, ErrorCode, QueueId};
 use warren_proto::table_limits::TableLimits;
 use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_protocol_header};
 
 use crate::auth::{self, AuthError};
-use crate::channel::Channel;
 use crate::config::{AmqpConfig, Product};
 use crate::hub::{ConnectionInfo, ConnectionNotice, SharedHub, wall_clock_ms};
 use crate::mailbox::Mailbox;
+use crate::session::{
+    FLOW_PAUSE_MAX, FLOW_POLL_INTERVAL, Fault, Session, describe_frame, method_name, shutdown_fault,
+};
 use crate::storage::StorageSignals;
 use crate::transport::{ReadHalf, Transport};
 use crate::turn::Turn;
-use crate::writer::{Outbound, OutboundQueue, Tuning, outbound_queue};
-use warren_store::Ticket;
+use crate::writer::{Outbound, Tuning, outbound_queue};
 
 /// How long the broker waits for `connection.close-ok` after sending
 /// `connection.close` before dropping the socket anyway.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The longest a publisher is held back at one time by a queue whose
-/// consumers are behind (see `warren_core::flow`). Flow control slows
-/// publishers; it must not stall one whose queue's consumers have stopped
-/// acking, so after this the connection reads another batch and looks again.
-pub(crate) const FLOW_PAUSE_MAX: Duration = Duration::from_millis(100);
-
-/// A publisher with confirms is held back through its confirms rather than
-/// its socket: the broker goes on reading, and confirms go out only as there
-/// is room in the queue. Its window then fills with messages already
-/// delivered, not with messages waiting unread in a socket, so a message's
-/// time from publish to delivery stays short.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FlowHold {
-    pub(crate) queue: QueueId,
-    /// The hold ends here whatever the queue (see `FLOW_PAUSE_MAX`).
-    pub(crate) until: tokio::time::Instant,
-}
-
-/// How often a held-back publisher looks at its queue again.
-const FLOW_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Bytes read at a time once the peer has logged in; the buffer grows up to
 /// one frame_max when a large frame arrives.
@@ -69,39 +49,6 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// peers there are and however slowly they send.
 const HANDSHAKE_READ_CHUNK_BYTES: usize = FRAME_MIN_SIZE_BYTES as usize;
 
-/// Why the frame loop stopped.
-#[derive(Debug)]
-pub(crate) enum Fault {
-    /// The socket closed or failed; nobody to tell.
-    Gone,
-    /// The client closed the connection with `connection.close`.
-    ClosedByClient,
-    /// A connection error: send `connection.close` with this code.
-    Connection {
-        error: BrokerError,
-        class_id: u16,
-        method_id: u16,
-    },
-}
-
-impl Fault {
-    pub(crate) fn connection(error: BrokerError) -> Self {
-        Fault::Connection {
-            error,
-            class_id: 0,
-            method_id: 0,
-        }
-    }
-}
-
-impl From<FrameError> for Fault {
-    /// A frame that cannot be decoded safely (too large, malformed, tables
-    /// nested too deep) closes the connection with 501.
-    fn from(error: FrameError) -> Self {
-        Fault::connection(BrokerError::new(ErrorCode::FrameError, error.to_string()))
-    }
-}
-
 /// Whether the client ended the connection itself (see `finish`).
 enum FaultKind {
     ClosedByClient,
@@ -109,26 +56,18 @@ enum FaultKind {
 }
 
 pub(crate) struct Connection {
-    pub(crate) id: ConnectionId,
+    /// What the connection's channels do; the rest of this struct is the
+    /// socket and the AMQP framing around it.
+    pub(crate) session: Session,
     pub(crate) peer: SocketAddr,
     /// The listener's address this connection came in on.
     local: SocketAddr,
-    pub(crate) config: Arc<AmqpConfig>,
-    pub(crate) hub: SharedHub,
-    pub(crate) out: OutboundQueue,
     tuning: Arc<Tuning>,
     reader: ReadHalf,
     buffer: BytesMut,
     decoder: FrameDecoder,
-    shutdown: watch::Receiver<bool>,
-    pub(crate) channel_max: u16,
-    pub(crate) frame_max_bytes: u32,
+    frame_max_bytes: u32,
     heartbeat_s: u16,
-    pub(crate) channels: HashMap<u16, Channel>,
-    pub(crate) user: String,
-    /// The user's permissions in this connection's vhost, set by
-    /// `connection.open`; every channel method is checked against it.
-    pub(crate) grant: Option<Grant>,
     /// Bytes `read_more` makes room for: small until the peer has logged in.
     read_chunk_bytes: usize,
     /// Argon2 checks run on the blocking pool, at most this many at once.
@@ -140,25 +79,8 @@ pub(crate) struct Connection {
     handshake_deadline: Instant,
     /// Whether the broker has this connection registered.
     opened: bool,
-    pub(crate) signals: StorageSignals,
-    /// Set once the connection has published: only publishers are blocked
-    /// by the disk alarm, so consumers keep draining.
-    pub(crate) has_published: bool,
     /// Whether the client understands `connection.blocked`.
     blocked_notify: bool,
-    /// A queue this connection published to without confirms whose
-    /// consumers are behind: the connection reads no more until they have
-    /// caught up.
-    pub(crate) paused_by: Option<QueueId>,
-    /// The same for publishes with confirms: their confirms go out only as
-    /// the queue's consumers catch up (see `FlowHold`).
-    pub(crate) confirms_held: Option<FlowHold>,
-    /// A `tx.commit` whose messages must reach the disk before `commit-ok`.
-    pub(crate) commit_waiting: Option<(u16, Ticket)>,
-    /// Replies held until a durable topology change is on disk (see
-    /// `Connection::hold_replies`). A lock only so that `reply` can take
-    /// `&self` while the hub is locked; nothing else touches it.
-    pub(crate) held_replies: parking_lot::Mutex<Option<HeldReplies>>,
     /// What the broker asks of this connection (closing a channel whose
     /// consumer timed out); a clone is handed to the hub on open.
     notices: Mailbox<ConnectionNotice>,
@@ -166,17 +88,11 @@ pub(crate) struct Connection {
     notices_taken: VecDeque<ConnectionNotice>,
 }
 
-/// Replies that wait for a topology journal ticket.
-pub(crate) struct HeldReplies {
-    pub(crate) ticket: Ticket,
-    pub(crate) replies: Vec<(u16, AMQPClass)>,
-}
-
 impl Drop for Connection {
     fn drop(&mut self) {
         // The writer stops at the first Close; this one matters only when
         // the reader ends without `finish`, so that its writer ends too.
-        self.out.send(Outbound::Close);
+        self.session.out.send(Outbound::Close);
     }
 }
 
@@ -217,7 +133,7 @@ pub(crate) async fn serve(
     let tuning = Arc::new(Tuning::new(config.frame_max_bytes));
     let writer_task = tokio::spawn(writer.run(Arc::clone(&tuning)));
     let mut connection = Connection {
-        id,
+        session: Session::new(id, Arc::clone(&config), hub, out, signals, shutdown),
         peer,
         local,
         // Until tune-ok, frames are capped at the AMQP minimum (§4.2.3).
@@ -225,31 +141,17 @@ pub(crate) async fn serve(
             config.table_depth_max,
             config.headers_size_max_bytes,
         )),
-        channel_max: config.channel_max,
         frame_max_bytes: config.frame_max_bytes,
         heartbeat_s: 0,
-        config,
-        hub,
-        out,
         tuning,
         reader,
         buffer: BytesMut::with_capacity(HANDSHAKE_READ_CHUNK_BYTES),
-        shutdown,
-        channels: HashMap::new(),
-        user: String::new(),
-        grant: None,
         read_chunk_bytes: HANDSHAKE_READ_CHUNK_BYTES,
         logins,
         certificate_name,
         handshake_deadline,
         opened: false,
-        signals,
-        has_published: false,
         blocked_notify: false,
-        commit_waiting: None,
-        held_replies: parking_lot::Mutex::new(None),
-        paused_by: None,
-        confirms_held: None,
         notices: Mailbox::new(),
         notices_taken: VecDeque::new(),
     };
@@ -283,8 +185,8 @@ impl Connection {
         let header: [u8; 8] = self.buffer[..8].try_into().expect("eight bytes");
         if !is_protocol_header(&header) {
             debug!(peer = %self.peer, ?header, "wrong protocol header");
-            self.out.send(Outbound::ProtocolHeader);
-            self.out.send(Outbound::Close);
+            self.session.out.send(Outbound::ProtocolHeader);
+            self.session.out.send(Outbound::Close);
             return Err(Fault::Gone);
         }
         let _ = self.buffer.split_to(8);
@@ -293,8 +195,9 @@ impl Connection {
         } else {
             auth::MECHANISMS
         };
-        self.out
-            .method(0, start_method(mechanisms, self.config.product));
+        self.session
+            .out
+            .method(0, start_method(mechanisms, self.session.config.product));
 
         let start_ok = match self.next_method().await? {
             AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)) => start_ok,
@@ -306,7 +209,7 @@ impl Connection {
             // The permit bounds how many Argon2 checks (19 MiB each) run at
             // once, whatever the number of peers logging in.
             let _permit = self.logins.acquire().await.map_err(|_| shutdown_fault())?;
-            let access = Arc::clone(&self.config.access);
+            let access = Arc::clone(&self.session.config.access);
             let mechanism = start_ok.mechanism.to_string();
             let response = start_ok.response.as_bytes().to_vec();
             let peer = self.peer.ip();
@@ -324,18 +227,18 @@ impl Connection {
             .map_err(|_| shutdown_fault())?
         };
         match login {
-            Ok(user) => self.user = user.name,
+            Ok(user) => self.session.user = user.name,
             Err(error) => {
                 return Err(self.refuse_login(error, capabilities.authentication_failure_close));
             }
         }
 
-        self.out.method(
+        self.session.out.method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
-                channel_max: self.config.channel_max,
-                frame_max: self.config.frame_max_bytes,
-                heartbeat: self.config.heartbeat_s,
+                channel_max: self.session.config.channel_max,
+                frame_max: self.session.config.frame_max_bytes,
+                heartbeat: self.session.config.heartbeat_s,
             })),
         );
         let tune_ok = match self.next_method().await? {
@@ -354,56 +257,61 @@ impl Connection {
             class_id: 10,
             method_id: 40,
         };
-        if let Err(refusal) = self.config.access.open_vhost(&self.user, vhost) {
-            warn!(peer = %self.peer, user = %self.user, %refusal, "connection.open refused");
+        if let Err(refusal) = self
+            .session
+            .config
+            .access
+            .open_vhost(&self.session.user, vhost)
+        {
+            warn!(peer = %self.peer, user = %self.session.user, %refusal, "connection.open refused");
             return Err(refuse_open(refusal.to_string()));
         }
         {
-            let mut hub = self.hub.lock();
-            let user_connections = hub.connections_of_user(&self.user);
-            let user_connections_max = self.config.connections_per_user_max;
+            let mut hub = self.session.hub.lock();
+            let user_connections = hub.connections_of_user(&self.session.user);
+            let user_connections_max = self.session.config.connections_per_user_max;
             if user_connections >= user_connections_max {
-                warn!(peer = %self.peer, user = %self.user, limit = user_connections_max,
+                warn!(peer = %self.peer, user = %self.session.user, limit = user_connections_max,
                     "connection.open refused: the user's connection limit is reached");
                 return Err(refuse_open(format!(
                     "Connection refused for user '{}'. User connection limit ({user_connections_max}) is reached",
-                    self.user
+                    self.session.user
                 )));
             }
             // The access control is the authority on which vhosts exist; the
             // broker learns of one made at run time here at the latest.
             hub.broker.add_vhost(vhost);
             hub.broker
-                .open_connection(self.id, vhost, capabilities.consumer_cancel_notify);
+                .open_connection(self.session.id, vhost, capabilities.consumer_cancel_notify);
             let info = ConnectionInfo {
-                id: self.id,
+                id: self.session.id,
                 peer: self.peer,
                 local: self.local,
-                user: self.user.clone(),
+                user: self.session.user.clone(),
                 vhost: vhost.to_owned(),
                 client_properties: start_ok.client_properties.clone(),
                 connected_at_ms: wall_clock_ms(),
-                channel_max: self.channel_max,
+                channel_max: self.session.channel_max,
                 frame_max_bytes: self.frame_max_bytes,
                 heartbeat_s: self.heartbeat_s,
             };
-            hub.register_connection(info, self.out.clone(), self.notices.clone());
+            hub.register_connection(info, self.session.out.clone(), self.notices.clone());
             self.opened = true;
         }
-        self.grant = Some(Grant::new(
-            Arc::clone(&self.config.access),
-            &self.user,
+        self.session.grant = Some(Grant::new(
+            Arc::clone(&self.session.config.access),
+            &self.session.user,
             vhost,
         ));
         self.read_chunk_bytes = READ_CHUNK_BYTES;
-        self.out.method(
+        self.session.out.method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
         );
         info!(
-            connection = self.id.0,
+            connection = self.session.id.0,
             peer = %self.peer,
-            user = %self.user,
+            user = %self.session.user,
             vhost = %vhost,
             heartbeat_s = self.heartbeat_s,
             "connection opened"
@@ -422,7 +330,7 @@ impl Connection {
         if code == ErrorCode::AccessRefused && !failure_close {
             // A client without authentication_failure_close gets the socket
             // closed, as RabbitMQ does.
-            self.out.send(Outbound::Close);
+            self.session.out.send(Outbound::Close);
             return Fault::Gone;
         }
         // RabbitMQ names no method in a refused login's close (0, 0); a
@@ -444,7 +352,7 @@ impl Connection {
             class_id: 10,
             method_id: 31,
         };
-        let server_frame_max = self.config.frame_max_bytes;
+        let server_frame_max = self.session.config.frame_max_bytes;
         let frame_max = match tune_ok.frame_max {
             0 => server_frame_max,
             requested if requested < FRAME_MIN_SIZE_BYTES => {
@@ -460,17 +368,17 @@ impl Connection {
             requested => requested,
         };
         let channel_max = match tune_ok.channel_max {
-            0 => self.config.channel_max,
-            requested if requested > self.config.channel_max => {
+            0 => self.session.config.channel_max,
+            requested if requested > self.session.config.channel_max => {
                 return Err(refuse(format!(
                     "channel_max={requested} > {} max channels",
-                    self.config.channel_max
+                    self.session.config.channel_max
                 )));
             }
             requested => requested,
         };
         self.frame_max_bytes = frame_max;
-        self.channel_max = channel_max;
+        self.session.channel_max = channel_max;
         self.heartbeat_s = tune_ok.heartbeat;
         self.decoder.set_frame_max(frame_max);
         self.tuning.set(frame_max, tune_ok.heartbeat);
@@ -511,7 +419,7 @@ impl Connection {
                             "message headers of {size_bytes} bytes are larger than the \
                              configured max size {max_bytes}"
                         ));
-                        self.refuse_content_header(channel, error)?;
+                        self.session.refuse_content_header(channel, error)?;
                         continue;
                     }
                     Err(error) => return Err(error.into()),
@@ -519,14 +427,14 @@ impl Connection {
                 if self.handle_frame(frame)? {
                     return Ok(());
                 }
-                if let Some(held) = self.held_replies.get_mut().take() {
-                    self.release_held_replies(held).await?;
+                if let Some(held) = self.session.held_replies.get_mut().take() {
+                    self.session.release_held_replies(held).await?;
                 }
-                if let Some((channel, ticket)) = self.commit_waiting.take() {
-                    self.finish_commit(channel, ticket).await?;
+                if let Some((channel, ticket)) = self.session.commit_waiting.take() {
+                    self.session.finish_commit(channel, ticket).await?;
                 }
             }
-            self.process_confirms();
+            self.session.process_confirms();
             self.apply_backpressure().await?;
             // A publisher that keeps the socket full never makes a read
             // wait.
@@ -540,27 +448,28 @@ impl Connection {
     /// the disk, or the log's unwritten bytes; and, for a publisher, while
     /// a queue it feeds is behind its consumers or the disk alarm is raised.
     async fn apply_backpressure(&mut self) -> Result<(), Fault> {
-        if let Some(queue) = self.paused_by.take() {
+        if let Some(queue) = self.session.paused_by.take() {
             self.hold_for_consumers(queue).await?;
         }
-        while self.out.queued() > self.config.outbound_frames_max {
-            self.out.drained().await;
+        while self.session.out.queued() > self.session.config.outbound_frames_max {
+            self.session.out.drained().await;
         }
         loop {
             let congested = self
+                .session
                 .hub
                 .lock()
                 .broker
                 .message_log()
                 .is_some_and(|log| log.is_congested());
-            let confirms_full =
-                self.confirms_waiting_max() > self.config.pending_confirms_per_channel_max;
-            if !(congested || confirms_full) || self.signals.durable.borrow().poisoned {
+            let confirms_full = self.session.confirms_waiting_max()
+                > self.session.config.pending_confirms_per_channel_max;
+            if !(congested || confirms_full) || self.session.signals.durable.borrow().poisoned {
                 break;
             }
-            self.wait_for_durable_progress().await?;
+            self.session.wait_for_durable_progress().await?;
         }
-        if self.has_published && *self.signals.disk_alarm.borrow() {
+        if self.session.has_published && *self.session.signals.disk_alarm.borrow() {
             self.block_while_disk_is_low().await?;
         }
         Ok(())
@@ -570,41 +479,31 @@ impl Connection {
     /// up, sending confirms meanwhile.
     async fn hold_for_consumers(&mut self, queue: QueueId) -> Result<(), Fault> {
         let deadline = tokio::time::Instant::now() + FLOW_PAUSE_MAX;
-        while self.hub.lock().broker.flow_holds(queue) {
+        while self.session.hub.lock().broker.flow_holds(queue) {
             if tokio::time::Instant::now() >= deadline {
                 break;
             }
             tokio::select! {
                 () = tokio::time::sleep(FLOW_POLL_INTERVAL) => {}
-                changed = self.signals.durable.changed() => {
+                changed = self.session.signals.durable.changed() => {
                     if changed.is_err() {
                         return Err(Fault::Gone);
                     }
-                    self.process_confirms();
+                    self.session.process_confirms();
                 }
-                _ = self.shutdown.changed() => return Err(shutdown_fault()),
+                _ = self.session.shutdown.changed() => return Err(shutdown_fault()),
             }
         }
         Ok(())
     }
 
-    async fn wait_for_durable_progress(&mut self) -> Result<(), Fault> {
-        tokio::select! {
-            changed = self.signals.durable.changed() => {
-                if changed.is_err() {
-                    return Err(Fault::Gone);
-                }
-                self.process_confirms();
-                Ok(())
-            }
-            _ = self.shutdown.changed() => Err(shutdown_fault()),
-        }
-    }
-
     async fn block_while_disk_is_low(&mut self) -> Result<(), Fault> {
         let send = |connection: &Connection, method: connection::AMQPMethod| {
             if connection.blocked_notify {
-                connection.out.method(0, AMQPClass::Connection(method));
+                connection
+                    .session
+                    .out
+                    .method(0, AMQPClass::Connection(method));
             }
         };
         send(
@@ -614,86 +513,31 @@ impl Connection {
             }),
         );
         info!(
-            connection = self.id.0,
+            connection = self.session.id.0,
             "publisher blocked: free disk space is under the limit"
         );
-        while *self.signals.disk_alarm.borrow() {
+        while *self.session.signals.disk_alarm.borrow() {
             tokio::select! {
-                changed = self.signals.disk_alarm.changed() => {
+                changed = self.session.signals.disk_alarm.changed() => {
                     if changed.is_err() {
                         return Err(Fault::Gone);
                     }
                 }
-                changed = self.signals.durable.changed() => {
+                changed = self.session.signals.durable.changed() => {
                     if changed.is_err() {
                         return Err(Fault::Gone);
                     }
-                    self.process_confirms();
+                    self.session.process_confirms();
                 }
-                _ = self.shutdown.changed() => return Err(shutdown_fault()),
+                _ = self.session.shutdown.changed() => return Err(shutdown_fault()),
             }
         }
         send(
             self,
             connection::AMQPMethod::Unblocked(connection::Unblocked {}),
         );
-        info!(connection = self.id.0, "publisher unblocked");
+        info!(connection = self.session.id.0, "publisher unblocked");
         Ok(())
-    }
-
-    /// Sends `tx.commit-ok` once the transaction's messages are durable (or
-    /// closes the channel with 541 if they cannot become durable).
-    /// Sends the held replies once the topology journal has synced their
-    /// ticket; a journal that failed closes the connection with 541, as the
-    /// change cannot be made durable.
-    async fn release_held_replies(&mut self, held: HeldReplies) -> Result<(), Fault> {
-        loop {
-            let progress = *self.signals.topology.borrow();
-            if progress.ticket >= held.ticket {
-                for (channel, method) in held.replies {
-                    self.out.method(channel, method);
-                }
-                return Ok(());
-            }
-            if progress.poisoned {
-                return Err(Fault::connection(BrokerError::new(
-                    ErrorCode::InternalError,
-                    "the topology store failed; the change could not be made durable",
-                )));
-            }
-            tokio::select! {
-                changed = self.signals.topology.changed() => {
-                    if changed.is_err() {
-                        return Err(Fault::Gone);
-                    }
-                }
-                _ = self.shutdown.changed() => return Err(shutdown_fault()),
-            }
-        }
-    }
-
-    async fn finish_commit(&mut self, channel: u16, ticket: Ticket) -> Result<(), Fault> {
-        loop {
-            let progress = *self.signals.durable.borrow();
-            if progress.ticket >= ticket {
-                self.out.method(
-                    channel,
-                    AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
-                );
-                return Ok(());
-            }
-            if progress.poisoned {
-                return Err(Fault::Connection {
-                    error: BrokerError::new(
-                        ErrorCode::InternalError,
-                        "the message store failed; the transaction could not be made durable",
-                    ),
-                    class_id: 90,
-                    method_id: 20,
-                });
-            }
-            self.wait_for_durable_progress().await?;
-        }
     }
 
     /// Returns true when the client has closed the connection.
@@ -722,7 +566,7 @@ impl Connection {
                 ),
             ))),
             frame => {
-                self.handle_channel_frame(frame)?;
+                self.session.handle_channel_frame(frame)?;
                 Ok(false)
             }
         }
@@ -731,9 +575,9 @@ impl Connection {
     fn handle_connection_method(&mut self, method: AMQPClass) -> Result<bool, Fault> {
         match method {
             AMQPClass::Connection(connection::AMQPMethod::Close(close)) => {
-                debug!(connection = self.id.0, code = close.reply_code, text = %close.reply_text, "client closed connection");
-                self.process_confirms();
-                self.out.method(
+                debug!(connection = self.session.id.0, code = close.reply_code, text = %close.reply_text, "client closed connection");
+                self.session.process_confirms();
+                self.session.out.method(
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
                 );
@@ -742,7 +586,7 @@ impl Connection {
             AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
             | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(false),
             AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
-                self.out.method(
+                self.session.out.method(
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
                         connection::UpdateSecretOk {},
@@ -770,32 +614,32 @@ impl Connection {
         if self.buffer.capacity() - self.buffer.len() < HANDSHAKE_READ_CHUNK_BYTES {
             self.buffer.reserve(self.read_chunk_bytes);
         }
-        let awaits_durable = self.confirms_waiting_max() > 0;
+        let awaits_durable = self.session.confirms_waiting_max() > 0;
         tokio::select! {
             read = tokio::time::timeout(silence_max, self.reader.read_buf(&mut self.buffer)) => match read {
                 Ok(Ok(0)) | Ok(Err(_)) => Err(Fault::Gone),
                 Ok(Ok(_)) => Ok(()),
                 Err(_) => {
-                    warn!(connection = self.id.0, peer = %self.peer, heartbeat_s = self.heartbeat_s,
+                    warn!(connection = self.session.id.0, peer = %self.peer, heartbeat_s = self.heartbeat_s,
                         "closing connection: missed heartbeats from client");
                     Err(Fault::Gone)
                 }
             },
             // Only a connection with confirms outstanding wakes when the
             // log syncs: an idle one, or a consumer, sleeps through fsyncs.
-            changed = self.signals.durable.changed(), if awaits_durable => {
+            changed = self.session.signals.durable.changed(), if awaits_durable => {
                 if changed.is_err() {
                     return Err(Fault::Gone);
                 }
-                self.process_confirms();
+                self.session.process_confirms();
                 Ok(())
             }
             _ = self.notices.ready() => self.handle_notices(),
-            () = tokio::time::sleep(FLOW_POLL_INTERVAL), if self.confirms_held.is_some() => {
-                self.process_confirms();
+            () = tokio::time::sleep(FLOW_POLL_INTERVAL), if self.session.confirms_held.is_some() => {
+                self.session.process_confirms();
                 Ok(())
             }
-            _ = self.shutdown.changed() => Err(shutdown_fault()),
+            _ = self.session.shutdown.changed() => Err(shutdown_fault()),
         }
     }
 
@@ -810,11 +654,11 @@ impl Connection {
     fn handle_notice(&mut self, notice: ConnectionNotice) -> Result<(), Fault> {
         match notice {
             ConnectionNotice::CloseChannel { channel, error } => {
-                self.close_channel_by_broker(channel, error);
+                self.session.close_channel_by_broker(channel, error);
                 Ok(())
             }
             ConnectionNotice::Close { reason } => {
-                info!(connection = self.id.0, peer = %self.peer, %reason, "closing connection on request");
+                info!(connection = self.session.id.0, peer = %self.peer, %reason, "closing connection on request");
                 Err(Fault::connection(BrokerError::new(
                     ErrorCode::ConnectionForced,
                     reason,
@@ -838,11 +682,11 @@ impl Connection {
                 method_id,
             } => {
                 if error.code != ErrorCode::ConnectionForced {
-                    warn!(connection = self.id.0, peer = %self.peer, code = error.code.reply_code(),
+                    warn!(connection = self.session.id.0, peer = %self.peer, code = error.code.reply_code(),
                         error = %error.text, "closing connection on error");
                 }
-                self.process_confirms();
-                self.out.method(
+                self.session.process_confirms();
+                self.session.out.method(
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
                         reply_code: error.code.reply_code(),
@@ -855,8 +699,8 @@ impl Connection {
             }
         }
         if self.opened {
-            self.hub.lock().remove_connection(self.id);
-            info!(connection = self.id.0, peer = %self.peer, "connection closed");
+            self.session.hub.lock().remove_connection(self.session.id);
+            info!(connection = self.session.id.0, peer = %self.peer, "connection closed");
         }
         if matches!(fault_kind, FaultKind::ClosedByClient) {
             // As RabbitMQ does, leave closing the socket to the client once
@@ -864,7 +708,7 @@ impl Connection {
             // first as an I/O error.
             let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, self.await_peer_close()).await;
         }
-        self.out.send(Outbound::Close);
+        self.session.out.send(Outbound::Close);
     }
 
     /// Reads and discards until the client closes its side.
@@ -904,13 +748,6 @@ impl Connection {
             }
         }
     }
-}
-
-fn shutdown_fault() -> Fault {
-    Fault::connection(BrokerError::new(
-        ErrorCode::ConnectionForced,
-        "broker shutdown",
-    ))
 }
 
 struct ClientCapabilities {
@@ -981,46 +818,5 @@ fn unexpected_in_handshake(expected: &str, got: &AMQPClass) -> Fault {
         )),
         class_id: got.get_amqp_class_id(),
         method_id: got.get_amqp_method_id(),
-    }
-}
-
-/// "queue.declare" and the like, for error messages.
-pub(crate) fn method_name(method: &AMQPClass) -> String {
-    let debug = format!("{method:?}");
-    // Debug prints e.g. `Queue(Declare(Declare { .. }))`.
-    let mut parts = debug
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|part| !part.is_empty());
-    let class = parts.next().unwrap_or("?").to_lowercase();
-    let name = parts.next().unwrap_or("?");
-    let mut method_name = String::new();
-    for (index, c) in name.chars().enumerate() {
-        if c.is_uppercase() && index > 0 {
-            method_name.push('-');
-        }
-        method_name.push(c.to_ascii_lowercase());
-    }
-    format!("{class}.{method_name}")
-}
-
-pub(crate) fn describe_frame(frame: &Frame) -> String {
-    match frame {
-        Frame::Method(_, method) => format!("method {}", method_name(method)),
-        Frame::BasicQos { .. } => "method basic.qos".to_owned(),
-        Frame::Header { .. } => "content header frame".to_owned(),
-        Frame::Body(..) => "content body frame".to_owned(),
-        Frame::Heartbeat(_) => "heartbeat frame".to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use amq_protocol::protocol::queue;
-
-    #[test]
-    fn method_names_read_like_the_spec() {
-        let method = AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk::default()));
-        assert_eq!(method_name(&method), "queue.declare-ok");
     }
 }

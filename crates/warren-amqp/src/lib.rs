@@ -8,10 +8,12 @@ mod authorize;
 mod channel;
 mod config;
 mod connection;
+mod direct;
 mod hub;
 pub mod listen;
 mod mailbox;
 mod server;
+mod session;
 mod storage;
 pub mod tls;
 mod transport;
@@ -22,6 +24,9 @@ pub use admin::{Admin, AdminError};
 pub use config::{
     AmqpConfig, Amqps, Product, RABBITMQ_COMPATIBLE_VERSION, StorageConfig, default_definitions,
     default_loopback_users,
+};
+pub use direct::{
+    Confirmation, DirectConnector, DirectLogin, DirectSession, Event, OpenError, Reply,
 };
 pub use hub::{ConnectionInfo, Hub, SharedHub, wall_clock_ms};
 pub use server::{AmqpServer, StartError};

@@ -17,6 +17,7 @@ use warren_core::Broker;
 use crate::admin::Admin;
 use crate::config::AmqpConfig;
 use crate::connection::{self, Shared};
+use crate::direct::DirectConnector;
 use crate::hub::{Hub, SharedHub, wall_clock_ms};
 use crate::listen;
 use crate::storage::{self, StorageError, StorageSignals};
@@ -52,6 +53,9 @@ pub struct AmqpServer {
     hub: SharedHub,
     signals: StorageSignals,
     disk_alarm: watch::Sender<bool>,
+    /// Dropped when the server stops, which direct sessions read as
+    /// shutdown.
+    running: watch::Sender<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +93,7 @@ impl AmqpServer {
             hub: SharedHub::new(Hub::new(broker)),
             signals,
             disk_alarm,
+            running: watch::channel(false).0,
         })
     }
 
@@ -112,6 +117,16 @@ impl AmqpServer {
     /// broker (for the HTTP API).
     pub fn admin(&self) -> Admin {
         Admin::new(Arc::clone(&self.config.access), self.hub.clone())
+    }
+
+    /// Opens in-process sessions for the HTTP side (see `direct.rs`).
+    pub fn direct(&self) -> DirectConnector {
+        DirectConnector::new(
+            Arc::clone(&self.config),
+            self.hub.clone(),
+            self.signals.clone(),
+            self.running.subscribe(),
+        )
     }
 
     pub fn config(&self) -> Arc<AmqpConfig> {

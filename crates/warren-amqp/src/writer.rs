@@ -106,6 +106,45 @@ pub fn outbound_queue(
     (queue, writer)
 }
 
+/// A queue whose items a direct session takes itself, in process, instead
+/// of a writer encoding them for a socket.
+pub(crate) fn direct_queue() -> (OutboundQueue, OutboundReceiver) {
+    let items = Mailbox::new();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let drained = Arc::new(Notify::new());
+    let queue = OutboundQueue {
+        items: items.clone(),
+        queued: Arc::clone(&queued),
+        drained: Arc::clone(&drained),
+    };
+    (queue, OutboundReceiver { items, queued })
+}
+
+/// The taking side of a direct session's queue.
+pub(crate) struct OutboundReceiver {
+    items: Mailbox<Outbound>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl OutboundReceiver {
+    /// Moves everything queued into `batch`, which must be empty.
+    pub(crate) fn take_all(&self, batch: &mut VecDeque<Outbound>) {
+        self.items.take_all(batch);
+        self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+    }
+
+    /// Waits until an item may have been queued since the last `take_all`.
+    pub(crate) async fn ready(&self) {
+        self.items.ready().await;
+    }
+}
+
+impl Drop for OutboundReceiver {
+    fn drop(&mut self) {
+        self.items.close();
+    }
+}
+
 /// What the reader tells the writer once the connection is tuned.
 #[derive(Debug, Default)]
 pub struct Tuning {

@@ -28,6 +28,29 @@ impl ErrorCode {
         self as u16
     }
 
+    /// The code for an AMQP reply code, if it is one of these.
+    pub fn from_reply_code(code: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        [
+            AccessRefused,
+            NotFound,
+            ResourceLocked,
+            PreconditionFailed,
+            ConnectionForced,
+            FrameError,
+            SyntaxError,
+            CommandInvalid,
+            ChannelError,
+            UnexpectedFrame,
+            ResourceError,
+            NotAllowed,
+            NotImplemented,
+            InternalError,
+        ]
+        .into_iter()
+        .find(|known| known.reply_code() == code)
+    }
+
     /// The upper-case name RabbitMQ puts at the start of its reply text.
     pub fn name(self) -> &'static str {
         match self {

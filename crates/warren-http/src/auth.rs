@@ -11,7 +11,7 @@
 //! * `administrator`: all of that, plus users, vhosts and permissions.
 //!
 //! What a user may change in a vhost is not decided here: every change
-//! goes through the gateway's AMQP connection as that user, where the
+//! goes through a direct session as that user (`session.rs`), where the
 //! permission checks of `warren-amqp` apply.
 
 use std::net::SocketAddr;
@@ -30,8 +30,9 @@ use crate::state::AppState;
 #[derive(Clone)]
 pub struct Credentials {
     pub user: String,
-    pub password: String,
     pub tags: Tags,
+    /// Where the request came from.
+    pub peer: SocketAddr,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -87,11 +88,12 @@ impl FromRequestParts<AppState> for Credentials {
         let (user, password) = decoded
             .split_once(':')
             .ok_or_else(|| unauthorized("malformed basic authentication header"))?;
-        let peer = parts
+        let peer_address = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(address)| address.ip().to_canonical())
+            .map(|ConnectInfo(address)| *address)
             .ok_or_else(|| ApiError::Internal("the peer address is unknown".to_owned()))?;
+        let peer = peer_address.ip().to_canonical();
         let login = {
             let access = std::sync::Arc::clone(state.access());
             let (user, password) = (user.to_owned(), password.to_owned());
@@ -121,8 +123,8 @@ impl FromRequestParts<AppState> for Credentials {
         }
         Ok(Credentials {
             user: found.name,
-            password: password.to_owned(),
             tags: found.tags,
+            peer: peer_address,
         })
     }
 }

@@ -10,23 +10,23 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Confirmation};
+use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Credentials;
 use crate::error::{ApiError, ApiResult};
-use crate::gateway::{ScopedChannel, amqp_error};
 use crate::models::ModelStatus;
+use crate::session::{self, refusal};
 use crate::state::AppState;
+use warren_amqp::{Confirmation, DirectSession, Event};
 
 /// Where workers send replies: RabbitMQ's direct reply-to pseudo-queue.
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -184,8 +184,8 @@ pub async fn infer(
     let _permit = state.inference.admit(&model.name)?;
     let id = request.get("id").cloned();
     let messages = requests_for(&model, &request)?;
-    let channel = state.gateway.channel(&user, "/").await?;
-    let replies = round_trip(&state, &channel, &model, messages).await?;
+    let mut session = session::open(&state, &user, "/")?;
+    let replies = round_trip(&state, &mut session, &model, messages).await?;
     let mut response = response_for(&model, replies)?;
     response["model_name"] = json!(model.name);
     response["model_version"] = json!(model.version);
@@ -293,26 +293,20 @@ fn requests_for(model: &ModelStatus, request: &Value) -> ApiResult<Vec<Request>>
 /// reply per request, by correlation id.
 async fn round_trip(
     state: &AppState,
-    channel: &ScopedChannel,
+    session: &mut DirectSession,
     model: &ModelStatus,
     requests: Vec<Request>,
 ) -> ApiResult<Vec<Reply>> {
-    let mut replies = channel
-        .basic_consume(
-            REPLY_TO.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp_error)?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(amqp_error)?;
+    let consume = basic::Consume {
+        queue: REPLY_TO.into(),
+        no_ack: true,
+        ..basic::Consume::default()
+    };
+    session::call(
+        session,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(consume)),
+    )
+    .await?;
     let mut confirms = Vec::with_capacity(requests.len());
     let mut headers = FieldTable::default();
     // RabbitMQ's name for the publishing time, which workers turn into
@@ -321,60 +315,60 @@ async fn round_trip(
         "timestamp_in_ms".into(),
         AMQPValue::LongLongInt(warren_amqp::wall_clock_ms() as i64),
     );
-    for (index, request) in requests.iter().enumerate() {
+    for (index, request) in requests.into_iter().enumerate() {
         let properties = BasicProperties::default()
             .with_headers(headers.clone())
             .with_reply_to(ShortString::from(REPLY_TO))
             .with_correlation_id(ShortString::from(index.to_string()))
             .with_content_type(ShortString::from(request.content_type));
+        let publish = basic::Publish {
+            exchange: "".into(),
+            routing_key: model.queue.as_str().into(),
+            mandatory: true,
+            immediate: false,
+        };
+        let body = Bytes::from(request.body);
         confirms.push(
-            channel
-                .basic_publish(
-                    "".into(),
-                    model.queue.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &request.body,
-                    properties,
-                )
+            session
+                .publish(publish, properties, body)
                 .await
-                .map_err(amqp_error)?,
+                .map_err(refusal)?,
         );
     }
-    for confirm in confirms {
-        match confirm.await.map_err(amqp_error)? {
-            Confirmation::Ack(Some(_)) => {
+    let requested = confirms.len();
+    for sequence in confirms {
+        match session.confirmation(sequence).await.map_err(refusal)? {
+            Confirmation::Ack { returned: true } => {
                 return Err(ApiError::Unavailable(format!(
                     "model '{}' has no queue '{}' yet",
                     model.name, model.queue
                 )));
             }
-            Confirmation::Nack(_) => {
+            Confirmation::Nack => {
                 return Err(ApiError::TooManyRequests {
                     reason: format!("the queue of model '{}' is full", model.name),
                     retry_after: RETRY_AFTER,
                 });
             }
-            Confirmation::Ack(None) | Confirmation::NotRequested => {}
+            Confirmation::Ack { returned: false } => {}
         }
     }
-    let mut answers: Vec<Option<Reply>> = (0..requests.len()).map(|_| None).collect();
-    let mut missing = requests.len();
+    let mut answers: Vec<Option<Reply>> = (0..requested).map(|_| None).collect();
+    let mut missing = requested;
     let deadline = tokio::time::Instant::now() + state.config.inference_timeout;
     while missing > 0 {
-        let delivery = match tokio::time::timeout_at(deadline, replies.next()).await {
+        let delivery = match tokio::time::timeout_at(deadline, session.next_event()).await {
             Err(_) => {
                 return Err(ApiError::Timeout(format!(
                     "model '{}' did not answer within {:?}",
                     model.name, state.config.inference_timeout
                 )));
             }
-            Ok(Some(Ok(delivery))) => delivery,
+            Ok(Ok(Event::Delivery(delivery))) => delivery,
             Ok(_) => return Err(ApiError::Unavailable("the reply consumer ended".to_owned())),
         };
-        let Some(index) = delivery
+        let message = &delivery.message;
+        let Some(index) = message
             .properties
             .correlation_id()
             .as_ref()
@@ -383,7 +377,7 @@ async fn round_trip(
         else {
             continue;
         };
-        let error = delivery
+        let error = message
             .properties
             .headers()
             .as_ref()
@@ -398,7 +392,7 @@ async fn round_trip(
             missing -= 1;
         }
         answers[index] = Some(Reply {
-            body: delivery.data,
+            body: message.body.to_vec(),
             error,
         });
     }

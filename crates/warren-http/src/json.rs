@@ -2,10 +2,10 @@
 //! management API writes and reads them: integers as JSON numbers, strings
 //! as strings, nested tables as objects, arrays as arrays.
 
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;

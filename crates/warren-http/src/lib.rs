@@ -3,21 +3,21 @@
 //! models' queues, Prometheus metrics and the web dashboard.
 //!
 //! Reads come straight from the broker under its lock (`warren-core`'s
-//! inspection views); everything that changes the broker goes through an
-//! AMQP connection opened as the requesting user (`gateway.rs`), so that
-//! HTTP clients get exactly the broker's semantics and refusals.
+//! inspection views); everything that changes the broker goes through a
+//! direct session opened in process as the requesting user (`session.rs`),
+//! so that HTTP clients get exactly the broker's semantics and refusals.
 
 mod api;
 mod auth;
 mod body;
 mod dashboard;
 mod error;
-mod gateway;
 mod inference;
 mod json;
 mod metrics;
 pub mod models;
 mod rates;
+mod session;
 mod state;
 mod tls;
 
@@ -29,14 +29,13 @@ use axum::routing::{delete, get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use warren_amqp::{Admin, SharedHub};
+use warren_amqp::{Admin, DirectConnector, SharedHub};
 
 use crate::tls::TlsListener;
 
 pub use error::ApiError;
 pub use state::{HttpConfig, NodeInfo};
 
-use crate::gateway::Gateway;
 use crate::inference::Inference;
 use crate::models::ModelDirectory;
 use crate::rates::Rates;
@@ -51,6 +50,8 @@ pub struct HttpServer {
 pub struct HttpContext {
     pub hub: SharedHub,
     pub admin: Admin,
+    /// Opens in-process sessions with the broker.
+    pub direct: DirectConnector,
     pub amqp_address: SocketAddr,
     pub models: Arc<dyn ModelDirectory>,
     pub node_name: String,
@@ -70,7 +71,7 @@ impl HttpServer {
             config: Arc::new(config),
             hub: context.hub,
             admin: context.admin,
-            gateway: Arc::new(Gateway::new(context.amqp_address)),
+            direct: context.direct,
             rates: Arc::new(Rates::default()),
             models: context.models,
             node: Arc::new(NodeInfo {
@@ -90,7 +91,6 @@ impl HttpServer {
     /// Serves until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
         let sampler = tokio::spawn(Arc::clone(&self.state.rates).run(self.state.hub.clone()));
-        let gateway = Arc::clone(&self.state.gateway);
         let tls = self.state.config.tls.clone();
         let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         let stopped = async move {
@@ -112,7 +112,6 @@ impl HttpServer {
             }
         };
         sampler.abort();
-        gateway.close().await;
         served
     }
 }

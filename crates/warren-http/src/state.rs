@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use warren_amqp::{Admin, SharedHub};
+use warren_amqp::{Admin, DirectConnector, SharedHub};
 
-use crate::gateway::Gateway;
 use crate::inference::Inference;
 use crate::models::ModelDirectory;
 use crate::rates::Rates;
@@ -60,7 +59,8 @@ pub struct AppState {
     pub hub: SharedHub,
     /// Changes to users, vhosts and permissions.
     pub admin: Admin,
-    pub gateway: Arc<Gateway>,
+    /// Opens in-process sessions with the broker (see `session.rs`).
+    pub direct: DirectConnector,
     pub rates: Arc<Rates>,
     pub models: Arc<dyn ModelDirectory>,
     pub inference: Arc<Inference>,

@@ -281,6 +281,7 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
         HttpContext {
             hub: server.hub(),
             admin: server.admin(),
+            direct: server.direct(),
             amqp_address: address,
             models: Arc::clone(&deployed_models) as Arc<dyn warren_http::models::ModelDirectory>,
             node_name: node_name(),

@@ -1,9 +1,9 @@
 //! `/api/bindings` and the binding lists of queues and exchanges.
 
+use amq_protocol::protocol::{AMQPClass, exchange, queue};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use lapin::options::{ExchangeBindOptions, ExchangeUnbindOptions, QueueBindOptions};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use warren_core::{BindingInfo, DestinationKind};
@@ -12,8 +12,8 @@ use crate::api::{exchange_from_path, exchanges, queues, require_vhost};
 use crate::auth::Credentials;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
-use crate::gateway::amqp_error;
 use crate::json::table_to_json;
+use crate::session;
 use crate::state::AppState;
 
 /// RabbitMQ's `properties_key`, which names a binding in a path: the
@@ -205,32 +205,26 @@ pub async fn create(
         ));
     }
     let arguments = crate::json::json_to_table(&binding.arguments, "arguments")?;
-    let channel = state.gateway.channel(&user, &vhost).await?;
-    let bound = match kind {
-        DestinationKind::Queue => {
-            channel
-                .queue_bind(
-                    destination.as_str().into(),
-                    source_name.into(),
-                    binding.routing_key.as_str().into(),
-                    QueueBindOptions::default(),
-                    arguments.clone(),
-                )
-                .await
-        }
+    let mut session = session::open(&state, &user, &vhost)?;
+    let bind = match kind {
+        DestinationKind::Queue => AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
+            queue: destination.as_str().into(),
+            exchange: source_name.into(),
+            routing_key: binding.routing_key.as_str().into(),
+            nowait: false,
+            arguments: arguments.clone(),
+        })),
         DestinationKind::Exchange => {
-            channel
-                .exchange_bind(
-                    destination.as_str().into(),
-                    source_name.into(),
-                    binding.routing_key.as_str().into(),
-                    ExchangeBindOptions::default(),
-                    arguments.clone(),
-                )
-                .await
+            AMQPClass::Exchange(exchange::AMQPMethod::Bind(exchange::Bind {
+                destination: destination.as_str().into(),
+                source: source_name.into(),
+                routing_key: binding.routing_key.as_str().into(),
+                nowait: false,
+                arguments: arguments.clone(),
+            }))
         }
     };
-    bound.map_err(amqp_error)?;
+    session::call(&mut session, bind).await?;
     let key = properties_key(&BindingInfo {
         vhost: vhost.clone(),
         source: source_name.to_owned(),
@@ -296,31 +290,25 @@ pub async fn delete(
             "the default exchange's bindings cannot be removed".to_owned(),
         ));
     }
-    let channel = state.gateway.channel(&user, &vhost).await?;
-    let unbound = match kind {
-        DestinationKind::Queue => {
-            channel
-                .queue_unbind(
-                    binding.destination.as_str().into(),
-                    binding.source.as_str().into(),
-                    binding.routing_key.as_str().into(),
-                    binding.arguments.clone(),
-                )
-                .await
-        }
+    let mut session = session::open(&state, &user, &vhost)?;
+    let unbind = match kind {
+        DestinationKind::Queue => AMQPClass::Queue(queue::AMQPMethod::Unbind(queue::Unbind {
+            queue: binding.destination.as_str().into(),
+            exchange: binding.source.as_str().into(),
+            routing_key: binding.routing_key.as_str().into(),
+            arguments: binding.arguments.clone(),
+        })),
         DestinationKind::Exchange => {
-            channel
-                .exchange_unbind(
-                    binding.destination.as_str().into(),
-                    binding.source.as_str().into(),
-                    binding.routing_key.as_str().into(),
-                    ExchangeUnbindOptions::default(),
-                    binding.arguments.clone(),
-                )
-                .await
+            AMQPClass::Exchange(exchange::AMQPMethod::Unbind(exchange::Unbind {
+                destination: binding.destination.as_str().into(),
+                source: binding.source.as_str().into(),
+                routing_key: binding.routing_key.as_str().into(),
+                nowait: false,
+                arguments: binding.arguments.clone(),
+            }))
         }
     };
-    unbound.map_err(amqp_error)?;
+    session::call(&mut session, unbind).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

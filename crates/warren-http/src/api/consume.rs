@@ -9,24 +9,20 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use amq_protocol::protocol::{AMQPClass, basic};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
-use futures_util::StreamExt;
-use lapin::Consumer;
-use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-};
-use lapin::types::FieldTable;
 use serde::Deserialize;
 use serde_json::json;
+use warren_amqp::{DirectSession, Event};
+use warren_core::Delivery;
 
 use crate::api::queues;
 use crate::auth::Credentials;
 use crate::error::{ApiError, ApiResult};
-use crate::gateway::{ScopedChannel, amqp_error};
 use crate::json::{payload_to_json, properties_to_json};
+use crate::session::{self, refusal};
 use crate::state::AppState;
 
 const PREFETCH_DEFAULT: u16 = 10;
@@ -73,32 +69,29 @@ pub async fn consume(
     queues::find(&state, &user, &vhost, &name)?;
     // The consumer starts before the upgrade, so that a refusal (an
     // exclusive queue, say) is an HTTP error and not a closed socket.
-    let channel = state.gateway.channel(&user, &vhost).await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(amqp_error)?;
-    let consumer = channel
-        .basic_consume(
-            name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp_error)?;
+    let mut session = session::open(&state, &user, &vhost)?;
+    session.qos(prefetch).await.map_err(refusal)?;
+    let consume = basic::Consume {
+        queue: name.as_str().into(),
+        ..basic::Consume::default()
+    };
+    session::call(
+        &mut session,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(consume)),
+    )
+    .await?;
     tracing::debug!(vhost, queue = %name, user = %user.user, prefetch, "WebSocket consumer started");
-    Ok(upgrade.on_upgrade(move |socket| relay(socket, channel, consumer)))
+    Ok(upgrade.on_upgrade(move |socket| relay(socket, session)))
 }
 
 /// Passes deliveries to the socket and settlements back until either side
-/// ends; dropping the channel then requeues what is unacknowledged.
-async fn relay(mut socket: WebSocket, channel: ScopedChannel, mut consumer: Consumer) {
+/// ends; dropping the session then requeues what is unacknowledged.
+async fn relay(mut socket: WebSocket, mut session: DirectSession) {
     let mut outstanding: BTreeSet<u64> = BTreeSet::new();
     loop {
         tokio::select! {
-            delivery = consumer.next() => match delivery {
-                Some(Ok(delivery)) => {
+            event = session.next_event() => match event {
+                Ok(Event::Delivery(delivery)) => {
                     outstanding.insert(delivery.delivery_tag);
                     let frame = delivery_frame(&delivery);
                     if socket.send(Message::Text(frame.into())).await.is_err() {
@@ -114,7 +107,7 @@ async fn relay(mut socket: WebSocket, channel: ScopedChannel, mut consumer: Cons
             },
             message = socket.recv() => match message {
                 Some(Ok(Message::Text(text))) => {
-                    if let Err(reason) = settle(&channel, &mut outstanding, text.as_str()).await {
+                    if let Err(reason) = settle(&mut session, &mut outstanding, text.as_str()) {
                         let _ = socket.send(error_frame(&reason)).await;
                         let _ = socket
                             .send(Message::Close(Some(CloseFrame {
@@ -140,17 +133,18 @@ async fn relay(mut socket: WebSocket, channel: ScopedChannel, mut consumer: Cons
             },
         }
     }
-    drop(channel);
+    drop(session);
 }
 
 fn delivery_frame(delivery: &Delivery) -> String {
-    let (payload, payload_encoding) = payload_to_json(&delivery.data, true);
+    let message = &delivery.message;
+    let (payload, payload_encoding) = payload_to_json(&message.body, true);
     json!({
         "delivery_tag": delivery.delivery_tag,
         "redelivered": delivery.redelivered,
-        "exchange": delivery.exchange.as_str(),
-        "routing_key": delivery.routing_key.as_str(),
-        "properties": properties_to_json(&delivery.properties),
+        "exchange": message.exchange.as_str(),
+        "routing_key": message.routing_key.as_str(),
+        "properties": properties_to_json(&message.properties),
         "payload": payload,
         "payload_encoding": payload_encoding,
     })
@@ -163,8 +157,8 @@ fn error_frame(reason: &str) -> Message {
 
 /// Applies one settlement frame; an unknown tag is refused here, before
 /// the broker would close the channel over it.
-async fn settle(
-    channel: &ScopedChannel,
+fn settle(
+    session: &mut DirectSession,
     outstanding: &mut BTreeSet<u64>,
     text: &str,
 ) -> Result<(), String> {
@@ -191,19 +185,22 @@ async fn settle(
     };
     let multiple = settlement.multiple;
     let requeue = settlement.requeue;
-    let result = match how {
-        "ack" => channel.basic_ack(tag, BasicAckOptions { multiple }).await,
-        "nack" => {
-            channel
-                .basic_nack(tag, BasicNackOptions { multiple, requeue })
-                .await
-        }
-        _ => {
-            channel
-                .basic_reject(tag, BasicRejectOptions { requeue })
-                .await
-        }
+    let method = match how {
+        "ack" => basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: tag,
+            multiple,
+        }),
+        "nack" => basic::AMQPMethod::Nack(basic::Nack {
+            delivery_tag: tag,
+            multiple,
+            requeue,
+        }),
+        _ => basic::AMQPMethod::Reject(basic::Reject {
+            delivery_tag: tag,
+            requeue,
+        }),
     };
+    let result = session.send(AMQPClass::Basic(method));
     tracing::trace!(tag, how, settled, "WebSocket settlement");
     result.map_err(|error| format!("the broker refused the settlement: {error}"))
 }

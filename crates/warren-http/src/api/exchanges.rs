@@ -2,11 +2,10 @@
 
 use std::collections::HashMap;
 
+use amq_protocol::protocol::{AMQPClass, exchange};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use lapin::ExchangeKind;
-use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use warren_core::ExchangeInfo;
@@ -15,8 +14,8 @@ use crate::api::{declared, exchange_from_path, flag, require_vhost};
 use crate::auth::Credentials;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
-use crate::gateway::amqp_error;
 use crate::json::{json_to_table, table_to_json};
+use crate::session;
 use crate::state::AppState;
 
 fn exchange_json(state: &AppState, exchange: &ExchangeInfo) -> Value {
@@ -130,21 +129,21 @@ pub async fn declare(
     }
     let arguments = json_to_table(&settings.arguments, "arguments")?;
     let existed = find(&state, &user, &vhost, &name).is_ok();
-    let channel = state.gateway.channel(&user, &vhost).await?;
-    channel
-        .exchange_declare(
-            name.as_str().into(),
-            ExchangeKind::Custom(kind),
-            ExchangeDeclareOptions {
-                durable: settings.durable,
-                auto_delete: settings.auto_delete,
-                internal: settings.internal,
-                ..ExchangeDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await
-        .map_err(amqp_error)?;
+    let mut session = session::open(&state, &user, &vhost)?;
+    let declare = exchange::Declare {
+        exchange: name.as_str().into(),
+        kind: kind.as_str().into(),
+        durable: settings.durable,
+        auto_delete: settings.auto_delete,
+        internal: settings.internal,
+        arguments,
+        ..exchange::Declare::default()
+    };
+    session::call(
+        &mut session,
+        AMQPClass::Exchange(exchange::AMQPMethod::Declare(declare)),
+    )
+    .await?;
     Ok(declared(existed))
 }
 
@@ -166,16 +165,16 @@ pub async fn delete(
             }
         )));
     }
-    let channel = state.gateway.channel(&user, &vhost).await?;
-    channel
-        .exchange_delete(
-            exchange.name.as_str().into(),
-            ExchangeDeleteOptions {
-                if_unused,
-                ..ExchangeDeleteOptions::default()
-            },
-        )
-        .await
-        .map_err(amqp_error)?;
+    let mut session = session::open(&state, &user, &vhost)?;
+    let delete = exchange::Delete {
+        exchange: exchange.name.as_str().into(),
+        if_unused,
+        nowait: false,
+    };
+    session::call(
+        &mut session,
+        AMQPClass::Exchange(exchange::AMQPMethod::Delete(delete)),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -3,18 +3,16 @@
 //! message.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
 
+use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
+use amq_protocol::types::ShortString;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use lapin::options::{
-    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-};
-use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -22,53 +20,11 @@ use crate::api::{exchange_from_path, exchanges, queues};
 use crate::auth::Credentials;
 use crate::body::{Body, JsonBody};
 use crate::error::{ApiError, ApiResult};
-use crate::gateway::amqp_error;
 use crate::json::{json_to_properties, payload_to_json, properties_to_json};
+use crate::session::{self, publish_confirmed, refusal};
 use crate::state::AppState;
-
-/// How long a client is told to wait before retrying a publish a full
-/// queue refused.
-const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
-
-/// Publishes with a publisher confirm and `mandatory`, and says whether a
-/// queue took the message. A nack (a full queue with
-/// `x-overflow = reject-publish`) is a 429.
-pub async fn publish_confirmed(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    properties: BasicProperties,
-) -> ApiResult<bool> {
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(amqp_error)?;
-    let confirmation = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        )
-        .await
-        .map_err(amqp_error)?
-        .await
-        .map_err(amqp_error)?;
-    match confirmation {
-        Confirmation::Ack(returned) => Ok(returned.is_none()),
-        Confirmation::Nack(_) => Err(ApiError::TooManyRequests {
-            reason: "the queue is full and refuses new messages (x-overflow = reject-publish)"
-                .to_owned(),
-            retry_after: QUEUE_FULL_RETRY_AFTER,
-        }),
-        Confirmation::NotRequested => Ok(true),
-    }
-}
+use warren_amqp::{DirectSession, Reply};
+use warren_core::Message;
 
 #[derive(Debug, Deserialize)]
 pub struct PublishForm {
@@ -105,12 +61,12 @@ pub async fn publish(
         }
     };
     let properties = json_to_properties(&form.properties)?;
-    let channel = state.gateway.channel(&user, &vhost).await?;
+    let mut session = session::open(&state, &user, &vhost)?;
     let routed = publish_confirmed(
-        &channel,
+        &mut session,
         &exchange.name,
         &form.routing_key,
-        &body,
+        Bytes::from(body),
         properties,
     )
     .await?;
@@ -176,28 +132,25 @@ pub async fn get(
             state.config.get_count_max
         )));
     }
-    let channel = state.gateway.channel(&user, &vhost).await?;
-    let taken = take(&channel, &name, form.count, no_ack).await;
-    let messages = taken?;
+    let mut session = session::open(&state, &user, &vhost)?;
+    let messages = take(&mut session, &name, form.count, no_ack).await?;
     if let Some(last) = messages.last()
         && !no_ack
     {
         // One nack with `multiple` settles them all, in order.
-        channel
-            .basic_nack(
-                last.delivery.delivery_tag,
-                BasicNackOptions {
-                    multiple: true,
-                    requeue,
-                },
-            )
-            .await
-            .map_err(amqp_error)?;
+        let nack = basic::Nack {
+            delivery_tag: last.delivery_tag,
+            multiple: true,
+            requeue,
+        };
+        session
+            .send(AMQPClass::Basic(basic::AMQPMethod::Nack(nack)))
+            .map_err(refusal)?;
     }
     let answer = messages
         .iter()
         .map(|message| {
-            let body = &message.delivery.data;
+            let body = &message.message.body;
             let shown = match form.truncate {
                 Some(limit) if limit < body.len() => &body[..limit],
                 _ => &body[..],
@@ -207,32 +160,52 @@ pub async fn get(
                 "payload": payload,
                 "payload_encoding": payload_encoding,
                 "payload_bytes": body.len(),
-                "redelivered": message.delivery.redelivered,
-                "exchange": message.delivery.exchange.as_str(),
-                "routing_key": message.delivery.routing_key.as_str(),
+                "redelivered": message.redelivered,
+                "exchange": message.message.exchange.as_str(),
+                "routing_key": message.message.routing_key.as_str(),
                 "message_count": message.message_count,
-                "properties": properties_to_json(&message.delivery.properties),
+                "properties": properties_to_json(&message.message.properties),
             })
         })
         .collect();
     Ok(Json(Value::Array(answer)))
 }
 
+/// A message `basic.get` took.
+struct Taken {
+    delivery_tag: u64,
+    redelivered: bool,
+    /// Messages left in the queue after this one.
+    message_count: u32,
+    message: Arc<Message>,
+}
+
 async fn take(
-    channel: &Channel,
+    session: &mut DirectSession,
     queue: &str,
     count: usize,
     no_ack: bool,
-) -> ApiResult<Vec<lapin::message::BasicGetMessage>> {
+) -> ApiResult<Vec<Taken>> {
     let mut messages = Vec::with_capacity(count);
     while messages.len() < count {
-        match channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack })
+        let get = basic::Get {
+            queue: queue.into(),
+            no_ack,
+        };
+        let reply = session
+            .call(AMQPClass::Basic(basic::AMQPMethod::Get(get)))
             .await
-            .map_err(amqp_error)?
-        {
-            Some(message) => messages.push(message),
-            None => break,
+            .map_err(refusal)?;
+        match reply {
+            Reply::WithContent(AMQPClass::Basic(basic::AMQPMethod::GetOk(got)), message) => {
+                messages.push(Taken {
+                    delivery_tag: got.delivery_tag,
+                    redelivered: got.redelivered,
+                    message_count: got.message_count,
+                    message,
+                });
+            }
+            _ => break,
         }
     }
     Ok(messages)
@@ -249,7 +222,7 @@ pub async fn post_to_queue(
     Body(body): Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     queues::find(&state, &user, &vhost, &name)?;
-    post(&state, &user, &vhost, "", &name, &query, &headers, &body).await
+    post(&state, &user, &vhost, "", &name, &query, &headers, body).await
 }
 
 /// `POST /api/exchanges/{vhost}/{name}/messages?routing_key=KEY`.
@@ -272,7 +245,7 @@ pub async fn post_to_exchange(
         &routing_key,
         &query,
         &headers,
-        &body,
+        body,
     )
     .await
 }
@@ -286,11 +259,11 @@ async fn post(
     routing_key: &str,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let properties = properties_from_headers(query, headers)?;
-    let channel = state.gateway.channel(user, vhost).await?;
-    let routed = publish_confirmed(&channel, exchange, routing_key, body, properties).await?;
+    let mut session = session::open(state, user, vhost)?;
+    let routed = publish_confirmed(&mut session, exchange, routing_key, body, properties).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "routed": routed }))))
 }
 

@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 
+use amq_protocol::protocol::{AMQPClass, queue};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use warren_core::{ConsumerInfo, QueueInfo};
@@ -15,8 +15,8 @@ use crate::api::{declared, flag, message_stats, require_vhost};
 use crate::auth::Credentials;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
-use crate::gateway::amqp_error;
 use crate::json::{json_to_table, table_to_json};
+use crate::session;
 use crate::state::AppState;
 
 pub fn queue_json(state: &AppState, queue: &QueueInfo) -> Value {
@@ -127,19 +127,19 @@ pub async fn declare(
     }
     let arguments = json_to_table(&settings.arguments, "arguments")?;
     let existed = state.hub.lock().broker.queue_info(&vhost, &name).is_some();
-    let channel = state.gateway.channel(&user, &vhost).await?;
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                durable: settings.durable,
-                auto_delete: settings.auto_delete,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await
-        .map_err(amqp_error)?;
+    let mut session = session::open(&state, &user, &vhost)?;
+    let declare = queue::Declare {
+        queue: name.as_str().into(),
+        durable: settings.durable,
+        auto_delete: settings.auto_delete,
+        arguments,
+        ..queue::Declare::default()
+    };
+    session::call(
+        &mut session,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(declare)),
+    )
+    .await?;
     Ok(declared(existed))
 }
 
@@ -154,18 +154,18 @@ pub async fn delete(
     let if_empty = flag(query.get("if-empty"))?;
     let if_unused = flag(query.get("if-unused"))?;
     find(&state, &user, &vhost, &name)?;
-    let channel = state.gateway.channel(&user, &vhost).await?;
-    channel
-        .queue_delete(
-            name.as_str().into(),
-            QueueDeleteOptions {
-                if_empty,
-                if_unused,
-                ..QueueDeleteOptions::default()
-            },
-        )
-        .await
-        .map_err(amqp_error)?;
+    let mut session = session::open(&state, &user, &vhost)?;
+    let delete = queue::Delete {
+        queue: name.as_str().into(),
+        if_empty,
+        if_unused,
+        nowait: false,
+    };
+    session::call(
+        &mut session,
+        AMQPClass::Queue(queue::AMQPMethod::Delete(delete)),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -176,10 +176,15 @@ pub async fn purge(
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     find(&state, &user, &vhost, &name)?;
-    let channel = state.gateway.channel(&user, &vhost).await?;
-    channel
-        .queue_purge(name.as_str().into(), QueuePurgeOptions::default())
-        .await
-        .map_err(amqp_error)?;
+    let mut session = session::open(&state, &user, &vhost)?;
+    let purge = queue::Purge {
+        queue: name.as_str().into(),
+        nowait: false,
+    };
+    session::call(
+        &mut session,
+        AMQPClass::Queue(queue::AMQPMethod::Purge(purge)),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
