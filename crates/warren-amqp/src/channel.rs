@@ -12,8 +12,8 @@ use bytes::{Bytes, BytesMut};
 use tracing::warn;
 use warren_access::{Access, Resource};
 use warren_core::{
-    BrokerError, BrokerResult, ChannelMode, Consume, ErrorCode, ExchangeDeclare, Message, Outbox,
-    QueueDeclare, QueueId,
+    BrokerError, BrokerResult, ChannelMode, Consume, ErrorCode, ExchangeDeclare, FlowGauge,
+    Message, Outbox, QueueDeclare,
 };
 use warren_proto::Frame;
 use warren_store::Ticket;
@@ -333,12 +333,12 @@ impl Session {
 
     /// A publish reached a queue whose consumers are behind: hold back
     /// this publisher (see `FlowHold`).
-    fn hold_back(&mut self, number: u16, queue: QueueId) {
+    fn hold_back(&mut self, number: u16, gauge: Arc<FlowGauge>) {
         if self.channel(number).confirms.is_none() {
-            self.paused_by = Some(queue);
+            self.paused_by = Some(gauge);
         } else if self.confirms_held.is_none() {
             self.confirms_held = Some(FlowHold {
-                queue,
+                gauge,
                 until: tokio::time::Instant::now() + FLOW_PAUSE_MAX,
             });
         }
@@ -347,13 +347,13 @@ impl Session {
     /// How many confirms may go out now: as many as the held-back queue has
     /// room for, or all once the hold is over.
     fn confirm_budget(&mut self) -> usize {
-        let Some(hold) = self.confirms_held else {
+        let Some(hold) = &self.confirms_held else {
             return usize::MAX;
         };
         let room = if tokio::time::Instant::now() >= hold.until {
             None
         } else {
-            self.hub.lock().broker.flow_room(hold.queue)
+            hold.gauge.room(self.config.limits.flow_ready_max)
         };
         room.unwrap_or_else(|| {
             self.confirms_held = None;
@@ -1209,17 +1209,21 @@ impl Session {
         message: Arc<Message>,
     ) -> BrokerResult<Option<Ticket>> {
         self.has_published = true;
-        let published = {
+        let (published, flow_gauge) = {
             let mut hub = self.hub.lock();
             let mut outbox = Outbox::default();
             let published = hub
                 .broker
                 .publish(self.id, number, Arc::clone(&message), &mut outbox);
             hub.dispatch(&mut outbox);
-            published?
+            let published = published?;
+            let flow_gauge = published
+                .flow
+                .and_then(|queue| hub.broker.flow_gauge(queue));
+            (published, flow_gauge)
         };
-        if let Some(queue) = published.flow {
-            self.hold_back(number, queue);
+        if let Some(gauge) = flow_gauge {
+            self.hold_back(number, gauge);
         }
         if published.routed == 0 && mandatory {
             // The return must reach the client before the confirm.

@@ -19,7 +19,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 use warren_access::Grant;
-use warren_core::{BrokerError, ErrorCode, QueueId};
+use warren_core::{BrokerError, ErrorCode, FlowGauge};
 use warren_proto::table_limits::TableLimits;
 use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_protocol_header};
 
@@ -448,8 +448,8 @@ impl Connection {
     /// the disk, or the log's unwritten bytes; and, for a publisher, while
     /// a queue it feeds is behind its consumers or the disk alarm is raised.
     async fn apply_backpressure(&mut self) -> Result<(), Fault> {
-        if let Some(queue) = self.session.paused_by.take() {
-            self.hold_for_consumers(queue).await?;
+        if let Some(gauge) = self.session.paused_by.take() {
+            self.hold_for_consumers(&gauge).await?;
         }
         while self.session.out.queued() > self.session.config.outbound_frames_max {
             self.session.out.drained().await;
@@ -477,9 +477,10 @@ impl Connection {
 
     /// Waits, up to `FLOW_PAUSE_MAX`, for the queue's consumers to catch
     /// up, sending confirms meanwhile.
-    async fn hold_for_consumers(&mut self, queue: QueueId) -> Result<(), Fault> {
+    async fn hold_for_consumers(&mut self, gauge: &FlowGauge) -> Result<(), Fault> {
         let deadline = tokio::time::Instant::now() + FLOW_PAUSE_MAX;
-        while self.session.hub.lock().broker.flow_holds(queue) {
+        let ready_max = self.session.config.limits.flow_ready_max;
+        while gauge.holds(ready_max) {
             if tokio::time::Instant::now() >= deadline {
                 break;
             }

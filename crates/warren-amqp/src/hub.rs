@@ -8,14 +8,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::protocol::{AMQPClass, basic};
 use amq_protocol::types::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
-use warren_core::{Broker, BrokerError, ConnectionId, Effect, Outbox};
+use warren_core::{Broker, BrokerError, ConnectionId, Effect, Outbox, ReadAhead};
 
 use crate::mailbox::Mailbox;
 use crate::writer::{Outbound, OutboundQueue};
@@ -38,6 +38,15 @@ impl SharedHub {
         Self {
             hub: Arc::new(Mutex::new(hub)),
             confirmed: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A handle that does not keep the hub alive, for threads that must
+    /// end with it.
+    pub(crate) fn downgrade(&self) -> WeakHub {
+        WeakHub {
+            hub: Arc::downgrade(&self.hub),
+            confirmed: Arc::clone(&self.confirmed),
         }
     }
 
@@ -83,6 +92,21 @@ impl SharedHub {
                 MutexGuard::unlock_fair(hub);
             }
         }
+    }
+}
+
+/// The hub, as long as something else keeps it.
+pub(crate) struct WeakHub {
+    hub: Weak<Mutex<Hub>>,
+    confirmed: Arc<AtomicU64>,
+}
+
+impl WeakHub {
+    pub(crate) fn upgrade(&self) -> Option<SharedHub> {
+        self.hub.upgrade().map(|hub| SharedHub {
+            hub,
+            confirmed: Arc::clone(&self.confirmed),
+        })
     }
 }
 
@@ -135,6 +159,8 @@ pub struct Hub {
     notices: HashMap<ConnectionId, Mailbox<ConnectionNotice>>,
     connections: HashMap<ConnectionId, ConnectionInfo>,
     next_connection: u64,
+    /// Where the broker's read-aheads go (`read_ahead.rs`), once started.
+    read_ahead: Option<mpsc::Sender<ReadAhead>>,
 }
 
 impl Hub {
@@ -145,7 +171,12 @@ impl Hub {
             notices: HashMap::new(),
             connections: HashMap::new(),
             next_connection: 0,
+            read_ahead: None,
         }
+    }
+
+    pub(crate) fn set_read_ahead(&mut self, requests: mpsc::Sender<ReadAhead>) {
+        self.read_ahead = Some(requests);
     }
 
     pub fn allocate_connection_id(&mut self) -> ConnectionId {
@@ -242,6 +273,13 @@ impl Hub {
                 } => {
                     if let Some(notices) = self.notices.get(&connection) {
                         notices.push(ConnectionNotice::CloseChannel { channel, error });
+                    }
+                }
+                Effect::ReadAhead(request) => {
+                    if let Some(requests) = &self.read_ahead {
+                        // Fails only once the reader has stopped, with the
+                        // hub going away.
+                        let _ = requests.send(request);
                     }
                 }
                 Effect::CancelConsumer {

@@ -12,6 +12,7 @@ mod direct;
 mod hub;
 pub mod listen;
 mod mailbox;
+mod read_ahead;
 mod server;
 mod session;
 mod storage;

@@ -20,6 +20,7 @@ use crate::connection::{self, Shared};
 use crate::direct::DirectConnector;
 use crate::hub::{Hub, SharedHub, wall_clock_ms};
 use crate::listen;
+use crate::read_ahead;
 use crate::storage::{self, StorageError, StorageSignals};
 use crate::transport::Transport;
 
@@ -86,11 +87,13 @@ impl AmqpServer {
             )),
             None => None,
         };
+        let hub = SharedHub::new(Hub::new(broker));
+        read_ahead::start(&hub)?;
         Ok(Self {
             listener,
             tls_listener,
             config: Arc::new(config),
-            hub: SharedHub::new(Hub::new(broker)),
+            hub,
             signals,
             disk_alarm,
             running: watch::channel(false).0,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use amq_protocol::protocol::{AMQPClass, tx};
 use tokio::sync::watch;
 use warren_access::Grant;
-use warren_core::{BrokerError, ConnectionId, ErrorCode, QueueId};
+use warren_core::{BrokerError, ConnectionId, ErrorCode, FlowGauge};
 use warren_proto::{Frame, FrameError};
 use warren_store::Ticket;
 
@@ -35,14 +35,15 @@ pub(crate) const FLOW_PAUSE_MAX: Duration = Duration::from_millis(100);
 /// is room in the queue. Its window then fills with messages already
 /// delivered, not with messages waiting unread in a socket, so a message's
 /// time from publish to delivery stays short.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct FlowHold {
-    pub(crate) queue: QueueId,
+    /// The queue's gauge, read without the broker's lock.
+    pub(crate) gauge: Arc<FlowGauge>,
     /// The hold ends here whatever the queue (see `FLOW_PAUSE_MAX`).
     pub(crate) until: tokio::time::Instant,
 }
 
-/// How often a held-back publisher looks at its queue again.
+/// How often a held-back publisher looks at its queue's gauge again.
 pub(crate) const FLOW_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Why the frame loop stopped.
@@ -103,7 +104,7 @@ pub(crate) struct Session {
     pub(crate) has_published: bool,
     /// A queue this session published to without confirms whose consumers
     /// are behind: the connection reads no more until they have caught up.
-    pub(crate) paused_by: Option<QueueId>,
+    pub(crate) paused_by: Option<Arc<FlowGauge>>,
     /// The same for publishes with confirms: their confirms go out only as
     /// the queue's consumers catch up (see `FlowHold`).
     pub(crate) confirms_held: Option<FlowHold>,

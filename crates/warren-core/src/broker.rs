@@ -25,7 +25,7 @@ use crate::durable::{
 };
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, validate_headers_binding};
-use crate::queue::{MessageMeta, Queue, Stored};
+use crate::queue::{MessageMeta, Queue, ReadAhead, Stored};
 use crate::reply_to::ReplyConsumer;
 use crate::stats::MessageCounts;
 use crate::{ConnectionId, Message, QueueId};
@@ -140,6 +140,9 @@ pub enum Effect {
         channel: u16,
         error: BrokerError,
     },
+    /// Read these paged-out messages back off the lock and hand them to
+    /// `Broker::install_read_ahead` (only once `enable_read_ahead` is on).
+    ReadAhead(ReadAhead),
 }
 
 #[derive(Debug, Default)]
@@ -330,6 +333,9 @@ pub struct Broker {
     /// The message log and topology file; None for a broker that keeps
     /// everything in memory (tests of the state machine).
     pub(crate) store: Option<Store>,
+    /// Whether the caller reads paged-out messages ahead of consumers
+    /// (`Effect::ReadAhead`).
+    pub(crate) read_ahead: bool,
     pub(crate) name_state: u64,
     pub(crate) limits: Limits,
     /// The time as the caller last gave it, ms since the UNIX epoch; never
@@ -375,6 +381,7 @@ impl Broker {
             connections: HashMap::new(),
             next_queue_id: 0,
             store: None,
+            read_ahead: false,
             name_state: seed | 1,
             limits,
             now_ms: 0,
@@ -956,6 +963,7 @@ impl Broker {
         let Some(mut queue) = self.queues.remove(&id) else {
             return 0;
         };
+        queue.flow_gauge.mark_deleted();
         if let Some(entry) = queue_entry(&queue) {
             self.topology_changes
                 .push(TopologyChange::Removed(entry.into()));

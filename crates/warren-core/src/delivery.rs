@@ -82,6 +82,7 @@ impl Broker {
             prefetch_count,
             unacked: 0,
         });
+        queue.gauge_consumers();
         queue.had_consumer = true;
         self.channel_mut(connection, channel)
             .expect("checked above")
@@ -138,6 +139,7 @@ impl Broker {
             return;
         };
         queue.consumers.remove(index);
+        queue.gauge_consumers();
         if queue.args.single_active_consumer && index == 0 && !queue.consumers.is_empty() {
             promote_single_active_consumer(queue);
             // The new active consumer takes over at once, even while its
@@ -476,6 +478,12 @@ impl Broker {
                     self.now_ms,
                     out,
                 );
+                if self.read_ahead
+                    && let Some(queue) = self.queues.get_mut(id)
+                    && let Some(read_ahead) = queue.read_ahead()
+                {
+                    out.effects.push(Effect::ReadAhead(read_ahead));
+                }
                 self.expired(*id, expired);
             }
             if self.dead_letters.is_empty() {

@@ -13,7 +13,8 @@ use std::collections::HashMap;
 
 use amq_protocol::types::{FieldTable, ShortString};
 use warren_store::{
-    MessageLog, Recovery, StoreError, Ticket, TopologyChange, TopologyJournal, TopologyWaiter,
+    MessageLog, Recovery, Sequence, StoreError, Ticket, TopologyChange, TopologyJournal,
+    TopologyWaiter,
 };
 
 use crate::arguments::{QueueArguments, QueueShape};
@@ -23,7 +24,9 @@ use crate::codec::{Reader, put_short, put_table};
 use crate::error::{BrokerError, BrokerResult, ErrorCode};
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use crate::queue::{MessageMeta, Queue, load};
-use crate::{Broker, ConnectionId, ExchangeDeclare, Outbox, QueueDeclare, QueueDeclared, QueueId};
+use crate::{
+    Broker, ConnectionId, ExchangeDeclare, Message, Outbox, QueueDeclare, QueueDeclared, QueueId,
+};
 
 /// The broker's handle on disk.
 pub struct Store {
@@ -292,6 +295,30 @@ impl Broker {
 
     pub fn message_log(&self) -> Option<&MessageLog> {
         self.store.as_ref().map(|store| &store.log)
+    }
+
+    /// From now on the caller reads paged-out messages back ahead of the
+    /// consumers, off the lock: deliveries then emit `Effect::ReadAhead`
+    /// and the caller answers with `install_read_ahead`.
+    pub fn enable_read_ahead(&mut self) {
+        self.read_ahead = true;
+    }
+
+    /// Puts the messages a read-ahead brought back in place, each as
+    /// `(sequence, message, arrival time)`; a queue gone meanwhile, or a
+    /// message taken meanwhile, is passed over.
+    pub fn install_read_ahead(
+        &mut self,
+        queue: QueueId,
+        loaded: Vec<(Sequence, Message, Option<u64>)>,
+    ) {
+        let Some(queue) = self.queues.get_mut(&queue) else {
+            return;
+        };
+        for (sequence, message, arrived_ms) in loaded {
+            queue.install(sequence, message, arrived_ms);
+        }
+        queue.read_ahead_done();
     }
 
     /// Hands the durable changes the operation made to the journal; the

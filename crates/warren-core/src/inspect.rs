@@ -20,6 +20,8 @@ pub struct QueueInfo {
     pub arguments: FieldTable,
     pub ready: usize,
     pub ready_bytes: u64,
+    /// Ready messages whose body is in memory; the rest wait on disk.
+    pub ready_in_memory: usize,
     pub unacked: usize,
     pub consumers: usize,
     pub counts: MessageCounts,
@@ -156,6 +158,7 @@ impl Broker {
             arguments: queue.arguments.clone(),
             ready: queue.ready_count(),
             ready_bytes: queue.ready_bytes(),
+            ready_in_memory: queue.resident_count(),
             unacked: queue.unacked,
             consumers: queue.consumers.len(),
             counts: queue.counts,

@@ -31,11 +31,14 @@ pub use dead_letter::DeathReason;
 pub use durable::{RecoveryError, RecoverySummary};
 pub use error::{BrokerError, BrokerResult, ErrorCode};
 pub use exchange::{ExchangeKind, headers_match, topic_matches};
+pub use flow::FlowGauge;
 pub use inspect::{
     BindingInfo, ChannelInfo, ConsumerInfo, DestinationKind, ExchangeInfo, QueueInfo, Totals,
 };
 pub use message::Message;
-pub use queue::{RESIDENT_BYTES_MAX, RESIDENT_MESSAGES_MAX};
+pub use queue::{
+    READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, RESIDENT_BYTES_MAX, RESIDENT_MESSAGES_MAX, ReadAhead,
+};
 pub use reply_to::REPLY_TO_QUEUE;
 pub use stats::{ExchangeCounts, MessageCounts};
 

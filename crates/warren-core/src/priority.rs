@@ -67,6 +67,28 @@ impl Backlog<QueuedMessage> for PriorityBacklog {
             .flat_map(|level| level.drain())
             .collect()
     }
+
+    fn visit_head_mut(
+        &mut self,
+        count: usize,
+        visit: &mut dyn FnMut(Sequence, &mut QueuedMessage),
+    ) {
+        let mut left = count;
+        for level in self.levels.iter_mut().rev() {
+            if left == 0 {
+                break;
+            }
+            let here = left.min(level.len());
+            level.visit_head_mut(here, visit);
+            left -= here;
+        }
+    }
+
+    fn get_mut(&mut self, sequence: Sequence) -> Option<&mut QueuedMessage> {
+        self.levels
+            .iter_mut()
+            .find_map(|level| level.get_mut(sequence))
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use warren_store::{Backlog, Location, MemoryBacklog, MessageLog, RecordKind, Seq
 use crate::arguments::{QueueArguments, QueueType, message_expiration_ms};
 use crate::codec::{decode_stored_message, encode_message_head};
 use crate::error::{BrokerError, BrokerResult};
+use crate::flow::FlowGauge;
 use crate::priority::PriorityBacklog;
 use crate::stats::MessageCounts;
 use crate::{ConnectionId, Message, QueueId};
@@ -20,6 +21,24 @@ use crate::{ConnectionId, Message, QueueId};
 pub const RESIDENT_MESSAGES_MAX: usize = 2_048;
 /// Message body bytes a queue keeps in memory (see above).
 pub const RESIDENT_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// How far ahead of its consumers a queue has paged-out messages read back,
+/// off the broker's lock (see `Queue::read_ahead`): the messages at most
+/// this close to the head.
+pub const READ_AHEAD_MESSAGES: usize = 256;
+/// Body bytes one read-ahead brings back at most.
+pub const READ_AHEAD_BYTES: u64 = 4 * 1024 * 1024;
+/// Messages taken between two looks for paged-out messages near the head:
+/// a look walks up to `READ_AHEAD_MESSAGES` entries, so it is made once per
+/// quarter window, which keeps three quarters of a window read ahead.
+const READ_AHEAD_LOOK_EVERY: u32 = (READ_AHEAD_MESSAGES / 4) as u32;
+
+/// Paged-out messages to read back before the consumers reach them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadAhead {
+    pub queue: QueueId,
+    pub reads: Vec<(Sequence, Location)>,
+}
 
 /// Where a message's bytes live besides memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +234,14 @@ pub struct Queue {
     pub counts: MessageCounts,
     /// How fast consumers have been taking its messages, for flow control.
     pub drain: DrainRate,
+    /// Its ready and consumer counts for held-back publishers, which read
+    /// them without the broker's lock.
+    pub flow_gauge: Arc<FlowGauge>,
+    /// A read-ahead for this queue is out; no second one is asked for
+    /// until it is back.
+    reading_ahead: bool,
+    /// Messages taken since the last look for paged-out messages.
+    taken_since_look: u32,
 }
 
 impl std::fmt::Debug for Queue {
@@ -285,7 +312,91 @@ impl Queue {
             unacked: 0,
             counts: MessageCounts::default(),
             drain: DrainRate::default(),
+            flow_gauge: Arc::default(),
+            reading_ahead: false,
+            taken_since_look: 0,
         }
+    }
+
+    /// The paged-out messages near the head to read back before the
+    /// consumers reach them, when none are being read already: the reads
+    /// happen on another thread, without the broker's lock, and `install`
+    /// puts their messages in place. A consumer that outruns it still finds
+    /// its message: the head is read where it stands (`pop_loaded`).
+    pub fn read_ahead(&mut self) -> Option<ReadAhead> {
+        if self.reading_ahead || self.resident_messages >= self.backlog.len() {
+            return None;
+        }
+        if self.taken_since_look < READ_AHEAD_LOOK_EVERY && self.head_is_resident() {
+            return None;
+        }
+        self.taken_since_look = 0;
+        let mut reads = Vec::new();
+        let mut bytes = 0u64;
+        self.backlog
+            .visit_head_mut(READ_AHEAD_MESSAGES, &mut |sequence, queued| {
+                if queued.message.is_none()
+                    && bytes < READ_AHEAD_BYTES
+                    && let Some(location) = queued.stored.location()
+                {
+                    bytes += queued.body_bytes as u64;
+                    reads.push((sequence, location));
+                }
+            });
+        if reads.is_empty() {
+            return None;
+        }
+        self.reading_ahead = true;
+        Some(ReadAhead {
+            queue: self.id,
+            reads,
+        })
+    }
+
+    fn head_is_resident(&self) -> bool {
+        self.backlog
+            .front()
+            .is_none_or(|(_, queued)| queued.message.is_some())
+    }
+
+    /// Puts a message read ahead in place, if it is still waiting and still
+    /// paged out.
+    pub fn install(&mut self, sequence: Sequence, message: Message, arrived_ms: Option<u64>) {
+        let expires =
+            arrived_ms.map(|arrived_ms| (self.expiry_of(&message, arrived_ms), arrived_ms));
+        let Some(queued) = self.backlog.get_mut(sequence) else {
+            return;
+        };
+        if queued.message.is_some() {
+            return;
+        }
+        if queued.meta.expires.is_unknown() {
+            // A message stored before arrival times were kept is left to
+            // `pop_loaded`, which counts its arrival from when it is taken.
+            let Some((expires, arrived_ms)) = expires else {
+                return;
+            };
+            queued.meta.expires = expires;
+            queued.meta.arrived_ms = arrived_ms;
+        }
+        self.resident_messages += 1;
+        self.resident_bytes += message.body.len();
+        queued.message = Some(Arc::new(message));
+    }
+
+    /// The read-ahead asked for is back (or failed): the next may go out.
+    pub fn read_ahead_done(&mut self) {
+        self.reading_ahead = false;
+    }
+
+    /// Tells the flow gauge the ready count, after every change to it.
+    fn gauge_ready(&self) {
+        self.flow_gauge.set_ready(self.backlog.len());
+    }
+
+    /// Tells the flow gauge the consumer count, after every change to it.
+    pub(crate) fn gauge_consumers(&self) {
+        self.flow_gauge.set_consumers(self.consumers.len());
     }
 
     pub fn describe(&self) -> String {
@@ -416,6 +527,7 @@ impl Queue {
                 meta,
             },
         );
+        self.gauge_ready();
     }
 
     pub fn reserve(&mut self, additional: usize) {
@@ -447,6 +559,7 @@ impl Queue {
                 body_bytes,
             },
         );
+        self.gauge_ready();
     }
 
     /// Whether recovery must read each message to place it (priority
@@ -476,6 +589,7 @@ impl Queue {
                 meta,
             },
         );
+        self.gauge_ready();
     }
 
     /// Takes the head message, reading its body from the log if it was
@@ -541,12 +655,15 @@ impl Queue {
                 meta: taken.meta,
             },
         );
+        self.gauge_ready();
     }
 
     /// Takes the head message with its body in memory, whatever its expiry.
     pub fn pop_loaded(&mut self, log: Option<&MessageLog>, now_ms: u64) -> Option<Dequeued> {
         loop {
             let (sequence, queued) = self.backlog.pop_front()?;
+            self.gauge_ready();
+            self.taken_since_look = self.taken_since_look.saturating_add(1);
             self.ready_bytes -= queued.body_bytes as u64;
             let mut meta = queued.meta;
             let message = match queued.message {
@@ -594,12 +711,18 @@ impl Queue {
         while let Some((sequence, queued)) = self.backlog.pop_front() {
             drained.push((sequence, queued.stored));
         }
+        self.gauge_ready();
         drained
     }
 
     /// Body bytes of the waiting messages.
     pub fn ready_bytes(&self) -> u64 {
         self.ready_bytes
+    }
+
+    /// Waiting messages whose body is in memory.
+    pub fn resident_count(&self) -> usize {
+        self.resident_messages
     }
 
     pub fn ready_count(&self) -> usize {

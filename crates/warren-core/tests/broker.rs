@@ -82,7 +82,9 @@ fn deliveries(out: &mut Outbox) -> Vec<Delivery> {
         .into_iter()
         .filter_map(|effect| match effect {
             Effect::Deliver(delivery) => Some(delivery),
-            Effect::CancelConsumer { .. } | Effect::CloseChannel { .. } => None,
+            Effect::CancelConsumer { .. } | Effect::CloseChannel { .. } | Effect::ReadAhead(_) => {
+                None
+            }
         })
         .collect()
 }
@@ -401,7 +403,7 @@ fn deleting_a_queue_cancels_its_consumers() {
                 consumer_tag,
                 ..
             } => Some((connection, consumer_tag)),
-            Effect::Deliver(_) | Effect::CloseChannel { .. } => None,
+            Effect::Deliver(_) | Effect::CloseChannel { .. } | Effect::ReadAhead(_) => None,
         })
         .collect();
     assert_eq!(cancelled, [(B, ShortString::from("watcher"))]);

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::BasicProperties;
 use bytes::Bytes;
-use warren_core::{Broker, ConnectionId, Limits, Message, Outbox, QueueDeclare};
+use warren_core::codec::decode_stored_message;
+use warren_core::{
+    Broker, ConnectionId, Consume, Effect, Limits, Message, Outbox, QueueDeclare, ReadAhead,
+};
 use warren_store::{FileSystem, LogConfig, MessageLog, SimulatedFileSystem, TopologyJournal};
 
 const CONNECTION: ConnectionId = ConnectionId(1);
@@ -61,6 +64,116 @@ fn message(queue: &str, body: String, persistent: bool) -> Arc<Message> {
         properties,
         body: Bytes::from(body),
     })
+}
+
+/// What the server's reader thread does with a read-ahead: read each
+/// record back and hand the messages to the broker.
+fn serve_read_ahead(broker: &mut Broker, request: ReadAhead) {
+    let reader = broker.message_log().expect("a log").reader();
+    let loaded = request
+        .reads
+        .iter()
+        .map(|&(sequence, location)| {
+            let payload = reader.read(location).expect("readable");
+            let (message, arrived_ms) = decode_stored_message(&payload).expect("decodable");
+            (sequence, message, arrived_ms)
+        })
+        .collect();
+    broker.install_read_ahead(request.queue, loaded);
+}
+
+/// Splits an outbox into its deliveries' bodies and its read-aheads.
+fn deliveries_and_read_aheads(out: &mut Outbox) -> (Vec<Bytes>, Vec<ReadAhead>) {
+    let mut bodies = Vec::new();
+    let mut read_aheads = Vec::new();
+    for effect in out.take() {
+        match effect {
+            Effect::Deliver(delivery) => {
+                delivery.unwritten.written(1);
+                bodies.push(delivery.message.body.clone());
+            }
+            Effect::ReadAhead(request) => read_aheads.push(request),
+            _ => {}
+        }
+    }
+    (bodies, read_aheads)
+}
+
+#[test]
+fn paged_out_messages_are_read_back_ahead_of_a_consumer_and_kept_in_order() {
+    let fs = SimulatedFileSystem::new();
+    let mut broker = broker_on(&fs);
+    broker.enable_read_ahead();
+    declare(&mut broker, "big", false);
+    let count = warren_core::RESIDENT_MESSAGES_MAX + 1_000;
+    for index in 0..count {
+        broker
+            .publish(
+                CONNECTION,
+                1,
+                message("big", format!("m{index}"), false),
+                &mut Outbox::default(),
+            )
+            .unwrap();
+    }
+    let info = broker.queue_info("/", "big").unwrap();
+    assert_eq!(info.ready_in_memory, warren_core::RESIDENT_MESSAGES_MAX);
+
+    // The consumer takes the messages in memory (as many as its channel
+    // may have unwritten) and the broker asks for the next paged-out ones.
+    let mut out = Outbox::default();
+    broker
+        .consume(
+            CONNECTION,
+            1,
+            Consume {
+                queue: "big".into(),
+                consumer_tag: "c".into(),
+                no_ack: true,
+                ..Default::default()
+            },
+            &mut out,
+        )
+        .unwrap();
+    let mut delivered = Vec::new();
+    let (bodies, read_aheads) = deliveries_and_read_aheads(&mut out);
+    delivered.extend(bodies);
+    assert_eq!(delivered.len(), warren_core::RESIDENT_MESSAGES_MAX);
+    let [request] = read_aheads.as_slice() else {
+        panic!("expected one read-ahead, got {read_aheads:?}");
+    };
+    assert_eq!(request.reads.len(), warren_core::READ_AHEAD_MESSAGES);
+    assert!(
+        request.reads.windows(2).all(|pair| pair[0].0 < pair[1].0),
+        "reads come in queue order"
+    );
+    let info = broker.queue_info("/", "big").unwrap();
+    assert_eq!(info.ready_in_memory, 0);
+
+    // Once read, they wait in memory without having been taken.
+    serve_read_ahead(&mut broker, request.clone());
+    let info = broker.queue_info("/", "big").unwrap();
+    assert_eq!(info.ready, 1_000);
+    assert_eq!(info.ready_in_memory, warren_core::READ_AHEAD_MESSAGES);
+
+    // The consumer drains the rest in order, read-aheads served as asked.
+    while delivered.len() < count {
+        broker.resume_deliveries(CONNECTION, 1, &mut out);
+        let (bodies, read_aheads) = deliveries_and_read_aheads(&mut out);
+        assert!(
+            !bodies.is_empty(),
+            "the consumer stalled at {}",
+            delivered.len()
+        );
+        delivered.extend(bodies);
+        for request in read_aheads {
+            serve_read_ahead(&mut broker, request);
+        }
+    }
+    for (index, body) in delivered.iter().enumerate() {
+        assert_eq!(body, format!("m{index}").as_bytes());
+    }
+    assert_eq!(broker.queue_info("/", "big").unwrap().ready, 0);
 }
 
 #[test]

@@ -134,7 +134,9 @@ fn deliveries(out: &mut Outbox) -> Vec<Delivery> {
         .into_iter()
         .filter_map(|effect| match effect {
             Effect::Deliver(delivery) => Some(delivery),
-            Effect::CancelConsumer { .. } | Effect::CloseChannel { .. } => None,
+            Effect::CancelConsumer { .. } | Effect::CloseChannel { .. } | Effect::ReadAhead(_) => {
+                None
+            }
         })
         .collect()
 }

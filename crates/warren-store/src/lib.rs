@@ -25,7 +25,7 @@ pub mod topology;
 pub use fs::{FileSystem, OsFileSystem, SimulatedFileSystem};
 pub use log::{
     COMMIT_DURATION_BOUNDS_US, CommitTimesSnapshot, DurableListener, FreeSpace, Location,
-    LogConfig, MessageLog, RecoveredMessage, Recovery, StoreError, Ticket,
+    LogConfig, LogReader, MessageLog, RecoveredMessage, Recovery, StoreError, Ticket,
 };
 pub use record::RecordKind;
 pub use topology::{TopologyChange, TopologyJournal, TopologyWaiter};
@@ -66,6 +66,13 @@ pub trait Backlog<M>: Send {
     /// Makes room for `additional` messages about to be pushed, so a large
     /// recovered backlog is allocated once rather than by doubling.
     fn reserve(&mut self, _additional: usize) {}
+
+    /// Visits up to `count` waiting messages in the order they will be
+    /// taken; `visit` may change a message but not its place.
+    fn visit_head_mut(&mut self, count: usize, visit: &mut dyn FnMut(Sequence, &mut M));
+
+    /// The waiting message with this sequence number.
+    fn get_mut(&mut self, sequence: Sequence) -> Option<&mut M>;
 }
 
 /// A backlog held entirely in memory, ordered by sequence number.
@@ -152,6 +159,33 @@ impl<M: Send> Backlog<M> for MemoryBacklog<M> {
     fn reserve(&mut self, additional: usize) {
         self.arrived.reserve_exact(additional);
     }
+
+    fn visit_head_mut(&mut self, count: usize, visit: &mut dyn FnMut(Sequence, &mut M)) {
+        let returned = self
+            .returned
+            .iter_mut()
+            .map(|(sequence, message)| (*sequence, message));
+        let arrived = self
+            .arrived
+            .iter_mut()
+            .map(|(sequence, message)| (*sequence, message));
+        for (sequence, message) in returned.chain(arrived).take(count) {
+            visit(sequence, message);
+        }
+    }
+
+    fn get_mut(&mut self, sequence: Sequence) -> Option<&mut M> {
+        if self.returned.contains_key(&sequence) {
+            return self.returned.get_mut(&sequence);
+        }
+        let position = self
+            .arrived
+            .partition_point(|(waiting, _)| *waiting < sequence);
+        match self.arrived.get_mut(position) {
+            Some((found, message)) if *found == sequence => Some(message),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +250,30 @@ mod tests {
         );
         assert_eq!(backlog.len(), 1_200_000);
         assert_eq!(backlog.pop_front().map(|(sequence, _)| sequence), Some(1));
+    }
+
+    #[test]
+    fn the_head_is_visited_in_taking_order_and_found_by_sequence() {
+        let mut backlog = MemoryBacklog::default();
+        for sequence in 1..=5 {
+            backlog.push_back(sequence, sequence * 10);
+        }
+        let (first, _) = backlog.pop_front().unwrap();
+        let (second, _) = backlog.pop_front().unwrap();
+        backlog.requeue(second, 20);
+        backlog.requeue(first, 10);
+        let mut seen = Vec::new();
+        backlog.visit_head_mut(4, &mut |sequence, message| {
+            *message += 1;
+            seen.push(sequence);
+        });
+        assert_eq!(seen, [1, 2, 3, 4]);
+        assert_eq!(backlog.get_mut(2).copied(), Some(21));
+        assert_eq!(backlog.get_mut(4).copied(), Some(41));
+        assert_eq!(backlog.get_mut(5).copied(), Some(50));
+        assert_eq!(backlog.get_mut(6), None);
+        let taken: Vec<u64> = std::iter::from_fn(|| backlog.pop_front().map(|(_, m)| m)).collect();
+        assert_eq!(taken, [11, 21, 31, 41, 50]);
     }
 
     #[test]

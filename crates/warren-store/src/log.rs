@@ -491,34 +491,15 @@ impl MessageLog {
     /// Reads a message's payload back, from memory if it is not written yet.
     /// The payload is a view of the one buffer the record was read into.
     pub fn read(&self, location: Location) -> Result<Bytes, StoreError> {
-        let from_memory = {
-            let state = self.shared.state.lock();
-            let in_flight = state.in_flight.as_deref().map(Vec::as_slice).unwrap_or(&[]);
-            gather_unwritten(state.pending.iter().chain(in_flight.iter()), location)
-        };
-        let bytes = match from_memory {
-            Some(bytes) => bytes,
-            None => {
-                let path = self.shared.dir.join(segment_name(location.segment));
-                self.shared
-                    .fs
-                    .read_at(&path, location.offset.into(), location.length as usize)
-                    .map_err(|error| StoreError::Read {
-                        segment: location.segment,
-                        offset: location.offset.into(),
-                        reason: error.to_string(),
-                    })?
-            }
-        };
-        let payload_start = match record::decode(&bytes) {
-            Decoded::Record(record, used) => used - record.payload.len(),
-            other => Err(StoreError::Read {
-                segment: location.segment,
-                offset: location.offset.into(),
-                reason: format!("record does not decode ({other:?})"),
-            })?,
-        };
-        Ok(Bytes::from(bytes).slice(payload_start..))
+        read_payload(&self.shared, location)
+    }
+
+    /// A handle that reads records back on another thread, without
+    /// whatever lock the log's owner holds it under.
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     pub fn durable_ticket(&self) -> Ticket {
@@ -602,6 +583,50 @@ impl MessageLog {
             let _ = thread.join();
         }
     }
+}
+
+/// Reads messages' payloads back from another thread than the log's owner
+/// (see `MessageLog::reader`).
+#[derive(Clone)]
+pub struct LogReader {
+    shared: Arc<Shared>,
+}
+
+impl LogReader {
+    pub fn read(&self, location: Location) -> Result<Bytes, StoreError> {
+        read_payload(&self.shared, location)
+    }
+}
+
+fn read_payload(shared: &Shared, location: Location) -> Result<Bytes, StoreError> {
+    let from_memory = {
+        let state = shared.state.lock();
+        let in_flight = state.in_flight.as_deref().map(Vec::as_slice).unwrap_or(&[]);
+        gather_unwritten(state.pending.iter().chain(in_flight.iter()), location)
+    };
+    let bytes = match from_memory {
+        Some(bytes) => bytes,
+        None => {
+            let path = shared.dir.join(segment_name(location.segment));
+            shared
+                .fs
+                .read_at(&path, location.offset.into(), location.length as usize)
+                .map_err(|error| StoreError::Read {
+                    segment: location.segment,
+                    offset: location.offset.into(),
+                    reason: error.to_string(),
+                })?
+        }
+    };
+    let payload_start = match record::decode(&bytes) {
+        Decoded::Record(record, used) => used - record.payload.len(),
+        other => Err(StoreError::Read {
+            segment: location.segment,
+            offset: location.offset.into(),
+            reason: format!("record does not decode ({other:?})"),
+        })?,
+    };
+    Ok(Bytes::from(bytes).slice(payload_start..))
 }
 
 impl Drop for MessageLog {

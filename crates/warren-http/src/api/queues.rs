@@ -35,6 +35,10 @@ pub fn queue_json(state: &AppState, queue: &QueueInfo) -> Value {
         "messages_ready": queue.ready,
         "messages_unacknowledged": queue.unacked,
         "message_bytes_ready": queue.ready_bytes,
+        // Unacknowledged messages are always in memory here.
+        "messages_ram": queue.ready_in_memory + queue.unacked,
+        "messages_ready_ram": queue.ready_in_memory,
+        "messages_paged_out": queue.ready - queue.ready_in_memory,
         "consumers": queue.consumers,
         "message_stats": message_stats(&queue.counts, &rates),
     })
