@@ -766,7 +766,12 @@ impl Session {
                 );
             }
             queue::AMQPMethod::Purge(purge) => {
-                let message_count = hub.broker.purge_queue(self.id, purge.queue.as_str())?;
+                let mut outbox = Outbox::default();
+                let purged = hub
+                    .broker
+                    .purge_queue(self.id, purge.queue.as_str(), &mut outbox);
+                hub.dispatch(&mut outbox);
+                let message_count = purged?;
                 if !purge.nowait {
                     self.reply(
                         number,

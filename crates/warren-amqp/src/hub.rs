@@ -15,9 +15,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use amq_protocol::protocol::{AMQPClass, basic};
 use amq_protocol::types::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
-use warren_core::{Broker, BrokerError, ConnectionId, Effect, Outbox, ReadAhead};
+use warren_core::{Broker, BrokerError, ConnectionId, Effect, Outbox};
 
 use crate::mailbox::Mailbox;
+use crate::store_worker::StoreWork;
 use crate::writer::{Outbound, OutboundQueue};
 
 /// How often the broker's timer runs (message TTLs, queue expiry, consumer
@@ -159,8 +160,8 @@ pub struct Hub {
     notices: HashMap<ConnectionId, Mailbox<ConnectionNotice>>,
     connections: HashMap<ConnectionId, ConnectionInfo>,
     next_connection: u64,
-    /// Where the broker's read-aheads go (`read_ahead.rs`), once started.
-    read_ahead: Option<mpsc::Sender<ReadAhead>>,
+    /// Where the store's slow work goes (`store_worker.rs`), once started.
+    store_worker: Option<mpsc::Sender<StoreWork>>,
 }
 
 impl Hub {
@@ -171,12 +172,12 @@ impl Hub {
             notices: HashMap::new(),
             connections: HashMap::new(),
             next_connection: 0,
-            read_ahead: None,
+            store_worker: None,
         }
     }
 
-    pub(crate) fn set_read_ahead(&mut self, requests: mpsc::Sender<ReadAhead>) {
-        self.read_ahead = Some(requests);
+    pub(crate) fn set_store_worker(&mut self, work: mpsc::Sender<StoreWork>) {
+        self.store_worker = Some(work);
     }
 
     pub fn allocate_connection_id(&mut self) -> ConnectionId {
@@ -275,11 +276,16 @@ impl Hub {
                         notices.push(ConnectionNotice::CloseChannel { channel, error });
                     }
                 }
+                // Sending fails only once the worker has stopped, with the
+                // hub going away.
                 Effect::ReadAhead(request) => {
-                    if let Some(requests) = &self.read_ahead {
-                        // Fails only once the reader has stopped, with the
-                        // hub going away.
-                        let _ = requests.send(request);
+                    if let Some(work) = &self.store_worker {
+                        let _ = work.send(StoreWork::ReadAhead(request));
+                    }
+                }
+                Effect::Discard(discard) => {
+                    if let Some(work) = &self.store_worker {
+                        let _ = work.send(StoreWork::Discard(discard));
                     }
                 }
                 Effect::CancelConsumer {

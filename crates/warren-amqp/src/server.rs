@@ -20,8 +20,8 @@ use crate::connection::{self, Shared};
 use crate::direct::DirectConnector;
 use crate::hub::{Hub, SharedHub, wall_clock_ms};
 use crate::listen;
-use crate::read_ahead;
 use crate::storage::{self, StorageError, StorageSignals};
+use crate::store_worker;
 use crate::transport::Transport;
 
 /// Password checks (Argon2id: about 19 MiB and tens of milliseconds each)
@@ -88,7 +88,7 @@ impl AmqpServer {
             None => None,
         };
         let hub = SharedHub::new(Hub::new(broker));
-        read_ahead::start(&hub)?;
+        store_worker::start(&hub)?;
         Ok(Self {
             listener,
             tls_listener,

@@ -20,6 +20,7 @@ use crate::bindings::Bindings;
 use crate::codec::encode_message_head;
 use crate::dead_letter::{DeadLetter, DeathReason};
 use crate::delivery::{SettleRound, Settled, Settling};
+use crate::discard::{Discard, forget_copy};
 use crate::durable::{
     DurableDestination, Store, binding_entry, exchange_entry, exchange_removal, queue_entry,
 };
@@ -122,8 +123,9 @@ impl UnwrittenDeliveries {
     }
 }
 
-/// Something the broker decided that a connection must be told.
-#[derive(Debug, Clone)]
+/// Something the broker decided that a connection, or the store's worker,
+/// must carry out.
+#[derive(Debug)]
 pub enum Effect {
     Deliver(Delivery),
     /// The broker cancelled a consumer because its queue went away
@@ -141,8 +143,11 @@ pub enum Effect {
         error: BrokerError,
     },
     /// Read these paged-out messages back off the lock and hand them to
-    /// `Broker::install_read_ahead` (only once `enable_read_ahead` is on).
+    /// `Broker::install_read_ahead` (only once `enable_store_worker` is on).
     ReadAhead(ReadAhead),
+    /// Run this discard off the lock (only once `enable_store_worker` is
+    /// on).
+    Discard(Discard),
 }
 
 #[derive(Debug, Default)]
@@ -333,9 +338,9 @@ pub struct Broker {
     /// The message log and topology file; None for a broker that keeps
     /// everything in memory (tests of the state machine).
     pub(crate) store: Option<Store>,
-    /// Whether the caller reads paged-out messages ahead of consumers
-    /// (`Effect::ReadAhead`).
-    pub(crate) read_ahead: bool,
+    /// Whether the caller runs the store's slow work off the lock
+    /// (`Effect::ReadAhead`, `Effect::Discard`).
+    pub(crate) store_worker: bool,
     pub(crate) name_state: u64,
     pub(crate) limits: Limits,
     /// The time as the caller last gave it, ms since the UNIX epoch; never
@@ -381,7 +386,7 @@ impl Broker {
             connections: HashMap::new(),
             next_queue_id: 0,
             store: None,
-            read_ahead: false,
+            store_worker: false,
             name_state: seed | 1,
             limits,
             now_ms: 0,
@@ -911,7 +916,12 @@ impl Broker {
     }
 
     /// Removes the queue's waiting messages; returns how many there were.
-    pub fn purge_queue(&mut self, connection: ConnectionId, queue: &str) -> BrokerResult<u32> {
+    pub fn purge_queue(
+        &mut self,
+        connection: ConnectionId,
+        queue: &str,
+        out: &mut Outbox,
+    ) -> BrokerResult<u32> {
         if crate::reply_to::is_reply_to_name(queue) {
             return Err(BrokerError::not_found(format!("no queue '{queue}'")));
         }
@@ -920,11 +930,9 @@ impl Broker {
             .queues
             .get_mut(&id)
             .expect("queue_for returns live queues");
-        let drained = queue.drain();
-        let count = drained.len() as u32;
-        for (sequence, stored) in drained {
-            forget_stored(self.store.as_ref(), true, id, sequence, stored);
-        }
+        let count = queue.ready_count() as u32;
+        let discard = Discard::new(id, true, queue.take_backlog());
+        self.dispose(discard, out);
         Ok(count)
     }
 
@@ -959,6 +967,19 @@ impl Broker {
         Ok(self.delete_queue_by_id(id, out))
     }
 
+    /// Runs a discard: on the store's worker when there is one, since its
+    /// cost grows with the queue, or here.
+    fn dispose(&self, discard: Discard, out: &mut Outbox) {
+        if discard.is_empty() {
+            return;
+        }
+        match &self.store {
+            Some(_) if self.store_worker => out.effects.push(Effect::Discard(discard)),
+            Some(store) => discard.run_in_place(&store.log),
+            None => {}
+        }
+    }
+
     pub(crate) fn delete_queue_by_id(&mut self, id: QueueId, out: &mut Outbox) -> u32 {
         let Some(mut queue) = self.queues.remove(&id) else {
             return 0;
@@ -977,11 +998,10 @@ impl Broker {
             unroutable: 0,
             ..queue.counts
         };
-        for (sequence, stored) in queue.drain() {
-            // The topology no longer names the queue, so recovery ignores its
-            // records; the log only needs to stop counting them.
-            forget_stored(self.store.as_ref(), false, id, sequence, stored);
-        }
+        // The topology no longer names the queue, so recovery ignores its
+        // records; the log only needs to stop counting them.
+        let discard = Discard::new(id, false, queue.take_backlog());
+        self.dispose(discard, out);
         if let Some(vhost) = self.vhosts.get_mut(&queue.vhost) {
             vhost.queues.remove(queue.name.as_str());
             let destination = Destination::Queue(id);
@@ -1434,18 +1454,8 @@ pub(crate) fn forget_stored(
     sequence: Sequence,
     stored: Stored,
 ) {
-    let Some(log) = store.map(|store| &store.log) else {
-        return;
-    };
-    match stored {
-        Stored::Nowhere => {}
-        Stored::Paged(location) => log.release(location),
-        Stored::Published(location) if queue_exists => {
-            // A poisoned log refuses the record; the message may then come
-            // back after a restart, which at-least-once delivery allows.
-            let _ = log.append_remove(queue.0, sequence, location);
-        }
-        Stored::Published(location) => log.release(location),
+    if let Some(store) = store {
+        forget_copy(&store.log, queue_exists, queue, sequence, stored);
     }
 }
 

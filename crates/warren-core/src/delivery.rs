@@ -478,7 +478,7 @@ impl Broker {
                     self.now_ms,
                     out,
                 );
-                if self.read_ahead
+                if self.store_worker
                     && let Some(queue) = self.queues.get_mut(id)
                     && let Some(read_ahead) = queue.read_ahead()
                 {

@@ -297,11 +297,13 @@ impl Broker {
         self.store.as_ref().map(|store| &store.log)
     }
 
-    /// From now on the caller reads paged-out messages back ahead of the
-    /// consumers, off the lock: deliveries then emit `Effect::ReadAhead`
-    /// and the caller answers with `install_read_ahead`.
-    pub fn enable_read_ahead(&mut self) {
-        self.read_ahead = true;
+    /// From now on the caller runs the store's slow work on a thread of
+    /// its own, off the lock: it reads paged-out messages back ahead of
+    /// the consumers (`Effect::ReadAhead`, answered with
+    /// `install_read_ahead`) and runs the discards of purged and deleted
+    /// queues (`Effect::Discard`).
+    pub fn enable_store_worker(&mut self) {
+        self.store_worker = true;
     }
 
     /// Puts the messages a read-ahead brought back in place, each as

@@ -11,6 +11,7 @@ mod broker;
 pub mod codec;
 mod dead_letter;
 mod delivery;
+mod discard;
 mod durable;
 mod error;
 mod exchange;
@@ -28,6 +29,7 @@ pub use broker::{
     Published, QueueDeclare, QueueDeclared, UnwrittenDeliveries,
 };
 pub use dead_letter::DeathReason;
+pub use discard::Discard;
 pub use durable::{RecoveryError, RecoverySummary};
 pub use error::{BrokerError, BrokerResult, ErrorCode};
 pub use exchange::{ExchangeKind, headers_match, topic_matches};

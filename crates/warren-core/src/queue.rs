@@ -702,17 +702,20 @@ impl Queue {
         }
     }
 
-    /// Removes every waiting message; returns what each was stored as.
-    pub fn drain(&mut self) -> Vec<(Sequence, Stored)> {
+    /// Empties the queue at once and hands back its backlog, whose stored
+    /// copies the caller forgets (see `Discard`): O(1), however long the
+    /// queue was.
+    pub fn take_backlog(&mut self) -> Box<dyn Backlog<QueuedMessage>> {
+        let empty: Box<dyn Backlog<QueuedMessage>> = match self.args.max_priority {
+            Some(max) => Box::new(PriorityBacklog::new(max)),
+            None => Box::new(MemoryBacklog::default()),
+        };
         self.resident_messages = 0;
         self.resident_bytes = 0;
         self.ready_bytes = 0;
-        let mut drained = Vec::with_capacity(self.backlog.len());
-        while let Some((sequence, queued)) = self.backlog.pop_front() {
-            drained.push((sequence, queued.stored));
-        }
+        let taken = std::mem::replace(&mut self.backlog, empty);
         self.gauge_ready();
-        drained
+        taken
     }
 
     /// Body bytes of the waiting messages.

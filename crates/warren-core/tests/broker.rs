@@ -82,9 +82,10 @@ fn deliveries(out: &mut Outbox) -> Vec<Delivery> {
         .into_iter()
         .filter_map(|effect| match effect {
             Effect::Deliver(delivery) => Some(delivery),
-            Effect::CancelConsumer { .. } | Effect::CloseChannel { .. } | Effect::ReadAhead(_) => {
-                None
-            }
+            Effect::CancelConsumer { .. }
+            | Effect::CloseChannel { .. }
+            | Effect::ReadAhead(_)
+            | Effect::Discard(_) => None,
         })
         .collect()
 }
@@ -403,7 +404,10 @@ fn deleting_a_queue_cancels_its_consumers() {
                 consumer_tag,
                 ..
             } => Some((connection, consumer_tag)),
-            Effect::Deliver(_) | Effect::CloseChannel { .. } | Effect::ReadAhead(_) => None,
+            Effect::Deliver(_)
+            | Effect::CloseChannel { .. }
+            | Effect::ReadAhead(_)
+            | Effect::Discard(_) => None,
         })
         .collect();
     assert_eq!(cancelled, [(B, ShortString::from("watcher"))]);

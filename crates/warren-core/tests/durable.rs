@@ -11,7 +11,8 @@ use amq_protocol::protocol::BasicProperties;
 use bytes::Bytes;
 use warren_core::codec::decode_stored_message;
 use warren_core::{
-    Broker, ConnectionId, Consume, Effect, Limits, Message, Outbox, QueueDeclare, ReadAhead,
+    Broker, ConnectionId, Consume, Discard, Effect, Limits, Message, Outbox, QueueDeclare,
+    ReadAhead,
 };
 use warren_store::{FileSystem, LogConfig, MessageLog, SimulatedFileSystem, TopologyJournal};
 
@@ -69,7 +70,7 @@ fn message(queue: &str, body: String, persistent: bool) -> Arc<Message> {
 /// What the server's reader thread does with a read-ahead: read each
 /// record back and hand the messages to the broker.
 fn serve_read_ahead(broker: &mut Broker, request: ReadAhead) {
-    let reader = broker.message_log().expect("a log").reader();
+    let reader = broker.message_log().expect("a log").handle();
     let loaded = request
         .reads
         .iter()
@@ -103,7 +104,7 @@ fn deliveries_and_read_aheads(out: &mut Outbox) -> (Vec<Bytes>, Vec<ReadAhead>) 
 fn paged_out_messages_are_read_back_ahead_of_a_consumer_and_kept_in_order() {
     let fs = SimulatedFileSystem::new();
     let mut broker = broker_on(&fs);
-    broker.enable_read_ahead();
+    broker.enable_store_worker();
     declare(&mut broker, "big", false);
     let count = warren_core::RESIDENT_MESSAGES_MAX + 1_000;
     for index in 0..count {
@@ -301,6 +302,62 @@ fn a_message_redelivered_after_a_crash_stays_marked_after_a_clean_restart() {
         again.redelivered,
         "it was delivered before the clean restart"
     );
+}
+
+/// Purging a long queue costs the broker O(1): its messages go to the
+/// store's worker as one discard, which writes their removal records off
+/// the lock; after a restart the purged messages stay gone and a message
+/// published after the purge is still there.
+#[test]
+fn a_purged_queue_is_discarded_off_the_lock_and_stays_purged_after_a_restart() {
+    let fs = SimulatedFileSystem::new();
+    let count = 10_000;
+    {
+        let mut broker = broker_on(&fs);
+        broker.enable_store_worker();
+        declare(&mut broker, "jobs", true);
+        for index in 0..count {
+            broker
+                .publish(
+                    CONNECTION,
+                    1,
+                    message("jobs", format!("m{index}"), true),
+                    &mut Outbox::default(),
+                )
+                .unwrap();
+        }
+        let mut out = Outbox::default();
+        let purged = broker.purge_queue(CONNECTION, "jobs", &mut out).unwrap();
+        assert_eq!(purged, count);
+        assert_eq!(broker.queue_info("/", "jobs").unwrap().ready, 0);
+        let discards: Vec<Discard> = out
+            .take()
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::Discard(discard) => Some(discard),
+                _ => None,
+            })
+            .collect();
+        let [discard] = <[Discard; 1]>::try_from(discards).expect("one discard");
+        assert_eq!(discard.len(), count as usize);
+        discard.run(&broker.message_log().unwrap().handle());
+        broker
+            .publish(
+                CONNECTION,
+                1,
+                message("jobs", "after".into(), true),
+                &mut Outbox::default(),
+            )
+            .unwrap();
+        broker.close_store().unwrap();
+    }
+    let mut broker = broker_on(&fs);
+    assert_eq!(broker.queue_info("/", "jobs").unwrap().ready, 1);
+    let got = broker
+        .get(CONNECTION, 1, "jobs", true, &mut Outbox::default())
+        .unwrap()
+        .expect("the message published after the purge");
+    assert_eq!(got.message.body, "after".as_bytes());
 }
 
 /// The journal records each durable change as it is made, not the whole

@@ -134,9 +134,10 @@ fn deliveries(out: &mut Outbox) -> Vec<Delivery> {
         .into_iter()
         .filter_map(|effect| match effect {
             Effect::Deliver(delivery) => Some(delivery),
-            Effect::CancelConsumer { .. } | Effect::CloseChannel { .. } | Effect::ReadAhead(_) => {
-                None
-            }
+            Effect::CancelConsumer { .. }
+            | Effect::CloseChannel { .. }
+            | Effect::ReadAhead(_)
+            | Effect::Discard(_) => None,
         })
         .collect()
 }

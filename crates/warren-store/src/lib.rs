@@ -25,7 +25,7 @@ pub mod topology;
 pub use fs::{FileSystem, OsFileSystem, SimulatedFileSystem};
 pub use log::{
     COMMIT_DURATION_BOUNDS_US, CommitTimesSnapshot, DurableListener, FreeSpace, Location,
-    LogConfig, LogReader, MessageLog, RecoveredMessage, Recovery, StoreError, Ticket,
+    LogConfig, LogHandle, MessageLog, RecoveredMessage, Recovery, StoreError, Ticket,
 };
 pub use record::RecordKind;
 pub use topology::{TopologyChange, TopologyJournal, TopologyWaiter};

@@ -46,16 +46,23 @@ pub type Ticket = u64;
 pub enum StoreError {
     #[error("the message store is poisoned by an earlier failure ({0}); restart the broker")]
     Poisoned(String),
+    /// A message could not be read back: the disk refused (`kind` says
+    /// how), or the record there does not decode (`InvalidData`).
     #[error("reading the message at segment {segment} offset {offset}: {reason}")]
     Read {
         segment: u64,
         offset: u64,
+        kind: io::ErrorKind,
         reason: String,
     },
+    /// A file operation failed; `kind` is the operating system's verdict
+    /// (`StorageFull`, `PermissionDenied`, ...), for callers that treat
+    /// them apart.
     #[error("{operation} {path}: {reason}")]
     Io {
         operation: &'static str,
         path: String,
+        kind: io::ErrorKind,
         reason: String,
     },
 }
@@ -65,6 +72,7 @@ impl StoreError {
         StoreError::Io {
             operation,
             path: path.display().to_string(),
+            kind: error.kind(),
             reason: error.to_string(),
         }
     }
@@ -356,7 +364,7 @@ impl MessageLog {
         debug_assert!(matches!(kind, RecordKind::Publish | RecordKind::Paged));
         let mut state = self.shared.state.lock();
         let (location, ticket) =
-            self.append_locked(&mut state, kind, queue, sequence, head, tail)?;
+            append_locked(&self.shared, &mut state, kind, queue, sequence, head, tail)?;
         state.segments.entry(location.segment).or_default().live += 1;
         Ok((location, ticket))
     }
@@ -368,7 +376,13 @@ impl MessageLog {
         sequence: u64,
         published_at: Location,
     ) -> Result<Ticket, StoreError> {
-        self.append_reference(RecordKind::Remove, queue, sequence, published_at)
+        append_reference(
+            &self.shared,
+            RecordKind::Remove,
+            queue,
+            sequence,
+            published_at,
+        )
     }
 
     /// Records that a message was handed to a consumer.
@@ -378,33 +392,13 @@ impl MessageLog {
         sequence: u64,
         published_at: Location,
     ) -> Result<Ticket, StoreError> {
-        self.append_reference(RecordKind::Delivered, queue, sequence, published_at)
-    }
-
-    fn append_reference(
-        &self,
-        kind: RecordKind,
-        queue: u64,
-        sequence: u64,
-        published_at: Location,
-    ) -> Result<Ticket, StoreError> {
-        let mut state = self.shared.state.lock();
-        let (location, ticket) =
-            self.append_locked(&mut state, kind, queue, sequence, &[], &Bytes::new())?;
-        if published_at.segment < location.segment
-            && state.segments.contains_key(&published_at.segment)
-        {
-            state
-                .segments
-                .entry(location.segment)
-                .or_default()
-                .back_references
-                .insert(published_at.segment);
-        }
-        if kind == RecordKind::Remove {
-            release_locked(&mut state, published_at);
-        }
-        Ok(ticket)
+        append_reference(
+            &self.shared,
+            RecordKind::Delivered,
+            queue,
+            sequence,
+            published_at,
+        )
     }
 
     /// Forgets a message without writing anything: a paged transient
@@ -414,90 +408,16 @@ impl MessageLog {
         release_locked(&mut self.shared.state.lock(), location);
     }
 
-    fn append_locked(
-        &self,
-        state: &mut State,
-        kind: RecordKind,
-        queue: u64,
-        sequence: u64,
-        head: &[u8],
-        tail: &Bytes,
-    ) -> Result<(Location, Ticket), StoreError> {
-        if let Some(reason) = &state.poisoned {
-            return Err(StoreError::Poisoned(reason.clone()));
-        }
-        let length = record::encoded_length(head.len() + tail.len()) as u64;
-        if state.active_length > 0
-            && state.active_length + length > self.shared.config.segment_size_bytes
-        {
-            state.active_segment += 1;
-            state.active_length = 0;
-            state.segments.entry(state.active_segment).or_default();
-        }
-        let segment = state.active_segment;
-        let offset = state.active_length;
-        let Ok(record_offset) = u32::try_from(offset) else {
-            return Err(StoreError::Poisoned(format!(
-                "segment {segment} grew past 4 GiB, which a record's location cannot address"
-            )));
-        };
-        // Records go into the last pending write's own buffer unless that
-        // write is in another segment or is a shared tail.
-        let appendable = matches!(
-            state.pending.last(),
-            Some(PendingWrite { segment: last, data: PendingData::Encoded(_), .. }) if *last == segment
-        );
-        if !appendable {
-            state.pending.push(PendingWrite {
-                segment,
-                base_offset: offset,
-                data: PendingData::Encoded(Vec::with_capacity(64 * 1024)),
-            });
-        }
-        let Some(PendingWrite {
-            data: PendingData::Encoded(buffer),
-            ..
-        }) = state.pending.last_mut()
-        else {
-            unreachable!("the last pending write is an encoded one");
-        };
-        if tail.len() >= SHARED_TAIL_MIN_BYTES {
-            let head_length =
-                record::encode_head(buffer, kind, queue, sequence, head, tail) - tail.len();
-            state.pending.push(PendingWrite {
-                segment,
-                base_offset: offset + head_length as u64,
-                data: PendingData::Shared(tail.clone()),
-            });
-        } else {
-            record::encode_head(buffer, kind, queue, sequence, head, tail);
-            buffer.extend_from_slice(tail);
-        }
-        state.active_length += length;
-        state.pending_bytes += length as usize;
-        state.last_ticket += 1;
-        state.last_append = Instant::now();
-        self.shared.work.notify_one();
-        Ok((
-            Location {
-                segment,
-                offset: record_offset,
-                length: length as u32,
-            },
-            state.last_ticket,
-        ))
-    }
-
     /// Reads a message's payload back, from memory if it is not written yet.
     /// The payload is a view of the one buffer the record was read into.
     pub fn read(&self, location: Location) -> Result<Bytes, StoreError> {
         read_payload(&self.shared, location)
     }
 
-    /// A handle that reads records back on another thread, without
-    /// whatever lock the log's owner holds it under.
-    pub fn reader(&self) -> LogReader {
-        LogReader {
+    /// A handle for another thread, which reads messages back and forgets
+    /// them without whatever lock the log's owner holds it under.
+    pub fn handle(&self) -> LogHandle {
+        LogHandle {
             shared: Arc::clone(&self.shared),
         }
     }
@@ -585,17 +505,143 @@ impl MessageLog {
     }
 }
 
-/// Reads messages' payloads back from another thread than the log's owner
-/// (see `MessageLog::reader`).
+/// The log for another thread than its owner's (see `MessageLog::handle`):
+/// it reads messages back and forgets them, which needs no lock but the
+/// log's own.
 #[derive(Clone)]
-pub struct LogReader {
+pub struct LogHandle {
     shared: Arc<Shared>,
 }
 
-impl LogReader {
+impl LogHandle {
     pub fn read(&self, location: Location) -> Result<Bytes, StoreError> {
         read_payload(&self.shared, location)
     }
+
+    /// As `MessageLog::append_remove`.
+    pub fn append_remove(
+        &self,
+        queue: u64,
+        sequence: u64,
+        published_at: Location,
+    ) -> Result<Ticket, StoreError> {
+        append_reference(
+            &self.shared,
+            RecordKind::Remove,
+            queue,
+            sequence,
+            published_at,
+        )
+    }
+
+    /// As `MessageLog::release`.
+    pub fn release(&self, location: Location) {
+        release_locked(&mut self.shared.state.lock(), location);
+    }
+}
+
+fn append_reference(
+    shared: &Shared,
+    kind: RecordKind,
+    queue: u64,
+    sequence: u64,
+    published_at: Location,
+) -> Result<Ticket, StoreError> {
+    let mut state = shared.state.lock();
+    let (location, ticket) = append_locked(
+        shared,
+        &mut state,
+        kind,
+        queue,
+        sequence,
+        &[],
+        &Bytes::new(),
+    )?;
+    if published_at.segment < location.segment && state.segments.contains_key(&published_at.segment)
+    {
+        state
+            .segments
+            .entry(location.segment)
+            .or_default()
+            .back_references
+            .insert(published_at.segment);
+    }
+    if kind == RecordKind::Remove {
+        release_locked(&mut state, published_at);
+    }
+    Ok(ticket)
+}
+
+fn append_locked(
+    shared: &Shared,
+    state: &mut State,
+    kind: RecordKind,
+    queue: u64,
+    sequence: u64,
+    head: &[u8],
+    tail: &Bytes,
+) -> Result<(Location, Ticket), StoreError> {
+    if let Some(reason) = &state.poisoned {
+        return Err(StoreError::Poisoned(reason.clone()));
+    }
+    let length = record::encoded_length(head.len() + tail.len()) as u64;
+    if state.active_length > 0 && state.active_length + length > shared.config.segment_size_bytes {
+        state.active_segment += 1;
+        state.active_length = 0;
+        state.segments.entry(state.active_segment).or_default();
+    }
+    let segment = state.active_segment;
+    let offset = state.active_length;
+    let Ok(record_offset) = u32::try_from(offset) else {
+        return Err(StoreError::Poisoned(format!(
+            "segment {segment} grew past 4 GiB, which a record's location cannot address"
+        )));
+    };
+    // Records go into the last pending write's own buffer unless that
+    // write is in another segment or is a shared tail.
+    let appendable = matches!(
+        state.pending.last(),
+        Some(PendingWrite { segment: last, data: PendingData::Encoded(_), .. }) if *last == segment
+    );
+    if !appendable {
+        state.pending.push(PendingWrite {
+            segment,
+            base_offset: offset,
+            data: PendingData::Encoded(Vec::with_capacity(64 * 1024)),
+        });
+    }
+    let Some(PendingWrite {
+        data: PendingData::Encoded(buffer),
+        ..
+    }) = state.pending.last_mut()
+    else {
+        unreachable!("the last pending write is an encoded one");
+    };
+    if tail.len() >= SHARED_TAIL_MIN_BYTES {
+        let head_length =
+            record::encode_head(buffer, kind, queue, sequence, head, tail) - tail.len();
+        state.pending.push(PendingWrite {
+            segment,
+            base_offset: offset + head_length as u64,
+            data: PendingData::Shared(tail.clone()),
+        });
+    } else {
+        record::encode_head(buffer, kind, queue, sequence, head, tail);
+        buffer.extend_from_slice(tail);
+    }
+    state.active_length += length;
+    state.pending_bytes += length as usize;
+    state.last_ticket += 1;
+    state.last_append = Instant::now();
+    shared.work.notify_one();
+    Ok((
+        Location {
+            segment,
+            offset: record_offset,
+            length: length as u32,
+        },
+        state.last_ticket,
+    ))
 }
 
 fn read_payload(shared: &Shared, location: Location) -> Result<Bytes, StoreError> {
@@ -614,6 +660,7 @@ fn read_payload(shared: &Shared, location: Location) -> Result<Bytes, StoreError
                 .map_err(|error| StoreError::Read {
                     segment: location.segment,
                     offset: location.offset.into(),
+                    kind: error.kind(),
                     reason: error.to_string(),
                 })?
         }
@@ -623,6 +670,7 @@ fn read_payload(shared: &Shared, location: Location) -> Result<Bytes, StoreError
         other => Err(StoreError::Read {
             segment: location.segment,
             offset: location.offset.into(),
+            kind: io::ErrorKind::InvalidData,
             reason: format!("record does not decode ({other:?})"),
         })?,
     };

@@ -150,6 +150,7 @@ impl TopologyJournal {
                 .map_err(|error| StoreError::Io {
                     operation: "starting",
                     path: "the topology writer thread".into(),
+                    kind: error.kind(),
                     reason: error.to_string(),
                 })?
         };
@@ -377,6 +378,7 @@ fn io(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> St
     move |error| StoreError::Io {
         operation,
         path,
+        kind: error.kind(),
         reason: error.to_string(),
     }
 }

@@ -494,3 +494,35 @@ proptest! {
         log.abandon();
     }
 }
+
+/// A read that fails says why in `io::ErrorKind` terms, from another
+/// thread's handle as from the log: a missing segment is `NotFound`, a
+/// record that no longer decodes is `InvalidData`.
+#[test]
+fn failed_reads_keep_their_error_kind() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let (first, _) = publish(&log, 1, 1, b"one");
+    let (second, ticket) = publish(&log, 1, 2, b"two");
+    reports.wait_durable(ticket).unwrap();
+    let handle = log.handle();
+    assert_eq!(&handle.read(first).unwrap()[..], b"one");
+
+    fs.corrupt(&segment_path(second.segment), second.offset as usize + 20);
+    let kind_of = |error: StoreError| match error {
+        StoreError::Read { kind, .. } => kind,
+        other => panic!("expected a read error, got {other:?}"),
+    };
+    assert_eq!(
+        kind_of(handle.read(second).unwrap_err()),
+        std::io::ErrorKind::InvalidData
+    );
+    let elsewhere = Location {
+        segment: second.segment + 100,
+        ..second
+    };
+    assert_eq!(
+        kind_of(log.read(elsewhere).unwrap_err()),
+        std::io::ErrorKind::NotFound
+    );
+}

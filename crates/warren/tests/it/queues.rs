@@ -1,11 +1,9 @@
 //! Queues: declaration (server-named, passive, equivalence), exclusivity,
 //! auto-delete, purge, delete conditions and consumer cancel notifications.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_lite::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, Queue,

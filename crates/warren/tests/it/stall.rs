@@ -10,12 +10,10 @@
 //! two-core machine, and four brokers under heavy load at once would
 //! measure each other.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_lite::StreamExt;
 use lapin::{BasicProperties, Confirmation, options::*, types::FieldTable};
 use tokio::task::JoinHandle;

@@ -2,14 +2,12 @@
 //! all-MiniLM-L6-v2, and `warren worker` as a separate process, driven by a
 //! real client. The model comes from `scripts/fetch-models.sh`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Broker, next_delivery, within};
+use crate::common::{Broker, next_delivery, within};
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions,

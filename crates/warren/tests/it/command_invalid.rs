@@ -2,10 +2,8 @@
 //! valid where it was sent closes the connection, as in RabbitMQ; and the
 //! one such refusal the current RabbitMQ turned into a channel error.
 
-mod common;
-
+use crate::common::*;
 use amq_protocol::protocol::{AMQPClass, basic, connection, exchange};
-use common::*;
 
 fn declare_exchange(name: &str, kind: &str) -> AMQPClass {
     AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {

@@ -3,9 +3,7 @@
 //! answer of every cell is written down in `MATRIX`; a refusal must close
 //! the channel with 403 and name the resource, as RabbitMQ does.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ErrorKind, ExchangeKind};

@@ -18,8 +18,6 @@
 //! broker generation's stderr is written under
 //! `$CARGO_TARGET_TMPDIR/crash_recovery-<seed>/`.
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::{Path, PathBuf},
@@ -30,7 +28,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use common::*;
+use crate::common::*;
 use futures_lite::StreamExt;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,

@@ -1,15 +1,13 @@
 //! Heartbeats: the broker sends them at the negotiated interval and drops
 //! clients that go silent for two intervals.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use amq_protocol::{
     frame::AMQPFrame,
     protocol::{AMQPClass, connection},
 };
-use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_client_is_disconnected_after_missed_heartbeats() {

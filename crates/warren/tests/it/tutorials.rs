@@ -1,9 +1,7 @@
 //! RabbitMQ's six tutorials, written with lapin as a RabbitMQ user would
 //! write them, run against the real broker.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_lite::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ExchangeKind,

@@ -1,14 +1,12 @@
 //! Misbehaving clients, driven with raw bytes: every case must get the
 //! RabbitMQ-compatible error, and the broker must keep serving others.
 
-mod common;
-
+use crate::common::*;
 use amq_protocol::{
     frame::AMQPFrame,
     protocol::{AMQPClass, basic, channel, queue as pqueue},
     types::FieldTable,
 };
-use common::*;
 
 fn channel_open() -> AMQPClass {
     AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))

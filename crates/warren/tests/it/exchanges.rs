@@ -1,9 +1,7 @@
 //! Exchanges: declaration rules, deletion, routing semantics of the four
 //! standard exchange types, and exchange-to-exchange bindings.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use lapin::{
     BasicProperties, Channel, Connection, ExchangeKind,
     options::*,

@@ -4,11 +4,9 @@
 //! untrusted CA refused in the handshake. Certificates come from
 //! tests/tls/make-certs.sh (openssl).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use lapin::options::*;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::FieldTable;

@@ -3,11 +3,9 @@
 //! large before and after login, and a well-behaved client that must keep
 //! working through all of it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

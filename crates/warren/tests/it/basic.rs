@@ -1,12 +1,10 @@
 //! The basic class: publish/consume/get, acknowledgements, prefetch, recover,
 //! requeue ordering, exclusive consumers and consumer tags.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use amq_protocol::protocol::{AMQPClass, basic, queue as pqueue};
-use common::*;
 use futures_lite::StreamExt;
 use lapin::{
     BasicProperties, Channel, Confirmation,

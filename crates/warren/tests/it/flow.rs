@@ -2,9 +2,7 @@
 //! loses nothing and gets every confirm, and a publisher to a queue with a
 //! slow consumer is not held back at all.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_lite::StreamExt;
 use lapin::{BasicProperties, Confirmation, options::*, types::FieldTable};
 

@@ -1,14 +1,12 @@
 //! Connection-level behaviour: handshake, negotiation, authentication, vhosts,
 //! channel limits and clean shutdown.
 
-mod common;
-
+use crate::common::*;
 use amq_protocol::{
     frame::AMQPFrame,
     protocol::{AMQPClass, channel, connection},
     types::AMQPValue,
 };
-use common::*;
 use lapin::{ErrorKind, options::QueueDeclareOptions, types::FieldTable};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,14 +1,12 @@
 //! Publisher confirms and transactions.
 
-mod common;
-
 use std::collections::BTreeSet;
 
+use crate::common::*;
 use amq_protocol::{
     frame::AMQPFrame,
     protocol::{AMQPClass, basic, confirm},
 };
-use common::*;
 use lapin::{BasicProperties, Channel, Confirmation, options::*};
 
 async fn publish(ch: &Channel, queue: &str, body: &[u8]) -> lapin::PublisherConfirm {
