@@ -153,7 +153,8 @@ impl ConnectionInfo {
 }
 
 pub struct Hub {
-    pub broker: Broker,
+    /// The broker itself; other crates read it through `broker()`.
+    pub(crate) broker: Broker,
     writers: HashMap<ConnectionId, OutboundQueue>,
     /// Unbounded, yet bounded in practice: the broker asks at most once per
     /// channel, and a connection has at most channel_max channels.
@@ -178,6 +179,12 @@ impl Hub {
 
     pub(crate) fn set_store_worker(&mut self, work: mpsc::Sender<StoreWork>) {
         self.store_worker = Some(work);
+    }
+
+    /// The broker, to read its state (the management API's views, the
+    /// metrics); changes go through sessions.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
     }
 
     pub fn allocate_connection_id(&mut self) -> ConnectionId {

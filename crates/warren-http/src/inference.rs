@@ -79,7 +79,7 @@ fn queue_state(state: &AppState, model: &ModelStatus) -> (usize, usize) {
     state
         .hub
         .lock()
-        .broker
+        .broker()
         .queue_info("/", &model.queue)
         .map_or((0, 0), |queue| (queue.consumers, queue.ready))
 }

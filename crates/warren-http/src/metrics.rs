@@ -38,10 +38,10 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     let models = state.models.models();
     let snapshot = {
         let hub = state.hub.lock();
-        let totals = hub.broker.totals();
-        let log = hub.broker.message_log();
+        let totals = hub.broker().totals();
+        let log = hub.broker().message_log();
         Snapshot {
-            queues: hub.broker.queue_infos(None),
+            queues: hub.broker().queue_infos(None),
             connections: totals.connections,
             channels: totals.channels,
             consumers: totals.consumers,

@@ -49,9 +49,9 @@ impl Rates {
             let (broker, queues, exchanges) = {
                 let hub = hub.lock();
                 (
-                    hub.broker.totals().counts,
-                    hub.broker.queue_message_counts(),
-                    hub.broker.exchange_counts(),
+                    hub.broker().totals().counts,
+                    hub.broker().queue_message_counts(),
+                    hub.broker().exchange_counts(),
                 )
             };
             self.record(Sample {

@@ -59,7 +59,7 @@ fn bindings_where(
     vhost: Option<&str>,
     keep: impl Fn(&BindingInfo) -> bool,
 ) -> Json<Value> {
-    let bindings = state.hub.lock().broker.binding_infos(vhost);
+    let bindings = state.hub.lock().broker().binding_infos(vhost);
     Json(Value::Array(
         bindings
             .iter()
@@ -154,7 +154,7 @@ fn between(
     state
         .hub
         .lock()
-        .broker
+        .broker()
         .binding_infos(Some(vhost))
         .into_iter()
         .filter(|binding| {

@@ -42,7 +42,7 @@ pub async fn list(State(state): State<AppState>, user: Credentials) -> Json<Valu
             .into_iter()
             .filter(|info| user.sees_connection_of(&info.user))
             .map(|info| {
-                let channels = hub.broker.channel_count(info.id);
+                let channels = hub.broker().channel_count(info.id);
                 (info, channels)
             })
             .collect()
@@ -62,7 +62,7 @@ fn find(state: &AppState, user: &Credentials, name: &str) -> ApiResult<(Connecti
         .into_iter()
         .find(|info| info.name() == name && user.sees_connection_of(&info.user))
         .map(|info| {
-            let channels = hub.broker.channel_count(info.id);
+            let channels = hub.broker().channel_count(info.id);
             (info, channels)
         })
         .ok_or_else(|| ApiError::NotFound(format!("no connection '{name}'")))
@@ -124,7 +124,7 @@ fn channel_json(channel: &ChannelInfo, connection: &ConnectionInfo) -> Value {
 pub async fn channels(State(state): State<AppState>, user: Credentials) -> Json<Value> {
     let (channels, connections) = {
         let hub = state.hub.lock();
-        (hub.broker.channel_infos(), hub.connection_infos())
+        (hub.broker().channel_infos(), hub.connection_infos())
     };
     Json(Value::Array(
         channels
@@ -177,7 +177,7 @@ pub async fn consumers(
     let (consumers, connections) = {
         let hub = state.hub.lock();
         (
-            hub.broker.consumer_infos(vhost.as_deref()),
+            hub.broker().consumer_infos(vhost.as_deref()),
             hub.connection_infos(),
         )
     };

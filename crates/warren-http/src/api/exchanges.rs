@@ -47,7 +47,7 @@ pub async fn list(
     if let Some(vhost) = &vhost {
         require_vhost(&state, &user, vhost)?;
     }
-    let items = state.hub.lock().broker.exchange_infos(vhost.as_deref());
+    let items = state.hub.lock().broker().exchange_infos(vhost.as_deref());
     Ok(Json(Value::Array(
         items
             .iter()
@@ -69,7 +69,7 @@ pub fn find(
     state
         .hub
         .lock()
-        .broker
+        .broker()
         .exchange_infos(Some(vhost))
         .into_iter()
         .find(|exchange| exchange.name == name)

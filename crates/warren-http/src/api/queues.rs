@@ -54,7 +54,7 @@ pub async fn list(
     if let Some(vhost) = &vhost {
         require_vhost(&state, &user, vhost)?;
     }
-    let items = state.hub.lock().broker.queue_infos(vhost.as_deref());
+    let items = state.hub.lock().broker().queue_infos(vhost.as_deref());
     Ok(Json(Value::Array(
         items
             .iter()
@@ -70,7 +70,7 @@ pub fn find(state: &AppState, user: &Credentials, vhost: &str, name: &str) -> Ap
     state
         .hub
         .lock()
-        .broker
+        .broker()
         .queue_info(vhost, name)
         .ok_or_else(|| ApiError::NotFound(format!("no queue '{name}' in vhost '{vhost}'")))
 }
@@ -84,7 +84,7 @@ pub async fn show(
     let (consumers, connections): (Vec<ConsumerInfo>, _) = {
         let hub = state.hub.lock();
         (
-            hub.broker.consumers_of(&vhost, &name),
+            hub.broker().consumers_of(&vhost, &name),
             hub.connection_infos(),
         )
     };
@@ -130,7 +130,7 @@ pub async fn declare(
         ));
     }
     let arguments = json_to_table(&settings.arguments, "arguments")?;
-    let existed = state.hub.lock().broker.queue_info(&vhost, &name).is_some();
+    let existed = state.hub.lock().broker().queue_info(&vhost, &name).is_some();
     let mut session = session::open(&state, &user, &vhost)?;
     let declare = queue::Declare {
         queue: name.as_str().into(),
