@@ -1480,6 +1480,39 @@ def test_websocket_consumer_prefetch_ack_and_requeue_on_close(broker, api, http_
     assert get_all(ch, queue) == [(b"m1", True), (b"m2", True), (b"m3", False), (b"m4", False)]
 
 
+def test_http_sessions_are_direct_connections_not_amqp_clients(broker, api, http_base):
+    """The HTTP side reaches the broker in process, as RabbitMQ's management
+    plugin does with direct connections: a WebSocket consumer's session is
+    listed as a direct connection of the requesting user on the HTTP port,
+    not as an AMQP client on the AMQP listener, and goes with the socket."""
+    conn = broker.connect()
+    ch = confirmed_channel(conn)
+    queue = uname("wsdirect")
+    ch.queue_declare(queue=queue)
+    http_port = int(http_base.rsplit(":", 1)[1].rstrip("/"))
+
+    def direct_sessions():
+        resp = api.get("/api/connections")
+        assert resp.status_code == 200, describe(resp)
+        return [c for c in resp.json() if c["type"] == "direct"]
+
+    ws = ws_connect(http_base, queue)
+    try:
+        sessions = eventually(lambda: direct_sessions() or None, "a direct session listed")
+        assert len(sessions) == 1, sessions
+        session = sessions[0]
+        assert session["protocol"] == "Direct 0-9-1", session
+        assert session["user"] == "guest", session
+        assert session["port"] == http_port, session
+        assert session["port"] != broker.port, session
+        assert session["client_properties"]["connection_name"] == "HTTP API (guest)", session
+        network = [c for c in api.get("/api/connections").json() if c["type"] == "network"]
+        assert [c["port"] for c in network] == [broker.port], network
+    finally:
+        ws.close()
+    eventually(lambda: not direct_sessions(), "the direct session closed with the socket")
+
+
 def test_websocket_nack_reject_and_multiple_ack(broker, api, http_base):
     conn = broker.connect()
     ch = confirmed_channel(conn)

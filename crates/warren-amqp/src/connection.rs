@@ -294,6 +294,7 @@ impl Connection {
                 channel_max: self.session.channel_max,
                 frame_max_bytes: self.frame_max_bytes,
                 heartbeat_s: self.heartbeat_s,
+                direct: false,
             };
             hub.register_connection(info, self.session.out.clone(), self.notices.clone());
             self.opened = true;

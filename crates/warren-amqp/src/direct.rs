@@ -189,6 +189,7 @@ impl DirectConnector {
                 channel_max: 1,
                 frame_max_bytes: self.config.frame_max_bytes,
                 heartbeat_s: 0,
+                direct: true,
             };
             hub.register_connection(info, out.clone(), notices.clone());
             id

@@ -143,6 +143,9 @@ pub struct ConnectionInfo {
     pub channel_max: u16,
     pub frame_max_bytes: u32,
     pub heartbeat_s: u16,
+    /// A direct session (the HTTP side's, in process) rather than a
+    /// network connection.
+    pub direct: bool,
 }
 
 impl ConnectionInfo {

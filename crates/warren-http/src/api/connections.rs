@@ -17,8 +17,9 @@ fn connection_json(state: &AppState, info: &ConnectionInfo, channels: usize) -> 
     json!({
         "name": info.name(),
         "node": state.node.name,
-        "type": "network",
-        "protocol": "AMQP 0-9-1",
+        // RabbitMQ's words for its management plugin's own connections.
+        "type": if info.direct { "direct" } else { "network" },
+        "protocol": if info.direct { "Direct 0-9-1" } else { "AMQP 0-9-1" },
         "state": "running",
         "user": info.user,
         "vhost": info.vhost,

@@ -130,7 +130,12 @@ pub async fn declare(
         ));
     }
     let arguments = json_to_table(&settings.arguments, "arguments")?;
-    let existed = state.hub.lock().broker().queue_info(&vhost, &name).is_some();
+    let existed = state
+        .hub
+        .lock()
+        .broker()
+        .queue_info(&vhost, &name)
+        .is_some();
     let mut session = session::open(&state, &user, &vhost)?;
     let declare = queue::Declare {
         queue: name.as_str().into(),
