@@ -238,6 +238,8 @@ pub struct DirectSession {
     /// Taken from the queue and not looked at yet.
     batch: VecDeque<Outbound>,
     replies: VecDeque<Reply>,
+    /// Deliveries and cancels not yet taken; at most the channel's limit of
+    /// unwritten deliveries (`Limits::deliveries_unwritten_per_channel_max`).
     events: VecDeque<Event>,
     notices: Mailbox<ConnectionNotice>,
     notices_taken: VecDeque<ConnectionNotice>,
@@ -344,6 +346,15 @@ impl DirectSession {
         loop {
             self.take();
             if let Some(event) = self.events.pop_front() {
+                // Taking a delivery is what writing it is for a socket.
+                if let Event::Delivery(delivery) = &event
+                    && delivery.unwritten.written(1)
+                {
+                    self.session
+                        .hub
+                        .lock()
+                        .resume_deliveries(self.session.id, delivery.channel);
+                }
                 return Ok(event);
             }
             self.check()?;
@@ -436,16 +447,9 @@ impl DirectSession {
 
     fn absorb(&mut self, item: Outbound) {
         match item {
-            Outbound::Deliver(delivery) => {
-                // Taking a delivery is what writing it is for a socket.
-                if delivery.unwritten.written(1) {
-                    self.session
-                        .hub
-                        .lock()
-                        .resume_deliveries(self.session.id, delivery.channel);
-                }
-                self.events.push_back(Event::Delivery(delivery));
-            }
+            // Counted as written once the caller takes it (`next_event`),
+            // so the channel's unwritten limit bounds what waits here.
+            Outbound::Deliver(delivery) => self.events.push_back(Event::Delivery(delivery)),
             Outbound::Method(_, AMQPClass::Basic(basic::AMQPMethod::Ack(ack))) => {
                 if ack.multiple {
                     self.confirms.acked_up_to = self.confirms.acked_up_to.max(ack.delivery_tag);
