@@ -1513,6 +1513,47 @@ def test_http_sessions_are_direct_connections_not_amqp_clients(broker, api, http
     eventually(lambda: not direct_sessions(), "the direct session closed with the socket")
 
 
+def test_paged_out_messages_are_read_back_ahead_of_a_consumer(broker, api):
+    """A queue keeps 2,048 messages in memory and pages the rest out. Once a
+    consumer has taken the ones in memory, the broker reads the next
+    paged-out ones back ahead of it, off its lock: they wait in memory
+    (`messages_ready_ram`) before the consumer asks for them, and they all
+    arrive, in order."""
+    resident_max = 2048
+    total = resident_max + 1000
+    conn = broker.connect()
+    ch = confirmed_channel(conn)
+    queue = uname("paged")
+    ch.queue_declare(queue=queue)
+    publish(ch, queue, [f"m{i}" for i in range(total)])
+    info = api.queue_matches(queue, messages_ready=total)
+    assert info["messages_ready_ram"] == resident_max, info
+    assert info["messages_paged_out"] == total - resident_max, info
+
+    # Take the messages in memory and a few more, then stop consuming.
+    taken = resident_max + 10
+    ch.basic_qos(prefetch_count=50)
+    bodies = []
+    for method, _props, body in ch.consume(queue, inactivity_timeout=TIMEOUT):
+        assert method is not None, f"no delivery after {len(bodies)}"
+        bodies.append(body.decode())
+        ch.basic_ack(method.delivery_tag)
+        if len(bodies) == taken:
+            break
+    ch.cancel()
+    assert bodies == [f"m{i}" for i in range(taken)]
+
+    def read_ahead():
+        info = api.queue(queue)
+        # Without read-ahead nothing but what came back from the prefetch
+        # window would be in memory.
+        assert info["messages_ready_ram"] > 50, info
+        return info
+    eventually(read_ahead, "paged-out messages read back ahead of the consumer")
+    rest = get_all(ch, queue)
+    assert [body.decode() for body, _ in rest] == [f"m{i}" for i in range(taken, total)]
+
+
 def test_websocket_nack_reject_and_multiple_ack(broker, api, http_base):
     conn = broker.connect()
     ch = confirmed_channel(conn)

@@ -479,7 +479,6 @@ impl Broker {
                     out,
                 );
                 if self.store_worker
-                    && let Some(queue) = self.queues.get_mut(id)
                     && let Some(read_ahead) = queue.read_ahead()
                 {
                     out.effects.push(Effect::ReadAhead(read_ahead));
