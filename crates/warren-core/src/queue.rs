@@ -26,7 +26,8 @@ pub const RESIDENT_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// off the broker's lock (see `Queue::read_ahead`): the messages at most
 /// this close to the head.
 pub const READ_AHEAD_MESSAGES: usize = 256;
-/// Body bytes one read-ahead brings back at most.
+/// Body bytes one read-ahead brings back at most; never more than takes
+/// the queue's memory past `RESIDENT_BYTES_MAX`.
 pub const READ_AHEAD_BYTES: u64 = 4 * 1024 * 1024;
 /// Messages taken between two looks for paged-out messages near the head:
 /// a look walks up to `READ_AHEAD_MESSAGES` entries, so it is made once per
@@ -324,24 +325,41 @@ impl Queue {
     /// puts their messages in place. A consumer that outruns it still finds
     /// its message: the head is read where it stands (`pop_loaded`).
     pub fn read_ahead(&mut self) -> Option<ReadAhead> {
-        if self.reading_ahead || self.resident_messages >= self.backlog.len() {
+        // Only for consumers that are taking messages, and never past what
+        // the queue keeps in memory anyway: a body larger than that waits
+        // on disk until a consumer takes it.
+        if self.reading_ahead
+            || self.consumers.is_empty()
+            || self.resident_messages >= self.backlog.len()
+        {
             return None;
         }
         if self.taken_since_look < READ_AHEAD_LOOK_EVERY && self.head_is_resident() {
             return None;
         }
         self.taken_since_look = 0;
+        let mut messages_left = RESIDENT_MESSAGES_MAX.saturating_sub(self.resident_messages);
+        let mut bytes_left =
+            READ_AHEAD_BYTES.min(RESIDENT_BYTES_MAX.saturating_sub(self.resident_bytes) as u64);
         let mut reads = Vec::new();
-        let mut bytes = 0u64;
+        let mut full = false;
         self.backlog
             .visit_head_mut(READ_AHEAD_MESSAGES, &mut |sequence, queued| {
-                if queued.message.is_none()
-                    && bytes < READ_AHEAD_BYTES
-                    && let Some(location) = queued.stored.location()
-                {
-                    bytes += queued.body_bytes as u64;
-                    reads.push((sequence, location));
+                if full || queued.message.is_some() {
+                    return;
                 }
+                let Some(location) = queued.stored.location() else {
+                    return;
+                };
+                let bytes = queued.body_bytes as u64;
+                if messages_left == 0 || bytes > bytes_left {
+                    // The rest waits for the next look, in order.
+                    full = true;
+                    return;
+                }
+                messages_left -= 1;
+                bytes_left -= bytes;
+                reads.push((sequence, location));
             });
         if reads.is_empty() {
             return None;

@@ -177,6 +177,63 @@ fn paged_out_messages_are_read_back_ahead_of_a_consumer_and_kept_in_order() {
     assert_eq!(broker.queue_info("/", "big").unwrap().ready, 0);
 }
 
+/// Read-ahead serves consumers that are taking messages, within what the
+/// queue keeps in memory anyway: a queue without consumers asks for
+/// nothing, and a body larger than the queue's memory budget is never read
+/// ahead, only when a consumer takes it.
+#[test]
+fn read_ahead_never_holds_more_than_the_queue_keeps_in_memory() {
+    let fs = SimulatedFileSystem::new();
+    let mut broker = broker_on(&fs);
+    broker.enable_store_worker();
+    declare(&mut broker, "large", false);
+    let large = "x".repeat(warren_core::RESIDENT_BYTES_MAX + 1);
+    let mut out = Outbox::default();
+    for _ in 0..3 {
+        broker
+            .publish(
+                CONNECTION,
+                1,
+                message("large", large.clone(), false),
+                &mut out,
+            )
+            .unwrap();
+    }
+    assert_eq!(broker.queue_info("/", "large").unwrap().ready_in_memory, 0);
+    assert!(
+        deliveries_and_read_aheads(&mut out).1.is_empty(),
+        "a queue without consumers asked for a read-ahead"
+    );
+
+    // A consumer with room for one message takes the first; the next two
+    // stay on disk until it asks for them.
+    broker.set_prefetch(CONNECTION, 1, 1, false, &mut out);
+    broker
+        .consume(
+            CONNECTION,
+            1,
+            Consume {
+                queue: "large".into(),
+                consumer_tag: "c".into(),
+                ..Default::default()
+            },
+            &mut out,
+        )
+        .unwrap();
+    for taken in 1..=3u64 {
+        let (bodies, read_aheads) = deliveries_and_read_aheads(&mut out);
+        assert_eq!(bodies.len(), 1, "delivery {taken}");
+        assert_eq!(bodies[0].len(), large.len());
+        assert!(
+            read_aheads.is_empty(),
+            "a body past the memory budget was read ahead"
+        );
+        assert_eq!(broker.queue_info("/", "large").unwrap().ready_in_memory, 0);
+        broker.ack(CONNECTION, 1, taken, false, &mut out).unwrap();
+    }
+    assert_eq!(broker.queue_info("/", "large").unwrap().ready, 0);
+}
+
 #[test]
 fn transient_messages_past_the_memory_window_are_paged_out_and_come_back_in_order() {
     let fs = SimulatedFileSystem::new();
