@@ -13,7 +13,7 @@ use parking_lot::RwLock;
 use crate::file::{self, AccessFile, FileError};
 use crate::internal::{INTERNAL_USER, InternalIdentity};
 use crate::password::{PasswordError, PasswordHash, VerifiedLogins, decoy_hash};
-use crate::permissions::{Access, PatternError, Permissions, Resource};
+use crate::permissions::{Access, PatternError, Permissions, Resource, ResourceKind};
 use crate::tags::{Tags, TagsError};
 
 /// Users the broker holds; a bound on the access file and on memory.
@@ -473,7 +473,8 @@ impl AccessControl {
 
 /// A connection's view of its own permissions, refreshed only when an
 /// operator has changed something since the last check: the publish path
-/// pays for one atomic load and one regular-expression match.
+/// pays for one atomic load and, for the exchange it last published to, a
+/// comparison (a regular-expression match for any other).
 #[derive(Debug)]
 pub struct Grant {
     access: Arc<AccessControl>,
@@ -481,6 +482,10 @@ pub struct Grant {
     vhost: String,
     permissions: Option<Arc<Permissions>>,
     generation: u64,
+    /// The last check that passed: a publisher sending to one exchange
+    /// again and again pays a comparison rather than a regular-expression
+    /// match. Forgotten when the permissions change.
+    last_allowed: Option<(Access, ResourceKind, String)>,
 }
 
 impl Grant {
@@ -493,6 +498,7 @@ impl Grant {
             vhost: vhost.to_owned(),
             permissions,
             generation,
+            last_allowed: None,
         }
     }
 
@@ -509,9 +515,20 @@ impl Grant {
         if generation != self.generation {
             self.permissions = self.access.permissions_of(&self.user, &self.vhost);
             self.generation = generation;
+            self.last_allowed = None;
+        }
+        if let Some((last_access, last_kind, last_name)) = &self.last_allowed
+            && *last_access == access
+            && *last_kind == resource.kind
+            && last_name == resource.name
+        {
+            return Ok(());
         }
         match &self.permissions {
-            Some(permissions) if permissions.allows(access, resource) => Ok(()),
+            Some(permissions) if permissions.allows(access, resource) => {
+                self.last_allowed = Some((access, resource.kind, resource.name.to_owned()));
+                Ok(())
+            }
             _ => Err(refusal(&self.user, &self.vhost, access, resource)),
         }
     }

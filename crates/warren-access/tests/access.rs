@@ -120,6 +120,32 @@ fn a_grant_sees_changes_made_after_it() {
     assert!(grant.check(Access::Read, Resource::queue("q")).is_err());
 }
 
+/// A grant remembers the last check that passed, and nothing else: the
+/// same right on another name, or another right on the same name, is
+/// checked against the patterns.
+#[test]
+fn a_grant_remembers_only_the_check_that_passed() {
+    let access = Arc::new(AccessControl::in_memory(guest_defaults(), vec![]));
+    access
+        .set_permissions("guest", "/", Permissions::new("", "^x$", "").unwrap())
+        .unwrap();
+    let mut grant = Grant::new(Arc::clone(&access), "guest", "/");
+    assert!(grant.check(Access::Write, Resource::exchange("x")).is_ok());
+    assert!(grant.check(Access::Read, Resource::exchange("x")).is_err());
+    assert!(
+        grant
+            .check(Access::Write, Resource::exchange("xy"))
+            .is_err()
+    );
+    assert!(
+        grant
+            .check(Access::Configure, Resource::queue("x"))
+            .is_err()
+    );
+    assert!(grant.check(Access::Write, Resource::exchange("x")).is_ok());
+    assert!(grant.check(Access::Write, Resource::exchange("")).is_err());
+}
+
 #[test]
 fn changes_survive_a_restart_and_defaults_apply_once() {
     let dir = tempfile::tempdir().unwrap();
