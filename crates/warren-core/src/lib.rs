@@ -4,45 +4,49 @@
 //! This crate is a state machine. It does no I/O and never blocks: the AMQP
 //! server calls [`Broker`] operations and carries out the [`Effect`]s they
 //! return. It never touches a socket and never parses a frame.
+//!
+//! Its modules follow the concepts, and their imports point one way:
+//! `broker` (the operations, which coordinate everything else) uses
+//! `topology` (vhosts, exchanges, bindings, routing), `queue` (a queue's
+//! messages, consumers, arguments, dead-lettering, flow), `session`
+//! (connections' channels and their unacknowledged deliveries) and
+//! `durable` (the bytes of what is stored); none of those four uses
+//! `broker`.
 
-pub mod arguments;
-mod bindings;
 mod broker;
-pub mod codec;
-mod dead_letter;
-mod delivery;
-mod discard;
 mod durable;
 mod error;
-mod exchange;
-mod flow;
-mod inspect;
+mod field;
+mod limits;
 mod message;
-mod priority;
 mod queue;
-mod reply_to;
+mod session;
 mod stats;
-mod timers;
+mod topology;
 
-pub use broker::{
-    Broker, ChannelMode, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Limits, Outbox,
-    Published, QueueDeclare, QueueDeclared, UnwrittenDeliveries,
-};
-pub use dead_letter::DeathReason;
-pub use discard::Discard;
-pub use durable::{RecoveryError, RecoverySummary};
-pub use error::{BrokerError, BrokerResult, ErrorCode};
-pub use exchange::{ExchangeKind, headers_match, topic_matches};
-pub use flow::FlowGauge;
-pub use inspect::{
+pub use broker::inspect::{
     BindingInfo, ChannelInfo, ConsumerInfo, DestinationKind, ExchangeInfo, QueueInfo, Totals,
 };
+pub use broker::reply_to::REPLY_TO_QUEUE;
+pub use broker::{
+    Broker, Consume, Delivery, Effect, ExchangeDeclare, GetOk, Outbox, Published, QueueDeclare,
+    QueueDeclared, SETTLE_ROUND_MAX,
+};
+pub use durable::codec;
+pub use durable::{RecoveryError, RecoverySummary};
+pub use error::{BrokerError, BrokerResult, ErrorCode};
+pub use limits::{FLOW_READY_MAX_DEFAULT, Limits};
 pub use message::Message;
+pub use queue::arguments;
+pub use queue::dead_letter::DeathReason;
+pub use queue::discard::Discard;
+pub use queue::flow::FlowGauge;
 pub use queue::{
     READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, RESIDENT_BYTES_MAX, RESIDENT_MESSAGES_MAX, ReadAhead,
 };
-pub use reply_to::REPLY_TO_QUEUE;
+pub use session::channel::{ChannelMode, UnwrittenDeliveries};
 pub use stats::{ExchangeCounts, MessageCounts};
+pub use topology::exchange::{ExchangeKind, headers_match, topic_matches};
 
 /// Identifies one client connection for the broker's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -12,23 +12,16 @@ use std::sync::Arc;
 
 use amq_protocol::types::ShortString;
 
+use super::Broker;
+use super::effect::{Delivery, Effect, Outbox};
+use super::request::{Consume, QueueDeclared};
 use crate::error::{BrokerError, BrokerResult};
-use crate::{Broker, ConnectionId, Consume, Delivery, Effect, Message, Outbox, QueueDeclared};
-
+use crate::session::channel::ReplyConsumer;
+use crate::{ConnectionId, Message};
 /// The pseudo-queue a requester consumes from.
 pub const REPLY_TO_QUEUE: &str = "amq.rabbitmq.reply-to";
 /// The prefix of the addresses the broker writes into `reply_to`.
 const REPLY_ADDRESS_PREFIX: &str = "amq.rabbitmq.reply-to.";
-
-/// A channel's reply consumer.
-#[derive(Debug, Clone)]
-pub(crate) struct ReplyConsumer {
-    pub tag: ShortString,
-    /// `amq.rabbitmq.reply-to.<connection>.<channel>.<nonce>`; the nonce
-    /// keeps a reply meant for an earlier consumer on the same channel
-    /// number from reaching a later one.
-    pub address: ShortString,
-}
 
 /// Whether a queue name belongs to direct reply-to.
 pub fn is_reply_to_name(name: &str) -> bool {

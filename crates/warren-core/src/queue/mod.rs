@@ -6,11 +6,19 @@ use std::sync::Arc;
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use warren_store::{Backlog, Location, MemoryBacklog, MessageLog, RecordKind, Sequence};
 
-use crate::arguments::{QueueArguments, QueueType, message_expiration_ms};
-use crate::codec::{decode_stored_message, encode_message_head};
+pub mod arguments;
+pub(crate) mod dead_letter;
+pub(crate) mod discard;
+pub(crate) mod flow;
+mod priority;
+
+use arguments::{QueueArguments, QueueType, message_expiration_ms};
+use flow::FlowGauge;
+use priority::PriorityBacklog;
+
+use crate::durable::codec::{decode_stored_message, encode_message_head};
+use crate::durable::entry;
 use crate::error::{BrokerError, BrokerResult};
-use crate::flow::FlowGauge;
-use crate::priority::PriorityBacklog;
 use crate::stats::MessageCounts;
 use crate::{ConnectionId, Message, QueueId};
 
@@ -428,6 +436,20 @@ impl Queue {
         self.durable && self.exclusive_owner.is_none()
     }
 
+    /// Its entry in the durable topology: only a queue whose messages
+    /// survive a restart has one.
+    pub(crate) fn durable_entry(&self) -> Option<Box<[u8]>> {
+        self.persists_messages().then(|| {
+            entry::queue_entry(
+                &self.vhost,
+                self.name.as_str(),
+                self.id.0,
+                self.auto_delete,
+                &self.arguments,
+            )
+        })
+    }
+
     /// Whether a message is written to the log here: a persistent one in a
     /// queue that persists messages, and every message in a quorum queue.
     pub fn persists(&self, message: &Message) -> bool {
@@ -832,8 +854,8 @@ fn argument_equivalent(left: Option<&AMQPValue>, right: Option<&AMQPValue>) -> b
         (None, None) => true,
         (Some(left), Some(right)) => {
             match (
-                crate::exchange::as_integer(left),
-                crate::exchange::as_integer(right),
+                crate::field::as_integer(left),
+                crate::field::as_integer(right),
             ) {
                 (Some(left), Some(right)) => left == right,
                 _ => describe_argument(Some(left)) == describe_argument(Some(right)),
@@ -849,7 +871,7 @@ pub(crate) fn describe_argument(value: Option<&AMQPValue>) -> String {
         Some(AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
         Some(AMQPValue::ShortString(text)) => text.to_string(),
         Some(AMQPValue::Boolean(flag)) => flag.to_string(),
-        Some(other) => match crate::exchange::as_integer(other) {
+        Some(other) => match crate::field::as_integer(other) {
             Some(number) => number.to_string(),
             None => format!("{other:?}"),
         },

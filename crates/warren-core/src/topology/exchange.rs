@@ -4,9 +4,13 @@ use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
 use std::cell::Cell;
 
+use warren_store::TopologyChange;
+
+use super::bindings::Bindings;
 use crate::QueueId;
-use crate::bindings::Bindings;
+use crate::durable::entry;
 use crate::error::{BrokerError, BrokerResult};
+use crate::field::as_integer;
 use crate::stats::ExchangeCounts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +102,37 @@ impl Exchange {
             Some(AMQPValue::ShortString(name)) => Some(name.as_str()),
             _ => None,
         }
+    }
+
+    /// Its entry in the durable topology; None for a transient exchange
+    /// and for the built-in ones, which every vhost has anyway.
+    pub(crate) fn durable_entry(&self, vhost: &str) -> Option<Vec<u8>> {
+        let name = self.name.as_str();
+        let builtin = name.is_empty() || name.starts_with("amq.");
+        (self.durable && !builtin).then(|| {
+            entry::exchange_entry(
+                vhost,
+                name,
+                self.kind.name(),
+                self.auto_delete,
+                self.internal,
+                &self.arguments,
+            )
+        })
+    }
+
+    /// What removing it removes from the durable topology: its own entry
+    /// and those of its bindings.
+    pub(crate) fn durable_removal(&self, vhost: &str) -> Vec<TopologyChange> {
+        self.durable_entry(vhost)
+            .into_iter()
+            .chain(
+                self.bindings
+                    .iter()
+                    .filter_map(|binding| binding.persisted.as_deref().map(<[u8]>::to_vec)),
+            )
+            .map(TopologyChange::Removed)
+            .collect()
     }
 }
 
@@ -221,20 +256,6 @@ fn as_text(value: &AMQPValue) -> Option<&[u8]> {
         AMQPValue::ShortString(text) => Some(text.as_str().as_bytes()),
         _ => None,
     }
-}
-
-pub(crate) fn as_integer(value: &AMQPValue) -> Option<i128> {
-    Some(match *value {
-        AMQPValue::ShortShortInt(v) => v as i128,
-        AMQPValue::ShortShortUInt(v) => v as i128,
-        AMQPValue::ShortInt(v) => v as i128,
-        AMQPValue::ShortUInt(v) => v as i128,
-        AMQPValue::LongInt(v) => v as i128,
-        AMQPValue::LongUInt(v) => v as i128,
-        AMQPValue::LongLongInt(v) => v as i128,
-        AMQPValue::Timestamp(v) => v as i128,
-        _ => return None,
-    })
 }
 
 #[cfg(test)]

@@ -13,9 +13,8 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use warren_store::Sequence;
 
-use crate::broker::{Published, forget_stored, route};
-use crate::queue::Stored;
-use crate::{Broker, Message, QueueId};
+use super::Stored;
+use crate::{Message, QueueId};
 
 /// A message that left `queue` and waits to be routed to its dead-letter
 /// exchange.
@@ -27,57 +26,6 @@ pub(crate) struct DeadLetter {
     /// Its copy in the log, removed once the dead-lettered copy is written.
     pub stored: Stored,
     pub reason: DeathReason,
-}
-
-impl Broker {
-    /// Republishes the waiting dead letters through their queues'
-    /// dead-letter exchanges; returns the queues they reached. A queue
-    /// without a dead-letter exchange, or whose exchange no longer exists,
-    /// just drops the message, as RabbitMQ does.
-    pub(crate) fn route_dead_letters(&mut self) -> Vec<QueueId> {
-        let mut reached = Vec::new();
-        for dead in std::mem::take(&mut self.dead_letters) {
-            let queue = self.queues.get(&dead.queue);
-            let queue_exists = queue.is_some();
-            let republished = queue.and_then(|queue| {
-                let exchange_name = queue.args.dead_letter_exchange.as_ref()?;
-                let vhost = self.vhosts.get(&queue.vhost)?;
-                let exchange = vhost.exchanges.get(exchange_name.as_str())?;
-                let message = dead_lettered(
-                    &dead.message,
-                    queue.name.as_str(),
-                    dead.reason,
-                    exchange_name.as_str(),
-                    queue.args.dead_letter_routing_key.as_ref(),
-                    self.now_ms,
-                );
-                let targets: Vec<QueueId> = route(vhost, exchange, &message)
-                    .into_iter()
-                    .filter(|target| {
-                        self.queues
-                            .get(target)
-                            .is_some_and(|target| !is_cycle(&message, target.name.as_str()))
-                    })
-                    .collect();
-                Some((Arc::new(message), targets))
-            });
-            if let Some((message, targets)) = republished {
-                // The new copy is appended before the old one is removed, so a
-                // crash in between leaves a duplicate, never a loss.
-                let mut outcome = Published::default();
-                self.enqueue_routed(&targets, message, &mut outcome);
-                reached.extend(targets);
-            }
-            forget_stored(
-                self.store.as_ref(),
-                queue_exists,
-                dead.queue,
-                dead.sequence,
-                dead.stored,
-            );
-        }
-        reached
-    }
 }
 
 /// Why a message left its queue for the dead-letter exchange.
@@ -250,7 +198,7 @@ fn death_count(death: &AMQPValue) -> u64 {
     table
         .inner()
         .get("count")
-        .and_then(crate::exchange::as_integer)
+        .and_then(crate::field::as_integer)
         .map_or(0, |count| count.max(0) as u64)
 }
 

@@ -7,7 +7,7 @@
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::error::{BrokerError, BrokerResult};
-use crate::exchange::as_integer;
+use crate::field::as_integer;
 
 /// The longest TTL, expiry or timeout a queue accepts, in milliseconds:
 /// RabbitMQ's limit (2^32 - 1 ms, about 49.7 days), which keeps deadlines

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 
 use amq_protocol::types::{FieldTable, ShortString};
 
-use crate::exchange::{Binding, Destination, ExchangeKind, headers_match};
+use super::exchange::{Binding, Destination, ExchangeKind, headers_match};
 
 /// The bindings whose source is one exchange.
 #[derive(Debug)]
@@ -325,7 +325,7 @@ impl TopicNode {
 mod tests {
     use super::*;
     use crate::QueueId;
-    use crate::exchange::topic_matches;
+    use crate::topology::exchange::topic_matches;
 
     fn binding(queue: u64, key: &str) -> Binding {
         Binding {

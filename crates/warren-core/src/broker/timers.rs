@@ -8,9 +8,11 @@
 //! turns out to be early (the head it was set for was consumed) costs one
 //! look at the queue and is set again.
 
+use super::Broker;
+use super::effect::{Effect, Outbox};
+use crate::QueueId;
+use crate::durable::message_log;
 use crate::error::BrokerError;
-use crate::{Broker, Effect, Outbox, QueueId};
-
 impl Broker {
     /// Sets the broker's notion of now, in ms since the UNIX epoch. Time
     /// never goes backwards: an earlier value (a clock stepped back) is
@@ -86,7 +88,7 @@ impl Broker {
                 continue;
             }
             let mut expired = Vec::new();
-            let log = crate::broker::message_log(self.store.as_ref());
+            let log = message_log(self.store.as_ref());
             queue.expire_head(log, self.now_ms, &mut expired);
             any |= !expired.is_empty();
             self.expired(*id, expired);
@@ -118,7 +120,7 @@ impl Broker {
                 || (expiry.is_unknown() && queue.args.message_ttl_ms.is_some())
         });
         if look {
-            let log = crate::broker::message_log(self.store.as_ref());
+            let log = message_log(self.store.as_ref());
             let mut expired = Vec::new();
             if let Some(at) = queue.expire_head(log, now_ms, &mut expired) {
                 next = Some(next.map_or(at, |next| next.min(at)));

@@ -6,20 +6,22 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, ShortString};
-
 use warren_store::MessageLog;
 
-use crate::arguments::consumer_priority;
-use crate::broker::{AckDeadlines, ConnectionState, Unacked, forget_stored, message_log};
-use crate::dead_letter::{DeadLetter, DeathReason};
-use crate::durable::Store;
-use crate::error::{BrokerError, BrokerResult};
-use crate::queue::{Dequeued, Stored};
-use crate::queue::{Queue, QueueConsumer};
-use crate::{
-    Broker, ConnectionId, Consume, Delivery, Effect, GetOk, Limits, Message, Outbox, QueueId,
-};
+use super::Broker;
+use super::effect::{Delivery, Effect, Outbox};
+use super::request::{Consume, GetOk};
 
+use super::forget_stored;
+use crate::durable::{Store, message_log};
+use crate::error::{BrokerError, BrokerResult};
+use crate::limits::Limits;
+use crate::queue::arguments::consumer_priority;
+use crate::queue::dead_letter::{DeadLetter, DeathReason};
+use crate::queue::{Dequeued, Queue, QueueConsumer, Stored};
+use crate::session::ConnectionState;
+use crate::session::channel::{AckDeadlines, Unacked};
+use crate::{ConnectionId, Message, QueueId};
 impl Broker {
     pub fn consume(
         &mut self,
@@ -28,7 +30,7 @@ impl Broker {
         consume: Consume,
         out: &mut Outbox,
     ) -> BrokerResult<ShortString> {
-        if crate::reply_to::is_reply_to_name(consume.queue.as_str()) {
+        if super::reply_to::is_reply_to_name(consume.queue.as_str()) {
             return self.consume_replies(connection, channel, consume);
         }
         let id = self.queue_for(connection, consume.queue.as_str())?;

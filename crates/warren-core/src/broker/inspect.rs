@@ -4,11 +4,11 @@
 
 use amq_protocol::types::FieldTable;
 
-use crate::broker::{Broker, ChannelMode};
-use crate::exchange::Destination;
+use super::Broker;
+use crate::session::channel::ChannelMode;
 use crate::stats::{ExchangeCounts, MessageCounts};
+use crate::topology::exchange::Destination;
 use crate::{ConnectionId, QueueId};
-
 #[derive(Debug, Clone)]
 pub struct QueueInfo {
     pub name: String,

@@ -1,0 +1,238 @@
+//! The broker's state machine: the operations on vhosts, exchanges,
+//! queues, connections' channels, consumers and unacknowledged deliveries.
+//!
+//! Every operation takes `&mut self` and an [`Outbox`] into which it puts the
+//! deliveries and notifications it causes for any connection. It never
+//! blocks and never touches a socket: the server holds the broker behind one
+//! lock, calls an operation, and hands the outbox's effects to the
+//! connections' writers before releasing the lock, which keeps each
+//! connection's frames in the order the broker decided them.
+//!
+//! `Broker`'s fields are private to this module and its children, one per
+//! kind of operation; the state they coordinate (topology, queues,
+//! sessions) lives in the modules beside this one, which never call back
+//! into the broker.
+
+mod connections;
+mod dead_letter;
+mod declare;
+mod delivery;
+mod durable;
+mod effect;
+mod flow;
+pub mod inspect;
+mod publish;
+mod recovery;
+pub mod reply_to;
+mod request;
+mod timers;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use amq_protocol::types::ShortString;
+use warren_store::{Sequence, Ticket, TopologyChange};
+
+pub use delivery::SETTLE_ROUND_MAX;
+pub use effect::{Delivery, Effect, Outbox};
+pub use request::{Consume, ExchangeDeclare, GetOk, Published, QueueDeclare, QueueDeclared};
+
+use crate::durable::Store;
+use crate::error::{BrokerError, BrokerResult, ErrorCode};
+use crate::limits::Limits;
+use crate::queue::dead_letter::DeadLetter;
+use crate::queue::discard::forget_copy;
+use crate::queue::{Queue, Stored};
+use crate::session::ConnectionState;
+use crate::session::channel::{AckDeadlines, Channel};
+use crate::stats::MessageCounts;
+use crate::topology::VHost;
+use crate::{ConnectionId, QueueId};
+use delivery::SettleRound;
+
+pub struct Broker {
+    vhosts: HashMap<String, VHost>,
+    queues: HashMap<QueueId, Queue>,
+    connections: HashMap<ConnectionId, ConnectionState>,
+    next_queue_id: u64,
+    /// The message log and topology file; None for a broker that keeps
+    /// everything in memory (tests of the state machine).
+    store: Option<Store>,
+    /// Whether the caller runs the store's slow work off the lock
+    /// (`Effect::ReadAhead`, `Effect::Discard`).
+    store_worker: bool,
+    name_state: u64,
+    limits: Limits,
+    /// The time as the caller last gave it, ms since the UNIX epoch; never
+    /// goes backwards.
+    now_ms: u64,
+    /// Queues that want the timer at a given time (message expiry,
+    /// `x-expires`), earliest first.
+    timers: BTreeSet<(u64, QueueId)>,
+    /// Channels with a delivery under `x-consumer-timeout`, by deadline.
+    ack_deadlines: AckDeadlines,
+    /// Messages on their way to a dead-letter exchange; the delivery loop
+    /// routes them (see `deliver_all`).
+    dead_letters: Vec<DeadLetter>,
+    /// Messages published by clients, and the counts of deleted queues:
+    /// with the live queues' counts, the broker-wide totals.
+    counts: MessageCounts,
+    /// Deliveries of large settles still to be settled, oldest first (see
+    /// `continue_settling`).
+    pending_settles: VecDeque<SettleRound>,
+    /// Durable entries the current operation added and removed, handed to
+    /// the topology journal when it ends (`sync_topology`).
+    topology_changes: Vec<TopologyChange>,
+    /// The journal ticket that makes the last recorded changes durable,
+    /// until the caller takes it to hold its reply for it.
+    topology_ticket: Option<Ticket>,
+}
+
+impl Broker {
+    /// `seed` makes server-generated names unpredictable across runs.
+    pub fn new(vhost_names: &[String], limits: Limits, seed: u64) -> Self {
+        let mut broker = Self {
+            vhosts: HashMap::new(),
+            queues: HashMap::new(),
+            connections: HashMap::new(),
+            next_queue_id: 0,
+            store: None,
+            store_worker: false,
+            name_state: seed | 1,
+            limits,
+            now_ms: 0,
+            timers: BTreeSet::new(),
+            ack_deadlines: AckDeadlines::new(),
+            dead_letters: Vec::new(),
+            counts: MessageCounts::default(),
+            pending_settles: VecDeque::new(),
+            topology_changes: Vec::new(),
+            topology_ticket: None,
+        };
+        broker.add_vhost("/");
+        for name in vhost_names {
+            broker.add_vhost(name);
+        }
+        broker
+    }
+
+    pub fn add_vhost(&mut self, name: &str) {
+        self.vhosts
+            .entry(name.to_owned())
+            .or_insert_with(|| VHost::new(name));
+    }
+
+    pub fn vhost_exists(&self, name: &str) -> bool {
+        self.vhosts.contains_key(name)
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    // ----- helpers -------------------------------------------------------
+
+    /// The vhost a connection opened, which an operator may have deleted
+    /// since: the connection is then being closed, and every operation it
+    /// still sends is refused with 320 instead of touching the vhost.
+    pub(crate) fn vhost_of(&self, connection: ConnectionId) -> BrokerResult<String> {
+        let vhost = self
+            .connections
+            .get(&connection)
+            .map(|state| state.vhost.clone())
+            .ok_or_else(|| BrokerError::new(ErrorCode::InternalError, "connection is not open"))?;
+        if !self.vhosts.contains_key(&vhost) {
+            return Err(BrokerError::new(
+                ErrorCode::ConnectionForced,
+                format!("vhost '{vhost}' is deleted"),
+            ));
+        }
+        Ok(vhost)
+    }
+
+    pub(crate) fn channel_mut(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+    ) -> Option<&mut Channel> {
+        self.connections
+            .get_mut(&connection)
+            .and_then(|state| state.channels.get_mut(&channel))
+    }
+
+    /// Finds a queue by name for a connection, refusing another connection's
+    /// exclusive queue.
+    pub(crate) fn queue_for(&self, connection: ConnectionId, name: &str) -> BrokerResult<QueueId> {
+        let vhost_name = self.vhost_of(connection)?;
+        let id = self.vhosts[&vhost_name]
+            .queues
+            .get(name)
+            .copied()
+            .ok_or_else(|| {
+                BrokerError::not_found(format!("no queue '{name}' in vhost '{vhost_name}'"))
+            })?;
+        self.queues[&id].check_access(connection)?;
+        Ok(id)
+    }
+
+    /// A fresh name for a queue declared with an empty name, handed out
+    /// before the declaration so that permissions can be checked against
+    /// the name the queue will have, as RabbitMQ does.
+    pub fn generate_queue_name(&mut self) -> ShortString {
+        self.generate_name("amq.gen-").into()
+    }
+
+    /// A name like RabbitMQ's server-generated ones: a prefix and 22
+    /// URL-safe characters.
+    pub(crate) fn generate_name(&mut self, prefix: &str) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut name = String::with_capacity(prefix.len() + 22);
+        name.push_str(prefix);
+        for _ in 0..22 {
+            // xorshift64: unpredictable enough for names, which only need to
+            // be unique; uniqueness is checked against existing queues below.
+            self.name_state ^= self.name_state << 13;
+            self.name_state ^= self.name_state >> 7;
+            self.name_state ^= self.name_state << 17;
+            name.push(ALPHABET[(self.name_state % 64) as usize] as char);
+        }
+        if self
+            .vhosts
+            .values()
+            .any(|vhost| vhost.queues.contains_key(name.as_str()))
+        {
+            return self.generate_name(prefix);
+        }
+        name
+    }
+
+    // ----- introspection -------------------------------------------------
+
+    pub fn queue_counts(&self, vhost: &str, queue: &str) -> Option<(usize, usize)> {
+        let id = self.vhosts.get(vhost)?.queues.get(queue)?;
+        let queue = &self.queues[id];
+        Some((queue.ready_count(), queue.consumers.len()))
+    }
+
+    pub fn unacked_count(&self, connection: ConnectionId, channel: u16) -> usize {
+        self.connections
+            .get(&connection)
+            .and_then(|state| state.channels.get(&channel))
+            .map_or(0, |state| state.unacked.len())
+    }
+}
+
+/// A message has left `queue` for good: its `Publish` record gets a
+/// `Remove` (or, when `queue_exists` is false because the queue was deleted,
+/// the log just stops counting it); a `Paged` record is simply released.
+pub(crate) fn forget_stored(
+    store: Option<&Store>,
+    queue_exists: bool,
+    queue: QueueId,
+    sequence: Sequence,
+    stored: Stored,
+) {
+    if let Some(store) = store {
+        forget_copy(&store.log, queue_exists, queue, sequence, stored);
+    }
+}
