@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tracing::info;
 use warren_access::{AccessControl, AccessError, PasswordChange, Permissions, Tags};
-use warren_core::{BrokerError, ErrorCode, Outbox};
+use warren_core::{BrokerError, Outbox};
 
 use crate::hub::SharedHub;
 
@@ -65,10 +65,7 @@ impl Admin {
         // The queues' deletion is on disk before the vhost's.
         if let Some((waiter, ticket)) = durable_wait {
             waiter.wait_durable(ticket).map_err(|error| {
-                AdminError::Broker(BrokerError::new(
-                    ErrorCode::InternalError,
-                    format!("could not save the durable topology: {error}"),
-                ))
+                AdminError::Broker(BrokerError::TopologyNotSaved(error.to_string()))
             })?;
         }
         self.access.delete_vhost(name)?;

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::error::{AmqpError, AmqpResult};
 use amq_protocol::protocol::{
     AMQPClass, BasicProperties, basic, channel, confirm, exchange, queue, tx,
 };
@@ -12,8 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::warn;
 use warren_access::{Access, Resource};
 use warren_core::{
-    BrokerError, BrokerResult, ChannelMode, Consume, ErrorCode, ExchangeDeclare, FlowGauge,
-    Message, Outbox, QueueDeclare,
+    ChannelMode, Consume, ErrorCode, ExchangeDeclare, FlowGauge, Message, Outbox, QueueDeclare,
 };
 use warren_proto::Frame;
 use warren_store::Ticket;
@@ -117,7 +117,7 @@ fn basic(method: basic::AMQPMethod) -> AMQPClass {
 fn expand_queue_shortcut(
     method: &mut AMQPClass,
     last_declared: Option<&ShortString>,
-) -> BrokerResult<()> {
+) -> AmqpResult<()> {
     let (queue, routing_key) = match method {
         AMQPClass::Queue(queue::AMQPMethod::Bind(bind)) => {
             (&mut bind.queue, Some(&mut bind.routing_key))
@@ -135,7 +135,7 @@ fn expand_queue_shortcut(
         return Ok(());
     }
     let last_declared =
-        last_declared.ok_or_else(|| BrokerError::not_found("no previously declared queue"))?;
+        last_declared.ok_or_else(|| AmqpError::not_found("no previously declared queue"))?;
     if let Some(routing_key) = routing_key
         && routing_key.as_str().is_empty()
     {
@@ -154,7 +154,7 @@ impl Session {
             return self.open_channel(number);
         }
         let Some(state) = self.channels.get_mut(&number) else {
-            return Err(Fault::connection(BrokerError::new(
+            return Err(Fault::connection(AmqpError::new(
                 ErrorCode::ChannelError,
                 format!(
                     "expected 'channel.open' on channel {number}, got {}",
@@ -223,10 +223,10 @@ impl Session {
     pub(crate) fn refuse_content_header(
         &mut self,
         number: u16,
-        error: BrokerError,
+        error: AmqpError,
     ) -> Result<(), Fault> {
         match self.channels.get(&number) {
-            None => Err(Fault::connection(BrokerError::new(
+            None => Err(Fault::connection(AmqpError::new(
                 ErrorCode::ChannelError,
                 format!("expected 'channel.open' on channel {number}, got a content header"),
             ))),
@@ -241,7 +241,7 @@ impl Session {
     fn open_channel(&mut self, number: u16) -> Result<(), Fault> {
         if number > self.channel_max {
             return Err(Fault::Connection {
-                error: BrokerError::not_allowed(format!(
+                error: AmqpError::not_allowed(format!(
                     "channel number {number} exceeds the negotiated channel_max ({})",
                     self.channel_max
                 )),
@@ -251,7 +251,7 @@ impl Session {
         }
         if self.channels.contains_key(&number) {
             return Err(Fault::Connection {
-                error: BrokerError::new(
+                error: AmqpError::new(
                     ErrorCode::ChannelError,
                     format!("second 'channel.open' seen on channel {number}"),
                 ),
@@ -270,7 +270,7 @@ impl Session {
 
     /// The broker closes a channel on its own (a consumer timeout), unless
     /// the client is already closing it.
-    pub(crate) fn close_channel_by_broker(&mut self, number: u16, error: BrokerError) {
+    pub(crate) fn close_channel_by_broker(&mut self, number: u16, error: AmqpError) {
         if self
             .channels
             .get(&number)
@@ -287,7 +287,7 @@ impl Session {
     fn close_channel_on_error(
         &mut self,
         number: u16,
-        error: BrokerError,
+        error: AmqpError,
         class_id: u16,
         method_id: u16,
     ) {
@@ -473,9 +473,9 @@ impl Session {
         }
     }
 
-    fn handle_method(&mut self, number: u16, mut method: AMQPClass) -> BrokerResult<()> {
+    fn handle_method(&mut self, number: u16, mut method: AMQPClass) -> AmqpResult<()> {
         if !matches!(self.channel(number).content, Content::Idle) {
-            return Err(BrokerError::new(
+            return Err(AmqpError::new(
                 ErrorCode::UnexpectedFrame,
                 format!(
                     "expected content header or body for class 60 on channel {number}, got method {}",
@@ -506,7 +506,7 @@ impl Session {
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
                 let state = self.channel(number);
                 if state.transaction.is_some() {
-                    return Err(BrokerError::precondition_failed(
+                    return Err(AmqpError::precondition_failed(
                         "cannot switch from tx to confirm mode",
                     ));
                 }
@@ -538,7 +538,7 @@ impl Session {
                 );
                 Ok(())
             }
-            other => Err(BrokerError::command_invalid(format!(
+            other => Err(AmqpError::command_invalid(format!(
                 "method {} is not valid from a client on channel {number}",
                 method_name(&other)
             ))),
@@ -547,12 +547,7 @@ impl Session {
 
     /// One permission check; a refusal closes the channel with 403 naming
     /// the resource, and is logged with who was refused what.
-    fn authorize(
-        &mut self,
-        number: u16,
-        access: Access,
-        resource: Resource<'_>,
-    ) -> BrokerResult<()> {
+    fn authorize(&mut self, number: u16, access: Access, resource: Resource<'_>) -> AmqpResult<()> {
         let grant = self
             .grant
             .as_mut()
@@ -566,11 +561,11 @@ impl Session {
                 permission = access.as_str(),
                 "{refused}"
             );
-            BrokerError::access_refused(refused.to_string())
+            AmqpError::access_refused(refused.to_string())
         })
     }
 
-    fn channel_method(&mut self, number: u16, method: channel::AMQPMethod) -> BrokerResult<()> {
+    fn channel_method(&mut self, number: u16, method: channel::AMQPMethod) -> AmqpResult<()> {
         match method {
             channel::AMQPMethod::Close(_) => {
                 self.process_channel_confirms(number);
@@ -593,7 +588,7 @@ impl Session {
             // with channel.flow (basic.qos is the way to limit them), so
             // active=false closes the connection with 540.
             channel::AMQPMethod::Flow(flow) if !flow.active => {
-                Err(BrokerError::not_implemented("active=false"))
+                Err(AmqpError::not_implemented("active=false"))
             }
             channel::AMQPMethod::Flow(_) => {
                 self.reply(
@@ -605,14 +600,14 @@ impl Session {
                 Ok(())
             }
             channel::AMQPMethod::FlowOk(_) => Ok(()),
-            other => Err(BrokerError::command_invalid(format!(
+            other => Err(AmqpError::command_invalid(format!(
                 "method {} is not valid from a client",
                 method_name(&AMQPClass::Channel(other))
             ))),
         }
     }
 
-    fn exchange_method(&mut self, number: u16, method: exchange::AMQPMethod) -> BrokerResult<()> {
+    fn exchange_method(&mut self, number: u16, method: exchange::AMQPMethod) -> AmqpResult<()> {
         let mut hub = self.hub.lock();
         match method {
             exchange::AMQPMethod::Declare(declare) => {
@@ -685,7 +680,7 @@ impl Session {
                 }
             }
             other => {
-                return Err(BrokerError::command_invalid(format!(
+                return Err(AmqpError::command_invalid(format!(
                     "method {} is not valid from a client",
                     method_name(&AMQPClass::Exchange(other))
                 )));
@@ -700,7 +695,7 @@ impl Session {
         number: u16,
         method: queue::AMQPMethod,
         server_named: bool,
-    ) -> BrokerResult<()> {
+    ) -> AmqpResult<()> {
         let mut hub = self.hub.lock();
         match method {
             queue::AMQPMethod::Declare(declare) => {
@@ -803,7 +798,7 @@ impl Session {
                 }
             }
             other => {
-                return Err(BrokerError::command_invalid(format!(
+                return Err(AmqpError::command_invalid(format!(
                     "method {} is not valid from a client",
                     method_name(&AMQPClass::Queue(other))
                 )));
@@ -818,9 +813,9 @@ impl Session {
         prefetch_size: u32,
         prefetch_count: u16,
         global: bool,
-    ) -> BrokerResult<()> {
+    ) -> AmqpResult<()> {
         if prefetch_size != 0 {
-            return Err(BrokerError::not_implemented(format!(
+            return Err(AmqpError::not_implemented(format!(
                 "prefetch_size!=0 ({prefetch_size})"
             )));
         }
@@ -836,11 +831,11 @@ impl Session {
         Ok(())
     }
 
-    fn basic_method(&mut self, number: u16, method: basic::AMQPMethod) -> BrokerResult<()> {
+    fn basic_method(&mut self, number: u16, method: basic::AMQPMethod) -> AmqpResult<()> {
         match method {
             basic::AMQPMethod::Publish(publish) => {
                 if publish.immediate {
-                    return Err(BrokerError::not_implemented("immediate=true"));
+                    return Err(AmqpError::not_implemented("immediate=true"));
                 }
                 self.channel(number).content = Content::AwaitingHeader(publish);
                 Ok(())
@@ -941,7 +936,7 @@ impl Session {
             basic::AMQPMethod::Recover(basic::Recover { requeue })
             | basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue }) => {
                 if !requeue {
-                    return Err(BrokerError::not_implemented("requeue=false"));
+                    return Err(AmqpError::not_implemented("requeue=false"));
                 }
                 let is_async = matches!(method, basic::AMQPMethod::RecoverAsync(_));
                 let mut hub = self.hub.lock();
@@ -956,18 +951,18 @@ impl Session {
                 hub.dispatch(&mut outbox);
                 Ok(())
             }
-            other => Err(BrokerError::command_invalid(format!(
+            other => Err(AmqpError::command_invalid(format!(
                 "method {} is not valid from a client",
                 method_name(&basic(other))
             ))),
         }
     }
 
-    fn settle(&mut self, number: u16, settle: Settle) -> BrokerResult<()> {
+    fn settle(&mut self, number: u16, settle: Settle) -> AmqpResult<()> {
         let tx_operations_max = self.config.tx_operations_max;
         if let Some(transaction) = &mut self.channel(number).transaction {
             if transaction.settles.len() + transaction.publishes.len() >= tx_operations_max {
-                return Err(BrokerError::precondition_failed(format!(
+                return Err(AmqpError::precondition_failed(format!(
                     "transaction holds {tx_operations_max} operations, the most one may hold"
                 )));
             }
@@ -977,7 +972,7 @@ impl Session {
         self.settle_now(number, settle)
     }
 
-    fn settle_now(&mut self, number: u16, settle: Settle) -> BrokerResult<()> {
+    fn settle_now(&mut self, number: u16, settle: Settle) -> AmqpResult<()> {
         let mut hub = self.hub.lock();
         let mut outbox = Outbox::default();
         let result = match settle {
@@ -1001,15 +996,15 @@ impl Session {
             ),
         };
         hub.dispatch(&mut outbox);
-        result
+        Ok(result?)
     }
 
-    fn tx_method(&mut self, number: u16, method: tx::AMQPMethod) -> BrokerResult<()> {
+    fn tx_method(&mut self, number: u16, method: tx::AMQPMethod) -> AmqpResult<()> {
         match method {
             tx::AMQPMethod::Select(_) => {
                 let state = self.channel(number);
                 if state.confirms.is_some() {
-                    return Err(BrokerError::precondition_failed(
+                    return Err(AmqpError::precondition_failed(
                         "cannot switch from confirm to tx mode",
                     ));
                 }
@@ -1034,7 +1029,7 @@ impl Session {
                     .as_mut()
                     .map(std::mem::take)
                 else {
-                    return Err(BrokerError::precondition_failed(
+                    return Err(AmqpError::precondition_failed(
                         "channel is not transactional",
                     ));
                 };
@@ -1057,7 +1052,7 @@ impl Session {
             }
             tx::AMQPMethod::Rollback(_) => {
                 let Some(transaction) = self.channel(number).transaction.as_mut() else {
-                    return Err(BrokerError::precondition_failed(
+                    return Err(AmqpError::precondition_failed(
                         "channel is not transactional",
                     ));
                 };
@@ -1068,7 +1063,7 @@ impl Session {
                 );
                 Ok(())
             }
-            other => Err(BrokerError::command_invalid(format!(
+            other => Err(AmqpError::command_invalid(format!(
                 "method {} is not valid from a client",
                 method_name(&AMQPClass::Tx(other))
             ))),
@@ -1083,18 +1078,18 @@ impl Session {
         class_id: u16,
         body_size: u64,
         properties: BasicProperties,
-    ) -> BrokerResult<()> {
+    ) -> AmqpResult<()> {
         let size_max = self.config.message_size_max_bytes;
         let state = self.channel(number);
         let Content::AwaitingHeader(publish) = std::mem::replace(&mut state.content, Content::Idle)
         else {
-            return Err(BrokerError::new(
+            return Err(AmqpError::new(
                 ErrorCode::UnexpectedFrame,
                 format!("content header on channel {number} without a preceding basic.publish"),
             ));
         };
         if class_id != CLASS_BASIC {
-            return Err(BrokerError::new(
+            return Err(AmqpError::new(
                 ErrorCode::UnexpectedFrame,
                 format!(
                     "content header for class {class_id}; only class 60 (basic) carries content"
@@ -1102,7 +1097,7 @@ impl Session {
             ));
         }
         if body_size > size_max {
-            return Err(BrokerError::precondition_failed(format!(
+            return Err(AmqpError::precondition_failed(format!(
                 "message size {body_size} is larger than configured max size {size_max}"
             )));
         }
@@ -1118,7 +1113,7 @@ impl Session {
         Ok(())
     }
 
-    fn content_body(&mut self, number: u16, payload: Bytes) -> BrokerResult<()> {
+    fn content_body(&mut self, number: u16, payload: Bytes) -> AmqpResult<()> {
         let state = self.channel(number);
         let Content::AwaitingBody {
             body_size,
@@ -1126,7 +1121,7 @@ impl Session {
             ..
         } = &mut state.content
         else {
-            return Err(BrokerError::new(
+            return Err(AmqpError::new(
                 ErrorCode::UnexpectedFrame,
                 format!(
                     "content body frame on channel {number} without a preceding content header"
@@ -1135,7 +1130,7 @@ impl Session {
         };
         let total = received.len() + payload.len();
         if total > *body_size {
-            return Err(BrokerError::new(
+            return Err(AmqpError::new(
                 ErrorCode::UnexpectedFrame,
                 format!(
                     "content body on channel {number} is {total} bytes, more than the {body_size} its header declared"
@@ -1176,11 +1171,11 @@ impl Session {
         publish: basic::Publish,
         properties: BasicProperties,
         body: Bytes,
-    ) -> BrokerResult<()> {
+    ) -> AmqpResult<()> {
         if let Some(user_id) = properties.user_id()
             && user_id.as_str() != self.user
         {
-            return Err(BrokerError::precondition_failed(format!(
+            return Err(AmqpError::precondition_failed(format!(
                 "user_id property set to '{user_id}' but authenticated user was '{}'",
                 self.user
             )));
@@ -1194,7 +1189,7 @@ impl Session {
         let tx_operations_max = self.config.tx_operations_max;
         if let Some(transaction) = &mut self.channel(number).transaction {
             if transaction.settles.len() + transaction.publishes.len() >= tx_operations_max {
-                return Err(BrokerError::precondition_failed(format!(
+                return Err(AmqpError::precondition_failed(format!(
                     "transaction holds {tx_operations_max} operations, the most one may hold"
                 )));
             }
@@ -1212,7 +1207,7 @@ impl Session {
         number: u16,
         mandatory: bool,
         message: Arc<Message>,
-    ) -> BrokerResult<Option<Ticket>> {
+    ) -> AmqpResult<Option<Ticket>> {
         self.has_published = true;
         let (published, flow_gauge) = {
             let mut hub = self.hub.lock();

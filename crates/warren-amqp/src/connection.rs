@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::error::AmqpError;
 use amq_protocol::protocol::{AMQPClass, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::BytesMut;
@@ -19,7 +20,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 use warren_access::Grant;
-use warren_core::{BrokerError, ErrorCode, FlowGauge};
+use warren_core::{ErrorCode, FlowGauge};
 use warren_proto::table_limits::TableLimits;
 use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_protocol_header};
 
@@ -253,7 +254,7 @@ impl Connection {
         };
         let vhost = open.virtual_host.as_str();
         let refuse_open = |text: String| Fault::Connection {
-            error: BrokerError::not_allowed(text),
+            error: AmqpError::not_allowed(text),
             class_id: 10,
             method_id: 40,
         };
@@ -341,7 +342,7 @@ impl Connection {
             _ => (10, 11),
         };
         Fault::Connection {
-            error: BrokerError::new(code, error.to_string()),
+            error: AmqpError::new(code, error.to_string()),
             class_id,
             method_id,
         }
@@ -349,7 +350,7 @@ impl Connection {
 
     fn apply_tuning(&mut self, tune_ok: &connection::TuneOk) -> Result<(), Fault> {
         let refuse = |text: String| Fault::Connection {
-            error: BrokerError::not_allowed(text),
+            error: AmqpError::not_allowed(text),
             class_id: 10,
             method_id: 31,
         };
@@ -392,7 +393,7 @@ impl Connection {
                 return match frame {
                     Frame::Method(0, method) => Ok(*method),
                     Frame::Heartbeat(0) => continue,
-                    other => Err(Fault::connection(BrokerError::command_invalid(format!(
+                    other => Err(Fault::connection(AmqpError::command_invalid(format!(
                         "expected a method on channel 0 during the opening handshake, got {}",
                         describe_frame(&other)
                     )))),
@@ -416,7 +417,7 @@ impl Connection {
                         size_bytes,
                         max_bytes,
                     }) if channel != 0 => {
-                        let error = BrokerError::precondition_failed(format!(
+                        let error = AmqpError::precondition_failed(format!(
                             "message headers of {size_bytes} bytes are larger than the \
                              configured max size {max_bytes}"
                         ));
@@ -546,13 +547,13 @@ impl Connection {
     fn handle_frame(&mut self, frame: Frame) -> Result<bool, Fault> {
         match frame {
             Frame::Heartbeat(0) => Ok(false),
-            Frame::Heartbeat(channel) => Err(Fault::connection(BrokerError::new(
+            Frame::Heartbeat(channel) => Err(Fault::connection(AmqpError::new(
                 ErrorCode::FrameError,
                 format!("heartbeat frame on channel {channel}; heartbeats belong on channel 0"),
             ))),
             Frame::Method(0, method) => self.handle_connection_method(*method),
             Frame::Method(_, ref method) if matches!(**method, AMQPClass::Connection(_)) => {
-                Err(Fault::connection(BrokerError::command_invalid(format!(
+                Err(Fault::connection(AmqpError::command_invalid(format!(
                     "connection method {} on channel {}; connection methods belong on channel 0",
                     method_name(method),
                     frame.channel()
@@ -560,7 +561,7 @@ impl Connection {
             }
             Frame::BasicQos { channel: 0, .. }
             | Frame::Header { channel: 0, .. }
-            | Frame::Body(0, _) => Err(Fault::connection(BrokerError::new(
+            | Frame::Body(0, _) => Err(Fault::connection(AmqpError::new(
                 ErrorCode::CommandInvalid,
                 format!(
                     "{} on channel 0, which is reserved for the connection",
@@ -597,7 +598,7 @@ impl Connection {
                 Ok(false)
             }
             other => Err(Fault::Connection {
-                error: BrokerError::command_invalid(format!(
+                error: AmqpError::command_invalid(format!(
                     "unexpected method {} on channel 0 of an open connection",
                     method_name(&other)
                 )),
@@ -661,7 +662,7 @@ impl Connection {
             }
             ConnectionNotice::Close { reason } => {
                 info!(connection = self.session.id.0, peer = %self.peer, %reason, "closing connection on request");
-                Err(Fault::connection(BrokerError::new(
+                Err(Fault::connection(AmqpError::new(
                     ErrorCode::ConnectionForced,
                     reason,
                 )))
@@ -814,7 +815,7 @@ fn start_method(mechanisms: &str, product: Product) -> AMQPClass {
 
 fn unexpected_in_handshake(expected: &str, got: &AMQPClass) -> Fault {
     Fault::Connection {
-        error: BrokerError::command_invalid(format!(
+        error: AmqpError::command_invalid(format!(
             "expected {expected} during the opening handshake, got {}",
             method_name(got)
         )),

@@ -18,12 +18,13 @@ use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::error::AmqpError;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, confirm};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
 use tokio::sync::watch;
 use warren_access::{Grant, VhostRefusal};
-use warren_core::{BrokerError, Delivery, ErrorCode, Message};
+use warren_core::{Delivery, ErrorCode, Message};
 use warren_proto::Frame;
 
 use crate::config::AmqpConfig;
@@ -245,14 +246,14 @@ pub struct DirectSession {
     notices_taken: VecDeque<ConnectionNotice>,
     /// The broker closed the channel (or the session): every later call
     /// fails with this.
-    failed: Option<BrokerError>,
+    failed: Option<AmqpError>,
     confirms: Confirms,
 }
 
 impl DirectSession {
     /// Sends a method that has a reply and waits for it. A refusal closes
     /// the channel, as for an AMQP client, and is returned here.
-    pub async fn call(&mut self, method: AMQPClass) -> Result<Reply, BrokerError> {
+    pub async fn call(&mut self, method: AMQPClass) -> Result<Reply, AmqpError> {
         self.feed(Frame::Method(DIRECT_CHANNEL, Box::new(method)))?;
         self.settle_held_replies().await?;
         loop {
@@ -266,14 +267,14 @@ impl DirectSession {
     }
 
     /// Sends a method that has no reply (an ack, a nack, a reject).
-    pub fn send(&mut self, method: AMQPClass) -> Result<(), BrokerError> {
+    pub fn send(&mut self, method: AMQPClass) -> Result<(), AmqpError> {
         self.feed(Frame::Method(DIRECT_CHANNEL, Box::new(method)))?;
         self.take();
         self.check()
     }
 
     /// `basic.qos` for this session's consumers.
-    pub async fn qos(&mut self, prefetch_count: u16) -> Result<(), BrokerError> {
+    pub async fn qos(&mut self, prefetch_count: u16) -> Result<(), AmqpError> {
         self.feed(Frame::BasicQos {
             channel: DIRECT_CHANNEL,
             prefetch_size: 0,
@@ -297,7 +298,7 @@ impl DirectSession {
         publish: basic::Publish,
         properties: BasicProperties,
         body: Bytes,
-    ) -> Result<u64, BrokerError> {
+    ) -> Result<u64, AmqpError> {
         if !self.confirms.selected {
             let select = confirm::Select { nowait: false };
             self.call(AMQPClass::Confirm(confirm::AMQPMethod::Select(select)))
@@ -328,7 +329,7 @@ impl DirectSession {
 
     /// Waits for the broker's verdict on publish `sequence`: it comes once
     /// the message is durable (or needed no disk), as for any publisher.
-    pub async fn confirmation(&mut self, sequence: u64) -> Result<Confirmation, BrokerError> {
+    pub async fn confirmation(&mut self, sequence: u64) -> Result<Confirmation, AmqpError> {
         loop {
             self.session.process_confirms();
             self.take();
@@ -342,7 +343,7 @@ impl DirectSession {
 
     /// The next delivery to this session's consumers, or word that the
     /// broker cancelled one.
-    pub async fn next_event(&mut self) -> Result<Event, BrokerError> {
+    pub async fn next_event(&mut self) -> Result<Event, AmqpError> {
         loop {
             self.take();
             if let Some(event) = self.events.pop_front() {
@@ -362,7 +363,7 @@ impl DirectSession {
         }
     }
 
-    fn check(&self) -> Result<(), BrokerError> {
+    fn check(&self) -> Result<(), AmqpError> {
         match &self.failed {
             Some(error) => Err(error.clone()),
             None => Ok(()),
@@ -370,7 +371,7 @@ impl DirectSession {
     }
 
     /// Hands one frame to the session.
-    fn feed(&mut self, frame: Frame) -> Result<(), BrokerError> {
+    fn feed(&mut self, frame: Frame) -> Result<(), AmqpError> {
         self.check()?;
         match self.session.handle_channel_frame(frame) {
             Ok(()) => Ok(()),
@@ -384,7 +385,7 @@ impl DirectSession {
 
     /// Sends the replies a durable change held back once the topology
     /// journal has it, as an AMQP connection does before reading on.
-    async fn settle_held_replies(&mut self) -> Result<(), BrokerError> {
+    async fn settle_held_replies(&mut self) -> Result<(), AmqpError> {
         if let Some(held) = self.session.held_replies.get_mut().take() {
             let released = self.session.release_held_replies(held).await;
             released.map_err(|fault| self.fail(fault))?;
@@ -396,7 +397,7 @@ impl DirectSession {
         Ok(())
     }
 
-    fn fail(&mut self, fault: Fault) -> BrokerError {
+    fn fail(&mut self, fault: Fault) -> AmqpError {
         let error = fault_error(fault);
         self.failed = Some(error.clone());
         error
@@ -405,7 +406,7 @@ impl DirectSession {
     /// Waits for something to look at: an item on the queue, a notice, the
     /// log's progress (when `durable`), or the next look at a queue that
     /// holds this publisher back.
-    async fn wait(&mut self, durable: bool) -> Result<(), BrokerError> {
+    async fn wait(&mut self, durable: bool) -> Result<(), AmqpError> {
         let flow_held = self.session.confirms_held.is_some();
         tokio::select! {
             () = self.received.ready() => Ok(()),
@@ -430,7 +431,7 @@ impl DirectSession {
                     self.session.close_channel_by_broker(channel, error);
                 }
                 ConnectionNotice::Close { reason } => {
-                    self.failed = Some(BrokerError::new(ErrorCode::ConnectionForced, reason));
+                    self.failed = Some(AmqpError::new(ErrorCode::ConnectionForced, reason));
                 }
             }
         }
@@ -473,7 +474,7 @@ impl DirectSession {
                     .strip_prefix(code.name())
                     .and_then(|rest| rest.strip_prefix(" - "))
                     .unwrap_or(text);
-                self.failed = Some(BrokerError::new(code, text));
+                self.failed = Some(AmqpError::new(code, text));
                 // The closing handshake's end, so that the session forgets
                 // the channel.
                 let close_ok =
@@ -500,11 +501,11 @@ impl Drop for DirectSession {
     }
 }
 
-fn fault_error(fault: Fault) -> BrokerError {
+fn fault_error(fault: Fault) -> AmqpError {
     match fault {
         Fault::Connection { error, .. } => error,
         Fault::Gone | Fault::ClosedByClient => {
-            BrokerError::new(ErrorCode::ConnectionForced, "the session is closed")
+            AmqpError::new(ErrorCode::ConnectionForced, "the session is closed")
         }
     }
 }

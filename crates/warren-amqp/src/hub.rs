@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::error::AmqpError;
 use amq_protocol::protocol::{AMQPClass, basic};
 use amq_protocol::types::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
-use warren_core::{Broker, BrokerError, ConnectionId, Effect, Outbox};
+use warren_core::{Broker, ConnectionId, Effect, Outbox};
 
 use crate::mailbox::Mailbox;
 use crate::store_worker::StoreWork;
@@ -123,7 +124,7 @@ pub fn wall_clock_ms() -> u64 {
 #[derive(Debug)]
 pub enum ConnectionNotice {
     /// Close this channel with this error (a consumer timeout).
-    CloseChannel { channel: u16, error: BrokerError },
+    CloseChannel { channel: u16, error: AmqpError },
     /// Close the whole connection with 320 CONNECTION_FORCED (an operator
     /// asked for it through the management API).
     Close { reason: String },
@@ -283,7 +284,10 @@ impl Hub {
                     error,
                 } => {
                     if let Some(notices) = self.notices.get(&connection) {
-                        notices.push(ConnectionNotice::CloseChannel { channel, error });
+                        notices.push(ConnectionNotice::CloseChannel {
+                            channel,
+                            error: error.into(),
+                        });
                     }
                 }
                 // Sending fails only once the worker has stopped, with the

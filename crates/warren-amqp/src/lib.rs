@@ -9,6 +9,7 @@ mod channel;
 mod config;
 mod connection;
 mod direct;
+mod error;
 mod hub;
 pub mod listen;
 mod mailbox;
@@ -29,6 +30,7 @@ pub use config::{
 pub use direct::{
     Confirmation, DirectConnector, DirectLogin, DirectSession, Event, OpenError, Reply,
 };
+pub use error::{AmqpError, AmqpResult};
 pub use hub::{ConnectionInfo, Hub, SharedHub, wall_clock_ms};
 pub use server::{AmqpServer, StartError};
 pub use warren_proto::FRAME_MIN_SIZE_BYTES;

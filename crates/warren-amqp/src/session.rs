@@ -11,10 +11,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::AmqpError;
 use amq_protocol::protocol::{AMQPClass, tx};
 use tokio::sync::watch;
 use warren_access::Grant;
-use warren_core::{BrokerError, ConnectionId, ErrorCode, FlowGauge};
+use warren_core::{ConnectionId, ErrorCode, FlowGauge};
 use warren_proto::{Frame, FrameError};
 use warren_store::Ticket;
 
@@ -55,14 +56,14 @@ pub(crate) enum Fault {
     ClosedByClient,
     /// A connection error: send `connection.close` with this code.
     Connection {
-        error: BrokerError,
+        error: AmqpError,
         class_id: u16,
         method_id: u16,
     },
 }
 
 impl Fault {
-    pub(crate) fn connection(error: BrokerError) -> Self {
+    pub(crate) fn connection(error: AmqpError) -> Self {
         Fault::Connection {
             error,
             class_id: 0,
@@ -75,7 +76,7 @@ impl From<FrameError> for Fault {
     /// A frame that cannot be decoded safely (too large, malformed, tables
     /// nested too deep) closes the connection with 501.
     fn from(error: FrameError) -> Self {
-        Fault::connection(BrokerError::new(ErrorCode::FrameError, error.to_string()))
+        Fault::connection(AmqpError::new(ErrorCode::FrameError, error.to_string()))
     }
 }
 
@@ -172,7 +173,7 @@ impl Session {
                 return Ok(());
             }
             if progress.poisoned {
-                return Err(Fault::connection(BrokerError::new(
+                return Err(Fault::connection(AmqpError::new(
                     ErrorCode::InternalError,
                     "the topology store failed; the change could not be made durable",
                 )));
@@ -204,7 +205,7 @@ impl Session {
             }
             if progress.poisoned {
                 return Err(Fault::Connection {
-                    error: BrokerError::new(
+                    error: AmqpError::new(
                         ErrorCode::InternalError,
                         "the message store failed; the transaction could not be made durable",
                     ),
@@ -218,7 +219,7 @@ impl Session {
 }
 
 pub(crate) fn shutdown_fault() -> Fault {
-    Fault::connection(BrokerError::new(
+    Fault::connection(AmqpError::new(
         ErrorCode::ConnectionForced,
         "broker shutdown",
     ))

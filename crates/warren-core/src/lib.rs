@@ -34,7 +34,9 @@ pub use broker::{
 };
 pub use durable::codec;
 pub use durable::{RecoveryError, RecoverySummary};
-pub use error::{BrokerError, BrokerResult, ErrorCode};
+pub use error::{
+    ArgumentOf, BrokerError, BrokerResult, ErrorCode, Inequivalence, Resource, reply_text,
+};
 pub use limits::{FLOW_READY_MAX_DEFAULT, Limits};
 pub use message::Message;
 pub use queue::arguments;

@@ -98,7 +98,7 @@ fn bodies(deliveries: &[Delivery]) -> Vec<String> {
 }
 
 fn code(result: Result<impl std::fmt::Debug, BrokerError>) -> ErrorCode {
-    result.expect_err("expected a refusal").code
+    result.expect_err("expected a refusal").code()
 }
 
 #[test]
@@ -337,11 +337,10 @@ fn redeclaring_with_different_properties_is_refused() {
         ..Default::default()
     };
     let error = broker.declare_queue(A, durable).unwrap_err();
-    assert_eq!(error.code, ErrorCode::PreconditionFailed);
+    assert_eq!(error.code(), ErrorCode::PreconditionFailed);
     assert!(
-        error.text.contains("inequivalent arg 'durable'"),
-        "{}",
-        error.text
+        error.to_string().contains("inequivalent arg 'durable'"),
+        "{error}"
     );
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongInt(10));

@@ -275,8 +275,8 @@ fn an_invalid_expiration_is_refused() {
             &mut Outbox::default(),
         )
         .unwrap_err();
-    assert_eq!(error.code, ErrorCode::PreconditionFailed);
-    assert!(error.text.contains("soon"), "{}", error.text);
+    assert_eq!(error.code(), ErrorCode::PreconditionFailed);
+    assert!(error.to_string().contains("soon"), "{error}");
 }
 
 #[test]
@@ -471,7 +471,7 @@ fn a_single_active_consumer_gets_everything_until_it_leaves() {
         },
         &mut out,
     );
-    assert_eq!(refused.unwrap_err().code, ErrorCode::AccessRefused);
+    assert_eq!(refused.unwrap_err().code(), ErrorCode::AccessRefused);
 }
 
 #[test]
@@ -574,7 +574,7 @@ fn a_delivery_not_acked_within_the_consumer_timeout_closes_its_channel() {
             },
         ] => {
             assert_eq!((*connection, *channel), (B, 1));
-            assert_eq!(error.code, ErrorCode::PreconditionFailed);
+            assert_eq!(error.code(), ErrorCode::PreconditionFailed);
         }
         other => panic!("expected one channel close, got {other:?}"),
     }
@@ -666,7 +666,7 @@ fn direct_reply_to_sends_replies_straight_to_the_requesting_channel() {
         &mut out,
     );
     assert_eq!(
-        refused.unwrap_err().code,
+        refused.unwrap_err().code(),
         ErrorCode::PreconditionFailed,
         "must be no-ack"
     );
@@ -682,7 +682,10 @@ fn direct_reply_to_sends_replies_straight_to_the_requesting_channel() {
         }),
         &mut out,
     );
-    assert_eq!(no_consumer.unwrap_err().code, ErrorCode::PreconditionFailed);
+    assert_eq!(
+        no_consumer.unwrap_err().code(),
+        ErrorCode::PreconditionFailed
+    );
     broker
         .consume(
             A,
@@ -809,8 +812,8 @@ fn redeclaring_with_different_arguments_is_refused_naming_the_argument() {
             },
         )
         .unwrap_err();
-    assert_eq!(error.code, ErrorCode::PreconditionFailed);
-    assert!(error.text.contains("x-max-length"), "{}", error.text);
+    assert_eq!(error.code(), ErrorCode::PreconditionFailed);
+    assert!(error.to_string().contains("x-max-length"), "{error}");
     let invalid = broker
         .declare_queue(
             A,
@@ -821,7 +824,11 @@ fn redeclaring_with_different_arguments_is_refused_naming_the_argument() {
             },
         )
         .unwrap_err();
-    assert!(invalid.text.contains("x-max-length"), "{}", invalid.text);
+    assert!(
+        invalid.to_string().contains("x-max-length"),
+        "{}",
+        invalid.to_string()
+    );
 }
 
 #[test]
@@ -855,6 +862,6 @@ fn an_alternate_exchange_must_be_named_by_a_string() {
             },
         )
         .unwrap_err();
-    assert_eq!(error.code, ErrorCode::PreconditionFailed);
-    assert!(error.text.contains("alternate-exchange"), "{}", error.text);
+    assert_eq!(error.code(), ErrorCode::PreconditionFailed);
+    assert!(error.to_string().contains("alternate-exchange"), "{error}");
 }

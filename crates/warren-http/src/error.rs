@@ -7,7 +7,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use warren_core::{BrokerError, ErrorCode};
+use warren_core::BrokerError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -89,8 +89,7 @@ impl ApiError {
 
 impl From<BrokerError> for ApiError {
     fn from(error: BrokerError) -> Self {
-        let code: ErrorCode = error.code;
-        ApiError::from_amqp(code.reply_code(), &error.text)
+        ApiError::from_amqp(error.code().reply_code(), &error.to_string())
     }
 }
 

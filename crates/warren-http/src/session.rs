@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use bytes::Bytes;
-use warren_amqp::{Confirmation, DirectLogin, DirectSession, OpenError};
-use warren_core::BrokerError;
+use warren_amqp::{AmqpError, Confirmation, DirectLogin, DirectSession, OpenError};
 
 use crate::auth::Credentials;
 use crate::error::{ApiError, ApiResult};
@@ -41,7 +40,7 @@ pub fn open(state: &AppState, user: &Credentials, vhost: &str) -> ApiResult<Dire
 
 /// The HTTP form of the broker's refusal: 404 stays 404, 403 stays 403,
 /// 406 is a 400 and 405 a 409 (see `ApiError::from_amqp`).
-pub fn refusal(error: BrokerError) -> ApiError {
+pub fn refusal(error: AmqpError) -> ApiError {
     ApiError::from_amqp(error.code.reply_code(), &error.reply_text())
 }
 

@@ -8,7 +8,7 @@ use super::Broker;
 use super::effect::{Effect, Outbox};
 use super::request::{ExchangeDeclare, QueueDeclare, QueueDeclared};
 use crate::durable::entry::{DurableDestination, binding_entry};
-use crate::error::{BrokerError, BrokerResult, ErrorCode};
+use crate::error::{ArgumentOf, BrokerError, BrokerResult, ErrorCode, Inequivalence, Resource};
 use crate::queue::Queue;
 use crate::queue::arguments::{QueueArguments, QueueShape};
 use crate::queue::discard::Discard;
@@ -33,40 +33,45 @@ impl Broker {
             .expect("connection's vhost exists");
         let name = declare.name.as_str();
         if name.is_empty() {
-            return Err(BrokerError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
+            return Err(BrokerError::DefaultExchange);
         }
         if declare.passive {
             return match vhost.exchanges.get(name) {
                 Some(_) => Ok(()),
-                None => Err(BrokerError::not_found(format!(
-                    "no exchange '{name}' in vhost '{vhost_name}'"
-                ))),
+                None => Err(BrokerError::NotFound(Resource::Exchange {
+                    name: name.to_owned(),
+                    vhost: vhost_name,
+                })),
             };
         }
         // RabbitMQ 3.x closed the connection with 503 here; the current
         // RabbitMQ closes only the channel, with 406.
         let Some(kind) = ExchangeKind::parse(declare.kind.as_str()) else {
-            return Err(BrokerError::precondition_failed(format!(
-                "invalid exchange type '{}'",
-                declare.kind
-            )));
+            return Err(BrokerError::InvalidExchangeType(declare.kind.to_string()));
         };
         if let Some(alternate) = declare.arguments.inner().get("alternate-exchange")
             && crate::arguments::as_text(alternate).is_none()
         {
-            return Err(BrokerError::precondition_failed(format!(
-                "invalid arg 'alternate-exchange' for exchange '{name}' in vhost \
-                 '{vhost_name}': expected the name of an exchange as a string"
-            )));
+            return Err(BrokerError::InvalidArgument {
+                key: "alternate-exchange".to_owned(),
+                of: ArgumentOf::Exchange {
+                    name: name.to_owned(),
+                    vhost: vhost_name,
+                },
+                reason: "expected the name of an exchange as a string".to_owned(),
+            });
         }
         if let Some(existing) = vhost.exchanges.get(name) {
             let inequivalent = |what: &str, received: &str, current: &str| {
-                BrokerError::precondition_failed(format!(
-                    "inequivalent arg '{what}' for exchange '{name}' in vhost '{vhost_name}': \
-                     received '{received}' but current is '{current}'"
-                ))
+                BrokerError::Inequivalent(Box::new(Inequivalence {
+                    what: what.to_owned(),
+                    resource: Resource::Exchange {
+                        name: name.to_owned(),
+                        vhost: vhost_name.clone(),
+                    },
+                    received: received.to_owned(),
+                    current: current.to_owned(),
+                }))
             };
             if existing.kind != kind {
                 return Err(inequivalent("type", kind.name(), existing.kind.name()));
@@ -95,9 +100,10 @@ impl Broker {
             return Ok(());
         }
         if name.starts_with("amq.") {
-            return Err(BrokerError::access_refused(format!(
-                "exchange name '{name}' contains reserved prefix 'amq.*'"
-            )));
+            return Err(BrokerError::ReservedName {
+                kind: "exchange",
+                name: name.to_owned(),
+            });
         }
         let exchange = Exchange {
             name: declare.name,
@@ -128,23 +134,21 @@ impl Broker {
             .get_mut(&vhost_name)
             .expect("connection's vhost exists");
         if name.is_empty() || name.starts_with("amq.") {
-            return Err(BrokerError::access_refused(format!(
-                "operation not permitted on {}",
-                if name.is_empty() {
-                    "the default exchange".to_owned()
-                } else {
-                    format!("exchange '{name}'")
-                }
-            )));
+            return Err(if name.is_empty() {
+                BrokerError::DefaultExchange
+            } else {
+                BrokerError::BuiltinExchange(name.to_owned())
+            });
         }
         let Some(exchange) = vhost.exchanges.get(name) else {
             // Deleting what does not exist succeeds, as in RabbitMQ.
             return Ok(());
         };
         if if_unused && !exchange.bindings.is_empty() {
-            return Err(BrokerError::precondition_failed(format!(
-                "exchange '{name}' in vhost '{vhost_name}' in use"
-            )));
+            return Err(BrokerError::InUse(Resource::Exchange {
+                name: name.to_owned(),
+                vhost: vhost_name,
+            }));
         }
         remove_exchange(vhost, name, &mut self.topology_changes);
         Ok(())
@@ -168,18 +172,17 @@ impl Broker {
             .get_mut(&vhost_name)
             .expect("connection's vhost exists");
         if source.is_empty() || destination.is_empty() {
-            return Err(BrokerError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
+            return Err(BrokerError::DefaultExchange);
         }
         for name in [destination, source] {
             if !vhost.exchanges.contains_key(name) {
                 if !bind {
                     return Ok(());
                 }
-                return Err(BrokerError::not_found(format!(
-                    "no exchange '{name}' in vhost '{vhost_name}'"
-                )));
+                return Err(BrokerError::NotFound(Resource::Exchange {
+                    name: name.to_owned(),
+                    vhost: vhost_name,
+                }));
             }
         }
         let persisted = (vhost.exchanges[source].durable && vhost.exchanges[destination].durable)
@@ -246,23 +249,26 @@ impl Broker {
             });
         }
         if declare.passive {
-            return Err(BrokerError::not_found(format!(
-                "no queue '{name}' in vhost '{vhost_name}'"
-            )));
+            return Err(BrokerError::NotFound(Resource::Queue {
+                name: name.to_string(),
+                vhost: vhost_name,
+            }));
         }
         if name.as_str().is_empty() {
             name = self.generate_queue_name();
         } else if name.as_str().starts_with("amq.") && !server_named {
-            return Err(BrokerError::access_refused(format!(
-                "queue name '{name}' contains reserved prefix 'amq.*'"
-            )));
+            return Err(BrokerError::ReservedName {
+                kind: "queue",
+                name: name.to_string(),
+            });
         }
         let queues_max = self.limits.queues_per_vhost_max;
         if self.vhosts[&vhost_name].queues.len() >= queues_max {
-            return Err(BrokerError::precondition_failed(format!(
-                "cannot declare queue '{name}': queue limit in virtual host '{vhost_name}' \
-                 is reached ({queues_max})"
-            )));
+            return Err(BrokerError::QueueLimit {
+                name: name.to_string(),
+                vhost: vhost_name,
+                max: queues_max,
+            });
         }
         let args = QueueArguments::parse(
             &declare.arguments,
@@ -328,13 +334,11 @@ impl Broker {
         bind: bool,
     ) -> BrokerResult<()> {
         if exchange.is_empty() {
-            return Err(BrokerError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
+            return Err(BrokerError::DefaultExchange);
         }
         let id = match self.queue_for(connection, queue) {
             Ok(id) => id,
-            Err(error) if !bind && error.code == ErrorCode::NotFound => return Ok(()),
+            Err(error) if !bind && error.code() == ErrorCode::NotFound => return Ok(()),
             Err(error) => return Err(error),
         };
         let vhost_name = self.vhost_of(connection)?;
@@ -346,9 +350,10 @@ impl Broker {
             if !bind {
                 return Ok(());
             }
-            return Err(BrokerError::not_found(format!(
-                "no exchange '{exchange}' in vhost '{vhost_name}'"
-            )));
+            return Err(BrokerError::NotFound(Resource::Exchange {
+                name: exchange.to_owned(),
+                vhost: vhost_name,
+            }));
         };
         let target = &self.queues[&id];
         let persisted = (source.durable && target.persists_messages()).then(|| {
@@ -385,7 +390,7 @@ impl Broker {
         out: &mut Outbox,
     ) -> BrokerResult<u32> {
         if super::reply_to::is_reply_to_name(queue) {
-            return Err(BrokerError::not_found(format!("no queue '{queue}'")));
+            return Err(BrokerError::ReplyToName(queue.to_owned()));
         }
         let id = self.queue_for(connection, queue)?;
         let queue = self
@@ -410,21 +415,15 @@ impl Broker {
         let id = match self.queue_for(connection, queue) {
             Ok(id) => id,
             // Deleting what does not exist succeeds, as in RabbitMQ.
-            Err(error) if error.code == ErrorCode::NotFound => return Ok(0),
+            Err(error) if error.code() == ErrorCode::NotFound => return Ok(0),
             Err(error) => return Err(error),
         };
         let queue = &self.queues[&id];
         if if_unused && !queue.consumers.is_empty() {
-            return Err(BrokerError::precondition_failed(format!(
-                "{} in use",
-                queue.describe()
-            )));
+            return Err(BrokerError::InUse(queue.resource()));
         }
         if if_empty && queue.ready_count() > 0 {
-            return Err(BrokerError::precondition_failed(format!(
-                "{} not empty",
-                queue.describe()
-            )));
+            return Err(BrokerError::NotEmpty(queue.resource()));
         }
         Ok(self.delete_queue_by_id(id, out))
     }

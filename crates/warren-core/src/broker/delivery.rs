@@ -50,14 +50,13 @@ impl Broker {
                 .as_ref()
                 .is_some_and(|reply| reply.tag == tag)
         {
-            return Err(BrokerError::not_allowed(format!(
-                "attempt to reuse consumer tag '{tag}'"
-            )));
+            return Err(BrokerError::ConsumerTagInUse(tag.to_string()));
         }
         if state.consumers.len() >= consumers_max {
-            return Err(BrokerError::precondition_failed(format!(
-                "channel {channel} already has {consumers_max} consumers, the most a channel may hold"
-            )));
+            return Err(BrokerError::ConsumerLimit {
+                channel,
+                max: consumers_max,
+            });
         }
         let prefetch_count = state.consumer_prefetch;
         let queue = self
@@ -69,10 +68,7 @@ impl Broker {
         if consume.exclusive && (!queue.consumers.is_empty() || queue.args.single_active_consumer)
             || queue.consumers.iter().any(|consumer| consumer.exclusive)
         {
-            return Err(BrokerError::access_refused(format!(
-                "{} in exclusive use",
-                queue.describe()
-            )));
+            return Err(BrokerError::ExclusiveConsumer(queue.resource()));
         }
         queue.consumers.push(QueueConsumer {
             connection,
@@ -422,8 +418,7 @@ impl Broker {
         let state = self
             .channel_mut(connection, channel)
             .expect("settle on an open channel");
-        let unknown =
-            || BrokerError::precondition_failed(format!("unknown delivery tag {delivery_tag}"));
+        let unknown = || BrokerError::UnknownDeliveryTag(delivery_tag);
         if multiple {
             if delivery_tag != 0 && !state.unacked.contains_key(&delivery_tag) {
                 return Err(unknown());

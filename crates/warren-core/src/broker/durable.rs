@@ -15,7 +15,7 @@ use warren_store::{MessageLog, Sequence, StoreError, Ticket, TopologyWaiter};
 use super::Broker;
 use super::effect::Outbox;
 use super::request::{ExchangeDeclare, QueueDeclare, QueueDeclared};
-use crate::error::{BrokerError, BrokerResult, ErrorCode};
+use crate::error::{BrokerError, BrokerResult};
 use crate::topology::remove_exchange;
 use crate::{ConnectionId, Message, QueueId};
 
@@ -224,10 +224,7 @@ impl Broker {
         };
         let ticket = store.topology.record(changes).map_err(|error| {
             tracing::error!(%error, "could not save the durable topology");
-            BrokerError::new(
-                ErrorCode::InternalError,
-                format!("could not save the durable topology: {error}"),
-            )
+            BrokerError::TopologyNotSaved(error.to_string())
         })?;
         self.topology_ticket = Some(ticket);
         Ok(())

@@ -37,7 +37,7 @@ pub use effect::{Delivery, Effect, Outbox};
 pub use request::{Consume, ExchangeDeclare, GetOk, Published, QueueDeclare, QueueDeclared};
 
 use crate::durable::Store;
-use crate::error::{BrokerError, BrokerResult, ErrorCode};
+use crate::error::{BrokerError, BrokerResult, Resource};
 use crate::limits::Limits;
 use crate::queue::dead_letter::DeadLetter;
 use crate::queue::discard::forget_copy;
@@ -139,12 +139,9 @@ impl Broker {
             .connections
             .get(&connection)
             .map(|state| state.vhost.clone())
-            .ok_or_else(|| BrokerError::new(ErrorCode::InternalError, "connection is not open"))?;
+            .ok_or(BrokerError::ConnectionNotOpen)?;
         if !self.vhosts.contains_key(&vhost) {
-            return Err(BrokerError::new(
-                ErrorCode::ConnectionForced,
-                format!("vhost '{vhost}' is deleted"),
-            ));
+            return Err(BrokerError::VhostDeleted(vhost));
         }
         Ok(vhost)
     }
@@ -168,7 +165,10 @@ impl Broker {
             .get(name)
             .copied()
             .ok_or_else(|| {
-                BrokerError::not_found(format!("no queue '{name}' in vhost '{vhost_name}'"))
+                BrokerError::NotFound(Resource::Queue {
+                    name: name.to_owned(),
+                    vhost: vhost_name.clone(),
+                })
             })?;
         self.queues[&id].check_access(connection)?;
         Ok(id)

@@ -9,7 +9,7 @@ use super::Broker;
 use super::effect::Outbox;
 use super::request::Published;
 use crate::durable::codec::encode_message_head;
-use crate::error::{BrokerError, BrokerResult};
+use crate::error::{BrokerError, BrokerResult, Resource};
 use crate::queue::Stored;
 use crate::queue::arguments::{Overflow, message_expiration_ms};
 use crate::queue::dead_letter::{DeadLetter, DeathReason};
@@ -32,14 +32,16 @@ impl Broker {
         let exchange_name = message.exchange.clone();
         let exchange_name = exchange_name.as_str();
         let Some(exchange) = vhost.exchanges.get(exchange_name) else {
-            return Err(BrokerError::not_found(format!(
-                "no exchange '{exchange_name}' in vhost '{vhost_name}'"
-            )));
+            return Err(BrokerError::NotFound(Resource::Exchange {
+                name: exchange_name.to_owned(),
+                vhost: vhost_name,
+            }));
         };
         if exchange.internal {
-            return Err(BrokerError::access_refused(format!(
-                "cannot publish to internal exchange '{exchange_name}' in vhost '{vhost_name}'"
-            )));
+            return Err(BrokerError::InternalExchange(Resource::Exchange {
+                name: exchange_name.to_owned(),
+                vhost: vhost_name,
+            }));
         }
         message_expiration_ms(message.properties.expiration().as_ref())?;
         self.counts.published += 1;

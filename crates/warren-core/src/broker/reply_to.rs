@@ -37,15 +37,13 @@ impl Broker {
         consume: Consume,
     ) -> BrokerResult<ShortString> {
         if consume.queue.as_str() != REPLY_TO_QUEUE {
-            return Err(BrokerError::not_found(format!(
-                "no queue '{}'; consume from '{REPLY_TO_QUEUE}' itself",
-                consume.queue
-            )));
+            return Err(BrokerError::ConsumeFromReplyAddress {
+                queue: consume.queue.to_string(),
+                pseudo_queue: REPLY_TO_QUEUE,
+            });
         }
         if !consume.no_ack {
-            return Err(BrokerError::precondition_failed(
-                "reply consumer cannot acknowledge",
-            ));
+            return Err(BrokerError::ReplyConsumerAcks);
         }
         let tag = if consume.consumer_tag.as_str().is_empty() {
             ShortString::from(self.generate_name("amq.ctag-"))
@@ -57,14 +55,10 @@ impl Broker {
             .channel_mut(connection, channel)
             .expect("consume on an open channel");
         if state.reply_consumer.is_some() {
-            return Err(BrokerError::precondition_failed(
-                "reply consumer already set",
-            ));
+            return Err(BrokerError::ReplyConsumerExists);
         }
         if state.consumers.contains_key(&tag) {
-            return Err(BrokerError::not_allowed(format!(
-                "attempt to reuse consumer tag '{tag}'"
-            )));
+            return Err(BrokerError::ConsumerTagInUse(tag.to_string()));
         }
         state.reply_consumer = Some(ReplyConsumer {
             tag: tag.clone(),
@@ -90,9 +84,7 @@ impl Broker {
             .and_then(|state| state.channels.get(&channel))
             .and_then(|state| state.reply_consumer.as_ref())
         else {
-            return Err(BrokerError::precondition_failed(
-                "fast reply consumer does not exist",
-            ));
+            return Err(BrokerError::NoReplyConsumer);
         };
         Ok(Arc::new(Message {
             exchange: message.exchange.clone(),
@@ -168,7 +160,7 @@ impl Broker {
                 consumer_count: u32::from(name != REPLY_TO_QUEUE),
             })
         } else {
-            Err(BrokerError::not_found(format!("no queue '{name}'")))
+            Err(BrokerError::ReplyToName(name.to_owned()))
         })
     }
 }

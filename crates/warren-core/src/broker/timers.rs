@@ -176,11 +176,10 @@ impl Broker {
                     out.effects.push(Effect::CloseChannel {
                         connection,
                         channel: number,
-                        error: BrokerError::precondition_failed(format!(
-                            "delivery acknowledgement on channel {number} timed out. \
-                             Timeout value used: {timeout_ms} ms. This timeout value can \
-                             be configured, see consumers doc guide to learn more"
-                        )),
+                        error: BrokerError::ConsumerTimeout {
+                            channel: number,
+                            timeout_ms,
+                        },
                     });
                 }
                 Some((at, _)) => {

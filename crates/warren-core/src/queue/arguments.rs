@@ -6,7 +6,7 @@
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
-use crate::error::{BrokerError, BrokerResult};
+use crate::error::{ArgumentOf, BrokerError, BrokerResult};
 use crate::field::as_integer;
 
 /// The longest TTL, expiry or timeout a queue accepts, in milliseconds:
@@ -75,11 +75,13 @@ pub struct QueueShape<'a> {
 
 impl QueueArguments {
     pub fn parse(arguments: &FieldTable, queue: &QueueShape<'_>) -> BrokerResult<Self> {
-        let invalid = |key: &str, reason: String| {
-            BrokerError::precondition_failed(format!(
-                "invalid arg '{key}' for queue '{}' in vhost '{}': {reason}",
-                queue.name, queue.vhost
-            ))
+        let invalid = |key: &str, reason: String| BrokerError::InvalidArgument {
+            key: key.to_owned(),
+            of: ArgumentOf::Queue {
+                name: queue.name.to_owned(),
+                vhost: queue.vhost.to_owned(),
+            },
+            reason,
         };
         let table = arguments.inner();
         let integer = |key: &str, minimum: i128, maximum: i128| -> BrokerResult<Option<u64>> {
@@ -147,10 +149,11 @@ impl QueueArguments {
                 ("auto-delete", queue.auto_delete),
             ] {
                 if set {
-                    return Err(BrokerError::precondition_failed(format!(
-                        "invalid property '{flag}' for quorum queue '{}' in vhost '{}'",
-                        queue.name, queue.vhost
-                    )));
+                    return Err(BrokerError::QuorumProperty {
+                        flag,
+                        name: queue.name.to_owned(),
+                        vhost: queue.vhost.to_owned(),
+                    });
                 }
             }
         }
@@ -239,10 +242,11 @@ pub fn consumer_priority(arguments: &FieldTable) -> BrokerResult<i32> {
             Some(number) if (i32::MIN as i128..=i32::MAX as i128).contains(&number) => {
                 Ok(number as i32)
             }
-            _ => Err(BrokerError::precondition_failed(format!(
-                "invalid arg 'x-priority' for basic.consume: expected an integer, got {}",
-                type_name(value)
-            ))),
+            _ => Err(BrokerError::InvalidArgument {
+                key: "x-priority".to_owned(),
+                of: ArgumentOf::Consume,
+                reason: format!("expected an integer, got {}", type_name(value)),
+            }),
         },
     }
 }
@@ -256,10 +260,10 @@ pub fn message_expiration_ms(expiration: Option<&ShortString>) -> BrokerResult<O
     let text = expiration.as_str();
     match text.parse::<u64>() {
         Ok(ms) if ms <= DURATION_MAX_MS && !text.starts_with('+') => Ok(Some(ms)),
-        _ => Err(BrokerError::precondition_failed(format!(
-            "invalid expiration '{text}': expected milliseconds as a non-negative integer \
-             of at most {DURATION_MAX_MS}"
-        ))),
+        _ => Err(BrokerError::InvalidExpiration {
+            text: text.to_owned(),
+            max_ms: DURATION_MAX_MS,
+        }),
     }
 }
 
@@ -350,8 +354,8 @@ mod tests {
             ),
         ] {
             let error = QueueArguments::parse(&table(&[(key, value)]), &shape()).unwrap_err();
-            assert_eq!(error.code, crate::ErrorCode::PreconditionFailed);
-            assert!(error.text.contains(key), "{key}: {}", error.text);
+            assert_eq!(error.code(), crate::ErrorCode::PreconditionFailed);
+            assert!(error.to_string().contains(key), "{key}: {error}");
         }
     }
 
@@ -359,7 +363,7 @@ mod tests {
     fn classic_queues_refuse_a_delivery_limit_and_take_priority_zero_as_none() {
         let limit = table(&[("x-delivery-limit", AMQPValue::LongInt(3))]);
         let error = QueueArguments::parse(&limit, &shape()).unwrap_err();
-        assert!(error.text.contains("x-delivery-limit"), "{}", error.text);
+        assert!(error.to_string().contains("x-delivery-limit"), "{error}");
         let zero = table(&[("x-max-priority", AMQPValue::LongInt(0))]);
         assert_eq!(
             QueueArguments::parse(&zero, &shape()).unwrap().max_priority,
@@ -373,7 +377,7 @@ mod tests {
         transient.durable = false;
         let quorum = table(&[("x-queue-type", AMQPValue::LongString("quorum".into()))]);
         let error = QueueArguments::parse(&quorum, &transient).unwrap_err();
-        assert!(error.text.contains("non-durable"));
+        assert!(error.to_string().contains("non-durable"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use priority::PriorityBacklog;
 
 use crate::durable::codec::{decode_stored_message, encode_message_head};
 use crate::durable::entry;
-use crate::error::{BrokerError, BrokerResult};
+use crate::error::{BrokerError, BrokerResult, Inequivalence, Resource};
 use crate::stats::MessageCounts;
 use crate::{ConnectionId, Message, QueueId};
 
@@ -426,7 +426,15 @@ impl Queue {
     }
 
     pub fn describe(&self) -> String {
-        format!("queue '{}' in vhost '{}'", self.name, self.vhost)
+        self.resource().to_string()
+    }
+
+    /// The queue as a refusal names it.
+    pub(crate) fn resource(&self) -> Resource {
+        Resource::Queue {
+            name: self.name.to_string(),
+            vhost: self.vhost.clone(),
+        }
     }
 
     /// Whether persistent messages in this queue are written to the log.
@@ -781,12 +789,7 @@ impl Queue {
     }
 
     fn locked(&self) -> BrokerError {
-        BrokerError::resource_locked(format!(
-            "cannot obtain exclusive access to locked {}. It could be originally declared \
-             on another connection or the exclusive property value does not match that of \
-             the original declaration.",
-            self.describe()
-        ))
+        BrokerError::Locked(self.resource())
     }
 
     /// Checks a redeclaration against what the queue is, the way RabbitMQ
@@ -799,10 +802,12 @@ impl Queue {
         arguments: &FieldTable,
     ) -> BrokerResult<()> {
         let inequivalent = |what: &str, received: String, current: String| {
-            BrokerError::precondition_failed(format!(
-                "inequivalent arg '{what}' for {}: received '{received}' but current is '{current}'",
-                self.describe()
-            ))
+            BrokerError::Inequivalent(Box::new(Inequivalence {
+                what: what.to_owned(),
+                resource: self.resource(),
+                received,
+                current,
+            }))
         };
         if durable != self.durable {
             return Err(inequivalent(

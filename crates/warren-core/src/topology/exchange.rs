@@ -187,17 +187,14 @@ pub(crate) fn validate_headers_binding(arguments: &FieldTable) -> BrokerResult<(
         Some(AMQPValue::LongString(mode)) => String::from_utf8_lossy(mode.as_bytes()).into_owned(),
         Some(AMQPValue::ShortString(mode)) => mode.as_str().to_owned(),
         Some(other) => {
-            return Err(BrokerError::precondition_failed(format!(
-                "invalid x-match field type {:?}; expected a string",
-                other.get_type()
-            )));
+            return Err(BrokerError::InvalidMatchType {
+                found: format!("{:?}", other.get_type()),
+            });
         }
     };
     match mode.as_str() {
         "all" | "any" | "all-with-x" | "any-with-x" => Ok(()),
-        _ => Err(BrokerError::precondition_failed(format!(
-            "invalid x-match field value '{mode}'; expected all, any, all-with-x or any-with-x"
-        ))),
+        _ => Err(BrokerError::InvalidMatchValue(mode.to_string())),
     }
 }
 
