@@ -4,7 +4,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::error::{AmqpError, AmqpResult};
 use amq_protocol::protocol::{
     AMQPClass, BasicProperties, basic, channel, confirm, exchange, queue, tx,
 };
@@ -19,6 +18,7 @@ use warren_proto::Frame;
 use warren_store::Ticket;
 
 use crate::authorize;
+use crate::error::{AmqpError, AmqpResult};
 use crate::session::{
     FLOW_PAUSE_MAX, Fault, FlowHold, HeldReplies, Session, describe_frame, method_name,
 };

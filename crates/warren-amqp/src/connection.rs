@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::AmqpError;
 use amq_protocol::protocol::{AMQPClass, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::BytesMut;
@@ -26,6 +25,7 @@ use warren_proto::{FRAME_MIN_SIZE_BYTES, Frame, FrameDecoder, FrameError, is_pro
 
 use crate::auth::{self, AuthError};
 use crate::config::{AmqpConfig, Product};
+use crate::error::AmqpError;
 use crate::hub::{ConnectionInfo, ConnectionNotice, SharedHub, wall_clock_ms};
 use crate::mailbox::Mailbox;
 use crate::session::{

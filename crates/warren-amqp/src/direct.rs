@@ -18,7 +18,6 @@ use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::error::AmqpError;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, confirm};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
@@ -28,6 +27,7 @@ use warren_core::{Delivery, ErrorCode, Message};
 use warren_proto::Frame;
 
 use crate::config::AmqpConfig;
+use crate::error::AmqpError;
 use crate::hub::{ConnectionInfo, ConnectionNotice, SharedHub, wall_clock_ms};
 use crate::mailbox::Mailbox;
 use crate::session::{FLOW_POLL_INTERVAL, Fault, Session, shutdown_fault};

@@ -12,12 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::error::AmqpError;
 use amq_protocol::protocol::{AMQPClass, basic};
 use amq_protocol::types::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::Notify;
 use warren_core::{Broker, ConnectionId, Effect, Outbox};
 
+use crate::error::AmqpError;
 use crate::mailbox::Mailbox;
 use crate::store_worker::StoreWork;
 use crate::writer::{Outbound, OutboundQueue};
@@ -69,27 +70,32 @@ impl SharedHub {
         hub
     }
 
-    /// Runs the broker's timer until the task is dropped.
+    /// Runs the broker's timer, and the rounds of work that operations
+    /// leave (`Broker::continue_rounds`), until the task is dropped.
     pub async fn run_timer(self) {
+        let rounds_waiting = Arc::clone(&self.lock().rounds_waiting);
         let mut interval = tokio::time::interval(TIMER_TICK);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            interval.tick().await;
-            let mut settling = {
-                let mut hub = self.lock();
-                let mut out = Outbox::default();
-                hub.broker.tick(&mut out);
-                hub.dispatch(&mut out);
-                hub.broker.settling()
+            let mut more = tokio::select! {
+                _ = interval.tick() => {
+                    let mut hub = self.lock();
+                    let mut out = Outbox::default();
+                    hub.broker.tick(&mut out);
+                    hub.dispatch(&mut out);
+                    hub.broker.has_rounds()
+                }
+                () = rounds_waiting.notified() => true,
             };
             // A large settle (a channel closed with many unacked
-            // deliveries) goes on in rounds of about a millisecond each;
-            // between rounds the lock goes to whoever waits for it.
-            while settling {
+            // deliveries) or a consumer catching up on a backlog goes on
+            // in rounds of about a millisecond each; between rounds the
+            // lock goes to whoever waits for it.
+            while more {
                 tokio::task::yield_now().await;
                 let mut hub = self.lock();
                 let mut out = Outbox::default();
-                settling = hub.broker.continue_settling(&mut out);
+                more = hub.broker.continue_rounds(&mut out);
                 hub.dispatch(&mut out);
                 MutexGuard::unlock_fair(hub);
             }
@@ -167,6 +173,9 @@ pub struct Hub {
     next_connection: u64,
     /// Where the store's slow work goes (`store_worker.rs`), once started.
     store_worker: Option<mpsc::Sender<StoreWork>>,
+    /// Wakes the timer task when an operation left rounds of work, so
+    /// that they go on at once rather than at the next tick.
+    rounds_waiting: Arc<Notify>,
 }
 
 impl Hub {
@@ -178,6 +187,7 @@ impl Hub {
             connections: HashMap::new(),
             next_connection: 0,
             store_worker: None,
+            rounds_waiting: Arc::new(Notify::new()),
         }
     }
 
@@ -271,6 +281,9 @@ impl Hub {
 
     /// Hands each effect to the writer of the connection it concerns.
     pub fn dispatch(&mut self, out: &mut Outbox) {
+        if self.broker.has_rounds() {
+            self.rounds_waiting.notify_one();
+        }
         for effect in out.effects.drain(..) {
             match effect {
                 Effect::Deliver(delivery) => {

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::AmqpError;
 use amq_protocol::protocol::{AMQPClass, tx};
 use tokio::sync::watch;
 use warren_access::Grant;
@@ -21,6 +20,7 @@ use warren_store::Ticket;
 
 use crate::channel::Channel;
 use crate::config::AmqpConfig;
+use crate::error::AmqpError;
 use crate::hub::SharedHub;
 use crate::storage::StorageSignals;
 use crate::writer::OutboundQueue;

@@ -8,8 +8,8 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::Bytes;
 use warren_core::{
-    Broker, BrokerError, ConnectionId, Consume, Delivery, Effect, ErrorCode, ExchangeDeclare,
-    Limits, Message, Outbox, QueueDeclare,
+    Broker, BrokerError, ConnectionId, Consume, DELIVERY_ROUND_MAX, Delivery, Effect, ErrorCode,
+    ExchangeDeclare, Limits, Message, Outbox, QueueDeclare,
 };
 
 const A: ConnectionId = ConnectionId(1);
@@ -463,4 +463,86 @@ fn a_channel_that_does_not_drain_stops_receiving() {
     assert_eq!(deliveries(&mut out).len(), 3);
     broker.deliveries_written(A, 1, 3, &mut out);
     assert_eq!(bodies(&deliveries(&mut out)), ["3", "4", "5"]);
+}
+
+/// A consumer that arrives at a long backlog gets it in rounds of at most
+/// `DELIVERY_ROUND_MAX` deliveries, so that no single call holds the
+/// broker for the whole backlog; the rounds the server runs afterwards
+/// bring the rest, in queue order, and round-robin among consumers holds
+/// across rounds.
+#[test]
+fn a_backlog_is_delivered_in_bounded_rounds_in_order() {
+    let mut broker = broker();
+    let queue = declare(&mut broker, A, "backlog");
+    let count = 3 * DELIVERY_ROUND_MAX + 10;
+    for index in 0..count {
+        publish(&mut broker, "", queue.as_str(), &format!("m{index}"));
+    }
+    let mut out = Outbox::default();
+    consume(&mut broker, A, "backlog", "first", &mut out);
+    let first = deliveries(&mut out);
+    assert_eq!(first.len(), DELIVERY_ROUND_MAX);
+    assert!(broker.has_rounds(), "the rest waits for further rounds");
+
+    let mut all = first;
+    let mut rounds = 1;
+    loop {
+        let more = broker.continue_rounds(&mut out);
+        rounds += 1;
+        let round = deliveries(&mut out);
+        assert!(round.len() <= DELIVERY_ROUND_MAX);
+        all.extend(round);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(rounds, 4, "three full rounds and one of 10");
+    assert!(!broker.has_rounds());
+    let expected: Vec<String> = (0..count).map(|index| format!("m{index}")).collect();
+    assert_eq!(bodies(&all), expected);
+}
+
+#[test]
+fn rounds_alternate_between_consumers_of_one_queue() {
+    let mut broker = broker();
+    let queue = declare(&mut broker, A, "shared");
+    let mut out = Outbox::default();
+    consume(&mut broker, A, "shared", "a", &mut out);
+    consume(&mut broker, B, "shared", "b", &mut out);
+    // Consumers with no prefetch take what is published as it comes; a
+    // nack of many with requeue brings back a backlog at once.
+    let count = 2 * DELIVERY_ROUND_MAX;
+    for index in 0..count {
+        broker
+            .publish(
+                A,
+                1,
+                message("", queue.as_str(), &format!("m{index}")),
+                &mut out,
+            )
+            .unwrap();
+    }
+    let delivered = deliveries(&mut out);
+    assert_eq!(delivered.len(), count);
+    let to_a = delivered.iter().filter(|d| d.connection == A).count();
+    assert_eq!(to_a, count / 2, "round-robin while publishing");
+    let last_of_a = delivered
+        .iter()
+        .filter(|d| d.connection == A)
+        .map(|d| d.delivery_tag)
+        .max()
+        .unwrap();
+    broker
+        .reject(A, 1, last_of_a, true, true, &mut out)
+        .unwrap();
+    let mut back = deliveries(&mut out);
+    while broker.continue_rounds(&mut out) {
+        back.extend(deliveries(&mut out));
+    }
+    back.extend(deliveries(&mut out));
+    // A's unacked deliveries went back and were handed out again: B, whose
+    // turn it was, has room as well, so both get some.
+    assert_eq!(back.len(), count / 2);
+    assert!(back.iter().any(|d| d.connection == A));
+    assert!(back.iter().any(|d| d.connection == B));
 }

@@ -281,7 +281,7 @@ impl Broker {
 
     /// Settles deliveries taken off a channel: the first
     /// `SETTLE_ROUND_MAX` now, the rest in later rounds of that size
-    /// (`continue_settling`), so that a channel closing with 100,000
+    /// (`continue_rounds`), so that a channel closing with 100,000
     /// unacknowledged deliveries, or one ack of 100,000, does not hold
     /// the broker from everyone else while it is undone. A delivery
     /// waiting for its round is neither ready nor unacked on its channel;
@@ -306,21 +306,28 @@ impl Broker {
         }
     }
 
-    /// Settles the next round of deliveries that a large settle left;
-    /// returns whether any are still waiting.
-    pub fn continue_settling(&mut self, out: &mut Outbox) -> bool {
+    /// Runs the next round of the work that operations left because it
+    /// was too large for one hold of the lock: the next round of a large
+    /// settle (first, as it frees room under prefetch limits), else the
+    /// next round of deliveries to queues whose consumers still have room.
+    /// Returns whether work still waits; the server calls it again, with
+    /// the lock released in between, until it does not.
+    pub fn continue_rounds(&mut self, out: &mut Outbox) -> bool {
         if let Some(mut round) = self.pending_settles.pop_front() {
             self.settle_round(&mut round, out);
             if !round.deliveries.is_empty() {
                 self.pending_settles.push_front(round);
             }
+        } else if !self.pending_deliveries.is_empty() {
+            let queues = self.pending_deliveries.take();
+            self.deliver_all(&queues, out);
         }
-        !self.pending_settles.is_empty()
+        self.has_rounds()
     }
 
-    /// Whether a large settle left deliveries for `continue_settling`.
-    pub fn settling(&self) -> bool {
-        !self.pending_settles.is_empty()
+    /// Whether operations left rounds for `continue_rounds`.
+    pub fn has_rounds(&self) -> bool {
+        !self.pending_settles.is_empty() || !self.pending_deliveries.is_empty()
     }
 
     fn settle_round(&mut self, round: &mut SettleRound, out: &mut Outbox) {
@@ -459,13 +466,18 @@ impl Broker {
     /// and delivers from the queues they reach, until none are left. Cycle
     /// detection in dead-lettering ends every chain.
     pub(crate) fn deliver_all(&mut self, queues: &[QueueId], out: &mut Outbox) {
+        let mut budget = DELIVERY_ROUND_MAX;
         let mut round = distinct(queues);
         loop {
             for id in &round {
+                if budget == 0 {
+                    self.pending_deliveries.add(*id);
+                    continue;
+                }
                 let Some(queue) = self.queues.get_mut(id) else {
                     continue;
                 };
-                let expired = deliver(
+                let (expired, cut) = deliver(
                     *id,
                     queue,
                     &mut self.connections,
@@ -473,8 +485,12 @@ impl Broker {
                     &self.limits,
                     self.store.as_ref(),
                     self.now_ms,
+                    &mut budget,
                     out,
                 );
+                if cut {
+                    self.pending_deliveries.add(*id);
+                }
                 if self.store_worker
                     && let Some(read_ahead) = queue.read_ahead()
                 {
@@ -543,6 +559,38 @@ fn distinct(queues: &[QueueId]) -> Vec<QueueId> {
 /// a millisecond.
 pub const SETTLE_ROUND_MAX: usize = 2_048;
 
+/// Deliveries made in one round, at most: each takes a message off its
+/// queue, records it as unacked and hands it to a writer, a few
+/// microseconds on the reference machine (2 cores) with the other
+/// connections busy, so a round holds the broker for under a millisecond.
+/// A consumer catching up on a backlog gets the rest in further rounds
+/// (`continue_rounds`), with the lock free for others in between.
+pub const DELIVERY_ROUND_MAX: usize = 256;
+
+/// Queues whose delivery a round cut short, each once, in the order cut.
+#[derive(Debug, Default)]
+pub(crate) struct PendingDeliveries {
+    order: Vec<QueueId>,
+    queued: HashSet<QueueId>,
+}
+
+impl PendingDeliveries {
+    fn add(&mut self, queue: QueueId) {
+        if self.queued.insert(queue) {
+            self.order.push(queue);
+        }
+    }
+
+    fn take(&mut self) -> Vec<QueueId> {
+        self.queued.clear();
+        std::mem::take(&mut self.order)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
 /// Deliveries taken off a channel and not settled yet.
 pub(crate) struct SettleRound {
     connection: ConnectionId,
@@ -589,7 +637,8 @@ pub(crate) enum Settled {
 /// Hands a queue's waiting messages to its consumers while any consumer has
 /// room: the highest-priority consumers with room first, round-robin among
 /// equals; only the first consumer of a single-active-consumer queue.
-/// Returns the expired messages found at the head on the way.
+/// Each delivery spends one of `budget`. Returns the expired messages
+/// found at the head on the way, and whether the budget ran out first.
 #[allow(clippy::too_many_arguments)]
 fn deliver(
     queue_id: QueueId,
@@ -599,8 +648,9 @@ fn deliver(
     limits: &Limits,
     store: Option<&Store>,
     now_ms: u64,
+    budget: &mut usize,
     out: &mut Outbox,
-) -> Vec<Dequeued> {
+) -> (Vec<Dequeued>, bool) {
     let log = message_log(store);
     let mut expired = Vec::new();
     let ack_deadline_ms = queue
@@ -619,6 +669,9 @@ fn deliver(
         .max()
         .unwrap_or(0);
     while queue.ready_count() > 0 {
+        if *budget == 0 {
+            return (expired, true);
+        }
         let mut chosen: Option<usize> = None;
         for offset in 0..count {
             let index = (queue.next_consumer + offset) % count;
@@ -646,6 +699,7 @@ fn deliver(
         let Some(taken) = queue.dequeue(log, now_ms, &mut expired) else {
             break;
         };
+        *budget -= 1;
         let message = message_for_delivery(queue, &taken);
         queue.counts.delivered += 1;
         queue.counts.redelivered += taken.redelivered as u64;
@@ -693,7 +747,7 @@ fn deliver(
             unwritten: Arc::clone(&state.unwritten),
         }));
     }
-    expired
+    (expired, false)
 }
 
 /// The message as a consumer sees it: a quorum queue tells how often it

@@ -32,7 +32,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use amq_protocol::types::ShortString;
 use warren_store::{Sequence, Ticket, TopologyChange};
 
-pub use delivery::SETTLE_ROUND_MAX;
+pub use delivery::{DELIVERY_ROUND_MAX, SETTLE_ROUND_MAX};
 pub use effect::{Delivery, Effect, Outbox};
 pub use request::{Consume, ExchangeDeclare, GetOk, Published, QueueDeclare, QueueDeclared};
 
@@ -47,7 +47,7 @@ use crate::session::channel::{AckDeadlines, Channel};
 use crate::stats::MessageCounts;
 use crate::topology::VHost;
 use crate::{ConnectionId, QueueId};
-use delivery::SettleRound;
+use delivery::{PendingDeliveries, SettleRound};
 
 pub struct Broker {
     vhosts: HashMap<String, VHost>,
@@ -77,8 +77,10 @@ pub struct Broker {
     /// with the live queues' counts, the broker-wide totals.
     counts: MessageCounts,
     /// Deliveries of large settles still to be settled, oldest first (see
-    /// `continue_settling`).
+    /// `continue_rounds`).
     pending_settles: VecDeque<SettleRound>,
+    /// Queues whose deliveries a round cut short (see `continue_rounds`).
+    pending_deliveries: PendingDeliveries,
     /// Durable entries the current operation added and removed, handed to
     /// the topology journal when it ends (`sync_topology`).
     topology_changes: Vec<TopologyChange>,
@@ -105,6 +107,7 @@ impl Broker {
             dead_letters: Vec::new(),
             counts: MessageCounts::default(),
             pending_settles: VecDeque::new(),
+            pending_deliveries: PendingDeliveries::default(),
             topology_changes: Vec::new(),
             topology_ticket: None,
         };
