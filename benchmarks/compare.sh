@@ -73,6 +73,12 @@
 #   STALL_DISRUPTIONS="unacked-close declare paged-drain connection-churn"
 #                       the disruptions scenario 7 runs, in this order
 #   PROBE_RATE          scenario 7's probe rate, msg/s (default 1000)
+#   STALL_PIN=0         1: in scenario 7, start the broker on CPU 0 alone and
+#                       warren-bench on the other CPUs (taskset), so that on a
+#                       small machine the probe measures what the broker does
+#                       to it rather than the CPU the disrupting client and
+#                       the probe share; both brokers alike, each sizing its
+#                       schedulers to the one CPU it sees
 #   STALL_TIMEOUT       limit on each scenario 7 disruption, s (default 600;
 #                       QUICK 120)
 #   QUEUE_COUNTS="1 2 4"  the queue counts scenario 8 runs, in this order
@@ -118,6 +124,7 @@ else
 fi
 IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-1000}"
 STALL_DISRUPTIONS="${STALL_DISRUPTIONS:-unacked-close declare paged-drain connection-churn}"
+STALL_PIN="${STALL_PIN:-0}"
 PROBE_RATE="${PROBE_RATE:-1000}"
 QUEUE_COUNTS="${QUEUE_COUNTS:-1 2 4}"
 MULTI_QUEUE_SIZE="${MULTI_QUEUE_SIZE:-16}"
@@ -248,6 +255,12 @@ for d in $STALL_DISRUPTIONS; do
         *) die "unknown disruption '$d' in STALL_DISRUPTIONS (unacked-close, declare, paged-drain, connection-churn)" ;;
     esac
 done
+case "$STALL_PIN" in
+    0) ;;
+    1) command -v taskset >/dev/null 2>&1 || die "STALL_PIN=1 needs taskset (util-linux)"
+       [ "$(nproc)" -ge 2 ] || die "STALL_PIN=1 needs at least 2 CPUs" ;;
+    *) die "STALL_PIN must be 0 or 1, got '$STALL_PIN'" ;;
+esac
 for q in $QUEUE_COUNTS; do
     is_uint "$q" && [ "$q" -ge 1 ] || die "QUEUE_COUNTS must be whole numbers of at least 1, got '$q'"
 done
@@ -339,6 +352,7 @@ LOG_FILE="$RESULTS_DIR/compare.log"
 
 invocation="ROUNDS=$ROUNDS QUICK=$QUICK SCENARIOS=\"$SCENARIOS\""
 [ "$BROKERS" = "warren rabbitmq" ] || invocation+=" BROKERS=\"$BROKERS\""
+[ "$STALL_PIN" = 0 ] || invocation+=" STALL_PIN=$STALL_PIN"
 invocation+=" bash benchmarks/compare.sh"
 log "results: $RESULTS_DIR; broker data: $WORK_DIR"
 log "scenarios: $SCENARIOS; rounds: $ROUNDS; brokers: $BROKERS; quick: $QUICK"
@@ -348,7 +362,7 @@ python3 benchmarks/report.py machine-info "$RESULTS_DIR/meta.json" \
     "brokers=$BROKERS" "duration_s=$DURATION" "prefill_count=$PREFILL_COUNT" \
     "phase_timeout_s=$PHASE_TIMEOUT" "idle_connections=$IDLE_CONNECTIONS" \
     "idle_hold_s=$IDLE_HOLD" "stall_disruptions=$STALL_DISRUPTIONS" \
-    "probe_rate=$PROBE_RATE" "stall_timeout_s=$STALL_TIMEOUT" \
+    "probe_rate=$PROBE_RATE" "stall_timeout_s=$STALL_TIMEOUT" "stall_pin=$STALL_PIN" \
     "queue_counts=$QUEUE_COUNTS" "multi_queue_size=$MULTI_QUEUE_SIZE" \
     "work_dir=$WORK_DIR" "results_dir=$RESULTS_REL" \
     "warren_bin=$WARREN_BIN" "bench_bin=$BENCH_BIN" "rabbitmq_sbin=$SBIN" \
@@ -415,7 +429,9 @@ scenario_args() {
     esac
 }
 
-# start_broker KIND NAME: sets BROKER_URL, BROKER_PID, BROKER_CMD.
+# start_broker KIND NAME: sets BROKER_URL, BROKER_PID, BROKER_CMD. The
+# broker starts under BROKER_PIN (a taskset prefix, or empty).
+BROKER_PIN=()
 start_broker() {
     local kind="$1" name="$2"
     case "$kind" in
@@ -427,7 +443,7 @@ start_broker() {
             rm -rf "$WARREN_DATA"
             mkdir -p "$WARREN_DATA"
             local log_file="$RESULTS_DIR/logs/$name.log"
-            local cmd=("$WARREN_BIN" serve --amqp-listen "127.0.0.1:$amqp_port"
+            local cmd=("${BROKER_PIN[@]}" "$WARREN_BIN" serve --amqp-listen "127.0.0.1:$amqp_port"
                        --http-listen "127.0.0.1:$http_port" --data-dir "$(rel "$WARREN_DATA")")
             BROKER_CMD="$(quote_cmd "${cmd[@]}")"
             "${cmd[@]}" </dev/null >"$log_file" 2>&1 &
@@ -453,13 +469,13 @@ start_broker() {
             RABBIT_DIR="$WORK_DIR/$name-node"
             rm -rf "$RABBIT_DIR"
             local out
-            out="$(bash scripts/rabbitmq.sh start "$RABBIT_DIR" 2>>"$RESULTS_DIR/logs/rabbitmq.sh.log")" \
+            out="$("${BROKER_PIN[@]}" bash scripts/rabbitmq.sh start "$RABBIT_DIR" 2>>"$RESULTS_DIR/logs/rabbitmq.sh.log")" \
                 || { tail -n 30 "$RESULTS_DIR/logs/rabbitmq.sh.log" >&2; \
                      die "scripts/rabbitmq.sh start failed (log: $RESULTS_DIR/logs/rabbitmq.sh.log)"; }
             local WARREN_TEST_EXTERNAL_AMQP=""
             eval "$out"
             [ -n "$WARREN_TEST_EXTERNAL_AMQP" ] || die "scripts/rabbitmq.sh start printed no address"
-            BROKER_CMD="$(quote_cmd bash scripts/rabbitmq.sh start "$(rel "$RABBIT_DIR")")"
+            BROKER_CMD="$(quote_cmd "${BROKER_PIN[@]}" bash scripts/rabbitmq.sh start "$(rel "$RABBIT_DIR")")"
             # The node's pid file holds the Erlang VM's pid (beam.smp).
             local deadline=$((SECONDS + 30)) pid=""
             while :; do
@@ -501,10 +517,16 @@ run_one() {
         label="scenario $scenario ($variant)"
     fi
     scenario_args "$scenario" "$variant"
+    local bench_pin=()
+    BROKER_PIN=()
+    if [ "$scenario" = 7 ] && [ "$STALL_PIN" = 1 ]; then
+        BROKER_PIN=(taskset -c 0)
+        bench_pin=(taskset -c "1-$(($(nproc) - 1))")
+    fi
     log "$label, round $round/$ROUNDS, $kind: starting broker"
     start_broker "$kind" "$name"
     local json="$RESULTS_DIR/$name.json"
-    local cmd=("$BENCH_BIN" --url "$BROKER_URL" "${SCENARIO_ARGS[@]}"
+    local cmd=("${bench_pin[@]}" "$BENCH_BIN" --url "$BROKER_URL" "${SCENARIO_ARGS[@]}"
                --broker-pid "$BROKER_PID" --json "$RESULTS_REL/$name.json" --quiet)
     local cmd_text
     cmd_text="$(quote_cmd "${cmd[@]}")"

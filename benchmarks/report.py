@@ -772,7 +772,11 @@ class Report:
             out.append(
                 f"- Scenario 7 runs each disruption ({s['stall_disruptions']}) with a freshly "
                 f"started broker, the probe at {s.get('probe_rate', '?')} msg/s, and a limit of "
-                f"{s.get('stall_timeout_s', '?')} s on the disruption. Scenario 8 runs "
+                f"{s.get('stall_timeout_s', '?')} s on the disruption"
+                + (", each broker started on CPU 0 alone and warren-bench on the other CPUs "
+                   "(STALL_PIN=1), so that the probe measures the broker and not the CPU it "
+                   "shares with the disrupting client" if s.get("stall_pin") == "1" else "")
+                + ". Scenario 8 runs "
                 f"{s.get('queue_counts', '?')} queue(s) for {runs} each, each count with a "
                 "freshly started broker.")
         out.append("- Ratios are Warren/RabbitMQ of the medians; the Reading column says which "
