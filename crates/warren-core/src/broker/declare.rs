@@ -17,7 +17,7 @@ use crate::topology::bindings::Bindings;
 use crate::topology::exchange::{
     Binding, Destination, Exchange, ExchangeKind, validate_headers_binding,
 };
-use crate::topology::{add_binding, remove_binding, remove_bindings_to, remove_exchange};
+use crate::topology::{add_binding, remove_binding, remove_bindings_leading_to, remove_exchange};
 use crate::{ConnectionId, QueueId};
 
 impl Broker {
@@ -465,21 +465,7 @@ impl Broker {
         self.dispose(discard, out);
         if let Some(vhost) = self.vhosts.get_mut(&queue.vhost) {
             vhost.queues.remove(queue.name.as_str());
-            let destination = Destination::Queue(id);
-            let sources: Vec<ShortString> = vhost
-                .exchanges
-                .values()
-                .filter(|exchange| exchange.bindings.leads_to(&destination))
-                .map(|exchange| exchange.name.clone())
-                .collect();
-            for source in sources {
-                remove_bindings_to(
-                    vhost,
-                    source.as_str(),
-                    &destination,
-                    &mut self.topology_changes,
-                );
-            }
+            remove_bindings_leading_to(vhost, &Destination::Queue(id), &mut self.topology_changes);
         }
         if let Some(owner) = queue.exclusive_owner
             && let Some(state) = self.connections.get_mut(&owner)

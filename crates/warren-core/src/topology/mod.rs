@@ -167,7 +167,7 @@ pub(crate) fn remove_binding(
     forget_bindings(vhost, source, removed, changes);
 }
 
-pub(crate) fn remove_bindings_to(
+fn remove_bindings_to(
     vhost: &mut VHost,
     source: &str,
     destination: &Destination,
@@ -218,14 +218,23 @@ pub(crate) fn remove_exchange(vhost: &mut VHost, name: &str, changes: &mut Vec<T
         return;
     };
     changes.extend(exchange.durable_removal(&vhost.name));
-    let destination = Destination::Exchange(name.into());
+    remove_bindings_leading_to(vhost, &Destination::Exchange(name.into()), changes);
+}
+
+/// Removes every binding, from any exchange of the vhost, that leads to
+/// `destination` (a queue or an exchange going away).
+pub(crate) fn remove_bindings_leading_to(
+    vhost: &mut VHost,
+    destination: &Destination,
+    changes: &mut Vec<TopologyChange>,
+) {
     let sources: Vec<ShortString> = vhost
         .exchanges
         .values()
-        .filter(|exchange| exchange.bindings.leads_to(&destination))
+        .filter(|exchange| exchange.bindings.leads_to(destination))
         .map(|exchange| exchange.name.clone())
         .collect();
     for source in sources {
-        remove_bindings_to(vhost, source.as_str(), &destination, changes);
+        remove_bindings_to(vhost, source.as_str(), destination, changes);
     }
 }
