@@ -12,7 +12,8 @@ use bytes::{Bytes, BytesMut};
 use tracing::warn;
 use warren_access::{Access, Resource};
 use warren_core::{
-    ChannelMode, Consume, ErrorCode, ExchangeDeclare, FlowGauge, Message, Outbox, QueueDeclare,
+    ChannelMode, Consume, DeliverySink, ErrorCode, ExchangeDeclare, FlowGauge, Message, Outbox,
+    QueueDeclare,
 };
 use warren_proto::Frame;
 use warren_store::Ticket;
@@ -22,7 +23,7 @@ use crate::error::{AmqpError, AmqpResult};
 use crate::session::{
     FLOW_PAUSE_MAX, Fault, FlowHold, HeldReplies, Session, describe_frame, method_name,
 };
-use crate::writer::Outbound;
+use crate::writer::{ChannelSink, Outbound, OutboundQueue};
 
 /// Class id of `basic`, the only class that carries content.
 const CLASS_BASIC: u16 = 60;
@@ -90,16 +91,19 @@ pub(crate) struct Channel {
     /// The queue named by this channel's last `queue.declare-ok`, which an
     /// empty queue name stands for (see `expand_queue_shortcut`).
     last_declared_queue: Option<ShortString>,
+    /// Where the broker puts this channel's deliveries.
+    sink: Arc<ChannelSink>,
 }
 
 impl Channel {
-    fn new() -> Self {
+    fn new(out: &OutboundQueue) -> Self {
         Self {
             closing: false,
             content: Content::Idle,
             confirms: None,
             transaction: None,
             last_declared_queue: None,
+            sink: ChannelSink::new(out),
         }
     }
 }
@@ -238,6 +242,13 @@ impl Session {
         }
     }
 
+    /// The sink of an open channel's deliveries.
+    fn sink_of(&self, number: u16) -> Option<Arc<ChannelSink>> {
+        self.channels
+            .get(&number)
+            .map(|channel| Arc::clone(&channel.sink))
+    }
+
     fn open_channel(&mut self, number: u16) -> Result<(), Fault> {
         if number > self.channel_max {
             return Err(Fault::Connection {
@@ -259,8 +270,13 @@ impl Session {
                 method_id: 10,
             });
         }
-        self.channels.insert(number, Channel::new());
-        self.hub.lock().broker.open_channel(self.id, number);
+        let channel = Channel::new(&self.out);
+        let sink: Arc<dyn DeliverySink> = channel.sink.clone();
+        self.channels.insert(number, channel);
+        self.hub
+            .lock()
+            .broker
+            .open_channel_with(self.id, number, Some(sink));
         self.out.method(
             number,
             AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
@@ -303,7 +319,7 @@ impl Session {
             hub.dispatch(&mut outbox);
         }
         if let Some(state) = self.channels.get_mut(&number) {
-            *state = Channel::new();
+            *state = Channel::new(&self.out);
             state.closing = true;
         }
         self.out.method(
@@ -820,7 +836,9 @@ impl Session {
             )));
         }
         {
+            let sink = self.sink_of(number);
             let mut hub = self.hub.lock();
+            let _held = sink.as_deref().map(ChannelSink::hold);
             let mut outbox = Outbox::default();
             hub.broker
                 .set_prefetch(self.id, number, prefetch_count, global, &mut outbox);
@@ -841,7 +859,9 @@ impl Session {
                 Ok(())
             }
             basic::AMQPMethod::Consume(consume) => {
+                let sink = self.sink_of(number);
                 let mut hub = self.hub.lock();
+                let _held = sink.as_deref().map(ChannelSink::hold);
                 let mut outbox = Outbox::default();
                 let nowait = consume.nowait;
                 let consumer_tag = hub.broker.consume(
@@ -939,7 +959,9 @@ impl Session {
                     return Err(AmqpError::not_implemented("requeue=false"));
                 }
                 let is_async = matches!(method, basic::AMQPMethod::RecoverAsync(_));
-                let mut hub = self.hub.lock();
+                let sink = self.sink_of(number);
+                let hub = self.hub.read();
+                let _held = sink.as_deref().map(ChannelSink::hold);
                 let mut outbox = Outbox::default();
                 hub.broker.recover(self.id, number, &mut outbox);
                 if !is_async {
@@ -973,7 +995,7 @@ impl Session {
     }
 
     fn settle_now(&mut self, number: u16, settle: Settle) -> AmqpResult<()> {
-        let mut hub = self.hub.lock();
+        let hub = self.hub.read();
         let mut outbox = Outbox::default();
         let result = match settle {
             Settle::Ack {
@@ -1210,7 +1232,7 @@ impl Session {
     ) -> AmqpResult<Option<Ticket>> {
         self.has_published = true;
         let (published, flow_gauge) = {
-            let mut hub = self.hub.lock();
+            let hub = self.hub.read();
             let mut outbox = Outbox::default();
             let published = hub
                 .broker

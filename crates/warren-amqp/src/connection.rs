@@ -129,7 +129,7 @@ pub(crate) async fn serve(
         local,
         certificate_name,
     } = transport;
-    let id = hub.lock().allocate_connection_id();
+    let id = hub.read().allocate_connection_id();
     let (out, writer) = outbound_queue(id, writer_half, hub.clone());
     let tuning = Arc::new(Tuning::new(config.frame_max_bytes));
     let writer_task = tokio::spawn(writer.run(Arc::clone(&tuning)));

@@ -1,20 +1,30 @@
-//! The broker and the connections' writers behind one lock.
+//! The broker and the connections' writers, shared by every connection
+//! task, the timer and the store's worker.
 //!
-//! An operation locks the hub, calls the broker, queues its own reply and
-//! the broker's effects onto the writers, and unlocks. Queueing while still
-//! holding the lock is what keeps, for example, a `basic.consume-ok` ahead of
-//! the first delivery to that consumer when another connection publishes at
-//! the same moment.
+//! The broker sits behind a readers-writer lock. Operations that move
+//! messages (publish, ack, deliveries, rounds) take it shared, so any
+//! number run at once on different cores; each queue and channel has its
+//! own lock inside the broker (see `warren_core::broker`). Operations
+//! that change the broker's shape (declares, consumers, channels and
+//! connections coming and going) take it exclusively.
+//!
+//! Deliveries reach the writers through each channel's sink while the
+//! channel's lock is held, so a channel's delivery tags go out in order.
+//! A reply goes onto the writer before the lock is released, which keeps,
+//! for example, a `basic.consume-ok` ahead of the first delivery to that
+//! consumer: deliveries to it need the shared lock, which waits for the
+//! exclusive one.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak, mpsc};
+use std::sync::{Arc, OnceLock, Weak, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::protocol::{AMQPClass, basic};
 use amq_protocol::types::FieldTable;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::Notify;
 use warren_core::{Broker, ConnectionId, Effect, Outbox};
 
@@ -30,16 +40,26 @@ pub const TIMER_TICK: Duration = Duration::from_millis(10);
 /// The hub, shared by every connection task and the timer.
 #[derive(Clone)]
 pub struct SharedHub {
-    hub: Arc<Mutex<Hub>>,
+    hub: Arc<Hub>,
     /// Publisher confirms (acks) sent, counted outside the lock: confirms
     /// go out when the log's fsync completes, not under a broker call.
     confirmed: Arc<AtomicU64>,
 }
 
+/// The hub with the broker locked: shared (`SharedHub::read`) or
+/// exclusive (`SharedHub::lock`).
+pub struct HubGuard<'a, B> {
+    pub broker: B,
+    hub: &'a Hub,
+}
+
+pub type HubRead<'a> = HubGuard<'a, RwLockReadGuard<'a, Broker>>;
+pub type HubWrite<'a> = HubGuard<'a, RwLockWriteGuard<'a, Broker>>;
+
 impl SharedHub {
     pub fn new(hub: Hub) -> Self {
         Self {
-            hub: Arc::new(Mutex::new(hub)),
+            hub: Arc::new(hub),
             confirmed: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -62,42 +82,63 @@ impl SharedHub {
         self.confirmed.load(Ordering::Relaxed)
     }
 
-    /// Locks the hub and tells the broker the time, so that every operation
-    /// sees the current time without the broker reading a clock itself.
-    pub fn lock(&self) -> MutexGuard<'_, Hub> {
-        let mut hub = self.hub.lock();
-        hub.broker.advance_clock(wall_clock_ms());
-        hub
+    /// Takes the broker exclusively, for an operation that changes its
+    /// shape, and tells it the time, so that every operation sees the
+    /// current time without the broker reading a clock itself.
+    pub fn lock(&self) -> HubWrite<'_> {
+        let broker = self.hub.broker.write();
+        broker.advance_clock(wall_clock_ms());
+        HubGuard {
+            broker,
+            hub: &self.hub,
+        }
+    }
+
+    /// Takes the broker shared, for an operation that moves messages, or
+    /// to read its state.
+    pub fn read(&self) -> HubRead<'_> {
+        let broker = self.hub.broker.read();
+        broker.advance_clock(wall_clock_ms());
+        HubGuard {
+            broker,
+            hub: &self.hub,
+        }
     }
 
     /// Runs the broker's timer, and the rounds of work that operations
     /// leave (`Broker::continue_rounds`), until the task is dropped.
     pub async fn run_timer(self) {
-        let rounds_waiting = Arc::clone(&self.lock().rounds_waiting);
+        let rounds_waiting = Arc::clone(&self.hub.rounds_waiting);
         let mut interval = tokio::time::interval(TIMER_TICK);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut more = tokio::select! {
                 _ = interval.tick() => {
-                    let mut hub = self.lock();
-                    let mut out = Outbox::default();
-                    hub.broker.tick(&mut out);
-                    hub.dispatch(&mut out);
-                    hub.broker.has_rounds()
+                    // Most ticks find nothing due; only one that does
+                    // takes the broker exclusively.
+                    let due = self.read().broker.tick_due();
+                    if due {
+                        let mut hub = self.lock();
+                        let mut out = Outbox::default();
+                        hub.broker.tick(&mut out);
+                        hub.dispatch(&mut out);
+                    }
+                    self.read().broker.has_rounds()
                 }
                 () = rounds_waiting.notified() => true,
             };
             // A large settle (a channel closed with many unacked
             // deliveries) or a consumer catching up on a backlog goes on
-            // in rounds of about a millisecond each; between rounds the
-            // lock goes to whoever waits for it.
+            // in rounds of about a millisecond each, alongside other
+            // operations; between rounds an exclusive operation waiting
+            // for the lock gets it.
             while more {
                 tokio::task::yield_now().await;
-                let mut hub = self.lock();
+                let hub = self.read();
                 let mut out = Outbox::default();
                 more = hub.broker.continue_rounds(&mut out);
                 hub.dispatch(&mut out);
-                MutexGuard::unlock_fair(hub);
+                RwLockReadGuard::unlock_fair(hub.broker);
             }
         }
     }
@@ -105,7 +146,7 @@ impl SharedHub {
 
 /// The hub, as long as something else keeps it.
 pub(crate) struct WeakHub {
-    hub: Weak<Mutex<Hub>>,
+    hub: Weak<Hub>,
     confirmed: Arc<AtomicU64>,
 }
 
@@ -163,36 +204,41 @@ impl ConnectionInfo {
 }
 
 pub struct Hub {
-    /// The broker itself; other crates read it through `broker()`.
-    pub(crate) broker: Broker,
+    broker: RwLock<Broker>,
+    /// The connections and their writers; taken briefly, never while
+    /// waiting for the broker.
+    registry: Mutex<Registry>,
+    /// Where the store's slow work goes (`store_worker.rs`), once started.
+    store_worker: OnceLock<mpsc::Sender<StoreWork>>,
+    /// Wakes the timer task when an operation left rounds of work, so
+    /// that they go on at once rather than at the next tick.
+    rounds_waiting: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Registry {
     writers: HashMap<ConnectionId, OutboundQueue>,
     /// Unbounded, yet bounded in practice: the broker asks at most once per
     /// channel, and a connection has at most channel_max channels.
     notices: HashMap<ConnectionId, Mailbox<ConnectionNotice>>,
     connections: HashMap<ConnectionId, ConnectionInfo>,
     next_connection: u64,
-    /// Where the store's slow work goes (`store_worker.rs`), once started.
-    store_worker: Option<mpsc::Sender<StoreWork>>,
-    /// Wakes the timer task when an operation left rounds of work, so
-    /// that they go on at once rather than at the next tick.
-    rounds_waiting: Arc<Notify>,
 }
 
 impl Hub {
     pub fn new(broker: Broker) -> Self {
         Self {
-            broker,
-            writers: HashMap::new(),
-            notices: HashMap::new(),
-            connections: HashMap::new(),
-            next_connection: 0,
-            store_worker: None,
+            broker: RwLock::new(broker),
+            registry: Mutex::new(Registry::default()),
+            store_worker: OnceLock::new(),
             rounds_waiting: Arc::new(Notify::new()),
         }
     }
+}
 
-    pub(crate) fn set_store_worker(&mut self, work: mpsc::Sender<StoreWork>) {
-        self.store_worker = Some(work);
+impl<B: Deref<Target = Broker>> HubGuard<'_, B> {
+    pub(crate) fn set_store_worker(&self, work: mpsc::Sender<StoreWork>) {
+        let _ = self.hub.store_worker.set(work);
     }
 
     /// The broker, to read its state (the management API's views, the
@@ -201,37 +247,54 @@ impl Hub {
         &self.broker
     }
 
-    pub fn allocate_connection_id(&mut self) -> ConnectionId {
-        self.next_connection += 1;
-        ConnectionId(self.next_connection)
+    pub fn allocate_connection_id(&self) -> ConnectionId {
+        let mut registry = self.hub.registry.lock();
+        registry.next_connection += 1;
+        ConnectionId(registry.next_connection)
     }
 
     pub(crate) fn register_connection(
-        &mut self,
+        &self,
         info: ConnectionInfo,
         writer: OutboundQueue,
         notices: Mailbox<ConnectionNotice>,
     ) {
-        self.writers.insert(info.id, writer);
-        self.notices.insert(info.id, notices);
-        self.connections.insert(info.id, info);
+        let mut registry = self.hub.registry.lock();
+        registry.writers.insert(info.id, writer);
+        registry.notices.insert(info.id, notices);
+        registry.connections.insert(info.id, info);
     }
 
     /// The open connections, oldest first.
     pub fn connection_infos(&self) -> Vec<ConnectionInfo> {
-        let mut infos: Vec<ConnectionInfo> = self.connections.values().cloned().collect();
+        let mut infos: Vec<ConnectionInfo> = self
+            .hub
+            .registry
+            .lock()
+            .connections
+            .values()
+            .cloned()
+            .collect();
         infos.sort_by_key(|info| info.id);
         infos
     }
 
-    pub fn connection_info(&self, connection: ConnectionId) -> Option<&ConnectionInfo> {
-        self.connections.get(&connection)
+    pub fn connection_info(&self, connection: ConnectionId) -> Option<ConnectionInfo> {
+        self.hub
+            .registry
+            .lock()
+            .connections
+            .get(&connection)
+            .cloned()
     }
 
     /// Open connections logged in as `user`; a scan, made once per
     /// `connection.open`, which is cheap next to the login before it.
     pub(crate) fn connections_of_user(&self, user: &str) -> usize {
-        self.connections
+        self.hub
+            .registry
+            .lock()
+            .connections
             .values()
             .filter(|info| info.user == user)
             .count()
@@ -246,6 +309,9 @@ impl Hub {
         reason: &str,
     ) -> usize {
         let chosen: Vec<ConnectionId> = self
+            .hub
+            .registry
+            .lock()
             .connections
             .values()
             .filter(|info| matches(info))
@@ -260,34 +326,31 @@ impl Hub {
     /// Asks a connection to close itself with 320 CONNECTION_FORCED;
     /// false when it is not open.
     pub fn close_connection(&self, connection: ConnectionId, reason: &str) -> bool {
-        self.notices.get(&connection).is_some_and(|notices| {
-            notices.push(ConnectionNotice::Close {
-                reason: reason.to_owned(),
+        self.hub
+            .registry
+            .lock()
+            .notices
+            .get(&connection)
+            .is_some_and(|notices| {
+                notices.push(ConnectionNotice::Close {
+                    reason: reason.to_owned(),
+                })
             })
-        })
-    }
-
-    /// Forgets a connection and releases what it held in the broker.
-    pub fn remove_connection(&mut self, connection: ConnectionId) {
-        self.writers.remove(&connection);
-        self.notices.remove(&connection);
-        self.connections.remove(&connection);
-        let mut out = Outbox::default();
-        self.broker.close_connection(connection, &mut out);
-        // Nobody is left to hold a reply for what closing changed.
-        self.broker.take_topology_ticket();
-        self.dispatch(&mut out);
     }
 
     /// Hands each effect to the writer of the connection it concerns.
-    pub fn dispatch(&mut self, out: &mut Outbox) {
+    pub fn dispatch(&self, out: &mut Outbox) {
         if self.broker.has_rounds() {
-            self.rounds_waiting.notify_one();
+            self.hub.rounds_waiting.notify_one();
         }
+        if out.effects.is_empty() {
+            return;
+        }
+        let registry = self.hub.registry.lock();
         for effect in out.effects.drain(..) {
             match effect {
                 Effect::Deliver(delivery) => {
-                    if let Some(writer) = self.writers.get(&delivery.connection) {
+                    if let Some(writer) = registry.writers.get(&delivery.connection) {
                         writer.send(Outbound::Deliver(delivery));
                     }
                 }
@@ -296,7 +359,7 @@ impl Hub {
                     channel,
                     error,
                 } => {
-                    if let Some(notices) = self.notices.get(&connection) {
+                    if let Some(notices) = registry.notices.get(&connection) {
                         notices.push(ConnectionNotice::CloseChannel {
                             channel,
                             error: error.into(),
@@ -306,12 +369,12 @@ impl Hub {
                 // Sending fails only once the worker has stopped, with the
                 // hub going away.
                 Effect::ReadAhead(request) => {
-                    if let Some(work) = &self.store_worker {
+                    if let Some(work) = self.hub.store_worker.get() {
                         let _ = work.send(StoreWork::ReadAhead(request));
                     }
                 }
                 Effect::Discard(discard) => {
-                    if let Some(work) = &self.store_worker {
+                    if let Some(work) = self.hub.store_worker.get() {
                         let _ = work.send(StoreWork::Discard(discard));
                     }
                 }
@@ -320,7 +383,7 @@ impl Hub {
                     channel,
                     consumer_tag,
                 } => {
-                    if let Some(writer) = self.writers.get(&connection) {
+                    if let Some(writer) = registry.writers.get(&connection) {
                         writer.method(
                             channel,
                             AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
@@ -335,9 +398,26 @@ impl Hub {
     }
 
     /// Delivers again to a channel whose writer had fallen behind.
-    pub fn resume_deliveries(&mut self, connection: ConnectionId, channel: u16) {
+    pub fn resume_deliveries(&self, connection: ConnectionId, channel: u16) {
         let mut out = Outbox::default();
         self.broker.resume_deliveries(connection, channel, &mut out);
+        self.dispatch(&mut out);
+    }
+}
+
+impl HubWrite<'_> {
+    /// Forgets a connection and releases what it held in the broker.
+    pub fn remove_connection(&mut self, connection: ConnectionId) {
+        {
+            let mut registry = self.hub.registry.lock();
+            registry.writers.remove(&connection);
+            registry.notices.remove(&connection);
+            registry.connections.remove(&connection);
+        }
+        let mut out = Outbox::default();
+        self.broker.close_connection(connection, &mut out);
+        // Nobody is left to hold a reply for what closing changed.
+        self.broker.take_topology_ticket();
         self.dispatch(&mut out);
     }
 }

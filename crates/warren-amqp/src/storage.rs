@@ -102,7 +102,7 @@ fn record_progress(sender: &watch::Sender<DurableProgress>, result: Result<u64, 
 /// Checks free disk space periodically and raises or clears the alarm.
 pub async fn watch_disk(hub: SharedHub, config: StorageConfig, alarm: watch::Sender<bool>) {
     // The file system is asked outside the broker's lock.
-    let Some(free_space) = hub.lock().broker.message_log().map(MessageLog::free_space) else {
+    let Some(free_space) = hub.read().broker.message_log().map(MessageLog::free_space) else {
         return;
     };
     let mut ticker =

@@ -69,6 +69,6 @@ fn read_ahead(log: &LogHandle, hub: &WeakHub, request: ReadAhead) -> bool {
     let Some(hub) = hub.upgrade() else {
         return false;
     };
-    hub.lock().broker.install_read_ahead(request.queue, loaded);
+    hub.read().broker.install_read_ahead(request.queue, loaded);
     true
 }

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
+use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
-use warren_core::{ConnectionId, Delivery, Message, UnwrittenDeliveries};
+use warren_core::{ConnectionId, Delivery, DeliverySink, Message, UnwrittenDeliveries};
 use warren_proto::FrameEncoder;
 
 use crate::hub::SharedHub;
@@ -68,6 +69,56 @@ impl OutboundQueue {
     /// Waits until the writer has taken items off the queue.
     pub async fn drained(&self) {
         self.drained.notified().await;
+    }
+}
+
+/// Where the broker puts one channel's deliveries: the connection's
+/// writer queue, except while the channel's own connection holds them back
+/// (`hold`) so that the reply to its method goes out first: a
+/// `basic.consume-ok` before the consumer's first delivery, a `qos-ok` or
+/// `recover-ok` before the deliveries it lets through.
+pub(crate) struct ChannelSink {
+    out: OutboundQueue,
+    held: Mutex<Option<Vec<Delivery>>>,
+}
+
+impl ChannelSink {
+    pub(crate) fn new(out: &OutboundQueue) -> Arc<Self> {
+        Arc::new(Self {
+            out: out.clone(),
+            held: Mutex::new(None),
+        })
+    }
+
+    /// Holds deliveries back until the returned guard is dropped, which
+    /// sends them, in order, ahead of any made after.
+    pub(crate) fn hold(&self) -> HeldDeliveries<'_> {
+        *self.held.lock() = Some(Vec::new());
+        HeldDeliveries { sink: self }
+    }
+}
+
+impl DeliverySink for ChannelSink {
+    fn deliver(&self, delivery: Delivery) {
+        let mut held = self.held.lock();
+        match held.as_mut() {
+            Some(held) => held.push(delivery),
+            None => self.out.send(Outbound::Deliver(delivery)),
+        }
+    }
+}
+
+/// Deliveries held back by `ChannelSink::hold`, sent when this is dropped.
+pub(crate) struct HeldDeliveries<'a> {
+    sink: &'a ChannelSink,
+}
+
+impl Drop for HeldDeliveries<'_> {
+    fn drop(&mut self) {
+        let mut held = self.sink.held.lock();
+        for delivery in held.take().unwrap_or_default() {
+            self.sink.out.send(Outbound::Deliver(delivery));
+        }
     }
 }
 
@@ -307,7 +358,7 @@ impl Writer {
         if stopped.is_empty() {
             return;
         }
-        let mut hub = self.hub.lock();
+        let hub = self.hub.read();
         for channel in stopped {
             hub.resume_deliveries(self.connection, channel);
         }

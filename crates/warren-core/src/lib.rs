@@ -29,8 +29,8 @@ pub use broker::inspect::{
 };
 pub use broker::reply_to::REPLY_TO_QUEUE;
 pub use broker::{
-    Broker, Consume, DELIVERY_ROUND_MAX, Delivery, Effect, ExchangeDeclare, GetOk, Outbox,
-    Published, QueueDeclare, QueueDeclared, SETTLE_ROUND_MAX,
+    Broker, Consume, DELIVERY_ROUND_MAX, Delivery, DeliverySink, Effect, ExchangeDeclare, GetOk,
+    Outbox, Published, QueueDeclare, QueueDeclared, SETTLE_ROUND_MAX,
 };
 pub use durable::codec;
 pub use durable::{RecoveryError, RecoverySummary};

@@ -78,7 +78,7 @@ fn find_model(state: &AppState, name: &str) -> ApiResult<ModelStatus> {
 fn queue_state(state: &AppState, model: &ModelStatus) -> (usize, usize) {
     state
         .hub
-        .lock()
+        .read()
         .broker()
         .queue_info("/", &model.queue)
         .map_or((0, 0), |queue| (queue.consumers, queue.ready))

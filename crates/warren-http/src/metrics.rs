@@ -37,7 +37,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     let store_bytes = state.node.data_dir.as_deref().map(directory_bytes);
     let models = state.models.models();
     let snapshot = {
-        let hub = state.hub.lock();
+        let hub = state.hub.read();
         let totals = hub.broker().totals();
         let log = hub.broker().message_log();
         Snapshot {

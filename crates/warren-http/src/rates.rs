@@ -47,7 +47,7 @@ impl Rates {
         loop {
             interval.tick().await;
             let (broker, queues, exchanges) = {
-                let hub = hub.lock();
+                let hub = hub.read();
                 (
                     hub.broker().totals().counts,
                     hub.broker().queue_message_counts(),

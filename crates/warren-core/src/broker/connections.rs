@@ -3,13 +3,16 @@
 //! prefetch and publishing mode.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use super::Broker;
 use super::delivery::{Settled, Settling};
 use super::effect::Outbox;
 use crate::ConnectionId;
 use crate::session::ConnectionState;
-use crate::session::channel::{Channel, ChannelMode};
+use crate::session::channel::{Channel, ChannelMode, DeliverySink};
 
 impl Broker {
     pub fn open_connection(&mut self, connection: ConnectionId, vhost: &str, cancel_notify: bool) {
@@ -42,9 +45,26 @@ impl Broker {
         }
     }
 
+    /// Opens a channel whose deliveries come back in operations' outboxes.
     pub fn open_channel(&mut self, connection: ConnectionId, channel: u16) {
+        self.open_channel_with(connection, channel, None);
+    }
+
+    /// Opens a channel whose deliveries go to `sink` as they are made.
+    pub fn open_channel_with(
+        &mut self,
+        connection: ConnectionId,
+        channel: u16,
+        sink: Option<Arc<dyn DeliverySink>>,
+    ) {
         if let Some(state) = self.connections.get_mut(&connection) {
-            state.channels.insert(channel, Channel::default());
+            state.channels.insert(
+                channel,
+                Mutex::new(Channel {
+                    sink,
+                    ..Channel::default()
+                }),
+            );
         }
     }
 
@@ -60,6 +80,7 @@ impl Broker {
             .connections
             .get_mut(&connection)
             .and_then(|state| state.channels.remove(&channel))
+            .map(Mutex::into_inner)
         else {
             return;
         };
@@ -108,23 +129,25 @@ impl Broker {
     /// (what a writer does through `UnwrittenDeliveries::written` and
     /// `resume_deliveries`, in one call).
     pub fn deliveries_written(
-        &mut self,
+        &self,
         connection: ConnectionId,
         channel: u16,
         count: u32,
         out: &mut Outbox,
     ) {
-        let Some(state) = self.channel_mut(connection, channel) else {
+        let Some(state) = self.channel(connection, channel) else {
             return;
         };
-        if state.unwritten.written(count) {
+        let resume = state.unwritten.written(count);
+        drop(state);
+        if resume {
             self.resume_deliveries(connection, channel, out);
         }
     }
 
     /// Delivers to a channel the broker had stopped delivering to because
     /// its writer was behind.
-    pub fn resume_deliveries(&mut self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
+    pub fn resume_deliveries(&self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
         self.deliver_to_channel(connection, channel, out);
     }
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::Broker;
+use super::effect::Outbox;
 use super::forget_stored;
 use super::request::Published;
 use crate::QueueId;
@@ -15,10 +16,11 @@ impl Broker {
     /// dead-letter exchanges; returns the queues they reached. A queue
     /// without a dead-letter exchange, or whose exchange no longer exists,
     /// just drops the message, as RabbitMQ does.
-    pub(crate) fn route_dead_letters(&mut self) -> Vec<QueueId> {
+    pub(crate) fn route_dead_letters(&self, out: &mut Outbox) -> Vec<QueueId> {
         let mut reached = Vec::new();
-        for dead in std::mem::take(&mut self.dead_letters) {
-            let queue = self.queues.get(&dead.queue);
+        let now_ms = self.now_ms();
+        for dead in std::mem::take(&mut out.dead_letters) {
+            let queue = self.queue(dead.queue);
             let queue_exists = queue.is_some();
             let republished = queue.and_then(|queue| {
                 let exchange_name = queue.args.dead_letter_exchange.as_ref()?;
@@ -30,13 +32,14 @@ impl Broker {
                     dead.reason,
                     exchange_name.as_str(),
                     queue.args.dead_letter_routing_key.as_ref(),
-                    self.now_ms,
+                    now_ms,
                 );
+                // Routing may lead back to this queue: release it first.
+                drop(queue);
                 let targets: Vec<QueueId> = route(vhost, exchange, &message)
                     .into_iter()
                     .filter(|target| {
-                        self.queues
-                            .get(target)
+                        self.queue(*target)
                             .is_some_and(|target| !is_cycle(&message, target.name.as_str()))
                     })
                     .collect();
@@ -46,7 +49,7 @@ impl Broker {
                 // The new copy is appended before the old one is removed, so a
                 // crash in between leaves a duplicate, never a loss.
                 let mut outcome = Published::default();
-                self.enqueue_routed(&targets, message, &mut outcome);
+                self.enqueue_routed(&targets, message, &mut outcome, out);
                 reached.extend(targets);
             }
             forget_stored(

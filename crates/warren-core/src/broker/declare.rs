@@ -2,6 +2,7 @@
 //! RabbitMQ's equivalence rules, exclusive and auto-delete lifetimes.
 
 use amq_protocol::types::{FieldTable, ShortString};
+use parking_lot::Mutex;
 use warren_store::TopologyChange;
 
 use super::Broker;
@@ -230,8 +231,8 @@ impl Broker {
             return declared;
         }
         if let Some(id) = self.vhosts[&vhost_name].queues.get(name.as_str()).copied() {
-            let now_ms = self.now_ms;
-            let queue = self.queues.get_mut(&id).expect("named queues exist");
+            let now_ms = self.now_ms();
+            let queue = self.queue_mut(id).expect("named queues exist");
             queue.check_access(connection)?;
             queue.last_used_ms = now_ms;
             if !declare.passive {
@@ -293,15 +294,15 @@ impl Broker {
             declare.auto_delete,
             declare.arguments,
             args,
-            self.now_ms,
+            self.now_ms(),
         );
         if let Some(entry) = queue.durable_entry() {
             self.topology_changes
                 .push(TopologyChange::Added(entry.into()));
         }
-        self.queues.insert(id, queue);
+        self.queues.insert(id, Mutex::new(queue));
         if let Some(expires_ms) = expires_ms {
-            self.schedule(id, self.now_ms.saturating_add(expires_ms));
+            self.schedule(id, self.now_ms().saturating_add(expires_ms));
         }
         self.vhosts
             .get_mut(&vhost_name)
@@ -355,7 +356,7 @@ impl Broker {
                 vhost: vhost_name,
             }));
         };
-        let target = &self.queues[&id];
+        let target = self.queues[&id].lock();
         let persisted = (source.durable && target.persists_messages()).then(|| {
             binding_entry(
                 &vhost_name,
@@ -393,10 +394,7 @@ impl Broker {
             return Err(BrokerError::ReplyToName(queue.to_owned()));
         }
         let id = self.queue_for(connection, queue)?;
-        let queue = self
-            .queues
-            .get_mut(&id)
-            .expect("queue_for returns live queues");
+        let queue = self.queue_mut(id).expect("queue_for returns live queues");
         let count = queue.ready_count() as u32;
         let discard = Discard::new(id, true, queue.take_backlog());
         self.dispose(discard, out);
@@ -418,7 +416,7 @@ impl Broker {
             Err(error) if error.code() == ErrorCode::NotFound => return Ok(0),
             Err(error) => return Err(error),
         };
-        let queue = &self.queues[&id];
+        let queue = self.queue_mut(id).expect("queue_for returns live queues");
         if if_unused && !queue.consumers.is_empty() {
             return Err(BrokerError::InUse(queue.resource()));
         }
@@ -442,7 +440,7 @@ impl Broker {
     }
 
     pub(crate) fn delete_queue_by_id(&mut self, id: QueueId, out: &mut Outbox) -> u32 {
-        let Some(mut queue) = self.queues.remove(&id) else {
+        let Some(mut queue) = self.queues.remove(&id).map(Mutex::into_inner) else {
             return 0;
         };
         queue.flow_gauge.mark_deleted();
@@ -451,10 +449,10 @@ impl Broker {
                 .push(TopologyChange::Removed(entry.into()));
         }
         if let Some(at) = queue.scheduled_ms {
-            self.timers.remove(&(at, id));
+            self.timers.get_mut().remove(&(at, id));
         }
         let message_count = queue.ready_count() as u32;
-        self.counts += MessageCounts {
+        self.retired += MessageCounts {
             published: 0,
             unroutable: 0,
             ..queue.counts
@@ -477,7 +475,7 @@ impl Broker {
                 continue;
             };
             if let Some(channel) = connection.channels.get_mut(&consumer.channel) {
-                channel.consumers.remove(&consumer.tag);
+                channel.get_mut().consumers.remove(&consumer.tag);
             }
             if connection.cancel_notify {
                 out.effects.push(Effect::CancelConsumer {

@@ -4,8 +4,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use amq_protocol::types::{AMQPValue, ShortString};
+use parking_lot::Mutex;
 use warren_store::MessageLog;
 
 use super::Broker;
@@ -22,6 +24,7 @@ use crate::queue::{Dequeued, Queue, QueueConsumer, Stored};
 use crate::session::ConnectionState;
 use crate::session::channel::{AckDeadlines, Unacked};
 use crate::{ConnectionId, Message, QueueId};
+
 impl Broker {
     pub fn consume(
         &mut self,
@@ -59,10 +62,7 @@ impl Broker {
             });
         }
         let prefetch_count = state.consumer_prefetch;
-        let queue = self
-            .queues
-            .get_mut(&id)
-            .expect("queue_for returns live queues");
+        let queue = self.queue_mut(id).expect("queue_for returns live queues");
         // An exclusive consumer on a single-active-consumer queue would
         // defeat its hand-over; RabbitMQ refuses it the same way.
         if consume.exclusive && (!queue.consumers.is_empty() || queue.args.single_active_consumer)
@@ -126,7 +126,8 @@ impl Broker {
         consumer_tag: &str,
         out: &mut Outbox,
     ) {
-        let Some(queue) = self.queues.get_mut(&id) else {
+        let now_ms = self.now_ms();
+        let Some(queue) = self.queue_mut(id) else {
             return;
         };
         let Some(index) = queue.consumers.iter().position(|consumer| {
@@ -152,8 +153,8 @@ impl Broker {
         if queue.consumers.is_empty()
             && let Some(expires_ms) = queue.args.expires_ms
         {
-            queue.last_used_ms = self.now_ms;
-            self.schedule(id, self.now_ms.saturating_add(expires_ms));
+            queue.last_used_ms = now_ms;
+            self.schedule(id, now_ms.saturating_add(expires_ms));
         }
     }
 
@@ -166,10 +167,11 @@ impl Broker {
         out: &mut Outbox,
     ) -> BrokerResult<Option<GetOk>> {
         let id = self.queue_for(connection, queue)?;
-        let now_ms = self.now_ms;
+        let now_ms = self.now_ms();
         let queue = self
             .queues
             .get_mut(&id)
+            .map(Mutex::get_mut)
             .expect("queue_for returns live queues");
         queue.last_used_ms = now_ms;
         let log = message_log(self.store.as_ref());
@@ -195,7 +197,7 @@ impl Broker {
                 record_delivery(log, id, taken);
             }
         }
-        self.expired(id, expired);
+        expired_messages(id, expired, out);
         self.deliver_all(&[], out);
         let (Some(taken), Some(message)) = (taken, message) else {
             return Ok(None);
@@ -204,12 +206,13 @@ impl Broker {
             .connections
             .get_mut(&connection)
             .and_then(|state| state.channels.get_mut(&channel))
+            .map(Mutex::get_mut)
             .expect("get on an open channel");
         let delivery_tag = state.take_delivery_tag();
         if !no_ack {
             state.track_ack_deadline(
                 ack_deadline_ms,
-                &mut self.ack_deadlines,
+                self.ack_deadlines.get_mut(),
                 connection,
                 channel,
             );
@@ -237,7 +240,7 @@ impl Broker {
     // ----- acknowledgements ----------------------------------------------
 
     pub fn ack(
-        &mut self,
+        &self,
         connection: ConnectionId,
         channel: u16,
         delivery_tag: u64,
@@ -252,7 +255,7 @@ impl Broker {
     /// `basic.nack` and `basic.reject`: requeued messages go back to their
     /// original position, marked redelivered; others are discarded.
     pub fn reject(
-        &mut self,
+        &self,
         connection: ConnectionId,
         channel: u16,
         delivery_tag: u64,
@@ -271,9 +274,9 @@ impl Broker {
     }
 
     /// `basic.recover`: every unacked message on the channel is requeued.
-    pub fn recover(&mut self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
-        let settled = match self.channel_mut(connection, channel) {
-            Some(state) => Settling::Many(std::mem::take(&mut state.unacked)),
+    pub fn recover(&self, connection: ConnectionId, channel: u16, out: &mut Outbox) {
+        let settled = match self.channel(connection, channel) {
+            Some(mut state) => Settling::Many(std::mem::take(&mut state.unacked)),
             None => return,
         };
         self.settle_deliveries(connection, channel, settled, Settled::Requeue, out);
@@ -287,7 +290,7 @@ impl Broker {
     /// waiting for its round is neither ready nor unacked on its channel;
     /// its queue still counts it as unacked.
     pub(crate) fn settle_deliveries(
-        &mut self,
+        &self,
         connection: ConnectionId,
         channel: u16,
         deliveries: Settling,
@@ -302,7 +305,8 @@ impl Broker {
         };
         self.settle_round(&mut round, out);
         if !round.deliveries.is_empty() {
-            self.pending_settles.push_back(round);
+            self.pending_settles.lock().push_back(round);
+            self.rounds_hint.store(true, Ordering::SeqCst);
         }
     }
 
@@ -312,32 +316,54 @@ impl Broker {
     /// next round of deliveries to queues whose consumers still have room.
     /// Returns whether work still waits; the server calls it again, with
     /// the lock released in between, until it does not.
-    pub fn continue_rounds(&mut self, out: &mut Outbox) -> bool {
-        if let Some(mut round) = self.pending_settles.pop_front() {
+    /// Only one caller at a time (the server's timer task) may run it.
+    pub fn continue_rounds(&self, out: &mut Outbox) -> bool {
+        let settle = self.pending_settles.lock().pop_front();
+        if let Some(mut round) = settle {
             self.settle_round(&mut round, out);
             if !round.deliveries.is_empty() {
-                self.pending_settles.push_front(round);
+                self.pending_settles.lock().push_front(round);
+                self.rounds_hint.store(true, Ordering::SeqCst);
             }
-        } else if !self.pending_deliveries.is_empty() {
-            let queues = self.pending_deliveries.take();
-            self.deliver_all(&queues, out);
+        } else {
+            let queues = self.pending_deliveries.lock().take();
+            if !queues.is_empty() {
+                self.deliver_all(&queues, out);
+            }
         }
         self.has_rounds()
     }
 
-    /// Whether operations left rounds for `continue_rounds`.
+    /// Whether operations left rounds for `continue_rounds`. Every
+    /// operation's caller asks; the hint answers most of them without
+    /// taking the shared locks. Of callers racing with a change, at least
+    /// one sees it.
     pub fn has_rounds(&self) -> bool {
-        !self.pending_settles.is_empty() || !self.pending_deliveries.is_empty()
+        if !self.rounds_hint.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.rounds_hint.store(false, Ordering::SeqCst);
+        let pending =
+            !self.pending_settles.lock().is_empty() || !self.pending_deliveries.lock().is_empty();
+        if pending {
+            self.rounds_hint.store(true, Ordering::SeqCst);
+        }
+        pending
     }
 
-    fn settle_round(&mut self, round: &mut SettleRound, out: &mut Outbox) {
+    fn defer_delivery(&self, queue: QueueId) {
+        self.pending_deliveries.lock().add(queue);
+        self.rounds_hint.store(true, Ordering::SeqCst);
+    }
+
+    fn settle_round(&self, round: &mut SettleRound, out: &mut Outbox) {
         let mut touched = Vec::new();
         for _ in 0..SETTLE_ROUND_MAX {
             let Some(unacked) = round.deliveries.next() else {
                 break;
             };
             touched.push(unacked.queue);
-            self.settle_one(round.connection, round.channel, unacked, round.how);
+            self.settle_one(round.connection, round.channel, unacked, round.how, out);
         }
         self.after_settle(round.connection, round.channel, &touched, out);
     }
@@ -347,13 +373,14 @@ impl Broker {
     /// exchange. A quorum queue counts each return and dead-letters a
     /// message returned more often than its delivery limit.
     fn settle_one(
-        &mut self,
+        &self,
         connection: ConnectionId,
         channel: u16,
         unacked: Unacked,
         how: Settled,
+        out: &mut Outbox,
     ) {
-        let Some(queue) = self.queues.get_mut(&unacked.queue) else {
+        let Some(mut queue) = self.queue(unacked.queue) else {
             forget_stored(
                 self.store.as_ref(),
                 false,
@@ -391,7 +418,7 @@ impl Broker {
                 unacked.sequence,
                 unacked.stored,
             ),
-            Settled::Rejected => self.dead_letters.push(dead_letter(DeathReason::Rejected)),
+            Settled::Rejected => out.dead_letters.push(dead_letter(DeathReason::Rejected)),
             Settled::Requeue => {
                 let mut meta = unacked.meta;
                 if queue.is_quorum() {
@@ -401,14 +428,14 @@ impl Broker {
                         .delivery_limit
                         .is_some_and(|limit| meta.returns as u64 > limit)
                     {
-                        self.dead_letters
+                        out.dead_letters
                             .push(dead_letter(DeathReason::DeliveryLimit));
                         return;
                     }
                 }
                 queue.requeue(unacked.sequence, unacked.message, unacked.stored, meta);
                 if let Some(at) = meta.expires.deadline() {
-                    self.schedule(unacked.queue, at);
+                    self.schedule_locked(&mut queue, at);
                 }
             }
         }
@@ -416,14 +443,14 @@ impl Broker {
 
     /// Takes the deliveries an ack, nack or reject names off the channel.
     fn settle(
-        &mut self,
+        &self,
         connection: ConnectionId,
         channel: u16,
         delivery_tag: u64,
         multiple: bool,
     ) -> BrokerResult<Settling> {
-        let state = self
-            .channel_mut(connection, channel)
+        let mut state = self
+            .channel(connection, channel)
             .expect("settle on an open channel");
         let unknown = || BrokerError::UnknownDeliveryTag(delivery_tag);
         if multiple {
@@ -443,7 +470,7 @@ impl Broker {
     }
 
     fn after_settle(
-        &mut self,
+        &self,
         connection: ConnectionId,
         channel: u16,
         touched: &[QueueId],
@@ -451,10 +478,10 @@ impl Broker {
     ) {
         self.deliver_all(touched, out);
         // A global prefetch frees room for every consumer on the channel.
-        if self
-            .channel_mut(connection, channel)
-            .is_some_and(|state| state.global_prefetch != 0)
-        {
+        let global_prefetch = self
+            .channel(connection, channel)
+            .is_some_and(|state| state.global_prefetch != 0);
+        if global_prefetch {
             self.deliver_to_channel(connection, channel, out);
         }
     }
@@ -465,70 +492,72 @@ impl Broker {
     /// the dead letters that this (or the operation before it) produced,
     /// and delivers from the queues they reach, until none are left. Cycle
     /// detection in dead-lettering ends every chain.
-    pub(crate) fn deliver_all(&mut self, queues: &[QueueId], out: &mut Outbox) {
+    pub(crate) fn deliver_all(&self, queues: &[QueueId], out: &mut Outbox) {
         let mut budget = DELIVERY_ROUND_MAX;
         let mut round = distinct(queues);
+        let now_ms = self.now_ms();
         loop {
             for id in &round {
                 if budget == 0 {
-                    self.pending_deliveries.add(*id);
+                    self.defer_delivery(*id);
                     continue;
                 }
-                let Some(queue) = self.queues.get_mut(id) else {
+                let Some(mut queue) = self.queue(*id) else {
                     continue;
                 };
                 let (expired, cut) = deliver(
                     *id,
-                    queue,
-                    &mut self.connections,
-                    &mut self.ack_deadlines,
+                    &mut queue,
+                    &self.connections,
+                    &self.ack_deadlines,
                     &self.limits,
                     self.store.as_ref(),
-                    self.now_ms,
+                    now_ms,
                     &mut budget,
                     out,
                 );
-                if cut {
-                    self.pending_deliveries.add(*id);
-                }
                 if self.store_worker
                     && let Some(read_ahead) = queue.read_ahead()
                 {
                     out.effects.push(Effect::ReadAhead(read_ahead));
                 }
-                self.expired(*id, expired);
+                drop(queue);
+                if cut {
+                    self.defer_delivery(*id);
+                }
+                expired_messages(*id, expired, out);
             }
-            if self.dead_letters.is_empty() {
+            if out.dead_letters.is_empty() {
                 return;
             }
-            round = distinct(&self.route_dead_letters());
+            round = distinct(&self.route_dead_letters(out));
         }
     }
 
-    /// Messages that expired in `queue`, on their way out.
-    pub(crate) fn expired(&mut self, queue: QueueId, expired: Vec<Dequeued>) {
-        self.dead_letters
-            .extend(expired.into_iter().map(|taken| DeadLetter {
-                queue,
-                sequence: taken.sequence,
-                message: taken.message,
-                stored: taken.stored,
-                reason: DeathReason::Expired,
-            }));
-    }
-
     pub(crate) fn deliver_to_channel(
-        &mut self,
+        &self,
         connection: ConnectionId,
         channel: u16,
         out: &mut Outbox,
     ) {
-        let queues: Vec<QueueId> = match self.channel_mut(connection, channel) {
+        let queues: Vec<QueueId> = match self.channel(connection, channel) {
             Some(state) => state.consumers.values().copied().collect(),
             None => return,
         };
         self.deliver_all(&queues, out);
     }
+}
+
+/// Messages that expired in `queue`, on their way out.
+pub(crate) fn expired_messages(queue: QueueId, expired: Vec<Dequeued>, out: &mut Outbox) {
+    out.dead_letters
+        .extend(expired.into_iter().map(|taken| DeadLetter {
+            queue,
+            sequence: taken.sequence,
+            message: taken.message,
+            stored: taken.stored,
+            reason: DeathReason::Expired,
+        }));
 }
 
 /// The queues named, each once, in the order first named: a settle of
@@ -643,8 +672,8 @@ pub(crate) enum Settled {
 fn deliver(
     queue_id: QueueId,
     queue: &mut Queue,
-    connections: &mut HashMap<ConnectionId, ConnectionState>,
-    ack_deadlines: &mut AckDeadlines,
+    connections: &HashMap<ConnectionId, ConnectionState>,
+    ack_deadlines: &Mutex<AckDeadlines>,
     limits: &Limits,
     store: Option<&Store>,
     now_ms: u64,
@@ -657,7 +686,8 @@ fn deliver(
         .args
         .consumer_timeout_ms
         .map(|timeout| now_ms.saturating_add(timeout));
-    // Consumers do not come or go while this runs.
+    // Consumers do not come or go while this runs: that takes the
+    // broker exclusively.
     let count = if queue.args.single_active_consumer {
         queue.consumers.len().min(1)
     } else {
@@ -668,6 +698,14 @@ fn deliver(
         .map(|consumer| consumer.priority)
         .max()
         .unwrap_or(0);
+    let channel_of = |consumer: &QueueConsumer| {
+        connections
+            .get(&consumer.connection)
+            .and_then(|state| state.channels.get(&consumer.channel))
+    };
+    // Consumers found full on a second look: another queue filled their
+    // channel between the choice and the delivery.
+    let mut lost_races = 0;
     while queue.ready_count() > 0 {
         if *budget == 0 {
             return (expired, true);
@@ -680,10 +718,8 @@ fn deliver(
                 continue;
             }
             let ready = consumer.has_credit()
-                && connections
-                    .get(&consumer.connection)
-                    .and_then(|state| state.channels.get(&consumer.channel))
-                    .is_some_and(|state| state.accepts(consumer.no_ack, limits));
+                && channel_of(consumer)
+                    .is_some_and(|state| state.lock().accepts(consumer.no_ack, limits));
             if ready {
                 chosen = Some(index);
                 // Nobody can outrank a ready consumer of the top priority.
@@ -695,6 +731,18 @@ fn deliver(
         let Some(index) = chosen else {
             break;
         };
+        let consumer = &queue.consumers[index];
+        let mut state = channel_of(consumer)
+            .expect("chosen consumer's channel is open")
+            .lock();
+        if !state.accepts(consumer.no_ack, limits) {
+            drop(state);
+            lost_races += 1;
+            if lost_races > count {
+                break;
+            }
+            continue;
+        }
         queue.next_consumer = (index + 1) % count;
         let Some(taken) = queue.dequeue(log, now_ms, &mut expired) else {
             break;
@@ -707,10 +755,6 @@ fn deliver(
             queue.unacked += 1;
         }
         let consumer = &mut queue.consumers[index];
-        let state = connections
-            .get_mut(&consumer.connection)
-            .and_then(|state| state.channels.get_mut(&consumer.channel))
-            .expect("chosen consumer's channel is open");
         let delivery_tag = state.take_delivery_tag();
         if consumer.no_ack {
             forget_stored(store, true, queue_id, taken.sequence, taken.stored);
@@ -719,7 +763,7 @@ fn deliver(
             consumer.unacked += 1;
             state.track_ack_deadline(
                 ack_deadline_ms,
-                ack_deadlines,
+                &mut ack_deadlines.lock(),
                 consumer.connection,
                 consumer.channel,
             );
@@ -737,7 +781,7 @@ fn deliver(
             );
         }
         state.unwritten.add_one();
-        out.effects.push(Effect::Deliver(Delivery {
+        let delivery = Delivery {
             connection: consumer.connection,
             channel: consumer.channel,
             consumer_tag: consumer.tag.clone(),
@@ -745,7 +789,10 @@ fn deliver(
             redelivered: taken.redelivered,
             message,
             unwritten: Arc::clone(&state.unwritten),
-        }));
+        };
+        if let Some(delivery) = state.hand_over(delivery) {
+            out.effects.push(Effect::Deliver(delivery));
+        }
     }
     (expired, false)
 }

@@ -198,11 +198,11 @@ impl Broker {
     /// `(sequence, message, arrival time)`; a queue gone meanwhile, or a
     /// message taken meanwhile, is passed over.
     pub fn install_read_ahead(
-        &mut self,
+        &self,
         queue: QueueId,
         loaded: Vec<(Sequence, Message, Option<u64>)>,
     ) {
-        let Some(queue) = self.queues.get_mut(&queue) else {
+        let Some(mut queue) = self.queue(queue) else {
             return;
         };
         for (sequence, message, arrived_ms) in loaded {

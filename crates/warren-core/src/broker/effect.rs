@@ -1,34 +1,21 @@
 //! What an operation returns for others to carry out: deliveries and
 //! notices for connections, slow store work for the store's worker.
 
-use std::sync::Arc;
-
 use amq_protocol::types::ShortString;
 
+use crate::ConnectionId;
 use crate::error::BrokerError;
 use crate::queue::ReadAhead;
+use crate::queue::dead_letter::DeadLetter;
 use crate::queue::discard::Discard;
-use crate::session::channel::UnwrittenDeliveries;
-use crate::{ConnectionId, Message};
-
-/// A message handed to a consumer.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub connection: ConnectionId,
-    pub channel: u16,
-    pub consumer_tag: ShortString,
-    pub delivery_tag: u64,
-    pub redelivered: bool,
-    pub message: Arc<Message>,
-    /// The channel's count of deliveries not yet on the wire, which the
-    /// connection's writer lowers once it has written this one.
-    pub unwritten: Arc<UnwrittenDeliveries>,
-}
+pub use crate::session::channel::{Delivery, DeliverySink};
 
 /// Something the broker decided that a connection, or the store's worker,
 /// must carry out.
 #[derive(Debug)]
 pub enum Effect {
+    /// A delivery to a channel without a `DeliverySink` (the state
+    /// machine's own tests).
     Deliver(Delivery),
     /// The broker cancelled a consumer because its queue went away
     /// (`basic.cancel` sent by the server).
@@ -55,6 +42,10 @@ pub enum Effect {
 #[derive(Debug, Default)]
 pub struct Outbox {
     pub effects: Vec<Effect>,
+    /// Messages on their way to a dead-letter exchange: the operation
+    /// that made them routes them before it ends (see `deliver_all`), in
+    /// the order they died.
+    pub(crate) dead_letters: Vec<DeadLetter>,
 }
 
 impl Outbox {

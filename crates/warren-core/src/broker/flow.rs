@@ -12,15 +12,16 @@ impl Broker {
     /// one with consumers and more ready messages than `flow_ready_max`.
     /// The rate its consumers drain it at is measured here, as publishes
     /// arrive: flow control matters only while publishes do.
-    pub(crate) fn queue_over_flow_limit(&mut self, targets: &[QueueId]) -> Option<QueueId> {
+    pub(crate) fn queue_over_flow_limit(&self, targets: &[QueueId]) -> Option<QueueId> {
         let limit = self.limits.flow_ready_max;
         if limit == 0 {
             return None;
         }
-        let now_ms = self.now_ms;
+        let now_ms = self.now_ms();
         targets.iter().copied().find(|id| {
-            self.queues.get_mut(id).is_some_and(|queue| {
-                let drain_per_s = queue.drain.update(queue.counts.delivered, now_ms);
+            self.queue(*id).is_some_and(|mut queue| {
+                let delivered = queue.counts.delivered;
+                let drain_per_s = queue.drain.update(delivered, now_ms);
                 !queue.consumers.is_empty()
                     && queue.ready_count() > limit
                     && drain_per_s >= FLOW_DRAIN_RATE_MIN
@@ -33,10 +34,10 @@ impl Broker {
     /// back.
     pub(crate) fn connection_consumes(&self, connection: ConnectionId) -> bool {
         self.connections.get(&connection).is_some_and(|state| {
-            state
-                .channels
-                .values()
-                .any(|channel| !channel.consumers.is_empty() || !channel.unacked.is_empty())
+            state.channels.values().any(|channel| {
+                let channel = channel.lock();
+                !channel.consumers.is_empty() || !channel.unacked.is_empty()
+            })
         })
     }
 
@@ -45,8 +46,7 @@ impl Broker {
     /// (the gap keeps a publisher from stopping and starting on every
     /// message).
     pub fn flow_holds(&self, queue: QueueId) -> bool {
-        self.queues
-            .get(&queue)
+        self.queue(queue)
             .is_some_and(|queue| queue.flow_gauge.holds(self.limits.flow_ready_max))
     }
 
@@ -54,16 +54,13 @@ impl Broker {
     /// for before it reaches the limit; None once it holds nothing back (no
     /// consumers any more, or deleted).
     pub fn flow_room(&self, queue: QueueId) -> Option<usize> {
-        self.queues
-            .get(&queue)
+        self.queue(queue)
             .and_then(|queue| queue.flow_gauge.room(self.limits.flow_ready_max))
     }
 
     /// The gauge a publisher held back by `queue` watches instead of asking
     /// the broker (see `FlowGauge`).
     pub fn flow_gauge(&self, queue: QueueId) -> Option<Arc<FlowGauge>> {
-        self.queues
-            .get(&queue)
-            .map(|queue| Arc::clone(&queue.flow_gauge))
+        self.queue(queue).map(|queue| Arc::clone(&queue.flow_gauge))
     }
 }

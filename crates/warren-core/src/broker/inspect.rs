@@ -4,7 +4,10 @@
 
 use amq_protocol::types::FieldTable;
 
+use std::sync::atomic::Ordering;
+
 use super::Broker;
+use crate::queue::Queue;
 use crate::session::channel::ChannelMode;
 use crate::stats::{ExchangeCounts, MessageCounts};
 use crate::topology::exchange::Destination;
@@ -109,8 +112,9 @@ impl Broker {
         let mut infos: Vec<QueueInfo> = self
             .queues
             .values()
+            .map(|queue| queue.lock())
             .filter(|queue| vhost.is_none_or(|vhost| queue.vhost == vhost))
-            .map(|queue| self.queue_info_of(queue.id))
+            .map(|queue| queue_info(&queue))
             .collect();
         infos.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
         infos
@@ -121,7 +125,10 @@ impl Broker {
     pub fn queue_message_counts(&self) -> Vec<(String, String, MessageCounts)> {
         self.queues
             .values()
-            .map(|queue| (queue.vhost.clone(), queue.name.to_string(), queue.counts))
+            .map(|queue| {
+                let queue = queue.lock();
+                (queue.vhost.clone(), queue.name.to_string(), queue.counts)
+            })
             .collect()
     }
 
@@ -143,26 +150,7 @@ impl Broker {
 
     pub fn queue_info(&self, vhost: &str, name: &str) -> Option<QueueInfo> {
         let id = self.vhosts.get(vhost)?.queues.get(name)?;
-        Some(self.queue_info_of(*id))
-    }
-
-    fn queue_info_of(&self, id: QueueId) -> QueueInfo {
-        let queue = &self.queues[&id];
-        QueueInfo {
-            name: queue.name.to_string(),
-            vhost: queue.vhost.clone(),
-            durable: queue.durable,
-            auto_delete: queue.auto_delete,
-            exclusive: queue.exclusive_owner.is_some(),
-            quorum: queue.is_quorum(),
-            arguments: queue.arguments.clone(),
-            ready: queue.ready_count(),
-            ready_bytes: queue.ready_bytes(),
-            ready_in_memory: queue.resident_count(),
-            unacked: queue.unacked,
-            consumers: queue.consumers.len(),
-            counts: queue.counts,
-        }
+        self.queue(*id).map(|queue| queue_info(&queue))
     }
 
     /// Exchanges sorted by vhost and name; `vhost` narrows to one.
@@ -215,7 +203,7 @@ impl Broker {
             for exchange in exchanges {
                 for binding in exchange.bindings.iter() {
                     let (destination, destination_kind) = match &binding.destination {
-                        Destination::Queue(id) => match self.queues.get(id) {
+                        Destination::Queue(id) => match self.queue(*id) {
                             Some(queue) => (queue.name.to_string(), DestinationKind::Queue),
                             None => continue,
                         },
@@ -259,7 +247,9 @@ impl Broker {
     }
 
     fn queue_consumer_infos(&self, id: QueueId) -> Vec<ConsumerInfo> {
-        let queue = &self.queues[&id];
+        let Some(queue) = self.queue(id) else {
+            return Vec::new();
+        };
         queue
             .consumers
             .iter()
@@ -280,11 +270,12 @@ impl Broker {
     }
 
     fn queue_ids_sorted(&self, vhost: Option<&str>) -> Vec<QueueId> {
-        let mut queues: Vec<(&str, &str, QueueId)> = self
+        let mut queues: Vec<(String, String, QueueId)> = self
             .queues
             .values()
+            .map(|queue| queue.lock())
             .filter(|queue| vhost.is_none_or(|vhost| queue.vhost == vhost))
-            .map(|queue| (queue.vhost.as_str(), queue.name.as_str(), queue.id))
+            .map(|queue| (queue.vhost.clone(), queue.name.to_string(), queue.id))
             .collect();
         queues.sort();
         queues.into_iter().map(|(_, _, id)| id).collect()
@@ -296,15 +287,18 @@ impl Broker {
             .connections
             .iter()
             .flat_map(|(connection, state)| {
-                state.channels.iter().map(|(number, channel)| ChannelInfo {
-                    connection: *connection,
-                    number: *number,
-                    vhost: state.vhost.clone(),
-                    prefetch_count: channel.consumer_prefetch,
-                    global_prefetch_count: channel.global_prefetch,
-                    consumers: channel.consumers.len(),
-                    unacked: channel.unacked.len(),
-                    mode: channel.mode,
+                state.channels.iter().map(|(number, channel)| {
+                    let channel = channel.lock();
+                    ChannelInfo {
+                        connection: *connection,
+                        number: *number,
+                        vhost: state.vhost.clone(),
+                        prefetch_count: channel.consumer_prefetch,
+                        global_prefetch_count: channel.global_prefetch,
+                        consumers: channel.consumers.len(),
+                        unacked: channel.unacked.len(),
+                        mode: channel.mode,
+                    }
                 })
             })
             .collect();
@@ -332,10 +326,15 @@ impl Broker {
                 .map(|vhost| vhost.exchanges.len())
                 .sum(),
             queues: self.queues.len(),
-            counts: self.counts,
+            counts: MessageCounts {
+                published: self.published.load(Ordering::Relaxed),
+                unroutable: self.unroutable.load(Ordering::Relaxed),
+                ..self.retired
+            },
             ..Totals::default()
         };
         for queue in self.queues.values() {
+            let queue = queue.lock();
             totals.consumers += queue.consumers.len();
             totals.ready += queue.ready_count() as u64;
             totals.unacked += queue.unacked as u64;
@@ -346,5 +345,23 @@ impl Broker {
             };
         }
         totals
+    }
+}
+
+fn queue_info(queue: &Queue) -> QueueInfo {
+    QueueInfo {
+        name: queue.name.to_string(),
+        vhost: queue.vhost.clone(),
+        durable: queue.durable,
+        auto_delete: queue.auto_delete,
+        exclusive: queue.exclusive_owner.is_some(),
+        quorum: queue.is_quorum(),
+        arguments: queue.arguments.clone(),
+        ready: queue.ready_count(),
+        ready_bytes: queue.ready_bytes(),
+        ready_in_memory: queue.resident_count(),
+        unacked: queue.unacked,
+        consumers: queue.consumers.len(),
+        counts: queue.counts,
     }
 }

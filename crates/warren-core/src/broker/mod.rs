@@ -1,12 +1,29 @@
 //! The broker's state machine: the operations on vhosts, exchanges,
 //! queues, connections' channels, consumers and unacknowledged deliveries.
 //!
-//! Every operation takes `&mut self` and an [`Outbox`] into which it puts the
-//! deliveries and notifications it causes for any connection. It never
-//! blocks and never touches a socket: the server holds the broker behind one
-//! lock, calls an operation, and hands the outbox's effects to the
-//! connections' writers before releasing the lock, which keeps each
-//! connection's frames in the order the broker decided them.
+//! Every operation puts the deliveries and notifications it causes for any
+//! connection into an [`Outbox`] (or a channel's [`DeliverySink`]). It never
+//! blocks on I/O and never touches a socket.
+//!
+//! Operations come in two kinds, by what they may change:
+//!
+//! - Operations on `&mut self` change the shape of the broker: vhosts,
+//!   exchanges, bindings, queues coming and going, connections and channels
+//!   opening and closing, consumers starting and stopping. The server runs
+//!   them one at a time (the write side of its readers-writer lock).
+//! - Operations on `&self` move messages: publish, deliver, ack, reject,
+//!   the rounds of large settles and deliveries, timers. The server runs
+//!   any number of them at once (the read side). Each queue is behind a
+//!   lock of its own and each channel behind another, so two of them wait
+//!   for each other only where they touch the same queue or channel.
+//!
+//! Lock order: a queue's lock may be held while a channel's is taken
+//! (delivering records the delivery on the consumer's channel), never the
+//! reverse, and never two queues' at once: a settle takes deliveries off
+//! its channel first and then visits their queues one by one; dead letters
+//! are routed after their source queue's lock is released. The timer and
+//! deadline sets and the pending rounds are leaves: nothing is locked while
+//! one of them is held.
 //!
 //! `Broker`'s fields are private to this module and its children, one per
 //! kind of operation; the state they coordinate (topology, queues,
@@ -28,18 +45,19 @@ mod request;
 mod timers;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use amq_protocol::types::ShortString;
+use parking_lot::{Mutex, MutexGuard};
 use warren_store::{Sequence, Ticket, TopologyChange};
 
 pub use delivery::{DELIVERY_ROUND_MAX, SETTLE_ROUND_MAX};
-pub use effect::{Delivery, Effect, Outbox};
+pub use effect::{Delivery, DeliverySink, Effect, Outbox};
 pub use request::{Consume, ExchangeDeclare, GetOk, Published, QueueDeclare, QueueDeclared};
 
 use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult, Resource};
 use crate::limits::Limits;
-use crate::queue::dead_letter::DeadLetter;
 use crate::queue::discard::forget_copy;
 use crate::queue::{Queue, Stored};
 use crate::session::ConnectionState;
@@ -51,7 +69,8 @@ use delivery::{PendingDeliveries, SettleRound};
 
 pub struct Broker {
     vhosts: HashMap<String, VHost>,
-    queues: HashMap<QueueId, Queue>,
+    /// Each queue behind its own lock (see the module's lock order).
+    queues: HashMap<QueueId, Mutex<Queue>>,
     connections: HashMap<ConnectionId, ConnectionState>,
     next_queue_id: u64,
     /// The message log and topology file; None for a broker that keeps
@@ -64,23 +83,25 @@ pub struct Broker {
     limits: Limits,
     /// The time as the caller last gave it, ms since the UNIX epoch; never
     /// goes backwards.
-    now_ms: u64,
+    now_ms: AtomicU64,
     /// Queues that want the timer at a given time (message expiry,
     /// `x-expires`), earliest first.
-    timers: BTreeSet<(u64, QueueId)>,
+    timers: Mutex<BTreeSet<(u64, QueueId)>>,
     /// Channels with a delivery under `x-consumer-timeout`, by deadline.
-    ack_deadlines: AckDeadlines,
-    /// Messages on their way to a dead-letter exchange; the delivery loop
-    /// routes them (see `deliver_all`).
-    dead_letters: Vec<DeadLetter>,
-    /// Messages published by clients, and the counts of deleted queues:
-    /// with the live queues' counts, the broker-wide totals.
-    counts: MessageCounts,
+    ack_deadlines: Mutex<AckDeadlines>,
+    /// Messages published by clients, and those no queue received.
+    published: AtomicU64,
+    unroutable: AtomicU64,
+    /// The counts of deleted queues: with the live queues' counts, the
+    /// broker-wide totals.
+    retired: MessageCounts,
     /// Deliveries of large settles still to be settled, oldest first (see
     /// `continue_rounds`).
-    pending_settles: VecDeque<SettleRound>,
+    pending_settles: Mutex<VecDeque<SettleRound>>,
     /// Queues whose deliveries a round cut short (see `continue_rounds`).
-    pending_deliveries: PendingDeliveries,
+    pending_deliveries: Mutex<PendingDeliveries>,
+    /// Set whenever a round is left in either; see `has_rounds`.
+    rounds_hint: AtomicBool,
     /// Durable entries the current operation added and removed, handed to
     /// the topology journal when it ends (`sync_topology`).
     topology_changes: Vec<TopologyChange>,
@@ -101,13 +122,15 @@ impl Broker {
             store_worker: false,
             name_state: seed | 1,
             limits,
-            now_ms: 0,
-            timers: BTreeSet::new(),
-            ack_deadlines: AckDeadlines::new(),
-            dead_letters: Vec::new(),
-            counts: MessageCounts::default(),
-            pending_settles: VecDeque::new(),
-            pending_deliveries: PendingDeliveries::default(),
+            now_ms: AtomicU64::new(0),
+            timers: Mutex::new(BTreeSet::new()),
+            ack_deadlines: Mutex::new(AckDeadlines::new()),
+            published: AtomicU64::new(0),
+            unroutable: AtomicU64::new(0),
+            retired: MessageCounts::default(),
+            pending_settles: Mutex::new(VecDeque::new()),
+            pending_deliveries: Mutex::new(PendingDeliveries::default()),
+            rounds_hint: AtomicBool::new(false),
             topology_changes: Vec::new(),
             topology_ticket: None,
         };
@@ -157,6 +180,29 @@ impl Broker {
         self.connections
             .get_mut(&connection)
             .and_then(|state| state.channels.get_mut(&channel))
+            .map(Mutex::get_mut)
+    }
+
+    /// A channel, locked; never taken while holding another channel.
+    pub(crate) fn channel(
+        &self,
+        connection: ConnectionId,
+        channel: u16,
+    ) -> Option<MutexGuard<'_, Channel>> {
+        self.connections
+            .get(&connection)
+            .and_then(|state| state.channels.get(&channel))
+            .map(Mutex::lock)
+    }
+
+    pub(crate) fn queue_mut(&mut self, id: QueueId) -> Option<&mut Queue> {
+        self.queues.get_mut(&id).map(Mutex::get_mut)
+    }
+
+    /// A queue, locked; never taken while holding another queue or a
+    /// channel.
+    pub(crate) fn queue(&self, id: QueueId) -> Option<MutexGuard<'_, Queue>> {
+        self.queues.get(&id).map(Mutex::lock)
     }
 
     /// Finds a queue by name for a connection, refusing another connection's
@@ -173,7 +219,9 @@ impl Broker {
                     vhost: vhost_name.clone(),
                 })
             })?;
-        self.queues[&id].check_access(connection)?;
+        self.queue(id)
+            .expect("a vhost names live queues")
+            .check_access(connection)?;
         Ok(id)
     }
 
@@ -213,7 +261,7 @@ impl Broker {
 
     pub fn queue_counts(&self, vhost: &str, queue: &str) -> Option<(usize, usize)> {
         let id = self.vhosts.get(vhost)?.queues.get(queue)?;
-        let queue = &self.queues[id];
+        let queue = self.queue(*id)?;
         Some((queue.ready_count(), queue.consumers.len()))
     }
 
@@ -221,7 +269,7 @@ impl Broker {
         self.connections
             .get(&connection)
             .and_then(|state| state.channels.get(&channel))
-            .map_or(0, |state| state.unacked.len())
+            .map_or(0, |state| state.lock().unacked.len())
     }
 }
 

@@ -2,6 +2,7 @@
 //! reaches, with length limits, persistence and flow control.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use warren_store::RecordKind;
 
@@ -21,7 +22,7 @@ impl Broker {
     /// persistent message bound for a durable queue is appended to the log;
     /// the outcome carries the ticket to wait for before confirming it.
     pub fn publish(
-        &mut self,
+        &self,
         connection: ConnectionId,
         channel: u16,
         message: Arc<Message>,
@@ -44,7 +45,7 @@ impl Broker {
             }));
         }
         message_expiration_ms(message.properties.expiration().as_ref())?;
-        self.counts.published += 1;
+        self.published.fetch_add(1, Ordering::Relaxed);
         let message = self.address_replies(connection, channel, message)?;
         if exchange_name.is_empty()
             && super::reply_to::is_reply_to_name(message.routing_key.as_str())
@@ -59,38 +60,40 @@ impl Broker {
         let exchange = &vhost.exchanges[exchange_name];
         let targets = route(vhost, exchange, &message);
         exchange.count_publish(!targets.is_empty());
-        self.counts.unroutable += targets.is_empty() as u64;
+        if targets.is_empty() {
+            self.unroutable.fetch_add(1, Ordering::Relaxed);
+        }
         let mut outcome = Published {
             routed: targets.len(),
             ..Published::default()
         };
-        self.enqueue_routed(&targets, message, &mut outcome);
+        self.enqueue_routed(&targets, message, &mut outcome, out);
         self.deliver_all(&targets, out);
         outcome.flow = self
             .queue_over_flow_limit(&targets)
             .filter(|_| !self.connection_consumes(connection));
         // A message with a TTL of 0 that found no consumer expires now.
-        if self.expire_due_heads(&targets) {
+        if self.expire_due_heads(&targets, out) {
             self.deliver_all(&[], out);
         }
         Ok(outcome)
     }
 
     /// Puts a routed message on each of its queues, applying their length
-    /// limits; dead letters it causes are left for `deliver_all`.
+    /// limits; dead letters it causes are left in `out` for `deliver_all`.
     pub(crate) fn enqueue_routed(
-        &mut self,
+        &self,
         targets: &[QueueId],
         message: Arc<Message>,
         outcome: &mut Published,
+        out: &mut Outbox,
     ) {
         let log = self.store.as_ref().map(|store| &store.log);
-        let now_ms = self.now_ms;
+        let now_ms = self.now_ms();
         let mut head: Option<Vec<u8>> = None;
-        let mut expiries = Vec::new();
-        let mut dead_letters = Vec::new();
+        let dead_letters = &mut out.dead_letters;
         for id in targets {
-            let Some(queue) = self.queues.get_mut(id) else {
+            let Some(mut queue) = self.queue(*id) else {
                 continue;
             };
             if queue.args.overflow != Overflow::DropHead && queue.would_overflow(message.body.len())
@@ -143,12 +146,8 @@ impl Broker {
                 });
             }
             if let Some(at) = meta.expires.deadline() {
-                expiries.push((*id, at));
+                self.schedule_locked(&mut queue, at);
             }
-        }
-        self.dead_letters.append(&mut dead_letters);
-        for (id, at) in expiries {
-            self.schedule(id, at);
         }
     }
 }

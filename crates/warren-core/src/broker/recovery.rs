@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use parking_lot::Mutex;
+
 use warren_store::{MessageLog, Recovery, TopologyJournal};
 
 use super::Broker;
@@ -43,15 +45,16 @@ impl Broker {
                     ))
                 })?;
         }
+        let now_ms = self.now_ms();
         for (queue_id, messages) in recovery.queues {
-            match self.queues.get_mut(&QueueId(queue_id)) {
+            match self.queue_mut(QueueId(queue_id)) {
                 Some(queue) => {
                     summary.messages += messages.len();
                     queue.reserve(messages.len());
                     let read_each = queue.recovery_reads_messages();
                     for message in messages {
                         let known = if read_each {
-                            recovered_meta(queue, &log, message.location, self.now_ms)
+                            recovered_meta(queue, &log, message.location, now_ms)
                         } else {
                             None
                         };
@@ -75,12 +78,13 @@ impl Broker {
         // Queues with a TTL or an expiry start their clocks now.
         let timed: Vec<QueueId> = self
             .queues
-            .values()
+            .values_mut()
+            .map(Mutex::get_mut)
             .filter(|queue| queue.args.message_ttl_ms.is_some() || queue.args.expires_ms.is_some())
             .map(|queue| queue.id)
             .collect();
         for id in timed {
-            self.schedule(id, self.now_ms);
+            self.schedule(id, now_ms);
         }
         Ok(summary)
     }
@@ -158,9 +162,9 @@ impl Broker {
                     auto_delete,
                     arguments,
                     args,
-                    self.now_ms,
+                    self.now_ms(),
                 );
-                self.queues.insert(id, queue);
+                self.queues.insert(id, Mutex::new(queue));
                 self.vhosts.get_mut(vhost.as_str())?.queues.insert(name, id);
                 summary.queues += 1;
             }
@@ -210,17 +214,19 @@ impl Broker {
 /// must add up to.
 fn encode_topology(
     vhosts: &HashMap<String, VHost>,
-    queues: &HashMap<QueueId, Queue>,
+    queues: &HashMap<QueueId, Mutex<Queue>>,
 ) -> Vec<Vec<u8>> {
     let mut entries = Vec::new();
     for (vhost_name, vhost) in vhosts {
         for exchange in vhost.exchanges.values() {
             entries.extend(exchange.durable_entry(vhost_name));
             for binding in exchange.bindings.iter() {
+                let queue_name;
                 let destination = match &binding.destination {
-                    Destination::Queue(id) => match queues.get(id) {
+                    Destination::Queue(id) => match queues.get(id).map(Mutex::lock) {
                         Some(queue) if queue.persists_messages() => {
-                            DurableDestination::Queue(queue.name.as_str())
+                            queue_name = queue.name.to_string();
+                            DurableDestination::Queue(&queue_name)
                         }
                         _ => continue,
                     },
@@ -246,7 +252,7 @@ fn encode_topology(
             }
         }
         for id in vhost.queues.values() {
-            entries.extend(queues[id].durable_entry().map(Vec::from));
+            entries.extend(queues[id].lock().durable_entry().map(Vec::from));
         }
     }
     entries

@@ -82,17 +82,20 @@ impl Broker {
             .connections
             .get(&connection)
             .and_then(|state| state.channels.get(&channel))
-            .and_then(|state| state.reply_consumer.as_ref())
+            .and_then(|state| {
+                state
+                    .lock()
+                    .reply_consumer
+                    .as_ref()
+                    .map(|reply| reply.address.clone())
+            })
         else {
             return Err(BrokerError::NoReplyConsumer);
         };
         Ok(Arc::new(Message {
             exchange: message.exchange.clone(),
             routing_key: message.routing_key.clone(),
-            properties: message
-                .properties
-                .clone()
-                .with_reply_to(reply.address.clone()),
+            properties: message.properties.clone().with_reply_to(reply),
             body: message.body.clone(),
         }))
     }
@@ -101,16 +104,12 @@ impl Broker {
     /// routed even when the requester has gone (it is then dropped), as in
     /// current RabbitMQ: a mandatory reply is never returned. Returns the
     /// routed count, 0 only for an address that is not well formed.
-    pub(crate) fn deliver_reply(&mut self, message: Arc<Message>, out: &mut Outbox) -> usize {
+    pub(crate) fn deliver_reply(&self, message: Arc<Message>, out: &mut Outbox) -> usize {
         let address = message.routing_key.as_str();
         let Some((connection, channel)) = parse_address(address) else {
             return 0;
         };
-        let Some(state) = self
-            .connections
-            .get_mut(&connection)
-            .and_then(|state| state.channels.get_mut(&channel))
-        else {
+        let Some(mut state) = self.channel(connection, channel) else {
             return 1;
         };
         let Some(reply) = state
@@ -123,7 +122,7 @@ impl Broker {
         let consumer_tag = reply.tag.clone();
         let delivery_tag = state.take_delivery_tag();
         state.unwritten.add_one();
-        out.effects.push(Effect::Deliver(Delivery {
+        let delivery = Delivery {
             connection,
             channel,
             consumer_tag,
@@ -131,7 +130,10 @@ impl Broker {
             redelivered: false,
             message,
             unwritten: Arc::clone(&state.unwritten),
-        }));
+        };
+        if let Some(delivery) = state.hand_over(delivery) {
+            out.effects.push(Effect::Deliver(delivery));
+        }
         1
     }
 
@@ -150,8 +152,13 @@ impl Broker {
                 self.connections
                     .get(&connection)
                     .and_then(|state| state.channels.get(&channel))
-                    .and_then(|state| state.reply_consumer.as_ref())
-                    .is_some_and(|reply| reply.address.as_str() == name)
+                    .is_some_and(|state| {
+                        state
+                            .lock()
+                            .reply_consumer
+                            .as_ref()
+                            .is_some_and(|reply| reply.address.as_str() == name)
+                    })
             });
         Some(if live {
             Ok(QueueDeclared {

@@ -8,21 +8,46 @@
 //! turns out to be early (the head it was set for was consumed) costs one
 //! look at the queue and is set again.
 
+use std::sync::atomic::Ordering;
+
 use super::Broker;
+use super::delivery::expired_messages;
 use super::effect::{Effect, Outbox};
 use crate::QueueId;
 use crate::durable::message_log;
 use crate::error::BrokerError;
+use crate::queue::Queue;
+
 impl Broker {
     /// Sets the broker's notion of now, in ms since the UNIX epoch. Time
     /// never goes backwards: an earlier value (a clock stepped back) is
     /// ignored.
-    pub fn advance_clock(&mut self, now_ms: u64) {
-        self.now_ms = self.now_ms.max(now_ms);
+    pub fn advance_clock(&self, now_ms: u64) {
+        // Read first: the clock moves once a millisecond, and a write on
+        // every operation would bounce the line between cores.
+        if now_ms > self.now_ms.load(Ordering::Relaxed) {
+            self.now_ms.fetch_max(now_ms, Ordering::Relaxed);
+        }
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.now_ms
+        self.now_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether `tick` has anything to do now: a queue's or a channel's
+    /// deadline has come. Cheap, so that the server can look every tick
+    /// and take the broker exclusively only when it must.
+    pub fn tick_due(&self) -> bool {
+        let now_ms = self.now_ms();
+        self.timers
+            .lock()
+            .first()
+            .is_some_and(|&(at, _)| at <= now_ms)
+            || self
+                .ack_deadlines
+                .lock()
+                .first()
+                .is_some_and(|&(at, _, _)| at <= now_ms)
     }
 
     /// Does what is due at the current time: expires messages at queue
@@ -32,12 +57,13 @@ impl Broker {
     pub fn tick(&mut self, out: &mut Outbox) {
         let mut touched = Vec::new();
         let mut deleted_any = false;
-        while let Some(&(at, id)) = self.timers.first() {
-            if at > self.now_ms {
+        let now_ms = self.now_ms();
+        while let Some(&(at, id)) = self.timers.get_mut().first() {
+            if at > now_ms {
                 break;
             }
-            self.timers.pop_first();
-            if let Some(queue) = self.queues.get_mut(&id) {
+            self.timers.get_mut().pop_first();
+            if let Some(queue) = self.queue_mut(id) {
                 queue.scheduled_ms = None;
             }
             match self.service_queue(id, out) {
@@ -57,48 +83,55 @@ impl Broker {
 
     /// Asks the timer to look at queue `id` at `at` (or earlier, if it is
     /// already due to).
-    pub(crate) fn schedule(&mut self, id: QueueId, at: u64) {
-        let Some(queue) = self.queues.get_mut(&id) else {
-            return;
-        };
+    pub(crate) fn schedule(&self, id: QueueId, at: u64) {
+        if let Some(mut queue) = self.queue(id) {
+            self.schedule_locked(&mut queue, at);
+        }
+    }
+
+    /// `schedule`, for a queue the caller holds.
+    pub(crate) fn schedule_locked(&self, queue: &mut Queue, at: u64) {
         match queue.scheduled_ms {
             Some(current) if current <= at => {}
             current => {
+                let mut timers = self.timers.lock();
                 if let Some(current) = current {
-                    self.timers.remove(&(current, id));
+                    timers.remove(&(current, queue.id));
                 }
                 queue.scheduled_ms = Some(at);
-                self.timers.insert((at, id));
+                timers.insert((at, queue.id));
             }
         }
     }
 
     /// Expires the messages at the heads of `queues` that are due now (a
     /// TTL of 0 that found no consumer); returns whether any did.
-    pub(crate) fn expire_due_heads(&mut self, queues: &[QueueId]) -> bool {
+    pub(crate) fn expire_due_heads(&self, queues: &[QueueId], out: &mut Outbox) -> bool {
         let mut any = false;
+        let now_ms = self.now_ms();
         for id in queues {
-            let Some(queue) = self.queues.get_mut(id) else {
+            let Some(mut queue) = self.queue(*id) else {
                 continue;
             };
             if !queue
                 .head_expiry()
-                .is_some_and(|expiry| expiry.is_due(self.now_ms))
+                .is_some_and(|expiry| expiry.is_due(now_ms))
             {
                 continue;
             }
             let mut expired = Vec::new();
             let log = message_log(self.store.as_ref());
-            queue.expire_head(log, self.now_ms, &mut expired);
+            queue.expire_head(log, now_ms, &mut expired);
+            drop(queue);
             any |= !expired.is_empty();
-            self.expired(*id, expired);
+            expired_messages(*id, expired, out);
         }
         any
     }
 
     fn service_queue(&mut self, id: QueueId, out: &mut Outbox) -> Serviced {
-        let now_ms = self.now_ms;
-        let Some(queue) = self.queues.get_mut(&id) else {
+        let now_ms = self.now_ms();
+        let Some(queue) = self.queues.get_mut(&id).map(parking_lot::Mutex::get_mut) else {
             return Serviced::Deleted;
         };
         let mut next: Option<u64> = None;
@@ -125,7 +158,7 @@ impl Broker {
             if let Some(at) = queue.expire_head(log, now_ms, &mut expired) {
                 next = Some(next.map_or(at, |next| next.min(at)));
             }
-            self.expired(id, expired);
+            expired_messages(id, expired, out);
         }
         if let Some(at) = next {
             self.schedule(id, at);
@@ -138,16 +171,18 @@ impl Broker {
     /// queues when the channel closes. Looks only at channels whose
     /// earliest deadline is due, not at every channel.
     fn check_ack_deadlines(&mut self, out: &mut Outbox) {
-        let now_ms = self.now_ms;
-        while let Some(&(at, connection, number)) = self.ack_deadlines.first() {
+        let now_ms = self.now_ms();
+        let ack_deadlines = self.ack_deadlines.get_mut();
+        while let Some(&(at, connection, number)) = ack_deadlines.first() {
             if at > now_ms {
                 break;
             }
-            self.ack_deadlines.pop_first();
+            ack_deadlines.pop_first();
             let Some(channel) = self
                 .connections
                 .get_mut(&connection)
                 .and_then(|state| state.channels.get_mut(&number))
+                .map(parking_lot::Mutex::get_mut)
             else {
                 continue;
             };
@@ -155,7 +190,7 @@ impl Broker {
                 None => continue,
                 Some(at) if at > now_ms => {
                     // Stale: a later deadline replaced this one.
-                    self.ack_deadlines.insert((at, connection, number));
+                    ack_deadlines.insert((at, connection, number));
                     continue;
                 }
                 Some(_) if channel.closing => continue,
@@ -166,7 +201,7 @@ impl Broker {
                 .values()
                 .filter_map(|unacked| {
                     let at = unacked.ack_deadline_ms?;
-                    let queue = self.queues.get(&unacked.queue)?;
+                    let queue = self.queues.get_mut(&unacked.queue)?.get_mut();
                     Some((at, queue.args.consumer_timeout_ms.unwrap_or(0)))
                 })
                 .min();
@@ -184,7 +219,7 @@ impl Broker {
                 }
                 Some((at, _)) => {
                     channel.ack_deadline_ms = Some(at);
-                    self.ack_deadlines.insert((at, connection, number));
+                    ack_deadlines.insert((at, connection, number));
                 }
                 None => channel.ack_deadline_ms = None,
             }

@@ -13,6 +13,29 @@ use crate::limits::Limits;
 use crate::queue::{MessageMeta, Stored};
 use crate::{ConnectionId, Message, QueueId};
 
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub connection: ConnectionId,
+    pub channel: u16,
+    pub consumer_tag: ShortString,
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub message: Arc<Message>,
+    /// The channel's count of deliveries not yet on the wire, which the
+    /// connection's writer lowers once it has written this one.
+    pub unwritten: Arc<UnwrittenDeliveries>,
+}
+
+/// Where a channel's deliveries go as they are made: its connection's
+/// writer queue. A delivery is handed over while its channel's lock is
+/// held, so that two queues delivering to one channel at once cannot put
+/// its delivery tags on the wire out of order (a client acking "up to
+/// tag n" must have seen every tag below n).
+pub trait DeliverySink: Send + Sync {
+    fn deliver(&self, delivery: Delivery);
+}
+
 /// Deliveries handed to a connection's writer and not yet written to its
 /// socket, for one channel. The broker raises the count as it delivers and
 /// stops at `Limits::deliveries_unwritten_per_channel_max`; the writer
@@ -82,6 +105,8 @@ pub(crate) struct Channel {
     pub(crate) closing: bool,
     /// The channel's publishing mode, for the management API.
     pub(crate) mode: ChannelMode,
+    /// Where deliveries go; None: into the operation's outbox.
+    pub(crate) sink: Option<Arc<dyn DeliverySink>>,
 }
 
 /// Channels' earliest acknowledgement deadlines, earliest first. An entry
@@ -129,6 +154,18 @@ impl Channel {
         if self.ack_deadline_ms.is_none_or(|current| at < current) {
             self.ack_deadline_ms = Some(at);
             deadlines.insert((at, connection, channel));
+        }
+    }
+
+    /// Hands a delivery to the channel's sink; gives it back for the
+    /// caller's outbox when the channel has none.
+    pub(crate) fn hand_over(&self, delivery: Delivery) -> Option<Delivery> {
+        match &self.sink {
+            Some(sink) => {
+                sink.deliver(delivery);
+                None
+            }
+            None => Some(delivery),
         }
     }
 

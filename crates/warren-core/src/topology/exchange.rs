@@ -2,7 +2,7 @@
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use warren_store::TopologyChange;
 
@@ -80,18 +80,34 @@ pub struct Exchange {
     pub arguments: FieldTable,
     /// Bindings whose source is this exchange, indexed for its kind.
     pub bindings: Bindings,
-    /// A `Cell` so that publishing counts through the shared reference
-    /// routing already holds, without a second lookup per message.
-    pub counts: Cell<ExchangeCounts>,
+    /// Counted through the shared reference routing already holds:
+    /// publishers on several threads route through one exchange at once.
+    pub counts: PublishCounters,
+}
+
+/// An exchange's `ExchangeCounts`, counted without a lock.
+#[derive(Debug, Default)]
+pub struct PublishCounters {
+    published_in: AtomicU64,
+    published_out: AtomicU64,
+}
+
+impl PublishCounters {
+    pub fn get(&self) -> ExchangeCounts {
+        ExchangeCounts {
+            published_in: self.published_in.load(Ordering::Relaxed),
+            published_out: self.published_out.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Exchange {
     /// Counts one message published to this exchange.
     pub fn count_publish(&self, routed: bool) {
-        let mut counts = self.counts.get();
-        counts.published_in += 1;
-        counts.published_out += routed as u64;
-        self.counts.set(counts);
+        self.counts.published_in.fetch_add(1, Ordering::Relaxed);
+        if routed {
+            self.counts.published_out.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The `alternate-exchange` argument: where messages this exchange

@@ -59,7 +59,7 @@ fn bindings_where(
     vhost: Option<&str>,
     keep: impl Fn(&BindingInfo) -> bool,
 ) -> Json<Value> {
-    let bindings = state.hub.lock().broker().binding_infos(vhost);
+    let bindings = state.hub.read().broker().binding_infos(vhost);
     Json(Value::Array(
         bindings
             .iter()
@@ -153,7 +153,7 @@ fn between(
     let source = exchange_from_path(source);
     state
         .hub
-        .lock()
+        .read()
         .broker()
         .binding_infos(Some(vhost))
         .into_iter()

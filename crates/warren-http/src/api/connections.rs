@@ -38,7 +38,7 @@ fn connection_json(state: &AppState, info: &ConnectionInfo, channels: usize) -> 
 
 pub async fn list(State(state): State<AppState>, user: Credentials) -> Json<Value> {
     let connections: Vec<(ConnectionInfo, usize)> = {
-        let hub = state.hub.lock();
+        let hub = state.hub.read();
         hub.connection_infos()
             .into_iter()
             .filter(|info| user.sees_connection_of(&info.user))
@@ -58,7 +58,7 @@ pub async fn list(State(state): State<AppState>, user: Credentials) -> Json<Valu
 
 /// The connection, or 404; a connection the user may not see is not found.
 fn find(state: &AppState, user: &Credentials, name: &str) -> ApiResult<(ConnectionInfo, usize)> {
-    let hub = state.hub.lock();
+    let hub = state.hub.read();
     hub.connection_infos()
         .into_iter()
         .find(|info| info.name() == name && user.sees_connection_of(&info.user))
@@ -86,7 +86,7 @@ pub async fn close(
 ) -> ApiResult<StatusCode> {
     let (info, _) = find(&state, &user, &name)?;
     let reason = format!("Closed via management API by user '{}'", user.user);
-    if state.hub.lock().close_connection(info.id, &reason) {
+    if state.hub.read().close_connection(info.id, &reason) {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("no connection '{name}'")))
@@ -124,7 +124,7 @@ fn channel_json(channel: &ChannelInfo, connection: &ConnectionInfo) -> Value {
 
 pub async fn channels(State(state): State<AppState>, user: Credentials) -> Json<Value> {
     let (channels, connections) = {
-        let hub = state.hub.lock();
+        let hub = state.hub.read();
         (hub.broker().channel_infos(), hub.connection_infos())
     };
     Json(Value::Array(
@@ -176,7 +176,7 @@ pub async fn consumers(
         require_vhost(&state, &user, vhost)?;
     }
     let (consumers, connections) = {
-        let hub = state.hub.lock();
+        let hub = state.hub.read();
         (
             hub.broker().consumer_infos(vhost.as_deref()),
             hub.connection_infos(),

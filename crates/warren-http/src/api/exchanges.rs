@@ -47,7 +47,7 @@ pub async fn list(
     if let Some(vhost) = &vhost {
         require_vhost(&state, &user, vhost)?;
     }
-    let items = state.hub.lock().broker().exchange_infos(vhost.as_deref());
+    let items = state.hub.read().broker().exchange_infos(vhost.as_deref());
     Ok(Json(Value::Array(
         items
             .iter()
@@ -68,7 +68,7 @@ pub fn find(
     let name = exchange_from_path(name);
     state
         .hub
-        .lock()
+        .read()
         .broker()
         .exchange_infos(Some(vhost))
         .into_iter()

@@ -24,7 +24,7 @@ pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Val
     let answer = models
         .iter()
         .map(|model| {
-            let queue = state.hub.lock().broker().queue_info("/", &model.queue);
+            let queue = state.hub.read().broker().queue_info("/", &model.queue);
             let (consumers, messages) = queue.map_or((0, 0), |queue| {
                 (queue.consumers, queue.ready + queue.unacked)
             });

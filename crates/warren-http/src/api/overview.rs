@@ -10,7 +10,7 @@ use crate::error::ApiResult;
 use crate::state::AppState;
 
 pub async fn overview(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
-    let totals = state.hub.lock().broker().totals();
+    let totals = state.hub.read().broker().totals();
     let rates = state.rates.broker();
     let mut stats = message_stats(&totals.counts, &rates);
     stats["return_unroutable"] = json!(totals.counts.unroutable);
@@ -75,7 +75,7 @@ pub async fn vhost(
 }
 
 fn vhost_json(state: &AppState, name: &str) -> Value {
-    let queues = state.hub.lock().broker().queue_infos(Some(name));
+    let queues = state.hub.read().broker().queue_infos(Some(name));
     let ready: usize = queues.iter().map(|queue| queue.ready).sum();
     let unacked: usize = queues.iter().map(|queue| queue.unacked).sum();
     json!({

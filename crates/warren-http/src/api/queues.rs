@@ -54,7 +54,7 @@ pub async fn list(
     if let Some(vhost) = &vhost {
         require_vhost(&state, &user, vhost)?;
     }
-    let items = state.hub.lock().broker().queue_infos(vhost.as_deref());
+    let items = state.hub.read().broker().queue_infos(vhost.as_deref());
     Ok(Json(Value::Array(
         items
             .iter()
@@ -69,7 +69,7 @@ pub fn find(state: &AppState, user: &Credentials, vhost: &str, name: &str) -> Ap
     require_vhost(state, user, vhost)?;
     state
         .hub
-        .lock()
+        .read()
         .broker()
         .queue_info(vhost, name)
         .ok_or_else(|| ApiError::NotFound(format!("no queue '{name}' in vhost '{vhost}'")))
@@ -82,7 +82,7 @@ pub async fn show(
 ) -> ApiResult<Json<Value>> {
     let queue = find(&state, &user, &vhost, &name)?;
     let (consumers, connections): (Vec<ConsumerInfo>, _) = {
-        let hub = state.hub.lock();
+        let hub = state.hub.read();
         (
             hub.broker().consumers_of(&vhost, &name),
             hub.connection_infos(),
@@ -132,7 +132,7 @@ pub async fn declare(
     let arguments = json_to_table(&settings.arguments, "arguments")?;
     let existed = state
         .hub
-        .lock()
+        .read()
         .broker()
         .queue_info(&vhost, &name)
         .is_some();
