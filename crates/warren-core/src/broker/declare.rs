@@ -444,6 +444,11 @@ impl Broker {
             return 0;
         };
         queue.flow_gauge.mark_deleted();
+        // Dead letters are routed before the operation that made them
+        // ends, so none wait here; any that did would go with their queue.
+        for dead in std::mem::take(&mut queue.dead_letters) {
+            super::forget_stored(self.store.as_ref(), false, id, dead.sequence, dead.stored);
+        }
         if let Some(entry) = queue.durable_entry() {
             self.topology_changes
                 .push(TopologyChange::Removed(entry.into()));

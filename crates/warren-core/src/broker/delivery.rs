@@ -14,6 +14,7 @@ use super::Broker;
 use super::effect::{Delivery, Effect, Outbox};
 use super::request::{Consume, GetOk};
 
+use super::dead_letter::dead_letter;
 use super::forget_stored;
 use crate::durable::{Store, message_log};
 use crate::error::{BrokerError, BrokerResult};
@@ -197,7 +198,7 @@ impl Broker {
                 record_delivery(log, id, taken);
             }
         }
-        expired_messages(id, expired, out);
+        expired_messages(queue, expired, out);
         self.deliver_all(&[], out);
         let (Some(taken), Some(message)) = (taken, message) else {
             return Ok(None);
@@ -403,7 +404,7 @@ impl Broker {
         if how == Settled::Acked {
             queue.counts.acked += 1;
         }
-        let dead_letter = |reason| DeadLetter {
+        let letter = |reason| DeadLetter {
             queue: unacked.queue,
             sequence: unacked.sequence,
             message: Arc::clone(&unacked.message),
@@ -418,7 +419,7 @@ impl Broker {
                 unacked.sequence,
                 unacked.stored,
             ),
-            Settled::Rejected => out.dead_letters.push(dead_letter(DeathReason::Rejected)),
+            Settled::Rejected => dead_letter(&mut queue, letter(DeathReason::Rejected), out),
             Settled::Requeue => {
                 let mut meta = unacked.meta;
                 if queue.is_quorum() {
@@ -428,8 +429,7 @@ impl Broker {
                         .delivery_limit
                         .is_some_and(|limit| meta.returns as u64 > limit)
                     {
-                        out.dead_letters
-                            .push(dead_letter(DeathReason::DeliveryLimit));
+                        dead_letter(&mut queue, letter(DeathReason::DeliveryLimit), out);
                         return;
                     }
                 }
@@ -521,13 +521,13 @@ impl Broker {
                 {
                     out.effects.push(Effect::ReadAhead(read_ahead));
                 }
+                expired_messages(&mut queue, expired, out);
                 drop(queue);
                 if cut {
                     self.defer_delivery(*id);
                 }
-                expired_messages(*id, expired, out);
             }
-            if out.dead_letters.is_empty() {
+            if out.dead_letter_sources.is_empty() {
                 return;
             }
             round = distinct(&self.route_dead_letters(out));
@@ -549,15 +549,17 @@ impl Broker {
 }
 
 /// Messages that expired in `queue`, on their way out.
-pub(crate) fn expired_messages(queue: QueueId, expired: Vec<Dequeued>, out: &mut Outbox) {
-    out.dead_letters
-        .extend(expired.into_iter().map(|taken| DeadLetter {
-            queue,
+pub(crate) fn expired_messages(queue: &mut Queue, expired: Vec<Dequeued>, out: &mut Outbox) {
+    for taken in expired {
+        let dead = DeadLetter {
+            queue: queue.id,
             sequence: taken.sequence,
             message: taken.message,
             stored: taken.stored,
             reason: DeathReason::Expired,
-        }));
+        };
+        dead_letter(queue, dead, out);
+    }
 }
 
 /// The queues named, each once, in the order first named: a settle of

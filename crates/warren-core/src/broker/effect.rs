@@ -3,12 +3,11 @@
 
 use amq_protocol::types::ShortString;
 
-use crate::ConnectionId;
 use crate::error::BrokerError;
 use crate::queue::ReadAhead;
-use crate::queue::dead_letter::DeadLetter;
 use crate::queue::discard::Discard;
 pub use crate::session::channel::{Delivery, DeliverySink};
+use crate::{ConnectionId, QueueId};
 
 /// Something the broker decided that a connection, or the store's worker,
 /// must carry out.
@@ -42,10 +41,9 @@ pub enum Effect {
 #[derive(Debug, Default)]
 pub struct Outbox {
     pub effects: Vec<Effect>,
-    /// Messages on their way to a dead-letter exchange: the operation
-    /// that made them routes them before it ends (see `deliver_all`), in
-    /// the order they died.
-    pub(crate) dead_letters: Vec<DeadLetter>,
+    /// Queues the operation left dead letters in: it routes them before
+    /// it ends (see `deliver_all`).
+    pub(crate) dead_letter_sources: Vec<QueueId>,
 }
 
 impl Outbox {

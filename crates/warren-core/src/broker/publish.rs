@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use warren_store::RecordKind;
 
 use super::Broker;
+use super::dead_letter::dead_letter;
 use super::effect::Outbox;
 use super::request::Published;
 use crate::durable::codec::encode_message_head;
@@ -91,7 +92,6 @@ impl Broker {
         let log = self.store.as_ref().map(|store| &store.log);
         let now_ms = self.now_ms();
         let mut head: Option<Vec<u8>> = None;
-        let dead_letters = &mut out.dead_letters;
         for id in targets {
             let Some(mut queue) = self.queue(*id) else {
                 continue;
@@ -100,13 +100,14 @@ impl Broker {
             {
                 outcome.rejected = true;
                 if queue.args.overflow == Overflow::RejectPublishDlx {
-                    dead_letters.push(DeadLetter {
+                    let dead = DeadLetter {
                         queue: *id,
                         sequence: 0,
                         message: Arc::clone(&message),
                         stored: Stored::Nowhere,
                         reason: DeathReason::Maxlen,
-                    });
+                    };
+                    dead_letter(&mut queue, dead, out);
                 }
                 continue;
             }
@@ -137,13 +138,14 @@ impl Broker {
                 let Some(dropped) = queue.pop_loaded(log, now_ms) else {
                     break;
                 };
-                dead_letters.push(DeadLetter {
+                let dead = DeadLetter {
                     queue: *id,
                     sequence: dropped.sequence,
                     message: dropped.message,
                     stored: dropped.stored,
                     reason: DeathReason::Maxlen,
-                });
+                };
+                dead_letter(&mut queue, dead, out);
             }
             if let Some(at) = meta.expires.deadline() {
                 self.schedule_locked(&mut queue, at);

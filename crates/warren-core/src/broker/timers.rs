@@ -122,9 +122,8 @@ impl Broker {
             let mut expired = Vec::new();
             let log = message_log(self.store.as_ref());
             queue.expire_head(log, now_ms, &mut expired);
-            drop(queue);
             any |= !expired.is_empty();
-            expired_messages(*id, expired, out);
+            expired_messages(&mut queue, expired, out);
         }
         any
     }
@@ -158,7 +157,7 @@ impl Broker {
             if let Some(at) = queue.expire_head(log, now_ms, &mut expired) {
                 next = Some(next.map_or(at, |next| next.min(at)));
             }
-            expired_messages(id, expired, out);
+            expired_messages(queue, expired, out);
         }
         if let Some(at) = next {
             self.schedule(id, at);

@@ -1,6 +1,7 @@
 //! A queue: its waiting messages, its consumers, and the rules for
 //! redeclaring it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -13,6 +14,7 @@ pub(crate) mod flow;
 mod priority;
 
 use arguments::{QueueArguments, QueueType, message_expiration_ms};
+use dead_letter::DeadLetter;
 use flow::FlowGauge;
 use priority::PriorityBacklog;
 
@@ -251,6 +253,13 @@ pub struct Queue {
     reading_ahead: bool,
     /// Messages taken since the last look for paged-out messages.
     taken_since_look: u32,
+    /// Messages this queue gave up on, in the order they died, waiting to
+    /// be routed to its dead-letter exchange (see
+    /// `Broker::route_dead_letters`).
+    pub(crate) dead_letters: VecDeque<DeadLetter>,
+    /// An operation is routing `dead_letters`; others leave theirs to it,
+    /// so that they reach the dead-letter exchange in order.
+    pub(crate) routing_dead_letters: bool,
 }
 
 impl std::fmt::Debug for Queue {
@@ -324,6 +333,8 @@ impl Queue {
             flow_gauge: Arc::default(),
             reading_ahead: false,
             taken_since_look: 0,
+            dead_letters: VecDeque::new(),
+            routing_dead_letters: false,
         }
     }
 
