@@ -38,7 +38,7 @@ pub(crate) const FLOW_PAUSE_MAX: Duration = Duration::from_millis(100);
 /// time from publish to delivery stays short.
 #[derive(Debug, Clone)]
 pub(crate) struct FlowHold {
-    /// The queue's gauge, read without the broker's lock.
+    /// The queue's gauge, read without the broker's locks.
     pub(crate) gauge: Arc<FlowGauge>,
     /// The hold ends here whatever the queue (see `FLOW_PAUSE_MAX`).
     pub(crate) until: tokio::time::Instant,

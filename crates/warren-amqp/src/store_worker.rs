@@ -1,4 +1,4 @@
-//! The store's slow work, on a thread of its own, off the hub's lock:
+//! The store's slow work, on a thread of its own, off the broker's locks:
 //! reading paged-out messages back ahead of their queues' consumers (the
 //! lock is taken only to put them in place), and telling the log that the
 //! messages of a purged or deleted queue are gone.

@@ -348,7 +348,7 @@ impl Writer {
 
     /// Lowers each channel's count of unwritten deliveries; only a channel
     /// the broker stopped delivering to, because this writer was behind,
-    /// costs a visit to the broker's lock.
+    /// costs a visit to the broker.
     fn report_written(&mut self, written: &mut Written) {
         let stopped: Vec<u16> = written
             .drain()

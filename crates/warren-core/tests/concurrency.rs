@@ -34,7 +34,8 @@ impl DeliverySink for RecordingSink {
         let mut deliveries = self.deliveries.lock();
         deliveries.push(delivery);
         let outstanding = deliveries.len() - self.acks_started.load(Ordering::SeqCst);
-        self.most_outstanding.fetch_max(outstanding, Ordering::SeqCst);
+        self.most_outstanding
+            .fetch_max(outstanding, Ordering::SeqCst);
     }
 }
 
@@ -56,7 +57,11 @@ fn broker_with_one_channel_consuming_two_queues(
     let mut broker = Broker::new(&[], Limits::default(), 7);
     let sink = Arc::new(RecordingSink::default());
     broker.open_connection(CONSUMER, "/", true);
-    broker.open_channel_with(CONSUMER, 1, Some(Arc::clone(&sink) as Arc<dyn DeliverySink>));
+    broker.open_channel_with(
+        CONSUMER,
+        1,
+        Some(Arc::clone(&sink) as Arc<dyn DeliverySink>),
+    );
     for publisher in PUBLISHERS {
         broker.open_connection(publisher, "/", true);
         broker.open_channel(publisher, 1);
@@ -135,9 +140,18 @@ fn two_queues_delivering_to_one_channel_at_once_keep_its_delivery_tags_in_order(
         let bodies: Vec<usize> = deliveries
             .iter()
             .filter(|d| d.consumer_tag.as_str() == queue)
-            .map(|d| std::str::from_utf8(&d.message.body).unwrap().parse().unwrap())
+            .map(|d| {
+                std::str::from_utf8(&d.message.body)
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
             .collect();
-        assert_eq!(bodies, (0..MESSAGES_PER_QUEUE).collect::<Vec<_>>(), "{queue}");
+        assert_eq!(
+            bodies,
+            (0..MESSAGES_PER_QUEUE).collect::<Vec<_>>(),
+            "{queue}"
+        );
     }
 }
 
@@ -178,7 +192,10 @@ fn two_queues_refilling_one_channel_at_once_stay_within_its_global_prefetch() {
                     seen = index + 1;
                     sink.acks_started.fetch_add(1, Ordering::SeqCst);
                     let mut out = Outbox::default();
-                    broker.read().ack(CONSUMER, 1, tag, false, &mut out).unwrap();
+                    broker
+                        .read()
+                        .ack(CONSUMER, 1, tag, false, &mut out)
+                        .unwrap();
                     acked += 1;
                 }
             })
@@ -192,7 +209,10 @@ fn two_queues_refilling_one_channel_at_once_stay_within_its_global_prefetch() {
     // An ack counts from before it is made, so this undercounts what the
     // channel held, never overcounts it.
     let most = sink.most_outstanding.load(Ordering::SeqCst);
-    assert!(most <= PREFETCH as usize, "{most} unacked on a channel with prefetch {PREFETCH}");
+    assert!(
+        most <= PREFETCH as usize,
+        "{most} unacked on a channel with prefetch {PREFETCH}"
+    );
     let guard = broker.read();
     assert_eq!(guard.unacked_count(CONSUMER, 1), 0);
     for queue in QUEUES {

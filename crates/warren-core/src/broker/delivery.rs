@@ -312,11 +312,11 @@ impl Broker {
     }
 
     /// Runs the next round of the work that operations left because it
-    /// was too large for one hold of the lock: the next round of a large
+    /// was too large for one round: the next round of a large
     /// settle (first, as it frees room under prefetch limits), else the
     /// next round of deliveries to queues whose consumers still have room.
     /// Returns whether work still waits; the server calls it again, with
-    /// the lock released in between, until it does not.
+    /// other operations running alongside, until it does not.
     /// Only one caller at a time (the server's timer task) may run it.
     pub fn continue_rounds(&self, out: &mut Outbox) -> bool {
         let settle = self.pending_settles.lock().pop_front();
@@ -595,7 +595,7 @@ pub const SETTLE_ROUND_MAX: usize = 2_048;
 /// microseconds on the reference machine (2 cores) with the other
 /// connections busy, so a round holds the broker for under a millisecond.
 /// A consumer catching up on a backlog gets the rest in further rounds
-/// (`continue_rounds`), with the lock free for others in between.
+/// (`continue_rounds`), alongside other operations.
 pub const DELIVERY_ROUND_MAX: usize = 256;
 
 /// Queues whose delivery a round cut short, each once, in the order cut.

@@ -186,7 +186,7 @@ impl Broker {
     }
 
     /// From now on the caller runs the store's slow work on a thread of
-    /// its own, off the lock: it reads paged-out messages back ahead of
+    /// its own, off the broker's locks: it reads paged-out messages back ahead of
     /// the consumers (`Effect::ReadAhead`, answered with
     /// `install_read_ahead`) and runs the discards of purged and deleted
     /// queues (`Effect::Discard`).
@@ -247,7 +247,7 @@ impl Broker {
     }
 
     /// The last operation's ticket with a handle to wait for it outside
-    /// the broker's lock; None when it changed nothing durable.
+    /// the broker's locks; None when it changed nothing durable.
     pub fn take_topology_wait(&mut self) -> Option<(TopologyWaiter, Ticket)> {
         let ticket = self.topology_ticket.take()?;
         Some((self.store.as_ref()?.topology.waiter(), ticket))

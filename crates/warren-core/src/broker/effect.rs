@@ -30,10 +30,10 @@ pub enum Effect {
         channel: u16,
         error: BrokerError,
     },
-    /// Read these paged-out messages back off the lock and hand them to
+    /// Read these paged-out messages back off the broker's locks and hand them to
     /// `Broker::install_read_ahead` (only once `enable_store_worker` is on).
     ReadAhead(ReadAhead),
-    /// Run this discard off the lock (only once `enable_store_worker` is
+    /// Run this discard off the broker's locks (only once `enable_store_worker` is
     /// on).
     Discard(Discard),
 }

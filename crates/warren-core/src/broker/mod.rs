@@ -76,7 +76,7 @@ pub struct Broker {
     /// The message log and topology file; None for a broker that keeps
     /// everything in memory (tests of the state machine).
     store: Option<Store>,
-    /// Whether the caller runs the store's slow work off the lock
+    /// Whether the caller runs the store's slow work off the broker's locks
     /// (`Effect::ReadAhead`, `Effect::Discard`).
     store_worker: bool,
     name_state: u64,

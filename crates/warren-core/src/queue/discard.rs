@@ -4,7 +4,7 @@
 //! swapped for an empty one and handed over whole as a [`Discard`]. Telling
 //! the log that each message is gone costs time in proportion to the
 //! backlog, so the server runs the discard on its store thread, off the
-//! broker's lock; a broker without one runs it in place.
+//! broker's locks; a broker without one runs it in place.
 
 use std::fmt;
 

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// A queue's ready count and consumer count, kept current by the broker as
 /// they change, so that a publisher the queue holds back can watch it
-/// without taking the broker's lock.
+/// without taking the broker's locks.
 #[derive(Debug, Default)]
 pub struct FlowGauge {
     ready: AtomicUsize,

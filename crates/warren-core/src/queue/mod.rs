@@ -33,7 +33,7 @@ pub const RESIDENT_MESSAGES_MAX: usize = 2_048;
 pub const RESIDENT_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// How far ahead of its consumers a queue has paged-out messages read back,
-/// off the broker's lock (see `Queue::read_ahead`): the messages at most
+/// off the broker's locks (see `Queue::read_ahead`): the messages at most
 /// this close to the head.
 pub const READ_AHEAD_MESSAGES: usize = 256;
 /// Body bytes one read-ahead brings back at most; never more than takes
@@ -246,7 +246,7 @@ pub struct Queue {
     /// How fast consumers have been taking its messages, for flow control.
     pub drain: DrainRate,
     /// Its ready and consumer counts for held-back publishers, which read
-    /// them without the broker's lock.
+    /// them without the broker's locks.
     pub flow_gauge: Arc<FlowGauge>,
     /// A read-ahead for this queue is out; no second one is asked for
     /// until it is back.
@@ -340,7 +340,7 @@ impl Queue {
 
     /// The paged-out messages near the head to read back before the
     /// consumers reach them, when none are being read already: the reads
-    /// happen on another thread, without the broker's lock, and `install`
+    /// happen on another thread, without the broker's locks, and `install`
     /// puts their messages in place. A consumer that outruns it still finds
     /// its message: the head is read where it stands (`pop_loaded`).
     pub fn read_ahead(&mut self) -> Option<ReadAhead> {

@@ -39,8 +39,8 @@ pub trait DeliverySink: Send + Sync {
 /// Deliveries handed to a connection's writer and not yet written to its
 /// socket, for one channel. The broker raises the count as it delivers and
 /// stops at `Limits::deliveries_unwritten_per_channel_max`; the writer
-/// lowers it without the broker's lock, and takes the lock only when the
-/// broker stopped at the limit and must be told to go on.
+/// lowers it without going to the broker, and goes only when the broker
+/// stopped at the limit and must be told to go on.
 #[derive(Debug, Default)]
 pub struct UnwrittenDeliveries {
     count: AtomicU32,
@@ -50,7 +50,7 @@ pub struct UnwrittenDeliveries {
 
 impl UnwrittenDeliveries {
     /// Whether another delivery fits under `limit`. Called under the
-    /// broker's lock. When it does not, the broker marks itself stopped
+    /// channel's lock. When it does not, the broker marks itself stopped
     /// and looks again, so that a writer lowering the count at the same
     /// moment either sees the mark (and resumes the channel) or is seen.
     pub(crate) fn has_room(&self, limit: u32) -> bool {
