@@ -713,19 +713,26 @@ fn deliver(
             return (expired, true);
         }
         let mut chosen: Option<usize> = None;
+        // The channel of a chosen consumer of the top priority, kept
+        // locked from the look to the delivery (the usual case).
+        let mut held = None;
         for offset in 0..count {
             let index = (queue.next_consumer + offset) % count;
             let consumer = &queue.consumers[index];
             if chosen.is_some_and(|best| queue.consumers[best].priority >= consumer.priority) {
                 continue;
             }
-            let ready = consumer.has_credit()
-                && channel_of(consumer)
-                    .is_some_and(|state| state.lock().accepts(consumer.no_ack, limits));
-            if ready {
+            if !consumer.has_credit() {
+                continue;
+            }
+            let Some(state) = channel_of(consumer).map(Mutex::lock) else {
+                continue;
+            };
+            if state.accepts(consumer.no_ack, limits) {
                 chosen = Some(index);
                 // Nobody can outrank a ready consumer of the top priority.
                 if consumer.priority == top_priority {
+                    held = Some(state);
                     break;
                 }
             }
@@ -734,17 +741,25 @@ fn deliver(
             break;
         };
         let consumer = &queue.consumers[index];
-        let mut state = channel_of(consumer)
-            .expect("chosen consumer's channel is open")
-            .lock();
-        if !state.accepts(consumer.no_ack, limits) {
-            drop(state);
-            lost_races += 1;
-            if lost_races > count {
-                break;
+        let mut state = match held {
+            Some(state) => state,
+            None => {
+                // Chosen without its lock held: another queue may have
+                // filled its channel since the look.
+                let state = channel_of(consumer)
+                    .expect("chosen consumer's channel is open")
+                    .lock();
+                if !state.accepts(consumer.no_ack, limits) {
+                    drop(state);
+                    lost_races += 1;
+                    if lost_races > count {
+                        break;
+                    }
+                    continue;
+                }
+                state
             }
-            continue;
-        }
+        };
         queue.next_consumer = (index + 1) % count;
         let Some(taken) = queue.dequeue(log, now_ms, &mut expired) else {
             break;
