@@ -57,12 +57,13 @@ fn run(log: &LogHandle, hub: &WeakHub, work: &mpsc::Receiver<StoreWork>) {
 fn read_ahead(log: &LogHandle, hub: &WeakHub, request: ReadAhead) -> bool {
     // A record that cannot be read or decoded is left where it is: the
     // queue reads it again when it reaches the head, and reports it there.
+    let locations: Vec<_> = request.reads.iter().map(|&(_, location)| location).collect();
     let loaded = request
         .reads
         .iter()
-        .filter_map(|&(sequence, location)| {
-            let payload = log.read(location).ok()?;
-            let (message, arrived_ms) = decode_stored_message(&payload).ok()?;
+        .zip(log.read_many(&locations))
+        .filter_map(|(&(sequence, _), payload)| {
+            let (message, arrived_ms) = decode_stored_message(&payload.ok()?).ok()?;
             Some((sequence, message, arrived_ms))
         })
         .collect();

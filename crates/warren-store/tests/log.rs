@@ -388,6 +388,9 @@ enum Operation {
     Remove { pick: usize },
     Deliver { pick: usize },
     WaitDurable,
+    /// Reads every live message back at once, in an order that `rotate`
+    /// turns, through `LogHandle::read_many`.
+    ReadMany { rotate: usize },
     Crash { torn_fraction: u8 },
 }
 
@@ -397,6 +400,7 @@ fn operation() -> impl Strategy<Value = Operation> {
         3 => any::<usize>().prop_map(|pick| Operation::Remove { pick }),
         1 => any::<usize>().prop_map(|pick| Operation::Deliver { pick }),
         1 => Just(Operation::WaitDurable),
+        1 => any::<usize>().prop_map(|rotate| Operation::ReadMany { rotate }),
         1 => any::<u8>().prop_map(|torn_fraction| Operation::Crash { torn_fraction }),
     ]
 }
@@ -449,6 +453,18 @@ proptest! {
                     last_ticket = log.append_delivered(key.0, key.1, model[&key].location).expect("delivered");
                 }
                 Operation::WaitDurable => reports.wait_durable(last_ticket).expect("durable"),
+                Operation::ReadMany { rotate } if !live.is_empty() => {
+                    // Some of them may still wait to be written, some lie
+                    // in neighbouring records, some in other segments.
+                    let mut keys = live.clone();
+                    keys.rotate_left(rotate % live.len());
+                    let locations: Vec<Location> = keys.iter().map(|key| model[key].location).collect();
+                    let payloads = log.handle().read_many(&locations);
+                    prop_assert_eq!(payloads.len(), keys.len());
+                    for (key, payload) in keys.iter().zip(payloads) {
+                        prop_assert_eq!(&payload.expect("read")[..], &model[key].payload[..]);
+                    }
+                }
                 Operation::Crash { torn_fraction } => {
                     let durable = log.durable_ticket();
                     log.abandon();
@@ -525,4 +541,56 @@ fn failed_reads_keep_their_error_kind() {
         kind_of(log.read(elsewhere).unwrap_err()),
         std::io::ErrorKind::NotFound
     );
+}
+
+/// Reading several records at once gives each its own payload and its own
+/// error: records side by side, records in other segments, a corrupt record
+/// among good ones and a segment that does not exist.
+#[test]
+fn read_many_reads_each_record_and_keeps_each_error() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let mut written = Vec::new();
+    let mut ticket = 0;
+    // 4 KiB segments: 40 messages of 300 bytes fill several.
+    for sequence in 0..40u64 {
+        let payload = vec![sequence as u8; 300];
+        let (location, last) = publish(&log, 1, sequence, &payload);
+        ticket = last;
+        written.push((location, payload));
+    }
+    reports.wait_durable(ticket).unwrap();
+    assert!(
+        written.first().unwrap().0.segment != written.last().unwrap().0.segment,
+        "the messages span segments"
+    );
+    let corrupt = written[5].0;
+    fs.corrupt(&segment_path(corrupt.segment), corrupt.offset as usize + 20);
+    let missing = Location {
+        segment: written.last().unwrap().0.segment + 100,
+        ..written[0].0
+    };
+    // Out of order, so that the reads are sorted and each answer still
+    // lands where it was asked.
+    let mut locations: Vec<Location> = written.iter().rev().map(|(location, _)| *location).collect();
+    locations.insert(10, missing);
+    let payloads = log.handle().read_many(&locations);
+    assert_eq!(payloads.len(), locations.len());
+    for (location, payload) in locations.iter().zip(payloads) {
+        let kind = |error: StoreError| match error {
+            StoreError::Read { kind, .. } => kind,
+            other => panic!("expected a read error, got {other:?}"),
+        };
+        if *location == missing {
+            assert_eq!(kind(payload.unwrap_err()), std::io::ErrorKind::NotFound);
+        } else if *location == corrupt {
+            assert_eq!(kind(payload.unwrap_err()), std::io::ErrorKind::InvalidData);
+        } else {
+            let (_, expected) = written
+                .iter()
+                .find(|(written_at, _)| written_at == location)
+                .expect("written");
+            assert_eq!(&payload.unwrap()[..], &expected[..]);
+        }
+    }
 }
