@@ -43,12 +43,20 @@ fn main() -> anyhow::Result<ExitCode> {
             .error(clap::error::ErrorKind::ArgumentConflict, message)
             .exit(),
     };
+    // In stall mode the probe's threads start first, and everything started
+    // after them runs at a lower priority (see stall/threads.rs).
+    let probe_threads = match config.mode {
+        cli::Mode::Stall { .. } => {
+            Some(stall::ProbeThreads::start().context("starting the probe's tokio runtime")?)
+        }
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     let report = runtime
-        .block_on(run::run(&config))
+        .block_on(run::run(&config, probe_threads.as_ref()))
         .context("benchmark failed")?;
     print!("{}", report.render());
     if let Some(path) = &config.json {

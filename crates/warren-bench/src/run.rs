@@ -26,8 +26,12 @@ use crate::stats::{self, Counters, LatencySummary};
 use crate::stop::Stop;
 use crate::topology;
 
-/// Runs the benchmark `config` describes and reports what it measured.
-pub async fn run(config: &Config) -> Result<Report, BenchError> {
+/// Runs the benchmark `config` describes and reports what it measured;
+/// stall mode runs its probe on `probe_threads`.
+pub async fn run(
+    config: &Config,
+    probe_threads: Option<&stall::ProbeThreads>,
+) -> Result<Report, BenchError> {
     // Idle mode declares nothing and sends nothing, and stall mode runs a
     // probe and a disruption of its own: none of what follows.
     if let Mode::Idle {
@@ -50,7 +54,9 @@ pub async fn run(config: &Config) -> Result<Report, BenchError> {
             probe_rate_per_s,
             timeout_s,
         };
-        return stall::run(config, plan).await;
+        let probe_threads =
+            probe_threads.expect("stall mode starts the probe's threads before it runs");
+        return stall::run(config, plan, probe_threads.handle()).await;
     }
     let progress = Progress::new(config.quiet);
     // Fail on a wrong PID before any load is generated, not after.

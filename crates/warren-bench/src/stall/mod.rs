@@ -18,16 +18,22 @@
 //!
 //! The probe, the disruptor and this process share the machine with the
 //! broker when run on one host: on two cores, a busy client steals time
-//! from the broker, and part of what the probe sees is that.
+//! from the broker, and part of what the probe sees is that. Within this
+//! process the probe goes first: it has threads of its own, and the
+//! disruptor's run at a lower priority (`threads.rs`).
 
 mod disrupt;
 mod probe;
+mod threads;
+
+pub use threads::ProbeThreads;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio::runtime::Handle;
 
 use crate::cli::{Config, Disruption};
 use crate::client::{SETUP_TIMEOUT_S, redact_url};
@@ -148,7 +154,7 @@ fn stretches(phase_names: &[&'static str]) -> Vec<Stretch> {
 }
 
 /// Runs stall mode.
-pub async fn run(config: &Config, plan: StallPlan) -> Result<Report, BenchError> {
+pub async fn run(config: &Config, plan: StallPlan, probe: &Handle) -> Result<Report, BenchError> {
     let progress = Progress::new(config.quiet);
     // Fail on a wrong PID before anything is declared, not after.
     if let Some(pid) = config.broker_pid {
@@ -188,6 +194,7 @@ pub async fn run(config: &Config, plan: StallPlan) -> Result<Report, BenchError>
     let measured = measure(
         config,
         plan,
+        probe,
         &mut disruptor,
         &timeline,
         phase_names,
@@ -314,6 +321,7 @@ struct Measured {
 async fn measure(
     config: &Config,
     plan: StallPlan,
+    probe: &Handle,
     disruptor: &mut Disruptor,
     timeline: &Arc<Timeline>,
     phase_names: &[&'static str],
@@ -323,25 +331,32 @@ async fn measure(
     let mark_end = MARK_DISRUPTION + phase_names.len();
     let mark_settled = mark_end + 1;
     let counters = Arc::new(Counters::default());
-    let consumer = ProbeConsumer::subscribe(&config.url, PROBE_QUEUE).await?;
-    let publisher = Producer::connect(
-        &config.url,
-        ProducerPlan {
-            role: "probe publisher".to_owned(),
-            exchange: String::new(),
-            routing_key: PROBE_QUEUE.to_owned(),
-            size_bytes: PROBE_BODY_BYTES,
-            persistent: false,
-            confirm_window: 0,
-            schedule: Schedule::for_producer(plan.probe_rate_per_s, 1),
-            quota: None,
-        },
-    )
+    // Connected from the probe's threads, so that lapin's I/O threads for
+    // them keep the probe's priority.
+    let url = config.url.clone();
+    let consumer = on_probe_threads(probe, "probe consumer", async move {
+        ProbeConsumer::subscribe(&url, PROBE_QUEUE).await
+    })
+    .await?;
+    let url = config.url.clone();
+    let publisher_plan = ProducerPlan {
+        role: "probe publisher".to_owned(),
+        exchange: String::new(),
+        routing_key: PROBE_QUEUE.to_owned(),
+        size_bytes: PROBE_BODY_BYTES,
+        persistent: false,
+        confirm_window: 0,
+        schedule: Schedule::for_producer(plan.probe_rate_per_s, 1),
+        quota: None,
+    };
+    let publisher = on_probe_threads(probe, "probe publisher", async move {
+        Producer::connect(&url, publisher_plan).await
+    })
     .await?;
     let first = Arc::new(Stop::default());
     let consumer_stop = Arc::new(Stop::default());
     let publisher_stop = Arc::new(Stop::default());
-    let consumer_task = tokio::spawn(consumer.run(
+    let consumer_task = probe.spawn(consumer.run(
         Arc::clone(timeline),
         ProbeTally::new(stretches(phase_names), now_unix_ns()),
         Arc::clone(&first),
@@ -349,7 +364,7 @@ async fn measure(
         Arc::clone(&consumer_stop),
     ));
     let publisher_task =
-        tokio::spawn(publisher.run(Arc::clone(&publisher_stop), Arc::clone(&counters)));
+        probe.spawn(publisher.run(Arc::clone(&publisher_stop), Arc::clone(&counters)));
 
     let mut errors = Vec::new();
     let mut disruption = DisruptionOutcome::default();
@@ -439,6 +454,21 @@ async fn measure(
         timed_out,
         errors,
     })
+}
+
+/// Runs `connect` on the probe's threads and waits for it.
+async fn on_probe_threads<T: Send + 'static>(
+    probe: &Handle,
+    role: &str,
+    connect: impl Future<Output = Result<T, BenchError>> + Send + 'static,
+) -> Result<T, BenchError> {
+    probe
+        .spawn(connect)
+        .await
+        .map_err(|source| BenchError::TaskPanicked {
+            role: role.to_owned(),
+            source,
+        })?
 }
 
 /// Waits [`SETTLE_MS`], or until Ctrl-C.
