@@ -49,6 +49,10 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// authenticated can make the broker hold only a few KiB, however many such
 /// peers there are and however slowly they send.
 const HANDSHAKE_READ_CHUNK_BYTES: usize = FRAME_MIN_SIZE_BYTES as usize;
+/// Frames handled between two looks at the clock for the end of a turn: a
+/// look costs about as much as a small frame, and 64 small publishes take
+/// well under a turn.
+const FRAMES_BETWEEN_TURN_LOOKS: u32 = 64;
 
 /// Whether the client ended the connection itself (see `finish`).
 enum FaultKind {
@@ -407,8 +411,16 @@ impl Connection {
 
     async fn frame_loop(&mut self) -> Result<(), Fault> {
         let mut turn = Turn::new();
+        let mut frames_since_look = 0u32;
         loop {
             loop {
+                // One read can hold hundreds of small publishes: the turn is
+                // looked at between them too, not only between reads.
+                frames_since_look += 1;
+                if frames_since_look == FRAMES_BETWEEN_TURN_LOOKS {
+                    frames_since_look = 0;
+                    turn.end_if_long().await;
+                }
                 let frame = match self.decoder.decode(&mut self.buffer) {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
@@ -460,7 +472,7 @@ impl Connection {
             let congested = self
                 .session
                 .hub
-                .lock()
+                .read()
                 .broker
                 .message_log()
                 .is_some_and(|log| log.is_congested());

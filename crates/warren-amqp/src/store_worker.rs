@@ -57,7 +57,11 @@ fn run(log: &LogHandle, hub: &WeakHub, work: &mpsc::Receiver<StoreWork>) {
 fn read_ahead(log: &LogHandle, hub: &WeakHub, request: ReadAhead) -> bool {
     // A record that cannot be read or decoded is left where it is: the
     // queue reads it again when it reaches the head, and reports it there.
-    let locations: Vec<_> = request.reads.iter().map(|&(_, location)| location).collect();
+    let locations: Vec<_> = request
+        .reads
+        .iter()
+        .map(|&(_, location)| location)
+        .collect();
     let loaded = request
         .reads
         .iter()

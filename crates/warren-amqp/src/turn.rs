@@ -26,10 +26,15 @@ impl Turn {
         }
     }
 
+    /// Whether this task has had its thread for a whole turn.
+    pub(crate) fn is_over(&self) -> bool {
+        self.started.elapsed() >= TURN_MAX
+    }
+
     /// Yields to the other tasks on this thread if this one has had it for
     /// a whole turn.
     pub(crate) async fn end_if_long(&mut self) {
-        if self.started.elapsed() >= TURN_MAX {
+        if self.is_over() {
             tokio::task::yield_now().await;
             self.started = Instant::now();
         }

@@ -25,6 +25,8 @@ type Written = HashMap<u16, (Arc<UnwrittenDeliveries>, u32)>;
 
 /// Bytes gathered before a write is issued even if more frames are waiting.
 const WRITE_BATCH_MAX_BYTES: usize = 256 * 1024;
+/// Frames encoded between two looks at the clock for the end of a turn.
+const ITEMS_BETWEEN_TURN_LOOKS: usize = 64;
 
 /// One thing to put on a connection's socket.
 #[derive(Debug)]
@@ -263,11 +265,16 @@ impl Writer {
                 }
                 self.encode(item, frame_max_bytes, &mut written);
                 encoded += 1;
-                if self.encoder.len() >= WRITE_BATCH_MAX_BYTES {
+                // A backlog taken at once can be thousands of deliveries
+                // long: what is encoded goes out when the turn is over, and
+                // the other tasks run before the rest is encoded.
+                let turn_over = encoded.is_multiple_of(ITEMS_BETWEEN_TURN_LOOKS) && turn.is_over();
+                if self.encoder.len() >= WRITE_BATCH_MAX_BYTES || turn_over {
                     if self.write_out(encoded, &mut written).await.is_err() {
                         return;
                     }
                     encoded = 0;
+                    turn.end_if_long().await;
                 }
             }
             if self.write_out(encoded, &mut written).await.is_err() {

@@ -674,7 +674,9 @@ fn read_payloads(shared: &Shared, locations: &[Location]) -> Vec<Result<Bytes, S
         // the first write still in memory on is in memory.
         let mut unwritten_from: BTreeMap<u64, u64> = BTreeMap::new();
         for write in in_flight.iter().chain(state.pending.iter()) {
-            let from = unwritten_from.entry(write.segment).or_insert(write.base_offset);
+            let from = unwritten_from
+                .entry(write.segment)
+                .or_insert(write.base_offset);
             *from = (*from).min(write.base_offset);
         }
         for (payload, &location) in payloads.iter_mut().zip(locations) {

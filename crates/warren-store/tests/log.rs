@@ -384,14 +384,25 @@ fn a_full_disk_poisons_the_log_and_nothing_durable_is_lost() {
 
 #[derive(Debug, Clone)]
 enum Operation {
-    Publish { queue: u64, size: usize },
-    Remove { pick: usize },
-    Deliver { pick: usize },
+    Publish {
+        queue: u64,
+        size: usize,
+    },
+    Remove {
+        pick: usize,
+    },
+    Deliver {
+        pick: usize,
+    },
     WaitDurable,
     /// Reads every live message back at once, in an order that `rotate`
     /// turns, through `LogHandle::read_many`.
-    ReadMany { rotate: usize },
-    Crash { torn_fraction: u8 },
+    ReadMany {
+        rotate: usize,
+    },
+    Crash {
+        torn_fraction: u8,
+    },
 }
 
 fn operation() -> impl Strategy<Value = Operation> {
@@ -572,7 +583,11 @@ fn read_many_reads_each_record_and_keeps_each_error() {
     };
     // Out of order, so that the reads are sorted and each answer still
     // lands where it was asked.
-    let mut locations: Vec<Location> = written.iter().rev().map(|(location, _)| *location).collect();
+    let mut locations: Vec<Location> = written
+        .iter()
+        .rev()
+        .map(|(location, _)| *location)
+        .collect();
     locations.insert(10, missing);
     let payloads = log.handle().read_many(&locations);
     assert_eq!(payloads.len(), locations.len());
