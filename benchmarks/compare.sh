@@ -78,7 +78,9 @@
 #                       small machine the probe measures what the broker does
 #                       to it rather than the CPU the disrupting client and
 #                       the probe share; both brokers alike, each sizing its
-#                       schedulers to the one CPU it sees
+#                       schedulers to the one CPU it sees. Within warren-bench
+#                       the disrupting client always runs at a lower priority
+#                       than the probe (nice 10), pinned or not
 #   STALL_TIMEOUT       limit on each scenario 7 disruption, s (default 600;
 #                       QUICK 120)
 #   QUEUE_COUNTS="1 2 4"  the queue counts scenario 8 runs, in this order

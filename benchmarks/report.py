@@ -776,6 +776,9 @@ class Report:
                 + (", each broker started on CPU 0 alone and warren-bench on the other CPUs "
                    "(STALL_PIN=1), so that the probe measures the broker and not the CPU it "
                    "shares with the disrupting client" if s.get("stall_pin") == "1" else "")
+                + ". Within warren-bench the probe has threads of its own and the disrupting "
+                "client runs at nice 10, so that where they share a CPU the probe's messages "
+                "do not wait behind the disruptor's work in the load generator"
                 + ". Scenario 8 runs "
                 f"{s.get('queue_counts', '?')} queue(s) for {runs} each, each count with a "
                 "freshly started broker.")

@@ -192,9 +192,11 @@ pub async fn run(config: &Config, plan: StallPlan, probe: &Handle) -> Result<Rep
     });
 
     let measured = measure(
-        config,
+        ProbeSite {
+            url: &config.url,
+            threads: probe,
+        },
         plan,
-        probe,
         &mut disruptor,
         &timeline,
         phase_names,
@@ -315,13 +317,18 @@ struct Measured {
     errors: Vec<String>,
 }
 
+/// Where the probe connects, and the threads it runs on.
+struct ProbeSite<'a> {
+    url: &'a str,
+    threads: &'a Handle,
+}
+
 /// Starts the probe, waits for its first message, and runs the settle, the
 /// disruption and the settle after, marking each on the timeline; then
 /// stops the probe once it has received what it published.
 async fn measure(
-    config: &Config,
+    site: ProbeSite<'_>,
     plan: StallPlan,
-    probe: &Handle,
     disruptor: &mut Disruptor,
     timeline: &Arc<Timeline>,
     phase_names: &[&'static str],
@@ -333,12 +340,13 @@ async fn measure(
     let counters = Arc::new(Counters::default());
     // Connected from the probe's threads, so that lapin's I/O threads for
     // them keep the probe's priority.
-    let url = config.url.clone();
+    let probe = site.threads;
+    let url = site.url.to_owned();
     let consumer = on_probe_threads(probe, "probe consumer", async move {
         ProbeConsumer::subscribe(&url, PROBE_QUEUE).await
     })
     .await?;
-    let url = config.url.clone();
+    let url = site.url.to_owned();
     let publisher_plan = ProducerPlan {
         role: "probe publisher".to_owned(),
         exchange: String::new(),

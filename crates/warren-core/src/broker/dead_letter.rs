@@ -53,7 +53,7 @@ impl Broker {
                 .args
                 .dead_letter_exchange
                 .clone()
-                .and_then(|exchange_name| {
+                .map(|exchange_name| {
                     let message = dead_lettered(
                         &dead.message,
                         queue.name.as_str(),
@@ -62,7 +62,7 @@ impl Broker {
                         queue.args.dead_letter_routing_key.as_ref(),
                         now_ms,
                     );
-                    Some((exchange_name, queue.vhost.clone(), message))
+                    (exchange_name, queue.vhost.clone(), message)
                 });
             // Routing may lead back to this queue: release it first.
             drop(queue);
