@@ -120,16 +120,36 @@ impl Broker {
         infos
     }
 
-    /// Every queue's message counts, cheaper than `queue_infos` for a
-    /// sampler that runs every second.
+    /// Every queue's message counts, cheaper than `queue_infos`.
     pub fn queue_message_counts(&self) -> Vec<(String, String, MessageCounts)> {
-        self.queues
-            .values()
-            .map(|queue| {
-                let queue = queue.lock();
-                (queue.vhost.clone(), queue.name.to_string(), queue.counts)
+        self.queue_message_counts_of(&self.queue_ids())
+    }
+
+    /// Every queue's id, for a sampler that reads the queues a few at a
+    /// time (`queue_message_counts_of`), so that no single look holds the
+    /// broker for long however many queues there are.
+    pub fn queue_ids(&self) -> Vec<QueueId> {
+        self.queues.keys().copied().collect()
+    }
+
+    /// The message counts of those of `ids` that still exist.
+    pub fn queue_message_counts_of(&self, ids: &[QueueId]) -> Vec<(String, String, MessageCounts)> {
+        ids.iter()
+            .filter_map(|id| {
+                let queue = self.queue(*id)?;
+                Some((queue.vhost.clone(), queue.name.to_string(), queue.counts))
             })
             .collect()
+    }
+
+    /// The broker-wide counts no queue keeps: messages published, and
+    /// those of them no queue took.
+    pub fn publish_counts(&self) -> MessageCounts {
+        MessageCounts {
+            published: self.published.load(Ordering::Relaxed),
+            unroutable: self.unroutable.load(Ordering::Relaxed),
+            ..MessageCounts::default()
+        }
     }
 
     /// Every exchange's counts, for the rate sampler.
