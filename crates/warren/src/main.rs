@@ -156,7 +156,26 @@ struct ServeArgs {
     config: Option<PathBuf>,
 }
 
+/// Allocations at least this large get pages of their own from the
+/// operating system, which go back to it when they are freed.
+///
+/// glibc raises this threshold on its own, up to 32 MiB, whenever such a
+/// block is freed: one login's Argon2 check (19 MiB, freed at once) was
+/// enough to make every later block under 19 MiB come from the heap
+/// instead, where a freed one stays resident. A queue's index growing by
+/// doubling then left its outgrown arrays behind, about 20 MiB that a
+/// million-message backlog kept for good. Fixed at 4 MiB: message bodies up
+/// to 4 MiB still reuse the heap, and what larger blocks leave behind is
+/// returned.
+const MMAP_THRESHOLD_BYTES: i32 = 4 * 1024 * 1024;
+
 fn main() -> anyhow::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's own settings, and runs
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
