@@ -40,8 +40,11 @@ use crate::writer::{Outbound, Tuning, outbound_queue};
 /// `connection.close` before dropping the socket anyway.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Bytes read at a time once the peer has logged in; the buffer grows up to
-/// one frame_max when a large frame arrives.
+/// Most bytes read at a time once the peer has logged in; the buffer grows
+/// up to one frame_max when a large frame arrives. A connection starts
+/// from `HANDSHAKE_READ_CHUNK_BYTES` and doubles its reads each time one
+/// fills the room it had, so a busy publisher reads 64 KiB at a time after
+/// a few reads while an idle connection keeps a buffer of a few KiB.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Bytes read at a time before the peer has logged in. With frames capped at
@@ -73,8 +76,12 @@ pub(crate) struct Connection {
     decoder: FrameDecoder,
     frame_max_bytes: u32,
     heartbeat_s: u16,
-    /// Bytes `read_more` makes room for: small until the peer has logged in.
+    /// Bytes `read_more` makes room for: small at first, larger as reads
+    /// fill the room they had, up to `read_chunk_max_bytes`.
     read_chunk_bytes: usize,
+    /// `HANDSHAKE_READ_CHUNK_BYTES` until the peer has logged in, then
+    /// `READ_CHUNK_BYTES`.
+    read_chunk_max_bytes: usize,
     /// Argon2 checks run on the blocking pool, at most this many at once.
     logins: Arc<Semaphore>,
     /// The common name of the client's verified TLS certificate, for
@@ -152,6 +159,7 @@ pub(crate) async fn serve(
         reader,
         buffer: BytesMut::with_capacity(HANDSHAKE_READ_CHUNK_BYTES),
         read_chunk_bytes: HANDSHAKE_READ_CHUNK_BYTES,
+        read_chunk_max_bytes: HANDSHAKE_READ_CHUNK_BYTES,
         logins,
         certificate_name,
         handshake_deadline,
@@ -309,7 +317,7 @@ impl Connection {
             &self.session.user,
             vhost,
         ));
-        self.read_chunk_bytes = READ_CHUNK_BYTES;
+        self.read_chunk_max_bytes = READ_CHUNK_BYTES;
         self.session.out.method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
@@ -629,11 +637,19 @@ impl Connection {
         if self.buffer.capacity() - self.buffer.len() < HANDSHAKE_READ_CHUNK_BYTES {
             self.buffer.reserve(self.read_chunk_bytes);
         }
+        let room = self.buffer.capacity() - self.buffer.len();
         let awaits_durable = self.session.confirms_waiting_max() > 0;
         tokio::select! {
             read = tokio::time::timeout(silence_max, self.reader.read_buf(&mut self.buffer)) => match read {
                 Ok(Ok(0)) | Ok(Err(_)) => Err(Fault::Gone),
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(read)) => {
+                    // A read that filled its room likely left more behind.
+                    if read == room {
+                        self.read_chunk_bytes =
+                            (self.read_chunk_bytes * 2).min(self.read_chunk_max_bytes);
+                    }
+                    Ok(())
+                }
                 Err(_) => {
                     warn!(connection = self.session.id.0, peer = %self.peer, heartbeat_s = self.heartbeat_s,
                         "closing connection: missed heartbeats from client");

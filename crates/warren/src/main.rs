@@ -168,6 +168,11 @@ struct ServeArgs {
 /// to 4 MiB still reuse the heap, and what larger blocks leave behind is
 /// returned.
 const MMAP_THRESHOLD_BYTES: i32 = 4 * 1024 * 1024;
+/// Free memory at the top of a heap beyond this goes back to the operating
+/// system. Fixing the mmap threshold also fixes this one, at 128 KiB unless
+/// set; twice the mmap threshold is what glibc itself would pair with it,
+/// and spares a busy broker giving back and faulting in the same pages.
+const TRIM_THRESHOLD_BYTES: i32 = 2 * MMAP_THRESHOLD_BYTES;
 
 fn main() -> anyhow::Result<()> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -175,6 +180,7 @@ fn main() -> anyhow::Result<()> {
     // before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
     }
     tracing_subscriber::fmt()
         .with_env_filter(
