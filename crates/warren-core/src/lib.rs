@@ -44,7 +44,8 @@ pub use queue::dead_letter::DeathReason;
 pub use queue::discard::Discard;
 pub use queue::flow::FlowGauge;
 pub use queue::{
-    READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, RESIDENT_BYTES_MAX, RESIDENT_MESSAGES_MAX, ReadAhead,
+    EXPIRY_ROUND_MAX, READ_AHEAD_BYTES, READ_AHEAD_MESSAGES, RESIDENT_BYTES_MAX,
+    RESIDENT_MESSAGES_MAX, ReadAhead,
 };
 pub use session::channel::{ChannelMode, UnwrittenDeliveries};
 pub use stats::{ExchangeCounts, MessageCounts};

@@ -11,8 +11,8 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::Bytes;
 use warren_core::{
-    Broker, ConnectionId, Consume, Delivery, Effect, ErrorCode, ExchangeDeclare, Limits, Message,
-    Outbox, Published, QueueDeclare,
+    Broker, ConnectionId, Consume, Delivery, EXPIRY_ROUND_MAX, Effect, ErrorCode, ExchangeDeclare,
+    Limits, Message, Outbox, Published, QueueDeclare,
 };
 
 const A: ConnectionId = ConnectionId(1);
@@ -212,6 +212,44 @@ fn queue_ttl_expires_messages_into_the_dead_letter_exchange() {
         Some(&text("expired"))
     );
     assert_eq!(bodies(&get_all(&mut broker, "work")), vec!["new"]);
+}
+
+/// However many messages are due, one tick expires at most
+/// `EXPIRY_ROUND_MAX` of a queue's, so the exclusive tick stays short; the
+/// next ticks expire the rest, in order, into the dead-letter exchange.
+#[test]
+fn a_tick_expires_a_bounded_round_and_the_next_ticks_the_rest() {
+    let mut broker = broker();
+    declare_dlx(&mut broker);
+    declare_with(
+        &mut broker,
+        "work",
+        table(&[
+            ("x-message-ttl", AMQPValue::LongInt(1_000)),
+            ("x-dead-letter-exchange", text("dlx")),
+        ]),
+    );
+    let total = 2 * EXPIRY_ROUND_MAX + 5;
+    for index in 0..total {
+        publish(&mut broker, "work", &index.to_string());
+    }
+    advance(&mut broker, 1_000);
+    assert_eq!(
+        broker.queue_counts("/", "work"),
+        Some((total - EXPIRY_ROUND_MAX, 0)),
+        "one tick expires one round"
+    );
+    assert!(broker.tick_due(), "the rest is due at the next tick");
+    let mut ticks = 1;
+    while broker.queue_counts("/", "work") != Some((0, 0)) {
+        assert!(broker.tick_due());
+        advance(&mut broker, 10);
+        ticks += 1;
+    }
+    assert_eq!(ticks, 3);
+    assert!(!broker.tick_due());
+    let expected: Vec<String> = (0..total).map(|index| index.to_string()).collect();
+    assert_eq!(bodies(&get_all(&mut broker, "dead")), expected);
 }
 
 #[test]

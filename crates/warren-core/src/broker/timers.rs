@@ -58,11 +58,19 @@ impl Broker {
         let mut touched = Vec::new();
         let mut deleted_any = false;
         let now_ms = self.now_ms();
-        while let Some(&(at, id)) = self.timers.get_mut().first() {
+        // Only what is due as the tick starts: a queue with more expiries
+        // due than one look takes is scheduled again for now, and waits
+        // for the next tick.
+        let mut due = Vec::new();
+        let timers = self.timers.get_mut();
+        while let Some(&(at, id)) = timers.first() {
             if at > now_ms {
                 break;
             }
-            self.timers.get_mut().pop_first();
+            timers.pop_first();
+            due.push(id);
+        }
+        for id in due {
             if let Some(queue) = self.queue_mut(id) {
                 queue.scheduled_ms = None;
             }
@@ -121,7 +129,9 @@ impl Broker {
             }
             let mut expired = Vec::new();
             let log = message_log(self.store.as_ref());
-            queue.expire_head(log, now_ms, &mut expired);
+            if let Some(at) = queue.expire_head(log, now_ms, &mut expired) {
+                self.schedule_locked(&mut queue, at);
+            }
             any |= !expired.is_empty();
             expired_messages(&mut queue, expired, out);
         }

@@ -44,6 +44,13 @@ pub const READ_AHEAD_BYTES: u64 = 4 * 1024 * 1024;
 /// quarter window, which keeps three quarters of a window read ahead.
 const READ_AHEAD_LOOK_EVERY: u32 = (READ_AHEAD_MESSAGES / 4) as u32;
 
+/// Messages one look expires from a queue's head, at most: each is taken
+/// off the queue (read back from the log if it was paged out) and
+/// dead-lettered, so a look holds the queue, and the timer's tick the
+/// broker, for about a millisecond on the reference machine (2 cores). A
+/// queue with more due is looked at again at the timer's next tick.
+pub const EXPIRY_ROUND_MAX: usize = 512;
+
 /// Paged-out messages to read back before the consumers reach them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadAhead {
@@ -682,12 +689,18 @@ impl Queue {
         now_ms: u64,
         expired: &mut Vec<Dequeued>,
     ) -> Option<u64> {
+        let mut expired_now = 0;
         let head = loop {
+            if expired_now == EXPIRY_ROUND_MAX {
+                // The rest is due now: the timer's next tick goes on.
+                return Some(now_ms);
+            }
             let taken = self.pop_loaded(log, now_ms)?;
             if !taken.meta.expires.is_due(now_ms) {
                 break taken;
             }
             expired.push(taken);
+            expired_now += 1;
         };
         let next = head.meta.expires.deadline();
         self.put_back(head);
