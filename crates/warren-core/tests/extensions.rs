@@ -181,8 +181,9 @@ fn advance(broker: &mut Broker, ms: u64) -> Outbox {
     out
 }
 
-#[test]
-fn queue_ttl_expires_messages_into_the_dead_letter_exchange() {
+/// A broker with the dead-letter setup and a queue "work" whose messages
+/// live 1,000 ms and then go to "dlx".
+fn broker_with_expiring_work_queue() -> Broker {
     let mut broker = broker();
     declare_dlx(&mut broker);
     declare_with(
@@ -193,6 +194,12 @@ fn queue_ttl_expires_messages_into_the_dead_letter_exchange() {
             ("x-dead-letter-exchange", text("dlx")),
         ]),
     );
+    broker
+}
+
+#[test]
+fn queue_ttl_expires_messages_into_the_dead_letter_exchange() {
+    let mut broker = broker_with_expiring_work_queue();
     publish(&mut broker, "work", "old");
     advance(&mut broker, 600);
     publish(&mut broker, "work", "new");
@@ -219,16 +226,7 @@ fn queue_ttl_expires_messages_into_the_dead_letter_exchange() {
 /// next ticks expire the rest, in order, into the dead-letter exchange.
 #[test]
 fn a_tick_expires_a_bounded_round_and_the_next_ticks_the_rest() {
-    let mut broker = broker();
-    declare_dlx(&mut broker);
-    declare_with(
-        &mut broker,
-        "work",
-        table(&[
-            ("x-message-ttl", AMQPValue::LongInt(1_000)),
-            ("x-dead-letter-exchange", text("dlx")),
-        ]),
-    );
+    let mut broker = broker_with_expiring_work_queue();
     let total = 2 * EXPIRY_ROUND_MAX + 5;
     for index in 0..total {
         publish(&mut broker, "work", &index.to_string());
