@@ -12,6 +12,8 @@
 //!
 //! * [`log::MessageLog`]: the append-only segment log with group commit and
 //!   recovery;
+//! * [`spill::SpillingBacklog`]: a backlog that keeps its head in memory
+//!   and the index entries behind it in spill files;
 //! * [`topology::TopologyJournal`]: durable exchanges, queues and bindings,
 //!   as a snapshot and a journal of changes;
 //! * [`fs::FileSystem`]: the file operations both use, with a real and a
@@ -20,6 +22,7 @@
 pub mod fs;
 pub mod log;
 pub mod record;
+pub mod spill;
 pub mod topology;
 
 pub use fs::{FileSystem, OsFileSystem, SimulatedFileSystem};
@@ -28,6 +31,7 @@ pub use log::{
     LogConfig, LogHandle, MessageLog, RecoveredMessage, Recovery, StoreError, Ticket,
 };
 pub use record::RecordKind;
+pub use spill::{SpillArea, SpillEntry, SpillingBacklog};
 pub use topology::{TopologyChange, TopologyJournal, TopologyWaiter};
 
 use std::collections::{BTreeMap, VecDeque};
@@ -60,8 +64,12 @@ pub trait Backlog<M>: Send {
         self.len() == 0
     }
 
-    /// Removes every waiting message and returns them, oldest first.
-    fn drain(&mut self) -> Vec<M>;
+    /// Whether a message pushed now would wait in memory. When it would
+    /// not, the caller stores its body first (see `spill`): messages
+    /// behind a spilled tail keep only their index entry, and that on disk.
+    fn holds_in_memory(&self, _next: &M) -> bool {
+        true
+    }
 
     /// Makes room for `additional` messages about to be pushed, so a large
     /// recovered backlog is allocated once rather than by doubling.
@@ -99,6 +107,21 @@ impl<M> Default for MemoryBacklog<M> {
             returned: BTreeMap::new(),
             arrived: VecDeque::new(),
         }
+    }
+}
+
+impl<M> MemoryBacklog<M> {
+    /// Messages that never left, as opposed to those that came back.
+    pub fn arrived_len(&self) -> usize {
+        self.arrived.len()
+    }
+
+    /// Takes every waiting message, oldest first.
+    pub fn drain(&mut self) -> Vec<M> {
+        let mut drained = Vec::with_capacity(self.returned.len() + self.arrived.len());
+        drained.extend(std::mem::take(&mut self.returned).into_values());
+        drained.extend(self.arrived.drain(..).map(|(_, message)| message));
+        drained
     }
 }
 
@@ -147,13 +170,6 @@ impl<M: Send> Backlog<M> for MemoryBacklog<M> {
 
     fn len(&self) -> usize {
         self.returned.len() + self.arrived.len()
-    }
-
-    fn drain(&mut self) -> Vec<M> {
-        let mut drained = Vec::with_capacity(self.len());
-        drained.extend(std::mem::take(&mut self.returned).into_values());
-        drained.extend(self.arrived.drain(..).map(|(_, message)| message));
-        drained
     }
 
     fn reserve(&mut self, additional: usize) {

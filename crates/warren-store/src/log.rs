@@ -25,6 +25,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::fs::FileSystem;
 use crate::record::{self, Decoded, RecordKind};
+use crate::spill::SpillArea;
 
 /// Where a record lives: segment number, byte offset, encoded length.
 ///
@@ -68,7 +69,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn io(operation: &'static str, path: &Path, error: io::Error) -> Self {
+    pub(crate) fn io(operation: &'static str, path: &Path, error: io::Error) -> Self {
         StoreError::Io {
             operation,
             path: path.display().to_string(),
@@ -131,6 +132,7 @@ pub struct Recovery {
 
 const SEGMENT_SUFFIX: &str = ".seg";
 const CLEAN_SHUTDOWN_MARKER: &str = "clean-shutdown";
+const SPILL_DIR: &str = "spill";
 
 fn segment_name(segment: u64) -> String {
     format!("{segment:020}{SEGMENT_SUFFIX}")
@@ -266,6 +268,9 @@ impl FreeSpace {
 pub struct MessageLog {
     shared: Arc<Shared>,
     commit_thread: Option<JoinHandle<()>>,
+    /// Where queues keep the index entries of long backlogs (`spill/`
+    /// under the log's directory).
+    spill: Arc<SpillArea>,
 }
 
 impl MessageLog {
@@ -289,6 +294,7 @@ impl MessageLog {
             fs.sync_dir(dir)
                 .map_err(|error| StoreError::io("syncing", dir, error))?;
         }
+        let spill = SpillArea::open(Arc::clone(&fs), &dir.join(SPILL_DIR))?;
         let (segments, mut recovery, last_segment) = recover(fs.as_ref(), dir)?;
         recovery.clean_shutdown = clean_shutdown;
         if !clean_shutdown {
@@ -331,6 +337,7 @@ impl MessageLog {
             Self {
                 shared,
                 commit_thread: Some(commit_thread),
+                spill,
             },
             recovery,
         ))
@@ -412,6 +419,11 @@ impl MessageLog {
     /// The payload is a view of the one buffer the record was read into.
     pub fn read(&self, location: Location) -> Result<Bytes, StoreError> {
         read_payload(&self.shared, location)
+    }
+
+    /// Where queues spill the index entries of their long backlogs.
+    pub fn spill_area(&self) -> Arc<SpillArea> {
+        Arc::clone(&self.spill)
     }
 
     /// A handle for another thread, which reads messages back and forgets

@@ -295,7 +295,8 @@ impl Broker {
             declare.arguments,
             args,
             self.now_ms(),
-        );
+        )
+        .spill_to(self.spill.clone());
         if let Some(entry) = queue.durable_entry() {
             self.topology_changes
                 .push(TopologyChange::Added(entry.into()));

@@ -45,11 +45,12 @@ mod request;
 mod timers;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use amq_protocol::types::ShortString;
 use parking_lot::{Mutex, MutexGuard};
-use warren_store::{Sequence, Ticket, TopologyChange};
+use warren_store::{Sequence, SpillArea, Ticket, TopologyChange};
 
 pub use delivery::{DELIVERY_ROUND_MAX, SETTLE_ROUND_MAX};
 pub use effect::{Delivery, DeliverySink, Effect, Outbox};
@@ -76,6 +77,9 @@ pub struct Broker {
     /// The message log and topology file; None for a broker that keeps
     /// everything in memory (tests of the state machine).
     store: Option<Store>,
+    /// Where queues keep what does not fit their heads in memory: the
+    /// store's spill area, set before recovery creates the durable queues.
+    spill: Option<Arc<SpillArea>>,
     /// Whether the caller runs the store's slow work off the broker's locks
     /// (`Effect::ReadAhead`, `Effect::Discard`).
     store_worker: bool,
@@ -119,6 +123,7 @@ impl Broker {
             connections: HashMap::new(),
             next_queue_id: 0,
             store: None,
+            spill: None,
             store_worker: false,
             name_state: seed | 1,
             limits,

@@ -36,6 +36,7 @@ impl Broker {
             clean_shutdown: recovery.clean_shutdown,
             ..RecoverySummary::default()
         };
+        self.spill = Some(log.spill_area());
         for entry in &entries {
             self.apply_topology_entry(entry, &mut summary)
                 .ok_or_else(|| {
@@ -163,7 +164,8 @@ impl Broker {
                     arguments,
                     args,
                     self.now_ms(),
-                );
+                )
+                .spill_to(self.spill.clone());
                 self.queues.insert(id, Mutex::new(queue));
                 self.vhosts.get_mut(vhost.as_str())?.queues.insert(name, id);
                 summary.queues += 1;

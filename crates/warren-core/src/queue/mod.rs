@@ -5,13 +5,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
-use warren_store::{Backlog, Location, MemoryBacklog, MessageLog, RecordKind, Sequence};
+use warren_store::{
+    Backlog, Location, MessageLog, RecordKind, Sequence, SpillArea, SpillingBacklog,
+};
 
 pub mod arguments;
 pub(crate) mod dead_letter;
 pub(crate) mod discard;
 pub(crate) mod flow;
 mod priority;
+mod spilled;
 
 use arguments::{QueueArguments, QueueType, message_expiration_ms};
 use dead_letter::DeadLetter;
@@ -114,6 +117,15 @@ impl Expiry {
 
     pub fn is_due(self, now_ms: u64) -> bool {
         self.deadline().is_some_and(|at| at <= now_ms)
+    }
+
+    /// The word itself, for an encoding that keeps all three meanings.
+    pub(crate) fn word(self) -> u64 {
+        self.0
+    }
+
+    pub(crate) fn from_word(word: u64) -> Expiry {
+        Expiry(word)
     }
 }
 
@@ -231,6 +243,9 @@ pub struct Queue {
     /// The validated form of `arguments`.
     pub args: QueueArguments,
     backlog: Box<dyn Backlog<QueuedMessage>>,
+    /// Where the backlog keeps what does not fit its head in memory; None
+    /// in a broker without a store, which keeps everything in memory.
+    spill: Option<Arc<SpillArea>>,
     next_sequence: Sequence,
     resident_messages: usize,
     resident_bytes: usize,
@@ -311,10 +326,6 @@ impl Queue {
         args: QueueArguments,
         now_ms: u64,
     ) -> Self {
-        let backlog: Box<dyn Backlog<QueuedMessage>> = match args.max_priority {
-            Some(max) => Box::new(PriorityBacklog::new(max)),
-            None => Box::new(MemoryBacklog::default()),
-        };
         Self {
             id,
             name,
@@ -323,8 +334,9 @@ impl Queue {
             exclusive_owner,
             auto_delete,
             arguments,
+            backlog: empty_backlog(&args, None),
             args,
-            backlog,
+            spill: None,
             next_sequence: 0,
             resident_messages: 0,
             resident_bytes: 0,
@@ -343,6 +355,16 @@ impl Queue {
             dead_letters: VecDeque::new(),
             routing_dead_letters: false,
         }
+    }
+
+    /// Lets the queue keep in memory only the head of a long backlog and
+    /// the index entries of the rest in `area` (see `warren_store::spill`).
+    /// Called before the first message arrives.
+    pub fn spill_to(mut self, area: Option<Arc<SpillArea>>) -> Self {
+        debug_assert!(self.backlog.is_empty());
+        self.backlog = empty_backlog(&self.args, area.as_ref());
+        self.spill = area;
+        self
     }
 
     /// The paged-out messages near the head to read back before the
@@ -557,42 +579,47 @@ impl Queue {
         meta: MessageMeta,
         log: Option<&MessageLog>,
     ) {
-        // A message whose body alone passes the byte limit waits on disk
-        // from the start: a large body costs disk, not memory, while it
-        // waits.
-        let over_limits = self.resident_messages >= RESIDENT_MESSAGES_MAX
-            || self.resident_bytes + message.body.len() > RESIDENT_BYTES_MAX;
+        let body_bytes = message.body.len();
+        let mut queued = QueuedMessage {
+            body_bytes: body_bytes as u32,
+            message: Some(message),
+            stored,
+            redelivered: false,
+            meta,
+        };
+        // Behind a spilled tail a message keeps only its index entry, and
+        // that on disk. A message whose body alone passes the byte limit
+        // waits on disk from the start: a large body costs disk, not
+        // memory, while it waits.
+        let over_limits = !self.backlog.holds_in_memory(&queued)
+            || self.resident_messages >= RESIDENT_MESSAGES_MAX
+            || self.resident_bytes + body_bytes > RESIDENT_BYTES_MAX;
         if over_limits
             && stored == Stored::Nowhere
             && let Some(log) = log
+            && let Some(message) = &queued.message
         {
             match log.append_message_with_tail(
                 RecordKind::Paged,
                 self.id.0,
                 sequence,
-                &encode_message_head(&message, meta.arrived_ms),
+                &encode_message_head(message, meta.arrived_ms),
                 &message.body,
             ) {
                 Ok((location, _)) => stored = Stored::Paged(location),
                 Err(error) => log_paging_failure(&error),
             }
+            queued.stored = stored;
         }
         let keep_in_memory = !over_limits || stored == Stored::Nowhere;
         if keep_in_memory {
             self.resident_messages += 1;
-            self.resident_bytes += message.body.len();
+            self.resident_bytes += body_bytes;
+        } else {
+            queued.message = None;
         }
-        self.ready_bytes += message.body.len() as u64;
-        self.backlog.push_back(
-            sequence,
-            QueuedMessage {
-                body_bytes: message.body.len() as u32,
-                message: keep_in_memory.then_some(message),
-                stored,
-                redelivered: false,
-                meta,
-            },
-        );
+        self.ready_bytes += body_bytes as u64;
+        self.backlog.push_back(sequence, queued);
         self.gauge_ready();
     }
 
@@ -778,10 +805,7 @@ impl Queue {
     /// copies the caller forgets (see `Discard`): O(1), however long the
     /// queue was.
     pub fn take_backlog(&mut self) -> Box<dyn Backlog<QueuedMessage>> {
-        let empty: Box<dyn Backlog<QueuedMessage>> = match self.args.max_priority {
-            Some(max) => Box::new(PriorityBacklog::new(max)),
-            None => Box::new(MemoryBacklog::default()),
-        };
+        let empty = empty_backlog(&self.args, self.spill.as_ref());
         self.resident_messages = 0;
         self.resident_bytes = 0;
         self.ready_bytes = 0;
@@ -864,6 +888,18 @@ impl Queue {
             }
         }
         Ok(())
+    }
+}
+
+/// A queue's backlog as its arguments shape it: one per priority level
+/// for a priority queue.
+fn empty_backlog(
+    args: &QueueArguments,
+    spill: Option<&Arc<SpillArea>>,
+) -> Box<dyn Backlog<QueuedMessage>> {
+    match args.max_priority {
+        Some(max) => Box::new(PriorityBacklog::new(max, spill)),
+        None => Box::new(SpillingBacklog::new(spill.cloned())),
     }
 }
 

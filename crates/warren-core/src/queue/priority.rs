@@ -3,30 +3,38 @@
 //! order and a requeued message goes back to its original place, as in a
 //! plain queue.
 
-use warren_store::{Backlog, MemoryBacklog, Sequence};
+use std::sync::Arc;
+
+use warren_store::{Backlog, Sequence, SpillArea, SpillingBacklog};
 
 use crate::queue::QueuedMessage;
 
 pub struct PriorityBacklog {
     /// Index = priority level; a message above the maximum waits at the
     /// maximum (the queue clamps it before it gets here).
-    levels: Vec<MemoryBacklog<QueuedMessage>>,
+    /// Each level spills on its own, so a deep level keeps only its head
+    /// in memory.
+    levels: Vec<SpillingBacklog<QueuedMessage>>,
     len: usize,
 }
 
 impl PriorityBacklog {
-    pub fn new(max_priority: u8) -> Self {
+    pub fn new(max_priority: u8, spill: Option<&Arc<SpillArea>>) -> Self {
         Self {
             levels: (0..=max_priority)
-                .map(|_| MemoryBacklog::default())
+                .map(|_| SpillingBacklog::new(spill.cloned()))
                 .collect(),
             len: 0,
         }
     }
 
-    fn level_of(&mut self, message: &QueuedMessage) -> &mut MemoryBacklog<QueuedMessage> {
-        let top = self.levels.len() - 1;
-        &mut self.levels[(message.meta.priority as usize).min(top)]
+    fn level_index(&self, message: &QueuedMessage) -> usize {
+        (message.meta.priority as usize).min(self.levels.len() - 1)
+    }
+
+    fn level_of(&mut self, message: &QueuedMessage) -> &mut SpillingBacklog<QueuedMessage> {
+        let index = self.level_index(message);
+        &mut self.levels[index]
     }
 }
 
@@ -59,13 +67,8 @@ impl Backlog<QueuedMessage> for PriorityBacklog {
         self.len
     }
 
-    fn drain(&mut self) -> Vec<QueuedMessage> {
-        self.len = 0;
-        self.levels
-            .iter_mut()
-            .rev()
-            .flat_map(|level| level.drain())
-            .collect()
+    fn holds_in_memory(&self, next: &QueuedMessage) -> bool {
+        self.levels[self.level_index(next)].holds_in_memory(next)
     }
 
     fn visit_head_mut(
@@ -111,7 +114,7 @@ mod tests {
 
     #[test]
     fn higher_levels_first_and_fifo_within_a_level() {
-        let mut backlog = PriorityBacklog::new(5);
+        let mut backlog = PriorityBacklog::new(5, None);
         for (sequence, priority) in [(1, 0), (2, 5), (3, 2), (4, 5), (5, 0)] {
             backlog.push_back(sequence, queued(priority));
         }
@@ -125,7 +128,7 @@ mod tests {
 
     #[test]
     fn a_requeued_message_returns_to_its_place_in_its_level() {
-        let mut backlog = PriorityBacklog::new(3);
+        let mut backlog = PriorityBacklog::new(3, None);
         for sequence in 1..=3 {
             backlog.push_back(sequence, queued(3));
         }
