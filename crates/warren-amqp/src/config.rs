@@ -9,6 +9,8 @@ use warren_access::{
 };
 use warren_core::Limits;
 
+use crate::alarms::MemoryWatermark;
+
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
     /// Highest channel number a connection may open (RabbitMQ's default).
@@ -167,6 +169,12 @@ pub struct StorageConfig {
     /// How often free space is checked.
     pub disk_check_interval: Duration,
     pub segment_size_bytes: u64,
+    /// Publishers are blocked while the broker's resident memory is over
+    /// this (40% of the machine's or the cgroup's memory by default, as in
+    /// RabbitMQ), and queues keep new messages on disk.
+    pub memory_high_watermark: MemoryWatermark,
+    /// How often resident memory is checked.
+    pub memory_check_interval: Duration,
 }
 
 impl Default for StorageConfig {
@@ -176,6 +184,8 @@ impl Default for StorageConfig {
             disk_free_limit_bytes: 50_000_000,
             disk_check_interval: Duration::from_secs(1),
             segment_size_bytes: 16 * 1024 * 1024,
+            memory_high_watermark: MemoryWatermark::default(),
+            memory_check_interval: Duration::from_secs(1),
         }
     }
 }

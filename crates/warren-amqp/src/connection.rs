@@ -491,8 +491,8 @@ impl Connection {
             }
             self.session.wait_for_durable_progress().await?;
         }
-        if self.session.has_published && *self.session.signals.disk_alarm.borrow() {
-            self.block_while_disk_is_low().await?;
+        if self.session.has_published && self.session.signals.alarms.borrow().any() {
+            self.block_while_alarmed().await?;
         }
         Ok(())
     }
@@ -520,7 +520,10 @@ impl Connection {
         Ok(())
     }
 
-    async fn block_while_disk_is_low(&mut self) -> Result<(), Fault> {
+    /// Blocks a publisher while a resource alarm is raised: it gets
+    /// `connection.blocked` (when it said it understands it) and is not
+    /// read until every alarm has cleared.
+    async fn block_while_alarmed(&mut self) -> Result<(), Fault> {
         let send = |connection: &Connection, method: connection::AMQPMethod| {
             if connection.blocked_notify {
                 connection
@@ -529,19 +532,20 @@ impl Connection {
                     .method(0, AMQPClass::Connection(method));
             }
         };
+        let reason = self.session.signals.alarms.borrow().reason();
         send(
             self,
             connection::AMQPMethod::Blocked(connection::Blocked {
-                reason: "low on disk".into(),
+                reason: reason.into(),
             }),
         );
         info!(
             connection = self.session.id.0,
-            "publisher blocked: free disk space is under the limit"
+            reason, "publisher blocked by a resource alarm"
         );
-        while *self.session.signals.disk_alarm.borrow() {
+        while self.session.signals.alarms.borrow().any() {
             tokio::select! {
-                changed = self.session.signals.disk_alarm.changed() => {
+                changed = self.session.signals.alarms.changed() => {
                     if changed.is_err() {
                         return Err(Fault::Gone);
                     }

@@ -25,9 +25,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use amq_protocol::protocol::{AMQPClass, basic};
 use amq_protocol::types::FieldTable;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use warren_core::{Broker, ConnectionId, Effect, Outbox};
 
+use crate::alarms::{Alarms, MemoryMonitor};
 use crate::error::AmqpError;
 use crate::mailbox::Mailbox;
 use crate::store_worker::StoreWork;
@@ -44,6 +45,10 @@ pub struct SharedHub {
     /// Publisher confirms (acks) sent, counted outside the lock: confirms
     /// go out when the log's fsync completes, not under a broker call.
     confirmed: Arc<AtomicU64>,
+    /// The broker's memory against its high watermark.
+    memory: Arc<MemoryMonitor>,
+    /// The resource alarms raised now.
+    alarms: watch::Receiver<Alarms>,
 }
 
 /// The hub with the broker locked: shared (`SharedHub::read`) or
@@ -57,11 +62,22 @@ pub type HubRead<'a> = HubGuard<'a, RwLockReadGuard<'a, Broker>>;
 pub type HubWrite<'a> = HubGuard<'a, RwLockWriteGuard<'a, Broker>>;
 
 impl SharedHub {
-    pub fn new(hub: Hub) -> Self {
+    pub fn new(hub: Hub, memory: Arc<MemoryMonitor>, alarms: watch::Receiver<Alarms>) -> Self {
         Self {
             hub: Arc::new(hub),
             confirmed: Arc::new(AtomicU64::new(0)),
+            memory,
+            alarms,
         }
+    }
+
+    pub fn memory(&self) -> &Arc<MemoryMonitor> {
+        &self.memory
+    }
+
+    /// The resource alarms raised now.
+    pub fn alarms(&self) -> Alarms {
+        *self.alarms.borrow()
     }
 
     /// A handle that does not keep the hub alive, for threads that must
@@ -70,6 +86,8 @@ impl SharedHub {
         WeakHub {
             hub: Arc::downgrade(&self.hub),
             confirmed: Arc::clone(&self.confirmed),
+            memory: Arc::clone(&self.memory),
+            alarms: self.alarms.clone(),
         }
     }
 
@@ -148,6 +166,8 @@ impl SharedHub {
 pub(crate) struct WeakHub {
     hub: Weak<Hub>,
     confirmed: Arc<AtomicU64>,
+    memory: Arc<MemoryMonitor>,
+    alarms: watch::Receiver<Alarms>,
 }
 
 impl WeakHub {
@@ -155,6 +175,8 @@ impl WeakHub {
         self.hub.upgrade().map(|hub| SharedHub {
             hub,
             confirmed: Arc::clone(&self.confirmed),
+            memory: Arc::clone(&self.memory),
+            alarms: self.alarms.clone(),
         })
     }
 }

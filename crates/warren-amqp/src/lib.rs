@@ -3,6 +3,7 @@
 //! methods and `warren-core` broker operations, with RabbitMQ's error codes.
 
 mod admin;
+pub mod alarms;
 pub mod auth;
 mod authorize;
 mod channel;

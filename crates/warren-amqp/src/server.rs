@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use warren_core::Broker;
 
 use crate::admin::Admin;
+use crate::alarms::{Alarms, MemoryMonitor, watch_memory};
 use crate::config::AmqpConfig;
 use crate::connection::{self, Shared};
 use crate::direct::DirectConnector;
@@ -53,7 +54,7 @@ pub struct AmqpServer {
     config: Arc<AmqpConfig>,
     hub: SharedHub,
     signals: StorageSignals,
-    disk_alarm: watch::Sender<bool>,
+    alarms: watch::Sender<Alarms>,
     /// Dropped when the server stops, which direct sessions read as
     /// shutdown.
     running: watch::Sender<bool>,
@@ -78,7 +79,7 @@ impl AmqpServer {
             ^ (std::process::id() as u64) << 32;
         let mut broker = Broker::new(&config.access.vhosts(), config.limits.clone(), seed);
         broker.advance_clock(wall_clock_ms());
-        let (signals, disk_alarm) = storage::open(&mut broker, &config.storage)?;
+        let (signals, alarms) = storage::open(&mut broker, &config.storage)?;
         let listener = listen::bind(address).await?;
         let tls_listener = match &config.amqps {
             Some(amqps) => Some((
@@ -87,7 +88,8 @@ impl AmqpServer {
             )),
             None => None,
         };
-        let hub = SharedHub::new(Hub::new(broker));
+        let memory = Arc::new(MemoryMonitor::new(config.storage.memory_high_watermark));
+        let hub = SharedHub::new(Hub::new(broker), memory, signals.alarms.clone());
         store_worker::start(&hub)?;
         Ok(Self {
             listener,
@@ -95,7 +97,7 @@ impl AmqpServer {
             config: Arc::new(config),
             hub,
             signals,
-            disk_alarm,
+            alarms,
             running: watch::channel(false).0,
         })
     }
@@ -165,7 +167,12 @@ impl AmqpServer {
         let disk_monitor = tokio::spawn(storage::watch_disk(
             self.hub.clone(),
             self.config.storage.clone(),
-            self.disk_alarm,
+            self.alarms.clone(),
+        ));
+        let memory_monitor = tokio::spawn(watch_memory_pressure(
+            self.hub.clone(),
+            self.config.storage.memory_check_interval,
+            self.alarms,
         ));
         let shared = Shared {
             config: Arc::clone(&self.config),
@@ -239,9 +246,39 @@ impl AmqpServer {
         .await;
         connections.abort_all();
         disk_monitor.abort();
+        memory_monitor.abort();
         timer.abort();
         if let Err(error) = self.hub.lock().broker.close_store() {
             error!(%error, "the message store did not close cleanly");
         }
+    }
+}
+
+/// Runs the memory alarm, and tells the broker whenever it changes: over
+/// the watermark, queues keep new messages on disk rather than in memory.
+async fn watch_memory_pressure(hub: SharedHub, interval: Duration, alarms: watch::Sender<Alarms>) {
+    let mut raised = alarms.subscribe();
+    let watcher = AbortOnDrop(tokio::spawn(watch_memory(
+        Arc::clone(hub.memory()),
+        interval,
+        alarms,
+    )));
+    let mut pressure = false;
+    while raised.changed().await.is_ok() {
+        let memory = raised.borrow().memory;
+        if memory != pressure {
+            pressure = memory;
+            hub.read().broker.set_memory_pressure(memory);
+        }
+    }
+    drop(watcher);
+}
+
+/// Aborts a task when dropped, so that a helper task ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

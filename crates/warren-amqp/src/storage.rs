@@ -1,6 +1,6 @@
 //! The server's side of durability: opening the store and rebuilding the
 //! broker from it, telling connections when publishes become durable, and
-//! the free-disk alarm that blocks publishers.
+//! the free-disk alarm that blocks publishers (see `alarms`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use warren_core::{Broker, RecoveryError};
 use warren_store::{LogConfig, MessageLog, OsFileSystem, StoreError, TopologyJournal};
 
+use crate::alarms::Alarms;
 use crate::config::StorageConfig;
 use crate::hub::SharedHub;
 
@@ -28,8 +29,8 @@ pub struct StorageSignals {
     pub durable: watch::Receiver<DurableProgress>,
     /// The topology journal's progress: a declaration's `*-ok` waits for it.
     pub topology: watch::Receiver<DurableProgress>,
-    /// True while free disk space is under the limit.
-    pub disk_alarm: watch::Receiver<bool>,
+    /// The resource alarms raised: while any is, publishers are blocked.
+    pub alarms: watch::Receiver<Alarms>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,14 +43,14 @@ pub enum StorageError {
 
 /// Opens the store under `config.data_dir` (if any), recovers the broker's
 /// durable state into `broker`, and returns the signals connections watch
-/// plus the sender the disk monitor drives.
+/// plus the sender the resource monitors drive.
 pub fn open(
     broker: &mut Broker,
     config: &StorageConfig,
-) -> Result<(StorageSignals, watch::Sender<bool>), StorageError> {
+) -> Result<(StorageSignals, watch::Sender<Alarms>), StorageError> {
     let (durable_sender, durable) = watch::channel(DurableProgress::default());
     let (topology_sender, topology) = watch::channel(DurableProgress::default());
-    let (alarm_sender, disk_alarm) = watch::channel(false);
+    let (alarm_sender, alarms) = watch::channel(Alarms::default());
     if let Some(data_dir) = &config.data_dir {
         let fs = Arc::new(OsFileSystem::new());
         let listener = Box::new(move |result: Result<u64, StoreError>| {
@@ -86,7 +87,7 @@ pub fn open(
         StorageSignals {
             durable,
             topology,
-            disk_alarm,
+            alarms,
         },
         alarm_sender,
     ))
@@ -100,7 +101,7 @@ fn record_progress(sender: &watch::Sender<DurableProgress>, result: Result<u64, 
 }
 
 /// Checks free disk space periodically and raises or clears the alarm.
-pub async fn watch_disk(hub: SharedHub, config: StorageConfig, alarm: watch::Sender<bool>) {
+pub async fn watch_disk(hub: SharedHub, config: StorageConfig, alarms: watch::Sender<Alarms>) {
     // The file system is asked outside the broker's lock.
     let Some(free_space) = hub.read().broker.message_log().map(MessageLog::free_space) else {
         return;
@@ -117,7 +118,7 @@ pub async fn watch_disk(hub: SharedHub, config: StorageConfig, alarm: watch::Sen
             }
         };
         let low = available < config.disk_free_limit_bytes;
-        if low != *alarm.borrow() {
+        if low != alarms.borrow().disk {
             if low {
                 warn!(
                     available_bytes = available,
@@ -130,7 +131,7 @@ pub async fn watch_disk(hub: SharedHub, config: StorageConfig, alarm: watch::Sen
                     "free disk space is back over the limit; unblocking publishers"
                 );
             }
-            let _ = alarm.send(low);
+            alarms.send_modify(|alarms| alarms.disk = low);
         }
     }
 }

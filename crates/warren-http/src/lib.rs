@@ -127,6 +127,10 @@ fn router(state: AppState) -> Router {
         .route("/api/whoami", get(overview::whoami))
         .route("/api/vhosts", get(overview::vhosts))
         .route(
+            "/api/vm-memory-high-watermark",
+            get(overview::memory_watermark).put(overview::put_memory_watermark),
+        )
+        .route(
             "/api/vhosts/{vhost}",
             get(overview::vhost)
                 .put(access::put_vhost)

@@ -9,6 +9,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
+use warren_amqp::alarms::Alarms;
 use warren_core::QueueInfo;
 use warren_store::CommitTimesSnapshot;
 
@@ -27,6 +28,8 @@ struct Snapshot {
     resident_memory_bytes: Option<u64>,
     disk_free_bytes: Option<u64>,
     store_bytes: Option<u64>,
+    memory_limit_bytes: u64,
+    alarms: Alarms,
     commit_times: Option<CommitTimesSnapshot>,
     models: Vec<ModelStatus>,
 }
@@ -48,6 +51,8 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             resident_memory_bytes,
             disk_free_bytes: log.and_then(|log| log.available_bytes().ok()),
             store_bytes,
+            memory_limit_bytes: state.hub.memory().limit_bytes(),
+            alarms: state.hub.alarms(),
             commit_times: log.map(|log| log.commit_times()),
             models,
         }
@@ -161,6 +166,21 @@ impl prometheus_client::collector::Collector for Snapshot {
                 "warren_store_bytes",
                 "Bytes of the broker's data directory.",
                 self.store_bytes,
+            ),
+            (
+                "warren_memory_high_watermark_bytes",
+                "Resident memory above which publishers are blocked.",
+                Some(self.memory_limit_bytes),
+            ),
+            (
+                "warren_memory_alarm",
+                "1 while resident memory is over the high watermark.",
+                Some(u64::from(self.alarms.memory)),
+            ),
+            (
+                "warren_disk_alarm",
+                "1 while free disk space is under its limit.",
+                Some(u64::from(self.alarms.disk)),
             ),
         ];
         for (name, help, value) in gauges {

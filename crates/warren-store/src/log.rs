@@ -24,7 +24,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use crate::fs::FileSystem;
-use crate::record::{self, Decoded, RecordKind};
+use crate::record::{self, Decoded, MARK_BYTES, Mark, RecordKind};
 use crate::spill::SpillArea;
 
 /// Where a record lives: segment number, byte offset, encoded length.
@@ -182,6 +182,11 @@ struct State {
     active_length: u64,
     pending: Vec<PendingWrite>,
     pending_bytes: usize,
+    /// Messages settled, and messages returned by consumers, since the
+    /// last batch: the commit thread writes each list as one record at the
+    /// end of its next batch, so an ack costs 16 bytes, not a record.
+    settled: Vec<Mark>,
+    returned: Vec<Mark>,
     /// The batch the commit thread is writing, still readable by `read`.
     in_flight: Option<Arc<Vec<PendingWrite>>>,
     last_ticket: Ticket,
@@ -310,6 +315,8 @@ impl MessageLog {
             active_length: 0,
             pending: Vec::new(),
             pending_bytes: 0,
+            settled: Vec::new(),
+            returned: Vec::new(),
             in_flight: None,
             last_ticket: 0,
             durable_ticket: 0,
@@ -319,6 +326,7 @@ impl MessageLog {
             last_append: Instant::now(),
         };
         state.segments.entry(active_segment).or_default();
+        let crashed_with_messages = !clean_shutdown && !recovery.queues.is_empty();
         let shared = Arc::new(Shared {
             commit_times: CommitTimes::default(),
             fs,
@@ -328,6 +336,9 @@ impl MessageLog {
             work: Condvar::new(),
             listener,
         });
+        if crashed_with_messages {
+            note_crash_restart(&shared)?;
+        }
         let thread_shared = Arc::clone(&shared);
         let commit_thread = std::thread::Builder::new()
             .name("warren-commit".into())
@@ -376,7 +387,51 @@ impl MessageLog {
         Ok((location, ticket))
     }
 
-    /// Records that a message left its queue.
+    /// Appends a persistent message that entered each of `queues`: one
+    /// `Message` record, whose body is written once however many queues
+    /// hold it. Each queue gives the returned location back when the
+    /// message leaves it (`settle`).
+    pub fn append_routed(
+        &self,
+        queues: &[u64],
+        head: &[u8],
+        tail: &Bytes,
+    ) -> Result<(Location, Ticket), StoreError> {
+        debug_assert!(!queues.is_empty());
+        let mut prefixed = Vec::with_capacity(queues.len() * record::ROUTE_BYTES + head.len());
+        record::encode_routes(&mut prefixed, queues);
+        prefixed.extend_from_slice(head);
+        let mut state = self.shared.state.lock();
+        let (location, ticket) = append_locked(
+            &self.shared,
+            &mut state,
+            RecordKind::Message,
+            0,
+            queues.len() as u64,
+            &prefixed,
+            tail,
+        )?;
+        state.segments.entry(location.segment).or_default().live += queues.len() as u64;
+        Ok((location, ticket))
+    }
+
+    /// Records that the message at `published_at` left `queue`. Not waited
+    /// for: it is written with the next batch, and a crash before then
+    /// brings the message back, marked redelivered.
+    pub fn settle(&self, queue: u64, published_at: Location) -> Result<(), StoreError> {
+        add_mark(&self.shared, Marking::Settled, queue, published_at)
+    }
+
+    /// Records that the message at `published_at` went to a consumer of
+    /// `queue` and may come back: after a clean restart it is marked
+    /// redelivered.
+    pub fn mark_returned(&self, queue: u64, published_at: Location) -> Result<(), StoreError> {
+        add_mark(&self.shared, Marking::Returned, queue, published_at)
+    }
+
+    /// Records that a message left its queue, as a version-1 `Remove`
+    /// record; the broker now uses `settle`, and tests use this to write
+    /// logs as older versions did.
     pub fn append_remove(
         &self,
         queue: u64,
@@ -392,7 +447,8 @@ impl MessageLog {
         )
     }
 
-    /// Records that a message was handed to a consumer.
+    /// Records that a message was handed to a consumer, as a version-1
+    /// `Delivered` record (see `append_remove`).
     pub fn append_delivered(
         &self,
         queue: u64,
@@ -503,6 +559,8 @@ impl MessageLog {
         {
             let mut state = self.shared.state.lock();
             state.pending.clear();
+            state.settled.clear();
+            state.returned.clear();
             state.pending_bytes = 0;
         }
         self.stop_commit_thread();
@@ -557,6 +615,115 @@ impl LogHandle {
     /// As `MessageLog::release`.
     pub fn release(&self, location: Location) {
         release_locked(&mut self.shared.state.lock(), location);
+    }
+
+    /// As `MessageLog::settle`.
+    pub fn settle(&self, queue: u64, published_at: Location) -> Result<(), StoreError> {
+        add_mark(&self.shared, Marking::Settled, queue, published_at)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Marking {
+    Settled,
+    Returned,
+}
+
+fn add_mark(
+    shared: &Shared,
+    marking: Marking,
+    queue: u64,
+    published_at: Location,
+) -> Result<(), StoreError> {
+    let mut state = shared.state.lock();
+    if let Some(reason) = &state.poisoned {
+        return Err(StoreError::Poisoned(reason.clone()));
+    }
+    let mark = Mark {
+        queue,
+        segment: published_at.segment,
+        offset: published_at.offset,
+    };
+    match marking {
+        Marking::Settled => {
+            state.settled.push(mark);
+            release_locked(&mut state, published_at);
+        }
+        Marking::Returned => state.returned.push(mark),
+    }
+    state.pending_bytes += MARK_BYTES;
+    shared.work.notify_one();
+    Ok(())
+}
+
+/// Appends the record that keeps every message recovered after a crash
+/// marked redelivered (see `RecordKind::CrashRestart`). It names every
+/// older segment, so it outlives all of them.
+fn note_crash_restart(shared: &Shared) -> Result<(), StoreError> {
+    let mut state = shared.state.lock();
+    let (location, _) = append_locked(
+        shared,
+        &mut state,
+        RecordKind::CrashRestart,
+        0,
+        0,
+        &[],
+        &Bytes::new(),
+    )?;
+    let older: BTreeSet<u64> = state
+        .segments
+        .range(..location.segment)
+        .map(|(n, _)| *n)
+        .collect();
+    state
+        .segments
+        .entry(location.segment)
+        .or_default()
+        .back_references
+        .extend(older);
+    Ok(())
+}
+
+/// Appends the marks gathered since the last batch as one record of each
+/// kind, at the end of what the commit thread is about to write: every
+/// message they name was appended before them.
+fn append_marks(shared: &Shared, state: &mut State) {
+    for kind in [RecordKind::Settled, RecordKind::Returned] {
+        let marks = match kind {
+            RecordKind::Settled => std::mem::take(&mut state.settled),
+            _ => std::mem::take(&mut state.returned),
+        };
+        if marks.is_empty() {
+            continue;
+        }
+        state.pending_bytes = state.pending_bytes.saturating_sub(marks.len() * MARK_BYTES);
+        let mut payload = Vec::with_capacity(marks.len() * MARK_BYTES);
+        for mark in &marks {
+            record::encode_mark(&mut payload, *mark);
+        }
+        let Ok((location, _)) = append_locked(
+            shared,
+            state,
+            kind,
+            0,
+            marks.len() as u64,
+            &payload,
+            &Bytes::new(),
+        ) else {
+            return; // poisoned: nothing more is written
+        };
+        // This record must outlive the older segments whose messages it
+        // settles or marks (see `collect_deletable`).
+        for mark in &marks {
+            if mark.segment < location.segment && state.segments.contains_key(&mark.segment) {
+                state
+                    .segments
+                    .entry(location.segment)
+                    .or_default()
+                    .back_references
+                    .insert(mark.segment);
+            }
+        }
     }
 }
 
@@ -764,6 +931,17 @@ fn read_error(location: Location, error: &io::Error) -> StoreError {
 /// The payload of the record in `bytes`, read from `location`.
 fn payload_of(bytes: Vec<u8>, location: Location) -> Result<Bytes, StoreError> {
     let payload_start = match record::decode(&bytes) {
+        Decoded::Record(record, used) if record.kind == RecordKind::Message => {
+            match record::split_routes(record.sequence, record.payload) {
+                Some((_, message)) => used - message.len(),
+                None => Err(StoreError::Read {
+                    segment: location.segment,
+                    offset: location.offset.into(),
+                    kind: io::ErrorKind::InvalidData,
+                    reason: "a message record shorter than its routes".to_owned(),
+                })?,
+            }
+        }
         Decoded::Record(record, used) => used - record.payload.len(),
         other => Err(StoreError::Read {
             segment: location.segment,
@@ -839,7 +1017,11 @@ fn commit_loop(shared: &Shared) {
     loop {
         let (batch, ticket) = {
             let mut state = shared.state.lock();
-            while state.pending.is_empty() && !state.shutting_down {
+            while state.pending.is_empty()
+                && state.settled.is_empty()
+                && state.returned.is_empty()
+                && !state.shutting_down
+            {
                 let timed_out = shared
                     .work
                     .wait_for(&mut state, shared.config.idle_roll_after)
@@ -851,6 +1033,9 @@ fn commit_loop(shared: &Shared) {
                     delete_segments(shared, &doomed);
                     state = shared.state.lock();
                 }
+            }
+            if state.poisoned.is_none() {
+                append_marks(shared, &mut state);
             }
             if state.pending.is_empty() {
                 return; // shutting down with nothing left to write
@@ -896,6 +1081,8 @@ fn commit_loop(shared: &Shared) {
                 let mut state = shared.state.lock();
                 while !state.shutting_down {
                     state.pending.clear();
+                    state.settled.clear();
+                    state.returned.clear();
                     state.pending_bytes = 0;
                     shared.work.wait_for(&mut state, Duration::from_secs(1));
                 }
@@ -1014,6 +1201,23 @@ fn is_removed(message: &RecoveredMessage) -> bool {
     message.location.length == 0
 }
 
+/// Applies a settle (or a delivery mark) to the message at `found`, unless
+/// it is gone already; returns where the message was published.
+fn apply_mark(
+    queue: &mut [RecoveredMessage],
+    found: Option<usize>,
+    settled: bool,
+) -> Option<Location> {
+    let message = &mut queue[found.filter(|&index| !is_removed(&queue[index]))?];
+    let published = message.location;
+    if settled {
+        mark_removed(message);
+    } else {
+        message.delivered = true;
+    }
+    Some(published)
+}
+
 /// Replays every segment in order. A record cut short at the end of the
 /// newest segment is a write torn by a crash and is truncated away; a record
 /// whose checksum fails is skipped and logged; neither stops recovery.
@@ -1056,9 +1260,9 @@ fn recover(fs: &dyn FileSystem, dir: &Path) -> Result<Recovered, StoreError> {
                         offset: record_offset,
                         length: length as u32,
                     };
-                    let queue = live.entry(record.queue).or_default();
                     match record.kind {
                         RecordKind::Publish => {
+                            let queue = live.entry(record.queue).or_default();
                             let message = RecoveredMessage {
                                 sequence: record.sequence,
                                 location,
@@ -1076,26 +1280,76 @@ fn recover(fs: &dyn FileSystem, dir: &Path) -> Result<Recovered, StoreError> {
                                 _ => queue.push(message),
                             }
                         }
+                        RecordKind::Message => {
+                            let Some((routes, _)) =
+                                record::split_routes(record.sequence, record.payload)
+                            else {
+                                tracing::error!(path = %path.display(), offset,
+                                    "skipping a message record shorter than its routes");
+                                recovery.corrupt_records_skipped += 1;
+                                offset += length;
+                                continue;
+                            };
+                            // A queue numbers its messages in the order the
+                            // log holds them, after any it had before.
+                            for queue_id in routes {
+                                let queue = live.entry(queue_id).or_default();
+                                let sequence = queue.last().map_or(1, |last| last.sequence + 1);
+                                queue.push(RecoveredMessage {
+                                    sequence,
+                                    location,
+                                    delivered: false,
+                                });
+                            }
+                        }
                         RecordKind::Remove | RecordKind::Delivered => {
+                            let queue = live.entry(record.queue).or_default();
                             let found = queue
                                 .binary_search_by_key(&record.sequence, |m| m.sequence)
-                                .ok()
-                                .filter(|&index| !is_removed(&queue[index]));
-                            let published = found.map(|index| {
-                                let message = &mut queue[index];
-                                let published = message.location;
-                                if record.kind == RecordKind::Remove {
-                                    mark_removed(message);
-                                } else {
-                                    message.delivered = true;
-                                }
-                                published
-                            });
-                            if let Some(published) = published
+                                .ok();
+                            let settled = record.kind == RecordKind::Remove;
+                            if let Some(published) = apply_mark(queue, found, settled)
                                 && published.segment < number
                             {
                                 segment_state.back_references.insert(published.segment);
                             }
+                        }
+                        RecordKind::Settled | RecordKind::Returned => {
+                            let Some(marks) = record::decode_marks(record.payload) else {
+                                tracing::error!(path = %path.display(), offset,
+                                    "skipping a settled or returned record of a wrong length");
+                                recovery.corrupt_records_skipped += 1;
+                                offset += length;
+                                continue;
+                            };
+                            let settled = record.kind == RecordKind::Settled;
+                            for mark in marks {
+                                let Some(queue) = live.get_mut(&mark.queue) else {
+                                    continue;
+                                };
+                                // A queue's messages are in log order, which
+                                // is the order of their locations.
+                                let found = queue
+                                    .binary_search_by_key(&(mark.segment, mark.offset), |m| {
+                                        (m.location.segment, m.location.offset)
+                                    })
+                                    .ok();
+                                if let Some(published) = apply_mark(queue, found, settled)
+                                    && published.segment < number
+                                {
+                                    segment_state.back_references.insert(published.segment);
+                                }
+                            }
+                        }
+                        RecordKind::CrashRestart => {
+                            for message in live.values_mut().flatten() {
+                                message.delivered = true;
+                            }
+                            // It must outlive every older segment, across
+                            // restarts as it did when written.
+                            segment_state
+                                .back_references
+                                .extend(numbers.iter().copied().filter(|older| *older < number));
                         }
                         RecordKind::Paged | RecordKind::Topology | RecordKind::TopologyRemoved => {}
                     }

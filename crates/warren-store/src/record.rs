@@ -26,6 +26,22 @@ pub enum RecordKind {
     Topology = 5,
     /// An entry the topology journal removed.
     TopologyRemoved = 6,
+    /// A persistent message that entered one or more durable queues,
+    /// written once however many: `sequence` is the number of queues, and
+    /// the payload starts with their ids (see [`split_routes`]).
+    Message = 7,
+    /// Messages that left their queues (acked, rejected, expired, purged):
+    /// `sequence` entries of [`Mark`], each naming the queue and the
+    /// message's record.
+    Settled = 8,
+    /// Messages that went to a consumer and came back, or were still with
+    /// one when the broker stopped: after a clean restart they are marked
+    /// redelivered. Entries as in `Settled`.
+    Returned = 9,
+    /// Written first after a start that followed a crash: every message
+    /// of an older record may have been delivered before the crash, so it
+    /// stays marked redelivered however the broker stops later.
+    CrashRestart = 10,
 }
 
 impl RecordKind {
@@ -37,6 +53,10 @@ impl RecordKind {
             4 => Self::Paged,
             5 => Self::Topology,
             6 => Self::TopologyRemoved,
+            7 => Self::Message,
+            8 => Self::Settled,
+            9 => Self::Returned,
+            10 => Self::CrashRestart,
             _ => return None,
         })
     }
@@ -91,6 +111,64 @@ pub fn encode_head(
 
 pub fn encoded_length(payload_length: usize) -> usize {
     FRAME_HEADER_BYTES + BODY_HEADER_BYTES + payload_length
+}
+
+/// Bytes of one queue id in a `Message` record's payload.
+pub const ROUTE_BYTES: usize = 8;
+
+/// Appends the route prefix of a `Message` record's payload.
+pub fn encode_routes(out: &mut Vec<u8>, queues: &[u64]) {
+    for queue in queues {
+        out.extend_from_slice(&queue.to_le_bytes());
+    }
+}
+
+/// A `Message` record's queues and message payload; None when the payload
+/// is shorter than `count` queue ids.
+pub fn split_routes(count: u64, payload: &[u8]) -> Option<(impl Iterator<Item = u64> + '_, &[u8])> {
+    let prefix = usize::try_from(count).ok()?.checked_mul(ROUTE_BYTES)?;
+    if payload.len() < prefix {
+        return None;
+    }
+    let (routes, message) = payload.split_at(prefix);
+    let queues = routes
+        .chunks_exact(ROUTE_BYTES)
+        .map(|bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")));
+    Some((queues, message))
+}
+
+/// One entry of a `Settled` or `Returned` record: a queue and where the
+/// message's `Message` (or `Publish`) record starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub queue: u64,
+    pub segment: u64,
+    pub offset: u32,
+}
+
+/// Bytes of one `Mark`: queue (8), segment (4), offset (4).
+pub const MARK_BYTES: usize = 16;
+
+pub fn encode_mark(out: &mut Vec<u8>, mark: Mark) {
+    out.extend_from_slice(&mark.queue.to_le_bytes());
+    // A segment number past 2^32 would take 64 PiB of 16 MiB segments.
+    out.extend_from_slice(&(mark.segment as u32).to_le_bytes());
+    out.extend_from_slice(&mark.offset.to_le_bytes());
+}
+
+/// The marks of a `Settled` or `Returned` record's payload; None when its
+/// length is not a whole number of marks.
+pub fn decode_marks(payload: &[u8]) -> Option<impl Iterator<Item = Mark> + '_> {
+    if !payload.len().is_multiple_of(MARK_BYTES) {
+        return None;
+    }
+    Some(payload.chunks_exact(MARK_BYTES).map(|bytes| Mark {
+        queue: u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes")),
+        segment: u64::from(u32::from_le_bytes(
+            bytes[8..12].try_into().expect("4 bytes"),
+        )),
+        offset: u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")),
+    }))
 }
 
 /// What reading one record from a byte slice found.
@@ -167,6 +245,39 @@ mod tests {
         parts.extend_from_slice(b"and tail");
         assert_eq!(length, whole.len());
         assert_eq!(parts, whole);
+    }
+
+    #[test]
+    fn routes_and_marks_come_back_as_written() {
+        let mut payload = Vec::new();
+        encode_routes(&mut payload, &[3, 1 << 40]);
+        payload.extend_from_slice(b"message");
+        let (queues, message) = split_routes(2, &payload).expect("splits");
+        assert_eq!(queues.collect::<Vec<_>>(), [3, 1 << 40]);
+        assert_eq!(message, b"message");
+        assert!(split_routes(3, &payload[..20]).is_none());
+        let marks = [
+            Mark {
+                queue: 9,
+                segment: 12,
+                offset: 4096,
+            },
+            Mark {
+                queue: 1,
+                segment: 1,
+                offset: 0,
+            },
+        ];
+        let mut payload = Vec::new();
+        for mark in marks {
+            encode_mark(&mut payload, mark);
+        }
+        assert_eq!(payload.len(), 2 * MARK_BYTES);
+        assert_eq!(
+            decode_marks(&payload).expect("whole").collect::<Vec<_>>(),
+            marks
+        );
+        assert!(decode_marks(&payload[..17]).is_none());
     }
 
     #[test]

@@ -292,21 +292,25 @@ impl<M: SpillEntry> SpillingBacklog<M> {
         let count = (chunk.written - chunk.read).min(SPILL_BATCH as u32);
         let path = spill.area.chunk_path(spill.backlog, chunk.number);
         let offset = u64::from(chunk.read) * M::ENCODED_BYTES as u64;
-        let decoded: Option<Vec<(Sequence, M)>> = match spill.area.fs.read_at(
-            &path,
-            offset,
-            count as usize * M::ENCODED_BYTES,
-        ) {
-            Ok(bytes) => bytes.chunks_exact(M::ENCODED_BYTES).map(M::decode).collect(),
-            Err(error) => {
-                if !spill.failing {
-                    tracing::error!(path = %path.display(), %error,
+        let decoded: Option<Vec<(Sequence, M)>> =
+            match spill
+                .area
+                .fs
+                .read_at(&path, offset, count as usize * M::ENCODED_BYTES)
+            {
+                Ok(bytes) => bytes
+                    .chunks_exact(M::ENCODED_BYTES)
+                    .map(M::decode)
+                    .collect(),
+                Err(error) => {
+                    if !spill.failing {
+                        tracing::error!(path = %path.display(), %error,
                         "could not read a queue's spilled backlog back; retrying on the next take");
-                    spill.failing = true;
+                        spill.failing = true;
+                    }
+                    return false;
                 }
-                return false;
-            }
-        };
+            };
         let Some(entries) = decoded else {
             if !spill.failing {
                 tracing::error!(path = %path.display(), offset,

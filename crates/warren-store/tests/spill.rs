@@ -56,7 +56,10 @@ fn spill_files(fs: &SimulatedFileSystem) -> Vec<String> {
 enum Op {
     /// Pushes this many messages; every `unstored_every`-th one has its
     /// body only in memory (0: none).
-    Push { count: usize, unstored_every: usize },
+    Push {
+        count: usize,
+        unstored_every: usize,
+    },
     Take(usize),
     /// Puts back up to this many of the messages taken last.
     PutBack(usize),
@@ -112,7 +115,8 @@ fn run(ops: Vec<Op>) {
                     let expected = model.pop_first();
                     let got = backlog.pop_front();
                     assert_eq!(
-                        got.as_ref().map(|(sequence, entry)| (*sequence, entry.value)),
+                        got.as_ref()
+                            .map(|(sequence, entry)| (*sequence, entry.value)),
                         expected
                     );
                     match got {
@@ -139,8 +143,12 @@ fn run(ops: Vec<Op>) {
         }
         assert_eq!(backlog.len(), model.len());
         assert_eq!(
-            backlog.front().map(|(sequence, entry)| (sequence, entry.value)),
-            model.first_key_value().map(|(sequence, value)| (*sequence, *value))
+            backlog
+                .front()
+                .map(|(sequence, entry)| (sequence, entry.value)),
+            model
+                .first_key_value()
+                .map(|(sequence, value)| (*sequence, *value))
         );
         if !disk_ever_full && !unstored_ever {
             // In memory: the head window, what came back, and one batch
@@ -158,8 +166,18 @@ fn run(ops: Vec<Op>) {
         assert_eq!(Some((sequence, entry.value)), model.pop_first());
     }
     assert!(model.is_empty());
-    assert_eq!(spill_files(&fs), Vec::<String>::new(), "an emptied backlog keeps no file");
-    backlog.push_back(next_sequence + 1, Entry { value: 0, stored: true });
+    assert_eq!(
+        spill_files(&fs),
+        Vec::<String>::new(),
+        "an emptied backlog keeps no file"
+    );
+    backlog.push_back(
+        next_sequence + 1,
+        Entry {
+            value: 0,
+            stored: true,
+        },
+    );
     drop(backlog);
     assert_eq!(area.entries_on_disk(), 0);
     assert!(spill_files(&fs).is_empty());
@@ -181,7 +199,13 @@ fn a_long_backlog_spills_across_files_and_keeps_its_head_only() {
     let mut backlog = SpillingBacklog::<Entry>::new(Some(area));
     let total = 3 * CHUNK_ENTRIES as u64 + 17;
     for sequence in 1..=total {
-        backlog.push_back(sequence, Entry { value: sequence, stored: true });
+        backlog.push_back(
+            sequence,
+            Entry {
+                value: sequence,
+                stored: true,
+            },
+        );
     }
     assert_eq!(backlog.len() as u64, total);
     assert!(backlog.len() - backlog.spilled_len() <= HEAD_WINDOW + SPILL_BATCH);
@@ -193,7 +217,10 @@ fn a_long_backlog_spills_across_files_and_keeps_its_head_only() {
         let (got, entry) = backlog.pop_front().expect("still there");
         assert_eq!((got, entry.value), (sequence, sequence));
         let files = spill_files(&fs).len();
-        assert!(files <= files_seen, "spill files only go once reading starts");
+        assert!(
+            files <= files_seen,
+            "spill files only go once reading starts"
+        );
         files_seen = files;
     }
     assert!(spill_files(&fs).is_empty());
@@ -202,9 +229,13 @@ fn a_long_backlog_spills_across_files_and_keeps_its_head_only() {
 #[test]
 fn files_left_by_an_earlier_run_are_deleted() {
     let fs = SimulatedFileSystem::new();
-    fs.append(&Path::new(DIR).join("00000000000000aa-0000000001.spill"), b"old")
+    fs.append(
+        &Path::new(DIR).join("00000000000000aa-0000000001.spill"),
+        b"old",
+    )
+    .unwrap();
+    fs.append(&Path::new(DIR).join("keep.txt"), b"not ours")
         .unwrap();
-    fs.append(&Path::new(DIR).join("keep.txt"), b"not ours").unwrap();
     let _area = SpillArea::open(fs.clone(), Path::new(DIR)).expect("opens");
     assert_eq!(spill_files(&fs), vec!["keep.txt".to_owned()]);
 }
@@ -213,7 +244,10 @@ fn files_left_by_an_earlier_run_are_deleted() {
 fn without_an_area_everything_stays_in_memory() {
     let mut backlog = SpillingBacklog::<Entry>::new(None);
     for sequence in 1..=(HEAD_WINDOW as u64 * 3) {
-        let entry = Entry { value: sequence, stored: true };
+        let entry = Entry {
+            value: sequence,
+            stored: true,
+        };
         assert!(backlog.holds_in_memory(&entry));
         backlog.push_back(sequence, entry);
     }

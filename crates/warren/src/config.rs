@@ -12,6 +12,7 @@ use warren_access::{
     AccessControl, DeclaredPassword, DeclaredUser, Definitions, PasswordHash, PermissionEntry,
     Permissions, Tags,
 };
+use warren_amqp::alarms::MemoryWatermark;
 use warren_amqp::{AmqpConfig, default_definitions, default_loopback_users};
 use warren_http::HttpConfig;
 
@@ -68,6 +69,11 @@ pub struct StorageSection {
     pub disk_free_limit_bytes: Option<u64>,
     pub disk_check_interval_ms: Option<u64>,
     pub segment_size_bytes: Option<u64>,
+    /// A fraction of the machine's (or cgroup's) memory.
+    pub memory_high_watermark: Option<f64>,
+    /// The same in bytes; one or the other.
+    pub memory_high_watermark_bytes: Option<u64>,
+    pub memory_check_interval_ms: Option<u64>,
 }
 
 /// `[http]`: the limits of the HTTP side (docs/http-api.md).
@@ -293,6 +299,30 @@ impl FileConfig {
                 "storage.segment_size_bytes must be between 64 KiB and 1 GiB"
             );
             config.storage.segment_size_bytes = size;
+        }
+        let watermark = match (
+            storage.memory_high_watermark,
+            storage.memory_high_watermark_bytes,
+        ) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "storage.memory_high_watermark and storage.memory_high_watermark_bytes \
+                 are two ways of saying one thing: give one"
+            ),
+            (Some(fraction), None) => Some(MemoryWatermark::Relative(fraction)),
+            (None, Some(bytes)) => Some(MemoryWatermark::Absolute(bytes)),
+            (None, None) => None,
+        };
+        if let Some(watermark) = watermark {
+            config.storage.memory_high_watermark = watermark
+                .validated()
+                .map_err(|error| anyhow::anyhow!("storage: {error}"))?;
+        }
+        if let Some(interval) = storage.memory_check_interval_ms {
+            anyhow::ensure!(
+                interval >= 50,
+                "storage.memory_check_interval_ms must be at least 50"
+            );
+            config.storage.memory_check_interval = std::time::Duration::from_millis(interval);
         }
         Ok(config)
     }

@@ -83,13 +83,7 @@ impl Broker {
                 self.enqueue_routed(&targets, Arc::new(message), &mut outcome, out);
                 reached.extend(targets);
             }
-            forget_stored(
-                self.store.as_ref(),
-                true,
-                dead.queue,
-                dead.sequence,
-                dead.stored,
-            );
+            forget_stored(self.store.as_ref(), true, dead.queue, dead.stored);
         }
     }
 }

@@ -448,7 +448,7 @@ impl Broker {
         // Dead letters are routed before the operation that made them
         // ends, so none wait here; any that did would go with their queue.
         for dead in std::mem::take(&mut queue.dead_letters) {
-            super::forget_stored(self.store.as_ref(), false, id, dead.sequence, dead.stored);
+            super::forget_stored(self.store.as_ref(), false, id, dead.stored);
         }
         if let Some(entry) = queue.durable_entry() {
             self.topology_changes

@@ -193,9 +193,7 @@ impl Broker {
                 queue.unacked += 1;
             }
             if no_ack {
-                forget_stored(self.store.as_ref(), true, id, taken.sequence, taken.stored);
-            } else {
-                record_delivery(log, id, taken);
+                forget_stored(self.store.as_ref(), true, id, taken.stored);
             }
         }
         expired_messages(queue, expired, out);
@@ -382,13 +380,7 @@ impl Broker {
         out: &mut Outbox,
     ) {
         let Some(mut queue) = self.queue(unacked.queue) else {
-            forget_stored(
-                self.store.as_ref(),
-                false,
-                unacked.queue,
-                unacked.sequence,
-                unacked.stored,
-            );
+            forget_stored(self.store.as_ref(), false, unacked.queue, unacked.stored);
             return;
         };
         if let Some(tag) = &unacked.consumer_tag
@@ -406,19 +398,14 @@ impl Broker {
         }
         let letter = |reason| DeadLetter {
             queue: unacked.queue,
-            sequence: unacked.sequence,
             message: Arc::clone(&unacked.message),
             stored: unacked.stored,
             reason,
         };
         match how {
-            Settled::Acked => forget_stored(
-                self.store.as_ref(),
-                true,
-                unacked.queue,
-                unacked.sequence,
-                unacked.stored,
-            ),
+            Settled::Acked => {
+                forget_stored(self.store.as_ref(), true, unacked.queue, unacked.stored)
+            }
             Settled::Rejected => dead_letter(&mut queue, letter(DeathReason::Rejected), out),
             Settled::Requeue => {
                 let mut meta = unacked.meta;
@@ -432,6 +419,9 @@ impl Broker {
                         dead_letter(&mut queue, letter(DeathReason::DeliveryLimit), out);
                         return;
                     }
+                }
+                if let Some(store) = &self.store {
+                    mark_returned(&store.log, unacked.queue, unacked.stored);
                 }
                 queue.requeue(unacked.sequence, unacked.message, unacked.stored, meta);
                 if let Some(at) = meta.expires.deadline() {
@@ -553,7 +543,6 @@ pub(crate) fn expired_messages(queue: &mut Queue, expired: Vec<Dequeued>, out: &
     for taken in expired {
         let dead = DeadLetter {
             queue: queue.id,
-            sequence: taken.sequence,
             message: taken.message,
             stored: taken.stored,
             reason: DeathReason::Expired,
@@ -774,9 +763,8 @@ fn deliver(
         let consumer = &mut queue.consumers[index];
         let delivery_tag = state.take_delivery_tag();
         if consumer.no_ack {
-            forget_stored(store, true, queue_id, taken.sequence, taken.stored);
+            forget_stored(store, true, queue_id, taken.stored);
         } else {
-            record_delivery(log, queue_id, &taken);
             consumer.unacked += 1;
             state.track_ack_deadline(
                 ack_deadline_ms,
@@ -855,12 +843,14 @@ fn promote_single_active_consumer(queue: &mut Queue) {
     queue.next_consumer = 0;
 }
 
-/// Notes in the log that a persistent message went to a consumer, so that
-/// after a clean restart it comes back marked redelivered. A redelivery is
-/// recorded too: a message marked redelivered only because the broker
-/// crashed has no Delivered record of its own yet.
-fn record_delivery(log: Option<&MessageLog>, queue: QueueId, taken: &Dequeued) {
-    if let (Some(log), Stored::Published(location)) = (log, taken.stored) {
-        let _ = log.append_delivered(queue.0, taken.sequence, location);
+/// Notes in the log that a persistent message went to a consumer and came
+/// back, so that after a clean restart it is still marked redelivered. A
+/// delivery itself writes nothing: after a crash every recovered message
+/// is marked redelivered, and a clean stop marks those still unacked
+/// (`Broker::close_store`).
+pub(crate) fn mark_returned(log: &MessageLog, queue: QueueId, stored: Stored) {
+    if let Stored::Published(location) = stored {
+        // A poisoned log refuses it; the broker is failing anyway.
+        let _ = log.mark_returned(queue.0, location);
     }
 }

@@ -161,8 +161,19 @@ impl Broker {
         existed
     }
 
-    /// Writes everything pending and marks the shutdown clean.
+    /// Writes everything pending and marks the shutdown clean. Persistent
+    /// messages still with consumers are marked returned first, so that
+    /// after the restart they come back redelivered.
     pub fn close_store(&mut self) -> Result<(), StoreError> {
+        if let Some(store) = &self.store {
+            for connection in self.connections.values() {
+                for channel in connection.channels.values() {
+                    for unacked in channel.lock().unacked.values() {
+                        super::delivery::mark_returned(&store.log, unacked.queue, unacked.stored);
+                    }
+                }
+            }
+        }
         match self.store.take() {
             Some(store) => {
                 store.topology.close();

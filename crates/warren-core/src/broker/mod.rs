@@ -46,11 +46,11 @@ mod timers;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use amq_protocol::types::ShortString;
 use parking_lot::{Mutex, MutexGuard};
-use warren_store::{Sequence, SpillArea, Ticket, TopologyChange};
+use warren_store::{SpillArea, Ticket, TopologyChange};
 
 pub use delivery::{DELIVERY_ROUND_MAX, SETTLE_ROUND_MAX};
 pub use effect::{Delivery, DeliverySink, Effect, Outbox};
@@ -106,6 +106,9 @@ pub struct Broker {
     pending_deliveries: Mutex<PendingDeliveries>,
     /// Set whenever a round is left in either; see `has_rounds`.
     rounds_hint: AtomicBool,
+    /// The broker's memory is over its high watermark: queues keep no new
+    /// message body in memory (see `set_memory_pressure`).
+    memory_pressure: AtomicBool,
     /// Durable entries the current operation added and removed, handed to
     /// the topology journal when it ends (`sync_topology`).
     topology_changes: Vec<TopologyChange>,
@@ -136,6 +139,7 @@ impl Broker {
             pending_settles: Mutex::new(VecDeque::new()),
             pending_deliveries: Mutex::new(PendingDeliveries::default()),
             rounds_hint: AtomicBool::new(false),
+            memory_pressure: AtomicBool::new(false),
             topology_changes: Vec::new(),
             topology_ticket: None,
         };
@@ -144,6 +148,18 @@ impl Broker {
             broker.add_vhost(name);
         }
         broker
+    }
+
+    /// Raised and cleared by the server's memory alarm. While raised, a
+    /// message arriving in a queue with a store is written to the log and
+    /// its body not kept in memory, as if the queue were past its resident
+    /// limits; bodies already in memory stay until their messages leave.
+    pub fn set_memory_pressure(&self, raised: bool) {
+        self.memory_pressure.store(raised, Ordering::Relaxed);
+    }
+
+    pub fn memory_pressure(&self) -> bool {
+        self.memory_pressure.load(Ordering::Relaxed)
     }
 
     pub fn add_vhost(&mut self, name: &str) {
@@ -278,17 +294,16 @@ impl Broker {
     }
 }
 
-/// A message has left `queue` for good: its `Publish` record gets a
-/// `Remove` (or, when `queue_exists` is false because the queue was deleted,
+/// A message has left `queue` for good: its record is settled for that
+/// queue (or, when `queue_exists` is false because the queue was deleted,
 /// the log just stops counting it); a `Paged` record is simply released.
 pub(crate) fn forget_stored(
     store: Option<&Store>,
     queue_exists: bool,
     queue: QueueId,
-    sequence: Sequence,
     stored: Stored,
 ) {
     if let Some(store) = store {
-        forget_copy(&store.log, queue_exists, queue, sequence, stored);
+        forget_copy(&store.log, queue_exists, queue, stored);
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use warren_store::RecordKind;
+use warren_store::{Location, MessageLog};
 
 use super::Broker;
 use super::dead_letter::dead_letter;
@@ -91,18 +91,29 @@ impl Broker {
     ) {
         let log = self.store.as_ref().map(|store| &store.log);
         let now_ms = self.now_ms();
-        let mut head: Option<Vec<u8>> = None;
+        // The message is written once, naming every durable queue that
+        // keeps it, before any of them holds it.
+        let stored = match log {
+            Some(log) => self.append_persistent(log, targets, &message, now_ms, outcome),
+            None => None,
+        };
         for id in targets {
             let Some(mut queue) = self.queue(*id) else {
                 continue;
             };
+            let record = stored
+                .as_ref()
+                .filter(|(queues, _)| queues.binary_search(&id.0).is_ok());
             if queue.args.overflow != Overflow::DropHead && queue.would_overflow(message.body.len())
             {
                 outcome.rejected = true;
+                if let (Some(log), Some((_, location))) = (log, record) {
+                    // Full since the message was written: it never entered.
+                    let _ = log.settle(id.0, *location);
+                }
                 if queue.args.overflow == Overflow::RejectPublishDlx {
                     let dead = DeadLetter {
                         queue: *id,
-                        sequence: 0,
                         message: Arc::clone(&message),
                         stored: Stored::Nowhere,
                         reason: DeathReason::Maxlen,
@@ -112,35 +123,25 @@ impl Broker {
                 continue;
             }
             let sequence = queue.allocate_sequence();
-            let mut stored = Stored::Nowhere;
-            if queue.persists(&message)
-                && let Some(log) = log
-            {
-                let head = head.get_or_insert_with(|| encode_message_head(&message, now_ms));
-                match log.append_message_with_tail(
-                    RecordKind::Publish,
-                    id.0,
-                    sequence,
-                    head,
-                    &message.body,
-                ) {
-                    Ok((location, ticket)) => {
-                        stored = Stored::Published(location);
-                        outcome.ticket = Some(ticket);
-                    }
-                    Err(error) => outcome.store_error = Some(error),
-                }
-            }
+            let stored = record.map_or(Stored::Nowhere, |(_, location)| {
+                Stored::Published(*location)
+            });
             let meta = queue.meta_for(&message, now_ms);
             queue.counts.published += 1;
-            queue.enqueue(sequence, Arc::clone(&message), stored, meta, log);
+            queue.enqueue(
+                sequence,
+                Arc::clone(&message),
+                stored,
+                meta,
+                log,
+                self.memory_pressure(),
+            );
             while queue.over_length() {
                 let Some(dropped) = queue.pop_loaded(log, now_ms) else {
                     break;
                 };
                 let dead = DeadLetter {
                     queue: *id,
-                    sequence: dropped.sequence,
                     message: dropped.message,
                     stored: dropped.stored,
                     reason: DeathReason::Maxlen,
@@ -149,6 +150,47 @@ impl Broker {
             }
             if let Some(at) = meta.expires.deadline() {
                 self.schedule_locked(&mut queue, at);
+            }
+        }
+    }
+
+    /// Appends a persistent message to the log once for all the durable
+    /// queues among `targets` that have room for it; returns those queues
+    /// and the record's location. A queue that is full by the time the
+    /// message reaches it settles its share at once.
+    fn append_persistent(
+        &self,
+        log: &MessageLog,
+        targets: &[QueueId],
+        message: &Message,
+        now_ms: u64,
+        outcome: &mut Published,
+    ) -> Option<(Vec<u64>, Location)> {
+        let mut keeping: Vec<u64> = targets
+            .iter()
+            .filter(|id| {
+                self.queue(**id).is_some_and(|queue| {
+                    queue.persists(message)
+                        && (queue.args.overflow == Overflow::DropHead
+                            || !queue.would_overflow(message.body.len()))
+                })
+            })
+            .map(|id| id.0)
+            .collect();
+        if keeping.is_empty() {
+            return None;
+        }
+        // Sorted, so that each queue finds itself by binary search.
+        keeping.sort_unstable();
+        let head = encode_message_head(message, now_ms);
+        match log.append_routed(&keeping, &head, &message.body) {
+            Ok((location, ticket)) => {
+                outcome.ticket = Some(ticket);
+                Some((keeping, location))
+            }
+            Err(error) => {
+                outcome.store_error = Some(error);
+                None
             }
         }
     }

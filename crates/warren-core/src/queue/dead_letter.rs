@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-use warren_store::Sequence;
 
 use super::Stored;
 use crate::{Message, QueueId};
@@ -21,7 +20,6 @@ use crate::{Message, QueueId};
 #[derive(Debug)]
 pub(crate) struct DeadLetter {
     pub queue: QueueId,
-    pub sequence: Sequence,
     pub message: Arc<Message>,
     /// Its copy in the log, removed once the dead-lettered copy is written.
     pub stored: Stored,

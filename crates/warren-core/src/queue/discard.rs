@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use warren_store::{Backlog, Location, LogHandle, MessageLog, Sequence, StoreError, Ticket};
+use warren_store::{Backlog, Location, LogHandle, MessageLog, StoreError};
 
 use crate::QueueId;
 use crate::queue::{QueuedMessage, Stored};
@@ -68,8 +68,8 @@ impl Discard {
     }
 
     fn forget_all(mut self, log: &dyn StoredCopies) {
-        while let Some((sequence, queued)) = self.backlog.pop_front() {
-            forget_copy(log, self.queue_exists, self.queue, sequence, queued.stored);
+        while let Some((_, queued)) = self.backlog.pop_front() {
+            forget_copy(log, self.queue_exists, self.queue, queued.stored);
         }
     }
 }
@@ -78,12 +78,7 @@ impl Discard {
 /// or from another thread.
 pub(crate) trait StoredCopies {
     fn release(&self, location: Location);
-    fn append_remove(
-        &self,
-        queue: u64,
-        sequence: u64,
-        location: Location,
-    ) -> Result<Ticket, StoreError>;
+    fn settle(&self, queue: u64, location: Location) -> Result<(), StoreError>;
 }
 
 impl StoredCopies for MessageLog {
@@ -91,13 +86,8 @@ impl StoredCopies for MessageLog {
         MessageLog::release(self, location);
     }
 
-    fn append_remove(
-        &self,
-        queue: u64,
-        sequence: u64,
-        location: Location,
-    ) -> Result<Ticket, StoreError> {
-        MessageLog::append_remove(self, queue, sequence, location)
+    fn settle(&self, queue: u64, location: Location) -> Result<(), StoreError> {
+        MessageLog::settle(self, queue, location)
     }
 }
 
@@ -106,24 +96,18 @@ impl StoredCopies for LogHandle {
         LogHandle::release(self, location);
     }
 
-    fn append_remove(
-        &self,
-        queue: u64,
-        sequence: u64,
-        location: Location,
-    ) -> Result<Ticket, StoreError> {
-        LogHandle::append_remove(self, queue, sequence, location)
+    fn settle(&self, queue: u64, location: Location) -> Result<(), StoreError> {
+        LogHandle::settle(self, queue, location)
     }
 }
 
 /// Forgets one message's stored copy: a paged transient copy is released;
-/// a published one gets a `Remove` record while its queue exists (so that
-/// recovery does not bring it back) and is released otherwise.
+/// a published one is settled while its queue exists (so that recovery
+/// does not bring it back) and is released otherwise.
 pub(crate) fn forget_copy(
     log: &dyn StoredCopies,
     queue_exists: bool,
     queue: QueueId,
-    sequence: Sequence,
     stored: Stored,
 ) {
     match stored {
@@ -132,7 +116,7 @@ pub(crate) fn forget_copy(
         Stored::Published(location) if queue_exists => {
             // A poisoned log refuses the record; the message may then come
             // back after a restart, which at-least-once delivery allows.
-            let _ = log.append_remove(queue.0, sequence, location);
+            let _ = log.settle(queue.0, location);
         }
         Stored::Published(location) => log.release(location),
     }

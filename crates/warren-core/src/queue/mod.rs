@@ -568,9 +568,10 @@ impl Queue {
         self.next_sequence
     }
 
-    /// Appends a message. Past the resident limits its body is dropped from
-    /// memory: a persistent message is already in the log, a transient one
-    /// is written there as a `Paged` record first.
+    /// Appends a message. Past the resident limits, behind a spilled tail
+    /// or under memory pressure, its body is dropped from memory: a
+    /// persistent message is already in the log, a transient one is written
+    /// there as a `Paged` record first.
     pub fn enqueue(
         &mut self,
         sequence: Sequence,
@@ -578,6 +579,7 @@ impl Queue {
         mut stored: Stored,
         meta: MessageMeta,
         log: Option<&MessageLog>,
+        memory_pressure: bool,
     ) {
         let body_bytes = message.body.len();
         let mut queued = QueuedMessage {
@@ -591,7 +593,8 @@ impl Queue {
         // that on disk. A message whose body alone passes the byte limit
         // waits on disk from the start: a large body costs disk, not
         // memory, while it waits.
-        let over_limits = !self.backlog.holds_in_memory(&queued)
+        let over_limits = memory_pressure
+            || !self.backlog.holds_in_memory(&queued)
             || self.resident_messages >= RESIDENT_MESSAGES_MAX
             || self.resident_bytes + body_bytes > RESIDENT_BYTES_MAX;
         if over_limits

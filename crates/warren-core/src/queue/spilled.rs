@@ -130,7 +130,10 @@ mod tests {
                 ..entry.clone()
             }
             .encode(1, &mut bytes);
-            assert_eq!(QueuedMessage::decode(&bytes).unwrap().1.meta.expires, unknown);
+            assert_eq!(
+                QueuedMessage::decode(&bytes).unwrap().1.meta.expires,
+                unknown
+            );
         }
     }
 

@@ -1,12 +1,17 @@
-//! `/api/overview`, `/api/whoami`, `/api/vhosts`.
+//! `/api/overview`, `/api/whoami`, `/api/vhosts`, and the memory high
+//! watermark (`/api/vm-memory-high-watermark`).
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
 use serde_json::{Value, json};
+use warren_amqp::alarms::MemoryWatermark;
 
 use crate::api::{message_stats, require_vhost};
 use crate::auth::Credentials;
-use crate::error::ApiResult;
+use crate::body::JsonBody;
+use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 pub async fn overview(State(state): State<AppState>, _user: Credentials) -> Json<Value> {
@@ -39,6 +44,11 @@ pub async fn overview(State(state): State<AppState>, _user: Credentials) -> Json
             "messages_unacknowledged": totals.unacked,
         },
         "message_stats": stats,
+        // As RabbitMQ's /api/nodes names them.
+        "mem_used": state.hub.memory().used_bytes(),
+        "mem_limit": state.hub.memory().limit_bytes(),
+        "mem_alarm": state.hub.alarms().memory,
+        "disk_free_alarm": state.hub.alarms().disk,
         "listeners": [
             {"protocol": "amqp", "node": node.name,
              "ip_address": node.amqp_address.ip().to_string(), "port": node.amqp_address.port()},
@@ -84,4 +94,56 @@ fn vhost_json(state: &AppState, name: &str) -> Value {
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
     })
+}
+
+/// The memory high watermark, as a fraction or in bytes, with the limit it
+/// makes, the memory in use and whether the alarm is raised.
+pub async fn memory_watermark(
+    State(state): State<AppState>,
+    user: Credentials,
+) -> ApiResult<Json<Value>> {
+    user.require_administrator()?;
+    let memory = state.hub.memory();
+    let mut answer = match memory.watermark() {
+        MemoryWatermark::Relative(fraction) => json!({"relative": fraction}),
+        MemoryWatermark::Absolute(bytes) => json!({"absolute": bytes}),
+    };
+    answer["limit"] = json!(memory.limit_bytes());
+    answer["used"] = json!(memory.used_bytes());
+    answer["alarm"] = json!(state.hub.alarms().memory);
+    Ok(Json(answer))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutWatermark {
+    relative: Option<f64>,
+    absolute: Option<u64>,
+}
+
+/// Changes the watermark while the broker runs, as `rabbitmqctl
+/// set_vm_memory_high_watermark` does; it is not kept across a restart
+/// (the configuration file's value is).
+pub async fn put_memory_watermark(
+    State(state): State<AppState>,
+    user: Credentials,
+    JsonBody(body): JsonBody<PutWatermark>,
+) -> ApiResult<StatusCode> {
+    user.require_administrator()?;
+    let watermark = match (body.relative, body.absolute) {
+        (Some(fraction), None) => MemoryWatermark::Relative(fraction),
+        (None, Some(bytes)) => MemoryWatermark::Absolute(bytes),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give either \"relative\" (a fraction of memory) or \"absolute\" (bytes)"
+                    .to_owned(),
+            ));
+        }
+    };
+    state
+        .hub
+        .memory()
+        .set_watermark(watermark)
+        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
 }
