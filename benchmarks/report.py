@@ -697,6 +697,7 @@ class Report:
         out += self.render_targets()
         out += self.render_results()
         out += self.render_in_the_way()
+        out += self.render_storage()
         out += self.render_all_runs()
         out += self.render_commands()
         return "\n".join(out).rstrip() + "\n"
@@ -973,6 +974,19 @@ class Report:
             out.append(text if text else "_Profile analysis pending._")
             out.append("")
         return out
+
+    def render_storage(self) -> list[str]:
+        """The storage measurements (benchmarks/storage.sh), kept in
+        benchmarks/storage.md so that re-rendering keeps them: they need a
+        ten-million-message backlog and are not part of compare.sh's
+        rounds."""
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "storage.md")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read().strip()
+        except OSError:
+            return []
+        return [text, ""]
 
     def render_all_runs(self) -> list[str]:
         out = ["## Every run", "", "| Scenario | Round | Broker | Exit | Numbers | Problems |",
