@@ -10,6 +10,7 @@
 #             with no consumer, stop the broker cleanly, start it again:
 #             the backlog recovered, recovery's elapsed_ms (from the log
 #             line "durable state recovered"), and the RSS after recovery
+#             and at its peak (VmHWM)
 #   fanout    persistent 1 KiB messages with confirms through a fanout
 #             exchange to 10 durable queues, each with a consumer (manual
 #             ack): publish rate, and bytes the broker wrote to disk per
@@ -61,6 +62,10 @@ rss_mib() {
     awk '/^VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"
 }
 
+peak_rss_mib() {
+    awk '/^VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"
+}
+
 written_bytes() {
     awk '/^write_bytes/ {print $2}' "/proc/$1/io"
 }
@@ -102,7 +107,7 @@ restart() {
     ready=$(date +%s.%N)
     grep -o "durable state recovered.*" "$WORK/broker.log" | sed 's/^/  /'
     echo "  start to accepting connections: $(awk "BEGIN {printf \"%.2f\", $ready - $started}") s;" \
-         "RSS after recovery $(rss_mib "$BROKER_PID") MiB"
+         "RSS after recovery $(rss_mib "$BROKER_PID") MiB, peak during it $(peak_rss_mib "$BROKER_PID") MiB"
     stop_broker
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use warren_core::{Broker, RecoveryError};
-use warren_store::{LogConfig, MessageLog, OsFileSystem, StoreError, TopologyJournal};
+use warren_store::{LogConfig, MessageLog, OsFileSystem, SpillArea, StoreError, TopologyJournal};
 
 use crate::alarms::Alarms;
 use crate::config::StorageConfig;
@@ -64,10 +64,27 @@ pub fn open(
             ..LogConfig::default()
         };
         let started = Instant::now();
-        let (log, recovery) =
-            MessageLog::open(fs.clone(), &data_dir.join("messages"), log_config, listener)?;
-        let (topology, entries) = TopologyJournal::open(fs, data_dir, topology_listener)?;
-        let summary = broker.attach_store(log, recovery, topology, entries)?;
+        let messages_dir = data_dir.join("messages");
+        let spill = SpillArea::open(fs.clone(), &messages_dir.join("spill"))?;
+        let (topology, entries) = TopologyJournal::open(fs.clone(), data_dir, topology_listener)?;
+        let mut summary = broker.restore_topology(&entries, Some(spill))?;
+        // Each recovered message goes straight into its queue, which keeps
+        // only the head of a long backlog in memory.
+        let now_ms = broker.now_ms();
+        let mut restored = 0;
+        let (log, recovery) = MessageLog::open_with(
+            fs,
+            &messages_dir,
+            log_config,
+            listener,
+            &mut |queue, message, payload| {
+                let kept = broker.restore_message(queue, message, payload, now_ms);
+                restored += usize::from(kept);
+                kept
+            },
+        )?;
+        summary.messages = restored;
+        broker.attach_log(log, &recovery, topology, &mut summary);
         info!(
             data_dir = %data_dir.display(),
             exchanges = summary.exchanges,

@@ -14,7 +14,9 @@ use warren_core::{
     Broker, ConnectionId, Consume, Discard, Effect, Limits, Message, Outbox, QueueDeclare,
     ReadAhead,
 };
-use warren_store::{FileSystem, LogConfig, MessageLog, SimulatedFileSystem, TopologyJournal};
+use warren_store::{
+    FileSystem, LogConfig, MessageLog, SimulatedFileSystem, SpillArea, TopologyJournal,
+};
 
 const CONNECTION: ConnectionId = ConnectionId(1);
 
@@ -28,10 +30,16 @@ fn broker_on(fs: &Arc<SimulatedFileSystem>) -> Broker {
     )
     .unwrap();
     let (topology, entries) =
-        TopologyJournal::open(fs_dyn, Path::new("/data"), Box::new(|_| {})).unwrap();
+        TopologyJournal::open(fs_dyn.clone(), Path::new("/data"), Box::new(|_| {})).unwrap();
     let mut broker = Broker::new(&[], Limits::default(), 3);
     broker
-        .attach_store(log, recovery, topology, entries)
+        .attach_store(
+            log,
+            recovery,
+            topology,
+            entries,
+            Some(SpillArea::open(fs_dyn.clone(), Path::new("/data/messages/spill")).unwrap()),
+        )
         .unwrap();
     broker.open_connection(CONNECTION, "/", true);
     broker.open_channel(CONNECTION, 1);

@@ -9,7 +9,9 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::Bytes;
 use warren_core::{Broker, ConnectionId, Limits, Message, Outbox, QueueDeclare};
-use warren_store::{FileSystem, LogConfig, MessageLog, SimulatedFileSystem, TopologyJournal};
+use warren_store::{
+    FileSystem, LogConfig, MessageLog, SimulatedFileSystem, SpillArea, TopologyJournal,
+};
 
 const CONNECTION: ConnectionId = ConnectionId(1);
 const T0: u64 = 1_800_000_000_000;
@@ -25,11 +27,17 @@ fn broker_at(fs: &Arc<SimulatedFileSystem>, now_ms: u64) -> Broker {
     )
     .unwrap();
     let (topology, entries) =
-        TopologyJournal::open(fs_dyn, Path::new("/data"), Box::new(|_| {})).unwrap();
+        TopologyJournal::open(fs_dyn.clone(), Path::new("/data"), Box::new(|_| {})).unwrap();
     let mut broker = Broker::new(&[], Limits::default(), 3);
     broker.advance_clock(now_ms);
     broker
-        .attach_store(log, recovery, topology, entries)
+        .attach_store(
+            log,
+            recovery,
+            topology,
+            entries,
+            Some(SpillArea::open(fs_dyn.clone(), Path::new("/data/messages/spill")).unwrap()),
+        )
         .unwrap();
     broker.open_connection(CONNECTION, "/", true);
     broker.open_channel(CONNECTION, 1);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use amq_protocol::types::AMQPValue;
 use warren_core::{Broker, ConnectionId, Limits, Message, Outbox, QueueDeclare};
-use warren_store::{LogConfig, MessageLog, OsFileSystem, TopologyJournal};
+use warren_store::{LogConfig, MessageLog, OsFileSystem, SpillArea, TopologyJournal};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/format-v1");
 
@@ -42,9 +42,15 @@ fn the_first_format_version_recovers() {
     )
     .unwrap();
     let mut broker = Broker::new(&[], Limits::default(), 7);
-    let (topology, entries) = TopologyJournal::open(fs, &dir, Box::new(|_| {})).unwrap();
+    let (topology, entries) = TopologyJournal::open(fs.clone(), &dir, Box::new(|_| {})).unwrap();
     let summary = broker
-        .attach_store(log, recovery, topology, entries)
+        .attach_store(
+            log,
+            recovery,
+            topology,
+            entries,
+            Some(SpillArea::open(fs.clone(), &dir.join("messages").join("spill")).unwrap()),
+        )
         .unwrap();
     assert_eq!(
         (summary.exchanges, summary.queues, summary.bindings),

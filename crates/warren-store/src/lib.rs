@@ -22,6 +22,7 @@
 pub mod fs;
 pub mod log;
 pub mod record;
+mod replay;
 pub mod spill;
 pub mod topology;
 
@@ -31,6 +32,7 @@ pub use log::{
     LogConfig, LogHandle, MessageLog, RecoveredMessage, Recovery, StoreError, Ticket,
 };
 pub use record::RecordKind;
+pub use replay::RecoveredSink;
 pub use spill::{SpillArea, SpillEntry, SpillingBacklog};
 pub use topology::{TopologyChange, TopologyJournal, TopologyWaiter};
 
@@ -70,10 +72,6 @@ pub trait Backlog<M>: Send {
     fn holds_in_memory(&self, _next: &M) -> bool {
         true
     }
-
-    /// Makes room for `additional` messages about to be pushed, so a large
-    /// recovered backlog is allocated once rather than by doubling.
-    fn reserve(&mut self, _additional: usize) {}
 
     /// Visits up to `count` waiting messages in the order they will be
     /// taken; `visit` may change a message but not its place.
@@ -170,10 +168,6 @@ impl<M: Send> Backlog<M> for MemoryBacklog<M> {
 
     fn len(&self) -> usize {
         self.returned.len() + self.arrived.len()
-    }
-
-    fn reserve(&mut self, additional: usize) {
-        self.arrived.reserve_exact(additional);
     }
 
     fn visit_head_mut(&mut self, count: usize, visit: &mut dyn FnMut(Sequence, &mut M)) {

@@ -25,7 +25,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::fs::FileSystem;
 use crate::record::{self, Decoded, MARK_BYTES, Mark, RecordKind};
-use crate::spill::SpillArea;
+use crate::replay::{RecoveredSink, Replayed, replay};
 
 /// Where a record lives: segment number, byte offset, encoded length.
 ///
@@ -130,23 +130,23 @@ pub struct Recovery {
     pub corrupt_records_skipped: usize,
 }
 
-const SEGMENT_SUFFIX: &str = ".seg";
+pub(crate) const SEGMENT_SUFFIX: &str = ".seg";
 const CLEAN_SHUTDOWN_MARKER: &str = "clean-shutdown";
-const SPILL_DIR: &str = "spill";
 
-fn segment_name(segment: u64) -> String {
+pub(crate) fn segment_name(segment: u64) -> String {
     format!("{segment:020}{SEGMENT_SUFFIX}")
 }
 
 #[derive(Debug, Default)]
-struct SegmentState {
-    /// Messages published into this segment and not yet removed.
-    live: u64,
+pub(crate) struct SegmentState {
+    /// Queues' shares of the messages published into this segment that
+    /// have not left them yet.
+    pub(crate) live: u64,
     /// Older segments holding messages that records in this one remove or
     /// mark delivered.
-    back_references: BTreeSet<u64>,
+    pub(crate) back_references: BTreeSet<u64>,
     /// Whether the file exists on disk yet.
-    created: bool,
+    pub(crate) created: bool,
 }
 
 /// A payload tail at least this long is written from the caller's buffer
@@ -273,19 +273,37 @@ impl FreeSpace {
 pub struct MessageLog {
     shared: Arc<Shared>,
     commit_thread: Option<JoinHandle<()>>,
-    /// Where queues keep the index entries of long backlogs (`spill/`
-    /// under the log's directory).
-    spill: Arc<SpillArea>,
 }
 
 impl MessageLog {
     /// Reads every segment in `dir`, rebuilding which messages are live, and
-    /// starts the commit thread. New records go to a fresh segment.
+    /// starts the commit thread. New records go to a fresh segment. The
+    /// recovered messages are in the returned `Recovery`'s `queues`.
     pub fn open(
         fs: Arc<dyn FileSystem>,
         dir: &Path,
         config: LogConfig,
         listener: DurableListener,
+    ) -> Result<(Self, Recovery), StoreError> {
+        let mut queues: BTreeMap<u64, Vec<RecoveredMessage>> = BTreeMap::new();
+        let (log, mut recovery) =
+            Self::open_with(fs, dir, config, listener, &mut |queue, message, _| {
+                queues.entry(queue).or_default().push(message);
+                true
+            })?;
+        recovery.queues = queues;
+        Ok((log, recovery))
+    }
+
+    /// As `open`, but hands each recovered message to `sink` as recovery
+    /// meets it, with its payload, instead of gathering them: recovery then
+    /// keeps nothing per message (see `replay`).
+    pub fn open_with(
+        fs: Arc<dyn FileSystem>,
+        dir: &Path,
+        config: LogConfig,
+        listener: DurableListener,
+        sink: &mut RecoveredSink<'_>,
     ) -> Result<(Self, Recovery), StoreError> {
         fs.create_dir_all(dir)
             .map_err(|error| StoreError::io("creating", dir, error))?;
@@ -299,17 +317,14 @@ impl MessageLog {
             fs.sync_dir(dir)
                 .map_err(|error| StoreError::io("syncing", dir, error))?;
         }
-        let spill = SpillArea::open(Arc::clone(&fs), &dir.join(SPILL_DIR))?;
-        let (segments, mut recovery, last_segment) = recover(fs.as_ref(), dir)?;
-        recovery.clean_shutdown = clean_shutdown;
-        if !clean_shutdown {
-            for messages in recovery.queues.values_mut() {
-                for message in messages {
-                    message.delivered = true;
-                }
-            }
-        }
-        let active_segment = last_segment + 1;
+        let Replayed {
+            segments,
+            recovery,
+            newest,
+        } = replay(fs.as_ref(), dir, clean_shutdown, sink)?;
+        let active_segment = newest + 1;
+        let crashed_with_messages =
+            !clean_shutdown && segments.values().any(|segment| segment.live > 0);
         let mut state = State {
             active_segment,
             active_length: 0,
@@ -326,7 +341,6 @@ impl MessageLog {
             last_append: Instant::now(),
         };
         state.segments.entry(active_segment).or_default();
-        let crashed_with_messages = !clean_shutdown && !recovery.queues.is_empty();
         let shared = Arc::new(Shared {
             commit_times: CommitTimes::default(),
             fs,
@@ -348,7 +362,6 @@ impl MessageLog {
             Self {
                 shared,
                 commit_thread: Some(commit_thread),
-                spill,
             },
             recovery,
         ))
@@ -475,11 +488,6 @@ impl MessageLog {
     /// The payload is a view of the one buffer the record was read into.
     pub fn read(&self, location: Location) -> Result<Bytes, StoreError> {
         read_payload(&self.shared, location)
-    }
-
-    /// Where queues spill the index entries of their long backlogs.
-    pub fn spill_area(&self) -> Arc<SpillArea> {
-        Arc::clone(&self.spill)
     }
 
     /// A handle for another thread, which reads messages back and forgets
@@ -1186,207 +1194,4 @@ fn delete_segments(shared: &Shared, segments: &[u64]) {
             tracing::warn!(path = %path.display(), %error, "could not delete a dead segment");
         }
     }
-}
-
-type Recovered = (BTreeMap<u64, SegmentState>, Recovery, u64);
-
-/// During replay a removed message is marked by a zero length, which no
-/// real record has, so removal needs no extra field or second pass over a
-/// separate set.
-fn mark_removed(message: &mut RecoveredMessage) {
-    message.location.length = 0;
-}
-
-fn is_removed(message: &RecoveredMessage) -> bool {
-    message.location.length == 0
-}
-
-/// Applies a settle (or a delivery mark) to the message at `found`, unless
-/// it is gone already; returns where the message was published.
-fn apply_mark(
-    queue: &mut [RecoveredMessage],
-    found: Option<usize>,
-    settled: bool,
-) -> Option<Location> {
-    let message = &mut queue[found.filter(|&index| !is_removed(&queue[index]))?];
-    let published = message.location;
-    if settled {
-        mark_removed(message);
-    } else {
-        message.delivered = true;
-    }
-    Some(published)
-}
-
-/// Replays every segment in order. A record cut short at the end of the
-/// newest segment is a write torn by a crash and is truncated away; a record
-/// whose checksum fails is skipped and logged; neither stops recovery.
-fn recover(fs: &dyn FileSystem, dir: &Path) -> Result<Recovered, StoreError> {
-    let mut numbers: Vec<u64> = fs
-        .list(dir)
-        .map_err(|error| StoreError::io("listing", dir, error))?
-        .iter()
-        .filter_map(|name| name.strip_suffix(SEGMENT_SUFFIX)?.parse().ok())
-        .collect();
-    numbers.sort_unstable();
-    let mut recovery = Recovery::default();
-    // Per queue, its messages in sequence order. A queue's Publish records
-    // appear in the log in sequence order, so appending keeps each vector
-    // sorted and Remove and Delivered find their message by binary search.
-    // Flat vectors rather than maps keep recovery's peak memory close to
-    // the 40 bytes per message the result needs.
-    let mut live: BTreeMap<u64, Vec<RecoveredMessage>> = BTreeMap::new();
-    let mut segments: BTreeMap<u64, SegmentState> = BTreeMap::new();
-    let newest = numbers.last().copied();
-    for &number in &numbers {
-        let path = dir.join(segment_name(number));
-        let bytes = fs
-            .read_all(&path)
-            .map_err(|error| StoreError::io("reading", &path, error))?;
-        recovery.segments_read += 1;
-        recovery.bytes_read += bytes.len() as u64;
-        let segment_state = segments.entry(number).or_default();
-        segment_state.created = true;
-        let mut offset = 0usize;
-        while offset < bytes.len() {
-            let Ok(record_offset) = u32::try_from(offset) else {
-                tracing::error!(path = %path.display(), "a segment larger than 4 GiB was not written by Warren; reading stops here");
-                break;
-            };
-            match record::decode(&bytes[offset..]) {
-                Decoded::Record(record, length) => {
-                    let location = Location {
-                        segment: number,
-                        offset: record_offset,
-                        length: length as u32,
-                    };
-                    match record.kind {
-                        RecordKind::Publish => {
-                            let queue = live.entry(record.queue).or_default();
-                            let message = RecoveredMessage {
-                                sequence: record.sequence,
-                                location,
-                                delivered: false,
-                            };
-                            match queue.last() {
-                                Some(last) if last.sequence >= record.sequence => {
-                                    match queue
-                                        .binary_search_by_key(&record.sequence, |m| m.sequence)
-                                    {
-                                        Ok(index) => queue[index] = message,
-                                        Err(index) => queue.insert(index, message),
-                                    }
-                                }
-                                _ => queue.push(message),
-                            }
-                        }
-                        RecordKind::Message => {
-                            let Some((routes, _)) =
-                                record::split_routes(record.sequence, record.payload)
-                            else {
-                                tracing::error!(path = %path.display(), offset,
-                                    "skipping a message record shorter than its routes");
-                                recovery.corrupt_records_skipped += 1;
-                                offset += length;
-                                continue;
-                            };
-                            // A queue numbers its messages in the order the
-                            // log holds them, after any it had before.
-                            for queue_id in routes {
-                                let queue = live.entry(queue_id).or_default();
-                                let sequence = queue.last().map_or(1, |last| last.sequence + 1);
-                                queue.push(RecoveredMessage {
-                                    sequence,
-                                    location,
-                                    delivered: false,
-                                });
-                            }
-                        }
-                        RecordKind::Remove | RecordKind::Delivered => {
-                            let queue = live.entry(record.queue).or_default();
-                            let found = queue
-                                .binary_search_by_key(&record.sequence, |m| m.sequence)
-                                .ok();
-                            let settled = record.kind == RecordKind::Remove;
-                            if let Some(published) = apply_mark(queue, found, settled)
-                                && published.segment < number
-                            {
-                                segment_state.back_references.insert(published.segment);
-                            }
-                        }
-                        RecordKind::Settled | RecordKind::Returned => {
-                            let Some(marks) = record::decode_marks(record.payload) else {
-                                tracing::error!(path = %path.display(), offset,
-                                    "skipping a settled or returned record of a wrong length");
-                                recovery.corrupt_records_skipped += 1;
-                                offset += length;
-                                continue;
-                            };
-                            let settled = record.kind == RecordKind::Settled;
-                            for mark in marks {
-                                let Some(queue) = live.get_mut(&mark.queue) else {
-                                    continue;
-                                };
-                                // A queue's messages are in log order, which
-                                // is the order of their locations.
-                                let found = queue
-                                    .binary_search_by_key(&(mark.segment, mark.offset), |m| {
-                                        (m.location.segment, m.location.offset)
-                                    })
-                                    .ok();
-                                if let Some(published) = apply_mark(queue, found, settled)
-                                    && published.segment < number
-                                {
-                                    segment_state.back_references.insert(published.segment);
-                                }
-                            }
-                        }
-                        RecordKind::CrashRestart => {
-                            for message in live.values_mut().flatten() {
-                                message.delivered = true;
-                            }
-                            // It must outlive every older segment, across
-                            // restarts as it did when written.
-                            segment_state
-                                .back_references
-                                .extend(numbers.iter().copied().filter(|older| *older < number));
-                        }
-                        RecordKind::Paged | RecordKind::Topology | RecordKind::TopologyRemoved => {}
-                    }
-                    offset += length;
-                }
-                Decoded::Corrupt(length) => {
-                    tracing::error!(path = %path.display(), offset, "skipping a record whose checksum does not match");
-                    recovery.corrupt_records_skipped += 1;
-                    offset += length;
-                }
-                Decoded::Torn | Decoded::Garbage => {
-                    let dropped = bytes.len() - offset;
-                    if Some(number) == newest {
-                        tracing::warn!(path = %path.display(), offset, dropped_bytes = dropped,
-                            "dropping a torn record at the end of the log");
-                        fs.truncate(&path, offset as u64)
-                            .map_err(|error| StoreError::io("truncating", &path, error))?;
-                    } else {
-                        tracing::error!(path = %path.display(), offset, dropped_bytes = dropped,
-                            "unreadable bytes in the middle of the log; skipping the rest of the segment");
-                    }
-                    recovery.torn_records_dropped += 1;
-                    break;
-                }
-            }
-        }
-    }
-    for (queue, mut messages) in live {
-        messages.retain(|message| !is_removed(message));
-        if messages.is_empty() {
-            continue;
-        }
-        messages.shrink_to_fit();
-        for message in &messages {
-            segments.entry(message.location.segment).or_default().live += 1;
-        }
-        recovery.queues.insert(queue, messages);
-    }
-    Ok((segments, recovery, newest.unwrap_or(0)))
 }

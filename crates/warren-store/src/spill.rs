@@ -406,15 +406,6 @@ impl<M: SpillEntry> Backlog<M> for SpillingBacklog<M> {
         self.head.len() + self.spilled_len() + self.unwritten.len()
     }
 
-    fn reserve(&mut self, additional: usize) {
-        let in_memory = if self.spill.is_some() {
-            additional.min(HEAD_WINDOW)
-        } else {
-            additional
-        };
-        self.head.reserve(in_memory);
-    }
-
     fn visit_head_mut(&mut self, count: usize, visit: &mut dyn FnMut(Sequence, &mut M)) {
         self.head.visit_head_mut(count, visit);
     }

@@ -5,39 +5,73 @@ use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
-use warren_store::{MessageLog, Recovery, TopologyJournal};
+use std::sync::Arc;
+
+use warren_store::{Location, MessageLog, RecoveredMessage, Recovery, SpillArea, TopologyJournal};
 
 use super::Broker;
 use crate::QueueId;
+use crate::durable::codec::decode_stored_message;
 use crate::durable::entry::{self, DurableDestination, TopologyEntry, binding_entry};
 use crate::durable::{RecoveryError, RecoverySummary, Store};
 use crate::queue::arguments::{QueueArguments, QueueShape};
-use crate::queue::{MessageMeta, Queue, load};
+use crate::queue::{MessageMeta, Queue};
 use crate::topology::VHost;
 use crate::topology::bindings::Bindings;
 use crate::topology::exchange::{Binding, Destination, Exchange, ExchangeKind};
 
 impl Broker {
     /// Rebuilds durable exchanges, queues, bindings and messages from disk,
-    /// then keeps the store for everything that follows.
-    /// `entries` are what `TopologyJournal::open` loaded.
+    /// then keeps the store for everything that follows. `entries` are what
+    /// `TopologyJournal::open` loaded; `recovery` is what `MessageLog::open`
+    /// gathered. The server streams messages instead (`restore_topology`,
+    /// `MessageLog::open_with` into `restore_message`, `attach_log`).
     pub fn attach_store(
         &mut self,
         log: MessageLog,
-        recovery: Recovery,
+        mut recovery: Recovery,
         topology: TopologyJournal,
         entries: Vec<Vec<u8>>,
+        spill: Option<Arc<SpillArea>>,
     ) -> Result<RecoverySummary, RecoveryError> {
-        let mut summary = RecoverySummary {
-            segments_read: recovery.segments_read,
-            bytes_read: recovery.bytes_read,
-            torn_records_dropped: recovery.torn_records_dropped,
-            corrupt_records_skipped: recovery.corrupt_records_skipped,
-            clean_shutdown: recovery.clean_shutdown,
-            ..RecoverySummary::default()
-        };
-        self.spill = Some(log.spill_area());
-        for entry in &entries {
+        let mut summary = self.restore_topology(&entries, spill)?;
+        let now_ms = self.now_ms();
+        for (queue_id, messages) in std::mem::take(&mut recovery.queues) {
+            for message in messages {
+                let location = message.location;
+                let payload = if self.restore_needs_payload(queue_id) {
+                    log.read(location).ok()
+                } else {
+                    None
+                };
+                let kept = self.restore_message(
+                    queue_id,
+                    message,
+                    payload.as_deref().unwrap_or(&[]),
+                    now_ms,
+                );
+                if kept {
+                    summary.messages += 1;
+                } else {
+                    // The queue was deleted before the restart.
+                    log.release(location);
+                }
+            }
+        }
+        self.attach_log(log, &recovery, topology, &mut summary);
+        Ok(summary)
+    }
+
+    /// Recreates the durable exchanges, queues and bindings of `entries`;
+    /// queues spill their long backlogs into `spill`.
+    pub fn restore_topology(
+        &mut self,
+        entries: &[Vec<u8>],
+        spill: Option<Arc<SpillArea>>,
+    ) -> Result<RecoverySummary, RecoveryError> {
+        let mut summary = RecoverySummary::default();
+        self.spill = spill;
+        for entry in entries {
             self.apply_topology_entry(entry, &mut summary)
                 .ok_or_else(|| {
                     RecoveryError::Topology(format!(
@@ -46,37 +80,55 @@ impl Broker {
                     ))
                 })?;
         }
-        let now_ms = self.now_ms();
-        for (queue_id, messages) in recovery.queues {
-            match self.queue_mut(QueueId(queue_id)) {
-                Some(queue) => {
-                    summary.messages += messages.len();
-                    queue.reserve(messages.len());
-                    let read_each = queue.recovery_reads_messages();
-                    for message in messages {
-                        let known = if read_each {
-                            recovered_meta(queue, &log, message.location, now_ms)
-                        } else {
-                            None
-                        };
-                        queue.push_recovered(
-                            message.sequence,
-                            message.location,
-                            message.delivered,
-                            known,
-                        );
-                    }
-                }
-                None => {
-                    // The queue was deleted before the restart.
-                    for message in messages {
-                        log.release(message.location);
-                    }
-                }
-            }
-        }
+        Ok(summary)
+    }
+
+    /// Whether a recovered message of this queue must be read to be placed
+    /// (its priority, or its size for a byte limit).
+    fn restore_needs_payload(&self, queue: u64) -> bool {
+        self.queues
+            .get(&QueueId(queue))
+            .is_some_and(|queue| queue.lock().recovery_reads_messages())
+    }
+
+    /// Puts a recovered message back in its queue; `payload` is the stored
+    /// message, read only by queues whose order or limits depend on it.
+    /// False when the queue no longer exists.
+    pub fn restore_message(
+        &mut self,
+        queue: u64,
+        message: RecoveredMessage,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> bool {
+        let Some(queue) = self.queue_mut(QueueId(queue)) else {
+            return false;
+        };
+        let known = if queue.recovery_reads_messages() {
+            recovered_meta(queue, payload, message.location, now_ms)
+        } else {
+            None
+        };
+        queue.push_recovered(message.sequence, message.location, message.delivered, known);
+        true
+    }
+
+    /// Keeps the store for everything that follows recovery, and starts
+    /// the clocks of queues with a TTL or an expiry.
+    pub fn attach_log(
+        &mut self,
+        log: MessageLog,
+        recovery: &Recovery,
+        topology: TopologyJournal,
+        summary: &mut RecoverySummary,
+    ) {
+        summary.segments_read = recovery.segments_read;
+        summary.bytes_read = recovery.bytes_read;
+        summary.torn_records_dropped = recovery.torn_records_dropped;
+        summary.corrupt_records_skipped = recovery.corrupt_records_skipped;
+        summary.clean_shutdown = recovery.clean_shutdown;
         self.store = Some(Store { log, topology });
-        // Queues with a TTL or an expiry start their clocks now.
+        let now_ms = self.now_ms();
         let timed: Vec<QueueId> = self
             .queues
             .values_mut()
@@ -87,7 +139,6 @@ impl Broker {
         for id in timed {
             self.schedule(id, now_ms);
         }
-        Ok(summary)
     }
 
     /// Every entry the durable topology has now, sorted: what the journal
@@ -264,13 +315,20 @@ fn encode_topology(
 /// queue whose order or limits depend on them. An unreadable message is
 /// placed by what the record alone says; its read fails again, and is
 /// reported, when it reaches the head.
+/// What a recovered message's stored bytes say of its place in `queue`;
+/// None if they do not decode (the queue then estimates from the record).
 fn recovered_meta(
     queue: &Queue,
-    log: &MessageLog,
-    location: warren_store::Location,
+    payload: &[u8],
+    location: Location,
     now_ms: u64,
 ) -> Option<(MessageMeta, u32)> {
-    let (message, arrived_ms) = load(Some(log), crate::queue::Stored::Published(location)).ok()?;
+    let Ok((message, arrived_ms)) = decode_stored_message(&bytes::Bytes::copy_from_slice(payload))
+    else {
+        tracing::warn!(queue = %queue.describe(), segment = location.segment,
+            offset = location.offset, "a recovered message does not decode");
+        return None;
+    };
     let meta = queue.meta_for(&message, arrived_ms.unwrap_or(now_ms));
     Some((meta, message.body.len() as u32))
 }

@@ -626,10 +626,6 @@ impl Queue {
         self.gauge_ready();
     }
 
-    pub fn reserve(&mut self, additional: usize) {
-        self.backlog.reserve(additional);
-    }
-
     /// A message recovered from the log: only its location is kept; the
     /// body is read when the message reaches the head. A queue whose order
     /// or limits depend on the message (priority, byte limit) is told what
