@@ -187,6 +187,13 @@ struct State {
     /// end of its next batch, so an ack costs 16 bytes, not a record.
     settled: Vec<Mark>,
     returned: Vec<Mark>,
+    /// Whether `pending` holds a record that must reach the disk: anything
+    /// but Paged records, which only free memory and which recovery
+    /// ignores, so a batch of nothing else is written without an fsync.
+    pending_needs_sync: bool,
+    /// A batch written without an fsync created a segment, whose directory
+    /// entry the next synced batch makes durable.
+    directory_unsynced: bool,
     /// The batch the commit thread is writing, still readable by `read`.
     in_flight: Option<Arc<Vec<PendingWrite>>>,
     last_ticket: Ticket,
@@ -332,6 +339,8 @@ impl MessageLog {
             pending_bytes: 0,
             settled: Vec::new(),
             returned: Vec::new(),
+            pending_needs_sync: false,
+            directory_unsynced: false,
             in_flight: None,
             last_ticket: 0,
             durable_ticket: 0,
@@ -826,6 +835,7 @@ fn append_locked(
     }
     state.active_length += length;
     state.pending_bytes += length as usize;
+    state.pending_needs_sync |= kind != RecordKind::Paged;
     state.last_ticket += 1;
     state.last_append = Instant::now();
     shared.work.notify_one();
@@ -1023,7 +1033,7 @@ fn release_locked(state: &mut State, location: Location) {
 
 fn commit_loop(shared: &Shared) {
     loop {
-        let (batch, ticket) = {
+        let (batch, ticket, sync) = {
             let mut state = shared.state.lock();
             while state.pending.is_empty()
                 && state.settled.is_empty()
@@ -1051,10 +1061,14 @@ fn commit_loop(shared: &Shared) {
             let batch = Arc::new(std::mem::take(&mut state.pending));
             state.pending_bytes = 0;
             state.in_flight = Some(Arc::clone(&batch));
-            (batch, state.last_ticket)
+            let sync = Syncs {
+                files: std::mem::take(&mut state.pending_needs_sync),
+                directory: state.directory_unsynced,
+            };
+            (batch, state.last_ticket, sync)
         };
         let started = Instant::now();
-        let result = write_batch(shared, &batch);
+        let result = write_batch(shared, &batch, sync);
         shared.commit_times.observe(started.elapsed());
         // The batch may hold large message bodies: they go before anyone
         // hears the batch is durable.
@@ -1066,6 +1080,11 @@ fn commit_loop(shared: &Shared) {
                 Ok(created) => {
                     for segment in created {
                         state.segments.entry(*segment).or_default().created = true;
+                    }
+                    if sync.files {
+                        state.directory_unsynced = false;
+                    } else if !created.is_empty() {
+                        state.directory_unsynced = true;
                     }
                     state.durable_ticket = ticket;
                     collect_deletable(&mut state)
@@ -1100,9 +1119,22 @@ fn commit_loop(shared: &Shared) {
     }
 }
 
-/// Writes a batch and fsyncs every file it touched; returns the segments
-/// created by it.
-fn write_batch(shared: &Shared, batch: &[PendingWrite]) -> Result<Vec<u64>, StoreError> {
+/// What a batch's commit makes durable.
+#[derive(Clone, Copy)]
+struct Syncs {
+    /// The files the batch wrote: false for a batch of Paged records only.
+    files: bool,
+    /// The directory, for a segment an earlier, unsynced batch created.
+    directory: bool,
+}
+
+/// Writes a batch and, unless it holds only Paged records, fsyncs every
+/// file it touched; returns the segments created by it.
+fn write_batch(
+    shared: &Shared,
+    batch: &[PendingWrite],
+    sync: Syncs,
+) -> Result<Vec<u64>, StoreError> {
     let mut touched: Vec<u64> = Vec::new();
     let mut created = Vec::new();
     for write in batch {
@@ -1118,6 +1150,9 @@ fn write_batch(shared: &Shared, batch: &[PendingWrite]) -> Result<Vec<u64>, Stor
             touched.push(write.segment);
         }
     }
+    if !sync.files {
+        return Ok(created);
+    }
     for segment in &touched {
         let path = shared.dir.join(segment_name(*segment));
         shared
@@ -1125,7 +1160,7 @@ fn write_batch(shared: &Shared, batch: &[PendingWrite]) -> Result<Vec<u64>, Stor
             .sync(&path)
             .map_err(|error| StoreError::io("fsync of", &path, error))?;
     }
-    if !created.is_empty() {
+    if !created.is_empty() || sync.directory {
         shared
             .fs
             .sync_dir(&shared.dir)

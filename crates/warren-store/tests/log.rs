@@ -802,3 +802,58 @@ proptest! {
         log.abandon();
     }
 }
+
+/// Paged records only free memory and recovery ignores them: a batch of
+/// nothing else is written without an fsync, so a transient backlog paged
+/// out costs no fsyncs. A failing fsync shows it: paging goes on
+/// untouched, and the first record that needs the disk poisons the log.
+#[test]
+fn paged_records_alone_are_written_without_an_fsync() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    fs.fail_next_syncs(1_000);
+    let mut last = 0;
+    let mut locations = Vec::new();
+    for sequence in 1..=50u64 {
+        let (location, ticket) = log
+            .append_message(RecordKind::Paged, 9, sequence, &sequence.to_le_bytes())
+            .expect("paged");
+        locations.push(location);
+        last = ticket;
+    }
+    reports
+        .wait_durable(last)
+        .expect("written, and no fsync failed");
+    assert!(log.poisoned().is_none());
+    for (sequence, location) in (1..=50u64).zip(&locations) {
+        assert_eq!(&log.read(*location).unwrap()[..], &sequence.to_le_bytes());
+    }
+    assert!(fs.file_length(&segment_path(locations[0].segment)).unwrap() > 0);
+    let (_, ticket) = publish(&log, 1, 1, b"durable");
+    assert!(matches!(
+        reports.wait_durable(ticket),
+        Err(StoreError::Poisoned(_))
+    ));
+    log.abandon();
+}
+
+/// A segment begun by a batch written without an fsync holds a message
+/// durably once one lands in it: the batch that brings the message fsyncs
+/// the file (and the directory, which the simulated disk does not model).
+#[test]
+fn a_segment_begun_by_paged_records_is_durable_once_a_message_lands_in_it() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let (_, paged) = log
+        .append_message(RecordKind::Paged, 9, 1, b"transient")
+        .expect("paged");
+    reports.wait_durable(paged).unwrap();
+    let (location, ticket) = publish(&log, 1, 1, b"persistent");
+    reports.wait_durable(ticket).unwrap();
+    log.abandon();
+    fs.crash(|_| 0);
+    let (reopened, recovery, _) = open(&fs);
+    assert_eq!(recovered_sequences(&recovery, 1), [1]);
+    assert_eq!(&reopened.read(location).unwrap()[..], b"persistent");
+    reopened.abandon();
+}
