@@ -371,6 +371,179 @@ fn a_message_redelivered_after_a_crash_stays_marked_after_a_clean_restart() {
     );
 }
 
+/// A delivery writes nothing to the log; a clean stop marks the deliveries
+/// still unacknowledged, so after the restart exactly those come back
+/// redelivered, and a message that never went out does not.
+#[test]
+fn a_clean_stop_marks_unacked_deliveries_and_only_those() {
+    let fs = SimulatedFileSystem::new();
+    {
+        let mut broker = broker_on(&fs);
+        declare(&mut broker, "jobs", true);
+        for body in ["delivered", "waiting"] {
+            broker
+                .publish(
+                    CONNECTION,
+                    1,
+                    message("jobs", body.into(), true),
+                    &mut Outbox::default(),
+                )
+                .unwrap();
+        }
+        let got = broker
+            .get(CONNECTION, 1, "jobs", false, &mut Outbox::default())
+            .unwrap()
+            .expect("published");
+        assert!(!got.redelivered);
+        broker.close_store().unwrap();
+    }
+    let mut broker = broker_on(&fs);
+    let mut taken = Vec::new();
+    while let Some(got) = broker
+        .get(CONNECTION, 1, "jobs", true, &mut Outbox::default())
+        .unwrap()
+    {
+        taken.push((got.message.body.clone(), got.redelivered));
+    }
+    assert_eq!(
+        taken,
+        [
+            (Bytes::from_static(b"delivered"), true),
+            (Bytes::from_static(b"waiting"), false)
+        ]
+    );
+}
+
+/// A message recovered after a crash may have been delivered before it, so
+/// it stays marked redelivered across a later clean restart even though
+/// nobody took it in between.
+#[test]
+fn a_message_recovered_after_a_crash_stays_marked_without_being_taken() {
+    let fs = SimulatedFileSystem::new();
+    {
+        let mut broker = broker_on(&fs);
+        declare(&mut broker, "jobs", true);
+        let published = broker
+            .publish(
+                CONNECTION,
+                1,
+                message("jobs", "once".into(), true),
+                &mut Outbox::default(),
+            )
+            .unwrap();
+        let log = broker.message_log().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while log.durable_ticket() < published.ticket.unwrap() {
+            assert!(Instant::now() < deadline, "publish never became durable");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        broker.abandon_store();
+        fs.crash(|_| 0);
+    }
+    broker_on(&fs).close_store().unwrap();
+    let mut broker = broker_on(&fs);
+    let got = broker
+        .get(CONNECTION, 1, "jobs", true, &mut Outbox::default())
+        .unwrap()
+        .expect("still there");
+    assert!(got.redelivered);
+}
+
+/// A queue longer than its in-memory head spills the index entries behind
+/// it to disk and takes them back in order, for persistent and transient
+/// messages alike; after a crash the persistent ones are recovered, in
+/// order, into a queue that spills again.
+#[test]
+fn a_long_queue_spills_its_index_and_keeps_its_order_across_a_crash() {
+    let fs = SimulatedFileSystem::new();
+    let spill_dir = Path::new("/data/messages/spill");
+    let count = warren_store::spill::HEAD_WINDOW * 3;
+    {
+        let mut broker = broker_on(&fs);
+        declare(&mut broker, "long", true);
+        let mut last_ticket = 0;
+        for index in 0..count {
+            // Every third message is transient: it is paged, not published.
+            let persistent = index % 3 != 2;
+            let published = broker
+                .publish(
+                    CONNECTION,
+                    1,
+                    message("long", format!("m{index}"), persistent),
+                    &mut Outbox::default(),
+                )
+                .unwrap();
+            last_ticket = published.ticket.unwrap_or(last_ticket);
+        }
+        assert!(
+            !fs.list(spill_dir).unwrap().is_empty(),
+            "the index behind the head went to spill files"
+        );
+        let durable = |broker: &Broker| broker.message_log().unwrap().durable_ticket();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while durable(&broker) < last_ticket {
+            assert!(Instant::now() < deadline, "publishes never became durable");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for index in 0..10 {
+            let got = broker
+                .get(CONNECTION, 1, "long", true, &mut Outbox::default())
+                .unwrap()
+                .expect("message");
+            assert_eq!(got.message.body, format!("m{index}").as_bytes());
+        }
+        // The marks of those ten are written with the batch that holds the
+        // next publish, if not before: once it is durable, so are they.
+        declare(&mut broker, "barrier", true);
+        let barrier = broker
+            .publish(
+                CONNECTION,
+                1,
+                message("barrier", "after the acks".into(), true),
+                &mut Outbox::default(),
+            )
+            .unwrap()
+            .ticket
+            .unwrap();
+        while durable(&broker) < barrier {
+            assert!(
+                Instant::now() < deadline,
+                "the barrier never became durable"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        broker.abandon_store();
+        fs.crash(|_| 0);
+    }
+    let mut broker = broker_on(&fs);
+    assert!(
+        !fs.list(spill_dir).unwrap().is_empty(),
+        "recovery spills the long backlog again"
+    );
+    let expected: Vec<String> = (10..count)
+        .filter(|index| index % 3 != 2)
+        .map(|index| format!("m{index}"))
+        .collect();
+    for body in &expected {
+        let got = broker
+            .get(CONNECTION, 1, "long", true, &mut Outbox::default())
+            .unwrap()
+            .expect("recovered");
+        assert_eq!(got.message.body, body.as_bytes());
+        assert!(got.redelivered, "recovered after a crash");
+    }
+    assert!(
+        broker
+            .get(CONNECTION, 1, "long", true, &mut Outbox::default())
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        fs.list(spill_dir).unwrap().is_empty(),
+        "no spill file outlives its entries"
+    );
+}
+
 /// Purging a long queue costs the broker O(1): its messages go to the
 /// store's worker as one discard, which writes their removal records off
 /// the lock; after a restart the purged messages stay gone and a message
