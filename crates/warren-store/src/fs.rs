@@ -18,6 +18,12 @@ pub trait FileSystem: Send + Sync + 'static {
     /// File names (not paths) in a directory.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     fn read_all(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Reads a whole file into `buffer`, replacing what it held; a caller
+    /// reading many files keeps one buffer and its pages.
+    fn read_all_into(&self, path: &Path, buffer: &mut Vec<u8>) -> io::Result<()> {
+        *buffer = self.read_all(path)?;
+        Ok(())
+    }
     fn read_at(&self, path: &Path, offset: u64, length: usize) -> io::Result<Vec<u8>>;
     /// Appends to a file, creating it if it does not exist.
     fn append(&self, path: &Path, data: &[u8]) -> io::Result<()>;
@@ -92,6 +98,13 @@ impl FileSystem for OsFileSystem {
 
     fn read_all(&self, path: &Path) -> io::Result<Vec<u8>> {
         std::fs::read(path)
+    }
+
+    fn read_all_into(&self, path: &Path, buffer: &mut Vec<u8>) -> io::Result<()> {
+        use std::io::Read;
+        buffer.clear();
+        File::open(path)?.read_to_end(buffer)?;
+        Ok(())
     }
 
     fn read_at(&self, path: &Path, offset: u64, length: usize) -> io::Result<Vec<u8>> {

@@ -186,6 +186,16 @@ pub enum Decoded<'a> {
 }
 
 pub fn decode(bytes: &[u8]) -> Decoded<'_> {
+    decode_checked(bytes, true)
+}
+
+/// As `decode`, without computing the checksum: for bytes already checked
+/// (recovery's second pass over a segment its first pass read whole).
+pub fn decode_trusted(bytes: &[u8]) -> Decoded<'_> {
+    decode_checked(bytes, false)
+}
+
+fn decode_checked(bytes: &[u8], check: bool) -> Decoded<'_> {
     if bytes.len() < FRAME_HEADER_BYTES {
         return Decoded::Torn;
     }
@@ -199,7 +209,7 @@ pub fn decode(bytes: &[u8]) -> Decoded<'_> {
     }
     let checksum = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
     let body = &bytes[FRAME_HEADER_BYTES..total];
-    if crc32c::crc32c(body) != checksum {
+    if check && crc32c::crc32c(body) != checksum {
         return Decoded::Corrupt(total);
     }
     let Some(kind) = RecordKind::from_byte(body[0]) else {

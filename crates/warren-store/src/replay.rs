@@ -10,7 +10,7 @@
 //! whose record survives), not of the backlog: the queues keep what they
 //! receive in their own spilling backlogs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use crate::fs::FileSystem;
@@ -40,6 +40,12 @@ struct Marks {
     /// Where the last CrashRestart record is: every message before it may
     /// have been delivered.
     crash_restart: Option<(u64, u32)>,
+    /// Records whose checksum failed, which the second pass, not checking
+    /// checksums again, must skip too.
+    corrupt: HashSet<(u64, u32)>,
+    /// Where the first pass stopped reading a segment (torn or unreadable
+    /// bytes), when that is before its end.
+    ends: HashMap<u64, usize>,
 }
 
 pub(crate) struct Replayed {
@@ -98,10 +104,10 @@ fn read_marks(
 ) -> Result<Marks, StoreError> {
     let mut marks = Marks::default();
     let newest = numbers.last().copied();
+    let mut bytes = Vec::new();
     for &number in numbers {
         let path = dir.join(segment_name(number));
-        let bytes = fs
-            .read_all(&path)
+        fs.read_all_into(&path, &mut bytes)
             .map_err(|error| StoreError::io("reading", &path, error))?;
         recovery.segments_read += 1;
         recovery.bytes_read += bytes.len() as u64;
@@ -162,9 +168,11 @@ fn read_marks(
                 Decoded::Corrupt(length) => {
                     tracing::error!(path = %path.display(), offset, "skipping a record whose checksum does not match");
                     recovery.corrupt_records_skipped += 1;
+                    marks.corrupt.insert((number, record_offset));
                     offset += length;
                 }
                 Decoded::Torn | Decoded::Garbage => {
+                    marks.ends.insert(number, offset);
                     let dropped = bytes.len() - offset;
                     if Some(number) == newest {
                         tracing::warn!(path = %path.display(), offset, dropped_bytes = dropped,
@@ -198,19 +206,28 @@ fn hand_over_messages(
     // Per queue, the sequence number its last message had: a Message
     // record's messages are numbered on from there.
     let mut last_sequence: HashMap<u64, u64> = HashMap::new();
+    let mut bytes = Vec::new();
     for &number in numbers {
         let path = dir.join(segment_name(number));
-        let bytes = fs
-            .read_all(&path)
+        fs.read_all_into(&path, &mut bytes)
             .map_err(|error| StoreError::io("reading", &path, error))?;
+        let end = marks
+            .ends
+            .get(&number)
+            .map_or(bytes.len(), |&end| end.min(bytes.len()));
         let mut offset = 0usize;
-        while offset < bytes.len() {
+        while offset < end {
             let Ok(record_offset) = u32::try_from(offset) else {
                 break;
             };
-            let (record, length) = match record::decode(&bytes[offset..]) {
+            // The first pass checked every checksum, and reported what
+            // failed.
+            let (record, length) = match record::decode_trusted(&bytes[offset..end]) {
+                Decoded::Record(_, length) if marks.corrupt.contains(&(number, record_offset)) => {
+                    offset += length;
+                    continue;
+                }
                 Decoded::Record(record, length) => (record, length),
-                // Reported by the first pass.
                 Decoded::Corrupt(length) => {
                     offset += length;
                     continue;
