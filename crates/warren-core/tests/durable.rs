@@ -92,6 +92,15 @@ fn serve_read_ahead(broker: &mut Broker, request: ReadAhead) {
 }
 
 /// Splits an outbox into its deliveries' bodies and its read-aheads.
+/// Waits until the log has made everything up to `ticket` durable.
+fn wait_durable(broker: &Broker, ticket: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while broker.message_log().unwrap().durable_ticket() < ticket {
+        assert!(Instant::now() < deadline, "{what} never became durable");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn deliveries_and_read_aheads(out: &mut Outbox) -> (Vec<Bytes>, Vec<ReadAhead>) {
     let mut bodies = Vec::new();
     let mut read_aheads = Vec::new();
@@ -341,12 +350,7 @@ fn a_message_redelivered_after_a_crash_stays_marked_after_a_clean_restart() {
                 &mut Outbox::default(),
             )
             .unwrap();
-        let log = broker.message_log().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while log.durable_ticket() < published.ticket.unwrap() {
-            assert!(Instant::now() < deadline, "publish never became durable");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_durable(&broker, published.ticket.unwrap(), "the publish");
         // Crash: every recovered message is marked redelivered.
         broker.abandon_store();
         fs.crash(|_| 0);
@@ -431,12 +435,7 @@ fn a_message_recovered_after_a_crash_stays_marked_without_being_taken() {
                 &mut Outbox::default(),
             )
             .unwrap();
-        let log = broker.message_log().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while log.durable_ticket() < published.ticket.unwrap() {
-            assert!(Instant::now() < deadline, "publish never became durable");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_durable(&broker, published.ticket.unwrap(), "the publish");
         broker.abandon_store();
         fs.crash(|_| 0);
     }
@@ -479,12 +478,7 @@ fn a_long_queue_spills_its_index_and_keeps_its_order_across_a_crash() {
             !fs.list(spill_dir).unwrap().is_empty(),
             "the index behind the head went to spill files"
         );
-        let durable = |broker: &Broker| broker.message_log().unwrap().durable_ticket();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while durable(&broker) < last_ticket {
-            assert!(Instant::now() < deadline, "publishes never became durable");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_durable(&broker, last_ticket, "the publishes");
         for index in 0..10 {
             let got = broker
                 .get(CONNECTION, 1, "long", true, &mut Outbox::default())
@@ -505,13 +499,7 @@ fn a_long_queue_spills_its_index_and_keeps_its_order_across_a_crash() {
             .unwrap()
             .ticket
             .unwrap();
-        while durable(&broker) < barrier {
-            assert!(
-                Instant::now() < deadline,
-                "the barrier never became durable"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_durable(&broker, barrier, "the barrier");
         broker.abandon_store();
         fs.crash(|_| 0);
     }
