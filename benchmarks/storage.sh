@@ -15,12 +15,21 @@
 #             exchange to 10 durable queues, each with a consumer (manual
 #             ack): publish rate, and bytes the broker wrote to disk per
 #             published message (write_bytes of /proc/PID/io)
+#   pinned    persistent 1 KiB messages with confirms through one durable
+#             queue and its consumer for PINNED_S seconds while
+#             hold_messages.py keeps one message every 0.25 s unacknowledged
+#             in another: the bytes written, the bytes held, and the data
+#             directory's size 1 to 6 s after the flow stops (without
+#             compaction, every segment would stay)
 #
-# Usage: benchmarks/storage.sh [BIN] [SCENARIO...]   (default: all three)
+# Usage: benchmarks/storage.sh [BIN] [SCENARIO...]   (default: all four)
 # Environment:
 #   BACKLOG_COUNT      messages of the backlog scenario (default 10000000)
 #   RESTART_PUBLISH_S  seconds of publishing before the restart (default 60)
 #   FANOUT_S           seconds of the fanout scenario (default 20)
+#   PINNED_S           seconds of the pinned scenario (default 60)
+#   PYTHON             a Python with pika (default .venv/bin/python, made by
+#                      scripts/test.sh; created here with pika if missing)
 #   BENCH              warren-bench binary (default target/release/warren-bench)
 #   WORK               scratch directory (default a fresh one under /tmp)
 set -euo pipefail
@@ -29,11 +38,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN="${1:-target/release/warren}"
 shift || true
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(backlog restart fanout)
+[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(backlog restart fanout pinned)
 BENCH="${BENCH:-target/release/warren-bench}"
 BACKLOG_COUNT="${BACKLOG_COUNT:-10000000}"
 RESTART_PUBLISH_S="${RESTART_PUBLISH_S:-60}"
 FANOUT_S="${FANOUT_S:-20}"
+PINNED_S="${PINNED_S:-60}"
+PYTHON="${PYTHON:-.venv/bin/python}"
 WORK="${WORK:-$(mktemp -d /tmp/warren-storage.XXXXXX)}"
 mkdir -p "$WORK"
 AMQP_PORT=26692
@@ -129,6 +140,38 @@ fanout() {
     else
         echo "  written: $((after - before)) bytes (message count not found in the report)"
     fi
+    stop_broker
+}
+
+pinned() {
+    if ! "$PYTHON" -c 'import pika' 2>/dev/null; then
+        python3 -m venv "$WORK/venv"
+        "$WORK/venv/bin/pip" install -q pika
+        PYTHON="$WORK/venv/bin/python"
+    fi
+    fresh
+    start_broker
+    local before after hold_input holder
+    before=$(written_bytes "$BROKER_PID")
+    hold_input="$WORK/hold.fifo"
+    rm -f "$hold_input"
+    mkfifo "$hold_input"
+    "$PYTHON" benchmarks/hold_messages.py "$URL" 0.25 "$PINNED_S" 1024 <"$hold_input" >"$WORK/hold.txt" &
+    holder=$!
+    exec 4>"$hold_input"
+    "$BENCH" --url "$URL" --producers 1 --consumers 1 --size 1024 --persistent \
+        --confirm 256 --ack manual --prefetch 100 --duration "$PINNED_S" >"$WORK/pinned.txt"
+    after=$(written_bytes "$BROKER_PID")
+    while ! grep -q holding "$WORK/hold.txt"; do sleep 0.1; done
+    grep -E "^ *publish" "$WORK/pinned.txt" | head -1 | sed 's/^ */  flow: /'
+    echo "  $(cat "$WORK/hold.txt"); $((after - before)) bytes written to disk"
+    for second in 1 2 3 4 5 6; do
+        sleep 1
+        echo "  $second s after the flow: data directory $(du -sk "$WORK/data/messages" | cut -f1) KiB" \
+             "in $(find "$WORK/data/messages" -maxdepth 1 -name '*.seg' | wc -l) segments"
+    done
+    exec 4>&-
+    wait "$holder" || true
     stop_broker
 }
 

@@ -19,6 +19,7 @@
 //! * [`fs::FileSystem`]: the file operations both use, with a real and a
 //!   simulated (crashing, failing) implementation.
 
+pub mod compact;
 pub mod fs;
 pub mod log;
 pub mod record;
@@ -26,6 +27,7 @@ mod replay;
 pub mod spill;
 pub mod topology;
 
+pub use compact::CompactionReport;
 pub use fs::{FileSystem, OsFileSystem, SimulatedFileSystem};
 pub use log::{
     COMMIT_DURATION_BOUNDS_US, CommitTimesSnapshot, DurableListener, FreeSpace, Location,

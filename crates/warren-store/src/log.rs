@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
+use crate::compact::{CompactionReport, compact_sparse_segments, compaction_loop};
 use crate::fs::FileSystem;
 use crate::record::{self, Decoded, MARK_BYTES, Mark, RecordKind};
 use crate::replay::{RecoveredSink, Replayed, replay};
@@ -92,6 +93,14 @@ pub struct LogConfig {
     /// How long a quiet log waits before closing a segment that holds no
     /// live message, so an idle store gives its space back.
     pub idle_roll_after: Duration,
+    /// How often the compaction thread looks for segments that are mostly
+    /// dead; None leaves compaction to `MessageLog::compact_now`.
+    pub compaction_interval: Option<Duration>,
+    /// A segment is rewritten once at least half of it, and at least this
+    /// much, is dead: the data directory then stays within twice the live
+    /// data plus a small allowance, and no segment is rewritten for little
+    /// gain.
+    pub compaction_min_dead_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -100,6 +109,8 @@ impl Default for LogConfig {
             segment_size_bytes: 16 * 1024 * 1024,
             pending_bytes_max: 64 * 1024 * 1024,
             idle_roll_after: Duration::from_secs(1),
+            compaction_interval: Some(Duration::from_secs(1)),
+            compaction_min_dead_bytes: 64 * 1024,
         }
     }
 }
@@ -133,8 +144,32 @@ pub struct Recovery {
 pub(crate) const SEGMENT_SUFFIX: &str = ".seg";
 const CLEAN_SHUTDOWN_MARKER: &str = "clean-shutdown";
 
+/// The file a segment's records are in: `<number>.seg` as first written,
+/// `<number>.<generation>.seg` once compaction has rewritten it.
+pub(crate) fn segment_file(segment: u64, generation: u32) -> String {
+    if generation == 0 {
+        format!("{segment:020}{SEGMENT_SUFFIX}")
+    } else {
+        format!("{segment:020}.{generation}{SEGMENT_SUFFIX}")
+    }
+}
+
 pub(crate) fn segment_name(segment: u64) -> String {
-    format!("{segment:020}{SEGMENT_SUFFIX}")
+    segment_file(segment, 0)
+}
+
+/// The segment number and generation a file name stands for, if it is a
+/// segment's.
+pub(crate) fn parse_segment_file(name: &str) -> Option<(u64, u32)> {
+    let stem = name.strip_suffix(SEGMENT_SUFFIX)?;
+    match stem.split_once('.') {
+        None => Some((stem.parse().ok()?, 0)),
+        Some((number, generation)) => {
+            let generation: u32 = generation.parse().ok()?;
+            (generation > 0).then_some(())?;
+            Some((number.parse().ok()?, generation))
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -142,21 +177,61 @@ pub(crate) struct SegmentState {
     /// Queues' shares of the messages published into this segment that
     /// have not left them yet.
     pub(crate) live: u64,
+    /// The shares written into the segment, or kept by its last
+    /// compaction: with `live`, how much of it is dead.
+    pub(crate) shares: u64,
+    /// Live `Paged` records. Nothing on disk tells a live one from a dead
+    /// one, so compaction leaves a segment alone while it has any.
+    pub(crate) paged_live: u64,
+    /// The file's length.
+    pub(crate) bytes: u64,
+    /// Holds records compaction does not rewrite: version-1 records, or
+    /// damaged ones.
+    pub(crate) keep_as_is: bool,
     /// Older segments holding messages that records in this one remove or
     /// mark delivered.
     pub(crate) back_references: BTreeSet<u64>,
     /// Whether the file exists on disk yet.
     pub(crate) created: bool,
+    /// Set once compaction has rewritten the file.
+    pub(crate) compacted: Option<CompactedFile>,
+    /// Compaction is rewriting the file: it stays until that is done.
+    pub(crate) compacting: bool,
 }
+
+impl SegmentState {
+    pub(crate) fn generation(&self) -> u32 {
+        self.compacted.as_ref().map_or(0, |file| file.generation)
+    }
+}
+
+/// A segment file compaction rewrote, holding only what was still needed.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CompactedFile {
+    pub(crate) generation: u32,
+    /// Where records moved: (first offset, offset in this file) of a kept
+    /// message every `ANCHOR_SPACING_BYTES` or so, in order of both. A
+    /// message is found by reading from the anchor before its first offset
+    /// to the next one, so a compacted segment costs a few bytes of memory
+    /// however many messages it keeps.
+    pub(crate) anchors: Vec<(u32, u32)>,
+    /// The segment that was active when it was compacted: marks for it in
+    /// older segments than this are folded into its kept records, so
+    /// compaction of those drops them.
+    pub(crate) boundary: u64,
+}
+
+/// How far apart `CompactedFile::anchors` are in the rewritten file.
+pub(crate) const ANCHOR_SPACING_BYTES: u32 = 64 * 1024;
 
 /// A payload tail at least this long is written from the caller's buffer
 /// instead of being copied into the log's own (see `append_message_with_tail`).
 const SHARED_TAIL_MIN_BYTES: usize = 64 * 1024;
 
 /// Bytes waiting to be written at `base_offset` of a segment.
-struct PendingWrite {
-    segment: u64,
-    base_offset: u64,
+pub(crate) struct PendingWrite {
+    pub(crate) segment: u64,
+    pub(crate) base_offset: u64,
     data: PendingData,
 }
 
@@ -177,31 +252,35 @@ impl PendingData {
     }
 }
 
-struct State {
-    active_segment: u64,
-    active_length: u64,
-    pending: Vec<PendingWrite>,
-    pending_bytes: usize,
+pub(crate) struct State {
+    pub(crate) active_segment: u64,
+    pub(crate) active_length: u64,
+    pub(crate) pending: Vec<PendingWrite>,
+    pub(crate) pending_bytes: usize,
     /// Messages settled, and messages returned by consumers, since the
     /// last batch: the commit thread writes each list as one record at the
     /// end of its next batch, so an ack costs 16 bytes, not a record.
-    settled: Vec<Mark>,
-    returned: Vec<Mark>,
+    pub(crate) settled: Vec<Mark>,
+    pub(crate) returned: Vec<Mark>,
     /// Whether `pending` holds a record that must reach the disk: anything
     /// but Paged records, which only free memory and which recovery
     /// ignores, so a batch of nothing else is written without an fsync.
-    pending_needs_sync: bool,
+    pub(crate) pending_needs_sync: bool,
     /// A batch written without an fsync created a segment, whose directory
     /// entry the next synced batch makes durable.
-    directory_unsynced: bool,
+    pub(crate) directory_unsynced: bool,
     /// The batch the commit thread is writing, still readable by `read`.
-    in_flight: Option<Arc<Vec<PendingWrite>>>,
-    last_ticket: Ticket,
-    durable_ticket: Ticket,
-    segments: BTreeMap<u64, SegmentState>,
-    poisoned: Option<String>,
-    shutting_down: bool,
-    last_append: Instant,
+    pub(crate) in_flight: Option<Arc<Vec<PendingWrite>>>,
+    pub(crate) last_ticket: Ticket,
+    pub(crate) durable_ticket: Ticket,
+    pub(crate) segments: BTreeMap<u64, SegmentState>,
+    pub(crate) poisoned: Option<String>,
+    pub(crate) shutting_down: bool,
+    pub(crate) last_append: Instant,
+    /// Queues deleted while they held messages on disk, and the segment
+    /// that was active then: compaction drops their messages, which no
+    /// mark settles. Forgotten once every older segment is gone.
+    pub(crate) deleted_queues: BTreeMap<u64, u64>,
 }
 
 /// Upper bounds of the commit-duration buckets (write and fsync of one
@@ -212,7 +291,7 @@ pub const COMMIT_DURATION_BOUNDS_US: [u64; 12] = [
 
 /// How long the commit thread's synced batches took to write and fsync.
 #[derive(Default)]
-struct CommitTimes {
+pub(crate) struct CommitTimes {
     /// One count per bound of `COMMIT_DURATION_BOUNDS_US`, then overflow.
     counts: [AtomicU64; COMMIT_DURATION_BOUNDS_US.len() + 1],
     sum_us: AtomicU64,
@@ -255,14 +334,18 @@ impl CommitTimes {
     }
 }
 
-struct Shared {
-    commit_times: CommitTimes,
-    fs: Arc<dyn FileSystem>,
-    dir: PathBuf,
-    config: LogConfig,
-    state: Mutex<State>,
-    work: Condvar,
-    listener: DurableListener,
+pub(crate) struct Shared {
+    pub(crate) commit_times: CommitTimes,
+    pub(crate) fs: Arc<dyn FileSystem>,
+    pub(crate) dir: PathBuf,
+    pub(crate) config: LogConfig,
+    pub(crate) state: Mutex<State>,
+    pub(crate) work: Condvar,
+    /// Signalled after every batch is written.
+    pub(crate) written: Condvar,
+    /// Wakes the compaction thread to stop.
+    pub(crate) compaction_wake: Condvar,
+    pub(crate) listener: DurableListener,
 }
 
 /// Reads the free space of the disk a log is on (see `MessageLog::free_space`).
@@ -280,6 +363,7 @@ impl FreeSpace {
 pub struct MessageLog {
     shared: Arc<Shared>,
     commit_thread: Option<JoinHandle<()>>,
+    compaction_thread: Option<JoinHandle<()>>,
 }
 
 impl MessageLog {
@@ -328,6 +412,7 @@ impl MessageLog {
             segments,
             recovery,
             newest,
+            deleted_queues,
         } = replay(fs.as_ref(), dir, clean_shutdown, sink)?;
         let active_segment = newest + 1;
         let crashed_with_messages =
@@ -348,6 +433,10 @@ impl MessageLog {
             poisoned: None,
             shutting_down: false,
             last_append: Instant::now(),
+            deleted_queues: deleted_queues
+                .into_iter()
+                .map(|queue| (queue, newest))
+                .collect(),
         };
         state.segments.entry(active_segment).or_default();
         let shared = Arc::new(Shared {
@@ -357,6 +446,8 @@ impl MessageLog {
             config,
             state: Mutex::new(state),
             work: Condvar::new(),
+            written: Condvar::new(),
+            compaction_wake: Condvar::new(),
             listener,
         });
         if crashed_with_messages {
@@ -367,10 +458,25 @@ impl MessageLog {
             .name("warren-commit".into())
             .spawn(move || commit_loop(&thread_shared))
             .map_err(|error| StoreError::io("starting commit thread for", dir, error))?;
+        let compaction_thread = match shared.config.compaction_interval {
+            Some(interval) => {
+                let thread_shared = Arc::clone(&shared);
+                Some(
+                    std::thread::Builder::new()
+                        .name("warren-compact".into())
+                        .spawn(move || compaction_loop(&thread_shared, interval))
+                        .map_err(|error| {
+                            StoreError::io("starting compaction thread for", dir, error)
+                        })?,
+                )
+            }
+            None => None,
+        };
         Ok((
             Self {
                 shared,
                 commit_thread: Some(commit_thread),
+                compaction_thread,
             },
             recovery,
         ))
@@ -405,7 +511,13 @@ impl MessageLog {
         let mut state = self.shared.state.lock();
         let (location, ticket) =
             append_locked(&self.shared, &mut state, kind, queue, sequence, head, tail)?;
-        state.segments.entry(location.segment).or_default().live += 1;
+        let segment = state.segments.entry(location.segment).or_default();
+        segment.live += 1;
+        if kind == RecordKind::Paged {
+            segment.paged_live += 1;
+        } else {
+            segment.shares += 1;
+        }
         Ok((location, ticket))
     }
 
@@ -433,7 +545,9 @@ impl MessageLog {
             &prefixed,
             tail,
         )?;
-        state.segments.entry(location.segment).or_default().live += queues.len() as u64;
+        let segment = state.segments.entry(location.segment).or_default();
+        segment.live += queues.len() as u64;
+        segment.shares += queues.len() as u64;
         Ok((location, ticket))
     }
 
@@ -491,6 +605,11 @@ impl MessageLog {
     /// records recovery ignores once the queue is gone from the topology).
     pub fn release(&self, location: Location) {
         release_locked(&mut self.shared.state.lock(), location);
+    }
+
+    /// Forgets a `Paged` record whose message left its queue.
+    pub fn release_paged(&self, location: Location) {
+        release_paged_locked(&mut self.shared.state.lock(), location);
     }
 
     /// Reads a message's payload back, from memory if it is not written yet.
@@ -587,9 +706,41 @@ impl MessageLog {
     fn stop_commit_thread(&mut self) {
         self.shared.state.lock().shutting_down = true;
         self.shared.work.notify_one();
+        self.shared.compaction_wake.notify_all();
+        self.shared.written.notify_all();
+        // Compaction first: it may be waiting for the commit thread.
+        if let Some(thread) = self.compaction_thread.take() {
+            let _ = thread.join();
+        }
         if let Some(thread) = self.commit_thread.take() {
             let _ = thread.join();
         }
+    }
+
+    /// Rewrites now every segment that is mostly dead (see `compact`), as
+    /// the compaction thread does every `LogConfig::compaction_interval`.
+    pub fn compact_now(&self) -> Result<CompactionReport, StoreError> {
+        compact_sparse_segments(&self.shared)
+    }
+
+    /// Records that a queue was deleted: no mark will settle the messages
+    /// it held, so compaction drops them instead.
+    pub fn forget_queue(&self, queue: u64) {
+        let mut state = self.shared.state.lock();
+        let active = state.active_segment;
+        state.deleted_queues.insert(queue, active);
+    }
+
+    /// Bytes of the segment files, as the log counts them.
+    pub fn segment_bytes(&self) -> u64 {
+        self.shared
+            .state
+            .lock()
+            .segments
+            .values()
+            .filter(|segment| segment.created)
+            .map(|segment| segment.bytes)
+            .sum()
     }
 }
 
@@ -633,6 +784,11 @@ impl LogHandle {
     /// As `MessageLog::release`.
     pub fn release(&self, location: Location) {
         release_locked(&mut self.shared.state.lock(), location);
+    }
+
+    /// As `MessageLog::release_paged`.
+    pub fn release_paged(&self, location: Location) {
+        release_paged_locked(&mut self.shared.state.lock(), location);
     }
 
     /// As `MessageLog::settle`.
@@ -835,6 +991,12 @@ fn append_locked(
         buffer.extend_from_slice(tail);
     }
     state.active_length += length;
+    let segment_state = state.segments.entry(segment).or_default();
+    segment_state.bytes += length;
+    segment_state.keep_as_is |= matches!(
+        kind,
+        RecordKind::Publish | RecordKind::Remove | RecordKind::Delivered
+    );
     state.pending_bytes += length as usize;
     state.pending_needs_sync |= kind != RecordKind::Paged;
     state.last_ticket += 1;
@@ -865,6 +1027,8 @@ const READ_SPAN_MAX_BYTES: u64 = 1024 * 1024;
 /// bytes in memory.
 fn read_payloads(shared: &Shared, locations: &[Location]) -> Vec<Result<Bytes, StoreError>> {
     let mut payloads: Vec<Option<Result<Bytes, StoreError>>> = vec![None; locations.len()];
+    // Messages of compacted segments, read one by one.
+    let mut moved: Vec<usize> = Vec::new();
     {
         let state = shared.state.lock();
         let in_flight = state.in_flight.as_deref().map(Vec::as_slice).unwrap_or(&[]);
@@ -889,6 +1053,18 @@ fn read_payloads(shared: &Shared, locations: &[Location]) -> Vec<Result<Bytes, S
                 *payload = Some(payload_of(bytes, location));
             }
         }
+        for (index, location) in locations.iter().enumerate() {
+            let compacted = state
+                .segments
+                .get(&location.segment)
+                .is_some_and(|segment| segment.compacted.is_some());
+            if compacted && payloads[index].is_none() {
+                moved.push(index);
+            }
+        }
+    }
+    for &index in &moved {
+        payloads[index] = Some(read_payload(shared, locations[index]));
     }
     let mut on_disk: Vec<usize> = (0..locations.len())
         .filter(|&index| payloads[index].is_none())
@@ -934,7 +1110,15 @@ fn read_payloads(shared: &Shared, locations: &[Location]) -> Vec<Result<Bytes, S
     }
     payloads
         .into_iter()
-        .map(|payload| payload.expect("every location is read from memory or from disk"))
+        .zip(locations)
+        .map(|(payload, &location)| {
+            match payload.expect("every location is read from memory or from disk") {
+                // Compaction may have replaced the file since the lock was
+                // held: `read_payload` looks again.
+                Err(_) => read_payload(shared, location),
+                read => read,
+            }
+        })
         .collect()
 }
 
@@ -949,46 +1133,155 @@ fn read_error(location: Location, error: &io::Error) -> StoreError {
 
 /// The payload of the record in `bytes`, read from `location`.
 fn payload_of(bytes: Vec<u8>, location: Location) -> Result<Bytes, StoreError> {
+    let invalid = |reason: String| StoreError::Read {
+        segment: location.segment,
+        offset: location.offset.into(),
+        kind: io::ErrorKind::InvalidData,
+        reason,
+    };
     let payload_start = match record::decode(&bytes) {
         Decoded::Record(record, used) if record.kind == RecordKind::Message => {
-            match record::split_routes(record.sequence, record.payload) {
-                Some((_, message)) => used - message.len(),
-                None => Err(StoreError::Read {
-                    segment: location.segment,
-                    offset: location.offset.into(),
-                    kind: io::ErrorKind::InvalidData,
-                    reason: "a message record shorter than its routes".to_owned(),
-                })?,
-            }
+            let (_, message) = record::split_routes(record.sequence, record.payload)
+                .ok_or_else(|| invalid("a message record shorter than its routes".to_owned()))?;
+            used - message.len()
+        }
+        Decoded::Record(record, used) if record.kind == RecordKind::Kept => {
+            let (_, message) = record::split_kept(record.sequence, record.payload)
+                .ok_or_else(|| invalid("a kept record shorter than its routes".to_owned()))?;
+            used - message.len()
         }
         Decoded::Record(record, used) => used - record.payload.len(),
-        other => Err(StoreError::Read {
-            segment: location.segment,
-            offset: location.offset.into(),
-            kind: io::ErrorKind::InvalidData,
-            reason: format!("record does not decode ({other:?})"),
-        })?,
+        other => Err(invalid(format!("record does not decode ({other:?})")))?,
     };
     Ok(Bytes::from(bytes).slice(payload_start..))
 }
 
+/// Where a record is to be read from, as the log's state says while its
+/// lock is held.
+enum Source {
+    Memory(Vec<u8>),
+    /// In the file as first written, at its location.
+    Original,
+    /// In a compacted file, somewhere between two anchors.
+    Moved {
+        generation: u32,
+        start: u64,
+        end: u64,
+    },
+}
+
+fn source_of(state: &State, location: Location) -> Source {
+    let in_flight = state.in_flight.as_deref().map(Vec::as_slice).unwrap_or(&[]);
+    if let Some(bytes) = gather_unwritten(state.pending.iter().chain(in_flight.iter()), location) {
+        return Source::Memory(bytes);
+    }
+    let Some(segment) = state.segments.get(&location.segment) else {
+        return Source::Original;
+    };
+    let Some(file) = &segment.compacted else {
+        return Source::Original;
+    };
+    let after = file
+        .anchors
+        .partition_point(|(original, _)| *original <= location.offset);
+    let start = match after {
+        0 => 0,
+        _ => u64::from(file.anchors[after - 1].1),
+    };
+    let end = file
+        .anchors
+        .get(after)
+        .map_or(segment.bytes, |(_, moved_to)| u64::from(*moved_to));
+    Source::Moved {
+        generation: file.generation,
+        start,
+        end,
+    }
+}
+
+/// How many times a read looks again when compaction replaced the file it
+/// was reading: once is all one compaction needs.
+const READ_ATTEMPTS: usize = 3;
+
 fn read_payload(shared: &Shared, location: Location) -> Result<Bytes, StoreError> {
-    let from_memory = {
-        let state = shared.state.lock();
-        let in_flight = state.in_flight.as_deref().map(Vec::as_slice).unwrap_or(&[]);
-        gather_unwritten(state.pending.iter().chain(in_flight.iter()), location)
-    };
-    let bytes = match from_memory {
-        Some(bytes) => bytes,
-        None => {
-            let path = shared.dir.join(segment_name(location.segment));
-            shared
+    let mut attempt = 1;
+    loop {
+        let (source, generation) = {
+            let state = shared.state.lock();
+            let generation = state
+                .segments
+                .get(&location.segment)
+                .map(SegmentState::generation);
+            (source_of(&state, location), generation)
+        };
+        let read = match source {
+            Source::Memory(bytes) => return payload_of(bytes, location),
+            Source::Original => shared
                 .fs
-                .read_at(&path, location.offset.into(), location.length as usize)
-                .map_err(|error| read_error(location, &error))?
+                .read_at(
+                    &shared.dir.join(segment_name(location.segment)),
+                    location.offset.into(),
+                    location.length as usize,
+                )
+                .map_err(|error| read_error(location, &error))
+                .and_then(|bytes| payload_of(bytes, location)),
+            Source::Moved {
+                generation,
+                start,
+                end,
+            } => read_moved(shared, location, generation, start, end),
+        };
+        let replaced = || {
+            let state = shared.state.lock();
+            state
+                .segments
+                .get(&location.segment)
+                .map(SegmentState::generation)
+                != generation
+        };
+        match read {
+            Err(_) if attempt < READ_ATTEMPTS && replaced() => attempt += 1,
+            read => return read,
         }
-    };
-    payload_of(bytes, location)
+    }
+}
+
+/// Finds a message in a compacted file by reading the records between
+/// the anchors around it.
+fn read_moved(
+    shared: &Shared,
+    location: Location,
+    generation: u32,
+    start: u64,
+    end: u64,
+) -> Result<Bytes, StoreError> {
+    let path = shared.dir.join(segment_file(location.segment, generation));
+    let span = shared
+        .fs
+        .read_at(&path, start, (end - start) as usize)
+        .map_err(|error| read_error(location, &error))?;
+    let mut offset = 0;
+    while offset < span.len() {
+        let Decoded::Record(record, length) = record::decode(&span[offset..]) else {
+            break;
+        };
+        if record.kind == RecordKind::Kept {
+            let original = record::OriginalPlace::from_field(record.queue);
+            if original.offset == location.offset {
+                return payload_of(span[offset..offset + length].to_vec(), location);
+            }
+            if original.offset > location.offset {
+                break;
+            }
+        }
+        offset += length;
+    }
+    Err(StoreError::Read {
+        segment: location.segment,
+        offset: location.offset.into(),
+        kind: io::ErrorKind::NotFound,
+        reason: "compaction did not keep this message".to_owned(),
+    })
 }
 
 impl Drop for MessageLog {
@@ -1029,6 +1322,13 @@ fn release_locked(state: &mut State, location: Location) {
             "released a message the log does not count"
         );
         segment.live = segment.live.saturating_sub(1);
+    }
+}
+
+fn release_paged_locked(state: &mut State, location: Location) {
+    release_locked(state, location);
+    if let Some(segment) = state.segments.get_mut(&location.segment) {
+        segment.paged_live = segment.paged_live.saturating_sub(1);
     }
 }
 
@@ -1091,10 +1391,12 @@ fn commit_loop(shared: &Shared) {
                         state.directory_unsynced = true;
                     }
                     state.durable_ticket = ticket;
+                    shared.written.notify_all();
                     collect_deletable(&mut state)
                 }
                 Err(error) => {
                     state.poisoned = Some(error.to_string());
+                    shared.written.notify_all();
                     Vec::new()
                 }
             }
@@ -1191,7 +1493,7 @@ fn roll_if_idle(shared: &Shared, state: &mut State) {
 
 /// Takes out of the map every segment that can be deleted, oldest first, so
 /// a segment whose back references die in the same pass goes too.
-fn collect_deletable(state: &mut State) -> Vec<u64> {
+pub(crate) fn collect_deletable(state: &mut State) -> Vec<(u64, u32)> {
     let mut doomed = Vec::new();
     // A segment with bytes still waiting to be written must stay: the log
     // rolls to a new segment when appending, so the previous one can lose
@@ -1211,6 +1513,7 @@ fn collect_deletable(state: &mut State) -> Vec<u64> {
         }
         let deletable = state.segments.get(&segment).is_some_and(|info| {
             info.live == 0
+                && !info.compacting
                 && info
                     .back_references
                     .iter()
@@ -1219,16 +1522,16 @@ fn collect_deletable(state: &mut State) -> Vec<u64> {
         if deletable {
             let info = state.segments.remove(&segment).expect("present");
             if info.created {
-                doomed.push(segment);
+                doomed.push((segment, info.generation()));
             }
         }
     }
     doomed
 }
 
-fn delete_segments(shared: &Shared, segments: &[u64]) {
-    for segment in segments {
-        let path = shared.dir.join(segment_name(*segment));
+pub(crate) fn delete_segments(shared: &Shared, segments: &[(u64, u32)]) {
+    for &(segment, generation) in segments {
+        let path = shared.dir.join(segment_file(segment, generation));
         if let Err(error) = shared.fs.remove(&path) {
             tracing::warn!(path = %path.display(), %error, "could not delete a dead segment");
         }

@@ -42,6 +42,12 @@ pub enum RecordKind {
     /// of an older record may have been delivered before the crash, so it
     /// stays marked redelivered however the broker stops later.
     CrashRestart = 10,
+    /// A message that compaction carried over into a segment's rewritten
+    /// file: `queue` holds where its record was first written (see
+    /// [`OriginalPlace`]), which stays its identity, `sequence` the number
+    /// of queues still holding it, and the payload their ids, one flag
+    /// byte per queue, then the message (see [`split_kept`]).
+    Kept = 11,
 }
 
 impl RecordKind {
@@ -57,6 +63,7 @@ impl RecordKind {
             8 => Self::Settled,
             9 => Self::Returned,
             10 => Self::CrashRestart,
+            11 => Self::Kept,
             _ => return None,
         })
     }
@@ -135,6 +142,62 @@ pub fn split_routes(count: u64, payload: &[u8]) -> Option<(impl Iterator<Item = 
         .chunks_exact(ROUTE_BYTES)
         .map(|bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")));
     Some((queues, message))
+}
+
+/// A `Kept` record's flag for a queue: the message went to a consumer of
+/// it before, so it comes back redelivered.
+pub const KEPT_RETURNED: u8 = 1;
+
+/// Where a `Kept` record's message was first written in its segment, and
+/// that record's length: the location queues and marks still know it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginalPlace {
+    pub offset: u32,
+    pub length: u32,
+}
+
+impl OriginalPlace {
+    /// As a `Kept` record's `queue` field: the length in the high half.
+    pub fn to_field(self) -> u64 {
+        (u64::from(self.length) << 32) | u64::from(self.offset)
+    }
+
+    pub fn from_field(field: u64) -> Self {
+        Self {
+            offset: field as u32,
+            length: (field >> 32) as u32,
+        }
+    }
+}
+
+/// Appends the prefix of a `Kept` record's payload: the queues, then their
+/// flags.
+pub fn encode_kept_routes(out: &mut Vec<u8>, routes: &[(u64, u8)]) {
+    for (queue, _) in routes {
+        out.extend_from_slice(&queue.to_le_bytes());
+    }
+    out.extend(routes.iter().map(|(_, flags)| *flags));
+}
+
+/// The queues a kept message is still in, each with its flags.
+pub type KeptRoutes = Vec<(u64, u8)>;
+
+/// A `Kept` record's queues with their flags, and the message; None when
+/// the payload is shorter than `count` queues and flags.
+pub fn split_kept(count: u64, payload: &[u8]) -> Option<(KeptRoutes, &[u8])> {
+    let count = usize::try_from(count).ok()?;
+    let prefix = count.checked_mul(ROUTE_BYTES + 1)?;
+    if payload.len() < prefix {
+        return None;
+    }
+    let (ids, rest) = payload.split_at(count * ROUTE_BYTES);
+    let (flags, message) = rest.split_at(count);
+    let routes = ids
+        .chunks_exact(ROUTE_BYTES)
+        .map(|bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+        .zip(flags.iter().copied())
+        .collect();
+    Some((routes, message))
 }
 
 /// One entry of a `Settled` or `Returned` record: a queue and where the
@@ -288,6 +351,22 @@ mod tests {
             marks
         );
         assert!(decode_marks(&payload[..17]).is_none());
+    }
+
+    #[test]
+    fn kept_routes_and_original_place_come_back_as_written() {
+        let mut payload = Vec::new();
+        encode_kept_routes(&mut payload, &[(3, 0), (1 << 40, KEPT_RETURNED)]);
+        payload.extend_from_slice(b"message");
+        let (routes, message) = split_kept(2, &payload).expect("splits");
+        assert_eq!(routes, [(3, 0), (1 << 40, KEPT_RETURNED)]);
+        assert_eq!(message, b"message");
+        assert!(split_kept(2, &payload[..17]).is_none());
+        let place = OriginalPlace {
+            offset: u32::MAX - 1,
+            length: 70_000,
+        };
+        assert_eq!(OriginalPlace::from_field(place.to_field()), place);
     }
 
     #[test]

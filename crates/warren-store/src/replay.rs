@@ -10,14 +10,16 @@
 //! whose record survives), not of the backlog: the queues keep what they
 //! receive in their own spilling backlogs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
+use crate::compact::COMPACTING_EXTENSION;
 use crate::fs::FileSystem;
 use crate::log::{
-    Location, RecoveredMessage, Recovery, SEGMENT_SUFFIX, SegmentState, StoreError, segment_name,
+    ANCHOR_SPACING_BYTES, CompactedFile, Location, RecoveredMessage, Recovery, SegmentState,
+    StoreError, parse_segment_file, segment_file,
 };
-use crate::record::{self, Decoded, RecordKind};
+use crate::record::{self, Decoded, KEPT_RETURNED, OriginalPlace, RecordKind};
 
 /// Told each message still in a queue, in log order: its queue, what
 /// recovery knows of it, and its payload (the message as stored). Returns
@@ -52,7 +54,12 @@ pub(crate) struct Replayed {
     pub segments: BTreeMap<u64, SegmentState>,
     pub recovery: Recovery,
     pub newest: u64,
+    /// Queues that hold messages in the log but are gone from the topology.
+    pub deleted_queues: BTreeSet<u64>,
 }
+
+/// A segment to read: its number and the generation of its file.
+type SegmentFile = (u64, u32);
 
 /// Replays every segment of `dir`. A record cut short at the end of the
 /// newest segment is a write torn by a crash and is truncated away; a
@@ -64,20 +71,14 @@ pub(crate) fn replay(
     clean_shutdown: bool,
     sink: &mut RecoveredSink<'_>,
 ) -> Result<Replayed, StoreError> {
-    let mut numbers: Vec<u64> = fs
-        .list(dir)
-        .map_err(|error| StoreError::io("listing", dir, error))?
-        .iter()
-        .filter_map(|name| name.strip_suffix(SEGMENT_SUFFIX)?.parse().ok())
-        .collect();
-    numbers.sort_unstable();
+    let numbers = segment_files(fs, dir)?;
     let mut recovery = Recovery {
         clean_shutdown,
         ..Recovery::default()
     };
     let mut segments: BTreeMap<u64, SegmentState> = BTreeMap::new();
     let marks = read_marks(fs, dir, &numbers, &mut recovery, &mut segments)?;
-    hand_over_messages(
+    let deleted_queues = hand_over_messages(
         fs,
         dir,
         &numbers,
@@ -89,8 +90,40 @@ pub(crate) fn replay(
     Ok(Replayed {
         segments,
         recovery,
-        newest: numbers.last().copied().unwrap_or(0),
+        newest: numbers.last().map_or(0, |(number, _)| *number),
+        deleted_queues,
     })
+}
+
+/// The segment files of `dir`, oldest first, each in its newest
+/// generation. Older generations and unfinished rewrites are what a crash
+/// during compaction leaves: the newest generation was synced before the
+/// older one was deleted, so they go.
+fn segment_files(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<SegmentFile>, StoreError> {
+    let names = fs
+        .list(dir)
+        .map_err(|error| StoreError::io("listing", dir, error))?;
+    let mut newest: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut stale = Vec::new();
+    for name in &names {
+        if name.ends_with(&format!(".{COMPACTING_EXTENSION}")) {
+            stale.push(name.clone());
+        } else if let Some((number, generation)) = parse_segment_file(name) {
+            let kept = newest.entry(number).or_insert(generation);
+            if *kept != generation {
+                let older = (*kept).min(generation);
+                stale.push(segment_file(number, older));
+                *kept = (*kept).max(generation);
+            }
+        }
+    }
+    for name in stale {
+        let path = dir.join(&name);
+        tracing::info!(path = %path.display(), "removing a file an interrupted compaction left");
+        fs.remove(&path)
+            .map_err(|error| StoreError::io("removing", &path, error))?;
+    }
+    Ok(newest.into_iter().collect())
 }
 
 /// The first pass: checks every record, truncates a torn tail, and
@@ -98,21 +131,31 @@ pub(crate) fn replay(
 fn read_marks(
     fs: &dyn FileSystem,
     dir: &Path,
-    numbers: &[u64],
+    numbers: &[SegmentFile],
     recovery: &mut Recovery,
     segments: &mut BTreeMap<u64, SegmentState>,
 ) -> Result<Marks, StoreError> {
     let mut marks = Marks::default();
-    let newest = numbers.last().copied();
+    let newest = numbers.last().map(|(number, _)| *number);
     let mut bytes = Vec::new();
-    for &number in numbers {
-        let path = dir.join(segment_name(number));
+    for &(number, generation) in numbers {
+        let path = dir.join(segment_file(number, generation));
         fs.read_all_into(&path, &mut bytes)
             .map_err(|error| StoreError::io("reading", &path, error))?;
         recovery.segments_read += 1;
         recovery.bytes_read += bytes.len() as u64;
         let segment_state = segments.entry(number).or_default();
         segment_state.created = true;
+        segment_state.bytes = bytes.len() as u64;
+        if generation > 0 {
+            segment_state.compacted = Some(CompactedFile {
+                generation,
+                anchors: Vec::new(),
+                // Marks folded in before a restart match no kept share,
+                // so nothing refers back to this segment for them.
+                boundary: 0,
+            });
+        }
         let mut offset = 0usize;
         while offset < bytes.len() {
             let Ok(record_offset) = u32::try_from(offset) else {
@@ -153,9 +196,23 @@ fn read_marks(
                             marks.crash_restart = Some((number, record_offset));
                             // It must outlive every older segment, across
                             // restarts as it did when written.
-                            segment_state
-                                .back_references
-                                .extend(numbers.iter().copied().filter(|older| *older < number));
+                            segment_state.back_references.extend(
+                                numbers
+                                    .iter()
+                                    .map(|(older, _)| *older)
+                                    .filter(|older| *older < number),
+                            );
+                        }
+                        RecordKind::Kept => {
+                            if let Some(file) = &mut segment_state.compacted {
+                                let anchored = file.anchors.last().map_or(0, |(_, at)| *at);
+                                if file.anchors.is_empty()
+                                    || record_offset - anchored >= ANCHOR_SPACING_BYTES
+                                {
+                                    let original = OriginalPlace::from_field(record.queue);
+                                    file.anchors.push((original.offset, record_offset));
+                                }
+                            }
                         }
                         RecordKind::Message
                         | RecordKind::Publish
@@ -163,11 +220,16 @@ fn read_marks(
                         | RecordKind::Topology
                         | RecordKind::TopologyRemoved => {}
                     }
+                    segment_state.keep_as_is |= matches!(
+                        record.kind,
+                        RecordKind::Publish | RecordKind::Remove | RecordKind::Delivered
+                    );
                     offset += length;
                 }
                 Decoded::Corrupt(length) => {
                     tracing::error!(path = %path.display(), offset, "skipping a record whose checksum does not match");
                     recovery.corrupt_records_skipped += 1;
+                    segment_state.keep_as_is = true;
                     marks.corrupt.insert((number, record_offset));
                     offset += length;
                 }
@@ -179,7 +241,10 @@ fn read_marks(
                             "dropping a torn record at the end of the log");
                         fs.truncate(&path, offset as u64)
                             .map_err(|error| StoreError::io("truncating", &path, error))?;
+                        segment_state.bytes = offset as u64;
                     } else {
+                        // Compaction would lose what follows.
+                        segment_state.keep_as_is = true;
                         tracing::error!(path = %path.display(), offset, dropped_bytes = dropped,
                             "unreadable bytes in the middle of the log; skipping the rest of the segment");
                     }
@@ -197,18 +262,19 @@ fn read_marks(
 fn hand_over_messages(
     fs: &dyn FileSystem,
     dir: &Path,
-    numbers: &[u64],
+    numbers: &[SegmentFile],
     mut marks: Marks,
     clean_shutdown: bool,
     segments: &mut BTreeMap<u64, SegmentState>,
     sink: &mut RecoveredSink<'_>,
-) -> Result<(), StoreError> {
+) -> Result<BTreeSet<u64>, StoreError> {
     // Per queue, the sequence number its last message had: a Message
     // record's messages are numbered on from there.
     let mut last_sequence: HashMap<u64, u64> = HashMap::new();
+    let mut deleted_queues = BTreeSet::new();
     let mut bytes = Vec::new();
-    for &number in numbers {
-        let path = dir.join(segment_name(number));
+    for &(number, generation) in numbers {
+        let path = dir.join(segment_file(number, generation));
         fs.read_all_into(&path, &mut bytes)
             .map_err(|error| StoreError::io("reading", &path, error))?;
         let end = marks
@@ -246,6 +312,16 @@ fn hand_over_messages(
                 || marks
                     .crash_restart
                     .is_some_and(|position| (number, record_offset) < position);
+            let mut hand_over =
+                |segments: &mut BTreeMap<u64, SegmentState>, queue, message, payload: &[u8]| {
+                    let segment = segments.entry(number).or_default();
+                    segment.shares += 1;
+                    if sink(queue, message, payload) {
+                        segment.live += 1;
+                    } else {
+                        deleted_queues.insert(queue);
+                    }
+                };
             match record.kind {
                 RecordKind::Publish => {
                     let key = (record.queue, record.sequence);
@@ -264,22 +340,38 @@ fn hand_over_messages(
                         location,
                         delivered: maybe_delivered || delivered_in.is_some(),
                     };
-                    if sink(record.queue, message, record.payload) {
-                        segments.entry(number).or_default().live += 1;
-                    }
+                    hand_over(segments, record.queue, message, record.payload);
                 }
-                RecordKind::Message => {
-                    let Some((routes, payload)) =
-                        record::split_routes(record.sequence, record.payload)
-                    else {
+                RecordKind::Message | RecordKind::Kept => {
+                    let split: Option<(record::KeptRoutes, &[u8])> = if record.kind
+                        == RecordKind::Message
+                    {
+                        record::split_routes(record.sequence, record.payload).map(
+                            |(routes, payload)| (routes.map(|queue| (queue, 0)).collect(), payload),
+                        )
+                    } else {
+                        record::split_kept(record.sequence, record.payload)
+                    };
+                    let Some((routes, payload)) = split else {
                         tracing::error!(path = %path.display(), offset = record_offset,
                             "skipping a message record shorter than its routes");
                         continue;
                     };
-                    for queue in routes {
+                    // A kept message is known by where it was first written.
+                    let location = if record.kind == RecordKind::Kept {
+                        let original = OriginalPlace::from_field(record.queue);
+                        Location {
+                            segment: number,
+                            offset: original.offset,
+                            length: original.length,
+                        }
+                    } else {
+                        location
+                    };
+                    for (queue, flags) in routes {
                         let last = last_sequence.entry(queue).or_default();
                         *last += 1;
-                        let share = (queue, number, record_offset);
+                        let share = (queue, number, location.offset);
                         if let Some(settled_in) = marks.settled.remove(&share) {
                             refer_back(segments, settled_in, number);
                             continue;
@@ -291,18 +383,18 @@ fn hand_over_messages(
                         let message = RecoveredMessage {
                             sequence: *last,
                             location,
-                            delivered: maybe_delivered || returned_in.is_some(),
+                            delivered: maybe_delivered
+                                || returned_in.is_some()
+                                || flags & KEPT_RETURNED != 0,
                         };
-                        if sink(queue, message, payload) {
-                            segments.entry(number).or_default().live += 1;
-                        }
+                        hand_over(segments, queue, message, payload);
                     }
                 }
                 _ => {}
             }
         }
     }
-    Ok(())
+    Ok(deleted_queues)
 }
 
 /// A mark in segment `marked_in` settles a message of segment `published_in`:

@@ -59,6 +59,9 @@ fn config() -> LogConfig {
         segment_size_bytes: 4096,
         pending_bytes_max: 1 << 20,
         idle_roll_after: Duration::from_millis(20),
+        // The tests compact when they choose to (`compact_now`).
+        compaction_interval: None,
+        compaction_min_dead_bytes: 1,
     }
 }
 
@@ -351,6 +354,137 @@ fn a_segment_holding_removes_for_a_live_older_segment_is_kept() {
     assert_eq!(recovery.queues[&1][0].location, stuck);
 }
 
+/// Bytes of every file in the log's directory.
+fn directory_bytes(fs: &SimulatedFileSystem) -> usize {
+    fs.list(Path::new(DIR))
+        .expect("lists")
+        .iter()
+        .map(|name| fs.file_length(&Path::new(DIR).join(name)).expect("listed"))
+        .sum()
+}
+
+/// Writes 40 segments, each holding one message that stays in queue 1
+/// among a dozen that queue 2 settles; returns the ones that stay.
+fn one_old_message_per_segment(log: &MessageLog, reports: &Reports) -> Vec<(Location, Vec<u8>)> {
+    let mut old = Vec::new();
+    let mut ticket = 0;
+    for round in 0..40u8 {
+        let body = vec![round; 300];
+        let (location, _) = log
+            .append_routed(&[1], &body, &bytes::Bytes::new())
+            .expect("append");
+        old.push((location, body));
+        for _ in 0..12 {
+            let (location, appended) = log
+                .append_routed(&[2], &[0; 300], &bytes::Bytes::new())
+                .expect("append");
+            log.settle(2, location).expect("settle");
+            ticket = appended;
+        }
+    }
+    // A last publish is durable only once the settles before it are.
+    let (_, last) = log
+        .append_routed(&[3], b"last", &bytes::Bytes::new())
+        .expect("append");
+    reports.wait_durable(last.max(ticket)).expect("durable");
+    old
+}
+
+/// One old message left in every segment among many settled ones would
+/// keep every segment, and the marks settling their neighbours would keep
+/// the segments that hold them. Compaction gives that space back: the data
+/// directory ends within twice the live data and a few segments, and the
+/// old messages read back, and survive a crash, where they were first
+/// written.
+#[test]
+fn one_old_message_per_segment_does_not_stop_disk_being_reclaimed() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let old = one_old_message_per_segment(&log, &reports);
+    let live: usize = old
+        .iter()
+        .map(|(location, _)| location.length as usize)
+        .sum();
+    let before = directory_bytes(&fs);
+    assert!(
+        before > 10 * live,
+        "only {before} bytes before compacting {live} live"
+    );
+    let report = log.compact_now().expect("compacts");
+    assert!(report.segments_rewritten >= 30, "{report:?}");
+    let after = directory_bytes(&fs);
+    assert!(
+        after <= 2 * live + 4 * 4096,
+        "{after} bytes on disk for {live} bytes of live messages (was {before})"
+    );
+    for (location, body) in &old {
+        assert_eq!(&log.read(*location).expect("reads")[..], &body[..]);
+    }
+    let locations: Vec<Location> = old.iter().rev().map(|(location, _)| *location).collect();
+    for (payload, (_, body)) in log
+        .handle()
+        .read_many(&locations)
+        .into_iter()
+        .zip(old.iter().rev())
+    {
+        assert_eq!(&payload.expect("reads")[..], &body[..]);
+    }
+    log.abandon();
+    fs.crash(|_| 0);
+    let (log, recovery, _) = open(&fs);
+    let recovered: Vec<Location> = recovery.queues[&1]
+        .iter()
+        .map(|message| message.location)
+        .collect();
+    assert_eq!(
+        recovered,
+        old.iter()
+            .map(|(location, _)| *location)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        !recovery.queues.contains_key(&2),
+        "settled messages came back"
+    );
+    for (location, body) in &old {
+        assert_eq!(&log.read(*location).expect("reads")[..], &body[..]);
+    }
+    // Compacting again after the restart finds nothing worth rewriting.
+    assert_eq!(log.compact_now().expect("compacts").segments_rewritten, 0);
+}
+
+/// A crash during compaction leaves the new file unfinished, or both the
+/// new and the old file: recovery keeps the newest complete generation and
+/// deletes the rest.
+#[test]
+fn leftovers_of_an_interrupted_compaction_are_removed() {
+    let fs = SimulatedFileSystem::new();
+    let (log, _, reports) = open(&fs);
+    let old = one_old_message_per_segment(&log, &reports);
+    log.compact_now().expect("compacts");
+    log.close().expect("closes");
+    let first = old[0].0.segment;
+    let stale_generation = Path::new(DIR).join(format!("{first:020}.seg"));
+    let unfinished = Path::new(DIR).join(format!("{first:020}.2.compacting"));
+    assert!(
+        !fs.exists(&stale_generation),
+        "the first generation was deleted"
+    );
+    fs.write(&stale_generation, b"an older generation: never read")
+        .expect("writes");
+    fs.write(&unfinished, b"half a rewrite").expect("writes");
+    let (log, recovery, _) = open(&fs);
+    assert!(!fs.exists(&stale_generation) && !fs.exists(&unfinished));
+    assert_eq!(
+        recovery.corrupt_records_skipped + recovery.torn_records_dropped,
+        0
+    );
+    assert_eq!(recovery.queues[&1].len(), old.len());
+    for (location, body) in &old {
+        assert_eq!(&log.read(*location).expect("reads")[..], &body[..]);
+    }
+}
+
 #[test]
 fn a_failed_fsync_poisons_the_log() {
     let fs = SimulatedFileSystem::new();
@@ -627,6 +761,7 @@ enum RoutedOperation {
     ReadMany {
         rotate: usize,
     },
+    Compact,
     Crash {
         torn_fraction: u8,
     },
@@ -641,6 +776,7 @@ fn routed_operation() -> impl Strategy<Value = RoutedOperation> {
         1 => any::<usize>().prop_map(|pick| RoutedOperation::Return { pick }),
         1 => Just(RoutedOperation::WaitDurable),
         1 => any::<usize>().prop_map(|rotate| RoutedOperation::ReadMany { rotate }),
+        2 => Just(RoutedOperation::Compact),
         1 => any::<u8>().prop_map(|torn_fraction| RoutedOperation::Crash { torn_fraction }),
         1 => Just(RoutedOperation::CleanRestart),
     ]
@@ -673,7 +809,9 @@ proptest! {
     /// across crashes and clean restarts: a durable message comes back in
     /// every queue that had not settled it; a settle made durable keeps it
     /// away from that queue only; after a clean restart exactly the
-    /// messages marked returned come back delivered.
+    /// messages marked returned come back delivered. Compaction, run at
+    /// any point, changes none of this, and every live message still
+    /// reads back from where it was first written.
     #[test]
     fn messages_written_once_match_a_model_across_crashes(
         operations in proptest::collection::vec(routed_operation(), 1..80)
@@ -728,6 +866,9 @@ proptest! {
                     share.returned = true;
                 }
                 RoutedOperation::WaitDurable => reports.wait_durable(last_ticket).expect("durable"),
+                RoutedOperation::Compact => {
+                    log.compact_now().expect("compacts");
+                }
                 RoutedOperation::ReadMany { rotate } if !live.is_empty() => {
                     let mut keys = live.clone();
                     keys.rotate_left(rotate % live.len());

@@ -453,6 +453,10 @@ impl Broker {
         if let Some(entry) = queue.durable_entry() {
             self.topology_changes
                 .push(TopologyChange::Removed(entry.into()));
+            // No mark will settle what it held: compaction drops it.
+            if let Some(store) = &self.store {
+                store.log.forget_queue(id.0);
+            }
         }
         if let Some(at) = queue.scheduled_ms {
             self.timers.get_mut().remove(&(at, id));

@@ -102,6 +102,11 @@ impl Broker {
         now_ms: u64,
     ) -> bool {
         let Some(queue) = self.queue_mut(QueueId(queue)) else {
+            // A deleted queue's messages stay in the log until compaction
+            // or their segment's deletion drops them: a queue declared
+            // later must not get its id, or it would inherit them at the
+            // next start.
+            self.next_queue_id = self.next_queue_id.max(queue);
             return false;
         };
         let known = if queue.recovery_reads_messages() {

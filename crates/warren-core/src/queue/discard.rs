@@ -78,12 +78,17 @@ impl Discard {
 /// or from another thread.
 pub(crate) trait StoredCopies {
     fn release(&self, location: Location);
+    fn release_paged(&self, location: Location);
     fn settle(&self, queue: u64, location: Location) -> Result<(), StoreError>;
 }
 
 impl StoredCopies for MessageLog {
     fn release(&self, location: Location) {
         MessageLog::release(self, location);
+    }
+
+    fn release_paged(&self, location: Location) {
+        MessageLog::release_paged(self, location);
     }
 
     fn settle(&self, queue: u64, location: Location) -> Result<(), StoreError> {
@@ -94,6 +99,10 @@ impl StoredCopies for MessageLog {
 impl StoredCopies for LogHandle {
     fn release(&self, location: Location) {
         LogHandle::release(self, location);
+    }
+
+    fn release_paged(&self, location: Location) {
+        LogHandle::release_paged(self, location);
     }
 
     fn settle(&self, queue: u64, location: Location) -> Result<(), StoreError> {
@@ -112,7 +121,7 @@ pub(crate) fn forget_copy(
 ) {
     match stored {
         Stored::Nowhere => {}
-        Stored::Paged(location) => log.release(location),
+        Stored::Paged(location) => log.release_paged(location),
         Stored::Published(location) if queue_exists => {
             // A poisoned log refuses the record; the message may then come
             // back after a restart, which at-least-once delivery allows.

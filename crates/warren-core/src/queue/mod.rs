@@ -783,8 +783,10 @@ impl Queue {
                     }
                     Err(reason) => {
                         log_unreadable(&self.describe(), sequence, &reason);
-                        if let (Some(log), Some(location)) = (log, queued.stored.location()) {
-                            log.release(location);
+                        match (log, queued.stored) {
+                            (Some(log), Stored::Paged(location)) => log.release_paged(location),
+                            (Some(log), Stored::Published(location)) => log.release(location),
+                            _ => {}
                         }
                         continue;
                     }

@@ -15,21 +15,6 @@ use tokio::net::TcpStream;
 const UNAUTHENTICATED_CONNECTION_BYTES_MAX: u64 = 64 * 1024;
 const SLOW_LORIS_CONNECTIONS: usize = 1_000;
 
-/// Resident memory of a process, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .expect("VmRSS line");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|value| value.parse().ok())
-        .expect("VmRSS value");
-    kib * 1024
-}
-
 /// A well-behaved client's round trip, to show the broker still serves.
 async fn round_trip(broker: &Broker, queue: &str) {
     let connection = broker.connect().await;
@@ -72,7 +57,7 @@ async fn round_trip(broker: &Broker, queue: &str) {
 async fn a_thousand_unfinished_handshakes_cost_little_and_are_closed_in_time() {
     let broker = Broker::start_with_config("[amqp]\nhandshake_timeout_s = 3\n").await;
     round_trip(&broker, "warm-up").await;
-    let before = rss_bytes(broker.pid());
+    let before = resident_bytes(broker.pid());
     let started = tokio::time::Instant::now();
     let mut sockets = Vec::with_capacity(SLOW_LORIS_CONNECTIONS);
     for _ in 0..SLOW_LORIS_CONNECTIONS {
@@ -93,7 +78,7 @@ async fn a_thousand_unfinished_handshakes_cost_little_and_are_closed_in_time() {
             .expect("read connection.start");
         assert_eq!(first[0], 1, "a method frame");
     }
-    let after = rss_bytes(broker.pid());
+    let after = resident_bytes(broker.pid());
     let per_connection = after.saturating_sub(before) / SLOW_LORIS_CONNECTIONS as u64;
     eprintln!(
         "broker RSS {before} -> {after} bytes: {per_connection} bytes per unfinished handshake"

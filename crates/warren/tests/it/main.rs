@@ -3,6 +3,7 @@
 
 mod common;
 
+mod backlog;
 mod basic;
 mod command_invalid;
 mod confirms_tx;

@@ -438,6 +438,21 @@ impl Drop for Broker {
 // ---------------------------------------------------------------------------
 
 /// Await `fut` for at most [`EVENT_TIMEOUT`], panicking with `what` otherwise.
+/// Resident memory of a process, from /proc.
+pub fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .expect("VmRSS line");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|value| value.parse().ok())
+        .expect("VmRSS value");
+    kib * 1024
+}
+
 pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     match tokio::time::timeout(EVENT_TIMEOUT, fut).await {
         Ok(v) => v,
