@@ -25,12 +25,14 @@ def main() -> None:
     held = []
     channel.basic_consume("pinned", lambda _ch, method, _props, _body: held.append(method.delivery_tag))
     persistent = pika.BasicProperties(delivery_mode=2)
-    deadline = time.monotonic() + duration
+    started = time.monotonic()
     published = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < started + duration:
         channel.basic_publish("", "pinned", b"p" * size, persistent)
         published += 1
-        connection.process_data_events(time_limit=interval)
+        # Deliveries wake pika early: sleep to the next slot, not for
+        # `interval` after each publish.
+        connection.sleep(max(0.0, started + published * interval - time.monotonic()))
     while len(held) < published:
         connection.process_data_events(time_limit=0.1)
     print(f"holding {len(held)} messages unacknowledged ({len(held) * size} bytes of bodies)", flush=True)

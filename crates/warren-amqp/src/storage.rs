@@ -59,14 +59,9 @@ pub fn open(
         let topology_listener = Box::new(move |result: Result<u64, StoreError>| {
             record_progress(&topology_sender, result);
         });
-        let defaults = LogConfig::default();
         let log_config = LogConfig {
             segment_size_bytes: config.segment_size_bytes,
-            // Small segments (a test's) are compacted too.
-            compaction_min_dead_bytes: defaults
-                .compaction_min_dead_bytes
-                .min(config.segment_size_bytes / 4),
-            ..defaults
+            ..LogConfig::default()
         };
         let started = Instant::now();
         let messages_dir = data_dir.join("messages");

@@ -78,14 +78,16 @@ pub(crate) fn compaction_loop(shared: &Shared, interval: Duration) {
 }
 
 /// Whether a segment is worth rewriting: at least half of its shares are
-/// dead, and at least `min_dead_bytes` (see `LogConfig`).
-fn worth_compacting(segment: &SegmentState, min_dead_bytes: u64) -> bool {
-    if !segment.created
-        || segment.keep_as_is
-        || segment.compacting
-        || segment.paged_live > 0
-        || segment.shares == 0
-    {
+/// dead, and at least `min_dead_bytes` (see `LogConfig`); or it was
+/// rewritten before, and marks it kept have been folded in elsewhere since.
+pub(crate) fn worth_compacting(segment: &SegmentState, min_dead_bytes: u64) -> bool {
+    if !segment.created || segment.keep_as_is || segment.compacting || segment.paged_live > 0 {
+        return false;
+    }
+    if segment.stale_marks && segment.bytes >= min_dead_bytes.max(1) {
+        return true;
+    }
+    if segment.shares == 0 {
         return false;
     }
     let dead_shares = segment.shares.saturating_sub(segment.live);
@@ -210,6 +212,8 @@ struct Rewritten {
     anchors: Vec<(u32, u32)>,
     /// Older segments whose messages the kept marks name.
     back_references: BTreeSet<u64>,
+    /// Queues' shares of the kept messages.
+    kept_shares: u64,
 }
 
 /// What the segments holding marks for the one being rewritten say of it.
@@ -274,6 +278,7 @@ fn rewrite(shared: &Shared, job: &Job) -> Result<Option<Rewritten>, StoreError> 
         bytes: content.bytes.len() as u64,
         anchors: content.anchors,
         back_references: content.back_references,
+        kept_shares: content.kept_shares,
     }))
 }
 
@@ -326,6 +331,7 @@ struct Content {
     bytes: Vec<u8>,
     anchors: Vec<(u32, u32)>,
     back_references: BTreeSet<u64>,
+    kept_shares: u64,
 }
 
 /// The records of `bytes` (the segment's current file) that are still
@@ -336,6 +342,7 @@ fn rewritten_content(bytes: &[u8], job: &Job, folded: &Folded) -> Option<Content
         bytes: Vec::new(),
         anchors: Vec::new(),
         back_references: BTreeSet::new(),
+        kept_shares: 0,
     };
     let mut offset = 0;
     while offset < bytes.len() {
@@ -437,6 +444,7 @@ fn keep_message(
     if kept.is_empty() {
         return Some(());
     }
+    content.kept_shares += kept.len() as u64;
     let moved_to = u32::try_from(content.bytes.len()).ok()?;
     let anchored = content.anchors.last().map_or(0, |(_, anchor)| *anchor);
     if content.anchors.is_empty() || moved_to - anchored >= ANCHOR_SPACING_BYTES {
@@ -469,6 +477,7 @@ fn finish(
         .get_mut(&job.segment)
         .expect("a segment being compacted is not deleted");
     segment.compacting = false;
+    let stale_marks = std::mem::take(&mut segment.stale_marks);
     let rewritten = match rewritten {
         Ok(Some(rewritten)) => rewritten,
         Ok(None) => {
@@ -476,21 +485,34 @@ fn finish(
             segment.keep_as_is = true;
             return Ok(None);
         }
-        Err(error) => return Err(error),
+        Err(error) => {
+            segment.stale_marks = stale_marks;
+            return Err(error);
+        }
     };
     segment.compacted = Some(CompactedFile {
         generation: rewritten.generation,
         anchors: rewritten.anchors,
         boundary: job.boundary,
     });
+    // Shares settled while it ran were kept, their marks not on disk yet:
+    // counted dead, they make the segment worth rewriting again once those
+    // marks are written. A rewrite that gained nothing counts only what
+    // dies from now on, so a share no mark will ever settle cannot make
+    // compaction rewrite the same file over and over.
+    segment.shares = if rewritten.bytes < job.bytes {
+        rewritten.kept_shares.max(segment.live)
+    } else {
+        segment.live
+    };
     segment.bytes = rewritten.bytes;
-    // Shares that died before this count are gone from the file, or their
-    // marks will be folded in by the next compaction.
-    segment.shares = segment.live;
     segment.back_references = rewritten.back_references;
     for (number, _) in &job.markers {
         if let Some(marker) = state.segments.get_mut(number) {
             marker.back_references.remove(&job.segment);
+            // A rewritten marker kept its marks for this segment: they
+            // are dead weight now.
+            marker.stale_marks |= marker.compacted.is_some();
         }
     }
     let mut doomed = collect_deletable(&mut state);

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
-use crate::compact::{CompactionReport, compact_sparse_segments, compaction_loop};
+use crate::compact::{
+    CompactionReport, compact_sparse_segments, compaction_loop, worth_compacting,
+};
 use crate::fs::FileSystem;
 use crate::record::{self, Decoded, MARK_BYTES, Mark, RecordKind};
 use crate::replay::{RecoveredSink, Replayed, replay};
@@ -98,8 +100,10 @@ pub struct LogConfig {
     pub compaction_interval: Option<Duration>,
     /// A segment is rewritten once at least half of it, and at least this
     /// much, is dead: the data directory then stays within twice the live
-    /// data plus a small allowance, and no segment is rewritten for little
-    /// gain.
+    /// data plus this much per segment, and no segment is rewritten for
+    /// less than a page. A segment is usually rewritten twice: when it is
+    /// sealed with its long-lived messages among dead ones, and again once
+    /// the messages that were in flight then have gone.
     pub compaction_min_dead_bytes: u64,
 }
 
@@ -110,7 +114,7 @@ impl Default for LogConfig {
             pending_bytes_max: 64 * 1024 * 1024,
             idle_roll_after: Duration::from_secs(1),
             compaction_interval: Some(Duration::from_secs(1)),
-            compaction_min_dead_bytes: 64 * 1024,
+            compaction_min_dead_bytes: 4 * 1024,
         }
     }
 }
@@ -197,6 +201,9 @@ pub(crate) struct SegmentState {
     pub(crate) compacted: Option<CompactedFile>,
     /// Compaction is rewriting the file: it stays until that is done.
     pub(crate) compacting: bool,
+    /// A rewritten file whose kept marks name a segment compaction has
+    /// since folded them into: rewriting it again drops them.
+    pub(crate) stale_marks: bool,
 }
 
 impl SegmentState {
@@ -1475,15 +1482,16 @@ fn write_batch(
     Ok(created)
 }
 
-/// Starts a new segment when the active one holds only dead records and
-/// nothing has been appended for a while, so its file can go.
+/// Starts a new segment when the active one holds only dead records, or
+/// is mostly dead, and nothing has been appended for a while, so that its
+/// file can go or be compacted: a long-lived message in the segment that
+/// was being written when traffic stopped would otherwise keep all of it.
 fn roll_if_idle(shared: &Shared, state: &mut State) {
     let active = state.active_segment;
     let quiet = state.last_append.elapsed() >= shared.config.idle_roll_after;
-    let dead = state
-        .segments
-        .get(&active)
-        .is_some_and(|segment| segment.live == 0);
+    let dead = state.segments.get(&active).is_some_and(|segment| {
+        segment.live == 0 || worth_compacting(segment, shared.config.compaction_min_dead_bytes)
+    });
     if quiet && dead && state.active_length > 0 && state.pending.is_empty() {
         state.active_segment += 1;
         state.active_length = 0;
