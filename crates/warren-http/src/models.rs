@@ -55,6 +55,10 @@ pub struct ModelStatus {
     /// "embedding", "classification" or "tensor": how an HTTP inference
     /// request is turned into queue messages.
     pub task: String,
+    /// "onnxruntime" or "tract", once the model is loaded.
+    pub backend: Option<String>,
+    /// The ONNX Runtime library the process loaded, and its version.
+    pub onnxruntime: Option<(String, Option<String>)>,
     pub stats: ModelStats,
 }
 

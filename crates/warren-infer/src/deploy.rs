@@ -278,6 +278,7 @@ pub async fn run_models(
                 .expect("loading a model does not panic")?;
             tracing::info!(model = %model.name, instance, backend = task.backend(),
                 queue = %model.queue, "model loaded");
+            let _ = metrics.backend.set(task.backend());
             let config = model.worker_config(&broker_url);
             let shutdown = shutdown.clone();
             workers.spawn(serve_forever(config, task, Arc::clone(metrics), shutdown));

@@ -2,6 +2,7 @@
 //! locks and read as a snapshot (by the HTTP API and Prometheus
 //! exporter).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -88,6 +89,9 @@ pub struct ModelMetrics {
     /// publishing time).
     pub queue_wait_us: Histogram,
     pub inference_us: Histogram,
+    /// The backend running the model ("onnxruntime" or "tract"), once it
+    /// is loaded.
+    pub backend: OnceLock<&'static str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -117,6 +121,7 @@ impl ModelMetrics {
             batch_wait_us: Histogram::new(DURATION_BOUNDS_US),
             queue_wait_us: Histogram::new(DURATION_BOUNDS_US),
             inference_us: Histogram::new(DURATION_BOUNDS_US),
+            backend: OnceLock::new(),
         }
     }
 

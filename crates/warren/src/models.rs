@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use warren_http::models::{HistogramView, ModelDirectory, ModelStats, ModelStatus};
 use warren_infer::deploy::{ModelConfig, TaskKind};
 use warren_infer::metrics::{HistogramSnapshot, ModelMetrics};
+use warren_infer::runtime::onnx::loaded_library;
 
 /// Empty until the models are loaded: the HTTP server starts first, so
 /// that the broker answers while large models load.
@@ -54,6 +55,10 @@ impl ModelDirectory for DeployedModels {
                         TaskKind::Tensor => "tensor",
                     }
                     .to_owned(),
+                    backend: metrics.backend.get().map(|backend| (*backend).to_owned()),
+                    onnxruntime: loaded_library().map(|library| {
+                        (library.path.display().to_string(), library.version.clone())
+                    }),
                     stats: ModelStats {
                         requests: snapshot.requests,
                         replies: snapshot.replies,

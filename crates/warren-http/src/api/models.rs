@@ -34,6 +34,13 @@ pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Val
                 "version": model.version,
                 "queue": model.queue,
                 "task": model.task,
+                // tract is the fallback when ONNX Runtime is not found:
+                // several times slower, so it is shown, not hidden.
+                "backend": model.backend,
+                "onnxruntime": model.onnxruntime.as_ref().map(|(library, version)| json!({
+                    "library": library,
+                    "version": version,
+                })),
                 "ready": consumers > 0,
                 "consumers": consumers,
                 "messages": messages,

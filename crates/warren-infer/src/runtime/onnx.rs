@@ -1,11 +1,15 @@
 //! The ONNX Runtime backend. The library is loaded at run time
 //! (`ort`'s `load-dynamic`): from the configured path, `ORT_DYLIB_PATH`, or
-//! the copy inside an installed `onnxruntime` Python package. ONNX Runtime
-//! has one environment per process, created by the first model loaded.
+//! the copy inside an installed `onnxruntime` Python package, wherever pip
+//! put it (the Python on PATH is asked). ONNX Runtime has one environment
+//! per process, created by the first model loaded.
 
 use std::borrow::Cow;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
@@ -30,6 +34,44 @@ pub struct OnnxRuntime {
 /// The process-wide environment, or why it could not be made. The first
 /// library path wins: ONNX Runtime cannot be loaded twice.
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+/// The ONNX Runtime library this process loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedLibrary {
+    pub path: PathBuf,
+    /// Its release, e.g. "1.31.1": from the build's release branch when the
+    /// library names one, else from its versioned file name (a pip
+    /// package's library is built from a detached HEAD and names none).
+    pub version: Option<String>,
+}
+
+static LOADED: OnceLock<LoadedLibrary> = OnceLock::new();
+
+/// The ONNX Runtime library loaded, once a model has loaded it.
+pub fn loaded_library() -> Option<&'static LoadedLibrary> {
+    LOADED.get()
+}
+
+/// The release of the library at `path`: from its build information
+/// ("... git-branch=rel-1.19.0, ..."), else from its file name
+/// (`libonnxruntime.so.1.31.1`).
+fn version_of(build_info: &str, path: &Path) -> Option<String> {
+    let is_release =
+        |text: &str| !text.is_empty() && text.split('.').all(|part| part.parse::<u32>().is_ok());
+    let branch = build_info
+        .split("git-branch=")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ' ']).next())
+        .and_then(|branch| branch.strip_prefix("rel-"))
+        .filter(|version| is_release(version));
+    let file_name = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.strip_prefix(PYTHON_PACKAGE_LIBRARY_PREFIX))
+        .and_then(|suffix| suffix.strip_prefix('.'))
+        .filter(|version| is_release(version));
+    branch.or(file_name).map(str::to_owned)
+}
 
 impl OnnxRuntime {
     pub fn load(model: &Path, config: &RuntimeConfig) -> Result<Self, RuntimeError> {
@@ -117,7 +159,10 @@ fn environment(config: &RuntimeConfig) -> Result<&'static Environment, RuntimeEr
             .with_name("warren")
             .build()
             .map_err(|error| format!("{}: {error}", path.display()))?;
-        tracing::info!(library = %path.display(), "ONNX Runtime loaded");
+        let version = version_of(ort::info(), &path);
+        tracing::info!(library = %path.display(), version = version.as_deref().unwrap_or("unknown"),
+            "ONNX Runtime loaded");
+        let _ = LOADED.set(LoadedLibrary { path, version });
         Ok(environment)
     });
     match result {
@@ -135,8 +180,9 @@ fn environment(config: &RuntimeConfig) -> Result<&'static Environment, RuntimeEr
 const NOT_FOUND: &str = "not found";
 
 /// Where `libonnxruntime` is: the configured path, `ORT_DYLIB_PATH`, or
-/// inside an `onnxruntime` Python package in the active virtualenv, a
-/// `.venv` in the working directory, or the system's site-packages.
+/// inside an `onnxruntime` Python package: in the active virtualenv, a
+/// `.venv` in the working directory, wherever the Python on PATH finds
+/// it, or the user's and the system's site-packages.
 pub fn find_library(configured: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(path) = configured {
         return Ok(path.to_owned());
@@ -149,24 +195,81 @@ pub fn find_library(configured: Option<&Path>) -> Result<PathBuf, String> {
         roots.push(PathBuf::from(venv).join("lib"));
     }
     roots.push(PathBuf::from(".venv/lib"));
-    if let Some(home) = std::env::var_os("HOME") {
-        roots.push(PathBuf::from(home).join(".local/lib"));
-    }
-    roots.extend(["/usr/local/lib", "/usr/lib"].map(PathBuf::from));
     for root in &roots {
         if let Some(found) = library_under(root) {
             return Ok(found);
         }
     }
+    for python in PYTHONS {
+        if let Some(package) = python_package_dir(python)
+            && let Some(found) = library_in(&package.join("capi"))
+        {
+            return Ok(found);
+        }
+    }
+    let mut system_roots: Vec<PathBuf> = Vec::new();
+    if let Some(home) = std::env::var_os("HOME") {
+        system_roots.push(PathBuf::from(home).join(".local/lib"));
+    }
+    system_roots.extend(["/usr/local/lib", "/usr/lib"].map(PathBuf::from));
+    for root in &system_roots {
+        if let Some(found) = library_under(root) {
+            return Ok(found);
+        }
+    }
+    roots.extend(system_roots);
     Err(format!(
         "{NOT_FOUND}: set onnxruntime_library in the model's [runtime], set ORT_DYLIB_PATH, \
-         or pip install onnxruntime (looked under {})",
+         or pip install onnxruntime (asked {} on PATH, looked under {})",
+        PYTHONS.join(" and "),
         roots
             .iter()
             .map(|root| root.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
     ))
+}
+
+/// The interpreters asked where `onnxruntime` is installed, in order.
+const PYTHONS: [&str; 2] = ["python3", "python"];
+/// How long one is given to answer: an interpreter that hangs must not
+/// hold up the broker's start.
+const PYTHON_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Finds the package without importing it, which would load the library
+/// into that interpreter for nothing.
+const FIND_PACKAGE: &str = "import importlib.util, sys\n\
+spec = importlib.util.find_spec('onnxruntime')\n\
+locations = spec.submodule_search_locations if spec else None\n\
+sys.stdout.write(locations[0] if locations else '')";
+
+/// The directory of the `onnxruntime` package `python` imports, if it
+/// runs and has one.
+fn python_package_dir(python: &str) -> Option<PathBuf> {
+    let mut child = Command::new(python)
+        .args(["-c", FIND_PACKAGE])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + PYTHON_ANSWER_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => break,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut answer = String::new();
+    child.stdout.take()?.read_to_string(&mut answer).ok()?;
+    let answer = answer.trim();
+    (!answer.is_empty()).then(|| PathBuf::from(answer))
 }
 
 /// `ROOT/python3*/{site,dist}-packages/onnxruntime/capi/libonnxruntime.so*`.
@@ -184,25 +287,28 @@ fn library_under(root: &Path) -> Option<PathBuf> {
     for python in pythons.iter().rev() {
         for packages in ["site-packages", "dist-packages"] {
             let capi = python.join(packages).join("onnxruntime").join("capi");
-            let Ok(entries) = std::fs::read_dir(&capi) else {
-                continue;
-            };
-            let mut libraries: Vec<PathBuf> = entries
-                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-                .filter(|path| {
-                    path.file_name()
-                        .and_then(|name| name.to_str())
-                        .is_some_and(|name| name.starts_with(PYTHON_PACKAGE_LIBRARY_PREFIX))
-                })
-                .collect();
-            // The fully versioned name (libonnxruntime.so.1.31.1) sorts last.
-            libraries.sort();
-            if let Some(library) = libraries.pop() {
+            if let Some(library) = library_in(&capi) {
                 return Some(library);
             }
         }
     }
     None
+}
+
+/// `CAPI/libonnxruntime.so*`: the package's `capi` directory holds it.
+fn library_in(capi: &Path) -> Option<PathBuf> {
+    let mut libraries: Vec<PathBuf> = std::fs::read_dir(capi)
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(PYTHON_PACKAGE_LIBRARY_PREFIX))
+        })
+        .collect();
+    // The fully versioned name (libonnxruntime.so.1.31.1) sorts last.
+    libraries.sort();
+    libraries.pop()
 }
 
 fn execution_providers(
@@ -344,4 +450,22 @@ fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, RuntimeError> {
         }
     };
     Tensor::new(name, shape, data).map_err(|error| RuntimeError::Inference(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::version_of;
+
+    #[test]
+    fn the_version_comes_from_the_release_branch_or_the_file_name() {
+        let plain = Path::new("/usr/lib/libonnxruntime.so");
+        let versioned = Path::new("/venv/onnxruntime/capi/libonnxruntime.so.1.31.1");
+        let release = "ORT Build Info: git-branch=rel-1.19.0, git-commit-id=26250ae";
+        let detached = "ORT Build Info: git-branch=HEAD, git-commit-id=26250ae";
+        assert_eq!(version_of(release, plain).as_deref(), Some("1.19.0"));
+        assert_eq!(version_of(detached, versioned).as_deref(), Some("1.31.1"));
+        assert_eq!(version_of(detached, plain), None);
+    }
 }
