@@ -737,18 +737,6 @@ impl MessageLog {
         let active = state.active_segment;
         state.deleted_queues.insert(queue, active);
     }
-
-    /// Bytes of the segment files, as the log counts them.
-    pub fn segment_bytes(&self) -> u64 {
-        self.shared
-            .state
-            .lock()
-            .segments
-            .values()
-            .filter(|segment| segment.created)
-            .map(|segment| segment.bytes)
-            .sum()
-    }
 }
 
 /// The log for another thread than its owner's (see `MessageLog::handle`):
