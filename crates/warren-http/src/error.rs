@@ -99,8 +99,10 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self, "HTTP request failed");
         }
-        let body = Json(json!({"error": self.kind(), "reason": self.to_string()}));
+        let reason = self.to_string();
+        let body = Json(json!({"error": self.kind(), "reason": reason}));
         let mut response = (status, body).into_response();
+        response.extensions_mut().insert(ErrorReason(reason));
         let headers = response.headers_mut();
         match &self {
             ApiError::Unauthorized(_) => {
@@ -119,4 +121,21 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// An error response's message, kept with the response so that a protocol
+/// with another error shape can rewrite the body.
+#[derive(Clone)]
+struct ErrorReason(String);
+
+/// Rewrites an error response's body to KServe v2's `{"error": MESSAGE}`;
+/// other responses pass unchanged.
+pub async fn kserve_error_body(response: Response) -> Response {
+    let Some(ErrorReason(reason)) = response.extensions().get::<ErrorReason>().cloned() else {
+        return response;
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = serde_json::to_vec(&json!({"error": reason})).expect("JSON serialises");
+    Response::from_parts(parts, axum::body::Body::from(body))
 }

@@ -14,18 +14,20 @@ use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Credentials;
+use crate::body::Body;
 use crate::error::{ApiError, ApiResult};
 use crate::models::ModelStatus;
 use crate::session::{self, refusal};
 use crate::state::AppState;
+use crate::tensor_wire::InferBody;
 use warren_amqp::{Confirmation, DirectSession, Event};
 
 /// Where workers send replies: RabbitMQ's direct reply-to pseudo-queue.
@@ -67,7 +69,7 @@ impl Inference {
     }
 }
 
-fn find_model(state: &AppState, name: &str) -> ApiResult<ModelStatus> {
+pub(crate) fn find_model(state: &AppState, name: &str) -> ApiResult<ModelStatus> {
     state
         .models
         .model(name)
@@ -75,7 +77,7 @@ fn find_model(state: &AppState, name: &str) -> ApiResult<ModelStatus> {
 }
 
 /// The model's queue's consumers (its workers) and waiting requests.
-fn queue_state(state: &AppState, model: &ModelStatus) -> (usize, usize) {
+pub(crate) fn queue_state(state: &AppState, model: &ModelStatus) -> (usize, usize) {
     state
         .hub
         .read()
@@ -88,7 +90,9 @@ pub async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "warren",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        // Triton's names for the extensions served (src/triton.rs and
+        // src/tensor_wire.rs).
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
     }))
 }
 
@@ -111,7 +115,7 @@ pub async fn ready(State(state): State<AppState>) -> StatusCode {
 }
 
 /// The tensors an HTTP client sends and receives, by task.
-fn signature(task: &str) -> (Value, Value) {
+pub(crate) fn signature(task: &str) -> (Value, Value) {
     match task {
         "embedding" => (
             json!([{"name": "text", "datatype": "BYTES", "shape": [-1]}]),
@@ -144,6 +148,26 @@ pub async fn model_metadata(
     })))
 }
 
+/// `GET /v2/models/{name}/versions/{version}`.
+pub async fn version_metadata(
+    state: State<AppState>,
+    user: Credentials,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    check_version(&find_model(&state, &name)?, &version)?;
+    model_metadata(state, user, Path(name)).await
+}
+
+/// `GET /v2/models/{name}/versions/{version}/ready`.
+pub async fn version_ready(
+    state: State<AppState>,
+    user: Credentials,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    check_version(&find_model(&state, &name)?, &version)?;
+    model_ready(state, user, Path(name)).await
+}
+
 pub async fn model_ready(
     State(state): State<AppState>,
     _user: Credentials,
@@ -161,29 +185,39 @@ pub async fn infer_version(
     state: State<AppState>,
     user: Credentials,
     Path((name, version)): Path<(String, String)>,
-    body: crate::body::JsonBody<Value>,
-) -> ApiResult<impl IntoResponse> {
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let model = find_model(&state, &name)?;
-    if model.version != version {
-        return Err(ApiError::NotFound(format!(
-            "model '{name}' has no version '{version}' (it serves version '{}')",
-            model.version
-        )));
-    }
-    infer(state, user, Path(name), body).await
+    check_version(&model, &version)?;
+    infer(state, user, Path(name), headers, body).await
 }
 
-/// `POST /v2/models/{name}/infer`.
+pub(crate) fn check_version(model: &ModelStatus, version: &str) -> ApiResult<()> {
+    if model.version == version {
+        return Ok(());
+    }
+    Err(ApiError::NotFound(format!(
+        "model '{}' has no version '{version}' (it serves version '{}')",
+        model.name, model.version
+    )))
+}
+
+/// `POST /v2/models/{name}/infer`: a JSON body, or a JSON header and
+/// binary tensor data (see [`crate::tensor_wire`]).
 pub async fn infer(
     State(state): State<AppState>,
     user: Credentials,
     Path(name): Path<String>,
-    crate::body::JsonBody(request): crate::body::JsonBody<Value>,
-) -> ApiResult<impl IntoResponse> {
+    headers: HeaderMap,
+    Body(body): Body,
+) -> ApiResult<Response> {
     let model = find_model(&state, &name)?;
     let _permit = state.inference.admit(&model.name)?;
-    let id = request.get("id").cloned();
-    let messages = requests_for(&model, &request)?;
+    let request = InferBody::parse(&headers, body)?;
+    let id = request.json.get("id").cloned();
+    let outputs = request.output_choice()?;
+    let messages = requests_for(&model, request)?;
     let mut session = session::open(&state, &user, "/")?;
     let replies = round_trip(&state, &mut session, &model, messages).await?;
     let mut response = response_for(&model, replies)?;
@@ -192,7 +226,7 @@ pub async fn infer(
     if let Some(id) = id {
         response["id"] = id;
     }
-    Ok(Json(response))
+    outputs.respond(response)
 }
 
 /// One queue message: its body and content type.
@@ -212,78 +246,59 @@ fn bad(reason: impl Into<String>) -> ApiError {
     ApiError::BadRequest(reason.into())
 }
 
-/// The single input tensor of a task that takes a list of items.
-fn byte_items<'a>(request: &'a Value, input: &str) -> ApiResult<Vec<&'a str>> {
-    let inputs = request
-        .get("inputs")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("the request has no \"inputs\" list"))?;
-    let [tensor] = inputs.as_slice() else {
+/// The elements of the single input tensor of a task that takes a list of
+/// items; a JSON string becomes an item through `from_json`.
+fn byte_items(
+    request: &InferBody,
+    input: &str,
+    from_json: impl Fn(&str) -> ApiResult<Vec<u8>>,
+) -> ApiResult<Vec<Vec<u8>>> {
+    let inputs = request.inputs()?;
+    if inputs.len() != 1 {
         return Err(bad(format!(
             "expected one input tensor ('{input}'), got {}",
             inputs.len()
         )));
-    };
-    let datatype = tensor.get("datatype").and_then(Value::as_str);
-    if datatype != Some("BYTES") {
-        return Err(bad(format!(
-            "input '{input}' must have datatype BYTES, not {}",
-            datatype.unwrap_or("(none)")
-        )));
     }
-    let data = tensor
-        .get("data")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad(format!("input '{input}' has no \"data\" list")))?;
-    let items: Vec<&str> = data
-        .iter()
-        .map(|item| {
-            item.as_str()
-                .ok_or_else(|| bad(format!("input '{input}' holds a non-string")))
-        })
-        .collect::<ApiResult<_>>()?;
+    let items = request.byte_elements(0, from_json)?;
     if items.is_empty() {
         return Err(bad(format!("input '{input}' is empty")));
-    }
-    let count = tensor
-        .get("shape")
-        .and_then(Value::as_array)
-        .map(|shape| shape.iter().filter_map(Value::as_u64).product::<u64>());
-    if count != Some(items.len() as u64) {
-        return Err(bad(format!(
-            "input '{input}': its shape does not match its {} data items",
-            items.len()
-        )));
     }
     Ok(items)
 }
 
-fn requests_for(model: &ModelStatus, request: &Value) -> ApiResult<Vec<Request>> {
+fn requests_for(model: &ModelStatus, request: InferBody) -> ApiResult<Vec<Request>> {
     match model.task.as_str() {
-        "embedding" => Ok(byte_items(request, "text")?
+        "embedding" => byte_items(&request, "text", |text| Ok(text.as_bytes().to_vec()))?
             .into_iter()
-            .map(|text| Request {
-                body: text.as_bytes().to_vec(),
-                content_type: "text/plain",
+            .map(|text| {
+                if std::str::from_utf8(&text).is_err() {
+                    return Err(bad("each text is UTF-8"));
+                }
+                Ok(Request {
+                    body: text,
+                    content_type: "text/plain",
+                })
             })
-            .collect()),
+            .collect(),
         "classification" => {
             use base64::Engine;
-            byte_items(request, "image")?
+            // In JSON an image is base64; as binary data, its own bytes.
+            let decode = |encoded: &str| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .map_err(|_| bad("each image is a base64-encoded PNG or JPEG"))
+            };
+            Ok(byte_items(&request, "image", decode)?
                 .into_iter()
-                .map(|encoded| {
-                    base64::engine::general_purpose::STANDARD
-                        .decode(encoded)
-                        .map(|body| Request {
-                            body,
-                            content_type: "application/octet-stream",
-                        })
-                        .map_err(|_| bad("each image is a base64-encoded PNG or JPEG"))
+                .map(|body| Request {
+                    body,
+                    content_type: "application/octet-stream",
                 })
-                .collect()
+                .collect())
         }
         _ => Ok(vec![Request {
-            body: serde_json::to_vec(request).expect("a JSON value serialises"),
+            body: serde_json::to_vec(&request.into_json()?).expect("a JSON value serialises"),
             content_type: "application/json",
         }]),
     }

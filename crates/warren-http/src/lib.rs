@@ -19,7 +19,9 @@ pub mod models;
 mod rates;
 mod session;
 mod state;
+mod tensor_wire;
 mod tls;
+mod triton;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -222,19 +224,48 @@ fn router(state: AppState) -> Router {
         .route("/api/consumers", get(connections::consumers))
         .route("/api/consumers/{vhost}", get(connections::consumers))
         .route("/api/models", get(api::models::list))
+        .merge(kserve_routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// KServe v2 (Open Inference Protocol) with Triton's extensions. Its
+/// errors are `{"error": MESSAGE}`, as the protocol has them, rather than
+/// the management API's `{"error": KIND, "reason": MESSAGE}`.
+fn kserve_routes() -> Router<AppState> {
+    Router::new()
         .route("/v2", get(inference::server_metadata))
         .route("/v2/health/live", get(inference::live))
         .route("/v2/health/ready", get(inference::ready))
+        .route("/v2/repository/index", post(triton::repository_index))
+        .route("/v2/models/stats", get(triton::all_stats))
         .route("/v2/models/{name}", get(inference::model_metadata))
         .route("/v2/models/{name}/ready", get(inference::model_ready))
+        .route("/v2/models/{name}/config", get(triton::config))
+        .route("/v2/models/{name}/stats", get(triton::stats))
         .route("/v2/models/{name}/infer", post(inference::infer))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(inference::version_metadata),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(inference::version_ready),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/config",
+            get(triton::version_config),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/stats",
+            get(triton::version_stats),
+        )
         .route(
             "/v2/models/{name}/versions/{version}/infer",
             post(inference::infer_version),
         )
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .layer(axum::middleware::map_response(error::kserve_error_body))
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

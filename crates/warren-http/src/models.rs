@@ -44,6 +44,9 @@ pub struct ModelStats {
     pub batch_wait_us: HistogramView,
     pub queue_wait_us: HistogramView,
     pub inference_us: HistogramView,
+    /// When the last batch was answered, in milliseconds since the Unix
+    /// epoch; 0 before the first.
+    pub last_reply_unix_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +58,12 @@ pub struct ModelStatus {
     /// "embedding", "classification" or "tensor": how an HTTP inference
     /// request is turned into queue messages.
     pub task: String,
+    /// The most requests a worker runs as one batch, and how long it waits
+    /// for a batch to fill.
+    pub batch_size_max: usize,
+    pub batch_delay_max_ms: u64,
+    /// Workers (instances of the model) in this process.
+    pub instances: usize,
     /// "onnxruntime" or "tract", once the model is loaded.
     pub backend: Option<String>,
     /// The ONNX Runtime library the process loaded, and its version.

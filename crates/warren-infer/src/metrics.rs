@@ -89,6 +89,9 @@ pub struct ModelMetrics {
     /// publishing time).
     pub queue_wait_us: Histogram,
     pub inference_us: Histogram,
+    /// When the last batch was answered, in milliseconds since the Unix
+    /// epoch; 0 before the first.
+    pub last_reply_unix_ms: AtomicU64,
     /// The backend running the model ("onnxruntime" or "tract"), once it
     /// is loaded.
     pub backend: OnceLock<&'static str>,
@@ -106,6 +109,7 @@ pub struct ModelMetricsSnapshot {
     pub batch_wait_us: HistogramSnapshot,
     pub queue_wait_us: HistogramSnapshot,
     pub inference_us: HistogramSnapshot,
+    pub last_reply_unix_ms: u64,
 }
 
 impl ModelMetrics {
@@ -121,6 +125,7 @@ impl ModelMetrics {
             batch_wait_us: Histogram::new(DURATION_BOUNDS_US),
             queue_wait_us: Histogram::new(DURATION_BOUNDS_US),
             inference_us: Histogram::new(DURATION_BOUNDS_US),
+            last_reply_unix_ms: AtomicU64::new(0),
             backend: OnceLock::new(),
         }
     }
@@ -137,6 +142,7 @@ impl ModelMetrics {
             batch_wait_us: self.batch_wait_us.snapshot(),
             queue_wait_us: self.queue_wait_us.snapshot(),
             inference_us: self.inference_us.snapshot(),
+            last_reply_unix_ms: self.last_reply_unix_ms.load(Ordering::Relaxed),
         }
     }
 }

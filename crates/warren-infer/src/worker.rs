@@ -231,9 +231,7 @@ pub async fn run(
             }
         }
         add(&metrics.requests, batch.len() as u64);
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        let now_ms = unix_ms();
         for delivery in &batch {
             if let Some(published_ms) = published_at_ms(delivery) {
                 metrics
@@ -369,6 +367,9 @@ async fn serve_batch(
         }
     }
     add(&metrics.replies, batch_size as u64);
+    metrics
+        .last_reply_unix_ms
+        .store(unix_ms(), std::sync::atomic::Ordering::Relaxed);
     for delivery in accepted {
         delivery
             .ack(BasicAckOptions::default())
@@ -457,4 +458,11 @@ async fn dead_letter(
 
 fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock (0 before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }

@@ -55,6 +55,9 @@ impl ModelDirectory for DeployedModels {
                         TaskKind::Tensor => "tensor",
                     }
                     .to_owned(),
+                    batch_size_max: config.batch_size_max,
+                    batch_delay_max_ms: config.batch_delay_max_ms,
+                    instances: config.instances,
                     backend: metrics.backend.get().map(|backend| (*backend).to_owned()),
                     onnxruntime: loaded_library().map(|library| {
                         (library.path.display().to_string(), library.version.clone())
@@ -68,6 +71,7 @@ impl ModelDirectory for DeployedModels {
                         batch_wait_us: view(snapshot.batch_wait_us),
                         queue_wait_us: view(snapshot.queue_wait_us),
                         inference_us: view(snapshot.inference_us),
+                        last_reply_unix_ms: snapshot.last_reply_unix_ms,
                     },
                 }
             })
