@@ -811,17 +811,31 @@
     };
   }
 
+  function backendText(m) {
+    if (m.backend == null) return 'loading';
+    if (m.backend !== 'onnxruntime') return m.backend;
+    const version = m.onnxruntime && m.onnxruntime.version;
+    return version ? `ONNX Runtime ${version}` : 'ONNX Runtime';
+  }
+
   function modelCard(model) {
     const stats = h('dl', { class: 'stats' },
-      statItem('Queue', 'queue'), statItem('Task', 'task'), statItem('Ready', 'ready'),
+      statItem('Queue', 'queue'), statItem('Task', 'task'), statItem('Backend', 'backend'),
+      statItem('Ready', 'ready'),
       statItem('Consumers', 'consumers'), statItem('Messages waiting', 'messages'),
       statItem('Requests', 'requests'), statItem('Replies', 'replies'),
       statItem('Poison', 'poison'), statItem('Failed batches', 'failed-batches'));
     const latencyBox = h('div', { class: 'chart model-latency' });
     const batchBox = h('div', { class: 'chart model-batch' });
     const title = h('h3', null, model.name);
+    // tract is several times slower than ONNX Runtime on the same model:
+    // a model that ended up on it says so, rather than being merely slow.
+    const tractWarning = h('p', { class: 'backend-warning', hidden: true },
+      'Runs on tract, several times slower than ONNX Runtime: ONNX Runtime\'s library was not ' +
+      'loaded. Install it (pip install onnxruntime) or name it with onnxruntime_library ' +
+      'in [model.runtime]; the broker log says where it looked.');
     const element = h('div', { class: 'card model', 'data-model': model.name },
-      title, stats,
+      title, tractWarning, stats,
       h('div', { class: 'charts' },
         h('div', null, h('h4', null, 'Inference latency'), latencyBox),
         h('div', null, h('h4', null, 'Batch size'), batchBox)));
@@ -846,6 +860,8 @@
         setText(title, m.version ? `${m.name} (version ${m.version})` : m.name);
         setText(dd('queue'), m.queue);
         setText(dd('task'), m.task);
+        setText(dd('backend'), backendText(m));
+        tractWarning.hidden = m.backend !== 'tract';
         setText(dd('ready'), fmtBool(m.ready));
         setText(dd('consumers'), fmtInt(m.consumers));
         setText(dd('messages'), fmtInt(m.messages));

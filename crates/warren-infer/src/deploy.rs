@@ -186,9 +186,28 @@ impl ModelConfig {
     }
 
     /// Loads one instance of the model with its task.
+    /// Threads one inference of one instance uses: as configured, else
+    /// the cores this process may use (its CPU affinity and cgroup quota)
+    /// shared evenly between the instances, so that instances busy at once
+    /// fill the machine without more runnable threads than cores, which
+    /// would leave each inference waiting on the others'.
+    pub fn threads(&self) -> usize {
+        match self.runtime.threads {
+            Some(threads) if threads > 0 => threads,
+            _ => {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                (cores / self.instances.max(1)).max(1)
+            }
+        }
+    }
+
     pub fn load(&self) -> Result<Arc<dyn Task>, DeployError> {
+        let runtime_config = runtime::RuntimeConfig {
+            threads: Some(self.threads()),
+            ..self.runtime.clone()
+        };
         let runtime =
-            runtime::load(&self.path, &self.runtime).map_err(|source| DeployError::Runtime {
+            runtime::load(&self.path, &runtime_config).map_err(|source| DeployError::Runtime {
                 model: self.name.clone(),
                 source,
             })?;
@@ -277,7 +296,7 @@ pub async fn run_models(
                 .await
                 .expect("loading a model does not panic")?;
             tracing::info!(model = %model.name, instance, backend = task.backend(),
-                queue = %model.queue, "model loaded");
+                threads = model.threads(), queue = %model.queue, "model loaded");
             let _ = metrics.backend.set(task.backend());
             let config = model.worker_config(&broker_url);
             let shutdown = shutdown.clone();
@@ -316,5 +335,31 @@ async fn serve_forever(
             _ = tokio::time::sleep(RECONNECT_DELAY) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(instances: usize, threads: Option<usize>) -> ModelConfig {
+        let mut entry = serde_json::json!({
+            "name": "m", "path": "m.onnx", "task": "tensor", "queue": "q",
+            "instances": instances,
+        });
+        if let Some(threads) = threads {
+            entry["runtime"] = serde_json::json!({"threads": threads});
+        }
+        serde_json::from_value(entry).expect("a model entry")
+    }
+
+    #[test]
+    fn instances_share_the_cores_unless_threads_are_configured() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(model(1, None).threads(), cores);
+        assert_eq!(model(2, None).threads(), (cores / 2).max(1));
+        assert_eq!(model(cores * 4, None).threads(), 1, "never below one");
+        assert_eq!(model(1, Some(0)).threads(), cores, "0 is the default");
+        assert_eq!(model(3, Some(5)).threads(), 5);
     }
 }

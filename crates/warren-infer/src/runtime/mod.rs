@@ -68,8 +68,9 @@ pub struct RuntimeConfig {
     /// the CPU is always the last resort.
     #[serde(default)]
     pub execution_providers: Vec<String>,
-    /// Threads one inference may use (0 or absent: the backend's default,
-    /// one per core).
+    /// Threads one inference may use (0 or absent: the cores the process
+    /// may use, shared between the model's instances; see
+    /// `ModelConfig::threads`).
     pub threads: Option<usize>,
 }
 
