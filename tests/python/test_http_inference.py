@@ -474,8 +474,12 @@ def test_infer_on_a_full_model_queue_is_429(inference):
         resp = inference.post(f"/v2/models/{STALLED_MODEL}/infer", json=texts_request([FOOD]),
                               timeout=TIMEOUT)
         assert_error(resp, 429)
-        retry_after = resp.headers.get("Retry-After", "")
-        assert retry_after.isdigit(), resp.headers
+        # Nothing drains the queue, so there is no drain time to give: the
+        # client is told one rate window (5 s), after which there is one.
+        assert resp.headers.get("Retry-After") == "5", resp.headers
+        stalled = {m["name"]: m for m in inference.get("/api/models").json()}[STALLED_MODEL]
+        assert (stalled["messages"], stalled["service_rate"], stalled["drain_seconds"]) == \
+            (1, 0, None), stalled
         assert queue_counts(conn, STALLED_QUEUE) == (1, 0)
         method, _props, body = ch.basic_get(queue=STALLED_QUEUE, auto_ack=True)
         assert method is not None and body == b"filler"
@@ -526,6 +530,52 @@ def test_api_models_and_model_metrics(inference):
     eventually(metric_check, "warren_model_requests_total for the model")
 
 
+def test_backlog_signals_while_the_model_drains_its_queue(inference):
+    """A backlog published straight onto the model's queue: while the
+    worker drains it, /api/models, the queue in /api/queues and /metrics
+    show the measured service rate and the expected time to drain, and once
+    it is empty the drain time is 0."""
+    # Published without waiting for each confirm, and long enough texts,
+    # so that the backlog outlasts the 5 s rate window on a fast machine.
+    backlog = 1200
+    conn = inference.broker.connect()
+    ch = conn.channel()
+    for i in range(backlog):
+        ch.basic_publish(exchange="", routing_key=QUEUE,
+                         body=(f"backlog text {i}, " * 8).encode(),
+                         properties=pika.BasicProperties(content_type="text/plain"))
+    conn.close()
+
+    def draining():
+        model = {m["name"]: m for m in inference.get("/api/models").json()}[MODEL]
+        if model["messages"] == 0 or model["service_rate"] == 0:
+            return None
+        return model
+
+    model = eventually(draining, "a service rate measured while the backlog drains",
+                       timeout=INFER_TIMEOUT)
+    assert 0 < model["service_rate"] <= backlog, model
+    assert model["drain_seconds"] > 0, model
+    assert model["drain_seconds"] == pytest.approx(model["messages"] / model["service_rate"]), model
+    queue = inference.get(f"/api/queues/%2F/{QUEUE}").json()
+    assert queue["model"]["name"] == MODEL, queue
+    assert queue["model"]["service_rate"] > 0, queue
+    assert queue["messages"] >= 0 and "message_stats" in queue, queue
+    metrics = requests.get(inference.base + "/metrics", timeout=TIMEOUT).text
+    rate = re.search(r'^warren_model_service_rate\{model="%s"\}\s+(\S+)$' % re.escape(MODEL),
+                     metrics, re.M)
+    assert rate, metrics[:2000]
+    assert re.search(r'^warren_model_drain_seconds\{model="%s"\}\s+\S+$' % re.escape(MODEL),
+                     metrics, re.M), "no warren_model_drain_seconds"
+
+    def drained():
+        model = {m["name"]: m for m in inference.get("/api/models").json()}[MODEL]
+        return model if model["messages"] == 0 else None
+
+    model = eventually(drained, "the backlog to drain", timeout=INFER_TIMEOUT * 4)
+    assert model["drain_seconds"] == 0, model
+
+
 # --------------------------------------------------------------------------
 # queue_length_max: a broker of its own
 
@@ -564,4 +614,5 @@ def test_queue_length_max_declares_a_bounded_model_queue(broker_factory):
             embeddings(resp.json(), 1)
         else:
             assert_error(resp, 429)
-            assert resp.headers.get("Retry-After", "").isdigit(), resp.headers
+            retry_after = resp.headers.get("Retry-After", "")
+            assert retry_after.isdigit() and 1 <= int(retry_after) <= 300, resp.headers

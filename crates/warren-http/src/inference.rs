@@ -5,7 +5,8 @@
 //! workers' replies: whichever worker takes a request answers it, in this
 //! process or on another machine. The request is refused with 429 when
 //! the model already has too many HTTP requests in flight or its queue is
-//! full, rather than left to hang.
+//! full, rather than left to hang, with a `Retry-After` of the time the
+//! backlog is expected to take to drain (see [`crate::backlog`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Credentials;
+use crate::backlog;
 use crate::body::Body;
 use crate::error::{ApiError, ApiResult};
 use crate::models::ModelStatus;
@@ -32,8 +34,6 @@ use warren_amqp::{Confirmation, DirectSession, Event};
 
 /// Where workers send replies: RabbitMQ's direct reply-to pseudo-queue.
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
-/// How long a client is told to wait after a 429.
-const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Per-model admission: how many HTTP requests each model may have in
 /// flight.
@@ -50,21 +50,21 @@ impl Inference {
         }
     }
 
-    fn admit(&self, model: &str) -> ApiResult<OwnedSemaphorePermit> {
+    fn admit(&self, state: &AppState, model: &ModelStatus) -> ApiResult<OwnedSemaphorePermit> {
         let semaphore = Arc::clone(
             self.permits
                 .lock()
-                .entry(model.to_owned())
+                .entry(model.name.clone())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.in_flight_max))),
         );
         semaphore
             .try_acquire_owned()
             .map_err(|_| ApiError::TooManyRequests {
                 reason: format!(
-                    "model '{model}' has {} requests in flight already",
-                    self.in_flight_max
+                    "model '{}' has {} requests in flight already",
+                    model.name, self.in_flight_max
                 ),
-                retry_after: RETRY_AFTER,
+                retry_after: backlog::of_model(state, model).retry_after(),
             })
     }
 }
@@ -213,7 +213,7 @@ pub async fn infer(
     Body(body): Body,
 ) -> ApiResult<Response> {
     let model = find_model(&state, &name)?;
-    let _permit = state.inference.admit(&model.name)?;
+    let _permit = state.inference.admit(&state, &model)?;
     let request = InferBody::parse(&headers, body)?;
     let id = request.json.get("id").cloned();
     let outputs = request.output_choice()?;
@@ -362,7 +362,7 @@ async fn round_trip(
             Confirmation::Nack => {
                 return Err(ApiError::TooManyRequests {
                     reason: format!("the queue of model '{}' is full", model.name),
-                    retry_after: RETRY_AFTER,
+                    retry_after: backlog::of_model(state, model).retry_after(),
                 });
             }
             Confirmation::Ack { returned: false } => {}

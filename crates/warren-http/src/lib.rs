@@ -9,6 +9,7 @@
 
 mod api;
 mod auth;
+mod backlog;
 mod body;
 mod dashboard;
 mod error;

@@ -13,6 +13,7 @@ use warren_amqp::alarms::Alarms;
 use warren_core::QueueInfo;
 use warren_store::CommitTimesSnapshot;
 
+use crate::backlog::{self, Backlog};
 use crate::error::ApiError;
 use crate::models::{HistogramView, ModelStatus};
 use crate::state::AppState;
@@ -32,6 +33,8 @@ struct Snapshot {
     alarms: Alarms,
     commit_times: Option<CommitTimesSnapshot>,
     models: Vec<ModelStatus>,
+    /// Each model's backlog, in the order of `models`.
+    backlogs: Vec<Backlog>,
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -39,6 +42,10 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     let resident_memory_bytes = resident_memory_bytes();
     let store_bytes = state.node.data_dir.as_deref().map(directory_bytes);
     let models = state.models.models();
+    let backlogs = models
+        .iter()
+        .map(|model| backlog::of_model(&state, model))
+        .collect();
     let snapshot = {
         let hub = state.hub.read();
         let totals = hub.broker().totals();
@@ -55,6 +62,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             alarms: state.hub.alarms(),
             commit_times: log.map(|log| log.commit_times()),
             models,
+            backlogs,
         }
     };
     let mut registry = Registry::default();
@@ -243,6 +251,27 @@ impl Snapshot {
             for model in &self.models {
                 let labels = [("model", model.name.as_str())];
                 ConstCounter::new(value(model)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        type BacklogValue = fn(&Backlog) -> f64;
+        let gauges: [(&str, &str, BacklogValue); 2] = [
+            (
+                "warren_model_service_rate",
+                "Requests the model's workers answered per second, over the last 5 s.",
+                |backlog| backlog.service_rate,
+            ),
+            (
+                "warren_model_drain_seconds",
+                "Expected seconds to empty the model's queue at its service rate \
+                 (+Inf while requests wait and none is answered).",
+                |backlog| backlog.drain_seconds.unwrap_or(f64::INFINITY),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (model, backlog) in self.models.iter().zip(&self.backlogs) {
+                let labels = [("model", model.name.as_str())];
+                ConstGauge::new(value(backlog)).encode(family.encode_family(&labels)?)?;
             }
         }
         type ModelHistogram = fn(&ModelStatus) -> &HistogramView;

@@ -6,6 +6,7 @@ use axum::extract::State;
 use serde_json::{Value, json};
 
 use crate::auth::Credentials;
+use crate::backlog;
 use crate::models::HistogramView;
 use crate::state::AppState;
 
@@ -24,10 +25,8 @@ pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Val
     let answer = models
         .iter()
         .map(|model| {
-            let queue = state.hub.read().broker().queue_info("/", &model.queue);
-            let (consumers, messages) = queue.map_or((0, 0), |queue| {
-                (queue.consumers, queue.ready + queue.unacked)
-            });
+            let backlog = backlog::of_model(&state, model);
+            let (consumers, messages) = (backlog.consumers, backlog.messages);
             let stats = &model.stats;
             json!({
                 "name": model.name,
@@ -44,6 +43,8 @@ pub async fn list(State(state): State<AppState>, _user: Credentials) -> Json<Val
                 "ready": consumers > 0,
                 "consumers": consumers,
                 "messages": messages,
+                "service_rate": backlog.service_rate,
+                "drain_seconds": backlog.drain_seconds,
                 "requests": stats.requests,
                 "replies": stats.replies,
                 "poison": stats.poison,

@@ -13,9 +13,11 @@ use warren_core::{ConsumerInfo, QueueInfo};
 use crate::api::connections::consumer_json;
 use crate::api::{declared, flag, message_stats, require_vhost};
 use crate::auth::Credentials;
+use crate::backlog::Backlog;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
 use crate::json::{json_to_table, table_to_json};
+use crate::models::ModelStatus;
 use crate::session;
 use crate::state::AppState;
 
@@ -55,13 +57,39 @@ pub async fn list(
         require_vhost(&state, &user, vhost)?;
     }
     let items = state.hub.read().broker().queue_infos(vhost.as_deref());
+    let models = state.models.models();
     Ok(Json(Value::Array(
         items
             .iter()
             .filter(|item| user.sees_vhost(&state, &item.vhost))
-            .map(|item| queue_json(&state, item))
+            .map(|item| {
+                let mut body = queue_json(&state, item);
+                add_model(&state, &models, item, &mut body);
+                body
+            })
             .collect(),
     )))
+}
+
+/// For a model's queue, Warren's own `model` object beside RabbitMQ's
+/// fields (which KEDA's RabbitMQ scaler reads and which stay as they
+/// are): the model, its measured service rate and the expected time to
+/// drain the queue.
+fn add_model(state: &AppState, models: &[ModelStatus], queue: &QueueInfo, body: &mut Value) {
+    if queue.vhost != "/" {
+        return;
+    }
+    let Some(model) = models.iter().find(|model| model.queue == queue.name) else {
+        return;
+    };
+    let rate = state.rates.queue(&queue.vhost, &queue.name).acked;
+    let backlog = Backlog::new(queue.ready + queue.unacked, queue.consumers, rate);
+    body["model"] = json!({
+        "name": model.name,
+        "version": model.version,
+        "service_rate": backlog.service_rate,
+        "drain_seconds": backlog.drain_seconds,
+    });
 }
 
 /// The queue, or 404 naming it.
@@ -89,6 +117,7 @@ pub async fn show(
         )
     };
     let mut body = queue_json(&state, &queue);
+    add_model(&state, &state.models.models(), &queue, &mut body);
     body["consumer_details"] = Value::Array(
         consumers
             .iter()
