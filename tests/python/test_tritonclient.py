@@ -36,6 +36,10 @@ EMBEDDING = "minilm"
 EMBEDDING_QUEUE = "triton-embed"
 TENSOR = "tiny-cnn"
 TENSOR_QUEUE = "triton-tensor"
+# A second version of the tensor model, on a queue of its own; the first
+# is version "1", the default.
+TENSOR_NEWER = "10"
+TENSOR_NEWER_QUEUE = "triton-tensor-10"
 VERSION = "7"
 BATCH_SIZE_MAX = 8
 BATCH_DELAY_MAX_MS = 5
@@ -70,6 +74,17 @@ queue = "{TENSOR_QUEUE}"
 [model.runtime]
 backend = "onnxruntime"
 onnxruntime_library = "{onnxruntime_library()}"
+
+[[model]]
+name = "{TENSOR}"
+version = "{TENSOR_NEWER}"
+path = "{(REPO_ROOT / 'tests' / 'models' / 'tiny-cnn.onnx').resolve()}"
+task = "tensor"
+queue = "{TENSOR_NEWER_QUEUE}"
+
+[model.runtime]
+backend = "onnxruntime"
+onnxruntime_library = "{onnxruntime_library()}"
 """
 
 
@@ -89,6 +104,7 @@ def served(tmp_path_factory):
     try:
         wait_for_consumer(broker, EMBEDDING_QUEUE)
         wait_for_consumer(broker, TENSOR_QUEUE)
+        wait_for_consumer(broker, TENSOR_NEWER_QUEUE)
         served = Served(broker, http_url_of(broker))
         yield served
         served.client.close()
@@ -138,9 +154,8 @@ def test_model_configuration(served):
 
 def test_repository_index(served):
     index = served.client.get_model_repository_index()
-    by_name = {entry["name"]: entry for entry in index}
-    assert set(by_name) == {EMBEDDING, TENSOR}, index
-    assert by_name[EMBEDDING]["version"] == VERSION
+    entries = sorted((entry["name"], entry["version"]) for entry in index)
+    assert entries == [(EMBEDDING, VERSION), (TENSOR, "1"), (TENSOR, TENSOR_NEWER)], index
     assert {entry["state"] for entry in index} == {"READY"}, index
 
 
@@ -195,6 +210,45 @@ def test_tensor_inference(served, binary):
     logits = result.as_numpy(expected["name"])
     assert list(logits.shape) == expected["shape"], logits.shape
     assert np.allclose(logits.flatten(), expected["data"], atol=CNN_TOLERANCE), logits
+
+
+def cnn_input() -> triton.InferInput:
+    request = json.loads(CNN_REQUEST.read_text(encoding="utf-8"))["inputs"][0]
+    tensor = triton.InferInput(request["name"], request["shape"], "FP32")
+    tensor.set_data_from_numpy(
+        np.array(request["data"], dtype=np.float32).reshape(request["shape"]))
+    return tensor
+
+
+def test_versions_side_by_side(served):
+    client = served.client
+    metadata = client.get_model_metadata(TENSOR)
+    # Numbered versions order as numbers: 10 is newer than 1.
+    assert metadata["versions"] == ["1", TENSOR_NEWER], metadata
+    assert metadata["parameters"]["version"] == TENSOR_NEWER, metadata
+    assert client.is_model_ready(TENSOR, model_version="1")
+
+    def replies():
+        models = requests.get(f"{served.base}/api/models", auth=("guest", "guest"),
+                              timeout=10).json()
+        return {m["version"]: m["replies"] for m in models if m["name"] == TENSOR}
+
+    before = replies()
+    answered = [
+        client.infer(TENSOR, [cnn_input()]),  # the newest
+        client.infer(TENSOR, [cnn_input()], model_version="1"),  # the KServe path
+        client.infer(TENSOR, [cnn_input()], headers={"Warren-Model-Version": "1"}),
+    ]
+    assert [result.get_response()["model_version"] for result in answered] == \
+        [TENSOR_NEWER, "1", "1"]
+    # Each went to its version's queue, whose worker answered it.
+    eventually(lambda: replies() == {"1": before["1"] + 2, TENSOR_NEWER: before[TENSOR_NEWER] + 1},
+               "each version's worker to count its requests")
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(TENSOR, [cnn_input()], model_version="3")
+    assert "1, 10" in str(refused.value), refused.value
+    stats = client.get_inference_statistics(TENSOR)["model_stats"]
+    assert sorted(entry["version"] for entry in stats) == ["1", TENSOR_NEWER], stats
 
 
 def test_an_unknown_output_is_refused(served):

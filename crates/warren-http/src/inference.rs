@@ -54,7 +54,7 @@ impl Inference {
         let semaphore = Arc::clone(
             self.permits
                 .lock()
-                .entry(model.name.clone())
+                .entry(model.queue.clone())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.in_flight_max))),
         );
         semaphore
@@ -69,11 +69,33 @@ impl Inference {
     }
 }
 
-pub(crate) fn find_model(state: &AppState, name: &str) -> ApiResult<ModelStatus> {
-    state
-        .models
-        .model(name)
-        .ok_or_else(|| ApiError::NotFound(format!("no model '{name}'")))
+/// The model `name` at `version`, or at its newest version when none is
+/// asked for; 404 naming what is served otherwise.
+pub(crate) fn find_model(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> ApiResult<ModelStatus> {
+    let mut versions = state.models.versions(name);
+    if versions.is_empty() {
+        return Err(ApiError::NotFound(format!("no model '{name}'")));
+    }
+    let Some(version) = version else {
+        return Ok(versions.pop().expect("not empty"));
+    };
+    match versions.iter().position(|model| model.version == version) {
+        Some(index) => Ok(versions.swap_remove(index)),
+        None => {
+            let served: Vec<&str> = versions
+                .iter()
+                .map(|model| model.version.as_str())
+                .collect();
+            Err(ApiError::NotFound(format!(
+                "model '{name}' has no version '{version}' (it serves {})",
+                served.join(", ")
+            )))
+        }
+    }
 }
 
 /// The model's queue's consumers (its workers) and waiting requests.
@@ -136,36 +158,36 @@ pub async fn model_metadata(
     _user: Credentials,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let model = find_model(&state, &name)?;
-    let (inputs, outputs) = signature(&model.task);
-    Ok(Json(json!({
-        "name": model.name,
-        "versions": [model.version],
-        "platform": "onnx",
-        "inputs": inputs,
-        "outputs": outputs,
-        "parameters": {"queue": model.queue, "task": model.task},
-    })))
+    metadata_of(&state, &find_model(&state, &name, None)?)
 }
 
 /// `GET /v2/models/{name}/versions/{version}`.
 pub async fn version_metadata(
-    state: State<AppState>,
-    user: Credentials,
+    State(state): State<AppState>,
+    _user: Credentials,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_version(&find_model(&state, &name)?, &version)?;
-    model_metadata(state, user, Path(name)).await
+    metadata_of(&state, &find_model(&state, &name, Some(&version))?)
 }
 
-/// `GET /v2/models/{name}/versions/{version}/ready`.
-pub async fn version_ready(
-    state: State<AppState>,
-    user: Credentials,
-    Path((name, version)): Path<(String, String)>,
-) -> ApiResult<StatusCode> {
-    check_version(&find_model(&state, &name)?, &version)?;
-    model_ready(state, user, Path(name)).await
+/// A model version's metadata; `versions` lists every version served,
+/// oldest first.
+fn metadata_of(state: &AppState, model: &ModelStatus) -> ApiResult<Json<Value>> {
+    let versions: Vec<String> = state
+        .models
+        .versions(&model.name)
+        .into_iter()
+        .map(|model| model.version)
+        .collect();
+    let (inputs, outputs) = signature(&model.task);
+    Ok(Json(json!({
+        "name": model.name,
+        "versions": versions,
+        "platform": "onnx",
+        "inputs": inputs,
+        "outputs": outputs,
+        "parameters": {"queue": model.queue, "task": model.task, "version": model.version},
+    })))
 }
 
 pub async fn model_ready(
@@ -173,38 +195,32 @@ pub async fn model_ready(
     _user: Credentials,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let model = find_model(&state, &name)?;
-    Ok(if queue_state(&state, &model).0 > 0 {
+    Ok(readiness(&state, &find_model(&state, &name, None)?))
+}
+
+/// `GET /v2/models/{name}/versions/{version}/ready`.
+pub async fn version_ready(
+    State(state): State<AppState>,
+    _user: Credentials,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    Ok(readiness(
+        &state,
+        &find_model(&state, &name, Some(&version))?,
+    ))
+}
+
+fn readiness(state: &AppState, model: &ModelStatus) -> StatusCode {
+    if queue_state(state, model).0 > 0 {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
-    })
-}
-
-pub async fn infer_version(
-    state: State<AppState>,
-    user: Credentials,
-    Path((name, version)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<Response> {
-    let model = find_model(&state, &name)?;
-    check_version(&model, &version)?;
-    infer(state, user, Path(name), headers, body).await
-}
-
-pub(crate) fn check_version(model: &ModelStatus, version: &str) -> ApiResult<()> {
-    if model.version == version {
-        return Ok(());
     }
-    Err(ApiError::NotFound(format!(
-        "model '{}' has no version '{version}' (it serves version '{}')",
-        model.name, model.version
-    )))
 }
 
-/// `POST /v2/models/{name}/infer`: a JSON body, or a JSON header and
-/// binary tensor data (see [`crate::tensor_wire`]).
+/// `POST /v2/models/{name}/infer`: to the newest version, or to the one
+/// the `Warren-Model-Version` header names. The body is JSON, or a JSON
+/// header and binary tensor data (see [`crate::tensor_wire`]).
 pub async fn infer(
     State(state): State<AppState>,
     user: Credentials,
@@ -212,15 +228,48 @@ pub async fn infer(
     headers: HeaderMap,
     Body(body): Body,
 ) -> ApiResult<Response> {
-    let model = find_model(&state, &name)?;
-    let _permit = state.inference.admit(&state, &model)?;
-    let request = InferBody::parse(&headers, body)?;
+    let version = match headers.get(VERSION_HEADER) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| bad(format!("the {VERSION_HEADER} header is not text")))?,
+        ),
+    };
+    let model = find_model(&state, &name, version)?;
+    serve(&state, &user, &model, &headers, body).await
+}
+
+/// `POST /v2/models/{name}/versions/{version}/infer`.
+pub async fn infer_version(
+    State(state): State<AppState>,
+    user: Credentials,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> ApiResult<Response> {
+    let model = find_model(&state, &name, Some(&version))?;
+    serve(&state, &user, &model, &headers, body).await
+}
+
+/// The header that picks a model's version for `/v2/models/{name}/infer`.
+pub const VERSION_HEADER: &str = "warren-model-version";
+
+async fn serve(
+    state: &AppState,
+    user: &Credentials,
+    model: &ModelStatus,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let _permit = state.inference.admit(state, model)?;
+    let request = InferBody::parse(headers, body)?;
     let id = request.json.get("id").cloned();
     let outputs = request.output_choice()?;
-    let messages = requests_for(&model, request)?;
-    let mut session = session::open(&state, &user, "/")?;
-    let replies = round_trip(&state, &mut session, &model, messages).await?;
-    let mut response = response_for(&model, replies)?;
+    let messages = requests_for(model, request)?;
+    let mut session = session::open(state, user, "/")?;
+    let replies = round_trip(state, &mut session, model, messages).await?;
+    let mut response = response_for(model, replies)?;
     response["model_name"] = json!(model.name);
     response["model_version"] = json!(model.version);
     if let Some(id) = id {

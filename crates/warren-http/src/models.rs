@@ -74,8 +74,26 @@ pub struct ModelStatus {
 pub trait ModelDirectory: Send + Sync {
     fn models(&self) -> Vec<ModelStatus>;
 
-    fn model(&self, name: &str) -> Option<ModelStatus> {
-        self.models().into_iter().find(|model| model.name == name)
+    /// Every version of the model `name`, oldest first (see
+    /// [`compare_versions`]).
+    fn versions(&self, name: &str) -> Vec<ModelStatus> {
+        let mut versions: Vec<ModelStatus> = self
+            .models()
+            .into_iter()
+            .filter(|model| model.name == name)
+            .collect();
+        versions.sort_by(|a, b| compare_versions(&a.version, &b.version));
+        versions
+    }
+}
+
+/// How versions order, the newest last: as numbers when both are (Triton's
+/// numbered versions: 10 after 9), otherwise as text (so that dates,
+/// 2026-01-31, order too).
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(a), Ok(b)) => a.cmp(&b),
+        _ => a.cmp(b),
     }
 }
 
@@ -91,6 +109,14 @@ impl ModelDirectory for NoModels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbered_versions_order_as_numbers_and_others_as_text() {
+        use std::cmp::Ordering::*;
+        assert_eq!(compare_versions("9", "10"), Less);
+        assert_eq!(compare_versions("2026-01-31", "2025-12-01"), Greater);
+        assert_eq!(compare_versions("1", "1"), Equal);
+    }
 
     #[test]
     fn quantiles_come_from_bucket_bounds() {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Credentials;
 use crate::error::ApiResult;
-use crate::inference::{check_version, find_model, queue_state, signature};
+use crate::inference::{find_model, queue_state, signature};
 use crate::models::{HistogramView, ModelStatus};
 use crate::state::AppState;
 
@@ -20,7 +20,7 @@ pub async fn config(
     _user: Credentials,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(config_of(&find_model(&state, &name)?)))
+    Ok(Json(config_of(&find_model(&state, &name, None)?)))
 }
 
 /// `GET /v2/models/{name}/versions/{version}/config`.
@@ -29,9 +29,7 @@ pub async fn version_config(
     _user: Credentials,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let model = find_model(&state, &name)?;
-    check_version(&model, &version)?;
-    Ok(Json(config_of(&model)))
+    Ok(Json(config_of(&find_model(&state, &name, Some(&version))?)))
 }
 
 /// A Triton data type name ("TYPE_FP32") for a KServe one ("FP32").
@@ -98,14 +96,15 @@ pub async fn all_stats(State(state): State<AppState>, _user: Credentials) -> Jso
     Json(json!({"model_stats": stats}))
 }
 
-/// `GET /v2/models/{name}/stats`.
+/// `GET /v2/models/{name}/stats`: every version's, as Triton answers.
 pub async fn stats(
     State(state): State<AppState>,
     _user: Credentials,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let model = find_model(&state, &name)?;
-    Ok(Json(json!({"model_stats": [stats_of(&model)]})))
+    find_model(&state, &name, None)?;
+    let stats: Vec<Value> = state.models.versions(&name).iter().map(stats_of).collect();
+    Ok(Json(json!({"model_stats": stats})))
 }
 
 /// `GET /v2/models/{name}/versions/{version}/stats`.
@@ -114,8 +113,7 @@ pub async fn version_stats(
     _user: Credentials,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let model = find_model(&state, &name)?;
-    check_version(&model, &version)?;
+    let model = find_model(&state, &name, Some(&version))?;
     Ok(Json(json!({"model_stats": [stats_of(&model)]})))
 }
 

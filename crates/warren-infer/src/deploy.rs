@@ -269,6 +269,22 @@ impl Deployment {
 /// anything loads: a bad entry stops the start at once, and the metrics
 /// can be shown while large models are still loading.
 pub fn prepare(models: &[ModelConfig]) -> Result<Vec<Arc<ModelMetrics>>, DeployError> {
+    // Versions of a model are told apart by their version alone.
+    for (index, model) in models.iter().enumerate() {
+        if models[..index]
+            .iter()
+            .any(|earlier| earlier.name == model.name && earlier.version == model.version)
+        {
+            return Err(DeployError::Invalid {
+                model: model.name.clone(),
+                reason: format!(
+                    "version '{}' is configured twice; give each [[model]] of the same \
+                     name its own version",
+                    model.version
+                ),
+            });
+        }
+    }
     models
         .iter()
         .map(|model| {
@@ -361,5 +377,17 @@ mod tests {
         assert_eq!(model(cores * 4, None).threads(), 1, "never below one");
         assert_eq!(model(1, Some(0)).threads(), cores, "0 is the default");
         assert_eq!(model(3, Some(5)).threads(), 5);
+    }
+
+    #[test]
+    fn a_version_configured_twice_is_refused() {
+        let versioned = |version: &str| {
+            let mut config = model(1, None);
+            config.version = version.to_owned();
+            config
+        };
+        assert!(prepare(&[versioned("1"), versioned("2")]).is_ok());
+        let error = prepare(&[versioned("1"), versioned("1")]).unwrap_err();
+        assert!(error.to_string().contains("configured twice"), "{error}");
     }
 }
