@@ -220,6 +220,20 @@ def cnn_input() -> triton.InferInput:
     return tensor
 
 
+def test_a_tensor_model_describes_its_graph(served):
+    request = json.loads(CNN_REQUEST.read_text(encoding="utf-8"))["inputs"][0]
+    expected = json.loads(CNN_RESPONSE.read_text(encoding="utf-8"))["outputs"][0]
+    metadata = served.client.get_model_metadata(TENSOR)
+    (graph_input,) = metadata["inputs"]
+    assert (graph_input["name"], graph_input["datatype"]) == (request["name"], "FP32"), metadata
+    # The batch dimension varies; the others are the image's.
+    assert graph_input["shape"][1:] == request["shape"][1:], metadata
+    assert [output["name"] for output in metadata["outputs"]] == [expected["name"]], metadata
+    config = served.client.get_model_config(TENSOR)
+    assert config["input"] == [{"name": request["name"], "data_type": "TYPE_FP32",
+                                 "dims": request["shape"][1:]}], config
+
+
 def test_versions_side_by_side(served):
     client = served.client
     metadata = client.get_model_metadata(TENSOR)
@@ -266,6 +280,14 @@ def test_statistics_count_what_was_served(served):
 
     # The counts trail the answer a little: a worker counts a batch once
     # its replies are confirmed, after the client may already have them.
+    # So the count starts once every request taken is answered.
+    def settled():
+        models = requests.get(f"{served.base}/api/models", auth=("guest", "guest"),
+                              timeout=10).json()
+        model = next(m for m in models if m["name"] == EMBEDDING)
+        return model["requests"] == model["replies"] and model["messages"] == 0
+
+    eventually(settled, "the model's earlier requests to be answered and counted")
     before = counts()
     started_ms = int(time.time() * 1000)
     served.client.infer(EMBEDDING, [texts_input([FOOD, BREAD, FOOD], True)])

@@ -26,7 +26,7 @@ use crate::auth::Credentials;
 use crate::backlog;
 use crate::body::Body;
 use crate::error::{ApiError, ApiResult};
-use crate::models::ModelStatus;
+use crate::models::{ModelStatus, TensorSpec};
 use crate::session::{self, refusal};
 use crate::state::AppState;
 use crate::tensor_wire::InferBody;
@@ -136,9 +136,11 @@ pub async fn ready(State(state): State<AppState>) -> StatusCode {
     }
 }
 
-/// The tensors an HTTP client sends and receives, by task.
-pub(crate) fn signature(task: &str) -> (Value, Value) {
-    match task {
+/// The tensors an HTTP client sends and receives: fixed by the task for
+/// embeddings and classification, the graph's own for a tensor model (empty
+/// lists until it has loaded).
+pub(crate) fn signature(model: &ModelStatus) -> (Value, Value) {
+    match model.task.as_str() {
         "embedding" => (
             json!([{"name": "text", "datatype": "BYTES", "shape": [-1]}]),
             json!([{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}]),
@@ -147,9 +149,20 @@ pub(crate) fn signature(task: &str) -> (Value, Value) {
             json!([{"name": "image", "datatype": "BYTES", "shape": [-1]}]),
             json!([{"name": "labels", "datatype": "BYTES", "shape": [-1]}]),
         ),
-        // A tensor model takes and returns its own tensors, as its ONNX
-        // graph declares them.
-        _ => (json!([]), json!([])),
+        _ => {
+            let tensors = |specs: &[TensorSpec]| -> Value {
+                specs
+                    .iter()
+                    .map(|spec| {
+                        json!({"name": spec.name, "datatype": spec.datatype, "shape": spec.shape})
+                    })
+                    .collect()
+            };
+            match &model.tensors {
+                Some((inputs, outputs)) => (tensors(inputs), tensors(outputs)),
+                None => (json!([]), json!([])),
+            }
+        }
     }
 }
 
@@ -179,7 +192,7 @@ fn metadata_of(state: &AppState, model: &ModelStatus) -> ApiResult<Json<Value>> 
         .into_iter()
         .map(|model| model.version)
         .collect();
-    let (inputs, outputs) = signature(&model.task);
+    let (inputs, outputs) = signature(model);
     Ok(Json(json!({
         "name": model.name,
         "versions": versions,
@@ -266,6 +279,14 @@ async fn serve(
     let request = InferBody::parse(headers, body)?;
     let id = request.json.get("id").cloned();
     let outputs = request.output_choice()?;
+    let (_, known_outputs) = signature(model);
+    if let Some(known) = known_outputs.as_array().filter(|known| !known.is_empty()) {
+        let names: Vec<&str> = known
+            .iter()
+            .filter_map(|output| output["name"].as_str())
+            .collect();
+        outputs.check_known(&names)?;
+    }
     let messages = requests_for(model, request)?;
     let mut session = session::open(state, user, "/")?;
     let replies = round_trip(state, &mut session, model, messages).await?;

@@ -49,6 +49,16 @@ pub struct ModelStats {
     pub last_reply_unix_ms: u64,
 }
 
+/// One tensor of a model's signature, as KServe describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    /// KServe's name ("FP32"); None when the graph does not say.
+    pub datatype: Option<String>,
+    /// -1 for a dimension that varies.
+    pub shape: Vec<i64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelStatus {
     pub name: String,
@@ -68,6 +78,8 @@ pub struct ModelStatus {
     pub backend: Option<String>,
     /// The ONNX Runtime library the process loaded, and its version.
     pub onnxruntime: Option<(String, Option<String>)>,
+    /// A tensor model's inputs and outputs, once it is loaded.
+    pub tensors: Option<(Vec<TensorSpec>, Vec<TensorSpec>)>,
     pub stats: ModelStats,
 }
 

@@ -320,6 +320,17 @@ pub struct OutputChoice {
 }
 
 impl OutputChoice {
+    /// Refuses an output the model does not have, before any work is done
+    /// for the request (when the outputs are known beforehand).
+    pub fn check_known(&self, outputs: &[&str]) -> ApiResult<()> {
+        for (name, _) in self.named.iter().flatten() {
+            if !outputs.contains(&name.as_str()) {
+                return Err(bad(format!("the model has no output named '{name}'")));
+            }
+        }
+        Ok(())
+    }
+
     /// The HTTP response for a v2 response whose outputs hold their data as
     /// JSON: only the outputs asked for, those wanted as binary data moved
     /// after the JSON.

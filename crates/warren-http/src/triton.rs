@@ -66,7 +66,7 @@ fn triton_tensors(tensors: &Value) -> Value {
 }
 
 fn config_of(model: &ModelStatus) -> Value {
-    let (inputs, outputs) = signature(&model.task);
+    let (inputs, outputs) = signature(model);
     json!({
         "name": model.name,
         "platform": "onnxruntime_onnx",

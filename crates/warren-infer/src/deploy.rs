@@ -314,6 +314,9 @@ pub async fn run_models(
             tracing::info!(model = %model.name, instance, backend = task.backend(),
                 threads = model.threads(), queue = %model.queue, "model loaded");
             let _ = metrics.backend.set(task.backend());
+            if let Some(tensors) = task.tensors() {
+                let _ = metrics.tensors.set(tensors);
+            }
             let config = model.worker_config(&broker_url);
             let shutdown = shutdown.clone();
             workers.spawn(serve_forever(config, task, Arc::clone(metrics), shutdown));

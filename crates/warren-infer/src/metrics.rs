@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::tensor::TensorInfo;
+
 /// Upper bounds of the batch size buckets (requests).
 const BATCH_SIZE_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1_024];
 /// Upper bounds of the duration buckets, in microseconds: 100 µs to 10 s.
@@ -95,6 +97,9 @@ pub struct ModelMetrics {
     /// The backend running the model ("onnxruntime" or "tract"), once it
     /// is loaded.
     pub backend: OnceLock<&'static str>,
+    /// A tensor model's inputs and outputs as its graph declares them, once
+    /// it is loaded.
+    pub tensors: OnceLock<(Vec<TensorInfo>, Vec<TensorInfo>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -127,6 +132,7 @@ impl ModelMetrics {
             inference_us: Histogram::new(DURATION_BOUNDS_US),
             last_reply_unix_ms: AtomicU64::new(0),
             backend: OnceLock::new(),
+            tensors: OnceLock::new(),
         }
     }
 

@@ -3,10 +3,11 @@
 
 use std::sync::{Arc, OnceLock};
 
-use warren_http::models::{HistogramView, ModelDirectory, ModelStats, ModelStatus};
+use warren_http::models::{HistogramView, ModelDirectory, ModelStats, ModelStatus, TensorSpec};
 use warren_infer::deploy::{ModelConfig, TaskKind};
 use warren_infer::metrics::{HistogramSnapshot, ModelMetrics};
 use warren_infer::runtime::onnx::loaded_library;
+use warren_infer::tensor::TensorInfo;
 
 /// Empty until the models are loaded: the HTTP server starts first, so
 /// that the broker answers while large models load.
@@ -25,6 +26,18 @@ impl DeployedModels {
                 .zip(metrics.iter().cloned())
                 .collect(),
         );
+    }
+}
+
+fn spec(info: &TensorInfo) -> TensorSpec {
+    TensorSpec {
+        name: info.name.clone(),
+        datatype: info.data_type.map(|datatype| datatype.name().to_owned()),
+        shape: info
+            .shape
+            .iter()
+            .map(|dimension| dimension.map_or(-1, |size| size as i64))
+            .collect(),
     }
 }
 
@@ -61,6 +74,12 @@ impl ModelDirectory for DeployedModels {
                     backend: metrics.backend.get().map(|backend| (*backend).to_owned()),
                     onnxruntime: loaded_library().map(|library| {
                         (library.path.display().to_string(), library.version.clone())
+                    }),
+                    tensors: metrics.tensors.get().map(|(inputs, outputs)| {
+                        (
+                            inputs.iter().map(spec).collect(),
+                            outputs.iter().map(spec).collect(),
+                        )
                     }),
                     stats: ModelStats {
                         requests: snapshot.requests,

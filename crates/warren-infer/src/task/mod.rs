@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod tensor;
 
 use crate::runtime::RuntimeError;
+use crate::tensor::TensorInfo;
 
 /// A request body the task could decode, ready for batching.
 pub enum Decoded {
@@ -34,6 +35,13 @@ pub trait Task: Send + Sync {
 
     /// The backend running the model, for reply headers and logs.
     fn backend(&self) -> &'static str;
+
+    /// The input and output tensors requests carry as they are, for a task
+    /// whose requests are the model's own tensors; None for a task that
+    /// turns texts or images into them.
+    fn tensors(&self) -> Option<(Vec<TensorInfo>, Vec<TensorInfo>)> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::runtime::ModelRuntime;
 use crate::task::{Decoded, Encoded, Task, TaskError};
-use crate::tensor::{DataType, Tensor, TensorData};
+use crate::tensor::{DataType, Tensor, TensorData, TensorInfo};
 
 /// Elements one request may carry in all its inputs together (16 Mi
 /// values): a JSON body larger than that is refused, not parsed into memory.
@@ -211,6 +211,13 @@ impl Task for TensorModel {
 
     fn backend(&self) -> &'static str {
         self.runtime.backend()
+    }
+
+    fn tensors(&self) -> Option<(Vec<TensorInfo>, Vec<TensorInfo>)> {
+        Some((
+            self.runtime.inputs().to_vec(),
+            self.runtime.outputs().to_vec(),
+        ))
     }
 }
 
