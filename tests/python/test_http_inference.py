@@ -487,6 +487,51 @@ def test_infer_on_a_full_model_queue_is_429(inference):
         ch.queue_delete(queue=STALLED_QUEUE)
 
 
+def test_a_request_past_its_timeout_is_dead_lettered_before_any_worker_runs_it(inference):
+    """Triton's `timeout` parameter (microseconds) becomes the request's AMQP
+    expiration: nothing consumes STALLED_QUEUE, so the request expires in
+    the queue and the broker dead-letters it with reason `expired`, and the
+    HTTP client gets 504 after its own timeout rather than the server's."""
+    expired_queue = "http-embed-stalled-expired"
+    timeout_us = 300_000
+    conn = inference.broker.connect()
+    ch = conn.channel()
+    ch.queue_delete(queue=STALLED_QUEUE)
+    ch.queue_declare(queue=expired_queue, durable=True)
+    ch.queue_purge(queue=expired_queue)
+    ch.queue_declare(queue=STALLED_QUEUE, durable=True,
+                     arguments={"x-dead-letter-exchange": "",
+                                "x-dead-letter-routing-key": expired_queue})
+    try:
+        body = texts_request([FOOD])
+        body["parameters"] = {"timeout": timeout_us}
+        started = time.monotonic()
+        resp = inference.post(f"/v2/models/{STALLED_MODEL}/infer", json=body)
+        waited = time.monotonic() - started
+        assert_error(resp, 504)
+        assert "300ms" in resp.json()["error"], resp.text
+        assert waited < TIMEOUT, waited
+
+        def dead_lettered():
+            method, props, dead = ch.basic_get(queue=expired_queue, auto_ack=True)
+            return (props, dead) if method is not None else None
+
+        props, dead = eventually(dead_lettered, "the expired request in the dead-letter queue")
+        assert dead == FOOD.encode(), dead
+        assert props.expiration is None, props  # RabbitMQ removes it on dead-lettering
+        death = props.headers["x-death"][0]
+        assert (death["reason"], death["queue"]) == ("expired", STALLED_QUEUE), death
+        assert death["original-expiration"] == str(timeout_us // 1000), death
+        assert queue_counts(conn, STALLED_QUEUE) == (0, 0)
+
+        body["parameters"] = {"timeout": "soon"}
+        assert_error(inference.post(f"/v2/models/{STALLED_MODEL}/infer", json=body), 400)
+    finally:
+        ch.queue_delete(queue=STALLED_QUEUE)
+        ch.queue_delete(queue=expired_queue)
+        conn.close()
+
+
 # --------------------------------------------------------------------------
 # the management side of models
 

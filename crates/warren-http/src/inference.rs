@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -287,9 +288,10 @@ async fn serve(
             .collect();
         outputs.check_known(&names)?;
     }
+    let expires_after = request.timeout()?;
     let messages = requests_for(model, request)?;
     let mut session = session::open(state, user, "/")?;
-    let replies = round_trip(state, &mut session, model, messages).await?;
+    let replies = round_trip(state, &mut session, model, messages, expires_after).await?;
     let mut response = response_for(model, replies)?;
     response["model_name"] = json!(model.name);
     response["model_version"] = json!(model.version);
@@ -375,13 +377,26 @@ fn requests_for(model: &ModelStatus, request: InferBody) -> ApiResult<Vec<Reques
 }
 
 /// Publishes the requests with a direct reply-to address and collects one
-/// reply per request, by correlation id.
+/// reply per request, by correlation id. A request with a timeout of its
+/// own expires in the queue after it (the broker dead-letters it, reason
+/// `expired`, before any worker spends time on it), and the answer is
+/// awaited no longer than that.
 async fn round_trip(
     state: &AppState,
     session: &mut DirectSession,
     model: &ModelStatus,
     requests: Vec<Request>,
+    expires_after: Option<Duration>,
 ) -> ApiResult<Vec<Reply>> {
+    let wait = expires_after.map_or(state.config.inference_timeout, |timeout| {
+        timeout.min(state.config.inference_timeout)
+    });
+    // AMQP's expiration is in whole milliseconds; a request never expires
+    // before its timeout.
+    let expiration = expires_after.map(|timeout| {
+        let millis = timeout.as_nanos().div_ceil(1_000_000).max(1);
+        ShortString::from(millis.to_string())
+    });
     let consume = basic::Consume {
         queue: REPLY_TO.into(),
         no_ack: true,
@@ -401,11 +416,14 @@ async fn round_trip(
         AMQPValue::LongLongInt(warren_amqp::wall_clock_ms() as i64),
     );
     for (index, request) in requests.into_iter().enumerate() {
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_headers(headers.clone())
             .with_reply_to(ShortString::from(REPLY_TO))
             .with_correlation_id(ShortString::from(index.to_string()))
             .with_content_type(ShortString::from(request.content_type));
+        if let Some(expiration) = &expiration {
+            properties = properties.with_expiration(expiration.clone());
+        }
         let publish = basic::Publish {
             exchange: "".into(),
             routing_key: model.queue.as_str().into(),
@@ -440,13 +458,13 @@ async fn round_trip(
     }
     let mut answers: Vec<Option<Reply>> = (0..requested).map(|_| None).collect();
     let mut missing = requested;
-    let deadline = tokio::time::Instant::now() + state.config.inference_timeout;
+    let deadline = tokio::time::Instant::now() + wait;
     while missing > 0 {
         let delivery = match tokio::time::timeout_at(deadline, session.next_event()).await {
             Err(_) => {
                 return Err(ApiError::Timeout(format!(
-                    "model '{}' did not answer within {:?}",
-                    model.name, state.config.inference_timeout
+                    "model '{}' did not answer within {wait:?}",
+                    model.name
                 )));
             }
             Ok(Ok(Event::Delivery(delivery))) => delivery,

@@ -175,6 +175,19 @@ impl InferBody {
         Ok(json)
     }
 
+    /// The request's own timeout: Triton's `timeout` parameter, in
+    /// microseconds; 0 or absent is none.
+    pub fn timeout(&self) -> ApiResult<Option<std::time::Duration>> {
+        match self.json.pointer("/parameters/timeout") {
+            None => Ok(None),
+            Some(value) => match value.as_u64() {
+                Some(0) => Ok(None),
+                Some(micros) => Ok(Some(std::time::Duration::from_micros(micros))),
+                None => Err(bad("parameters.timeout is a whole number of microseconds")),
+            },
+        }
+    }
+
     /// Which outputs the client wants, and which of them as binary data.
     pub fn output_choice(&self) -> ApiResult<OutputChoice> {
         let binary_by_default = self
