@@ -25,9 +25,9 @@ from tritonclient.http.auth import BasicAuth
 from tritonclient.utils import InferenceServerException
 
 from conftest import REPO_ROOT, external_addr, start_broker
-from test_http_inference import (BREAD, DIMENSIONS, FOOD, MODEL_DIR, TOLERANCE,
-                                 eventually, http_url_of, onnxruntime_library,
-                                 reference, wait_for_consumer)
+from test_http_inference import (BREAD, DIMENSIONS, FOOD, MODEL_VERSION, TOLERANCE,
+                                 eventually, http_url_of, model_entry,
+                                 onnxruntime_library, reference, wait_for_consumer)
 
 pytestmark = [pytest.mark.warren_only("the KServe v2 endpoints are Warren's"),
               pytest.mark.timeout(300)]
@@ -40,7 +40,8 @@ TENSOR_QUEUE = "triton-tensor"
 # is version "1", the default.
 TENSOR_NEWER = "10"
 TENSOR_NEWER_QUEUE = "triton-tensor-10"
-VERSION = "7"
+# What test_http_inference.model_entry configures.
+VERSION = MODEL_VERSION
 BATCH_SIZE_MAX = 8
 BATCH_DELAY_MAX_MS = 5
 CNN_REQUEST = REPO_ROOT / "tests" / "models" / "tiny-cnn-tensor-request.json"
@@ -48,44 +49,25 @@ CNN_RESPONSE = REPO_ROOT / "tests" / "models" / "tiny-cnn-tensor-response.json"
 CNN_TOLERANCE = 1e-4
 
 
-def config() -> str:
+def tensor_entry(version: str, queue: str) -> str:
     return f"""
 [[model]]
-name = "{EMBEDDING}"
-version = "{VERSION}"
-path = "{(MODEL_DIR / 'model.onnx').resolve()}"
-tokenizer = "{(MODEL_DIR / 'tokenizer.json').resolve()}"
-task = "embedding"
-queue = "{EMBEDDING_QUEUE}"
-max_tokens = 256
-batch_size_max = {BATCH_SIZE_MAX}
-batch_delay_max_ms = {BATCH_DELAY_MAX_MS}
-
-[model.runtime]
-backend = "onnxruntime"
-onnxruntime_library = "{onnxruntime_library()}"
-
-[[model]]
 name = "{TENSOR}"
+version = "{version}"
 path = "{(REPO_ROOT / 'tests' / 'models' / 'tiny-cnn.onnx').resolve()}"
 task = "tensor"
-queue = "{TENSOR_QUEUE}"
-
-[model.runtime]
-backend = "onnxruntime"
-onnxruntime_library = "{onnxruntime_library()}"
-
-[[model]]
-name = "{TENSOR}"
-version = "{TENSOR_NEWER}"
-path = "{(REPO_ROOT / 'tests' / 'models' / 'tiny-cnn.onnx').resolve()}"
-task = "tensor"
-queue = "{TENSOR_NEWER_QUEUE}"
+queue = "{queue}"
 
 [model.runtime]
 backend = "onnxruntime"
 onnxruntime_library = "{onnxruntime_library()}"
 """
+
+
+def config() -> str:
+    return (model_entry(EMBEDDING, EMBEDDING_QUEUE)
+            + tensor_entry("1", TENSOR_QUEUE)
+            + tensor_entry(TENSOR_NEWER, TENSOR_NEWER_QUEUE))
 
 
 class Served:
