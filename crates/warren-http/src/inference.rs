@@ -36,8 +36,8 @@ use warren_amqp::{Confirmation, DirectSession, Event};
 /// Where workers send replies: RabbitMQ's direct reply-to pseudo-queue.
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-/// Per-model admission: how many HTTP requests each model may have in
-/// flight.
+/// Admission: how many HTTP requests each model version (each model
+/// queue) may have in flight.
 pub struct Inference {
     in_flight_max: usize,
     permits: Mutex<HashMap<String, Arc<Semaphore>>>,
