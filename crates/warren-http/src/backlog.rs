@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use warren_core::QueueInfo;
+
 use crate::models::ModelStatus;
 use crate::state::AppState;
 
@@ -62,14 +64,16 @@ impl Backlog {
 }
 
 /// The backlog of a model's queue (in the default vhost, where models'
-/// queues live).
+/// queues live); empty while the queue does not exist.
 pub fn of_model(state: &AppState, model: &ModelStatus) -> Backlog {
     let queue = state.hub.read().broker().queue_info("/", &model.queue);
-    let (messages, consumers) = queue.map_or((0, 0), |queue| {
-        (queue.ready + queue.unacked, queue.consumers)
-    });
-    let service_rate = state.rates.queue("/", &model.queue).acked;
-    Backlog::new(messages, consumers, service_rate)
+    queue.map_or(Backlog::new(0, 0, 0.0), |queue| of_queue(state, &queue))
+}
+
+/// The backlog of a queue, as the broker and the rate sampler see it now.
+pub fn of_queue(state: &AppState, queue: &QueueInfo) -> Backlog {
+    let service_rate = state.rates.queue(&queue.vhost, &queue.name).acked;
+    Backlog::new(queue.ready + queue.unacked, queue.consumers, service_rate)
 }
 
 #[cfg(test)]

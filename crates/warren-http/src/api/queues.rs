@@ -13,7 +13,7 @@ use warren_core::{ConsumerInfo, QueueInfo};
 use crate::api::connections::consumer_json;
 use crate::api::{declared, flag, message_stats, require_vhost};
 use crate::auth::Credentials;
-use crate::backlog::Backlog;
+use crate::backlog;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
 use crate::json::{json_to_table, table_to_json};
@@ -82,8 +82,7 @@ fn add_model(state: &AppState, models: &[ModelStatus], queue: &QueueInfo, body: 
     let Some(model) = models.iter().find(|model| model.queue == queue.name) else {
         return;
     };
-    let rate = state.rates.queue(&queue.vhost, &queue.name).acked;
-    let backlog = Backlog::new(queue.ready + queue.unacked, queue.consumers, rate);
+    let backlog = backlog::of_queue(state, queue);
     body["model"] = json!({
         "name": model.name,
         "version": model.version,

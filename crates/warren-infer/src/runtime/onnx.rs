@@ -272,18 +272,25 @@ fn python_package_dir(python: &str) -> Option<PathBuf> {
     (!answer.is_empty()).then(|| PathBuf::from(answer))
 }
 
-/// `ROOT/python3*/{site,dist}-packages/onnxruntime/capi/libonnxruntime.so*`.
-fn library_under(root: &Path) -> Option<PathBuf> {
-    let mut pythons: Vec<PathBuf> = std::fs::read_dir(root)
+/// The entries of `directory` whose names start with `prefix`, sorted by
+/// name; None when the directory cannot be read.
+fn entries_named(directory: &Path, prefix: &str) -> Option<Vec<PathBuf>> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(directory)
         .ok()?
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
         .filter(|path| {
             path.file_name()
                 .and_then(|name| name.to_str())
-                .is_some_and(|name| name.starts_with("python3"))
+                .is_some_and(|name| name.starts_with(prefix))
         })
         .collect();
-    pythons.sort();
+    entries.sort();
+    Some(entries)
+}
+
+/// `ROOT/python3*/{site,dist}-packages/onnxruntime/capi/libonnxruntime.so*`.
+fn library_under(root: &Path) -> Option<PathBuf> {
+    let pythons = entries_named(root, "python3")?;
     for python in pythons.iter().rev() {
         for packages in ["site-packages", "dist-packages"] {
             let capi = python.join(packages).join("onnxruntime").join("capi");
@@ -297,18 +304,8 @@ fn library_under(root: &Path) -> Option<PathBuf> {
 
 /// `CAPI/libonnxruntime.so*`: the package's `capi` directory holds it.
 fn library_in(capi: &Path) -> Option<PathBuf> {
-    let mut libraries: Vec<PathBuf> = std::fs::read_dir(capi)
-        .ok()?
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| {
-            path.file_name()
-                .and_then(|name| name.to_str())
-                .is_some_and(|name| name.starts_with(PYTHON_PACKAGE_LIBRARY_PREFIX))
-        })
-        .collect();
     // The fully versioned name (libonnxruntime.so.1.31.1) sorts last.
-    libraries.sort();
-    libraries.pop()
+    entries_named(capi, PYTHON_PACKAGE_LIBRARY_PREFIX)?.pop()
 }
 
 fn execution_providers(
