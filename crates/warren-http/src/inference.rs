@@ -7,6 +7,11 @@
 //! the model already has too many HTTP requests in flight or its queue is
 //! full, rather than left to hang, with a `Retry-After` of the time the
 //! backlog is expected to take to drain (see [`crate::backlog`]).
+//!
+//! With `Prefer: respond-async` the request becomes a job instead: its
+//! messages carry the job's id as `message_id` and no reply-to, the answer
+//! is 202 with the job's address, and the result is kept by the job store
+//! (see [`crate::jobs`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +21,8 @@ use amq_protocol::protocol::{AMQPClass, BasicProperties, basic};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -27,10 +32,11 @@ use crate::auth::Credentials;
 use crate::backlog;
 use crate::body::Body;
 use crate::error::{ApiError, ApiResult};
-use crate::models::{ModelStatus, TensorSpec};
+use crate::jobs;
+use crate::models::{Lifecycle, ModelStatus, TensorSpec};
 use crate::session::{self, refusal};
 use crate::state::AppState;
-use crate::tensor_wire::InferBody;
+use crate::tensor_wire::{InferBody, OutputChoice};
 use warren_amqp::{Confirmation, DirectSession, Event};
 
 /// Where workers send replies: RabbitMQ's direct reply-to pseudo-queue.
@@ -49,6 +55,14 @@ impl Inference {
             in_flight_max,
             permits: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether no HTTP request is in flight to the model version's queue.
+    pub fn idle(&self, queue: &str) -> bool {
+        self.permits
+            .lock()
+            .get(queue)
+            .is_none_or(|semaphore| semaphore.available_permits() == self.in_flight_max)
     }
 
     fn admit(&self, state: &AppState, model: &ModelStatus) -> ApiResult<OwnedSemaphorePermit> {
@@ -70,19 +84,32 @@ impl Inference {
     }
 }
 
-/// The model `name` at `version`, or at its newest version when none is
-/// asked for; 404 naming what is served otherwise.
+/// The model `name` at `version`, or at its newest version serving when
+/// none is asked for (the newest loading one while none serves yet);
+/// 404 naming what is served otherwise. A version being unloaded is not
+/// found.
 pub(crate) fn find_model(
     state: &AppState,
     name: &str,
     version: Option<&str>,
 ) -> ApiResult<ModelStatus> {
-    let mut versions = state.models.versions(name);
+    let mut versions: Vec<ModelStatus> = state
+        .models
+        .versions(name)
+        .into_iter()
+        .filter(|model| model.lifecycle != Lifecycle::Draining)
+        .collect();
     if versions.is_empty() {
         return Err(ApiError::NotFound(format!("no model '{name}'")));
     }
     let Some(version) = version else {
-        return Ok(versions.pop().expect("not empty"));
+        let newest_serving = versions
+            .iter()
+            .rposition(|model| model.lifecycle == Lifecycle::Serving);
+        return Ok(match newest_serving {
+            Some(index) => versions.swap_remove(index),
+            None => versions.pop().expect("not empty"),
+        });
     };
     match versions.iter().position(|model| model.version == version) {
         Some(index) => Ok(versions.swap_remove(index)),
@@ -95,6 +122,27 @@ pub(crate) fn find_model(
                 "model '{name}' has no version '{version}' (it serves {})",
                 served.join(", ")
             )))
+        }
+    }
+}
+
+/// The model version a request goes to, with its admission permit held.
+/// A version that began draining between being found and being admitted
+/// is looked up again: an unload waits for the permits of its version to
+/// come back, so no request admitted to it is ever left behind.
+fn route(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> ApiResult<(ModelStatus, OwnedSemaphorePermit)> {
+    loop {
+        let model = find_model(state, name, version)?;
+        let permit = state.inference.admit(state, &model)?;
+        let draining = state.models.versions(name).iter().any(|served| {
+            served.version == model.version && served.lifecycle == Lifecycle::Draining
+        });
+        if !draining {
+            return Ok((model, permit));
         }
     }
 }
@@ -250,8 +298,7 @@ pub async fn infer(
                 .map_err(|_| bad(format!("the {VERSION_HEADER} header is not text")))?,
         ),
     };
-    let model = find_model(&state, &name, version)?;
-    serve(&state, &user, &model, &headers, body).await
+    serve(&state, &user, &name, version, &headers, body).await
 }
 
 /// `POST /v2/models/{name}/versions/{version}/infer`.
@@ -262,8 +309,7 @@ pub async fn infer_version(
     headers: HeaderMap,
     Body(body): Body,
 ) -> ApiResult<Response> {
-    let model = find_model(&state, &name, Some(&version))?;
-    serve(&state, &user, &model, &headers, body).await
+    serve(&state, &user, &name, Some(&version), &headers, body).await
 }
 
 /// The header that picks a model's version for `/v2/models/{name}/infer`.
@@ -272,11 +318,17 @@ pub const VERSION_HEADER: &str = "warren-model-version";
 async fn serve(
     state: &AppState,
     user: &Credentials,
-    model: &ModelStatus,
+    name: &str,
+    version: Option<&str>,
     headers: &HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let _permit = state.inference.admit(state, model)?;
+    // Without a data directory there is nowhere to keep a job, and the
+    // preference is ignored, as RFC 7240 lets a server do.
+    let asynchronous = state.jobs.is_some() && jobs::prefers_async(headers);
+    // A job holds its permit only while it is being queued.
+    let (model, _permit) = route(state, name, version)?;
+    let model = &model;
     let request = InferBody::parse(headers, body)?;
     let id = request.json.get("id").cloned();
     let outputs = request.output_choice()?;
@@ -291,6 +343,14 @@ async fn serve(
     let expires_after = request.timeout()?;
     let messages = requests_for(model, request)?;
     let mut session = session::open(state, user, "/")?;
+    if asynchronous {
+        let submission = JobRequest {
+            request_id: id,
+            outputs,
+            expires_after,
+        };
+        return submit_job(state, &mut session, model, messages, submission).await;
+    }
     let replies = round_trip(state, &mut session, model, messages, expires_after).await?;
     let mut response = response_for(model, replies)?;
     response["model_name"] = json!(model.name);
@@ -301,6 +361,92 @@ async fn serve(
     outputs.respond(response)
 }
 
+/// What a job keeps of its request besides the messages.
+struct JobRequest {
+    request_id: Option<Value>,
+    outputs: OutputChoice,
+    expires_after: Option<Duration>,
+}
+
+/// Queues the requests as a job and answers 202 at once, with where to
+/// ask for the result (`Location`). The requests are persistent and
+/// confirmed, and the job recorded on disk, before the answer: a job
+/// accepted is never lost to a broker that dies.
+async fn submit_job(
+    state: &AppState,
+    session: &mut DirectSession,
+    model: &ModelStatus,
+    requests: Vec<Request>,
+    job: JobRequest,
+) -> ApiResult<Response> {
+    let store = state.jobs.as_ref().expect("checked by the caller");
+    if store.len() >= store.config().jobs_max {
+        return Err(ApiError::TooManyRequests {
+            reason: format!(
+                "the broker keeps {} jobs already; fetch or delete finished ones",
+                store.config().jobs_max
+            ),
+            retry_after: backlog::of_model(state, model).retry_after(),
+        });
+    }
+    let id = jobs::new_job_id();
+    let submitted_ms = warren_amqp::wall_clock_ms();
+    // Where the job will stand: behind what waits now.
+    let baseline = state
+        .hub
+        .read()
+        .broker()
+        .queue_info("/", &model.queue)
+        .map_or((0, 0), |queue| {
+            (
+                queue.ready as u64,
+                queue.counts.delivered + queue.counts.got,
+            )
+        });
+    let parts = requests.len();
+    let messages = requests
+        .into_iter()
+        .enumerate()
+        .map(|(index, request)| {
+            let mut headers = request_headers();
+            jobs::part_headers(&mut headers, index, parts);
+            let properties = request_properties(&request, headers, job.expires_after)
+                .with_message_id(ShortString::from(id.clone()))
+                .with_correlation_id(ShortString::from(index.to_string()))
+                .with_delivery_mode(2);
+            (properties, Bytes::from(request.body))
+        })
+        .collect();
+    publish_requests(state, session, model, messages).await?;
+    let submission = jobs::Submission {
+        model: model.name.clone(),
+        version: model.version.clone(),
+        queue: model.queue.clone(),
+        parts,
+        submitted_ms,
+        deadline_ms: job
+            .expires_after
+            .map(|timeout| submitted_ms + timeout.as_millis() as u64),
+        request_id: job.request_id,
+        outputs: job.outputs,
+    };
+    store.submitted(id.clone(), submission, baseline).await?;
+    let status = jobs::describe(state, &id).await?;
+    let location = format!("/v2/jobs/{id}");
+    Ok((
+        StatusCode::ACCEPTED,
+        [
+            (header::LOCATION, location),
+            (
+                header::HeaderName::from_static("preference-applied"),
+                "respond-async".to_owned(),
+            ),
+        ],
+        Json(status),
+    )
+        .into_response())
+}
+
 /// One queue message: its body and content type.
 struct Request {
     body: Vec<u8>,
@@ -308,10 +454,10 @@ struct Request {
 }
 
 /// A worker's answer to one request.
-struct Reply {
-    body: Vec<u8>,
+pub(crate) struct Reply {
+    pub body: Vec<u8>,
     /// The worker's reason when it refused the input (`x-warren-error`).
-    error: Option<String>,
+    pub error: Option<String>,
 }
 
 fn bad(reason: impl Into<String>) -> ApiError {
@@ -376,61 +522,55 @@ fn requests_for(model: &ModelStatus, request: InferBody) -> ApiResult<Vec<Reques
     }
 }
 
-/// Publishes the requests with a direct reply-to address and collects one
-/// reply per request, by correlation id. A request with a timeout of its
-/// own expires in the queue after it (the broker dead-letters it, reason
-/// `expired`, before any worker spends time on it), and the answer is
-/// awaited no longer than that.
-async fn round_trip(
-    state: &AppState,
-    session: &mut DirectSession,
-    model: &ModelStatus,
-    requests: Vec<Request>,
-    expires_after: Option<Duration>,
-) -> ApiResult<Vec<Reply>> {
-    let wait = expires_after.map_or(state.config.inference_timeout, |timeout| {
-        timeout.min(state.config.inference_timeout)
-    });
-    // AMQP's expiration is in whole milliseconds; a request never expires
-    // before its timeout.
-    let expiration = expires_after.map(|timeout| {
-        let millis = timeout.as_nanos().div_ceil(1_000_000).max(1);
-        ShortString::from(millis.to_string())
-    });
-    let consume = basic::Consume {
-        queue: REPLY_TO.into(),
-        no_ack: true,
-        ..basic::Consume::default()
-    };
-    session::call(
-        session,
-        AMQPClass::Basic(basic::AMQPMethod::Consume(consume)),
-    )
-    .await?;
-    let mut confirms = Vec::with_capacity(requests.len());
+/// The headers every request carries: RabbitMQ's name for the publishing
+/// time, which workers turn into the queue-wait histogram.
+fn request_headers() -> FieldTable {
     let mut headers = FieldTable::default();
-    // RabbitMQ's name for the publishing time, which workers turn into
-    // the queue-wait histogram.
     headers.insert(
         "timestamp_in_ms".into(),
         AMQPValue::LongLongInt(warren_amqp::wall_clock_ms() as i64),
     );
-    for (index, request) in requests.into_iter().enumerate() {
-        let mut properties = BasicProperties::default()
-            .with_headers(headers.clone())
-            .with_reply_to(ShortString::from(REPLY_TO))
-            .with_correlation_id(ShortString::from(index.to_string()))
-            .with_content_type(ShortString::from(request.content_type));
-        if let Some(expiration) = &expiration {
-            properties = properties.with_expiration(expiration.clone());
+    headers
+}
+
+/// A request's properties: its content type and headers, and an
+/// expiration when the request has a timeout of its own (AMQP's is in
+/// whole milliseconds, rounded up so that a request never expires before
+/// its timeout).
+fn request_properties(
+    request: &Request,
+    headers: FieldTable,
+    expires_after: Option<Duration>,
+) -> BasicProperties {
+    let properties = BasicProperties::default()
+        .with_headers(headers)
+        .with_content_type(ShortString::from(request.content_type));
+    match expires_after {
+        None => properties,
+        Some(timeout) => {
+            let millis = timeout.as_nanos().div_ceil(1_000_000).max(1);
+            properties.with_expiration(ShortString::from(millis.to_string()))
         }
+    }
+}
+
+/// Publishes requests to the model's queue and waits for the broker to
+/// confirm every one: 503 when the queue does not exist, 429 when it is
+/// full.
+async fn publish_requests(
+    state: &AppState,
+    session: &mut DirectSession,
+    model: &ModelStatus,
+    messages: Vec<(BasicProperties, Bytes)>,
+) -> ApiResult<()> {
+    let mut confirms = Vec::with_capacity(messages.len());
+    for (properties, body) in messages {
         let publish = basic::Publish {
             exchange: "".into(),
             routing_key: model.queue.as_str().into(),
             mandatory: true,
             immediate: false,
         };
-        let body = Bytes::from(request.body);
         confirms.push(
             session
                 .publish(publish, properties, body)
@@ -438,7 +578,6 @@ async fn round_trip(
                 .map_err(refusal)?,
         );
     }
-    let requested = confirms.len();
     for sequence in confirms {
         match session.confirmation(sequence).await.map_err(refusal)? {
             Confirmation::Ack { returned: true } => {
@@ -456,6 +595,47 @@ async fn round_trip(
             Confirmation::Ack { returned: false } => {}
         }
     }
+    Ok(())
+}
+
+/// Publishes the requests with a direct reply-to address and collects one
+/// reply per request, by correlation id. A request with a timeout of its
+/// own expires in the queue after it (the broker dead-letters it, reason
+/// `expired`, before any worker spends time on it), and the answer is
+/// awaited no longer than that.
+async fn round_trip(
+    state: &AppState,
+    session: &mut DirectSession,
+    model: &ModelStatus,
+    requests: Vec<Request>,
+    expires_after: Option<Duration>,
+) -> ApiResult<Vec<Reply>> {
+    let wait = expires_after.map_or(state.config.inference_timeout, |timeout| {
+        timeout.min(state.config.inference_timeout)
+    });
+    let consume = basic::Consume {
+        queue: REPLY_TO.into(),
+        no_ack: true,
+        ..basic::Consume::default()
+    };
+    session::call(
+        session,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(consume)),
+    )
+    .await?;
+    let requested = requests.len();
+    let headers = request_headers();
+    let messages = requests
+        .into_iter()
+        .enumerate()
+        .map(|(index, request)| {
+            let properties = request_properties(&request, headers.clone(), expires_after)
+                .with_reply_to(ShortString::from(REPLY_TO))
+                .with_correlation_id(ShortString::from(index.to_string()));
+            (properties, Bytes::from(request.body))
+        })
+        .collect();
+    publish_requests(state, session, model, messages).await?;
     let mut answers: Vec<Option<Reply>> = (0..requested).map(|_| None).collect();
     let mut missing = requested;
     let deadline = tokio::time::Instant::now() + wait;
@@ -502,7 +682,8 @@ async fn round_trip(
     Ok(answers.into_iter().flatten().collect())
 }
 
-fn response_for(model: &ModelStatus, replies: Vec<Reply>) -> ApiResult<Value> {
+/// The KServe response a model's replies make, in request order.
+pub(crate) fn response_for(model: &ModelStatus, replies: Vec<Reply>) -> ApiResult<Value> {
     if let Some(reason) = replies.iter().find_map(|reply| reply.error.clone()) {
         return Err(bad(format!(
             "model '{}' refused the input: {reason}",

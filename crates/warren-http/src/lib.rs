@@ -14,8 +14,10 @@ mod body;
 mod dashboard;
 mod error;
 mod inference;
+mod jobs;
 mod json;
 mod metrics;
+pub mod model_events;
 pub mod models;
 mod rates;
 mod session;
@@ -37,12 +39,22 @@ use warren_amqp::{Admin, DirectConnector, SharedHub};
 use crate::tls::TlsListener;
 
 pub use error::ApiError;
+pub use jobs::JobsError;
 pub use state::{HttpConfig, NodeInfo};
 
 use crate::inference::Inference;
 use crate::models::ModelDirectory;
 use crate::rates::Rates;
 use crate::state::AppState;
+
+/// Why the HTTP side could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpStartError {
+    #[error("{0}")]
+    Listen(#[from] std::io::Error),
+    #[error("{0}")]
+    Jobs(#[from] JobsError),
+}
 
 pub struct HttpServer {
     listener: TcpListener,
@@ -66,10 +78,20 @@ impl HttpServer {
         address: SocketAddr,
         config: HttpConfig,
         context: HttpContext,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, HttpStartError> {
         let listener = warren_amqp::listen::bind(address).await?;
         let http_address = listener.local_addr()?;
+        let jobs = match &context.data_dir {
+            None => None,
+            Some(data_dir) => Some(Arc::new(jobs::Jobs::open(jobs::JobsConfig {
+                dir: data_dir.join("jobs"),
+                queue: config.job_queue.clone(),
+                retention: config.job_retention,
+                jobs_max: config.jobs_max,
+            })?)),
+        };
         let state = AppState {
+            jobs,
             inference: Arc::new(Inference::new(config.inference_in_flight_max)),
             config: Arc::new(config),
             hub: context.hub,
@@ -94,6 +116,7 @@ impl HttpServer {
     /// Serves until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
         let sampler = tokio::spawn(Arc::clone(&self.state.rates).run(self.state.hub.clone()));
+        let job_store = tokio::spawn(jobs::collect_results(self.state.clone(), shutdown.clone()));
         let tls = self.state.config.tls.clone();
         let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         let stopped = async move {
@@ -115,6 +138,7 @@ impl HttpServer {
             }
         };
         sampler.abort();
+        job_store.abort();
         served
     }
 }
@@ -225,6 +249,11 @@ fn router(state: AppState) -> Router {
         .route("/api/consumers", get(connections::consumers))
         .route("/api/consumers/{vhost}", get(connections::consumers))
         .route("/api/models", get(api::models::list))
+        .route("/api/models/events", get(api::models::events))
+        .route(
+            "/api/models/{name}/versions/{version}",
+            axum::routing::put(api::models::load).delete(api::models::unload),
+        )
         .merge(kserve_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -240,6 +269,7 @@ fn kserve_routes() -> Router<AppState> {
         .route("/v2/health/live", get(inference::live))
         .route("/v2/health/ready", get(inference::ready))
         .route("/v2/repository/index", post(triton::repository_index))
+        .route("/v2/jobs/{id}", get(jobs::status).delete(jobs::forget))
         .route("/v2/models/stats", get(triton::all_stats))
         .route("/v2/models/{name}", get(inference::model_metadata))
         .route("/v2/models/{name}/ready", get(inference::model_ready))

@@ -80,11 +80,80 @@ pub struct ModelStatus {
     pub onnxruntime: Option<(String, Option<String>)>,
     /// A tensor model's inputs and outputs, once it is loaded.
     pub tensors: Option<(Vec<TensorSpec>, Vec<TensorSpec>)>,
+    pub lifecycle: Lifecycle,
     pub stats: ModelStats,
 }
 
+/// Where a model version is in its life: traffic goes to versions that
+/// serve, never to one being unloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Loading and warming up; given traffic only while no version of the
+    /// model serves yet (at start, requests wait in the queue).
+    Loading,
+    Serving,
+    /// Being unloaded: no new traffic; its workers finish its queue.
+    Draining,
+}
+
+impl Lifecycle {
+    pub fn name(self) -> &'static str {
+        match self {
+            Lifecycle::Loading => "loading",
+            Lifecycle::Serving => "serving",
+            Lifecycle::Draining => "draining",
+        }
+    }
+}
+
+/// Why a model version could not be loaded or unloaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("this broker does not load models at run time")]
+    Unsupported,
+}
+
+/// A load in progress.
+pub type Loading = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<ModelStatus, DirectoryError>> + Send>,
+>;
+
 pub trait ModelDirectory: Send + Sync {
     fn models(&self) -> Vec<ModelStatus>;
+
+    /// Loads a new version from a `[[model]]` entry (as JSON), warms it up
+    /// and starts its workers; it is given traffic once it serves.
+    fn load(&self, _entry: serde_json::Value) -> Loading {
+        Box::pin(async { Err(DirectoryError::Unsupported) })
+    }
+
+    /// Takes a version out of traffic: it drains from here on.
+    fn begin_unload(&self, _name: &str, _version: &str) -> Result<(), DirectoryError> {
+        Err(DirectoryError::Unsupported)
+    }
+
+    /// Stops a drained version's workers and forgets it.
+    fn finish_unload(
+        &self,
+        _name: &str,
+        _version: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async {})
+    }
+
+    /// The latest model events (loads, switches, unloads) as published on
+    /// `amq.warren.model-events`, oldest first.
+    fn events(&self) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
 
     /// Every version of the model `name`, oldest first (see
     /// [`compare_versions`]).

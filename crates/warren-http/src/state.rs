@@ -8,6 +8,7 @@ use std::time::Duration;
 use warren_amqp::{Admin, DirectConnector, SharedHub};
 
 use crate::inference::Inference;
+use crate::jobs::Jobs;
 use crate::models::ModelDirectory;
 use crate::rates::Rates;
 
@@ -26,6 +27,13 @@ pub struct HttpConfig {
     pub websocket_prefetch_max: u16,
     /// Messages one `POST .../get` may take.
     pub get_count_max: usize,
+    /// The queue the job store consumes: where model workers publish the
+    /// results of jobs.
+    pub job_queue: String,
+    /// How long a finished job's result is kept.
+    pub job_retention: Duration,
+    /// Jobs kept at once; past this an asynchronous submission is 429.
+    pub jobs_max: usize,
     /// HTTPS: the rustls configuration, when the API is served over TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -38,6 +46,9 @@ impl Default for HttpConfig {
             inference_in_flight_max: 1_024,
             websocket_prefetch_max: 1_000,
             get_count_max: 1_000,
+            job_queue: "warren.jobs".to_owned(),
+            job_retention: Duration::from_secs(24 * 3600),
+            jobs_max: 100_000,
             tls: None,
         }
     }
@@ -64,6 +75,8 @@ pub struct AppState {
     pub rates: Arc<Rates>,
     pub models: Arc<dyn ModelDirectory>,
     pub inference: Arc<Inference>,
+    /// Asynchronous inference jobs; None without a data directory.
+    pub jobs: Option<Arc<Jobs>>,
     pub node: Arc<NodeInfo>,
 }
 

@@ -325,6 +325,7 @@ fn decode_numbers(name: &str, datatype: &str, data: &[u8]) -> ApiResult<Vec<Valu
 }
 
 /// Which outputs a response carries, and in which form.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct OutputChoice {
     /// The outputs the request named, each with whether it wants binary
     /// data; None for all of them.
@@ -344,19 +345,18 @@ impl OutputChoice {
         Ok(())
     }
 
-    /// The HTTP response for a v2 response whose outputs hold their data as
-    /// JSON: only the outputs asked for, those wanted as binary data moved
-    /// after the JSON.
-    pub fn respond(&self, mut response: Value) -> ApiResult<Response> {
+    /// The outputs asked for, taken out of `response`, each with whether
+    /// it goes as binary data.
+    fn chosen(&self, response: &mut Value) -> ApiResult<Vec<(Value, bool)>> {
         let outputs = match response.get_mut("outputs").map(Value::take) {
             Some(Value::Array(outputs)) => outputs,
             _ => Vec::new(),
         };
-        let chosen: Vec<(Value, bool)> = match &self.named {
-            None => outputs
+        match &self.named {
+            None => Ok(outputs
                 .into_iter()
                 .map(|output| (output, self.binary_by_default))
-                .collect(),
+                .collect()),
             Some(named) => {
                 let mut outputs = outputs;
                 named
@@ -370,9 +370,24 @@ impl OutputChoice {
                             })?;
                         Ok((outputs.remove(position), *binary))
                     })
-                    .collect::<ApiResult<_>>()?
+                    .collect()
             }
-        };
+        }
+    }
+
+    /// The response with only the outputs asked for, all of them as JSON
+    /// (for a result kept to be fetched later, which has no binary part).
+    pub fn select(&self, mut response: Value) -> ApiResult<Value> {
+        let chosen = self.chosen(&mut response)?;
+        response["outputs"] = Value::Array(chosen.into_iter().map(|(output, _)| output).collect());
+        Ok(response)
+    }
+
+    /// The HTTP response for a v2 response whose outputs hold their data as
+    /// JSON: only the outputs asked for, those wanted as binary data moved
+    /// after the JSON.
+    pub fn respond(&self, mut response: Value) -> ApiResult<Response> {
+        let chosen = self.chosen(&mut response)?;
         let mut tail = Vec::new();
         let mut kept = Vec::with_capacity(chosen.len());
         for (mut output, binary) in chosen {

@@ -69,6 +69,10 @@ pub struct ModelConfig {
     /// to `reply_to`.
     pub result_exchange: Option<String>,
     pub result_routing_key: Option<String>,
+    /// Where the results of jobs go (requests with a `message_id` and no
+    /// `reply_to`); Warren's job store reads `warren.jobs`.
+    #[serde(default = "default_job_queue")]
+    pub job_queue: String,
     /// `embedding`: the HuggingFace tokenizer.json.
     pub tokenizer: Option<PathBuf>,
     /// `embedding`: tokens a text is cut to (default: the tokenizer's own
@@ -91,6 +95,9 @@ pub struct ModelConfig {
 
 fn default_version() -> String {
     "1".to_owned()
+}
+fn default_job_queue() -> String {
+    worker::JOB_QUEUE_DEFAULT.to_owned()
 }
 fn default_delivery_limit() -> u32 {
     DELIVERY_LIMIT_DEFAULT
@@ -163,6 +170,9 @@ impl ModelConfig {
         if self.queue.is_empty() || self.queue.len() > 255 {
             return Err(invalid("queue must be 1 to 255 bytes".to_owned()));
         }
+        if self.job_queue.is_empty() || self.job_queue.len() > 255 {
+            return Err(invalid("job_queue must be 1 to 255 bytes".to_owned()));
+        }
         Ok(())
     }
 
@@ -182,6 +192,7 @@ impl ModelConfig {
             batch_delay_max: Duration::from_millis(self.batch_delay_max_ms),
             result_exchange: self.result_exchange.clone(),
             result_routing_key: self.result_routing_key.clone(),
+            job_queue: self.job_queue.clone(),
         }
     }
 
@@ -245,10 +256,26 @@ impl ModelConfig {
     }
 }
 
+/// One model version's running workers, and the switch that stops them.
+pub struct RunningModel {
+    workers: JoinSet<()>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl RunningModel {
+    /// Tells the workers to stop after the batch each is running (their
+    /// unacknowledged requests go back to the queue when they close), and
+    /// waits until they have.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.workers.join_next().await.is_some() {}
+    }
+}
+
 /// The running workers of every model, and each model's metrics.
 #[derive(Default)]
 pub struct Deployment {
-    pub workers: JoinSet<()>,
+    pub running: Vec<RunningModel>,
     pub metrics: Vec<Arc<ModelMetrics>>,
     /// The entries served, in the order of `metrics`.
     pub models: Vec<ModelConfig>,
@@ -257,12 +284,20 @@ pub struct Deployment {
 impl Deployment {
     /// Waits for the workers to stop (after `shutdown` turned true) and logs
     /// what each model served.
-    pub async fn finish(mut self) {
-        while self.workers.join_next().await.is_some() {}
+    pub async fn finish(self) {
+        for running in self.running {
+            running.stop().await;
+        }
         for metrics in &self.metrics {
             metrics.snapshot().log_summary();
         }
     }
+}
+
+/// Checks one entry and makes its (empty) metrics.
+pub fn prepare_one(model: &ModelConfig) -> Result<Arc<ModelMetrics>, DeployError> {
+    model.validate()?;
+    Ok(Arc::new(ModelMetrics::new(&model.name, &model.queue)))
 }
 
 /// Checks every entry and makes each model's (empty) metrics, before
@@ -285,13 +320,74 @@ pub fn prepare(models: &[ModelConfig]) -> Result<Vec<Arc<ModelMetrics>>, DeployE
             });
         }
     }
-    models
-        .iter()
-        .map(|model| {
-            model.validate()?;
-            Ok(Arc::new(ModelMetrics::new(&model.name, &model.queue)))
+    models.iter().map(prepare_one).collect()
+}
+
+/// Loads every instance of `model`, runs one inference on each (so that
+/// the first request does not pay for the model's first run), and starts
+/// a worker per instance against `broker_url`. The workers stop when
+/// `shutdown` turns true or the returned handle is stopped.
+pub async fn start_model(
+    model: &ModelConfig,
+    metrics: &Arc<ModelMetrics>,
+    broker_url: &str,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<RunningModel, DeployError> {
+    let mut tasks = Vec::with_capacity(model.instances);
+    for instance in 0..model.instances {
+        let loading = model.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let task = loading.load()?;
+            warm_up(&loading, task.as_ref())?;
+            Ok::<_, DeployError>(task)
         })
-        .collect()
+        .await
+        .expect("loading a model does not panic")?;
+        tracing::info!(model = %model.name, version = %model.version, instance,
+            backend = task.backend(), threads = model.threads(), queue = %model.queue,
+            "model loaded");
+        let _ = metrics.backend.set(task.backend());
+        if let Some(tensors) = task.tensors() {
+            let _ = metrics.tensors.set(tensors);
+        }
+        tasks.push(task);
+    }
+    let (stop, stopped) = watch::channel(false);
+    let stop = Arc::new(stop);
+    let mut workers = JoinSet::new();
+    // The broker's shutdown stops this model's workers too.
+    let forward = Arc::clone(&stop);
+    workers.spawn(async move {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => { let _ = forward.send(true); }
+            _ = forward.closed() => {}
+        }
+    });
+    for task in tasks {
+        let config = model.worker_config(broker_url);
+        workers.spawn(serve_forever(
+            config,
+            task,
+            Arc::clone(metrics),
+            stopped.clone(),
+        ));
+    }
+    Ok(RunningModel { workers, stop })
+}
+
+/// One inference of the task's warm-up request, on the loading thread.
+fn warm_up(model: &ModelConfig, task: &dyn Task) -> Result<(), DeployError> {
+    let Some(body) = task.warm_up_request() else {
+        return Ok(());
+    };
+    let failed = |reason: String| DeployError::Invalid {
+        model: model.name.clone(),
+        reason: format!("the warm-up inference failed: {reason}"),
+    };
+    let decoded = task.decode(&body, None).map_err(failed)?;
+    task.infer(vec![decoded])
+        .map_err(|error| failed(error.to_string()))?;
+    Ok(())
 }
 
 /// Loads every model and runs its workers against `broker_url` until
@@ -304,26 +400,12 @@ pub async fn run_models(
     broker_url: String,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Deployment, DeployError> {
-    let mut workers = JoinSet::new();
+    let mut running = Vec::with_capacity(models.len());
     for (model, metrics) in models.iter().zip(&metrics) {
-        for instance in 0..model.instances {
-            let loading = model.clone();
-            let task = tokio::task::spawn_blocking(move || loading.load())
-                .await
-                .expect("loading a model does not panic")?;
-            tracing::info!(model = %model.name, instance, backend = task.backend(),
-                threads = model.threads(), queue = %model.queue, "model loaded");
-            let _ = metrics.backend.set(task.backend());
-            if let Some(tensors) = task.tensors() {
-                let _ = metrics.tensors.set(tensors);
-            }
-            let config = model.worker_config(&broker_url);
-            let shutdown = shutdown.clone();
-            workers.spawn(serve_forever(config, task, Arc::clone(metrics), shutdown));
-        }
+        running.push(start_model(model, metrics, &broker_url, shutdown.clone()).await?);
     }
     Ok(Deployment {
-        workers,
+        running,
         metrics,
         models,
     })

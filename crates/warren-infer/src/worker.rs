@@ -13,6 +13,12 @@
 //! * A batch whose inference fails is nacked with requeue; the queue's
 //!   delivery limit (a quorum queue's `x-delivery-limit`) dead-letters a
 //!   request that keeps failing.
+//!
+//! Where an answer goes: to the request's `reply_to`; or, for a request
+//! with a `message_id` and no `reply_to` (a job, whose caller fetches the
+//! result later), to the job queue as a persistent message under that id,
+//! which Warren's job store keeps (and which any other consumer can read
+//! from RabbitMQ); and to the result exchange when one is configured.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +45,16 @@ const PREFETCH_BATCHES: u16 = 2;
 /// queue dead-letters it (`x-delivery-limit` of the model's queue).
 pub const DELIVERY_LIMIT_DEFAULT: u32 = 5;
 
+/// Where the results of jobs go unless configured otherwise: the queue
+/// Warren's job store consumes.
+pub const JOB_QUEUE_DEFAULT: &str = "warren.jobs";
+
+/// Request headers a job's parts carry (a job of several inputs is one
+/// message per input), copied to each result so that the job store can
+/// tell when a job is complete.
+pub const JOB_PART_HEADER: &str = "x-warren-job-part";
+pub const JOB_PARTS_HEADER: &str = "x-warren-job-parts";
+
 /// What one worker serves and how it batches.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -57,6 +73,9 @@ pub struct WorkerConfig {
     /// Also (or instead of replying) publish every result here.
     pub result_exchange: Option<String>,
     pub result_routing_key: Option<String>,
+    /// Where the results of jobs (requests with a `message_id` and no
+    /// `reply_to`) go, as persistent messages; declared durable.
+    pub job_queue: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +132,17 @@ pub async fn declare_queues(
         )
         .await
         .map_err(amqp("queue.declare (dead-letter queue)"))?;
+    channel
+        .queue_declare(
+            config.job_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp("queue.declare (job queue)"))?;
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-queue-type".into(),
@@ -343,6 +373,19 @@ async fn serve_batch(
                     .await
                     .map_err(amqp("basic.publish (reply)"))?,
             );
+        } else if let Some(job) = job_result_properties(delivery, properties.clone()) {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        config.job_queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &reply.body,
+                        job,
+                    )
+                    .await
+                    .map_err(amqp("basic.publish (job result)"))?,
+            );
         }
         if let Some(exchange) = &config.result_exchange {
             let routing_key = config.result_routing_key.as_deref().unwrap_or("");
@@ -377,6 +420,30 @@ async fn serve_batch(
             .map_err(amqp("basic.ack"))?;
     }
     Ok(())
+}
+
+/// The properties of a job's result: the request's `message_id` (the
+/// job's id) and part headers added to the reply's, persistent. None when
+/// the request is not a job (it has no `message_id`).
+fn job_result_properties(
+    request: &Delivery,
+    properties: BasicProperties,
+) -> Option<BasicProperties> {
+    let message_id = request.properties.message_id().clone()?;
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    if let Some(request_headers) = request.properties.headers() {
+        for name in [JOB_PART_HEADER, JOB_PARTS_HEADER] {
+            if let Some(value) = request_headers.inner().get(name) {
+                headers.insert(name.into(), value.clone());
+            }
+        }
+    }
+    Some(
+        properties
+            .with_message_id(message_id)
+            .with_headers(headers)
+            .with_delivery_mode(2),
+    )
 }
 
 /// When the request was published, from the `timestamp_in_ms` header that
@@ -426,17 +493,11 @@ async fn dead_letter(
         return Err(WorkerError::Refused("dead letter"));
     }
     if let Some(reply_to) = delivery.properties.reply_to() {
-        let mut headers = FieldTable::default();
-        headers.insert("x-warren-error".into(), text(reason));
-        headers.insert("x-warren-model".into(), text(&config.model));
-        let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_headers(headers);
+        let mut properties = failure_properties(config, reason);
         if let Some(correlation_id) = delivery.properties.correlation_id() {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
-        let body = serde_json::to_vec(&serde_json::json!({ "error": reason }))
-            .expect("a JSON object serialises");
+        let body = failure_body(reason);
         // The reply is best effort: a requester that went away has no
         // address any more, and the dead letter already holds the request.
         let _ = channel
@@ -448,12 +509,45 @@ async fn dead_letter(
                 properties,
             )
             .await;
+    } else if let Some(job) = job_result_properties(&delivery, failure_properties(config, reason)) {
+        // A job's failure is its result: the caller asks for it later.
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                config.job_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &failure_body(reason),
+                job,
+            )
+            .await
+            .map_err(amqp("basic.publish (job result)"))?
+            .await
+            .map_err(amqp("publisher confirm"))?;
+        if let Confirmation::Nack(_) = confirm {
+            return Err(WorkerError::Refused("job result"));
+        }
     }
     delivery
         .ack(BasicAckOptions::default())
         .await
         .map_err(amqp("basic.ack"))?;
     Ok(())
+}
+
+/// The properties of the answer to a request the model refused.
+fn failure_properties(config: &WorkerConfig, reason: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("x-warren-error".into(), text(reason));
+    headers.insert("x-warren-model".into(), text(&config.model));
+    headers.insert("x-warren-model-version".into(), text(&config.model_version));
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers)
+}
+
+/// The body of the answer to a request the model refused.
+fn failure_body(reason: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": reason })).expect("a JSON object serialises")
 }
 
 fn text(value: &str) -> AMQPValue {

@@ -85,6 +85,9 @@ pub struct HttpSection {
     pub inference_in_flight_max: Option<usize>,
     pub websocket_prefetch_max: Option<u16>,
     pub get_count_max: Option<usize>,
+    /// Seconds a finished job's result is kept.
+    pub job_retention_s: Option<u64>,
+    pub jobs_max: Option<usize>,
 }
 
 /// `[tls]`: certificates for AMQPS (on `--amqps-listen`, 5671 by default)
@@ -196,6 +199,16 @@ impl FileConfig {
             anyhow::ensure!(count > 0, "http.get_count_max must be at least 1");
             config.get_count_max = count;
         }
+        if let Some(seconds) = section.job_retention_s {
+            anyhow::ensure!(seconds > 0, "http.job_retention_s must be at least 1");
+            config.job_retention = std::time::Duration::from_secs(seconds);
+        }
+        if let Some(count) = section.jobs_max {
+            anyhow::ensure!(count > 0, "http.jobs_max must be at least 1");
+            config.jobs_max = count;
+        }
+        // Where the in-process workers publish jobs' results.
+        config.job_queue = warren_infer::worker::JOB_QUEUE_DEFAULT.to_owned();
         if let Some(tls) = self.tls.as_ref().filter(|tls| tls.https) {
             config.tls = Some(
                 warren_amqp::tls::server_config(&tls.files(), warren_amqp::tls::HTTPS_ALPN)

@@ -16,10 +16,10 @@ use tracing::info;
 use warren_amqp::AmqpServer;
 use warren_http::{HttpContext, HttpServer};
 
-use warren_infer::deploy::{Deployment, ModelConfig, prepare, run_models};
+use warren_infer::deploy::{ModelConfig, prepare, run_models};
 
 use crate::config::FileConfig;
-use crate::models::DeployedModels;
+use crate::models::{DeployedModels, Directory};
 
 /// Warren: a message broker for AI/ML workloads that speaks AMQP 0-9-1 with
 /// RabbitMQ's semantics, so RabbitMQ clients (pika, Celery/kombu, amqplib,
@@ -299,16 +299,22 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
         .with_context(|| format!("binding the AMQP listener to {}", args.amqp_listen))?;
     let address = server.local_addr()?;
     let tls_address = server.tls_local_addr().transpose()?;
-    let deployed_models = Arc::new(DeployedModels::default());
+    let hub = server.hub();
+    let events = Arc::new(warren_http::model_events::ModelEvents::start(
+        server.direct(),
+        address,
+    ));
+    let deployed_models = Arc::new(DeployedModels::new(events));
     let http = HttpServer::bind(
         args.http_listen,
         file_config.http_config()?,
         HttpContext {
-            hub: server.hub(),
+            hub: hub.clone(),
             admin: server.admin(),
             direct: server.direct(),
             amqp_address: address,
-            models: Arc::clone(&deployed_models) as Arc<dyn warren_http::models::ModelDirectory>,
+            models: Arc::new(Directory(Arc::clone(&deployed_models)))
+                as Arc<dyn warren_http::models::ModelDirectory>,
             node_name: node_name(),
             data_dir: Some(args.data_dir.clone()),
         },
@@ -338,27 +344,24 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     deployed_models.set(&models, &metrics);
     // In-process model workers reach the broker over loopback AMQP, like
     // any other client, as the broker's own identity: they keep working
-    // whatever operators do to guest or to any other user.
-    let deployment = if models.is_empty() {
-        Deployment::default()
+    // whatever operators do to guest or to any other user. Versions loaded
+    // later through the management API run the same way.
+    let host = if address.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
     } else {
-        let host = if address.ip().is_unspecified() {
-            "127.0.0.1".to_owned()
-        } else {
-            address.ip().to_string()
-        };
-        let url = format!(
-            "amqp://{}:{}@{host}:{}/%2f",
-            warren_access::INTERNAL_USER,
-            access.internal_secret(),
-            address.port()
-        );
-        run_models(models, metrics, url, shutdown).await?
+        address.ip().to_string()
     };
+    let url = format!(
+        "amqp://{}:{}@{host}:{}/%2f",
+        warren_access::INTERNAL_USER,
+        access.internal_secret(),
+        address.port()
+    );
+    deployed_models.start(url, shutdown, hub).await?;
     signal.await;
     info!("shutting down");
     let _ = shutdown_sender.send(true);
-    deployment.finish().await;
+    deployed_models.finish().await;
     // Requests in flight get a few seconds to finish (an inference is
     // bounded by its own timeout, which may be longer).
     match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, http_task).await {

@@ -55,6 +55,10 @@ const BUILTIN_EXCHANGES: &[(&str, ExchangeKind)] = &[
     ("amq.topic", ExchangeKind::Topic),
     ("amq.headers", ExchangeKind::Headers),
     ("amq.match", ExchangeKind::Headers),
+    // Where Warren's model workers announce loads, switches and unloads
+    // (warren-http's model_events.rs); RabbitMQ's plugins add exchanges
+    // of their own under amq.rabbitmq.* the same way.
+    ("amq.warren.model-events", ExchangeKind::Topic),
 ];
 
 /// Every queue a message reaches from `exchange`, following exchange-to-

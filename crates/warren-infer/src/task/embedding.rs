@@ -220,6 +220,10 @@ impl Task for EmbeddingModel {
         }
     }
 
+    fn warm_up_request(&self) -> Option<Vec<u8>> {
+        Some(b"Warren warms the model up with this sentence.".to_vec())
+    }
+
     fn infer(&self, batch: Vec<Decoded>) -> Result<Vec<Encoded>, TaskError> {
         let texts: Vec<&str> = batch
             .iter()

@@ -42,6 +42,13 @@ pub trait Task: Send + Sync {
     fn tensors(&self) -> Option<(Vec<TensorInfo>, Vec<TensorInfo>)> {
         None
     }
+
+    /// A request body the task takes, for one inference before a new
+    /// version is given traffic (the first run of a model pays for its
+    /// allocations and kernels); None when the task has no such body.
+    fn warm_up_request(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -219,6 +219,31 @@ impl Task for TensorModel {
             self.runtime.outputs().to_vec(),
         ))
     }
+
+    /// Zeros in every input, a dimension that varies taken as 1; none
+    /// when an input's type is not known.
+    fn warm_up_request(&self) -> Option<Vec<u8>> {
+        let inputs = self
+            .runtime
+            .inputs()
+            .iter()
+            .map(|input| {
+                let shape: Vec<usize> = input.shape.iter().map(|size| size.unwrap_or(1)).collect();
+                let count: usize = shape.iter().product();
+                let datatype = input.data_type?.name();
+                let zero = if datatype == "BOOL" {
+                    serde_json::json!(false)
+                } else {
+                    serde_json::json!(0)
+                };
+                Some(serde_json::json!({
+                    "name": input.name, "datatype": datatype, "shape": shape,
+                    "data": vec![zero; count],
+                }))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        serde_json::to_vec(&serde_json::json!({ "inputs": inputs })).ok()
+    }
 }
 
 /// The rows of a request: the first dimension its inputs share, if they do.
