@@ -1,7 +1,8 @@
 'use strict';
 // The dashboard's models page in a real browser (Debian's Chromium, driven
-// by playwright-core): each model's card says which backend runs it, and a
-// model on tract, the slow fallback, carries a warning.
+// by playwright-core): each model's card says which backend runs it and
+// its state, a model on tract, the slow fallback, carries a warning, and
+// the model events list each model's load.
 //
 // Run by tests/python/test_dashboard.py, which starts a broker serving
 // tests/models/tiny-cnn.onnx twice and passes:
@@ -56,6 +57,14 @@ test('a model on tract is flagged, one on ONNX Runtime shows its version', { tim
     await ort.locator('dd.backend', { hasText: /^ONNX Runtime \d+\.\d+\.\d+$/ }).waitFor();
     assert.equal(await ort.locator('.backend-warning').isVisible(), false,
       'no warning on the model ONNX Runtime runs');
+
+    // Both versions' loads are model events, listed under the cards.
+    for (const model of [TRACT_MODEL, ORT_MODEL]) {
+      const row = page.locator(`tr[data-event="loaded"][data-model="${model}"]`);
+      await row.waitFor();
+      assert.match(await row.locator('td.details').textContent(), /^queue \S+$/);
+    }
+    assert.match(await ort.locator('dd.state').textContent(), /^serving$/);
 
     await page.screenshot({ path: path.join(ARTIFACTS, 'dashboard-models.png'), fullPage: true });
     assert.deepEqual(pageErrors, [], 'uncaught exceptions in the page');

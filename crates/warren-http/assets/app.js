@@ -250,11 +250,16 @@
     overviewQueued.push([totals.messages_ready, totals.messages_unacknowledged]);
   }
 
+  // Versions of one model are served side by side, each with its own card.
+  function modelKey(model) {
+    return `${model.name}@${model.version}`;
+  }
+
   function recordModel(model) {
-    let entry = modelHistory.get(model.name);
+    let entry = modelHistory.get(modelKey(model));
     if (!entry) {
       entry = { latency: new History(2), batch: new History(2), last: null };
-      modelHistory.set(model.name, entry);
+      modelHistory.set(modelKey(model), entry);
     }
     const inference = model.inference_us || {};
     const toMs = (us) => (typeof us === 'number' ? us / 1000 : null);
@@ -783,32 +788,55 @@
   function modelsView(root) {
     const list = h('div', { class: 'models' });
     const emptyNote = h('p', { class: 'muted' }, 'No models: add a [[model]] to the configuration.');
-    root.append(h('h2', null, 'Models'), emptyNote, list);
-    const cards = new Map(); // name -> {element, update(model, entry), destroy()}
+    // Loads, switches and unloads, newest first, as published on the
+    // amq.warren.model-events exchange.
+    const events = liveTable({
+      key: (e) => `${e.time_ms} ${e.event} ${e.model} ${e.version}`,
+      rowAttrs: (e) => ({ 'data-event': e.event, 'data-model': e.model, 'data-version': e.version }),
+      empty: 'No model events yet.',
+      columns: [
+        textCol('Time', 'time', (e) => new Date(e.time_ms).toLocaleTimeString()),
+        textCol('Event', 'event', (e) => e.event),
+        textCol('Model', 'model', (e) => e.model),
+        textCol('Version', 'version', (e) => e.version),
+        textCol('Details', 'details', (e) => eventDetails(e)),
+      ],
+    });
+    root.append(h('h2', null, 'Models'), emptyNote, list,
+      h('h2', null, 'Model events'), events.element);
+    const cards = new Map(); // name@version -> {element, update(model, entry), destroy()}
 
     return {
       async refresh() {
-        const models = await api.get('/models');
+        const [models, recent] = await Promise.all([api.get('/models'), api.get('/models/events')]);
         const seen = new Set();
         for (const model of models) {
-          seen.add(model.name);
+          const key = modelKey(model);
+          seen.add(key);
           const entry = recordModel(model);
-          let card = cards.get(model.name);
+          let card = cards.get(key);
           if (!card) {
             card = modelCard(model);
-            cards.set(model.name, card);
+            cards.set(key, card);
             list.append(card.element);
             card.mountCharts();
           }
           card.update(model, entry);
         }
-        for (const [name, card] of cards) {
-          if (!seen.has(name)) { card.destroy(); cards.delete(name); }
+        for (const [key, card] of cards) {
+          if (!seen.has(key)) { card.destroy(); cards.delete(key); }
         }
         emptyNote.hidden = models.length > 0;
+        events.update(recent.slice().reverse());
       },
       destroy() { cards.forEach((c) => c.destroy()); },
     };
+  }
+
+  function eventDetails(e) {
+    if (e.event === 'switched') return e.from ? `traffic from version ${e.from}` : 'first version serving';
+    if (e.reason) return e.reason;
+    return e.queue ? `queue ${e.queue}` : '';
   }
 
   function backendText(m) {
@@ -820,6 +848,7 @@
 
   function modelCard(model) {
     const stats = h('dl', { class: 'stats' },
+      statItem('State', 'state'),
       statItem('Queue', 'queue'), statItem('Task', 'task'), statItem('Backend', 'backend'),
       statItem('Ready', 'ready'),
       statItem('Consumers', 'consumers'), statItem('Messages waiting', 'messages'),
@@ -834,7 +863,7 @@
       'Runs on tract, several times slower than ONNX Runtime: ONNX Runtime\'s library was not ' +
       'loaded. Install it (pip install onnxruntime) or name it with onnxruntime_library ' +
       'in [model.runtime]; the broker log says where it looked.');
-    const element = h('div', { class: 'card model', 'data-model': model.name },
+    const element = h('div', { class: 'card model', 'data-model': model.name, 'data-version': model.version },
       title, tractWarning, stats,
       h('div', { class: 'charts' },
         h('div', null, h('h4', null, 'Inference latency'), latencyBox),
@@ -858,6 +887,7 @@
       },
       update(m, entry) {
         setText(title, m.version ? `${m.name} (version ${m.version})` : m.name);
+        setText(dd('state'), m.state);
         setText(dd('queue'), m.queue);
         setText(dd('task'), m.task);
         setText(dd('backend'), backendText(m));

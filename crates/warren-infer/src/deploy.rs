@@ -46,7 +46,12 @@ pub struct ModelConfig {
     /// Reported in reply headers (`x-warren-model-version`).
     #[serde(default = "default_version")]
     pub version: String,
+    /// The ONNX file; or a Triton-style model directory, whose numbered
+    /// subdirectories (`<n>/model.onnx`) are its versions.
     pub path: PathBuf,
+    /// With a model directory: how many of its newest versions to serve
+    /// (Triton's `latest` version policy; 1 by default, as Triton's).
+    pub versions: Option<usize>,
     pub task: TaskKind,
     /// The queue requests arrive on; declared (durable, quorum) if missing.
     pub queue: String,
@@ -294,6 +299,71 @@ impl Deployment {
     }
 }
 
+/// The file a version of a Triton-style model directory keeps its model
+/// in.
+pub const REPOSITORY_MODEL_FILE: &str = "model.onnx";
+
+/// Entries whose `path` is a model directory become one entry per version
+/// served: the newest `versions` (1 by default) of its numbered
+/// subdirectories that hold a `model.onnx`, each on the queue
+/// `<queue>.<version>`. Other entries are kept as they are.
+pub fn expand_repositories(models: Vec<ModelConfig>) -> Result<Vec<ModelConfig>, DeployError> {
+    let mut expanded = Vec::with_capacity(models.len());
+    for model in models {
+        if !model.path.is_dir() {
+            if model.versions.is_some() {
+                return Err(DeployError::Invalid {
+                    model: model.name.clone(),
+                    reason: "`versions` applies to a model directory, and path is a file"
+                        .to_owned(),
+                });
+            }
+            expanded.push(model);
+            continue;
+        }
+        let invalid = |reason: String| DeployError::Invalid {
+            model: model.name.clone(),
+            reason,
+        };
+        if model.version != default_version() {
+            return Err(invalid(
+                "a model directory's versions are its numbered subdirectories; remove `version`"
+                    .to_owned(),
+            ));
+        }
+        let entries = std::fs::read_dir(&model.path)
+            .map_err(|error| invalid(format!("reading {}: {error}", model.path.display())))?;
+        let mut numbers: Vec<u64> = entries
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.path().join(REPOSITORY_MODEL_FILE).is_file())
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u64>().ok())
+            .collect();
+        numbers.sort_unstable();
+        if numbers.is_empty() {
+            return Err(invalid(format!(
+                "{} has no numbered version directory holding {REPOSITORY_MODEL_FILE}",
+                model.path.display()
+            )));
+        }
+        let keep = model.versions.unwrap_or(1);
+        if keep == 0 {
+            return Err(invalid("versions must be at least 1".to_owned()));
+        }
+        for number in &numbers[numbers.len().saturating_sub(keep)..] {
+            let mut version = model.clone();
+            version.version = number.to_string();
+            version.path = model
+                .path
+                .join(number.to_string())
+                .join(REPOSITORY_MODEL_FILE);
+            version.queue = format!("{}.{number}", model.queue);
+            version.versions = None;
+            expanded.push(version);
+        }
+    }
+    Ok(expanded)
+}
+
 /// Checks one entry and makes its (empty) metrics.
 pub fn prepare_one(model: &ModelConfig) -> Result<Arc<ModelMetrics>, DeployError> {
     model.validate()?;
@@ -462,6 +532,52 @@ mod tests {
         assert_eq!(model(cores * 4, None).threads(), 1, "never below one");
         assert_eq!(model(1, Some(0)).threads(), cores, "0 is the default");
         assert_eq!(model(3, Some(5)).threads(), 5);
+    }
+
+    #[test]
+    fn a_model_directory_serves_its_newest_numbered_versions() {
+        let repository = std::env::temp_dir().join(format!(
+            "warren-repository-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        for version in ["1", "2", "10"] {
+            std::fs::create_dir_all(repository.join(version)).unwrap();
+            std::fs::write(repository.join(version).join(REPOSITORY_MODEL_FILE), b"").unwrap();
+        }
+        // Neither a number nor holding a model: not versions.
+        std::fs::create_dir_all(repository.join("notes")).unwrap();
+        std::fs::create_dir_all(repository.join("3")).unwrap();
+        let mut entry = model(1, None);
+        entry.path = repository.clone();
+        let newest = expand_repositories(vec![entry.clone()]).unwrap();
+        assert_eq!(newest.len(), 1);
+        assert_eq!(
+            (newest[0].version.as_str(), newest[0].queue.as_str()),
+            ("10", "q.10")
+        );
+        assert_eq!(
+            newest[0].path,
+            repository.join("10").join(REPOSITORY_MODEL_FILE)
+        );
+
+        entry.versions = Some(2);
+        let two: Vec<String> = expand_repositories(vec![entry.clone()])
+            .unwrap()
+            .into_iter()
+            .map(|model| model.version)
+            .collect();
+        assert_eq!(two, ["2", "10"]);
+
+        entry.version = "7".to_owned();
+        assert!(expand_repositories(vec![entry]).is_err());
+        let mut file = model(1, None);
+        file.versions = Some(2);
+        assert!(expand_repositories(vec![file]).is_err());
+        std::fs::remove_dir_all(repository).unwrap();
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tracing::info;
 use warren_amqp::AmqpServer;
 use warren_http::{HttpContext, HttpServer};
 
-use warren_infer::deploy::{ModelConfig, prepare, run_models};
+use warren_infer::deploy::{ModelConfig, expand_repositories, prepare, run_models};
 
 use crate::config::FileConfig;
 use crate::models::{DeployedModels, Directory};
@@ -252,8 +252,9 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     );
     let signal = shutdown_signal()?;
     let (shutdown_sender, shutdown) = watch::channel(false);
-    let metrics = prepare(&file_config.models)?;
-    let deployment = run_models(file_config.models, metrics, args.broker.clone(), shutdown).await?;
+    let models = expand_repositories(file_config.models)?;
+    let metrics = prepare(&models)?;
+    let deployment = run_models(models, metrics, args.broker.clone(), shutdown).await?;
     info!(broker = %redact(&args.broker), "model workers running");
     signal.await;
     info!("shutting down");
@@ -340,6 +341,7 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     let (shutdown_sender, shutdown) = watch::channel(false);
     let server_task = tokio::spawn(server.run(shutdown.clone()));
     let http_task = tokio::spawn(http.run(shutdown.clone()));
+    let models = expand_repositories(models)?;
     let metrics = prepare(&models)?;
     deployed_models.set(&models, &metrics);
     // In-process model workers reach the broker over loopback AMQP, like

@@ -16,7 +16,9 @@ use warren_http::models::{
     DirectoryError, HistogramView, Lifecycle, Loading, ModelDirectory, ModelStats, ModelStatus,
     TensorSpec, compare_versions,
 };
-use warren_infer::deploy::{ModelConfig, RunningModel, TaskKind, prepare_one, start_model};
+use warren_infer::deploy::{
+    ModelConfig, REPOSITORY_MODEL_FILE, RunningModel, TaskKind, prepare_one, start_model,
+};
 use warren_infer::metrics::{HistogramSnapshot, ModelMetrics};
 use warren_infer::runtime::onnx::loaded_library;
 use warren_infer::tensor::TensorInfo;
@@ -164,8 +166,17 @@ impl DeployedModels {
         self: Arc<Self>,
         entry: serde_json::Value,
     ) -> Result<ModelStatus, DirectoryError> {
-        let config: ModelConfig = serde_json::from_value(entry)
+        let mut config: ModelConfig = serde_json::from_value(entry)
             .map_err(|error| DirectoryError::Invalid(format!("the model entry: {error}")))?;
+        // A Triton-style model directory: the version is its subdirectory
+        // of that number, on a queue of its own as at start.
+        if config.path.is_dir() {
+            config.path = config
+                .path
+                .join(&config.version)
+                .join(REPOSITORY_MODEL_FILE);
+            config.queue = format!("{}.{}", config.queue, config.version);
+        }
         let metrics =
             prepare_one(&config).map_err(|error| DirectoryError::Invalid(error.to_string()))?;
         let runner = self.runner.get().ok_or_else(|| {
