@@ -14,13 +14,14 @@ them must be answered. Waits are deadlines around polling, never sleeps.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from collections import Counter
 from typing import Any, Dict, List
 
 import pytest
 
-from conftest import start_broker
+from conftest import start_broker, warren_bin
 from test_http_inference import (FOOD, MODEL_DIR, TIMEOUT, describe, embeddings,
                                  eventually, http_url_of, onnxruntime_library,
                                  session, texts_request, wait_for_consumer)
@@ -267,3 +268,26 @@ def test_a_triton_model_directory_serves_its_numbered_versions(tmp_path):
         broker.close_connections()
         assert broker.stop() == 0, broker.log(tail=100)
         broker.finish()
+
+
+def test_warren_ctl_loads_lists_and_unloads_a_version(live, tmp_path):
+    _broker, base = live
+    http = session()
+    entry_file = tmp_path / "v5.toml"
+    entry_file.write_text(toml_entry("5", "live-v5"), encoding="utf-8")
+
+    def ctl(*args: str) -> str:
+        done = subprocess.run([str(warren_bin()), "ctl", "--url", base, *args],
+                              capture_output=True, text=True, timeout=LOAD_TIMEOUT, check=False)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return done.stdout
+
+    out = ctl("load-model", str(entry_file))
+    assert "version '5' serving on queue 'live-v5'" in out, out
+    assert versions_listed(http, base) == {"1": "serving", "5": "serving"}
+    listed = ctl("list-models")
+    assert any(line.split()[:4] == [MODEL, "5", "serving", "live-v5"]
+               for line in listed.splitlines()), listed
+    ctl("unload-model", MODEL, "5")
+    eventually(lambda: versions_listed(http, base) == {"1": "serving"},
+               "version 5 to be unloaded", timeout=LOAD_TIMEOUT)

@@ -104,6 +104,34 @@ enum CtlCommand {
     HashPassword {
         password: Option<String>,
     },
+    /// Loads a model version from a TOML file holding one `[[model]]`
+    /// entry (with its `name` and `version`; paths as the broker sees
+    /// them), warms it up and switches the model's traffic to it.
+    LoadModel {
+        #[arg(value_name = "FILE.toml")]
+        file: std::path::PathBuf,
+    },
+    /// Takes a model version out of traffic; it stops once its queue has
+    /// drained.
+    UnloadModel {
+        name: String,
+        version: String,
+    },
+    /// Model versions and their state.
+    ListModels,
+}
+
+/// The one `[[model]]` entry of a file, as JSON.
+fn model_entry(file: &std::path::Path) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let entry = match table.get("model") {
+        Some(toml::Value::Array(entries)) if entries.len() == 1 => entries[0].clone(),
+        _ => anyhow::bail!("{} must hold exactly one [[model]] entry", file.display()),
+    };
+    Ok(serde_json::to_value(entry)?)
 }
 
 /// `/` and other reserved characters in names go percent-encoded into
@@ -305,6 +333,43 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 None,
             )?;
             print_rows(&rows, &["vhost", "configure", "write", "read"]);
+        }
+        CtlCommand::LoadModel { file } => {
+            let entry = model_entry(&file)?;
+            let name = entry
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let version = entry.get("version").and_then(Value::as_str).unwrap_or("1");
+            let path = format!(
+                "/api/models/{}/versions/{}",
+                segment(name),
+                segment(version)
+            );
+            let loaded = client.call("PUT", &path, Some(entry.clone()))?;
+            println!(
+                "model '{name}' version '{version}' {} on queue '{}'",
+                loaded["state"].as_str().unwrap_or("loaded"),
+                loaded["queue"].as_str().unwrap_or_default()
+            );
+        }
+        CtlCommand::UnloadModel { name, version } => {
+            client.call(
+                "DELETE",
+                &format!(
+                    "/api/models/{}/versions/{}",
+                    segment(&name),
+                    segment(&version)
+                ),
+                None,
+            )?;
+            println!(
+                "model '{name}' version '{version}' draining; it stops once its queue is empty"
+            );
+        }
+        CtlCommand::ListModels => {
+            let models = client.call("GET", "/api/models", None)?;
+            print_rows(&models, &["name", "version", "state", "queue", "messages"]);
         }
         CtlCommand::HashPassword { password } => {
             let password = password_or_stdin(password)?;
