@@ -224,7 +224,7 @@ impl Snapshot {
             return Ok(());
         }
         type ModelValue = fn(&ModelStatus) -> u64;
-        let counters: [(&str, &str, ModelValue); 4] = [
+        let counters: [(&str, &str, ModelValue); 5] = [
             (
                 "warren_model_requests",
                 "Requests the model's workers took.",
@@ -239,6 +239,11 @@ impl Snapshot {
                 "warren_model_poison",
                 "Requests dead-lettered as undecodable.",
                 |m| m.stats.poison,
+            ),
+            (
+                "warren_model_expired",
+                "Requests dead-lettered because they expired before the model ran them.",
+                |m| m.stats.expired,
             ),
             (
                 "warren_model_failed_batches",

@@ -39,6 +39,7 @@ pub struct ModelStats {
     pub requests: u64,
     pub replies: u64,
     pub poison: u64,
+    pub expired: u64,
     pub failed_batches: u64,
     pub batch_size: HistogramView,
     pub batch_wait_us: HistogramView,

@@ -68,6 +68,10 @@ pub struct ModelConfig {
     pub batch_size_max: usize,
     #[serde(default = "default_batch_delay_max_ms")]
     pub batch_delay_max_ms: u64,
+    /// `embedding`: the most tokens one batch may hold in all (TEI's
+    /// `max-batch-tokens`), so that one long text does not make a batch
+    /// of short ones pad to its length; a text over it runs alone.
+    pub max_batch_tokens: Option<usize>,
     #[serde(default = "default_instances")]
     pub instances: usize,
     /// Publish every result here too (the "result queue"), besides replying
@@ -159,6 +163,9 @@ impl ModelConfig {
                 "batch_delay_max_ms must be at most {BATCH_DELAY_MAX_LIMIT_MS}"
             )));
         }
+        if self.max_batch_tokens == Some(0) {
+            return Err(invalid("max_batch_tokens must be at least 1".to_owned()));
+        }
         if !(1..=INSTANCES_MAX).contains(&self.instances) {
             return Err(invalid(format!("instances must be 1 to {INSTANCES_MAX}")));
         }
@@ -195,6 +202,7 @@ impl ModelConfig {
             queue_length_max: self.queue_length_max,
             batch_size_max: self.batch_size_max,
             batch_delay_max: Duration::from_millis(self.batch_delay_max_ms),
+            batch_cost_max: self.max_batch_tokens,
             result_exchange: self.result_exchange.clone(),
             result_routing_key: self.result_routing_key.clone(),
             job_queue: self.job_queue.clone(),

@@ -8,6 +8,7 @@
 pub mod deploy;
 pub mod metrics;
 pub mod runtime;
+pub mod schedule;
 pub mod task;
 pub mod tensor;
 pub mod worker;

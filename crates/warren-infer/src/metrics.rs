@@ -82,6 +82,9 @@ pub struct ModelMetrics {
     pub replies: AtomicU64,
     /// Requests dead-lettered as undecodable.
     pub poison: AtomicU64,
+    /// Requests dead-lettered because they expired before the model ran
+    /// them.
+    pub expired: AtomicU64,
     /// Batches whose inference failed (their requests were requeued).
     pub failed_batches: AtomicU64,
     pub batch_size: Histogram,
@@ -109,6 +112,7 @@ pub struct ModelMetricsSnapshot {
     pub requests: u64,
     pub replies: u64,
     pub poison: u64,
+    pub expired: u64,
     pub failed_batches: u64,
     pub batch_size: HistogramSnapshot,
     pub batch_wait_us: HistogramSnapshot,
@@ -125,6 +129,7 @@ impl ModelMetrics {
             requests: AtomicU64::new(0),
             replies: AtomicU64::new(0),
             poison: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
             failed_batches: AtomicU64::new(0),
             batch_size: Histogram::new(BATCH_SIZE_BOUNDS),
             batch_wait_us: Histogram::new(DURATION_BOUNDS_US),
@@ -143,6 +148,7 @@ impl ModelMetrics {
             requests: self.requests.load(Ordering::Relaxed),
             replies: self.replies.load(Ordering::Relaxed),
             poison: self.poison.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
             failed_batches: self.failed_batches.load(Ordering::Relaxed),
             batch_size: self.batch_size.snapshot(),
             batch_wait_us: self.batch_wait_us.snapshot(),
@@ -164,6 +170,7 @@ impl ModelMetricsSnapshot {
             requests = self.requests,
             replies = self.replies,
             poison = self.poison,
+            expired = self.expired,
             failed_batches = self.failed_batches,
             batches = self.batch_size.count,
             mean_batch_size = format!("{:.1}", mean(&self.batch_size)),

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -35,6 +35,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 
 use crate::metrics::{ModelMetrics, add};
+use crate::schedule::HeldRequests;
 use crate::task::{Decoded, Task};
 
 /// Requests one worker instance may hold unacked beyond the batch it is
@@ -70,6 +71,8 @@ pub struct WorkerConfig {
     pub queue_length_max: Option<u32>,
     pub batch_size_max: usize,
     pub batch_delay_max: Duration,
+    /// The most a batch may cost in all (tokens, for a text model).
+    pub batch_cost_max: Option<usize>,
     /// Also (or instead of replying) publish every result here.
     pub result_exchange: Option<String>,
     pub result_routing_key: Option<String>,
@@ -243,71 +246,158 @@ pub async fn run(
         .map_err(amqp("basic.consume"))?;
     tracing::info!(model = %config.model, queue = %config.queue, backend = task.backend(),
         batch_size_max = config.batch_size_max, "model worker consuming");
+    let mut held: HeldRequests<HeldRequest> = HeldRequests::default();
     loop {
-        // Wait for the first request of a batch, then take more until the
-        // batch is full or the delay since that first request runs out.
-        let first = tokio::select! {
-            next = deliveries.next() => next,
-            _ = shutdown.changed() => break,
-        };
-        let Some(first) = first else { break };
-        let mut batch = vec![first.map_err(amqp("basic.deliver"))?];
-        let first_arrived = tokio::time::Instant::now();
-        let deadline = first_arrived + config.batch_delay_max;
-        while batch.len() < config.batch_size_max {
+        // Wait for a first request, unless some are held already.
+        if held.is_empty() {
+            let first = tokio::select! {
+                next = deliveries.next() => next,
+                _ = shutdown.changed() => break,
+            };
+            let Some(first) = first else { break };
+            let first = first.map_err(amqp("basic.deliver"))?;
+            accept(&channel, &config, &task, &metrics, &mut held, first).await?;
+            continue;
+        }
+        // Take more until the batch is full or the oldest request held has
+        // waited the batch delay...
+        let oldest = held
+            .iter()
+            .map(|held| held.item.arrived)
+            .min()
+            .expect("requests are held");
+        let deadline = oldest + config.batch_delay_max;
+        while held.len() < config.batch_size_max {
             match tokio::time::timeout_at(deadline, deliveries.next()).await {
-                Ok(Some(delivery)) => batch.push(delivery.map_err(amqp("basic.deliver"))?),
+                Ok(Some(delivery)) => {
+                    let delivery = delivery.map_err(amqp("basic.deliver"))?;
+                    accept(&channel, &config, &task, &metrics, &mut held, delivery).await?;
+                }
                 Ok(None) | Err(_) => break,
             }
         }
-        add(&metrics.requests, batch.len() as u64);
+        // ...and whatever has arrived meanwhile joins the choice, so that a
+        // request of higher priority does not wait for the next batch.
+        while let Some(Some(delivery)) = deliveries.next().now_or_never() {
+            let delivery = delivery.map_err(amqp("basic.deliver"))?;
+            accept(&channel, &config, &task, &metrics, &mut held, delivery).await?;
+        }
+        for expired in held.take_expired(unix_ms()) {
+            add(&metrics.expired, 1);
+            dead_letter(
+                &channel,
+                &config,
+                expired.delivery,
+                "the request expired before the model ran it",
+            )
+            .await?;
+        }
+        let batch = held.take_batch(config.batch_size_max, config.batch_cost_max);
+        if batch.is_empty() {
+            continue;
+        }
         let now_ms = unix_ms();
-        for delivery in &batch {
-            if let Some(published_ms) = published_at_ms(delivery) {
+        for request in &batch {
+            if let Some(published_ms) = published_at_ms(&request.delivery) {
                 metrics
                     .queue_wait_us
                     .observe(now_ms.saturating_sub(published_ms) * 1_000);
             }
         }
-        metrics
-            .batch_wait_us
-            .observe(first_arrived.elapsed().as_micros() as u64);
+        if let Some(first_arrived) = batch.iter().map(|request| request.arrived).min() {
+            metrics
+                .batch_wait_us
+                .observe(first_arrived.elapsed().as_micros() as u64);
+        }
         serve_batch(&channel, &config, &task, &metrics, batch).await?;
     }
     let _ = connection.close(200, "OK".into()).await;
     Ok(())
 }
 
-/// Decodes, infers, replies and acks one batch.
+/// A request the worker holds: decoded, waiting for a batch.
+struct HeldRequest {
+    delivery: Delivery,
+    input: Decoded,
+    arrived: tokio::time::Instant,
+}
+
+/// Takes a delivery into the held requests, decoded; a body the task cannot
+/// decode is dead-lettered at once.
+async fn accept(
+    channel: &Channel,
+    config: &WorkerConfig,
+    task: &Arc<dyn Task>,
+    metrics: &ModelMetrics,
+    held: &mut HeldRequests<HeldRequest>,
+    delivery: Delivery,
+) -> Result<(), WorkerError> {
+    add(&metrics.requests, 1);
+    let content_type = delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .map(|kind| kind.as_str().to_owned());
+    match task.decode(&delivery.data, content_type.as_deref()) {
+        Ok(input) => {
+            // Counting tokens costs a tokenization: only for a budget.
+            let cost = match config.batch_cost_max {
+                Some(_) => task.cost(&input),
+                None => 1,
+            };
+            let priority = delivery.properties.priority().unwrap_or(0);
+            let expires_at_ms = expires_at_ms(&delivery);
+            let request = HeldRequest {
+                delivery,
+                input,
+                arrived: tokio::time::Instant::now(),
+            };
+            held.push(request, priority, expires_at_ms, cost);
+            Ok(())
+        }
+        Err(reason) => {
+            add(&metrics.poison, 1);
+            dead_letter(channel, config, delivery, &reason).await
+        }
+    }
+}
+
+/// When a request with an `expiration` stops being worth answering: that
+/// many milliseconds after it was published (its `timestamp_in_ms`
+/// header, or its `timestamp` property), or, when it does not say, after
+/// it reached this worker (the broker delivered it unexpired, so it had at
+/// most that long left then).
+fn expires_at_ms(delivery: &Delivery) -> Option<u64> {
+    let expiration: u64 = delivery
+        .properties
+        .expiration()
+        .as_ref()?
+        .as_str()
+        .parse()
+        .ok()?;
+    let published_ms = published_at_ms(delivery)
+        .or_else(|| {
+            delivery
+                .properties
+                .timestamp()
+                .map(|seconds| seconds.saturating_mul(1_000))
+        })
+        .unwrap_or_else(unix_ms);
+    Some(published_ms.saturating_add(expiration))
+}
+
+/// Infers, replies and acks one batch.
 async fn serve_batch(
     channel: &Channel,
     config: &WorkerConfig,
     task: &Arc<dyn Task>,
     metrics: &ModelMetrics,
-    batch: Vec<Delivery>,
+    batch: Vec<HeldRequest>,
 ) -> Result<(), WorkerError> {
-    let mut accepted: Vec<Delivery> = Vec::with_capacity(batch.len());
-    let mut inputs: Vec<Decoded> = Vec::with_capacity(batch.len());
-    for delivery in batch {
-        let content_type = delivery
-            .properties
-            .content_type()
-            .as_ref()
-            .map(|kind| kind.as_str().to_owned());
-        match task.decode(&delivery.data, content_type.as_deref()) {
-            Ok(decoded) => {
-                inputs.push(decoded);
-                accepted.push(delivery);
-            }
-            Err(reason) => {
-                add(&metrics.poison, 1);
-                dead_letter(channel, config, delivery, &reason).await?
-            }
-        }
-    }
-    if accepted.is_empty() {
-        return Ok(());
-    }
+    let (accepted, inputs): (Vec<Delivery>, Vec<Decoded>) = batch
+        .into_iter()
+        .map(|request| (request.delivery, request.input))
+        .unzip();
     let batch_size = accepted.len();
     let started = Instant::now();
     let task = Arc::clone(task);
@@ -460,8 +550,9 @@ fn published_at_ms(delivery: &Delivery) -> Option<u64> {
     }
 }
 
-/// Sends a poison request to the dead-letter queue with the reason, then
-/// acks it: retrying an input that cannot be decoded would never succeed.
+/// Sends a request to the dead-letter queue with the reason, then acks
+/// it: a poison input (retrying an input that cannot be decoded would
+/// never succeed) or an expired one.
 /// A requester waiting on `reply_to` gets the reason as its reply (JSON
 /// `{"error": ...}` with the `x-warren-error` header), as an inference
 /// server answers a bad request, instead of waiting for nothing.
@@ -471,7 +562,7 @@ async fn dead_letter(
     delivery: Delivery,
     reason: &str,
 ) -> Result<(), WorkerError> {
-    tracing::info!(model = %config.model, reason, "dead-lettering a poison request");
+    tracing::info!(model = %config.model, reason, "dead-lettering a request");
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert("x-warren-error".into(), text(reason));
     headers.insert("x-warren-model".into(), text(&config.model));

@@ -335,6 +335,7 @@ fn status_of(deployed: &Deployed) -> ModelStatus {
             requests: snapshot.requests,
             replies: snapshot.replies,
             poison: snapshot.poison,
+            expired: snapshot.expired,
             failed_batches: snapshot.failed_batches,
             batch_size: view(snapshot.batch_size),
             batch_wait_us: view(snapshot.batch_wait_us),

@@ -65,6 +65,7 @@ fn model_json(state: &AppState, model: &ModelStatus) -> Value {
         "requests": stats.requests,
         "replies": stats.replies,
         "poison": stats.poison,
+        "expired": stats.expired,
         "failed_batches": stats.failed_batches,
         "batch_size": histogram_json(&stats.batch_size),
         "batch_wait_us": histogram_json(&stats.batch_wait_us),

@@ -220,6 +220,17 @@ impl Task for EmbeddingModel {
         }
     }
 
+    /// The text's tokens, as the model will see them (truncated).
+    fn cost(&self, input: &Decoded) -> usize {
+        match input {
+            Decoded::Text(text) => self
+                .tokenizer
+                .encode(text.as_str(), true)
+                .map_or(1, |encoding| encoding.len().max(1)),
+            _ => 1,
+        }
+    }
+
     fn warm_up_request(&self) -> Option<Vec<u8>> {
         Some(b"Warren warms the model up with this sentence.".to_vec())
     }

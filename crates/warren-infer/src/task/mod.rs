@@ -43,6 +43,12 @@ pub trait Task: Send + Sync {
         None
     }
 
+    /// What a decoded request costs a batch, for the batch's budget
+    /// (`max_batch_tokens`): its tokens for a text model, else 1.
+    fn cost(&self, _input: &Decoded) -> usize {
+        1
+    }
+
     /// A request body the task takes, for one inference before a new
     /// version is given traffic (the first run of a model pays for its
     /// allocations and kernels); None when the task has no such body.
