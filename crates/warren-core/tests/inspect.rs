@@ -764,6 +764,7 @@ fn exchange_infos_list_the_builtins_and_declared_ones_sorted() {
             ("amq.headers", "headers"),
             ("amq.match", "headers"),
             ("amq.topic", "topic"),
+            ("amq.warren.model-events", "topic"),
             ("events", "topic"),
         ]
     );

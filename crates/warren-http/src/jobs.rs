@@ -28,7 +28,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use amq_protocol::protocol::{AMQPClass, basic, queue};
+use amq_protocol::protocol::{AMQPClass, basic};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use axum::Json;
 use axum::extract::{Path as UrlPath, State};
@@ -474,6 +474,35 @@ pub async fn collect_results(state: AppState, mut shutdown: watch::Receiver<bool
         (jobs.config.retention / 4).clamp(Duration::from_millis(100), SWEEP_INTERVAL_MAX),
     );
     loop {
+        // The queue is the workers' to declare (they publish to it): a
+        // broker without models has none, and no session waits on it.
+        let queue_exists = || {
+            state
+                .hub
+                .read()
+                .broker()
+                .queue_info("/", &jobs.config.queue)
+                .is_some()
+        };
+        while !queue_exists() {
+            if *shutdown.borrow() {
+                return;
+            }
+            let mut sweep_due = false;
+            tokio::select! {
+                _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+                _ = sweep.tick() => sweep_due = true,
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+            if sweep_due {
+                let store = std::sync::Arc::clone(&jobs);
+                let _ = tokio::task::spawn_blocking(move || store.sweep()).await;
+            }
+        }
         let consumed = async {
             let mut session = consume_job_queue(&state, &jobs.config.queue).await?;
             loop {
@@ -507,8 +536,7 @@ pub async fn collect_results(state: AppState, mut shutdown: watch::Receiver<bool
     }
 }
 
-/// A session as the broker's own identity, consuming the job queue
-/// (declared durable, as the workers declare it).
+/// A session as the broker's own identity, consuming the job queue.
 async fn consume_job_queue(state: &AppState, queue_name: &str) -> Result<DirectSession, String> {
     let mut session = state
         .direct
@@ -520,15 +548,6 @@ async fn consume_job_queue(state: &AppState, queue_name: &str) -> Result<DirectS
             name: "job store",
         })
         .map_err(|error| error.to_string())?;
-    let declare = queue::Declare {
-        queue: queue_name.into(),
-        durable: true,
-        ..queue::Declare::default()
-    };
-    session
-        .call(AMQPClass::Queue(queue::AMQPMethod::Declare(declare)))
-        .await
-        .map_err(|error| error.reply_text())?;
     session
         .qos(RESULTS_PER_ROUND_MAX)
         .await

@@ -416,7 +416,7 @@ pub async fn start_model(
         let loading = model.clone();
         let task = tokio::task::spawn_blocking(move || {
             let task = loading.load()?;
-            warm_up(&loading, task.as_ref())?;
+            warm_up(&loading, task.as_ref());
             Ok::<_, DeployError>(task)
         })
         .await
@@ -453,19 +453,21 @@ pub async fn start_model(
     Ok(RunningModel { workers, stop })
 }
 
-/// One inference of the task's warm-up request, on the loading thread.
-fn warm_up(model: &ModelConfig, task: &dyn Task) -> Result<(), DeployError> {
+/// One inference of the task's warm-up request, on the loading thread. A
+/// failure is logged and the model served all the same: the request is
+/// made up (zeros, a dimension that varies taken as 1), and a model may
+/// refuse it and still take every real request.
+fn warm_up(model: &ModelConfig, task: &dyn Task) {
     let Some(body) = task.warm_up_request() else {
-        return Ok(());
+        return;
     };
-    let failed = |reason: String| DeployError::Invalid {
-        model: model.name.clone(),
-        reason: format!("the warm-up inference failed: {reason}"),
-    };
-    let decoded = task.decode(&body, None).map_err(failed)?;
-    task.infer(vec![decoded])
-        .map_err(|error| failed(error.to_string()))?;
-    Ok(())
+    let outcome = task
+        .decode(&body, None)
+        .and_then(|decoded| task.infer(vec![decoded]).map_err(|error| error.to_string()));
+    if let Err(reason) = outcome {
+        tracing::warn!(model = %model.name, version = %model.version, %reason,
+            "the warm-up inference failed; the first request pays for the model's first run");
+    }
 }
 
 /// Loads every model and runs its workers against `broker_url` until
