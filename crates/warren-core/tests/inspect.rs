@@ -773,8 +773,8 @@ fn exchange_infos_list_the_builtins_and_declared_ones_sorted() {
         .find(|exchange| exchange.name == "events")
         .unwrap();
     assert!(events.durable && events.internal && !events.auto_delete);
-    assert_eq!(broker.totals().exchanges, 7);
-    assert_eq!(broker.exchange_counts().len(), 7);
+    assert_eq!(broker.totals().exchanges, 8);
+    assert_eq!(broker.exchange_counts().len(), 8);
 }
 
 #[test]
