@@ -138,9 +138,7 @@ fn route(
     loop {
         let model = find_model(state, name, version)?;
         let permit = state.inference.admit(state, &model)?;
-        let draining = state.models.versions(name).iter().any(|served| {
-            served.version == model.version && served.lifecycle == Lifecycle::Draining
-        });
+        let draining = state.models.lifecycle(name, &model.version) == Some(Lifecycle::Draining);
         if !draining {
             return Ok((model, permit));
         }

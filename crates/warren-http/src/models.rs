@@ -130,6 +130,16 @@ pub type Loading = std::pin::Pin<
 pub trait ModelDirectory: Send + Sync {
     fn models(&self) -> Vec<ModelStatus>;
 
+    /// Where one version is in its life; None when it is not served. The
+    /// default builds every version's status; a directory that can answer
+    /// cheaply should, as it is asked once per inference request.
+    fn lifecycle(&self, name: &str, version: &str) -> Option<Lifecycle> {
+        self.models()
+            .into_iter()
+            .find(|model| model.name == name && model.version == version)
+            .map(|model| model.lifecycle)
+    }
+
     /// Loads a new version from a `[[model]]` entry (as JSON), warms it up
     /// and starts its workers; it is given traffic once it serves.
     fn load(&self, _entry: serde_json::Value) -> Loading {

@@ -357,6 +357,12 @@ impl ModelDirectory for Directory {
             .collect()
     }
 
+    fn lifecycle(&self, name: &str, version: &str) -> Option<Lifecycle> {
+        self.0
+            .find(name, version)
+            .map(|deployed| deployed.lifecycle())
+    }
+
     fn load(&self, entry: serde_json::Value) -> Loading {
         Box::pin(Arc::clone(&self.0).load_version(entry))
     }
