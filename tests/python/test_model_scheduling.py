@@ -2,6 +2,7 @@
 "Scheduling"): requests of higher AMQP `priority` run first, a request
 whose `expiration` has passed is dead-lettered before it costs an
 inference, and `max_batch_tokens` keeps a batch within its token budget.
+And how HTTP requests are admitted by their tokens (`max_queued_tokens`).
 
 The requests are queued before the model loads (through the management
 API), so the worker finds them all waiting: with `batch_size_max` as large
@@ -15,14 +16,16 @@ broker.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
 
 import pika
 import pytest
 
 from conftest import start_broker
-from test_http_inference import (FOOD, TIMEOUT, describe, eventually, http_url_of,
-                                 session)
+from test_http_inference import (FOOD, TIMEOUT, assert_error, describe, eventually,
+                                 http_url_of, session, texts_request)
+from test_inference_jobs import ASYNC
 from test_model_deploy import LOAD_TIMEOUT, entry
 
 pytestmark = [pytest.mark.warren_only("the model worker is Warren's"),
@@ -101,6 +104,69 @@ def test_priority_expiry_and_token_budget_shape_the_batches(tmp_path):
         assert (stats["expired"], stats["replies"], stats["requests"]) == (1, 9, 10), stats
         conn.close()
     finally:
+        broker.close_connections()
+        assert broker.stop() == 0, broker.log(tail=100)
+        broker.finish()
+
+
+def test_http_requests_are_admitted_by_their_queued_tokens(tmp_path):
+    """With `max_queued_tokens` 20, the 8-token requests the worker holds
+    (its batch waits BATCH_DELAY_S to fill) take 8 tokens each until they
+    are answered, a job's until it finishes: a third is refused with 429
+    and a Retry-After, and a request of 24 tokens can never fit (413)."""
+    model_name, queue, budget = "minilm-admitted", "admitted-embed", 20
+    batch_delay_ms = 6_000
+    broker = start_broker(tmp_path / "warren")
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        base = http_url_of(broker)
+        http = session()
+        model = {**entry(queue), "batch_size_max": 64, "batch_delay_max_ms": batch_delay_ms,
+                 "max_queued_tokens": budget}
+        resp = http.put(f"{base}/api/models/{model_name}/versions/1", json=model,
+                        timeout=LOAD_TIMEOUT)
+        assert resp.status_code == 201, describe(resp)
+        assert (resp.json()["max_queued_tokens"], resp.json()["queued_tokens"]) == (budget, 0)
+        url = f"{base}/v2/models/{model_name}/infer"
+
+        def queued_tokens() -> Optional[int]:
+            listed = {m["name"]: m for m in http.get(f"{base}/api/models",
+                                                      timeout=TIMEOUT).json()}
+            return listed[model_name]["queued_tokens"]
+
+        error = assert_error(http.post(url, json=texts_request([FOOD] * 3), timeout=TIMEOUT),
+                             413)
+        assert "24 tokens" in error["error"], error
+        assert queued_tokens() == 0
+
+        held = pool.submit(http.post, url, json=texts_request([FOOD]),
+                           timeout=batch_delay_ms / 1000 + TIMEOUT)
+        eventually(lambda: queued_tokens() == 8, "the first request's 8 tokens queued")
+        resp = http.post(url, json=texts_request([FOOD]), headers=ASYNC, timeout=TIMEOUT)
+        assert resp.status_code == 202, describe(resp)
+        job_id = resp.json()["id"]
+        assert queued_tokens() == 16
+
+        refused = http.post(url, json=texts_request([FOOD]), timeout=TIMEOUT)
+        error = assert_error(refused, 429)
+        assert "16 of its 20 queued tokens" in error["error"], error
+        assert int(refused.headers["Retry-After"]) >= 1, refused.headers
+        assert queued_tokens() == 16
+
+        answered = held.result()
+        assert answered.status_code == 200, describe(answered)
+
+        def job_done():
+            job = http.get(f"{base}/v2/jobs/{job_id}", timeout=TIMEOUT).json()
+            return job if job["status"] == "done" else None
+        eventually(job_done, "the job's result", timeout=LOAD_TIMEOUT)
+        eventually(lambda: queued_tokens() == 0, "every token given back")
+        resp = http.post(url, json=texts_request([FOOD, FOOD]),
+                         timeout=batch_delay_ms / 1000 + TIMEOUT)
+        assert resp.status_code == 200, describe(resp)
+        assert queued_tokens() == 0
+    finally:
+        pool.shutdown(wait=True)
         broker.close_connections()
         assert broker.stop() == 0, broker.log(tail=100)
         broker.finish()

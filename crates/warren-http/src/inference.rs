@@ -43,10 +43,20 @@ use warren_amqp::{Confirmation, DirectSession, Event};
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Admission: how many HTTP requests each model version (each model
-/// queue) may have in flight.
+/// queue) may have in flight, and how many tokens for a text model with
+/// `max_queued_tokens`.
 pub struct Inference {
     in_flight_max: usize,
     permits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per model queue: its budget of queued tokens, and what is left.
+    tokens: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+}
+
+/// The cost counted for a request while its model is loading (no
+/// tokenizer to ask yet): one token per four bytes of text, the usual
+/// rule of thumb for English, at least one.
+fn estimated_tokens(body: &[u8]) -> usize {
+    body.len().div_ceil(4).max(1)
 }
 
 impl Inference {
@@ -54,6 +64,7 @@ impl Inference {
         Self {
             in_flight_max,
             permits: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
         }
     }
 
@@ -63,6 +74,19 @@ impl Inference {
             .lock()
             .get(queue)
             .is_none_or(|semaphore| semaphore.available_permits() == self.in_flight_max)
+    }
+
+    /// The tokens HTTP requests to the model version's queue have waiting
+    /// or running; None when it has no budget.
+    pub fn queued_tokens(&self, model: &ModelStatus) -> Option<usize> {
+        let budget = model.max_queued_tokens?;
+        let tokens = self.tokens.lock();
+        Some(match tokens.get(&model.queue) {
+            Some((size, semaphore)) if *size == budget => {
+                budget.saturating_sub(semaphore.available_permits())
+            }
+            _ => 0,
+        })
     }
 
     fn admit(&self, state: &AppState, model: &ModelStatus) -> ApiResult<OwnedSemaphorePermit> {
@@ -78,6 +102,67 @@ impl Inference {
                 reason: format!(
                     "model '{}' has {} requests in flight already",
                     model.name, self.in_flight_max
+                ),
+                retry_after: backlog::of_model(state, model).retry_after(),
+            })
+    }
+
+    /// Takes the request's tokens from the model version's budget, held
+    /// until it is answered: 413 for a request larger than the whole
+    /// budget, 429 while too many are queued. None when the version has no
+    /// budget.
+    fn admit_tokens(
+        &self,
+        state: &AppState,
+        model: &ModelStatus,
+        requests: &[Request],
+    ) -> ApiResult<Option<OwnedSemaphorePermit>> {
+        let Some(budget) = model.max_queued_tokens else {
+            return Ok(None);
+        };
+        let cost: usize = requests
+            .iter()
+            .map(|request| {
+                state
+                    .models
+                    .request_cost(
+                        &model.name,
+                        &model.version,
+                        &request.body,
+                        request.content_type,
+                    )
+                    .unwrap_or_else(|| estimated_tokens(&request.body))
+            })
+            .sum();
+        if cost > budget {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the request has {cost} tokens, more than model '{}' may queue in all \
+                 (max_queued_tokens {budget})",
+                model.name
+            )));
+        }
+        let semaphore = {
+            let mut tokens = self.tokens.lock();
+            let entry = tokens
+                .entry(model.queue.clone())
+                .or_insert_with(|| (budget, Arc::new(Semaphore::new(budget))));
+            // A version loaded again on the same queue with another budget
+            // starts a new count; permits of the old one go back to it.
+            if entry.0 != budget {
+                *entry = (budget, Arc::new(Semaphore::new(budget)));
+            }
+            Arc::clone(&entry.1)
+        };
+        let permits =
+            u32::try_from(cost).expect("cost is within the budget, which validation keeps to u32");
+        Arc::clone(&semaphore)
+            .try_acquire_many_owned(permits)
+            .map(Some)
+            .map_err(|_| ApiError::TooManyRequests {
+                reason: format!(
+                    "model '{}' has {} of its {budget} queued tokens taken; this request needs {cost}",
+                    model.name,
+                    budget.saturating_sub(semaphore.available_permits()),
                 ),
                 retry_after: backlog::of_model(state, model).retry_after(),
             })
@@ -340,12 +425,14 @@ async fn serve(
     }
     let expires_after = request.timeout()?;
     let messages = requests_for(model, request)?;
+    let tokens = state.inference.admit_tokens(state, model, &messages)?;
     let mut session = session::open(state, user, "/")?;
     if asynchronous {
         let submission = JobRequest {
             request_id: id,
             outputs,
             expires_after,
+            tokens,
         };
         return submit_job(state, &mut session, model, messages, submission).await;
     }
@@ -364,6 +451,8 @@ struct JobRequest {
     request_id: Option<Value>,
     outputs: OutputChoice,
     expires_after: Option<Duration>,
+    /// The job's queued tokens, held until it finishes.
+    tokens: Option<OwnedSemaphorePermit>,
 }
 
 /// Queues the requests as a job and answers 202 at once, with where to
@@ -428,7 +517,9 @@ async fn submit_job(
         request_id: job.request_id,
         outputs: job.outputs,
     };
-    store.submitted(id.clone(), submission, baseline).await?;
+    store
+        .submitted(id.clone(), submission, baseline, job.tokens)
+        .await?;
     let status = jobs::describe(state, &id).await?;
     let location = format!("/v2/jobs/{id}");
     Ok((

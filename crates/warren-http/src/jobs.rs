@@ -37,7 +37,7 @@ use futures_util::FutureExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use warren_amqp::{DirectLogin, DirectSession, Event};
 
 use crate::auth::Credentials;
@@ -197,6 +197,10 @@ struct Baseline {
 pub struct Jobs {
     config: JobsConfig,
     index: Mutex<HashMap<String, Job>>,
+    /// The queued tokens each unfinished HTTP job holds of its model's
+    /// budget (`max_queued_tokens`): given back when the job completes,
+    /// passes its deadline or is forgotten.
+    held_tokens: Mutex<HashMap<String, OwnedSemaphorePermit>>,
     /// Appends to one file at a time, so that lines never interleave.
     writing: std::sync::Mutex<()>,
 }
@@ -245,6 +249,7 @@ impl Jobs {
         Ok(Self {
             config,
             index: Mutex::new(index),
+            held_tokens: Mutex::new(HashMap::new()),
             writing: std::sync::Mutex::new(()),
         })
     }
@@ -295,12 +300,14 @@ impl Jobs {
     }
 
     /// Records an HTTP submission durably; its requests are already in
-    /// the model's queue.
+    /// the model's queue. `tokens` is what it holds of the model's queued
+    /// tokens until it finishes.
     pub async fn submitted(
         self: &std::sync::Arc<Self>,
         id: String,
         submission: Submission,
         baseline: (u64, u64),
+        tokens: Option<OwnedSemaphorePermit>,
     ) -> ApiResult<()> {
         let store = std::sync::Arc::clone(self);
         let record = Record::Submitted(submission.clone());
@@ -311,13 +318,20 @@ impl Jobs {
             .map_err(|error| ApiError::Internal(format!("keeping the job failed: {error}")))?;
         let mut index = self.index.lock();
         let job = index
-            .entry(id)
+            .entry(id.clone())
             .or_insert_with(|| Job::empty(submission.submitted_ms));
         job.baseline = Some(Baseline {
             ahead: baseline.0,
             delivered: baseline.1,
         });
         job.apply(Record::Submitted(submission));
+        let complete = job.complete();
+        drop(index);
+        if let Some(tokens) = tokens
+            && !complete
+        {
+            self.held_tokens.lock().insert(id, tokens);
+        }
         Ok(())
     }
 
@@ -330,20 +344,24 @@ impl Jobs {
         self.append(&records)?;
         let now = warren_amqp::wall_clock_ms();
         let mut index = self.index.lock();
+        let mut held_tokens = self.held_tokens.lock();
         for (id, record) in records {
-            index
-                .entry(id)
-                .or_insert_with(|| Job::empty(now))
-                .apply(record);
+            let job = index.entry(id.clone()).or_insert_with(|| Job::empty(now));
+            job.apply(record);
+            if job.complete() {
+                held_tokens.remove(&id);
+            }
         }
         Ok(())
     }
 
-    /// Forgets the jobs past their retention; blocking.
+    /// Forgets the jobs past their retention, and gives back the queued
+    /// tokens of those past their deadline; blocking.
     fn sweep(&self) {
         let now = warren_amqp::wall_clock_ms();
         let expired: Vec<String> = {
             let mut index = self.index.lock();
+
             let expired: Vec<String> = index
                 .iter()
                 .filter(|(_, job)| job.forget_at_ms(self.config.retention) <= now)
@@ -352,6 +370,12 @@ impl Jobs {
             for id in &expired {
                 index.remove(id);
             }
+            self.held_tokens.lock().retain(|id, _| {
+                index.get(id).is_some_and(|job| {
+                    let deadline = job.submission.as_ref().and_then(|s| s.deadline_ms);
+                    deadline.is_none_or(|deadline| now < deadline)
+                })
+            });
             expired
         };
         let _writing = self
@@ -370,6 +394,7 @@ impl Jobs {
 
     /// Forgets a job now; false when there was none.
     fn forget(&self, id: &str) -> std::io::Result<bool> {
+        self.held_tokens.lock().remove(id);
         if self.index.lock().remove(id).is_none() {
             return Ok(false);
         }

@@ -75,6 +75,9 @@ pub struct ModelStatus {
     pub batch_delay_max_ms: u64,
     /// Workers (instances of the model) in this process.
     pub instances: usize,
+    /// The most tokens its HTTP requests may have queued or running at
+    /// once; None for no limit.
+    pub max_queued_tokens: Option<usize>,
     /// "onnxruntime" or "tract", once the model is loaded.
     pub backend: Option<String>,
     /// The ONNX Runtime library the process loaded, and its version.
@@ -138,6 +141,19 @@ pub trait ModelDirectory: Send + Sync {
             .into_iter()
             .find(|model| model.name == name && model.version == version)
             .map(|model| model.lifecycle)
+    }
+
+    /// What one request body costs the version, as its workers count it
+    /// (tokens for a text model); None while the version is not loaded,
+    /// or for a body it would refuse.
+    fn request_cost(
+        &self,
+        _name: &str,
+        _version: &str,
+        _body: &[u8],
+        _content_type: &str,
+    ) -> Option<usize> {
+        None
     }
 
     /// Loads a new version from a `[[model]]` entry (as JSON), warms it up

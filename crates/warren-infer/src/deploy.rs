@@ -72,6 +72,11 @@ pub struct ModelConfig {
     /// `max-batch-tokens`), so that one long text does not make a batch
     /// of short ones pad to its length; a text over it runs alone.
     pub max_batch_tokens: Option<usize>,
+    /// `embedding`: the most tokens HTTP requests to this version may have
+    /// waiting or running at once (vLLM's `max-num-queued-tokens`); a
+    /// request past it is refused with 429 and a `Retry-After` instead of
+    /// queued behind work it would wait long for.
+    pub max_queued_tokens: Option<usize>,
     #[serde(default = "default_instances")]
     pub instances: usize,
     /// Publish every result here too (the "result queue"), besides replying
@@ -166,6 +171,22 @@ impl ModelConfig {
         if self.max_batch_tokens == Some(0) {
             return Err(invalid("max_batch_tokens must be at least 1".to_owned()));
         }
+        match self.max_queued_tokens {
+            // The HTTP side counts the budget in a semaphore's permits, of
+            // which it takes at most u32::MAX at once.
+            Some(tokens) if tokens == 0 || tokens > MAX_QUEUED_TOKENS_LIMIT => {
+                return Err(invalid(format!(
+                    "max_queued_tokens must be 1 to {MAX_QUEUED_TOKENS_LIMIT}"
+                )));
+            }
+            Some(_) if self.task != TaskKind::Embedding => {
+                return Err(invalid(
+                    "max_queued_tokens counts tokens, so only an embedding model takes it"
+                        .to_owned(),
+                ));
+            }
+            _ => {}
+        }
         if !(1..=INSTANCES_MAX).contains(&self.instances) {
             return Err(invalid(format!("instances must be 1 to {INSTANCES_MAX}")));
         }
@@ -209,7 +230,6 @@ impl ModelConfig {
         }
     }
 
-    /// Loads one instance of the model with its task.
     /// Threads one inference of one instance uses: as configured, else
     /// the cores this process may use (its CPU affinity and cgroup quota)
     /// shared evenly between the instances, so that instances busy at once
@@ -225,6 +245,7 @@ impl ModelConfig {
         }
     }
 
+    /// Loads one instance of the model with its task.
     pub fn load(&self) -> Result<Arc<dyn Task>, DeployError> {
         let runtime_config = runtime::RuntimeConfig {
             threads: Some(self.threads()),
@@ -273,9 +294,16 @@ impl ModelConfig {
 pub struct RunningModel {
     workers: JoinSet<()>,
     stop: Arc<watch::Sender<bool>>,
+    /// The first instance's task, which the HTTP side asks what a request
+    /// costs (its tokens) before admitting it.
+    task: Arc<dyn Task>,
 }
 
 impl RunningModel {
+    pub fn task(&self) -> &Arc<dyn Task> {
+        &self.task
+    }
+
     /// Tells the workers to stop after the batch each is running (their
     /// unacknowledged requests go back to the queue when they close), and
     /// waits until they have.
@@ -306,6 +334,9 @@ impl Deployment {
         }
     }
 }
+
+/// The largest `max_queued_tokens`.
+pub const MAX_QUEUED_TOKENS_LIMIT: usize = u32::MAX as usize;
 
 /// The file a version of a Triton-style model directory keeps its model
 /// in.
@@ -441,6 +472,7 @@ pub async fn start_model(
             _ = forward.closed() => {}
         }
     });
+    let first = Arc::clone(tasks.first().expect("a model has at least one instance"));
     for task in tasks {
         let config = model.worker_config(broker_url);
         workers.spawn(serve_forever(
@@ -450,7 +482,11 @@ pub async fn start_model(
             stopped.clone(),
         ));
     }
-    Ok(RunningModel { workers, stop })
+    Ok(RunningModel {
+        workers,
+        stop,
+        task: first,
+    })
 }
 
 /// One inference of the task's warm-up request, on the loading thread. A
@@ -600,5 +636,30 @@ mod tests {
         assert!(prepare(&[versioned("1"), versioned("2")]).is_ok());
         let error = prepare(&[versioned("1"), versioned("1")]).unwrap_err();
         assert!(error.to_string().contains("configured twice"), "{error}");
+    }
+
+    #[test]
+    fn only_a_text_model_takes_a_queued_token_budget() {
+        let mut tensor = model(1, None);
+        tensor.max_queued_tokens = Some(100);
+        let error = tensor.validate().unwrap_err();
+        assert!(
+            error.to_string().contains("only an embedding model"),
+            "{error}"
+        );
+
+        let mut embedding = model(1, None);
+        embedding.task = TaskKind::Embedding;
+        embedding.tokenizer = Some(PathBuf::from("tokenizer.json"));
+        for (budget, valid) in [
+            (Some(0), false),
+            (Some(1), true),
+            (Some(MAX_QUEUED_TOKENS_LIMIT), true),
+            (Some(MAX_QUEUED_TOKENS_LIMIT + 1), false),
+            (None, true),
+        ] {
+            embedding.max_queued_tokens = budget;
+            assert_eq!(embedding.validate().is_ok(), valid, "{budget:?}");
+        }
     }
 }

@@ -21,6 +21,7 @@ use warren_infer::deploy::{
 };
 use warren_infer::metrics::{HistogramSnapshot, ModelMetrics};
 use warren_infer::runtime::onnx::loaded_library;
+use warren_infer::task::Task;
 use warren_infer::tensor::TensorInfo;
 
 /// How long a loaded version's workers get to start consuming its queue
@@ -34,9 +35,27 @@ struct Deployed {
     metrics: Arc<ModelMetrics>,
     lifecycle: Mutex<Lifecycle>,
     running: Mutex<Option<RunningModel>>,
+    /// The loaded task, kept apart from `running` so that costing a
+    /// request (tokenizing it) takes no lock.
+    task: OnceLock<Arc<dyn Task>>,
 }
 
 impl Deployed {
+    fn new(config: ModelConfig, metrics: Arc<ModelMetrics>) -> Self {
+        Self {
+            config,
+            metrics,
+            lifecycle: Mutex::new(Lifecycle::Loading),
+            running: Mutex::new(None),
+            task: OnceLock::new(),
+        }
+    }
+
+    fn started(&self, running: RunningModel) {
+        let _ = self.task.set(Arc::clone(running.task()));
+        *self.running.lock().expect("running lock") = Some(running);
+    }
+
     fn lifecycle(&self) -> Lifecycle {
         *self.lifecycle.lock().expect("lifecycle lock")
     }
@@ -83,12 +102,7 @@ impl DeployedModels {
             return;
         }
         for (config, metrics) in configs.iter().zip(metrics) {
-            versions.push(Arc::new(Deployed {
-                config: config.clone(),
-                metrics: Arc::clone(metrics),
-                lifecycle: Mutex::new(Lifecycle::Loading),
-                running: Mutex::new(None),
-            }));
+            versions.push(Arc::new(Deployed::new(config.clone(), Arc::clone(metrics))));
         }
     }
 
@@ -114,7 +128,7 @@ impl DeployedModels {
                 runner.shutdown.clone(),
             )
             .await?;
-            *deployed.running.lock().expect("running lock") = Some(running);
+            deployed.started(running);
             deployed.set_lifecycle(Lifecycle::Serving);
             self.events.publish(
                 "loaded",
@@ -205,12 +219,7 @@ impl DeployedModels {
         }
         let (name, version) = (config.name.clone(), config.version.clone());
         let previous = self.default_version(&name);
-        let deployed = Arc::new(Deployed {
-            config: config.clone(),
-            metrics: Arc::clone(&metrics),
-            lifecycle: Mutex::new(Lifecycle::Loading),
-            running: Mutex::new(None),
-        });
+        let deployed = Arc::new(Deployed::new(config.clone(), Arc::clone(&metrics)));
         self.versions
             .write()
             .expect("versions lock")
@@ -226,7 +235,7 @@ impl DeployedModels {
         .await;
         let consuming = match started {
             Ok(running) => {
-                *deployed.running.lock().expect("running lock") = Some(running);
+                deployed.started(running);
                 wait_for_consumer(&runner.hub, &config.queue).await
             }
             Err(error) => Err(error.to_string()),
@@ -321,6 +330,7 @@ fn status_of(deployed: &Deployed) -> ModelStatus {
         batch_size_max: config.batch_size_max,
         batch_delay_max_ms: config.batch_delay_max_ms,
         instances: config.instances,
+        max_queued_tokens: config.max_queued_tokens,
         backend: metrics.backend.get().map(|backend| (*backend).to_owned()),
         onnxruntime: loaded_library()
             .map(|library| (library.path.display().to_string(), library.version.clone())),
@@ -361,6 +371,17 @@ impl ModelDirectory for Directory {
         self.0
             .find(name, version)
             .map(|deployed| deployed.lifecycle())
+    }
+
+    fn request_cost(
+        &self,
+        name: &str,
+        version: &str,
+        body: &[u8],
+        content_type: &str,
+    ) -> Option<usize> {
+        let task = Arc::clone(self.0.find(name, version)?.task.get()?);
+        task.body_cost(body, Some(content_type))
     }
 
     fn load(&self, entry: serde_json::Value) -> Loading {

@@ -62,6 +62,8 @@ fn model_json(state: &AppState, model: &ModelStatus) -> Value {
         "messages": messages,
         "service_rate": backlog.service_rate,
         "drain_seconds": backlog.drain_seconds,
+        "queued_tokens": state.inference.queued_tokens(model),
+        "max_queued_tokens": model.max_queued_tokens,
         "requests": stats.requests,
         "replies": stats.replies,
         "poison": stats.poison,

@@ -49,6 +49,13 @@ pub trait Task: Send + Sync {
         1
     }
 
+    /// What a request body will cost once decoded; None for a body the
+    /// task refuses (it never reaches a batch).
+    fn body_cost(&self, body: &[u8], content_type: Option<&str>) -> Option<usize> {
+        let decoded = self.decode(body, content_type).ok()?;
+        Some(self.cost(&decoded))
+    }
+
     /// A request body the task takes, for one inference before a new
     /// version is given traffic (the first run of a model pays for its
     /// allocations and kernels); None when the task has no such body.
