@@ -13,6 +13,10 @@ use warren_core::BrokerError;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// A 400 with RabbitMQ's own name for the error in place of
+    /// `bad_request` (`page_out_of_range`, ...), which clients match on.
+    #[error("{reason}")]
+    BadRequestOf { error: &'static str, reason: String },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -43,7 +47,7 @@ pub type ApiResult<T> = Result<T, ApiError>;
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::BadRequestOf { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -60,6 +64,7 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::BadRequestOf { error, .. } => error,
             ApiError::Unauthorized(_) => "not_authorised",
             ApiError::Forbidden(_) => "access_refused",
             ApiError::NotFound(_) => "not_found",

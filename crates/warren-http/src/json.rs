@@ -175,9 +175,11 @@ pub fn json_to_properties(value: &Value) -> Result<BasicProperties, ApiError> {
                 .map(ShortString::from)
                 .ok_or_else(|| ApiError::BadRequest(format!("property {key} must be a string")))
         };
+        // rabbitmqadmin sends numbers as text ("delivery_mode": "2").
         let integer = |max: u64| {
             value
                 .as_u64()
+                .or_else(|| value.as_str().and_then(|text| text.trim().parse().ok()))
                 .filter(|number| *number <= max)
                 .ok_or_else(|| {
                     ApiError::BadRequest(format!(

@@ -16,6 +16,7 @@ mod error;
 mod inference;
 mod jobs;
 mod json;
+mod lenient;
 mod metrics;
 pub mod model_events;
 pub mod models;
@@ -68,9 +69,13 @@ pub struct HttpContext {
     /// Opens in-process sessions with the broker.
     pub direct: DirectConnector,
     pub amqp_address: SocketAddr,
+    /// The AMQPS listener, when TLS is configured.
+    pub amqps_address: Option<SocketAddr>,
     pub models: Arc<dyn ModelDirectory>,
     pub node_name: String,
     pub data_dir: Option<std::path::PathBuf>,
+    /// Below this much free disk the broker blocks publishers.
+    pub disk_free_limit_bytes: u64,
 }
 
 impl HttpServer {
@@ -102,8 +107,17 @@ impl HttpServer {
             node: Arc::new(NodeInfo {
                 name: context.node_name,
                 amqp_address: context.amqp_address,
+                amqps_address: context.amqps_address,
                 http_address,
-                data_dir: context.data_dir,
+                data_dir: context.data_dir.clone(),
+                disk_free_limit_bytes: context.disk_free_limit_bytes,
+                started: std::time::Instant::now(),
+                cluster_name: parking_lot::Mutex::new(
+                    context
+                        .data_dir
+                        .as_deref()
+                        .and_then(state::read_cluster_name),
+                ),
             }),
         };
         Ok(Self { listener, state })
@@ -144,7 +158,10 @@ impl HttpServer {
 }
 
 fn router(state: AppState) -> Router {
-    use api::{access, bindings, connections, consume, exchanges, messages, overview, queues};
+    use api::{
+        access, bindings, connections, consume, exchanges, health, messages, nodes, overview,
+        queues,
+    };
     let binding_path = "/api/bindings/{vhost}/e/{source}/{kind}/{destination}";
     Router::new()
         .route("/", get(dashboard::index))
@@ -152,6 +169,36 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/api/overview", get(overview::overview))
         .route("/api/whoami", get(overview::whoami))
+        .route("/api/nodes", get(nodes::list))
+        .route("/api/nodes/{name}", get(nodes::show))
+        .route("/api/extensions", get(nodes::extensions))
+        .route(
+            "/api/cluster-name",
+            get(nodes::cluster_name).put(nodes::set_cluster_name),
+        )
+        .route("/api/health/checks/alarms", get(health::alarms))
+        .route("/api/health/checks/local-alarms", get(health::local_alarms))
+        .route(
+            "/api/health/checks/port-listener/{port}",
+            get(health::port_listener),
+        )
+        .route(
+            "/api/health/checks/protocol-listener/{protocol}",
+            get(health::protocol_listener),
+        )
+        .route(
+            "/api/health/checks/virtual-hosts",
+            get(health::virtual_hosts),
+        )
+        .route(
+            "/api/health/checks/node-is-quorum-critical",
+            get(health::not_critical),
+        )
+        .route(
+            "/api/health/checks/node-is-mirror-sync-critical",
+            get(health::not_critical),
+        )
+        .route("/api/aliveness-test/{vhost}", get(health::aliveness))
         .route("/api/vhosts", get(overview::vhosts))
         .route(
             "/api/vm-memory-high-watermark",
@@ -257,6 +304,7 @@ fn router(state: AppState) -> Router {
         .merge(kserve_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(api::listing::shape_collections))
         .with_state(state)
 }
 

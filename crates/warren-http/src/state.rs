@@ -56,12 +56,53 @@ impl Default for HttpConfig {
 
 /// Where the node listens and keeps its data, for `/api/overview` and the
 /// metrics.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NodeInfo {
     pub name: String,
     pub amqp_address: SocketAddr,
+    pub amqps_address: Option<SocketAddr>,
     pub http_address: SocketAddr,
     pub data_dir: Option<PathBuf>,
+    pub disk_free_limit_bytes: u64,
+    /// When the HTTP side started, for `uptime`.
+    pub started: std::time::Instant,
+    /// The name set through `PUT /api/cluster-name`; the node's name
+    /// until then (see `api/nodes.rs`).
+    pub cluster_name: parking_lot::Mutex<Option<String>>,
+}
+
+/// The file in the data directory that keeps the cluster name.
+const CLUSTER_NAME_FILE: &str = "cluster_name";
+
+/// The cluster name kept in `data_dir`, if one was set.
+pub fn read_cluster_name(data_dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join(CLUSTER_NAME_FILE)).ok()?;
+    Some(text.trim_end_matches('\n').to_owned()).filter(|name| !name.is_empty())
+}
+
+impl NodeInfo {
+    /// RabbitMQ's cluster name: the node's name until one is set.
+    pub fn cluster_name(&self) -> String {
+        self.cluster_name
+            .lock()
+            .clone()
+            .unwrap_or_else(|| self.name.clone())
+    }
+
+    /// Sets the cluster name, kept across restarts in the data directory
+    /// (written to a new file and renamed over the old, so that a crash
+    /// leaves one name or the other).
+    pub fn set_cluster_name(&self, name: &str) -> std::io::Result<()> {
+        if let Some(dir) = &self.data_dir {
+            let staged = dir.join(format!("{CLUSTER_NAME_FILE}.new"));
+            std::fs::write(&staged, format!("{name}\n"))?;
+            std::fs::File::open(&staged)?.sync_all()?;
+            std::fs::rename(&staged, dir.join(CLUSTER_NAME_FILE))?;
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        *self.cluster_name.lock() = Some(name.to_owned());
+        Ok(())
+    }
 }
 
 #[derive(Clone)]

@@ -284,6 +284,7 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     models.extend(extra_models);
     let mut amqp_config = file_config.amqp_config()?;
     amqp_config.storage.data_dir = Some(args.data_dir.clone());
+    let disk_free_limit_bytes = amqp_config.storage.disk_free_limit_bytes;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let access = Arc::new(file_config.access_control(Some(args.data_dir.clone()))?);
@@ -314,10 +315,12 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
             admin: server.admin(),
             direct: server.direct(),
             amqp_address: address,
+            amqps_address: tls_address,
             models: Arc::new(Directory(Arc::clone(&deployed_models)))
                 as Arc<dyn warren_http::models::ModelDirectory>,
             node_name: node_name(),
             data_dir: Some(args.data_dir.clone()),
+            disk_free_limit_bytes,
         },
     )
     .await

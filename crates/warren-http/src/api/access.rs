@@ -88,8 +88,9 @@ pub enum TagsField {
     List(Vec<String>),
 }
 
+/// Other fields (rabbitmqadmin sends `name`) are ignored, as RabbitMQ
+/// ignores them.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PutUser {
     password: Option<String>,
     /// An Argon2id PHC string; "" makes a user without a password.
@@ -251,8 +252,8 @@ pub async fn show_permission(
     })))
 }
 
+/// Other fields (rabbitmqadmin sends `vhost` and `user`) are ignored.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PutPermissions {
     configure: String,
     write: String,

@@ -17,14 +17,17 @@ use crate::session;
 use crate::state::AppState;
 
 /// RabbitMQ's `properties_key`, which names a binding in a path: the
-/// routing key alone ("~" when empty), or the routing key, "~" and a hash
-/// of the arguments when it has some.
+/// routing key, form-encoded ("~" when empty), or that, "~" and a hash of
+/// the arguments when it has some. Encoded as RabbitMQ encodes it, a key
+/// such as `rk.#` is `rk.%23`, which tools percent-encode once more in
+/// the path (`rk.%2523`).
 pub fn properties_key(binding: &BindingInfo) -> String {
+    let routing_key = form_encode(&binding.routing_key);
     if binding.arguments.inner().is_empty() {
-        if binding.routing_key.is_empty() {
+        if routing_key.is_empty() {
             "~".to_owned()
         } else {
-            binding.routing_key.clone()
+            routing_key
         }
     } else {
         let arguments = table_to_json(&binding.arguments).to_string();
@@ -34,8 +37,24 @@ pub fn properties_key(binding: &BindingInfo) -> String {
             .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
                 (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3)
             });
-        format!("{}~{hash:016x}", binding.routing_key)
+        format!("{routing_key}~{hash:016x}")
     }
+}
+
+/// `application/x-www-form-urlencoded` encoding: letters, digits and
+/// `~_.-` as they are, a space as `+`, any other byte as `%XX`.
+fn form_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b' ' => encoded.push('+'),
+            _ if byte.is_ascii_alphanumeric() || matches!(byte, b'~' | b'_' | b'.' | b'-') => {
+                encoded.push(byte as char)
+            }
+            _ => encoded.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    encoded
 }
 
 fn binding_json(binding: &BindingInfo) -> Value {

@@ -15,6 +15,7 @@ use crate::auth::Credentials;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
 use crate::json::{json_to_table, table_to_json};
+use crate::lenient;
 use crate::session;
 use crate::state::AppState;
 
@@ -91,11 +92,11 @@ pub async fn show(
 pub struct ExchangeSettings {
     #[serde(rename = "type")]
     kind: Option<String>,
-    #[serde(default = "durable_by_default")]
+    #[serde(default = "durable_by_default", deserialize_with = "lenient::boolean")]
     durable: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::boolean")]
     auto_delete: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::boolean")]
     internal: bool,
     #[serde(default)]
     arguments: Value,

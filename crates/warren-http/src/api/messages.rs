@@ -21,6 +21,7 @@ use crate::auth::Credentials;
 use crate::body::{Body, JsonBody};
 use crate::error::{ApiError, ApiResult};
 use crate::json::{json_to_properties, payload_to_json, properties_to_json};
+use crate::lenient;
 use crate::session::{self, publish_confirmed, refusal};
 use crate::state::AppState;
 use warren_amqp::{DirectSession, Reply};
@@ -75,12 +76,13 @@ pub async fn publish(
 
 #[derive(Debug, Deserialize)]
 pub struct GetForm {
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "lenient::number")]
     count: usize,
     #[serde(default = "requeue_mode")]
     ackmode: String,
     #[serde(default = "auto_encoding")]
     encoding: String,
+    #[serde(default, deserialize_with = "lenient::optional_number")]
     truncate: Option<usize>,
 }
 
@@ -172,15 +174,15 @@ pub async fn get(
 }
 
 /// A message `basic.get` took.
-struct Taken {
+pub(crate) struct Taken {
     delivery_tag: u64,
     redelivered: bool,
     /// Messages left in the queue after this one.
     message_count: u32,
-    message: Arc<Message>,
+    pub message: Arc<Message>,
 }
 
-async fn take(
+pub(crate) async fn take(
     session: &mut DirectSession,
     queue: &str,
     count: usize,

@@ -5,8 +5,11 @@ pub mod bindings;
 pub mod connections;
 pub mod consume;
 pub mod exchanges;
+pub mod health;
+pub mod listing;
 pub mod messages;
 pub mod models;
+pub mod nodes;
 pub mod overview;
 pub mod queues;
 

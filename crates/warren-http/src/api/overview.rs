@@ -29,7 +29,7 @@ pub async fn overview(State(state): State<AppState>, _user: Credentials) -> Json
         "management_version": env!("CARGO_PKG_VERSION"),
         "rabbitmq_version": warren_amqp::RABBITMQ_COMPATIBLE_VERSION,
         "node": node.name,
-        "cluster_name": node.name,
+        "cluster_name": node.cluster_name(),
         "rates_mode": "basic",
         "object_totals": {
             "connections": totals.connections,

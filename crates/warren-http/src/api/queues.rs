@@ -17,6 +17,7 @@ use crate::backlog;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
 use crate::json::{json_to_table, table_to_json};
+use crate::lenient;
 use crate::models::ModelStatus;
 use crate::session;
 use crate::state::AppState;
@@ -130,9 +131,9 @@ pub async fn show(
 /// does.
 #[derive(Debug, Deserialize)]
 pub struct QueueSettings {
-    #[serde(default = "durable_by_default")]
+    #[serde(default = "durable_by_default", deserialize_with = "lenient::boolean")]
     durable: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::boolean")]
     auto_delete: bool,
     #[serde(default)]
     arguments: Value,

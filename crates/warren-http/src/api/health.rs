@@ -1,0 +1,176 @@
+//! RabbitMQ's health checks (`/api/health/checks/...`) and the aliveness
+//! test, which Kubernetes probes and load balancers call: 200 with
+//! `{"status": "ok"}` when the check passes, 503 with `"status":
+//! "failed"` and a reason when it does not.
+
+use amq_protocol::protocol::{AMQPClass, BasicProperties, queue};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::api::messages::take;
+use crate::api::require_vhost;
+use crate::auth::Credentials;
+use crate::error::{ApiError, ApiResult};
+use crate::session;
+use crate::state::AppState;
+
+type Check = (StatusCode, Json<Value>);
+
+fn passed(mut body: Value) -> Check {
+    body["status"] = json!("ok");
+    (StatusCode::OK, Json(body))
+}
+
+fn failed(reason: &str, mut body: Value) -> Check {
+    body["status"] = json!("failed");
+    body["reason"] = json!(reason);
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+}
+
+/// The resource alarms in effect, as RabbitMQ lists them.
+fn alarms_in_effect(state: &AppState) -> Vec<Value> {
+    let alarms = state.hub.alarms();
+    [("memory", alarms.memory), ("disk", alarms.disk)]
+        .into_iter()
+        .filter(|(_, raised)| *raised)
+        .map(|(resource, _)| json!({"node": state.node.name, "resource": resource}))
+        .collect()
+}
+
+/// `GET /api/health/checks/alarms`.
+pub async fn alarms(State(state): State<AppState>, _user: Credentials) -> Check {
+    alarm_check(&state, "There are alarms in effect in the cluster")
+}
+
+/// `GET /api/health/checks/local-alarms`: the same alarms, this node's
+/// being the cluster's.
+pub async fn local_alarms(State(state): State<AppState>, _user: Credentials) -> Check {
+    alarm_check(&state, "There are alarms in effect on the node")
+}
+
+fn alarm_check(state: &AppState, reason: &str) -> Check {
+    let alarms = alarms_in_effect(state);
+    if alarms.is_empty() {
+        passed(json!({}))
+    } else {
+        failed(reason, json!({"alarms": alarms}))
+    }
+}
+
+/// The ports and protocols the node listens on.
+fn listeners(state: &AppState) -> Vec<(&'static str, u16)> {
+    let node = &state.node;
+    let mut listeners = vec![
+        ("amqp", node.amqp_address.port()),
+        ("http", node.http_address.port()),
+    ];
+    if let Some(amqps) = node.amqps_address {
+        listeners.push(("amqp/ssl", amqps.port()));
+    }
+    listeners
+}
+
+/// `GET /api/health/checks/port-listener/{port}`.
+pub async fn port_listener(
+    State(state): State<AppState>,
+    _user: Credentials,
+    Path(port): Path<String>,
+) -> ApiResult<Check> {
+    let port: u64 = port
+        .parse()
+        .map_err(|_| ApiError::BadRequest("Invalid port".to_owned()))?;
+    let ports: Vec<u16> = listeners(&state).iter().map(|(_, port)| *port).collect();
+    Ok(
+        if ports.iter().any(|listening| u64::from(*listening) == port) {
+            passed(json!({"port": port}))
+        } else {
+            failed(
+                "No active listener",
+                json!({"missing": port, "ports": ports}),
+            )
+        },
+    )
+}
+
+/// `GET /api/health/checks/protocol-listener/{protocol}`; `amqp091` and
+/// `amqp0-9-1` name AMQP too and are answered as `amqp`, as in RabbitMQ;
+/// `https` is served when the HTTP listener is.
+pub async fn protocol_listener(
+    State(state): State<AppState>,
+    _user: Credentials,
+    Path(protocol): Path<String>,
+) -> Check {
+    let served: Vec<&str> = listeners(&state).iter().map(|(name, _)| *name).collect();
+    let asked = match protocol.to_ascii_lowercase().as_str() {
+        "amqp" | "amqp091" | "amqp0-9-1" | "amqp0.9.1" => "amqp",
+        "amqps" | "amqp/ssl" => "amqp/ssl",
+        "http" | "https" | "management" => "http",
+        _ => "",
+    };
+    if served.contains(&asked) {
+        passed(json!({"protocol": asked}))
+    } else {
+        failed(
+            "No active listener",
+            json!({"missing": protocol, "protocols": served}),
+        )
+    }
+}
+
+/// `GET /api/health/checks/virtual-hosts`: every vhost runs as long as
+/// the broker does.
+pub async fn virtual_hosts(_user: Credentials) -> Check {
+    passed(json!({}))
+}
+
+/// `GET /api/health/checks/node-is-quorum-critical` (and the mirror-sync
+/// check that RabbitMQ 3.x has): a single node is never the one whose
+/// shutdown would take a quorum queue below its majority.
+pub async fn not_critical(_user: Credentials) -> Check {
+    passed(json!({"reason": "single node cluster"}))
+}
+
+/// The queue the aliveness test uses, as in RabbitMQ.
+const ALIVENESS_QUEUE: &str = "aliveness-test";
+const ALIVENESS_BODY: &[u8] = b"test_message";
+
+/// `GET /api/aliveness-test/{vhost}`: declares `aliveness-test` in the
+/// vhost, publishes a message to it and gets it back.
+pub async fn aliveness(
+    State(state): State<AppState>,
+    user: Credentials,
+    Path(vhost): Path<String>,
+) -> ApiResult<Check> {
+    require_vhost(&state, &user, &vhost)?;
+    let mut session = session::open(&state, &user, &vhost)?;
+    // Not durable, as RabbitMQ declares it; it stays for the next test.
+    let declare = queue::Declare {
+        queue: ALIVENESS_QUEUE.into(),
+        durable: false,
+        ..queue::Declare::default()
+    };
+    session::call(
+        &mut session,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(declare)),
+    )
+    .await?;
+    let routed = session::publish_confirmed(
+        &mut session,
+        "",
+        ALIVENESS_QUEUE,
+        Bytes::from_static(ALIVENESS_BODY),
+        BasicProperties::default(),
+    )
+    .await?;
+    if !routed {
+        return Ok(failed("the test message was not routed", json!({})));
+    }
+    let got = take(&mut session, ALIVENESS_QUEUE, 1, true).await?;
+    Ok(match got.first() {
+        Some(message) if message.message.body[..] == *ALIVENESS_BODY => passed(json!({})),
+        _ => failed("the test message did not come back", json!({})),
+    })
+}

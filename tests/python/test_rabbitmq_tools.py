@@ -1,0 +1,274 @@
+"""RabbitMQ's operator tools against Warren: Debian's `rabbitmqadmin` (from
+the `rabbitmq-server` package, which scripts/test.sh installs) run command
+by command against the broker's HTTP port, and the endpoints Kubernetes
+probes, load balancers and KEDA's RabbitMQ scaler call: health checks,
+`/api/nodes`, and paginated listings (docs/http-api.md).
+
+The expected answers are RabbitMQ 3.10's, as its management plugin gives
+them: pagination's keys and error names, the health checks' bodies and
+status codes, and rabbitmqadmin's habit of sending booleans and numbers as
+text.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+from typing import Any, List
+
+import pika
+import pytest
+
+from test_http_api import Api, assert_error, describe, eventually, http_url_of, uname
+
+pytestmark = pytest.mark.warren_only("drives Warren's HTTP port with RabbitMQ's tools")
+
+RABBITMQADMIN = pathlib.Path("/usr/bin/rabbitmqadmin")
+COMMAND_TIMEOUT = 30.0
+
+
+@pytest.fixture
+def api(broker):
+    client = Api(http_url_of(broker))
+    yield client
+    client.close()
+    # A failing health check is a 503 by design; any other 5xx is a bug.
+    unexpected = [error for error in client.server_errors
+                  if not ("/api/health/checks/" in error and "-> 503 " in error)]
+    assert not unexpected, unexpected
+
+
+@pytest.fixture
+def admin(broker):
+    """Runs rabbitmqadmin against the broker; returns its standard output,
+    failing the test on a non-zero exit."""
+    if not RABBITMQADMIN.exists():
+        pytest.fail(f"{RABBITMQADMIN} is missing: install Debian's rabbitmq-server "
+                    "(scripts/test.sh does)", pytrace=False)
+    host, port = http_url_of(broker).removeprefix("http://").rsplit(":", 1)
+
+    def run(*args: str) -> str:
+        command = ["python3", str(RABBITMQADMIN), "--host", host, "--port", port, *args]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return done.stdout
+
+    return run
+
+
+def raw(admin, *args: str) -> Any:
+    return json.loads(admin(*args, "-f", "raw_json"))
+
+
+def names(items: List[dict]) -> List[str]:
+    return [item["name"] for item in items]
+
+
+def test_rabbitmqadmin_declares_routes_gets_and_deletes(broker, admin, api):
+    queue, exchange = uname("adm-q"), uname("adm-e")
+    assert "queue declared" in admin("declare", "queue", f"name={queue}", "durable=true",
+                                     'arguments={"x-max-length": 10}')
+    assert "exchange declared" in admin("declare", "exchange", f"name={exchange}",
+                                        "type=topic", "durable=false")
+    assert "binding declared" in admin("declare", "binding", f"source={exchange}",
+                                       f"destination={queue}", "routing_key=orders.#")
+
+    listed = {item["name"]: item for item in raw(admin, "list", "queues")}
+    assert listed[queue]["durable"] is True, listed[queue]
+    assert listed[queue]["arguments"] == {"x-max-length": 10}, listed[queue]
+    exchanges = {item["name"]: item for item in raw(admin, "list", "exchanges")}
+    assert (exchanges[exchange]["type"], exchanges[exchange]["durable"]) == ("topic", False)
+    bindings = [b for b in raw(admin, "list", "bindings") if b["source"] == exchange]
+    assert [(b["destination"], b["routing_key"]) for b in bindings] == [(queue, "orders.#")]
+
+    assert "Message published" in admin("publish", f"exchange={exchange}",
+                                        "routing_key=orders.eu", "payload=first")
+    admin("publish", f"exchange={exchange}", "routing_key=orders.us", "payload=second")
+    got = raw(admin, "get", f"queue={queue}", "count=1", "ackmode=ack_requeue_true")
+    assert [(m["payload"], m["routing_key"]) for m in got] == [("first", "orders.eu")], got
+    assert api.queue(queue)["messages"] == 2
+    got = raw(admin, "get", f"queue={queue}", "count=2", "ackmode=ack_requeue_false")
+    assert [m["payload"] for m in got] == ["first", "second"], got
+    assert api.queue(queue)["messages"] == 0
+
+    admin("publish", "routing_key=" + queue, "payload=to purge")
+    assert api.queue(queue)["messages"] == 1
+    assert "queue purged" in admin("purge", "queue", f"name={queue}")
+    assert api.queue(queue)["messages"] == 0
+
+    # `orders.#` is `orders.%23` as a properties key: rabbitmqadmin
+    # percent-encodes it once more in the path.
+    key = bindings[0]["properties_key"]
+    assert key == "orders.%23", bindings
+    assert "binding deleted" in admin("delete", "binding", f"source={exchange}",
+                                      f"destination={queue}", "destination_type=queue",
+                                      f"properties_key={key}")
+    assert not [b for b in raw(admin, "list", "bindings") if b["source"] == exchange]
+
+    assert "exchange deleted" in admin("delete", "exchange", f"name={exchange}")
+    assert "queue deleted" in admin("delete", "queue", f"name={queue}")
+    assert queue not in names(raw(admin, "list", "queues"))
+
+
+def test_rabbitmqadmin_manages_vhosts_users_and_permissions(broker, admin, api):
+    vhost, user = uname("adm-vhost"), uname("adm-user")
+    assert "vhost declared" in admin("declare", "vhost", f"name={vhost}")
+    assert "user declared" in admin("declare", "user", f"name={user}", "password=s3cret",
+                                    "tags=management")
+    assert "permission declared" in admin("declare", "permission", f"vhost={vhost}",
+                                          f"user={user}", "configure=^amq", "write=.*",
+                                          "read=.*")
+    assert vhost in names(raw(admin, "list", "vhosts"))
+    users = {item["name"]: item for item in raw(admin, "list", "users")}
+    assert users[user]["tags"] in (["management"], "management"), users[user]
+    permissions = [p for p in raw(admin, "list", "permissions") if p["user"] == user]
+    assert [(p["vhost"], p["configure"], p["write"], p["read"]) for p in permissions] == \
+        [(vhost, "^amq", ".*", ".*")], permissions
+
+    # The new user can log in to the HTTP API with the password given.
+    as_user = api.with_auth((user, "s3cret"))
+    assert as_user.get("/api/whoami").json()["name"] == user
+
+    assert "permission deleted" in admin("delete", "permission", f"vhost={vhost}",
+                                         f"user={user}")
+    assert "user deleted" in admin("delete", "user", f"name={user}")
+    assert "vhost deleted" in admin("delete", "vhost", f"name={vhost}")
+    assert user not in names(raw(admin, "list", "users"))
+    assert vhost not in names(raw(admin, "list", "vhosts"))
+
+
+def test_rabbitmqadmin_lists_nodes_and_closes_a_connection(broker, admin, api):
+    (node,) = raw(admin, "list", "nodes")
+    for field in ("name", "type", "running", "mem_used", "mem_limit", "mem_alarm",
+                  "disk_free", "disk_free_limit", "disk_free_alarm", "fd_used", "fd_total",
+                  "uptime", "processors"):
+        assert field in node, (field, node)
+    assert node["running"] is True and node["mem_used"] > 0 and node["fd_used"] > 0, node
+    overview = raw(admin, "show", "overview")
+    assert overview[0]["node"] == node["name"], overview
+
+    conn = broker.connect()
+    try:
+        listed = raw(admin, "list", "connections")
+        assert len(listed) == 1, listed
+        assert "connection closed" in admin("close", "connection", f"name={listed[0]['name']}")
+        # pika raises once the broker's connection.close arrives.
+        with pytest.raises(pika.exceptions.ConnectionClosedByBroker):
+            conn.process_data_events(time_limit=COMMAND_TIMEOUT)
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def test_listings_page_sort_and_pick_columns_as_rabbitmq_does(broker, api):
+    conn = broker.connect()
+    ch = conn.channel()
+    prefix = uname("page")
+    created = [f"{prefix}-{index:02d}" for index in range(7)]
+    for index, name in enumerate(created):
+        ch.queue_declare(queue=name)
+        for _ in range(index):
+            ch.basic_publish(exchange="", routing_key=name, body=b"x")
+    api.queue_matches(created[-1], messages=6)
+
+    page = api.json(f"/api/queues/%2F?page=2&page_size=3&name={prefix}&use_regex=false"
+                    "&sort=name")
+    assert set(page) == {"filtered_count", "item_count", "items", "page", "page_count",
+                         "page_size", "total_count"}, page
+    assert (page["page"], page["page_size"], page["page_count"], page["filtered_count"],
+            page["item_count"]) == (2, 3, 3, 7, 3), page
+    assert page["total_count"] >= 7
+    assert names(page["items"]) == created[3:6]
+
+    # KEDA's scaler: a regular expression, then `items`.
+    keda = api.json(f"/api/queues/%2F?page=1&page_size=100&name=^{prefix.upper()}-0[56]$"
+                    "&use_regex=true")
+    assert sorted(names(keda["items"])) == created[5:7], keda
+
+    ordered = api.json("/api/queues?sort=messages&sort_reverse=true&columns=name,messages")
+    mine = [item for item in ordered if item["name"].startswith(prefix)]
+    assert mine == [{"name": name, "messages": count}
+                    for count, name in reversed(list(enumerate(created)))], mine
+
+    # Collections RabbitMQ does not page stay lists.
+    assert isinstance(api.json("/api/users?page=1"), list)
+    assert isinstance(api.json("/api/bindings?page=1"), list)
+
+    for query, error in [("page=0", "invalid_pagination_parameters"),
+                         ("page=1&page_size=501", "invalid_pagination_parameters"),
+                         ("page=99&page_size=2", "page_out_of_range"),
+                         ("page=abc", "bad_request"),
+                         ("page=1&name=(&use_regex=true", "bad_request")]:
+        resp = api.get(f"/api/queues?{query}")
+        body = assert_error(resp, 400)
+        assert body["error"] == error, (query, body)
+    empty = api.json("/api/queues?page=1&name=no-such-queue-anywhere")
+    assert (empty["page_count"], empty["items"]) == (0, []), empty
+    conn.close()
+
+
+def test_health_checks_answer_as_rabbitmq_does(broker, api):
+    resp = api.get("/api/health/checks/alarms")
+    assert (resp.status_code, resp.json()) == (200, {"status": "ok"}), describe(resp)
+    assert api.json("/api/health/checks/local-alarms") == {"status": "ok"}
+    assert api.json("/api/health/checks/virtual-hosts") == {"status": "ok"}
+    assert api.json("/api/health/checks/node-is-quorum-critical") == \
+        {"status": "ok", "reason": "single node cluster"}
+
+    amqp_port = broker.port
+    assert api.json(f"/api/health/checks/port-listener/{amqp_port}") == \
+        {"status": "ok", "port": amqp_port}
+    resp = api.get("/api/health/checks/port-listener/1")
+    assert resp.status_code == 503, describe(resp)
+    body = resp.json()
+    assert (body["status"], body["reason"], body["missing"]) == \
+        ("failed", "No active listener", 1), body
+    assert amqp_port in body["ports"], body
+    assert_error(api.get("/api/health/checks/port-listener/abc"), 400)
+
+    assert api.json("/api/health/checks/protocol-listener/amqp091") == \
+        {"status": "ok", "protocol": "amqp"}
+    resp = api.get("/api/health/checks/protocol-listener/mqtt")
+    assert resp.status_code == 503 and resp.json()["missing"] == "mqtt", describe(resp)
+
+    assert api.json("/api/aliveness-test/%2F") == {"status": "ok"}
+    assert api.queue("aliveness-test")["durable"] is False
+    assert_error(api.get("/api/aliveness-test/no-such-vhost"), 404)
+
+
+def test_alarms_fail_the_health_check_while_raised(broker, api):
+    # A watermark of one byte raises the memory alarm at once.
+    assert api.put("/api/vm-memory-high-watermark", json={"absolute": 1}).status_code == 204
+
+    def alarmed():
+        resp = api.get("/api/health/checks/alarms")
+        return resp if resp.status_code == 503 else None
+    resp = eventually(alarmed, "the memory alarm in the health check")
+    body = resp.json()
+    assert (body["status"], body["reason"]) == \
+        ("failed", "There are alarms in effect in the cluster"), body
+    assert [alarm["resource"] for alarm in body["alarms"]] == ["memory"], body
+    local = api.get("/api/health/checks/local-alarms")
+    assert (local.status_code, local.json()["reason"]) == \
+        (503, "There are alarms in effect on the node"), describe(local)
+
+    assert api.put("/api/vm-memory-high-watermark",
+                   json={"relative": 0.9}).status_code == 204
+    eventually(lambda: api.get("/api/health/checks/alarms").status_code == 200,
+               "the alarm cleared")
+
+
+def test_nodes_extensions_and_cluster_name(broker, api, tmp_path):
+    (node,) = api.json("/api/nodes")
+    assert api.json(f"/api/nodes/{node['name']}")["name"] == node["name"]
+    assert_error(api.get("/api/nodes/rabbit@elsewhere"), 404)
+    assert node["disk_free"] > 0 and node["disk_free_limit"] > 0, node
+    assert node["fd_total"] >= node["fd_used"] > 0, node
+    assert api.json("/api/extensions") == []
+
+    assert api.json("/api/cluster-name") == {"name": node["name"]}
+    assert api.put("/api/cluster-name", json={"name": "inference-east"}).status_code == 204
+    assert api.json("/api/cluster-name") == {"name": "inference-east"}
+    assert api.json("/api/overview")["cluster_name"] == "inference-east"
+    assert_error(api.put("/api/cluster-name", json={"name": ""}), 400)
