@@ -20,6 +20,7 @@ mod lenient;
 mod metrics;
 pub mod model_events;
 pub mod models;
+mod rabbitmq_metrics;
 mod rates;
 mod session;
 mod state;
@@ -167,6 +168,7 @@ fn router(state: AppState) -> Router {
         .route("/", get(dashboard::index))
         .route("/assets/{*path}", get(dashboard::asset))
         .route("/metrics", get(metrics::metrics))
+        .route("/metrics/per-object", get(metrics::per_object))
         .route("/api/overview", get(overview::overview))
         .route("/api/whoami", get(overview::whoami))
         .route("/api/nodes", get(nodes::list))

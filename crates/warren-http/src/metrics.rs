@@ -1,5 +1,9 @@
 //! `GET /metrics`: Prometheus text format, encoded by `prometheus-client`
-//! from a snapshot of the broker taken at scrape time.
+//! from a snapshot of the broker taken at scrape time: RabbitMQ's
+//! families under RabbitMQ's names, aggregated (see
+//! [`crate::rabbitmq_metrics`]), then Warren's own `warren_*` families.
+//! `GET /metrics/per-object` gives RabbitMQ's families with one sample
+//! per queue.
 
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
@@ -16,6 +20,7 @@ use warren_store::CommitTimesSnapshot;
 use crate::backlog::{self, Backlog};
 use crate::error::ApiError;
 use crate::models::{HistogramView, ModelStatus};
+use crate::rabbitmq_metrics::{self, NodeFigures};
 use crate::state::AppState;
 
 /// Everything one scrape reports, copied out of the broker first so that
@@ -35,34 +40,71 @@ struct Snapshot {
     models: Vec<ModelStatus>,
     /// Each model's backlog, in the order of `models`.
     backlogs: Vec<Backlog>,
+    node: NodeFigures,
+    /// Which families: RabbitMQ's aggregated and Warren's, or RabbitMQ's
+    /// per object.
+    per_object: bool,
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    scrape(&state, false)
+}
+
+/// `GET /metrics/per-object`.
+pub async fn per_object(State(state): State<AppState>) -> Result<Response, ApiError> {
+    scrape(&state, true)
+}
+
+fn scrape(state: &AppState, per_object: bool) -> Result<Response, ApiError> {
     // Files, /proc and the models are read before taking the broker lock.
     let resident_memory_bytes = resident_memory_bytes();
+    let (open_fds, max_fds) = crate::api::nodes::file_descriptors();
     let store_bytes = state.node.data_dir.as_deref().map(directory_bytes);
     let models = state.models.models();
     let backlogs = models
         .iter()
-        .map(|model| backlog::of_model(&state, model))
+        .map(|model| backlog::of_model(state, model))
         .collect();
     let snapshot = {
         let hub = state.hub.read();
         let totals = hub.broker().totals();
         let log = hub.broker().message_log();
+        let disk_free_bytes = log.and_then(|log| log.available_bytes().ok());
+        let node = NodeFigures {
+            node: state.node.name.clone(),
+            cluster: state.node.cluster_name(),
+            connections: totals.connections as u64,
+            channels: totals.channels as u64,
+            consumers: totals.consumers as u64,
+            resident_memory_bytes,
+            memory_limit_bytes: state.hub.memory().limit_bytes(),
+            disk_free_bytes,
+            disk_free_limit_bytes: state.node.disk_free_limit_bytes,
+            open_fds,
+            max_fds,
+            uptime_seconds: state.node.started.elapsed().as_secs_f64(),
+            published: totals.counts.published,
+            unroutable: totals.counts.unroutable,
+            delivered: totals.counts.delivered + totals.counts.got,
+            acknowledged: totals.counts.acked,
+            redelivered: totals.counts.redelivered,
+            confirmed: state.hub.confirmed(),
+        };
         Snapshot {
             queues: hub.broker().queue_infos(None),
             connections: totals.connections,
             channels: totals.channels,
             consumers: totals.consumers,
             resident_memory_bytes,
-            disk_free_bytes: log.and_then(|log| log.available_bytes().ok()),
+            disk_free_bytes,
             store_bytes,
             memory_limit_bytes: state.hub.memory().limit_bytes(),
             alarms: state.hub.alarms(),
             commit_times: log.map(|log| log.commit_times()),
             models,
             backlogs,
+            node,
+            per_object,
         }
     };
     let mut registry = Registry::default();
@@ -80,6 +122,11 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
 
 impl prometheus_client::collector::Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        rabbitmq_metrics::encode_node(&self.node, &mut encoder)?;
+        rabbitmq_metrics::encode_queues(&self.queues, self.per_object, &mut encoder)?;
+        if self.per_object {
+            return Ok(());
+        }
         type QueueValue = fn(&QueueInfo) -> u64;
         let queue_gauges: [(&str, &str, QueueValue); 4] = [
             (

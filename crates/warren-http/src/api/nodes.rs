@@ -60,6 +60,12 @@ impl ProcessFacts {
     }
 }
 
+/// Open file descriptors and their limit, for the node and the metrics.
+pub fn file_descriptors() -> (Option<u64>, Option<u64>) {
+    let facts = ProcessFacts::read();
+    (facts.fd_used, facts.fd_total)
+}
+
 fn exchange_types() -> Value {
     let described = |name: &str, description: &str| json!({"name": name, "description": description, "enabled": true});
     json!([

@@ -1,0 +1,261 @@
+//! The metrics RabbitMQ's `rabbitmq_prometheus` plugin serves, under its
+//! names, types and labels, so that RabbitMQ's Grafana dashboards and
+//! alert rules work on Warren unchanged. `/metrics` serves them
+//! aggregated (one sample per node, as RabbitMQ does by default);
+//! `/metrics/per-object` gives the queue metrics one sample per queue,
+//! labelled `vhost` and `queue`.
+//!
+//! Only what Warren measures is served. The counters RabbitMQ keeps by
+//! acknowledgement mode and queue type, of unroutable messages returned
+//! apart from dropped, of publishers, and the lifecycle counters of
+//! connections, channels and queues, are not kept yet and are left out
+//! rather than made up (docs/http-api.md lists what is served). The
+//! `rabbitmq_global_*` counters carry `protocol` but not `queue_type`:
+//! the broker's totals are not split by queue type.
+
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::encoding::EncodeMetric;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use warren_core::QueueInfo;
+
+/// RabbitMQ's `protocol` label for AMQP 0-9-1.
+const PROTOCOL: [(&str, &str); 1] = [("protocol", "amqp091")];
+
+/// What the RabbitMQ families are made of, copied out of the broker.
+#[derive(Debug)]
+pub struct NodeFigures {
+    pub node: String,
+    pub cluster: String,
+    pub connections: u64,
+    pub channels: u64,
+    pub consumers: u64,
+    pub resident_memory_bytes: Option<u64>,
+    pub memory_limit_bytes: u64,
+    pub disk_free_bytes: Option<u64>,
+    pub disk_free_limit_bytes: u64,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub uptime_seconds: f64,
+    /// Broker-wide message counts (deleted queues included).
+    pub published: u64,
+    /// Published messages no queue took.
+    pub unroutable: u64,
+    pub delivered: u64,
+    pub acknowledged: u64,
+    pub redelivered: u64,
+    pub confirmed: u64,
+}
+
+fn gauge<N: Into<f64> + Copy>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    labels: &[(&str, &str)],
+    value: N,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    if labels.is_empty() {
+        // `name value`, not `name{} value`.
+        ConstGauge::new(value.into()).encode(family)
+    } else {
+        ConstGauge::new(value.into()).encode(family.encode_family(&labels)?)
+    }
+}
+
+/// `name` without `_total`, which the encoder adds to a counter.
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(family.encode_family(&PROTOCOL)?)
+}
+
+/// The node-wide families, the same in both modes.
+pub fn encode_node(
+    figures: &NodeFigures,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    gauge(
+        encoder,
+        "rabbitmq_identity_info",
+        "RabbitMQ node & cluster identity info",
+        &[
+            ("rabbitmq_node", figures.node.as_str()),
+            ("rabbitmq_cluster", figures.cluster.as_str()),
+        ],
+        1u32,
+    )?;
+    gauge(
+        encoder,
+        "rabbitmq_build_info",
+        "RabbitMQ & Erlang/OTP version info",
+        &[
+            ("rabbitmq_version", warren_amqp::RABBITMQ_COMPATIBLE_VERSION),
+            ("product_name", "Warren"),
+            ("product_version", env!("CARGO_PKG_VERSION")),
+        ],
+        1u32,
+    )?;
+    let node_gauges: [(&str, &str, Option<f64>); 10] = [
+        (
+            "rabbitmq_connections",
+            "Connections currently open",
+            Some(figures.connections as f64),
+        ),
+        (
+            "rabbitmq_channels",
+            "Channels currently open",
+            Some(figures.channels as f64),
+        ),
+        (
+            "rabbitmq_consumers",
+            "Consumers currently connected",
+            Some(figures.consumers as f64),
+        ),
+        (
+            "rabbitmq_process_resident_memory_bytes",
+            "Memory used in bytes",
+            figures.resident_memory_bytes.map(|bytes| bytes as f64),
+        ),
+        (
+            "rabbitmq_resident_memory_limit_bytes",
+            "Memory high watermark in bytes",
+            Some(figures.memory_limit_bytes as f64),
+        ),
+        (
+            "rabbitmq_disk_space_available_bytes",
+            "Disk space available in bytes",
+            figures.disk_free_bytes.map(|bytes| bytes as f64),
+        ),
+        (
+            "rabbitmq_disk_space_available_limit_bytes",
+            "Free disk space low watermark in bytes",
+            Some(figures.disk_free_limit_bytes as f64),
+        ),
+        (
+            "rabbitmq_process_open_fds",
+            "Open file descriptors",
+            figures.open_fds.map(|fds| fds as f64),
+        ),
+        (
+            "rabbitmq_process_max_fds",
+            "Open file descriptors limit",
+            figures.max_fds.map(|fds| fds as f64),
+        ),
+        // Warren runs no Erlang VM; the node's uptime is what dashboards
+        // read from this name.
+        (
+            "rabbitmq_erlang_uptime_seconds",
+            "Node uptime",
+            Some(figures.uptime_seconds),
+        ),
+    ];
+    for (name, help, value) in node_gauges {
+        if let Some(value) = value {
+            gauge(encoder, name, help, &[], value)?;
+        }
+    }
+    gauge(
+        encoder,
+        "rabbitmq_global_consumers",
+        "Current number of consumers",
+        &PROTOCOL,
+        figures.consumers as f64,
+    )?;
+    let counters: [(&str, &str, u64); 6] = [
+        (
+            "rabbitmq_global_messages_received",
+            "Total number of messages received from publishers",
+            figures.published,
+        ),
+        (
+            "rabbitmq_global_messages_routed",
+            "Total number of messages routed to queues or streams",
+            figures.published.saturating_sub(figures.unroutable),
+        ),
+        (
+            "rabbitmq_global_messages_confirmed",
+            "Total number of messages confirmed to publishers",
+            figures.confirmed,
+        ),
+        (
+            "rabbitmq_global_messages_delivered",
+            "Total number of messages delivered to consumers",
+            figures.delivered,
+        ),
+        (
+            "rabbitmq_global_messages_redelivered",
+            "Total number of messages redelivered to consumers",
+            figures.redelivered,
+        ),
+        (
+            "rabbitmq_global_messages_acknowledged",
+            "Total number of messages acknowledged by consumers",
+            figures.acknowledged,
+        ),
+    ];
+    for (name, help, value) in counters {
+        counter(encoder, name, help, value)?;
+    }
+    Ok(())
+}
+
+/// The queue families: summed over the queues when aggregated, one
+/// sample per queue otherwise.
+pub fn encode_queues(
+    queues: &[QueueInfo],
+    per_object: bool,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    gauge(
+        encoder,
+        "rabbitmq_queues",
+        "Queues available",
+        &[],
+        queues.len() as f64,
+    )?;
+    type QueueValue = fn(&QueueInfo) -> u64;
+    let families: [(&str, &str, QueueValue); 4] = [
+        (
+            "rabbitmq_queue_messages_ready",
+            "Messages ready to be delivered to consumers",
+            |queue| queue.ready as u64,
+        ),
+        (
+            "rabbitmq_queue_messages_unacked",
+            "Messages delivered to consumers but not yet acknowledged",
+            |queue| queue.unacked as u64,
+        ),
+        (
+            "rabbitmq_queue_messages",
+            "Sum of ready and unacknowledged messages - total queue depth",
+            |queue| (queue.ready + queue.unacked) as u64,
+        ),
+        (
+            "rabbitmq_queue_consumers",
+            "Consumers on a queue",
+            |queue| queue.consumers as u64,
+        ),
+    ];
+    for (name, help, value) in families {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        if per_object {
+            for queue in queues {
+                let labels = [
+                    ("vhost", queue.vhost.as_str()),
+                    ("queue", queue.name.as_str()),
+                ];
+                ConstGauge::new(value(queue) as f64).encode(family.encode_family(&labels)?)?;
+            }
+        } else {
+            let total: u64 = queues.iter().map(value).sum();
+            ConstGauge::new(total as f64).encode(family)?;
+        }
+    }
+    Ok(())
+}
