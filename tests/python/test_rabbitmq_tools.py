@@ -365,4 +365,25 @@ def test_the_overview_dashboards_metrics_are_served_under_rabbitmqs_names(broker
     per_object = scrape(api, "/metrics/per-object")
     assert ({"vhost": "/", "queue": queue}, 2.0) in per_object["rabbitmq_queue_messages_ready"]
     assert "warren_queue_messages_ready" not in per_object
+
+    # /metrics/detailed: only the families and vhosts asked for.
+    other_vhost = uname("metrics-vhost")
+    assert api.put(f"/api/vhosts/{other_vhost}").status_code == 201
+    assert api.put(f"/api/permissions/{other_vhost}/guest",
+                   json={"configure": ".*", "write": ".*", "read": ".*"}).status_code in (201, 204)
+    assert api.put(f"/api/queues/{other_vhost}/elsewhere", json={}).status_code == 201
+    detailed = scrape(api, "/metrics/detailed?family=queue_coarse_metrics&vhost=%2F")
+    assert ({"vhost": "/", "queue": queue}, 2.0) in \
+        detailed["rabbitmq_detailed_queue_messages_ready"]
+    assert {labels["vhost"] for labels, _ in detailed["rabbitmq_detailed_queue_messages"]} \
+        == {"/"}, detailed["rabbitmq_detailed_queue_messages"]
+    assert "rabbitmq_detailed_queue_consumers" not in detailed
+    assert "rabbitmq_queue_messages_ready" not in detailed
+    assert "rabbitmq_identity_info" in detailed
+    both = scrape(api, f"/metrics/detailed?family=queue_consumer_count&vhost=%2F"
+                       f"&vhost={other_vhost}")
+    assert {labels["vhost"] for labels, _ in both["rabbitmq_detailed_queue_consumers"]} == \
+        {"/", other_vhost}
+    assert set(scrape(api, "/metrics/detailed")) == \
+        {"rabbitmq_identity_info", "rabbitmq_build_info"}
     conn.close()

@@ -169,6 +169,7 @@ fn router(state: AppState) -> Router {
         .route("/assets/{*path}", get(dashboard::asset))
         .route("/metrics", get(metrics::metrics))
         .route("/metrics/per-object", get(metrics::per_object))
+        .route("/metrics/detailed", get(metrics::detailed))
         .route("/api/overview", get(overview::overview))
         .route("/api/whoami", get(overview::whoami))
         .route("/api/nodes", get(nodes::list))

@@ -20,7 +20,7 @@ use warren_store::CommitTimesSnapshot;
 use crate::backlog::{self, Backlog};
 use crate::error::ApiError;
 use crate::models::{HistogramView, ModelStatus};
-use crate::rabbitmq_metrics::{self, NodeFigures};
+use crate::rabbitmq_metrics::{self, DetailedFamilies, NodeFigures};
 use crate::state::AppState;
 
 /// Everything one scrape reports, copied out of the broker first so that
@@ -41,21 +41,52 @@ struct Snapshot {
     /// Each model's backlog, in the order of `models`.
     backlogs: Vec<Backlog>,
     node: NodeFigures,
-    /// Which families: RabbitMQ's aggregated and Warren's, or RabbitMQ's
-    /// per object.
-    per_object: bool,
+    view: View,
+}
+
+/// Which families a scrape serves.
+#[derive(Debug, Clone, Copy)]
+enum View {
+    /// RabbitMQ's, aggregated, then Warren's own (`/metrics`).
+    Aggregated,
+    /// RabbitMQ's with one sample per queue (`/metrics/per-object`).
+    PerObject,
+    /// The families asked for, per queue (`/metrics/detailed`).
+    Detailed(DetailedFamilies),
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    scrape(&state, false)
+    scrape(&state, View::Aggregated, None)
 }
 
 /// `GET /metrics/per-object`.
 pub async fn per_object(State(state): State<AppState>) -> Result<Response, ApiError> {
-    scrape(&state, true)
+    scrape(&state, View::PerObject, None)
 }
 
-fn scrape(state: &AppState, per_object: bool) -> Result<Response, ApiError> {
+/// `GET /metrics/detailed?family=...&vhost=...`: each parameter may be
+/// given more than once; without `vhost`, every vhost.
+pub async fn detailed(
+    State(state): State<AppState>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
+    let named = |key: &str| -> Vec<&str> {
+        pairs
+            .iter()
+            .filter(|(name, _)| name == key)
+            .map(|(_, value)| value.as_str())
+            .collect()
+    };
+    let families = DetailedFamilies::from_names(named("family"));
+    let vhosts: Vec<String> = named("vhost").into_iter().map(str::to_owned).collect();
+    let vhosts = (!vhosts.is_empty()).then_some(vhosts);
+    scrape(&state, View::Detailed(families), vhosts)
+}
+
+fn scrape(state: &AppState, view: View, vhosts: Option<Vec<String>>) -> Result<Response, ApiError> {
     // Files, /proc and the models are read before taking the broker lock.
     let resident_memory_bytes = resident_memory_bytes();
     let (open_fds, max_fds) = crate::api::nodes::file_descriptors();
@@ -91,7 +122,16 @@ fn scrape(state: &AppState, per_object: bool) -> Result<Response, ApiError> {
             confirmed: state.hub.confirmed(),
         };
         Snapshot {
-            queues: hub.broker().queue_infos(None),
+            queues: hub
+                .broker()
+                .queue_infos(None)
+                .into_iter()
+                .filter(|queue| {
+                    vhosts
+                        .as_ref()
+                        .is_none_or(|vhosts| vhosts.contains(&queue.vhost))
+                })
+                .collect(),
             connections: totals.connections,
             channels: totals.channels,
             consumers: totals.consumers,
@@ -104,7 +144,7 @@ fn scrape(state: &AppState, per_object: bool) -> Result<Response, ApiError> {
             models,
             backlogs,
             node,
-            per_object,
+            view,
         }
     };
     let mut registry = Registry::default();
@@ -122,10 +162,23 @@ fn scrape(state: &AppState, per_object: bool) -> Result<Response, ApiError> {
 
 impl prometheus_client::collector::Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        rabbitmq_metrics::encode_node(&self.node, &mut encoder)?;
-        rabbitmq_metrics::encode_queues(&self.queues, self.per_object, &mut encoder)?;
-        if self.per_object {
-            return Ok(());
+        rabbitmq_metrics::encode_identity(&self.node, &mut encoder)?;
+        match self.view {
+            View::Detailed(families) => {
+                return rabbitmq_metrics::encode_detailed_queues(
+                    &self.queues,
+                    families,
+                    &mut encoder,
+                );
+            }
+            View::PerObject => {
+                rabbitmq_metrics::encode_node(&self.node, &mut encoder)?;
+                return rabbitmq_metrics::encode_queues(&self.queues, true, &mut encoder);
+            }
+            View::Aggregated => {
+                rabbitmq_metrics::encode_node(&self.node, &mut encoder)?;
+                rabbitmq_metrics::encode_queues(&self.queues, false, &mut encoder)?;
+            }
         }
         type QueueValue = fn(&QueueInfo) -> u64;
         let queue_gauges: [(&str, &str, QueueValue); 4] = [

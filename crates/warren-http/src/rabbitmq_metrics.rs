@@ -3,7 +3,10 @@
 //! alert rules work on Warren unchanged. `/metrics` serves them
 //! aggregated (one sample per node, as RabbitMQ does by default);
 //! `/metrics/per-object` gives the queue metrics one sample per queue,
-//! labelled `vhost` and `queue`.
+//! labelled `vhost` and `queue`; `/metrics/detailed` gives only the
+//! families asked for (`family=queue_coarse_metrics`,
+//! `family=queue_consumer_count`), of the vhosts asked for, as
+//! `rabbitmq_detailed_*`.
 //!
 //! Only what Warren measures is served. The counters RabbitMQ keeps by
 //! acknowledgement mode and queue type, of unroutable messages returned
@@ -75,8 +78,9 @@ fn counter(
     ConstCounter::new(value).encode(family.encode_family(&PROTOCOL)?)
 }
 
-/// The node-wide families, the same in both modes.
-pub fn encode_node(
+/// `rabbitmq_identity_info` and `rabbitmq_build_info`, which every
+/// endpoint serves.
+pub fn encode_identity(
     figures: &NodeFigures,
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
@@ -100,7 +104,14 @@ pub fn encode_node(
             ("product_version", env!("CARGO_PKG_VERSION")),
         ],
         1u32,
-    )?;
+    )
+}
+
+/// The node-wide families, the same aggregated and per object.
+pub fn encode_node(
+    figures: &NodeFigures,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
     let node_gauges: [(&str, &str, Option<f64>); 10] = [
         (
             "rabbitmq_connections",
@@ -205,6 +216,77 @@ pub fn encode_node(
     Ok(())
 }
 
+/// Which queue families `/metrics/detailed` was asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DetailedFamilies {
+    /// `queue_coarse_metrics`: ready, unacknowledged and all messages.
+    pub queue_coarse: bool,
+    /// `queue_consumer_count`.
+    pub queue_consumers: bool,
+}
+
+impl DetailedFamilies {
+    /// From the `family` parameters; families Warren does not serve are
+    /// left out.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut families = Self::default();
+        for name in names {
+            match name {
+                "queue_coarse_metrics" => families.queue_coarse = true,
+                "queue_consumer_count" => families.queue_consumers = true,
+                _ => {}
+            }
+        }
+        families
+    }
+}
+
+type QueueValue = fn(&QueueInfo) -> u64;
+
+/// The per-queue families of `/metrics/detailed`.
+pub fn encode_detailed_queues(
+    queues: &[QueueInfo],
+    families: DetailedFamilies,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let mut chosen: Vec<(&str, &str, QueueValue)> = Vec::new();
+    if families.queue_coarse {
+        chosen.push((
+            "rabbitmq_detailed_queue_messages_ready",
+            "Messages ready to be delivered to consumers",
+            |queue| queue.ready as u64,
+        ));
+        chosen.push((
+            "rabbitmq_detailed_queue_messages_unacked",
+            "Messages delivered to consumers but not yet acknowledged",
+            |queue| queue.unacked as u64,
+        ));
+        chosen.push((
+            "rabbitmq_detailed_queue_messages",
+            "Sum of ready and unacknowledged messages - total queue depth",
+            |queue| (queue.ready + queue.unacked) as u64,
+        ));
+    }
+    if families.queue_consumers {
+        chosen.push((
+            "rabbitmq_detailed_queue_consumers",
+            "Consumers on a queue",
+            |queue| queue.consumers as u64,
+        ));
+    }
+    for (name, help, value) in chosen {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for queue in queues {
+            let labels = [
+                ("vhost", queue.vhost.as_str()),
+                ("queue", queue.name.as_str()),
+            ];
+            ConstGauge::new(value(queue) as f64).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
 /// The queue families: summed over the queues when aggregated, one
 /// sample per queue otherwise.
 pub fn encode_queues(
@@ -219,7 +301,6 @@ pub fn encode_queues(
         &[],
         queues.len() as f64,
     )?;
-    type QueueValue = fn(&QueueInfo) -> u64;
     let families: [(&str, &str, QueueValue); 4] = [
         (
             "rabbitmq_queue_messages_ready",
