@@ -1248,6 +1248,7 @@ impl Session {
             self.hold_back(number, gauge);
         }
         if published.routed == 0 && mandatory {
+            self.hub.count_returned();
             // The return must reach the client before the confirm.
             self.process_channel_confirms(number);
             self.out.send(Outbound::WithContent(
@@ -1275,6 +1276,7 @@ impl Session {
             confirms.published += 1;
             let sequence = confirms.published;
             confirms.waiting.push_back((sequence, wait));
+            self.hub.count_confirm_publish();
         }
         Ok(published.ticket)
     }

@@ -38,13 +38,32 @@ use crate::writer::{Outbound, OutboundQueue};
 /// timeouts): the precision of every deadline it enforces.
 pub const TIMER_TICK: Duration = Duration::from_millis(10);
 
+/// What channels count of publishing, outside the broker lock: confirms
+/// go out when the log's fsync completes, not under a broker call, and
+/// returns and confirm mode are the channel's, not the broker's.
+#[derive(Default)]
+struct PublishCounters {
+    /// Publisher confirms (acks) sent.
+    confirmed: AtomicU64,
+    /// Messages published on channels in confirm mode.
+    confirm_published: AtomicU64,
+    /// Mandatory messages returned as unroutable.
+    returned: AtomicU64,
+}
+
+/// A reading of the publish counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublishCounts {
+    pub confirmed: u64,
+    pub confirm_published: u64,
+    pub returned: u64,
+}
+
 /// The hub, shared by every connection task and the timer.
 #[derive(Clone)]
 pub struct SharedHub {
     hub: Arc<Hub>,
-    /// Publisher confirms (acks) sent, counted outside the lock: confirms
-    /// go out when the log's fsync completes, not under a broker call.
-    confirmed: Arc<AtomicU64>,
+    publishes: Arc<PublishCounters>,
     /// The broker's memory against its high watermark.
     memory: Arc<MemoryMonitor>,
     /// The resource alarms raised now.
@@ -65,7 +84,7 @@ impl SharedHub {
     pub fn new(hub: Hub, memory: Arc<MemoryMonitor>, alarms: watch::Receiver<Alarms>) -> Self {
         Self {
             hub: Arc::new(hub),
-            confirmed: Arc::new(AtomicU64::new(0)),
+            publishes: Arc::new(PublishCounters::default()),
             memory,
             alarms,
         }
@@ -85,19 +104,40 @@ impl SharedHub {
     pub(crate) fn downgrade(&self) -> WeakHub {
         WeakHub {
             hub: Arc::downgrade(&self.hub),
-            confirmed: Arc::clone(&self.confirmed),
+            publishes: Arc::clone(&self.publishes),
             memory: Arc::clone(&self.memory),
             alarms: self.alarms.clone(),
         }
     }
 
     pub fn count_confirms(&self, count: u64) {
-        self.confirmed.fetch_add(count, Ordering::Relaxed);
+        self.publishes.confirmed.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// A message published on a channel in confirm mode.
+    pub fn count_confirm_publish(&self) {
+        self.publishes
+            .confirm_published
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A mandatory message returned to its publisher as unroutable.
+    pub fn count_returned(&self) {
+        self.publishes.returned.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Publisher confirms sent since the start.
     pub fn confirmed(&self) -> u64 {
-        self.confirmed.load(Ordering::Relaxed)
+        self.publishes.confirmed.load(Ordering::Relaxed)
+    }
+
+    /// What channels counted of publishing since the start.
+    pub fn publish_counts(&self) -> PublishCounts {
+        PublishCounts {
+            confirmed: self.confirmed(),
+            confirm_published: self.publishes.confirm_published.load(Ordering::Relaxed),
+            returned: self.publishes.returned.load(Ordering::Relaxed),
+        }
     }
 
     /// Takes the broker exclusively, for an operation that changes its
@@ -165,7 +205,7 @@ impl SharedHub {
 /// The hub, as long as something else keeps it.
 pub(crate) struct WeakHub {
     hub: Weak<Hub>,
-    confirmed: Arc<AtomicU64>,
+    publishes: Arc<PublishCounters>,
     memory: Arc<MemoryMonitor>,
     alarms: watch::Receiver<Alarms>,
 }
@@ -174,7 +214,7 @@ impl WeakHub {
     pub(crate) fn upgrade(&self) -> Option<SharedHub> {
         self.hub.upgrade().map(|hub| SharedHub {
             hub,
-            confirmed: Arc::clone(&self.confirmed),
+            publishes: Arc::clone(&self.publishes),
             memory: Arc::clone(&self.memory),
             alarms: self.alarms.clone(),
         })

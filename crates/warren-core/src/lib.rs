@@ -48,7 +48,7 @@ pub use queue::{
     RESIDENT_MESSAGES_MAX, ReadAhead,
 };
 pub use session::channel::{ChannelMode, UnwrittenDeliveries};
-pub use stats::{ExchangeCounts, MessageCounts};
+pub use stats::{ExchangeCounts, LifecycleCounts, MessageCounts};
 pub use topology::exchange::{ExchangeKind, headers_match, topic_matches};
 
 /// Identifies one client connection for the broker's lifetime.

@@ -22,6 +22,13 @@ pub struct MessageCounts {
     pub redelivered: u64,
     /// Broker-wide only: published messages no queue received.
     pub unroutable: u64,
+    /// Of `delivered`, those to consumers in automatic acknowledgement
+    /// mode (the rest were delivered for manual acknowledgement).
+    pub delivered_no_ack: u64,
+    /// Of `got`, those taken in automatic acknowledgement mode.
+    pub got_no_ack: u64,
+    /// `basic.get`s that found the queue empty.
+    pub got_empty: u64,
 }
 
 impl AddAssign for MessageCounts {
@@ -32,7 +39,26 @@ impl AddAssign for MessageCounts {
         self.acked += other.acked;
         self.redelivered += other.redelivered;
         self.unroutable += other.unroutable;
+        self.delivered_no_ack += other.delivered_no_ack;
+        self.got_no_ack += other.got_no_ack;
+        self.got_empty += other.got_empty;
     }
+}
+
+/// How many connections, channels and queues came and went since the
+/// broker started (RabbitMQ's `*_opened_total`, `*_closed_total`,
+/// `queues_declared_total`, ...).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LifecycleCounts {
+    pub connections_opened: u64,
+    pub connections_closed: u64,
+    pub channels_opened: u64,
+    pub channels_closed: u64,
+    /// Successful `queue.declare`s, passive ones and those of queues
+    /// that existed included.
+    pub queues_declared: u64,
+    pub queues_created: u64,
+    pub queues_deleted: u64,
 }
 
 /// What an exchange passed on, counted since the broker started.

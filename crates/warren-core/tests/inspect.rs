@@ -10,7 +10,8 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::Bytes;
 use warren_core::{
     Broker, ChannelMode, ConnectionId, Consume, Delivery, DestinationKind, Effect, ExchangeCounts,
-    ExchangeDeclare, Limits, Message, MessageCounts, Outbox, QueueDeclare, QueueInfo,
+    ExchangeDeclare, LifecycleCounts, Limits, Message, MessageCounts, Outbox, QueueDeclare,
+    QueueInfo,
 };
 
 const A: ConnectionId = ConnectionId(1);
@@ -152,6 +153,17 @@ fn info(broker: &Broker, queue: &str) -> QueueInfo {
         .unwrap_or_else(|| panic!("queue '{queue}' should exist"))
 }
 
+/// The counts these tests follow, without the splits by acknowledgement
+/// mode and the empty gets (`counts_by_acknowledgement_mode` checks those).
+fn main_counts(counts: MessageCounts) -> MessageCounts {
+    MessageCounts {
+        delivered_no_ack: 0,
+        got_no_ack: 0,
+        got_empty: 0,
+        ..counts
+    }
+}
+
 fn counts(published: u64, delivered: u64, got: u64, acked: u64, redelivered: u64) -> MessageCounts {
     MessageCounts {
         published,
@@ -159,7 +171,7 @@ fn counts(published: u64, delivered: u64, got: u64, acked: u64, redelivered: u64
         got,
         acked,
         redelivered,
-        unroutable: 0,
+        ..MessageCounts::default()
     }
 }
 
@@ -195,7 +207,7 @@ fn publishing_counts_on_the_queue_the_broker_and_the_exchange() {
     assert_eq!(q.ready_bytes, 6);
     assert_eq!(q.unacked, 0);
     assert_eq!(q.consumers, 0);
-    assert_eq!(q.counts, counts(3, 0, 0, 0, 0));
+    assert_eq!(main_counts(q.counts), counts(3, 0, 0, 0, 0));
     let totals = broker.totals();
     assert_eq!(totals.counts.published, 3);
     assert_eq!(totals.counts.unroutable, 0);
@@ -325,7 +337,7 @@ fn manual_ack_consumer_moves_messages_from_ready_to_unacked_to_acked() {
     assert_eq!(q.ready_bytes, 1);
     assert_eq!(q.unacked, 2);
     assert_eq!(q.consumers, 1);
-    assert_eq!(q.counts, counts(3, 2, 0, 0, 0));
+    assert_eq!(main_counts(q.counts), counts(3, 2, 0, 0, 0));
     let totals = broker.totals();
     assert_eq!((totals.ready, totals.unacked, totals.consumers), (1, 2, 1));
     assert_eq!(totals.counts.delivered, 2);
@@ -345,7 +357,7 @@ fn manual_ack_consumer_moves_messages_from_ready_to_unacked_to_acked() {
     let q = info(&broker, "q");
     assert_eq!(q.ready, 0);
     assert_eq!(q.unacked, 2);
-    assert_eq!(q.counts, counts(3, 3, 0, 1, 0));
+    assert_eq!(main_counts(q.counts), counts(3, 3, 0, 1, 0));
 
     // Acking the rest with `multiple` settles both.
     broker
@@ -353,10 +365,10 @@ fn manual_ack_consumer_moves_messages_from_ready_to_unacked_to_acked() {
         .unwrap();
     let q = info(&broker, "q");
     assert_eq!(q.unacked, 0);
-    assert_eq!(q.counts, counts(3, 3, 0, 3, 0));
+    assert_eq!(main_counts(q.counts), counts(3, 3, 0, 3, 0));
     let totals = broker.totals();
     assert_eq!(totals.unacked, 0);
-    assert_eq!(totals.counts, counts(3, 3, 0, 3, 0));
+    assert_eq!(main_counts(totals.counts), counts(3, 3, 0, 3, 0));
 }
 
 #[test]
@@ -379,7 +391,7 @@ fn no_ack_consumers_count_deliveries_but_leave_nothing_unacked() {
     assert_eq!(deliveries(&mut out).len(), 2);
     let q = info(&broker, "q");
     assert_eq!((q.ready, q.unacked), (0, 0));
-    assert_eq!(q.counts, counts(2, 2, 0, 0, 0));
+    assert_eq!(main_counts(q.counts), counts(2, 2, 0, 0, 0));
     let consumer = &broker.consumers_of("/", "q")[0];
     assert!(!consumer.ack_required);
 }
@@ -396,7 +408,7 @@ fn basic_get_counts_got_and_a_requeued_message_counts_redelivered() {
     assert!(!got.redelivered);
     let q = info(&broker, "q");
     assert_eq!((q.ready, q.unacked), (1, 1));
-    assert_eq!(q.counts, counts(2, 0, 1, 0, 0));
+    assert_eq!(main_counts(q.counts), counts(2, 0, 1, 0, 0));
 
     // Rejected with requeue: back to ready, no longer unacked, not acked.
     broker
@@ -404,13 +416,13 @@ fn basic_get_counts_got_and_a_requeued_message_counts_redelivered() {
         .unwrap();
     let q = info(&broker, "q");
     assert_eq!((q.ready, q.unacked), (2, 0));
-    assert_eq!(q.counts, counts(2, 0, 1, 0, 0));
+    assert_eq!(main_counts(q.counts), counts(2, 0, 1, 0, 0));
 
     // Got again: a redelivery.
     let again = broker.get(A, 1, "q", false, &mut out).unwrap().unwrap();
     assert!(again.redelivered);
     let q = info(&broker, "q");
-    assert_eq!(q.counts, counts(2, 0, 2, 0, 1));
+    assert_eq!(main_counts(q.counts), counts(2, 0, 2, 0, 1));
     broker
         .ack(A, 1, again.delivery_tag, false, &mut out)
         .unwrap();
@@ -420,12 +432,20 @@ fn basic_get_counts_got_and_a_requeued_message_counts_redelivered() {
     assert!(!last.redelivered);
     let q = info(&broker, "q");
     assert_eq!((q.ready, q.unacked), (0, 0));
-    assert_eq!(q.counts, counts(2, 0, 3, 1, 1));
+    assert_eq!(main_counts(q.counts), counts(2, 0, 3, 1, 1));
 
-    // An empty queue: nothing counted.
+    // An empty queue: nothing counted but the empty get. Of the three
+    // gets, one was in automatic acknowledgement mode.
     assert!(broker.get(A, 1, "q", false, &mut out).unwrap().is_none());
-    assert_eq!(info(&broker, "q").counts, counts(2, 0, 3, 1, 1));
-    assert_eq!(broker.totals().counts, counts(2, 0, 3, 1, 1));
+    assert_eq!(
+        info(&broker, "q").counts,
+        MessageCounts {
+            got_no_ack: 1,
+            got_empty: 1,
+            ..counts(2, 0, 3, 1, 1)
+        }
+    );
+    assert_eq!(main_counts(broker.totals().counts), counts(2, 0, 3, 1, 1));
 }
 
 #[test]
@@ -447,13 +467,13 @@ fn a_consumer_redelivery_after_reject_counts_delivered_and_redelivered() {
     assert!(second[0].redelivered);
     let q = info(&broker, "q");
     assert_eq!((q.ready, q.unacked), (0, 1));
-    assert_eq!(q.counts, counts(1, 2, 0, 0, 1));
+    assert_eq!(main_counts(q.counts), counts(1, 2, 0, 0, 1));
     broker
         .ack(A, 1, second[0].delivery_tag, false, &mut out)
         .unwrap();
     let q = info(&broker, "q");
     assert_eq!(q.unacked, 0);
-    assert_eq!(q.counts, counts(1, 2, 0, 1, 1));
+    assert_eq!(main_counts(q.counts), counts(1, 2, 0, 1, 1));
 }
 
 #[test]
@@ -480,7 +500,7 @@ fn closing_a_channel_returns_its_unacked_messages_to_ready() {
     assert_eq!(q.ready, 2);
     assert_eq!(q.unacked, 1, "the get on channel 2 is still out");
     assert_eq!(q.consumers, 0);
-    assert_eq!(q.counts, counts(3, 2, 1, 0, 0));
+    assert_eq!(main_counts(q.counts), counts(3, 2, 1, 0, 0));
     assert!(broker.consumer_infos(None).is_empty());
     assert!(
         !broker
@@ -505,7 +525,7 @@ fn closing_a_channel_returns_its_unacked_messages_to_ready() {
         let got = broker.get(A, 1, "q", true, &mut out).unwrap().unwrap();
         assert!(got.redelivered);
     }
-    assert_eq!(info(&broker, "q").counts, counts(3, 2, 4, 0, 3));
+    assert_eq!(main_counts(info(&broker, "q").counts), counts(3, 2, 4, 0, 3));
 }
 
 #[test]
@@ -546,7 +566,7 @@ fn rejecting_to_a_dead_letter_exchange_counts_on_the_target_not_broker_wide() {
         .unwrap();
     let work = info(&broker, "work");
     assert_eq!((work.ready, work.unacked), (0, 0));
-    assert_eq!(work.counts, counts(1, 0, 1, 0, 0));
+    assert_eq!(main_counts(work.counts), counts(1, 0, 1, 0, 0));
     let dead = info(&broker, "dead");
     assert_eq!(dead.ready, 1);
     assert_eq!(dead.counts.published, 1);
@@ -585,14 +605,14 @@ fn deleting_a_queue_keeps_the_broker_totals_and_drops_it_from_the_views() {
 
     let before = broker.totals();
     assert_eq!(
-        before.counts,
+        main_counts(before.counts),
         MessageCounts {
             published: 4,
             delivered: 3,
             got: 1,
             acked: 2,
             redelivered: 0,
-            unroutable: 0,
+            ..MessageCounts::default()
         }
     );
     assert_eq!(before.unacked, 2);
@@ -1077,4 +1097,57 @@ fn channel_infos_show_prefetch_mode_consumers_and_unacked() {
         .find(|channel| channel.connection == A && channel.number == 2)
         .unwrap();
     assert_eq!(reopened.mode, ChannelMode::Plain);
+}
+
+#[test]
+fn deliveries_count_their_acknowledgement_mode_and_lifecycles_are_counted() {
+    let mut broker = broker();
+    let opened = broker.totals().lifecycle;
+    assert_eq!(
+        (opened.connections_opened, opened.channels_opened),
+        (2, 2),
+        "{opened:?}"
+    );
+    let mut out = Outbox::default();
+    declare(&mut broker, "auto");
+    declare(&mut broker, "auto");
+    declare(&mut broker, "manual");
+    for queue in ["auto", "auto", "manual"] {
+        publish(&mut broker, "", queue, "m", &mut out);
+    }
+    consume_with(
+        &mut broker,
+        A,
+        "auto",
+        "a",
+        true,
+        FieldTable::default(),
+        &mut out,
+    );
+    consume(&mut broker, B, "manual", "m", &mut out);
+    let totals = broker.totals();
+    assert_eq!(totals.counts.delivered, 3, "{:?}", totals.counts);
+    assert_eq!(totals.counts.delivered_no_ack, 2, "{:?}", totals.counts);
+
+    broker.close_channel(B, 1, &mut out);
+    broker.close_connection(B, &mut out);
+    broker
+        .delete_queue(A, "manual", false, false, &mut out)
+        .unwrap();
+    let lifecycle = broker.totals().lifecycle;
+    assert_eq!(
+        lifecycle,
+        LifecycleCounts {
+            connections_opened: 2,
+            connections_closed: 1,
+            channels_opened: 2,
+            channels_closed: 1,
+            queues_declared: 3,
+            queues_created: 2,
+            queues_deleted: 1,
+        }
+    );
+    // The deleted queue's deliveries stay in the totals.
+    assert_eq!(broker.totals().counts.delivered_no_ack, 2);
+    assert_eq!(broker.totals().counts.delivered, 3);
 }

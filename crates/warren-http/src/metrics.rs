@@ -114,12 +114,9 @@ fn scrape(state: &AppState, view: View, vhosts: Option<Vec<String>>) -> Result<R
             open_fds,
             max_fds,
             uptime_seconds: state.node.started.elapsed().as_secs_f64(),
-            published: totals.counts.published,
-            unroutable: totals.counts.unroutable,
-            delivered: totals.counts.delivered + totals.counts.got,
-            acknowledged: totals.counts.acked,
-            redelivered: totals.counts.redelivered,
-            confirmed: state.hub.confirmed(),
+            counts: totals.counts,
+            lifecycle: totals.lifecycle,
+            publishes: state.hub.publish_counts(),
         };
         Snapshot {
             queues: hub

@@ -8,11 +8,9 @@
 //! `family=queue_consumer_count`), of the vhosts asked for, as
 //! `rabbitmq_detailed_*`.
 //!
-//! Only what Warren measures is served. The counters RabbitMQ keeps by
-//! acknowledgement mode and queue type, of unroutable messages returned
-//! apart from dropped, of publishers, and the lifecycle counters of
-//! connections, channels and queues, are not kept yet and are left out
-//! rather than made up (docs/http-api.md lists what is served). The
+//! Only what Warren measures is served: the number of publishers and the
+//! message size histogram are not kept yet and are left out rather than
+//! made up (docs/http-api.md lists what is served). The
 //! `rabbitmq_global_*` counters carry `protocol` but not `queue_type`:
 //! the broker's totals are not split by queue type.
 
@@ -21,7 +19,8 @@ use prometheus_client::encoding::EncodeMetric;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use warren_core::QueueInfo;
+use warren_amqp::PublishCounts;
+use warren_core::{LifecycleCounts, MessageCounts, QueueInfo};
 
 /// RabbitMQ's `protocol` label for AMQP 0-9-1.
 const PROTOCOL: [(&str, &str); 1] = [("protocol", "amqp091")];
@@ -42,13 +41,9 @@ pub struct NodeFigures {
     pub max_fds: Option<u64>,
     pub uptime_seconds: f64,
     /// Broker-wide message counts (deleted queues included).
-    pub published: u64,
-    /// Published messages no queue took.
-    pub unroutable: u64,
-    pub delivered: u64,
-    pub acknowledged: u64,
-    pub redelivered: u64,
-    pub confirmed: u64,
+    pub counts: MessageCounts,
+    pub lifecycle: LifecycleCounts,
+    pub publishes: PublishCounts,
 }
 
 fn gauge<N: Into<f64> + Copy>(
@@ -67,15 +62,21 @@ fn gauge<N: Into<f64> + Copy>(
     }
 }
 
-/// `name` without `_total`, which the encoder adds to a counter.
+/// `name` without `_total`, which the encoder adds to a counter; with
+/// the `protocol` label or none.
 fn counter(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     value: u64,
+    with_protocol: bool,
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    ConstCounter::new(value).encode(family.encode_family(&PROTOCOL)?)
+    if with_protocol {
+        ConstCounter::new(value).encode(family.encode_family(&PROTOCOL)?)
+    } else {
+        ConstCounter::new(value).encode(family)
+    }
 }
 
 /// `rabbitmq_identity_info` and `rabbitmq_build_info`, which every
@@ -178,40 +179,128 @@ pub fn encode_node(
         &PROTOCOL,
         figures.consumers as f64,
     )?;
-    let counters: [(&str, &str, u64); 6] = [
+    let (counts, publishes) = (&figures.counts, &figures.publishes);
+    let global: [(&str, &str, u64); 14] = [
         (
             "rabbitmq_global_messages_received",
             "Total number of messages received from publishers",
-            figures.published,
+            counts.published,
+        ),
+        (
+            "rabbitmq_global_messages_received_confirm",
+            "Total number of messages received from publishers expecting confirmations",
+            publishes.confirm_published,
         ),
         (
             "rabbitmq_global_messages_routed",
             "Total number of messages routed to queues or streams",
-            figures.published.saturating_sub(figures.unroutable),
+            counts.published.saturating_sub(counts.unroutable),
+        ),
+        (
+            "rabbitmq_global_messages_unroutable_returned",
+            "Total number of messages published as mandatory into an exchange and returned \
+             to the publisher as unroutable",
+            publishes.returned,
+        ),
+        (
+            "rabbitmq_global_messages_unroutable_dropped",
+            "Total number of messages published as non-mandatory into an exchange and \
+             dropped as unroutable",
+            counts.unroutable.saturating_sub(publishes.returned),
         ),
         (
             "rabbitmq_global_messages_confirmed",
             "Total number of messages confirmed to publishers",
-            figures.confirmed,
+            publishes.confirmed,
         ),
         (
             "rabbitmq_global_messages_delivered",
             "Total number of messages delivered to consumers",
-            figures.delivered,
+            counts.delivered + counts.got,
+        ),
+        (
+            "rabbitmq_global_messages_delivered_consume_auto_ack",
+            "Total number of messages delivered to consumers using basic.consume with \
+             automatic acknowledgment",
+            counts.delivered_no_ack,
+        ),
+        (
+            "rabbitmq_global_messages_delivered_consume_manual_ack",
+            "Total number of messages delivered to consumers using basic.consume with \
+             manual acknowledgment",
+            counts.delivered.saturating_sub(counts.delivered_no_ack),
+        ),
+        (
+            "rabbitmq_global_messages_delivered_get_auto_ack",
+            "Total number of messages delivered to consumers using basic.get with \
+             automatic acknowledgment",
+            counts.got_no_ack,
+        ),
+        (
+            "rabbitmq_global_messages_delivered_get_manual_ack",
+            "Total number of messages delivered to consumers using basic.get with \
+             manual acknowledgment",
+            counts.got.saturating_sub(counts.got_no_ack),
+        ),
+        (
+            "rabbitmq_global_messages_get_empty",
+            "Total number of times basic.get operations fetched no message",
+            counts.got_empty,
         ),
         (
             "rabbitmq_global_messages_redelivered",
             "Total number of messages redelivered to consumers",
-            figures.redelivered,
+            counts.redelivered,
         ),
         (
             "rabbitmq_global_messages_acknowledged",
             "Total number of messages acknowledged by consumers",
-            figures.acknowledged,
+            counts.acked,
         ),
     ];
-    for (name, help, value) in counters {
-        counter(encoder, name, help, value)?;
+    for (name, help, value) in global {
+        counter(encoder, name, help, value, true)?;
+    }
+    let lifecycle = &figures.lifecycle;
+    let node_counters: [(&str, &str, u64); 7] = [
+        (
+            "rabbitmq_connections_opened",
+            "Total number of connections opened",
+            lifecycle.connections_opened,
+        ),
+        (
+            "rabbitmq_connections_closed",
+            "Total number of connections closed or terminated",
+            lifecycle.connections_closed,
+        ),
+        (
+            "rabbitmq_channels_opened",
+            "Total number of channels opened",
+            lifecycle.channels_opened,
+        ),
+        (
+            "rabbitmq_channels_closed",
+            "Total number of channels closed",
+            lifecycle.channels_closed,
+        ),
+        (
+            "rabbitmq_queues_declared",
+            "Total number of queues declared",
+            lifecycle.queues_declared,
+        ),
+        (
+            "rabbitmq_queues_created",
+            "Total number of queues created",
+            lifecycle.queues_created,
+        ),
+        (
+            "rabbitmq_queues_deleted",
+            "Total number of queues deleted",
+            lifecycle.queues_deleted,
+        ),
+    ];
+    for (name, help, value) in node_counters {
+        counter(encoder, name, help, value, false)?;
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ use crate::session::channel::{Channel, ChannelMode, DeliverySink};
 impl Broker {
     pub fn open_connection(&mut self, connection: ConnectionId, vhost: &str, cancel_notify: bool) {
         debug_assert!(self.vhost_exists(vhost));
+        self.lifecycle.connections_opened += 1;
         self.connections.insert(
             connection,
             ConnectionState {
@@ -39,6 +40,7 @@ impl Broker {
             self.close_channel_unsaved(connection, channel, out);
         }
         if let Some(state) = self.connections.remove(&connection) {
+            self.lifecycle.connections_closed += 1;
             for queue in state.exclusive_queues {
                 self.delete_queue_by_id(queue, out);
             }
@@ -58,6 +60,7 @@ impl Broker {
         sink: Option<Arc<dyn DeliverySink>>,
     ) {
         if let Some(state) = self.connections.get_mut(&connection) {
+            self.lifecycle.channels_opened += 1;
             state.channels.insert(
                 channel,
                 Mutex::new(Channel {
@@ -84,6 +87,7 @@ impl Broker {
         else {
             return;
         };
+        self.lifecycle.channels_closed += 1;
         let mut touched = Vec::new();
         for (tag, queue) in state.consumers {
             self.detach_consumer(queue, connection, channel, tag.as_str(), out);

@@ -243,11 +243,13 @@ impl Broker {
                     &declare.arguments,
                 )?;
             }
-            return Ok(QueueDeclared {
+            let declared = QueueDeclared {
                 name,
                 message_count: queue.ready_count() as u32,
                 consumer_count: queue.consumers.len() as u32,
-            });
+            };
+            self.lifecycle.queues_declared += 1;
+            return Ok(declared);
         }
         if declare.passive {
             return Err(BrokerError::NotFound(Resource::Queue {
@@ -315,6 +317,8 @@ impl Broker {
         {
             state.exclusive_queues.push(id);
         }
+        self.lifecycle.queues_declared += 1;
+        self.lifecycle.queues_created += 1;
         Ok(QueueDeclared {
             name,
             message_count: 0,
@@ -445,6 +449,7 @@ impl Broker {
             return 0;
         };
         queue.flow_gauge.mark_deleted();
+        self.lifecycle.queues_deleted += 1;
         // Dead letters are routed before the operation that made them
         // ends, so none wait here; any that did would go with their queue.
         for dead in std::mem::take(&mut queue.dead_letters) {

@@ -186,8 +186,12 @@ impl Broker {
         let message = taken
             .as_ref()
             .map(|taken| message_for_delivery(queue, taken));
+        if taken.is_none() {
+            queue.counts.got_empty += 1;
+        }
         if let Some(taken) = &taken {
             queue.counts.got += 1;
+            queue.counts.got_no_ack += no_ack as u64;
             queue.counts.redelivered += taken.redelivered as u64;
             if !no_ack {
                 queue.unacked += 1;
@@ -756,6 +760,7 @@ fn deliver(
         *budget -= 1;
         let message = message_for_delivery(queue, &taken);
         queue.counts.delivered += 1;
+        queue.counts.delivered_no_ack += queue.consumers[index].no_ack as u64;
         queue.counts.redelivered += taken.redelivered as u64;
         if !queue.consumers[index].no_ack {
             queue.unacked += 1;

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use super::Broker;
 use crate::queue::Queue;
 use crate::session::channel::ChannelMode;
-use crate::stats::{ExchangeCounts, MessageCounts};
+use crate::stats::{ExchangeCounts, LifecycleCounts, MessageCounts};
 use crate::topology::exchange::Destination;
 use crate::{ConnectionId, QueueId};
 #[derive(Debug, Clone)]
@@ -98,6 +98,7 @@ pub struct Totals {
     pub unacked: u64,
     /// Since the broker started, deleted queues included.
     pub counts: MessageCounts,
+    pub lifecycle: LifecycleCounts,
 }
 
 impl Broker {
@@ -351,6 +352,7 @@ impl Broker {
                 unroutable: self.unroutable.load(Ordering::Relaxed),
                 ..self.retired
             },
+            lifecycle: self.lifecycle,
             ..Totals::default()
         };
         for queue in self.queues.values() {

@@ -63,7 +63,7 @@ use crate::queue::discard::forget_copy;
 use crate::queue::{Queue, Stored};
 use crate::session::ConnectionState;
 use crate::session::channel::{AckDeadlines, Channel};
-use crate::stats::MessageCounts;
+use crate::stats::{LifecycleCounts, MessageCounts};
 use crate::topology::VHost;
 use crate::{ConnectionId, QueueId};
 use delivery::{PendingDeliveries, SettleRound};
@@ -99,6 +99,7 @@ pub struct Broker {
     /// The counts of deleted queues: with the live queues' counts, the
     /// broker-wide totals.
     retired: MessageCounts,
+    lifecycle: LifecycleCounts,
     /// Deliveries of large settles still to be settled, oldest first (see
     /// `continue_rounds`).
     pending_settles: Mutex<VecDeque<SettleRound>>,
@@ -136,6 +137,7 @@ impl Broker {
             published: AtomicU64::new(0),
             unroutable: AtomicU64::new(0),
             retired: MessageCounts::default(),
+            lifecycle: LifecycleCounts::default(),
             pending_settles: Mutex::new(VecDeque::new()),
             pending_deliveries: Mutex::new(PendingDeliveries::default()),
             rounds_hint: AtomicBool::new(false),
