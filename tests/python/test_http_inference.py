@@ -42,6 +42,7 @@ import pika
 import pytest
 import requests
 from pika.exceptions import ChannelClosedByBroker
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO_ROOT, external_addr, start_broker
 
@@ -661,3 +662,35 @@ def test_queue_length_max_declares_a_bounded_model_queue(broker_factory):
             assert_error(resp, 429)
             retry_after = resp.headers.get("Retry-After", "")
             assert retry_after.isdigit() and 1 <= int(retry_after) <= 300, resp.headers
+
+
+GRAFANA_DASHBOARD = REPO_ROOT / "grafana" / "warren-models.json"
+
+
+def test_the_grafana_dashboard_queries_metrics_the_broker_serves(inference):
+    """grafana/warren-models.json graphs the model metrics: every metric its
+    queries name is served by /metrics, labelled `model`, once a request has
+    been answered."""
+    inference.infer([FOOD])
+    dashboard = json.loads(GRAFANA_DASHBOARD.read_text(encoding="utf-8"))
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert exprs, dashboard
+    queried = {re.sub(r"_(bucket|sum|count)$", "", name)
+               for expr in exprs for name in re.findall(r"\bwarren_[a-z_]+", expr)}
+    assert len(queried) >= 8, queried
+
+    def served_with_model_label():
+        resp = requests.get(inference.base + "/metrics", timeout=TIMEOUT)
+        assert resp.status_code == 200, describe(resp)
+        labelled = set()
+        for family in text_string_to_metric_families(resp.text):
+            for sample in family.samples:
+                if sample.labels.get("model") == MODEL:
+                    labelled.add(family.name)
+                    # A counter's family is named without `_total`.
+                    labelled.add(family.name + "_total")
+        missing = sorted(queried - labelled)
+        assert not missing, missing
+        return True
+
+    eventually(served_with_model_label, "every metric the dashboard queries")
