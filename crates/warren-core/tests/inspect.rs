@@ -525,7 +525,10 @@ fn closing_a_channel_returns_its_unacked_messages_to_ready() {
         let got = broker.get(A, 1, "q", true, &mut out).unwrap().unwrap();
         assert!(got.redelivered);
     }
-    assert_eq!(main_counts(info(&broker, "q").counts), counts(3, 2, 4, 0, 3));
+    assert_eq!(
+        main_counts(info(&broker, "q").counts),
+        counts(3, 2, 4, 0, 3)
+    );
 }
 
 #[test]

@@ -364,14 +364,26 @@ pub fn encode_detailed_queues(
         ));
     }
     for (name, help, value) in chosen {
-        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for queue in queues {
-            let labels = [
-                ("vhost", queue.vhost.as_str()),
-                ("queue", queue.name.as_str()),
-            ];
-            ConstGauge::new(value(queue) as f64).encode(family.encode_family(&labels)?)?;
-        }
+        per_queue(encoder, name, help, queues, value)?;
+    }
+    Ok(())
+}
+
+/// One gauge family with a sample per queue, labelled `vhost` and `queue`.
+fn per_queue(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    queues: &[QueueInfo],
+    value: QueueValue,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for queue in queues {
+        let labels = [
+            ("vhost", queue.vhost.as_str()),
+            ("queue", queue.name.as_str()),
+        ];
+        ConstGauge::new(value(queue) as f64).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -413,18 +425,11 @@ pub fn encode_queues(
         ),
     ];
     for (name, help, value) in families {
-        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
         if per_object {
-            for queue in queues {
-                let labels = [
-                    ("vhost", queue.vhost.as_str()),
-                    ("queue", queue.name.as_str()),
-                ];
-                ConstGauge::new(value(queue) as f64).encode(family.encode_family(&labels)?)?;
-            }
+            per_queue(encoder, name, help, queues, value)?;
         } else {
             let total: u64 = queues.iter().map(value).sum();
-            ConstGauge::new(total as f64).encode(family)?;
+            gauge(encoder, name, help, &[], total as f64)?;
         }
     }
     Ok(())

@@ -81,6 +81,16 @@ pub fn read_cluster_name(data_dir: &std::path::Path) -> Option<String> {
 }
 
 impl NodeInfo {
+    /// The protocols the node listens for and where, as RabbitMQ names
+    /// them.
+    pub fn listeners(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut listeners = vec![("amqp", self.amqp_address), ("http", self.http_address)];
+        if let Some(amqps) = self.amqps_address {
+            listeners.push(("amqp/ssl", amqps));
+        }
+        listeners
+    }
+
     /// RabbitMQ's cluster name: the node's name until one is set.
     pub fn cluster_name(&self) -> String {
         self.cluster_name

@@ -60,19 +60,6 @@ fn alarm_check(state: &AppState, reason: &str) -> Check {
     }
 }
 
-/// The ports and protocols the node listens on.
-fn listeners(state: &AppState) -> Vec<(&'static str, u16)> {
-    let node = &state.node;
-    let mut listeners = vec![
-        ("amqp", node.amqp_address.port()),
-        ("http", node.http_address.port()),
-    ];
-    if let Some(amqps) = node.amqps_address {
-        listeners.push(("amqp/ssl", amqps.port()));
-    }
-    listeners
-}
-
 /// `GET /api/health/checks/port-listener/{port}`.
 pub async fn port_listener(
     State(state): State<AppState>,
@@ -82,7 +69,12 @@ pub async fn port_listener(
     let port: u64 = port
         .parse()
         .map_err(|_| ApiError::BadRequest("Invalid port".to_owned()))?;
-    let ports: Vec<u16> = listeners(&state).iter().map(|(_, port)| *port).collect();
+    let ports: Vec<u16> = state
+        .node
+        .listeners()
+        .iter()
+        .map(|(_, address)| address.port())
+        .collect();
     Ok(
         if ports.iter().any(|listening| u64::from(*listening) == port) {
             passed(json!({"port": port}))
@@ -103,7 +95,12 @@ pub async fn protocol_listener(
     _user: Credentials,
     Path(protocol): Path<String>,
 ) -> Check {
-    let served: Vec<&str> = listeners(&state).iter().map(|(name, _)| *name).collect();
+    let served: Vec<&str> = state
+        .node
+        .listeners()
+        .iter()
+        .map(|(protocol, _)| *protocol)
+        .collect();
     let asked = match protocol.to_ascii_lowercase().as_str() {
         "amqp" | "amqp091" | "amqp0-9-1" | "amqp0.9.1" => "amqp",
         "amqps" | "amqp/ssl" => "amqp/ssl",

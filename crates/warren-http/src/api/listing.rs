@@ -41,10 +41,8 @@ pub struct ListQuery {
     page_size: Option<String>,
     name: Option<String>,
     use_regex: Option<String>,
-    /// Sent by the management UI beside the others; paging follows from
-    /// `page` alone, as in RabbitMQ.
-    #[allow(dead_code)]
-    pagination: Option<String>,
+    // `pagination`, which the management UI also sends, is ignored:
+    // paging follows from `page` alone, as in RabbitMQ.
 }
 
 /// How the names of a paginated listing are filtered.

@@ -103,16 +103,14 @@ pub fn node_json(state: &AppState) -> Value {
         (disk_free, hub.broker().totals().connections)
     };
     let processors = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut listeners = vec![
-        json!({"protocol": "amqp", "port": node.amqp_address.port(),
-               "ip_address": node.amqp_address.ip().to_string()}),
-        json!({"protocol": "http", "port": node.http_address.port(),
-               "ip_address": node.http_address.ip().to_string()}),
-    ];
-    if let Some(amqps) = node.amqps_address {
-        listeners.push(json!({"protocol": "amqp/ssl", "port": amqps.port(),
-                              "ip_address": amqps.ip().to_string()}));
-    }
+    let listeners: Vec<Value> = node
+        .listeners()
+        .into_iter()
+        .map(|(protocol, address)| {
+            json!({"protocol": protocol, "port": address.port(),
+                   "ip_address": address.ip().to_string()})
+        })
+        .collect();
     let mut answer = json!({
         "name": node.name,
         "type": "disc",
