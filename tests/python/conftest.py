@@ -17,7 +17,9 @@ fixture starts nothing and yields an `ExternalBroker` pointing at that AMQP
 0-9-1 broker (for instance a RabbitMQ node started by scripts/rabbitmq.sh),
 so the same tests can be checked against RabbitMQ. The connection uses
 guest/guest on vhost "/" unless WARREN_TEST_EXTERNAL_USER,
-WARREN_TEST_EXTERNAL_PASSWORD or WARREN_TEST_EXTERNAL_VHOST say otherwise.
+WARREN_TEST_EXTERNAL_PASSWORD or WARREN_TEST_EXTERNAL_VHOST say otherwise;
+WARREN_TEST_EXTERNAL_HTTP=HOST:PORT names its management API (RabbitMQ's
+management plugin), for the tests that drive both brokers over HTTP.
 Tests that need a Warren process of their own (restarts, a config file, its
 log) are skipped in that mode: `broker_factory` and `start_broker` skip, and
 a test can be marked `@pytest.mark.warren_only("why")`. The broker is shared
@@ -161,6 +163,9 @@ class ExternalBroker(AmqpEndpoint):
         self.username = os.environ.get("WARREN_TEST_EXTERNAL_USER", "guest")
         self.password = os.environ.get("WARREN_TEST_EXTERNAL_PASSWORD", "guest")
         self.vhost = os.environ.get("WARREN_TEST_EXTERNAL_VHOST", "/")
+        http = os.environ.get("WARREN_TEST_EXTERNAL_HTTP", "").strip()
+        if http:
+            self.http_host, self.http_port = _split_addr(http)
 
     def log(self, tail: Optional[int] = None) -> str:
         return ""

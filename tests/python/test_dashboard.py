@@ -1,5 +1,5 @@
-"""The web dashboard in Chromium: runs tests/node/dashboard.test.js and
-tests/node/models.test.js.
+"""The web dashboard in Chromium: runs tests/node/dashboard.test.js,
+tests/node/policies.test.js and tests/node/models.test.js.
 
 That node:test file drives Debian's Chromium (/usr/bin/chromium, or
 CHROMIUM_PATH) with playwright-core: it logs in, watches a queue filled over
@@ -144,6 +144,14 @@ def test_dashboard_in_chromium(broker):
         TEST_FILE,
         {"WARREN_HTTP_URL": broker.http_url, "WARREN_AMQP_URL": broker.url},
         [ARTIFACTS_DIR / "dashboard-queues.png", ARTIFACTS_DIR / "dashboard-overview.png"],
+    )
+
+
+def test_policies_page_in_chromium(broker):
+    run_node_test(
+        "policies.test.js",
+        {"WARREN_HTTP_URL": broker.http_url},
+        [ARTIFACTS_DIR / "dashboard-policies.png"],
     )
 
 

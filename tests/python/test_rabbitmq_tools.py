@@ -138,6 +138,39 @@ def test_rabbitmqadmin_manages_vhosts_users_and_permissions(broker, admin, api):
     assert vhost not in names(raw(admin, "list", "vhosts"))
 
 
+def test_rabbitmqadmin_manages_policies_and_moves_definitions(broker, admin, api, tmp_path):
+    queue, policy, operator = uname("adm-pq"), uname("adm-policy"), uname("adm-op")
+    admin("declare", "queue", f"name={queue}", "durable=true")
+    assert "policy declared" in admin("declare", "policy", f"name={policy}",
+                                      f"pattern=^{queue}$", "apply-to=queues", "priority=2",
+                                      'definition={"max-length": 4}')
+    assert "operator_policy declared" in admin("declare", "operator_policy",
+                                               f"name={operator}", f"pattern=^{queue}$",
+                                               'definition={"max-length": 2}')
+    listed = {item["name"]: item for item in raw(admin, "list", "policies")}
+    assert listed[policy]["definition"] == {"max-length": 4}, listed
+    assert listed[policy]["apply-to"] == "queues" and listed[policy]["priority"] == 2
+    assert operator in names(raw(admin, "list", "operator_policies"))
+    info = api.json(f"/api/queues/%2F/{queue}")
+    assert (info["policy"], info["operator_policy"]) == (policy, operator), info
+    assert info["effective_policy_definition"] == {"max-length": 2}, info
+
+    # export writes the definitions to a file; import reads them back.
+    exported = tmp_path / "definitions.json"
+    assert "Exported definitions" in admin("export", str(exported))
+    definitions = json.loads(exported.read_text())
+    assert policy in names(definitions["policies"]), definitions["policies"]
+    assert queue in names(definitions["queues"]), definitions["queues"]
+    assert "operator_policy deleted" in admin("delete", "operator_policy", f"name={operator}")
+    assert "policy deleted" in admin("delete", "policy", f"name={policy}")
+    assert policy not in names(raw(admin, "list", "policies"))
+    assert "Uploaded definitions" in admin("import", str(exported))
+    assert policy in names(raw(admin, "list", "policies")), "the import brought it back"
+    assert operator in names(raw(admin, "list", "operator_policies"))
+    assert "policy deleted" in admin("delete", "policy", f"name={policy}")
+    assert "operator_policy deleted" in admin("delete", "operator_policy", f"name={operator}")
+
+
 def test_rabbitmqadmin_lists_nodes_and_closes_a_connection(broker, admin, api):
     (node,) = raw(admin, "list", "nodes")
     for field in ("name", "type", "running", "mem_used", "mem_limit", "mem_alarm",

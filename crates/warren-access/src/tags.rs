@@ -72,6 +72,11 @@ impl Tags {
         self.has("administrator")
     }
 
+    /// Sets and clears policies in the vhosts they may use.
+    pub fn can_make_policies(&self) -> bool {
+        self.is_administrator() || self.has("policymaker")
+    }
+
     /// Sees every vhost's queues and every connection, not only their own.
     pub fn can_monitor(&self) -> bool {
         self.is_administrator() || self.has("monitoring")

@@ -1,12 +1,14 @@
 //! Operator changes that reach past the access control into the running
 //! broker: a new vhost gets its exchanges, a deleted vhost loses its queues
-//! and its connections, a deleted user loses their connections. The HTTP
-//! API (and through it `warren ctl`) makes every such change here.
+//! and its connections, a deleted user loses their connections, a policy
+//! applies to the queues it matches at once. The HTTP API (and through it
+//! `warren ctl`) makes every such change here.
 
 use std::sync::Arc;
 
 use tracing::info;
 use warren_access::{AccessControl, AccessError, PasswordChange, Permissions, Tags};
+use warren_core::policy::{PolicyKind, PolicySpec};
 use warren_core::{BrokerError, Outbox};
 
 use crate::hub::SharedHub;
@@ -17,6 +19,8 @@ pub enum AdminError {
     Access(#[from] AccessError),
     #[error("deleting the vhost's queues: {0}")]
     Broker(BrokerError),
+    #[error(transparent)]
+    Policy(BrokerError),
 }
 
 #[derive(Clone)]
@@ -72,6 +76,49 @@ impl Admin {
         Ok(())
     }
 
+    /// Adds or replaces a policy, applies it to what it matches, and
+    /// returns once it is durable; true when it is new.
+    pub fn set_policy(&self, spec: PolicySpec) -> Result<bool, AdminError> {
+        let (name, vhost) = (spec.name.clone(), spec.vhost.clone());
+        let (created, durable_wait) = {
+            let mut hub = self.hub.lock();
+            let mut outbox = Outbox::default();
+            let created = hub.broker.set_policy(spec, &mut outbox);
+            hub.dispatch(&mut outbox);
+            (
+                created.map_err(AdminError::Policy)?,
+                hub.broker.take_topology_wait(),
+            )
+        };
+        wait_saved(durable_wait)?;
+        info!(policy = %name, %vhost, created, "policy set");
+        Ok(created)
+    }
+
+    /// Removes a policy and lifts what it set; false when there was none.
+    pub fn clear_policy(
+        &self,
+        kind: PolicyKind,
+        vhost: &str,
+        name: &str,
+    ) -> Result<bool, AdminError> {
+        let (found, durable_wait) = {
+            let mut hub = self.hub.lock();
+            let mut outbox = Outbox::default();
+            let found = hub.broker.clear_policy(kind, vhost, name, &mut outbox);
+            hub.dispatch(&mut outbox);
+            (
+                found.map_err(AdminError::Policy)?,
+                hub.broker.take_topology_wait(),
+            )
+        };
+        wait_saved(durable_wait)?;
+        if found {
+            info!(policy = %name, %vhost, "policy cleared");
+        }
+        Ok(found)
+    }
+
     /// True when the user is new.
     pub fn put_user(
         &self,
@@ -112,4 +159,16 @@ impl Admin {
         info!(%user, %vhost, "permissions cleared");
         Ok(())
     }
+}
+
+/// Waits until the journal has the change an operation made, if it made one.
+fn wait_saved(
+    durable_wait: Option<(warren_store::TopologyWaiter, warren_store::Ticket)>,
+) -> Result<(), AdminError> {
+    if let Some((waiter, ticket)) = durable_wait {
+        waiter.wait_durable(ticket).map_err(|error| {
+            AdminError::Policy(BrokerError::TopologyNotSaved(error.to_string()))
+        })?;
+    }
+    Ok(())
 }

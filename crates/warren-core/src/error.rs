@@ -229,6 +229,9 @@ pub enum BrokerError {
     /// An operation for a connection the broker does not know.
     #[error("connection is not open")]
     ConnectionNotOpen,
+    /// A policy's pattern or definition was refused.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     /// The topology journal refused a change; the store is failing.
     #[error("could not save the durable topology: {0}")]
     TopologyNotSaved(String),
@@ -261,7 +264,8 @@ impl BrokerError {
             | ReplyConsumerAcks
             | ReplyConsumerExists
             | NoReplyConsumer
-            | ConsumerTimeout { .. } => ErrorCode::PreconditionFailed,
+            | ConsumerTimeout { .. }
+            | Policy(_) => ErrorCode::PreconditionFailed,
             ConsumerTagInUse(_) => ErrorCode::NotAllowed,
             VhostDeleted(_) => ErrorCode::ConnectionForced,
             ConnectionNotOpen | TopologyNotSaved(_) => ErrorCode::InternalError,

@@ -10,8 +10,9 @@
 //! `topology` (vhosts, exchanges, bindings, routing), `queue` (a queue's
 //! messages, consumers, arguments, dead-lettering, flow), `session`
 //! (connections' channels and their unacknowledged deliveries) and
-//! `durable` (the bytes of what is stored); none of those four uses
-//! `broker`.
+//! `durable` (the bytes of what is stored), and `policy` (which policies
+//! apply to a queue or an exchange, over `queue`'s and `topology`'s
+//! types); none of those uses `broker`.
 
 mod broker;
 mod durable;
@@ -19,6 +20,7 @@ mod error;
 mod field;
 mod limits;
 mod message;
+pub mod policy;
 mod queue;
 mod session;
 mod stats;
@@ -49,7 +51,7 @@ pub use queue::{
 };
 pub use session::channel::{ChannelMode, UnwrittenDeliveries};
 pub use stats::{ExchangeCounts, LifecycleCounts, MessageCounts};
-pub use topology::exchange::{ExchangeKind, headers_match, topic_matches};
+pub use topology::exchange::{ExchangeKind, ExchangePolicy, headers_match, topic_matches};
 
 /// Identifies one client connection for the broker's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -349,7 +349,7 @@
   // rows are updated, added and removed rather than the table being rebuilt.
   // Each column is {head, cls, render(td, item)}; `rowAttrs(item)` gives the
   // row's attributes (e.g. data-queue).
-  function liveTable({ columns, key, rowAttrs, empty }) {
+  function liveTable({ columns, key, rowAttrs, empty, id }) {
     const tbody = h('tbody');
     const table = h('table', { class: 'data' },
       h('thead', null, h('tr', null, columns.map((c) => h('th', { class: c.cls }, c.head)))),
@@ -381,7 +381,7 @@
       table.hidden = items.length === 0;
     }
 
-    return { element: h('div', { class: 'table-wrap' }, table, emptyNote), update };
+    return { element: h('div', { class: 'table-wrap', id }, table, emptyNote), update };
   }
 
   // Column helpers: a text cell, and a cell holding one link.
@@ -621,6 +621,9 @@
       ['Auto-delete', fmtBool(q.auto_delete)],
       ['Exclusive', fmtBool(q.exclusive)],
       ['Arguments', fmtJson(q.arguments) || 'none'],
+      ['Policy', q.policy, 'policy'],
+      ['Operator policy', q.operator_policy, 'operator-policy'],
+      ['Effective policy', fmtJson(q.effective_policy_definition) || 'none', 'effective-policy'],
       ['Ready', fmtInt(q.messages_ready), 'messages-ready'],
       ['Unacked', fmtInt(q.messages_unacknowledged), 'messages-unacked'],
       ['Total', fmtInt(q.messages), 'messages'],
@@ -718,6 +721,104 @@
         h('dt', null, 'Payload'),
         h('dd', null, `${fmtInt(m.payload_bytes)} bytes, encoding ${m.payload_encoding}`)),
       h('pre', { class: 'payload' }, m.payload))));
+  }
+
+  // Policies and operator policies (/api/policies, /api/operator-policies):
+  // both listed, each with a delete button, and one form that sets either.
+  function policiesView(root) {
+    const policyTable = (kind, id) => liveTable({
+      key: (p) => `${p.vhost}/${p.name}`,
+      rowAttrs: (p) => ({ 'data-vhost': p.vhost, 'data-policy': p.name }),
+      empty: kind === 'policies' ? 'No policies.' : 'No operator policies.',
+      columns: [
+        textCol('Vhost', 'vhost', (p) => p.vhost),
+        textCol('Name', 'name', (p) => p.name),
+        textCol('Pattern', 'pattern', (p) => p.pattern),
+        textCol('Apply to', 'apply-to', (p) => p['apply-to']),
+        textCol('Definition', 'definition', (p) => fmtJson(p.definition)),
+        numCol('Priority', 'priority', (p) => fmtInt(p.priority)),
+        { head: '', cls: 'delete', render: (td, p) => deleteButton(td, kind, p) },
+      ],
+      id,
+    });
+    const policies = policyTable('policies', 'policies-table');
+    const operatorPolicies = policyTable('operator-policies', 'operator-policies-table');
+    root.append(
+      h('h2', null, 'Policies'), policies.element,
+      h('h2', null, 'Operator policies'), operatorPolicies.element,
+      policyForm(() => view.refresh()));
+
+    function deleteButton(td, kind, p) {
+      if (td.firstChild) return;
+      td.append(h('button', {
+        type: 'button',
+        class: 'secondary small',
+        onclick: () => {
+          if (!confirm(`Delete policy ${p.name} in vhost ${p.vhost}?`)) return;
+          act(async () => { await api.del(`/${kind}/${enc(p.vhost)}/${enc(p.name)}`); await view.refresh(); });
+        },
+      }, 'Delete'));
+    }
+
+    const view = {
+      async refresh() {
+        // Operator policies are the administrator's; a policymaker sees
+        // only the first table filled.
+        const [own, operators] = await Promise.all([
+          api.get('/policies'),
+          api.get('/operator-policies').catch(() => []),
+        ]);
+        policies.update(own);
+        operatorPolicies.update(operators);
+      },
+    };
+    return view;
+  }
+
+  function policyForm(onSet) {
+    const status = h('span', { class: 'form-status', role: 'status' });
+    const form = h('form', { class: 'card inline-form', id: 'policy-form' },
+      h('h3', null, 'Add or update a policy'),
+      field('Kind', h('select', { id: 'policy-kind', name: 'kind' },
+        h('option', { value: 'policies' }, 'policy'),
+        h('option', { value: 'operator-policies' }, 'operator policy'))),
+      field('Vhost', h('input', { id: 'policy-vhost', name: 'vhost', value: '/', required: true })),
+      field('Name', h('input', { id: 'policy-name', name: 'name', required: true })),
+      field('Pattern', h('input', { id: 'policy-pattern', name: 'pattern', required: true, placeholder: '^orders\\.' })),
+      field('Apply to', h('select', { id: 'policy-apply-to', name: 'applyTo' },
+        ...['all', 'queues', 'classic_queues', 'quorum_queues', 'exchanges'].map((v) => h('option', { value: v }, v)))),
+      field('Priority', h('input', { id: 'policy-priority', name: 'priority', type: 'number', value: '0' })),
+      field('Definition', h('textarea', {
+        id: 'policy-definition', name: 'definition', rows: 3, required: true,
+        placeholder: '{"max-length": 1000, "dead-letter-exchange": "dlx"}',
+      })),
+      h('button', { type: 'submit' }, 'Set policy'),
+      status);
+
+    form.addEventListener('submit', async (event) => {
+      event.preventDefault();
+      setText(status, '');
+      let definition;
+      try {
+        definition = JSON.parse(form.elements.definition.value);
+      } catch (err) {
+        setText(status, `The definition is not JSON: ${err.message}`);
+        return;
+      }
+      const kind = form.elements.kind.value;
+      const name = form.elements.name.value.trim();
+      await act(async () => {
+        const res = await api.put(`/${kind}/${enc(form.elements.vhost.value)}/${enc(name)}`, {
+          pattern: form.elements.pattern.value,
+          'apply-to': form.elements.applyTo.value,
+          priority: Number(form.elements.priority.value) || 0,
+          definition,
+        });
+        setText(status, res.status === 201 ? `Policy ${name} created.` : `Policy ${name} updated.`);
+        await onSet();
+      });
+    });
+    return form;
   }
 
   function connectionsView(root) {
@@ -917,7 +1018,8 @@
 
   // ----------------------------------------------------------------- router
 
-  // #/overview, #/queues, #/queues/<vhost>/<name>, #/connections, #/models;
+  // #/overview, #/queues, #/queues/<vhost>/<name>, #/connections, #/models,
+  // #/policies;
   // segments are percent-encoded, so a vhost "/" is one segment, %2F.
   function route() {
     const segments = location.hash.replace(/^#\/?/, '').split('/').filter((s) => s !== '');
@@ -933,6 +1035,7 @@
     if (tab === 'queues' && rest.length === 2) return { tab, mount: queueDetailView, params: rest };
     if (tab === 'connections' && rest.length === 0) return { tab, mount: connectionsView, params: [] };
     if (tab === 'models' && rest.length === 0) return { tab, mount: modelsView, params: [] };
+    if (tab === 'policies' && rest.length === 0) return { tab, mount: policiesView, params: [] };
     return { tab: '', mount: notFoundView, params: [] };
   }
 

@@ -128,6 +128,14 @@ impl HttpServer {
         self.listener.local_addr()
     }
 
+    /// Applies a definitions file (RabbitMQ's format) before the broker
+    /// takes clients: `load_definitions` in the configuration.
+    pub async fn load_definitions(&self, definitions: &[u8]) -> Result<(), String> {
+        api::definitions::load(&self.state, definitions)
+            .await
+            .map_err(|error| error.to_string())
+    }
+
     /// Serves until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
         let sampler = tokio::spawn(Arc::clone(&self.state.rates).run(self.state.hub.clone()));
@@ -160,8 +168,8 @@ impl HttpServer {
 
 fn router(state: AppState) -> Router {
     use api::{
-        access, bindings, connections, consume, exchanges, health, messages, nodes, overview,
-        queues,
+        access, bindings, connections, consume, definitions, exchanges, health, messages, nodes,
+        overview, policies, queues,
     };
     let binding_path = "/api/bindings/{vhost}/e/{source}/{kind}/{destination}";
     Router::new()
@@ -234,6 +242,33 @@ fn router(state: AppState) -> Router {
             get(access::show_permission)
                 .put(access::put_permission)
                 .delete(access::delete_permission),
+        )
+        .route(
+            "/api/definitions",
+            get(definitions::export_all).post(definitions::import_all),
+        )
+        .route(
+            "/api/definitions/{vhost}",
+            get(definitions::export_vhost).post(definitions::import_vhost),
+        )
+        .route("/api/policies", get(policies::list))
+        .route("/api/policies/{vhost}", get(policies::list))
+        .route(
+            "/api/policies/{vhost}/{name}",
+            get(policies::show)
+                .put(policies::put)
+                .delete(policies::delete),
+        )
+        .route("/api/operator-policies", get(policies::list_operator))
+        .route(
+            "/api/operator-policies/{vhost}",
+            get(policies::list_operator),
+        )
+        .route(
+            "/api/operator-policies/{vhost}/{name}",
+            get(policies::show_operator)
+                .put(policies::put_operator)
+                .delete(policies::delete_operator),
         )
         .route("/api/queues", get(queues::list))
         .route("/api/queues/{vhost}", get(queues::list))

@@ -19,6 +19,10 @@ use warren_http::HttpConfig;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// A definitions file (RabbitMQ's JSON, as `GET /api/definitions`
+    /// exports it) applied at every start, as RabbitMQ's
+    /// `load_definitions`.
+    pub load_definitions: Option<PathBuf>,
     #[serde(default)]
     pub amqp: AmqpSection,
     #[serde(default)]

@@ -1,4 +1,5 @@
-//! `warren ctl`: users, vhosts and permissions of a running broker, through
+//! `warren ctl`: users, vhosts, permissions, policies and models of a
+//! running broker, through
 //! its management API (as `rabbitmqctl` and `rabbitmqadmin` do for
 //! RabbitMQ). Every change is made, checked and persisted by the broker;
 //! this is only its command line.
@@ -99,6 +100,39 @@ enum CtlCommand {
     ListUserPermissions {
         user: String,
     },
+    /// Sets a policy, as `rabbitmqctl set_policy` does: NAME applies to
+    /// the queues and exchanges whose names match PATTERN (a regular
+    /// expression), with the settings of DEFINITION (a JSON object such as
+    /// '{"max-length":1000}').
+    SetPolicy {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    ClearPolicy {
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+        name: String,
+    },
+    /// Policies of one vhost.
+    ListPolicies {
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
+    /// Sets an operator policy: limits that cap what users' policies and
+    /// queue arguments set.
+    SetOperatorPolicy {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    ClearOperatorPolicy {
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+        name: String,
+    },
+    ListOperatorPolicies {
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
     /// Prints the Argon2id hash of a password, for `password_hash` in the
     /// configuration file; talks to no broker.
     HashPassword {
@@ -119,6 +153,43 @@ enum CtlCommand {
     },
     /// Model versions and their state.
     ListModels,
+}
+
+#[derive(Debug, Args)]
+struct PolicyArgs {
+    #[arg(short = 'p', long, default_value = "/")]
+    vhost: String,
+    /// Among the policies matching an object, the highest applies.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i64,
+    /// queues, classic_queues, quorum_queues, exchanges or all.
+    #[arg(long, default_value = "all")]
+    apply_to: String,
+    name: String,
+    pattern: String,
+    /// A JSON object of policy settings.
+    definition: String,
+}
+
+impl PolicyArgs {
+    fn path(&self, collection: &str) -> String {
+        format!(
+            "/api/{collection}/{}/{}",
+            segment(&self.vhost),
+            segment(&self.name)
+        )
+    }
+
+    fn body(&self) -> anyhow::Result<Value> {
+        let definition: Value = serde_json::from_str(&self.definition)
+            .with_context(|| format!("the definition is not JSON: {}", self.definition))?;
+        Ok(json!({
+            "pattern": self.pattern,
+            "definition": definition,
+            "priority": self.priority,
+            "apply-to": self.apply_to,
+        }))
+    }
 }
 
 /// The one `[[model]]` entry of a file, as JSON.
@@ -242,6 +313,16 @@ fn print_rows(rows: &Value, columns: &[&str]) {
         println!("{}", cells.join("\t"));
     }
 }
+
+/// The columns `rabbitmqctl list_policies` prints.
+const POLICY_COLUMNS: &[&str] = &[
+    "vhost",
+    "name",
+    "pattern",
+    "apply-to",
+    "definition",
+    "priority",
+];
 
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let client = Client::new(&args);
@@ -370,6 +451,44 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::ListModels => {
             let models = client.call("GET", "/api/models", None)?;
             print_rows(&models, &["name", "version", "state", "queue", "messages"]);
+        }
+        CtlCommand::SetPolicy { policy } => {
+            client.call("PUT", &policy.path("policies"), Some(policy.body()?))?;
+            println!("policy '{}' set in '{}'", policy.name, policy.vhost);
+        }
+        CtlCommand::SetOperatorPolicy { policy } => {
+            client.call(
+                "PUT",
+                &policy.path("operator-policies"),
+                Some(policy.body()?),
+            )?;
+            println!(
+                "operator policy '{}' set in '{}'",
+                policy.name, policy.vhost
+            );
+        }
+        CtlCommand::ClearPolicy { vhost, name } => {
+            let path = format!("/api/policies/{}/{}", segment(&vhost), segment(&name));
+            client.call("DELETE", &path, None)?;
+            println!("policy '{name}' cleared in '{vhost}'");
+        }
+        CtlCommand::ClearOperatorPolicy { vhost, name } => {
+            let path = format!(
+                "/api/operator-policies/{}/{}",
+                segment(&vhost),
+                segment(&name)
+            );
+            client.call("DELETE", &path, None)?;
+            println!("operator policy '{name}' cleared in '{vhost}'");
+        }
+        CtlCommand::ListPolicies { vhost } => {
+            let rows = client.call("GET", &format!("/api/policies/{}", segment(&vhost)), None)?;
+            print_rows(&rows, POLICY_COLUMNS);
+        }
+        CtlCommand::ListOperatorPolicies { vhost } => {
+            let path = format!("/api/operator-policies/{}", segment(&vhost));
+            let rows = client.call("GET", &path, None)?;
+            print_rows(&rows, POLICY_COLUMNS);
         }
         CtlCommand::HashPassword { password } => {
             let password = password_or_stdin(password)?;

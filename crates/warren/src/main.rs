@@ -326,6 +326,14 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
     .await
     .with_context(|| format!("binding the HTTP listener to {}", args.http_listen))?;
     let http_address = http.local_addr()?;
+    if let Some(path) = &file_config.load_definitions {
+        let definitions = std::fs::read(path)
+            .with_context(|| format!("reading load_definitions {}", path.display()))?;
+        http.load_definitions(&definitions)
+            .await
+            .map_err(|error| anyhow::anyhow!("load_definitions {}: {error}", path.display()))?;
+        info!(file = %path.display(), "definitions loaded");
+    }
     let signal = shutdown_signal()?;
     info!(
         version = env!("CARGO_PKG_VERSION"),

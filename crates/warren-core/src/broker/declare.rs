@@ -107,12 +107,17 @@ impl Broker {
             });
         }
         let exchange = Exchange {
-            name: declare.name,
             kind,
             durable: declare.durable,
             auto_delete: declare.auto_delete,
             internal: declare.internal,
             arguments: declare.arguments,
+            policy: self
+                .policies
+                .get(&vhost_name)
+                .map(|policies| policies.for_exchange(declare.name.as_str()))
+                .unwrap_or_default(),
+            name: declare.name,
             bindings: Bindings::new(kind),
             counts: Default::default(),
         };
@@ -286,8 +291,7 @@ impl Broker {
         self.next_queue_id += 1;
         let id = QueueId(self.next_queue_id);
         let owner = declare.exclusive.then_some(connection);
-        let expires_ms = args.expires_ms;
-        let queue = Queue::new(
+        let mut queue = Queue::new(
             id,
             name.clone(),
             vhost_name.clone(),
@@ -299,6 +303,8 @@ impl Broker {
             self.now_ms(),
         )
         .spill_to(self.spill.clone());
+        self.policy_for_new_queue(&mut queue);
+        let expires_ms = queue.args.expires_ms;
         if let Some(entry) = queue.durable_entry() {
             self.topology_changes
                 .push(TopologyChange::Added(entry.into()));

@@ -97,6 +97,7 @@ impl Broker {
         for id in queues {
             self.delete_queue_by_id(id, out);
         }
+        self.drop_policies(name);
         if let Some(mut vhost) = self.vhosts.remove(name) {
             let names: Vec<ShortString> = vhost.exchanges.keys().cloned().collect();
             for name in names {

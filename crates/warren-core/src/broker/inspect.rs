@@ -8,9 +8,10 @@ use std::sync::atomic::Ordering;
 
 use super::Broker;
 use crate::queue::Queue;
+use crate::queue::arguments::AppliedPolicy;
 use crate::session::channel::ChannelMode;
 use crate::stats::{ExchangeCounts, LifecycleCounts, MessageCounts};
-use crate::topology::exchange::Destination;
+use crate::topology::exchange::{Destination, ExchangePolicy};
 use crate::{ConnectionId, QueueId};
 #[derive(Debug, Clone)]
 pub struct QueueInfo {
@@ -21,6 +22,8 @@ pub struct QueueInfo {
     pub exclusive: bool,
     pub quorum: bool,
     pub arguments: FieldTable,
+    /// The policies that apply, and their merged definition.
+    pub policy: AppliedPolicy,
     pub ready: usize,
     pub ready_bytes: u64,
     /// Ready messages whose body is in memory; the rest wait on disk.
@@ -39,6 +42,7 @@ pub struct ExchangeInfo {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
+    pub policy: ExchangePolicy,
     pub counts: ExchangeCounts,
 }
 
@@ -175,6 +179,18 @@ impl Broker {
     }
 
     /// Exchanges sorted by vhost and name; `vhost` narrows to one.
+    pub fn exchange_exists(&self, vhost: &str, name: &str) -> bool {
+        self.vhosts
+            .get(vhost)
+            .is_some_and(|state| state.exchanges.contains_key(name))
+    }
+
+    pub fn queue_exists(&self, vhost: &str, name: &str) -> bool {
+        self.vhosts
+            .get(vhost)
+            .is_some_and(|state| state.queues.contains_key(name))
+    }
+
     pub fn exchange_infos(&self, vhost: Option<&str>) -> Vec<ExchangeInfo> {
         let mut infos = Vec::new();
         for (vhost_name, state) in &self.vhosts {
@@ -189,6 +205,7 @@ impl Broker {
                 auto_delete: exchange.auto_delete,
                 internal: exchange.internal,
                 arguments: exchange.arguments.clone(),
+                policy: exchange.policy.clone(),
                 counts: exchange.counts.get(),
             }));
         }
@@ -379,6 +396,7 @@ fn queue_info(queue: &Queue) -> QueueInfo {
         exclusive: queue.exclusive_owner.is_some(),
         quorum: queue.is_quorum(),
         arguments: queue.arguments.clone(),
+        policy: queue.policy.clone(),
         ready: queue.ready_count(),
         ready_bytes: queue.ready_bytes(),
         ready_in_memory: queue.resident_count(),

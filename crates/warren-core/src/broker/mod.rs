@@ -38,6 +38,7 @@ mod durable;
 mod effect;
 mod flow;
 pub mod inspect;
+mod policies;
 mod publish;
 mod recovery;
 pub mod reply_to;
@@ -59,6 +60,7 @@ pub use request::{Consume, ExchangeDeclare, GetOk, Published, QueueDeclare, Queu
 use crate::durable::Store;
 use crate::error::{BrokerError, BrokerResult, Resource};
 use crate::limits::Limits;
+use crate::policy::VhostPolicies;
 use crate::queue::discard::forget_copy;
 use crate::queue::{Queue, Stored};
 use crate::session::ConnectionState;
@@ -110,6 +112,8 @@ pub struct Broker {
     /// The broker's memory is over its high watermark: queues keep no new
     /// message body in memory (see `set_memory_pressure`).
     memory_pressure: AtomicBool,
+    /// Each vhost's policies and operator policies, by vhost name.
+    policies: HashMap<String, VhostPolicies>,
     /// Durable entries the current operation added and removed, handed to
     /// the topology journal when it ends (`sync_topology`).
     topology_changes: Vec<TopologyChange>,
@@ -142,6 +146,7 @@ impl Broker {
             pending_deliveries: Mutex::new(PendingDeliveries::default()),
             rounds_hint: AtomicBool::new(false),
             memory_pressure: AtomicBool::new(false),
+            policies: HashMap::new(),
             topology_changes: Vec::new(),
             topology_ticket: None,
         };

@@ -9,6 +9,7 @@ use warren_store::{Location, MessageLog};
 use super::Broker;
 use super::dead_letter::dead_letter;
 use super::effect::Outbox;
+use super::policies::drop_over_length;
 use super::request::Published;
 use crate::durable::codec::encode_message_head;
 use crate::error::{BrokerError, BrokerResult, Resource};
@@ -136,18 +137,7 @@ impl Broker {
                 log,
                 self.memory_pressure(),
             );
-            while queue.over_length() {
-                let Some(dropped) = queue.pop_loaded(log, now_ms) else {
-                    break;
-                };
-                let dead = DeadLetter {
-                    queue: *id,
-                    message: dropped.message,
-                    stored: dropped.stored,
-                    reason: DeathReason::Maxlen,
-                };
-                dead_letter(&mut queue, dead, out);
-            }
+            drop_over_length(&mut queue, log, now_ms, out);
             if let Some(at) = meta.expires.deadline() {
                 self.schedule_locked(&mut queue, at);
             }

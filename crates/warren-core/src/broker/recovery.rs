@@ -10,10 +10,12 @@ use std::sync::Arc;
 use warren_store::{Location, MessageLog, RecoveredMessage, Recovery, SpillArea, TopologyJournal};
 
 use super::Broker;
+use super::effect::Outbox;
 use crate::QueueId;
 use crate::durable::codec::decode_stored_message;
 use crate::durable::entry::{self, DurableDestination, TopologyEntry, binding_entry};
 use crate::durable::{RecoveryError, RecoverySummary, Store};
+use crate::policy::{PolicySpec, VhostPolicies};
 use crate::queue::arguments::{QueueArguments, QueueShape};
 use crate::queue::{MessageMeta, Queue};
 use crate::topology::VHost;
@@ -80,6 +82,10 @@ impl Broker {
                     ))
                 })?;
         }
+        // No queue holds a message yet: applying policies only sets what
+        // the queues run on.
+        let mut out = Outbox::default();
+        self.apply_all_policies(&mut out);
         Ok(summary)
     }
 
@@ -149,7 +155,7 @@ impl Broker {
     /// Every entry the durable topology has now, sorted: what the journal
     /// holds once it has synced.
     pub fn durable_topology(&self) -> Vec<Vec<u8>> {
-        let mut entries = encode_topology(&self.vhosts, &self.queues);
+        let mut entries = encode_topology(&self.vhosts, &self.queues, &self.policies);
         entries.sort();
         entries
     }
@@ -176,6 +182,7 @@ impl Broker {
                         auto_delete,
                         internal,
                         arguments,
+                        policy: Default::default(),
                         bindings: Bindings::new(kind),
                         counts: Default::default(),
                     },
@@ -263,6 +270,16 @@ impl Broker {
                 });
                 summary.bindings += 1;
             }
+            TopologyEntry::Policy {
+                vhost,
+                name,
+                operator,
+                value,
+            } => {
+                self.add_vhost(vhost.as_str());
+                let spec = PolicySpec::from_entry(vhost.as_str(), name.as_str(), operator, &value)?;
+                self.restore_policy(spec);
+            }
         }
         Some(())
     }
@@ -273,6 +290,7 @@ impl Broker {
 fn encode_topology(
     vhosts: &HashMap<String, VHost>,
     queues: &HashMap<QueueId, Mutex<Queue>>,
+    policies: &HashMap<String, VhostPolicies>,
 ) -> Vec<Vec<u8>> {
     let mut entries = Vec::new();
     for (vhost_name, vhost) in vhosts {
@@ -312,6 +330,9 @@ fn encode_topology(
         for id in vhost.queues.values() {
             entries.extend(queues[id].lock().durable_entry().map(Vec::from));
         }
+    }
+    for vhost in policies.values() {
+        entries.extend(vhost.all().map(|policy| Vec::from(policy.durable_entry())));
     }
     entries
 }

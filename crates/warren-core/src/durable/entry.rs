@@ -1,5 +1,5 @@
-//! The entries of the durable topology: one per durable exchange, queue
-//! and binding, as the topology journal keeps them (docs/storage-format.md
+//! The entries of the durable topology: one per durable exchange, queue,
+//! binding and policy, as the topology journal keeps them (docs/storage-format.md
 //! gives the layout). This module knows the bytes only; the exchange and
 //! the queue say when they have an entry, and the broker rebuilds itself
 //! from the decoded ones.
@@ -11,6 +11,9 @@ use super::codec::{Reader, put_short, put_table};
 const ENTRY_EXCHANGE: u8 = 1;
 const ENTRY_QUEUE: u8 = 2;
 const ENTRY_BINDING: u8 = 3;
+const ENTRY_POLICY: u8 = 4;
+const POLICY_KIND_USER: u8 = 0;
+const POLICY_KIND_OPERATOR: u8 = 1;
 const DESTINATION_QUEUE: u8 = 0;
 const DESTINATION_EXCHANGE: u8 = 1;
 
@@ -53,6 +56,35 @@ pub(crate) enum TopologyEntry {
         routing_key: ShortString,
         arguments: FieldTable,
     },
+    Policy {
+        vhost: ShortString,
+        name: ShortString,
+        /// An operator policy rather than a user's.
+        operator: bool,
+        /// RabbitMQ's runtime parameter value: `pattern`, `apply-to`,
+        /// `priority` and `definition`.
+        value: FieldTable,
+    },
+}
+
+/// The entry of a policy; `value` holds its pattern, apply-to, priority
+/// and definition as RabbitMQ's runtime parameter does.
+pub(crate) fn policy_entry(
+    vhost: &str,
+    name: &str,
+    operator: bool,
+    value: &FieldTable,
+) -> Box<[u8]> {
+    let mut entry = vec![ENTRY_POLICY];
+    put_short(&mut entry, vhost);
+    put_short(&mut entry, name);
+    entry.push(if operator {
+        POLICY_KIND_OPERATOR
+    } else {
+        POLICY_KIND_USER
+    });
+    put_table(&mut entry, value);
+    entry.into()
 }
 
 pub(crate) fn exchange_entry(
@@ -158,6 +190,21 @@ pub(crate) fn decode(entry: &[u8]) -> Option<TopologyEntry> {
                 arguments: reader.table()?,
             })
         }
+        ENTRY_POLICY => {
+            let vhost = reader.short()?;
+            let name = reader.short()?;
+            let operator = match reader.u8()? {
+                POLICY_KIND_USER => false,
+                POLICY_KIND_OPERATOR => true,
+                _ => return None,
+            };
+            Some(TopologyEntry::Policy {
+                vhost,
+                name,
+                operator,
+                value: reader.table()?,
+            })
+        }
         _ => None,
     }
 }
@@ -219,6 +266,16 @@ mod tests {
                 destination: "errors".into(),
                 routing_key: "*.error".into(),
                 arguments: FieldTable::default(),
+            })
+        );
+        let policy = policy_entry("/", "ttl", true, &arguments());
+        assert_eq!(
+            decode(&policy),
+            Some(TopologyEntry::Policy {
+                vhost: "/".into(),
+                name: "ttl".into(),
+                operator: true,
+                value: arguments(),
             })
         );
     }

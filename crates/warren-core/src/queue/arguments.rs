@@ -3,6 +3,11 @@
 //! once when a queue is declared. A value of the wrong type or out of range
 //! is refused with 406 PRECONDITION_FAILED, naming the argument, as
 //! RabbitMQ does.
+//!
+//! A queue runs on its *effective* arguments: what it was declared with,
+//! combined with what the policies that apply to it set
+//! (`QueueArguments::with_policy`), by RabbitMQ's rules: the lower of two
+//! limits, the queue's own dead-letter target.
 
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 
@@ -54,13 +59,91 @@ pub struct QueueArguments {
     pub max_length: Option<u64>,
     pub max_length_bytes: Option<u64>,
     pub overflow: Overflow,
+    /// Whether `x-overflow` was given: `overflow` alone cannot say, since
+    /// drop-head is also the default, and a classic queue's own value
+    /// wins over a policy's.
+    pub overflow_declared: bool,
     pub max_priority: Option<u8>,
     pub single_active_consumer: bool,
     pub queue_type: QueueType,
     /// Returns of one message to the queue before it is dead-lettered with
-    /// reason `delivery_limit` (quorum queues only).
+    /// reason `delivery_limit` (quorum queues only). As declared, None
+    /// when not given; in effect, None means no limit.
     pub delivery_limit: Option<u64>,
     pub consumer_timeout_ms: Option<u64>,
+}
+
+/// What a queue's policy and operator policy, merged, set for it: the
+/// queue keys of a policy definition, typed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyArguments {
+    pub message_ttl_ms: Option<u64>,
+    pub expires_ms: Option<u64>,
+    pub dead_letter_exchange: Option<ShortString>,
+    pub dead_letter_routing_key: Option<ShortString>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Option<Overflow>,
+    /// A negative limit means none, as in RabbitMQ 4.
+    pub delivery_limit: Option<i64>,
+    pub consumer_timeout_ms: Option<u64>,
+}
+
+impl PolicyArguments {
+    /// Merges a policy's settings with an operator policy's, as RabbitMQ
+    /// does: for a key both set, the lower limit (for the delivery limit,
+    /// the more conservative of an unlimited and a limited one) and the
+    /// operator's overflow; a key only one sets is taken from it.
+    pub fn merge_operator(&self, operator: &PolicyArguments) -> PolicyArguments {
+        PolicyArguments {
+            message_ttl_ms: lower(self.message_ttl_ms, operator.message_ttl_ms),
+            expires_ms: lower(self.expires_ms, operator.expires_ms),
+            dead_letter_exchange: operator
+                .dead_letter_exchange
+                .clone()
+                .or_else(|| self.dead_letter_exchange.clone()),
+            dead_letter_routing_key: operator
+                .dead_letter_routing_key
+                .clone()
+                .or_else(|| self.dead_letter_routing_key.clone()),
+            max_length: lower(self.max_length, operator.max_length),
+            max_length_bytes: lower(self.max_length_bytes, operator.max_length_bytes),
+            overflow: operator.overflow.or(self.overflow),
+            delivery_limit: match (self.delivery_limit, operator.delivery_limit) {
+                (Some(a), Some(b)) => Some(stricter_delivery_limit(a, b)),
+                (a, b) => a.or(b),
+            },
+            consumer_timeout_ms: lower(self.consumer_timeout_ms, operator.consumer_timeout_ms),
+        }
+    }
+}
+
+/// The policies that apply to a queue, as the queue keeps them: their
+/// names and merged definition for the management API, and the settings
+/// it runs on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppliedPolicy {
+    pub policy: Option<String>,
+    pub operator_policy: Option<String>,
+    /// RabbitMQ's `effective_policy_definition`: both definitions merged,
+    /// every key, those Warren ignores included.
+    pub definition: FieldTable,
+    pub arguments: PolicyArguments,
+}
+
+/// The lower of two optional limits, or whichever is set.
+fn lower(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// RabbitMQ's rule for two delivery limits: a negative one means none, and
+/// when either is negative the higher wins (a real limit over none);
+/// otherwise the lower.
+fn stricter_delivery_limit(a: i64, b: i64) -> i64 {
+    if a < 0 || b < 0 { a.max(b) } else { a.min(b) }
 }
 
 /// What the queue is, for error messages and for the rules that depend on
@@ -158,7 +241,8 @@ impl QueueArguments {
             }
         }
 
-        let overflow = match text("x-overflow")?.as_ref().map(|t| t.as_str()) {
+        let declared_overflow = text("x-overflow")?;
+        let overflow = match declared_overflow.as_ref().map(|t| t.as_str()) {
             None | Some("drop-head") => Overflow::DropHead,
             Some("reject-publish") => Overflow::RejectPublish,
             Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
@@ -218,6 +302,7 @@ impl QueueArguments {
             max_length: integer("x-max-length", 0, i64::MAX as i128)?,
             max_length_bytes: integer("x-max-length-bytes", 0, i64::MAX as i128)?,
             overflow,
+            overflow_declared: declared_overflow.is_some(),
             // 0 is accepted, as by RabbitMQ, and means one level: no
             // priorities at all.
             max_priority: integer("x-max-priority", 0, PRIORITY_MAX as i128)?
@@ -225,12 +310,58 @@ impl QueueArguments {
                 .map(|priority| priority as u8),
             single_active_consumer,
             queue_type,
-            delivery_limit: match queue_type {
-                QueueType::Quorum => delivery_limit.or(Some(QUORUM_DELIVERY_LIMIT_DEFAULT)),
-                QueueType::Classic => None,
-            },
+            delivery_limit,
             consumer_timeout_ms: integer("x-consumer-timeout", 1, duration_max)?,
         })
+    }
+
+    /// The arguments a queue declared with these runs on under `policy`
+    /// (its policies' settings merged, `PolicyArguments::merge_operator`),
+    /// by RabbitMQ's rules for a key both set: the lower of two limits and
+    /// timeouts; the queue's own dead-letter target; the queue's own
+    /// overflow for a classic queue and the policy's for a quorum queue;
+    /// for the delivery limit, the stricter, then RabbitMQ 4's default of
+    /// 20 for a quorum queue neither sets.
+    pub fn with_policy(&self, policy: &PolicyArguments) -> QueueArguments {
+        let overflow = match (self.queue_type, policy.overflow) {
+            (QueueType::Quorum, Some(overflow)) => overflow,
+            (QueueType::Classic, Some(overflow)) if !self.overflow_declared => overflow,
+            _ => self.overflow,
+        };
+        let dead_letter_exchange = self
+            .dead_letter_exchange
+            .clone()
+            .or_else(|| policy.dead_letter_exchange.clone());
+        let dead_letter_routing_key = self
+            .dead_letter_routing_key
+            .clone()
+            .or_else(|| policy.dead_letter_routing_key.clone());
+        let declared_limit = self
+            .delivery_limit
+            .map(|limit| limit.min(i64::MAX as u64) as i64);
+        let delivery_limit = match self.queue_type {
+            QueueType::Classic => None,
+            QueueType::Quorum => match (declared_limit, policy.delivery_limit) {
+                (None, None) => Some(QUORUM_DELIVERY_LIMIT_DEFAULT),
+                (Some(a), Some(b)) => u64::try_from(stricter_delivery_limit(a, b)).ok(),
+                (a, b) => a.or(b).and_then(|limit| u64::try_from(limit).ok()),
+            },
+        };
+        QueueArguments {
+            message_ttl_ms: lower(self.message_ttl_ms, policy.message_ttl_ms),
+            expires_ms: lower(self.expires_ms, policy.expires_ms),
+            dead_letter_exchange,
+            dead_letter_routing_key,
+            max_length: lower(self.max_length, policy.max_length),
+            max_length_bytes: lower(self.max_length_bytes, policy.max_length_bytes),
+            overflow,
+            overflow_declared: self.overflow_declared,
+            max_priority: self.max_priority,
+            single_active_consumer: self.single_active_consumer,
+            queue_type: self.queue_type,
+            delivery_limit,
+            consumer_timeout_ms: lower(self.consumer_timeout_ms, policy.consumer_timeout_ms),
+        }
     }
 }
 
@@ -335,7 +466,118 @@ mod tests {
             parsed.dead_letter_exchange.as_ref().unwrap().as_str(),
             "dlx"
         );
-        assert_eq!(parsed.delivery_limit, Some(QUORUM_DELIVERY_LIMIT_DEFAULT));
+        assert_eq!(parsed.delivery_limit, None, "as declared");
+        assert_eq!(
+            parsed
+                .with_policy(&PolicyArguments::default())
+                .delivery_limit,
+            Some(QUORUM_DELIVERY_LIMIT_DEFAULT),
+            "in effect"
+        );
+    }
+
+    fn quorum(entries: &[(&str, AMQPValue)]) -> QueueArguments {
+        let mut entries = entries.to_vec();
+        entries.push(("x-queue-type", AMQPValue::LongString("quorum".into())));
+        QueueArguments::parse(&table(&entries), &shape()).unwrap()
+    }
+
+    #[test]
+    fn a_policy_lowers_limits_and_fills_what_the_queue_leaves_out() {
+        let declared = QueueArguments::parse(
+            &table(&[
+                ("x-message-ttl", AMQPValue::LongInt(500)),
+                ("x-max-length", AMQPValue::LongInt(10)),
+                (
+                    "x-dead-letter-exchange",
+                    AMQPValue::LongString("own".into()),
+                ),
+                ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+            ]),
+            &shape(),
+        )
+        .unwrap();
+        let policy = PolicyArguments {
+            message_ttl_ms: Some(100),
+            max_length: Some(50),
+            max_length_bytes: Some(4096),
+            dead_letter_exchange: Some("policy".into()),
+            overflow: Some(Overflow::DropHead),
+            expires_ms: Some(60_000),
+            ..Default::default()
+        };
+        let effective = declared.with_policy(&policy);
+        assert_eq!(effective.message_ttl_ms, Some(100), "the lower TTL");
+        assert_eq!(effective.max_length, Some(10), "the lower length");
+        assert_eq!(effective.max_length_bytes, Some(4096), "only the policy's");
+        assert_eq!(effective.expires_ms, Some(60_000), "only the policy's");
+        assert_eq!(effective.dead_letter_exchange.unwrap().as_str(), "own");
+        assert_eq!(
+            effective.overflow,
+            Overflow::RejectPublish,
+            "a classic queue's own overflow wins"
+        );
+        let undeclared = QueueArguments::parse(&table(&[]), &shape()).unwrap();
+        assert_eq!(
+            undeclared.with_policy(&policy).overflow,
+            Overflow::DropHead,
+            "the policy's, when the queue gives none"
+        );
+        let reject = PolicyArguments {
+            overflow: Some(Overflow::RejectPublish),
+            ..Default::default()
+        };
+        let declared_quorum = quorum(&[("x-overflow", AMQPValue::LongString("drop-head".into()))]);
+        assert_eq!(
+            declared_quorum.with_policy(&reject).overflow,
+            Overflow::RejectPublish,
+            "a quorum queue takes the policy's overflow"
+        );
+    }
+
+    #[test]
+    fn delivery_limits_follow_rabbitmq_4() {
+        let limit = |declared: Option<i64>, policy: Option<i64>| {
+            let entries: Vec<(&str, AMQPValue)> = declared
+                .map(|limit| ("x-delivery-limit", AMQPValue::LongLongInt(limit)))
+                .into_iter()
+                .collect();
+            quorum(&entries)
+                .with_policy(&PolicyArguments {
+                    delivery_limit: policy,
+                    ..Default::default()
+                })
+                .delivery_limit
+        };
+        assert_eq!(limit(None, None), Some(QUORUM_DELIVERY_LIMIT_DEFAULT));
+        assert_eq!(limit(Some(5), None), Some(5));
+        assert_eq!(limit(None, Some(3)), Some(3));
+        assert_eq!(limit(Some(5), Some(3)), Some(3), "the lower");
+        assert_eq!(
+            limit(None, Some(-1)),
+            None,
+            "a negative policy limit lifts it"
+        );
+        assert_eq!(limit(Some(5), Some(-1)), Some(5), "a limit wins over none");
+        let merged = PolicyArguments {
+            delivery_limit: Some(-1),
+            max_length: Some(100),
+            overflow: Some(Overflow::DropHead),
+            ..Default::default()
+        }
+        .merge_operator(&PolicyArguments {
+            delivery_limit: Some(7),
+            max_length: Some(10),
+            overflow: Some(Overflow::RejectPublish),
+            ..Default::default()
+        });
+        assert_eq!(merged.delivery_limit, Some(7));
+        assert_eq!(merged.max_length, Some(10));
+        assert_eq!(
+            merged.overflow,
+            Some(Overflow::RejectPublish),
+            "the operator's"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub(crate) mod flow;
 mod priority;
 mod spilled;
 
-use arguments::{QueueArguments, QueueType, message_expiration_ms};
+use arguments::{AppliedPolicy, PolicyArguments, QueueArguments, QueueType, message_expiration_ms};
 use dead_letter::DeadLetter;
 use flow::FlowGauge;
 use priority::PriorityBacklog;
@@ -241,6 +241,10 @@ pub struct Queue {
     pub auto_delete: bool,
     pub arguments: FieldTable,
     /// The validated form of `arguments`.
+    pub declared: QueueArguments,
+    /// The policies that apply to it (`set_policy`).
+    pub policy: AppliedPolicy,
+    /// What it runs on: `declared` under `policy`.
     pub args: QueueArguments,
     backlog: Box<dyn Backlog<QueuedMessage>>,
     /// Where the backlog keeps what does not fit its head in memory; None
@@ -323,9 +327,10 @@ impl Queue {
         exclusive_owner: Option<ConnectionId>,
         auto_delete: bool,
         arguments: FieldTable,
-        args: QueueArguments,
+        declared: QueueArguments,
         now_ms: u64,
     ) -> Self {
+        let args = declared.with_policy(&PolicyArguments::default());
         Self {
             id,
             name,
@@ -335,6 +340,8 @@ impl Queue {
             auto_delete,
             arguments,
             backlog: empty_backlog(&args, None),
+            declared,
+            policy: AppliedPolicy::default(),
             args,
             spill: None,
             next_sequence: 0,
@@ -553,6 +560,21 @@ impl Queue {
     }
 
     /// Whether one more message of `body_bytes` would exceed a length limit.
+    /// Runs the queue under other policies from now on. Messages already
+    /// waiting keep the expiry they were given on arrival, as in RabbitMQ;
+    /// the caller trims the queue to a lowered length limit and restarts
+    /// its expiry countdown when `expires` changed (true).
+    pub fn set_policy(&mut self, policy: AppliedPolicy, now_ms: u64) -> bool {
+        let args = self.declared.with_policy(&policy.arguments);
+        let expiry_changed = args.expires_ms != self.args.expires_ms;
+        if expiry_changed {
+            self.last_used_ms = now_ms;
+        }
+        self.args = args;
+        self.policy = policy;
+        expiry_changed
+    }
+
     pub fn would_overflow(&self, body_bytes: usize) -> bool {
         self.args
             .max_length

@@ -78,11 +78,22 @@ pub struct Exchange {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
+    /// The policies that apply to it.
+    pub policy: ExchangePolicy,
     /// Bindings whose source is this exchange, indexed for its kind.
     pub bindings: Bindings,
     /// Counted through the shared reference routing already holds:
     /// publishers on several threads route through one exchange at once.
     pub counts: PublishCounters,
+}
+
+/// The policies applying to an exchange: their names for the management
+/// API, and the one setting a policy can give an exchange.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExchangePolicy {
+    pub policy: Option<String>,
+    pub operator_policy: Option<String>,
+    pub alternate_exchange: Option<ShortString>,
 }
 
 /// An exchange's `ExchangeCounts`, counted without a lock.
@@ -110,13 +121,17 @@ impl Exchange {
         }
     }
 
-    /// The `alternate-exchange` argument: where messages this exchange
-    /// cannot route go instead.
+    /// Where messages this exchange cannot route go instead: its
+    /// `alternate-exchange` argument, or else its policy's, as in RabbitMQ.
     pub fn alternate_exchange(&self) -> Option<&str> {
         match self.arguments.inner().get("alternate-exchange") {
             Some(AMQPValue::LongString(name)) => std::str::from_utf8(name.as_bytes()).ok(),
             Some(AMQPValue::ShortString(name)) => Some(name.as_str()),
-            _ => None,
+            _ => self
+                .policy
+                .alternate_exchange
+                .as_ref()
+                .map(ShortString::as_str),
         }
     }
 

@@ -34,6 +34,7 @@ impl VHost {
                     auto_delete: false,
                     internal: false,
                     arguments: FieldTable::default(),
+                    policy: Default::default(),
                     bindings: Bindings::new(*kind),
                     counts: Default::default(),
                 };

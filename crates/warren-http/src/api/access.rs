@@ -18,7 +18,7 @@ use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-fn user_json(user: &User) -> Value {
+pub fn user_json(user: &User) -> Value {
     let tags: Vec<&str> = user.tags.iter().collect();
     json!({
         "name": user.name,
@@ -39,7 +39,7 @@ fn permission_json(entry: &PermissionEntry) -> Value {
     })
 }
 
-fn admin_error(error: AdminError) -> ApiError {
+pub fn admin_error(error: AdminError) -> ApiError {
     match error {
         AdminError::Access(AccessError::UserNotFound(name)) => {
             ApiError::NotFound(format!("no user '{name}'"))

@@ -21,7 +21,7 @@ use crate::state::AppState;
 
 fn exchange_json(state: &AppState, exchange: &ExchangeInfo) -> Value {
     let (rate_in, rate_out) = state.rates.exchange(&exchange.vhost, &exchange.name);
-    json!({
+    let mut body = json!({
         "name": exchange.name,
         "vhost": exchange.vhost,
         "type": exchange.kind,
@@ -35,7 +35,15 @@ fn exchange_json(state: &AppState, exchange: &ExchangeInfo) -> Value {
             "publish_out": exchange.counts.published_out,
             "publish_out_details": {"rate": rate_out},
         },
-    })
+    });
+    // RabbitMQ shows the key only on an exchange a policy applies to.
+    if let Some(policy) = &exchange.policy.policy {
+        body["policy"] = json!(policy);
+    }
+    if let Some(policy) = &exchange.policy.operator_policy {
+        body["operator_policy"] = json!(policy);
+    }
+    body
 }
 
 /// `GET /api/exchanges` and `/api/exchanges/{vhost}`.

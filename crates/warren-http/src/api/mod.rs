@@ -4,6 +4,7 @@ pub mod access;
 pub mod bindings;
 pub mod connections;
 pub mod consume;
+pub mod definitions;
 pub mod exchanges;
 pub mod health;
 pub mod listing;
@@ -11,6 +12,7 @@ pub mod messages;
 pub mod models;
 pub mod nodes;
 pub mod overview;
+pub mod policies;
 pub mod queues;
 
 use serde_json::{Value, json};
