@@ -29,7 +29,7 @@ async function api(method, apiPath, body) {
     headers: { Authorization: AUTH, 'Content-Type': 'application/json' },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  assert.ok(res.ok, `${method} ${apiPath}: ${res.status} ${await res.text()}`);
+  if (!res.ok) assert.fail(`${method} ${apiPath}: ${res.status} ${await res.text()}`);
   return res;
 }
 
