@@ -78,46 +78,50 @@ if ! command -v openssl >/dev/null 2>&1; then
     fi
 fi
 
-# --------------------------------------- RabbitMQ for the comparison tests
-# tests/python/test_worker_rabbitmq.py runs `warren worker` against a private
-# RabbitMQ node (scripts/rabbitmq.sh), which needs Debian's rabbitmq-server
-# package. It is installed only when its scripts are missing, with a
-# temporary /usr/sbin/policy-rc.d that exits 101 so that apt does not start
-# the system-wide service. Without it (not root, no apt-get, or the
-# installation failed) that test fails and says why; the rest still run.
+# ------------------------------- Debian packages whose services stay stopped
+# Installs Debian packages that come with a system service, with a temporary
+# /usr/sbin/policy-rc.d that exits 101 so that apt does not start it. Only
+# as root with apt-get; otherwise, or if apt fails, the tests that need the
+# package fail and say why, and the rest still run.
+install_without_starting() { # what-needs-it package...
+    local needed_by="$1"
+    shift
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "warning: $* missing and cannot be installed here (needs root and apt-get);" \
+            "$needed_by will fail" >&2
+        return 0
+    fi
+    step "apt-get install -y $*"
+    local policy_rc=/usr/sbin/policy-rc.d policy_rc_saved="" install_status=0
+    if [ -e "$policy_rc" ]; then
+        policy_rc_saved="$(mktemp)"
+        cp -p "$policy_rc" "$policy_rc_saved"
+    fi
+    printf '#!/bin/sh\n# Keeps apt from starting services (scripts/test.sh).\nexit 101\n' >"$policy_rc"
+    chmod 755 "$policy_rc"
+    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"; } \
+        || install_status=$?
+    if [ -n "$policy_rc_saved" ]; then
+        mv -f "$policy_rc_saved" "$policy_rc"
+    else
+        rm -f "$policy_rc"
+    fi
+    if [ "$install_status" -ne 0 ]; then
+        echo "warning: installing $* failed (exit $install_status); $needed_by will fail" >&2
+    fi
+}
+
+# RabbitMQ, for the comparison tests: test_worker_rabbitmq.py and
+# test_definitions.py run private RabbitMQ nodes (scripts/rabbitmq.sh), with
+# its management plugin where they need its HTTP API.
 RABBITMQ_SBIN_DIR="${RABBITMQ_SBIN:-/usr/lib/rabbitmq/bin}"
 if [ ! -x "$RABBITMQ_SBIN_DIR/rabbitmq-server" ] || [ ! -x "$RABBITMQ_SBIN_DIR/rabbitmqctl" ]; then
-    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-        step "apt-get install -y rabbitmq-server"
-        policy_rc=/usr/sbin/policy-rc.d
-        policy_rc_saved=""
-        if [ -e "$policy_rc" ]; then
-            policy_rc_saved="$(mktemp)"
-            cp -p "$policy_rc" "$policy_rc_saved"
-        fi
-        restore_policy_rc() {
-            if [ -n "$policy_rc_saved" ]; then
-                mv -f "$policy_rc_saved" "$policy_rc"
-            else
-                rm -f "$policy_rc"
-            fi
-        }
-        trap restore_policy_rc EXIT
-        printf '#!/bin/sh\n# Keeps apt from starting services (scripts/test.sh).\nexit 101\n' >"$policy_rc"
-        chmod 755 "$policy_rc"
-        rabbitmq_status=0
-        { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server; } \
-            || rabbitmq_status=$?
-        restore_policy_rc
-        trap - EXIT
-        if [ "$rabbitmq_status" -ne 0 ]; then
-            echo "warning: installing rabbitmq-server failed (exit $rabbitmq_status);" \
-                "test_worker_rabbitmq.py will fail" >&2
-        fi
-    else
-        echo "warning: $RABBITMQ_SBIN_DIR/rabbitmq-server is missing and cannot be installed" \
-            "here (needs root and apt-get); test_worker_rabbitmq.py will fail" >&2
-    fi
+    install_without_starting "the RabbitMQ comparison tests" rabbitmq-server
+fi
+
+# Prometheus's promtool, which test_rabbitmq_tools.py runs on /metrics.
+if ! command -v promtool >/dev/null 2>&1; then
+    install_without_starting "the promtool check of /metrics" prometheus
 fi
 
 # ------------------------------------------------------------------- build

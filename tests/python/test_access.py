@@ -8,6 +8,8 @@ access and that the HTTP side applies the same rights and tags.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -253,5 +255,49 @@ def test_user_api_validates_its_input(broker):
             .status_code == 201
         assert api.with_auth(("hashed", "from-hash")).json("/api/whoami")["name"] == "hashed"
         assert not api.server_errors, api.server_errors
+    finally:
+        api.close()
+
+
+def rabbit_hash(password: str, digest) -> str:
+    """RabbitMQ's password hash: base64 of a random 4-byte salt and the
+    digest of the salt followed by the password."""
+    salt = os.urandom(4)
+    return base64.b64encode(salt + digest(salt + password.encode()).digest()).decode()
+
+
+def test_users_with_rabbitmq_password_hashes_log_in(broker):
+    """A user given a hash made the way RabbitMQ makes them (as definitions
+    exported from RabbitMQ carry) logs in with that password, and the API
+    gives the hash back with its algorithm."""
+    api = Api(http_url_of(broker))
+    try:
+        for name, algorithm, digest in [
+            ("moved-sha256", "rabbit_password_hashing_sha256", hashlib.sha256),
+            ("moved-sha512", "rabbit_password_hashing_sha512", hashlib.sha512),
+            ("moved-md5", "rabbit_password_hashing_md5", hashlib.md5),
+        ]:
+            hashed = rabbit_hash("from rabbit", digest)
+            resp = api.put(f"/api/users/{name}", json={
+                "password_hash": hashed, "hashing_algorithm": algorithm, "tags": ""})
+            assert resp.status_code == 201, resp.text
+            assert api.put(f"/api/permissions/%2F/{name}", json={
+                "configure": ".*", "write": ".*", "read": ".*"}).status_code == 201
+            connect(broker, name, "from rabbit").close()
+            assert_login_refused(broker, name, "not from rabbit")
+            shown = api.get(f"/api/users/{name}").json()
+            assert (shown["password_hash"], shown["hashing_algorithm"]) == (hashed, algorithm)
+        # Without an algorithm, a hash that is no PHC string is RabbitMQ's
+        # default, SHA-256.
+        hashed = rabbit_hash("default", hashlib.sha256)
+        assert api.put("/api/users/moved-default", json={
+            "password_hash": hashed, "tags": ""}).status_code == 201
+        assert api.get("/api/users/moved-default").json()["hashing_algorithm"] == \
+            "rabbit_password_hashing_sha256"
+        assert_error(api.put("/api/users/bad-hash", json={
+            "password_hash": "short", "hashing_algorithm": "rabbit_password_hashing_sha256",
+            "tags": ""}), 400, "rabbit_password_hashing_sha256")
+        assert_error(api.put("/api/users/bad-algorithm", json={
+            "password_hash": hashed, "hashing_algorithm": "bcrypt", "tags": ""}), 400, "bcrypt")
     finally:
         api.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 from typing import Any, List
 
@@ -265,6 +266,14 @@ def test_health_checks_answer_as_rabbitmq_does(broker, api):
     resp = api.get("/api/health/checks/protocol-listener/mqtt")
     assert resp.status_code == 503 and resp.json()["missing"] == "mqtt", describe(resp)
 
+    # Without TLS listeners no certificate can expire (test_tls.py checks
+    # one that does).
+    for unit in ("days", "weeks", "months", "years"):
+        assert api.json(f"/api/health/checks/certificate-expiration/1/{unit}") == \
+            {"status": "ok"}
+    assert_error(api.get("/api/health/checks/certificate-expiration/1/fortnights"), 400,
+                 "Time unit not recognised")
+
     assert api.json("/api/aliveness-test/%2F") == {"status": "ok"}
     assert api.queue("aliveness-test")["durable"] is False
     assert_error(api.get("/api/aliveness-test/no-such-vhost"), 404)
@@ -334,9 +343,7 @@ OVERVIEW_DASHBOARD_METRICS = [
     "rabbitmq_queues_created_total", "rabbitmq_queues_declared_total",
     "rabbitmq_queues_deleted_total", "rabbitmq_resident_memory_limit_bytes",
 ]
-# Counted by RabbitMQ and not yet by Warren (docs/http-api.md, "Prometheus
-# metrics"): publishers and message sizes.
-NOT_YET_SERVED = {"rabbitmq_global_publishers", "rabbitmq_message_size_bytes"}
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
 
 def scrape(api: Api, path: str) -> dict:
@@ -381,7 +388,7 @@ def test_the_overview_dashboards_metrics_are_served_under_rabbitmqs_names(broker
 
     served = scrape(api, "/metrics")
     missing = [name for name in OVERVIEW_DASHBOARD_METRICS
-               if name not in NOT_YET_SERVED and name not in served]
+               if name not in served and f"{name}_bucket" not in served]
     assert not missing, missing
     (identity,) = served["rabbitmq_identity_info"]
     assert identity[0]["rabbitmq_node"] == api.json("/api/overview")["node"], identity
@@ -412,6 +419,14 @@ def test_the_overview_dashboards_metrics_are_served_under_rabbitmqs_names(broker
     assert value("rabbitmq_channels_closed_total") >= 1
     assert value("rabbitmq_connections_opened_total") >= 1
     assert served["rabbitmq_process_open_fds"][0][1] > 0
+    # One channel published (the one closed never did); six 1-byte bodies.
+    assert served["rabbitmq_global_publishers"] == [({"protocol": "amqp091"}, 1.0)]
+    assert served["rabbitmq_message_size_bytes_count"] == [({"protocol": "amqp091"}, 6.0)]
+    assert served["rabbitmq_message_size_bytes_sum"] == [({"protocol": "amqp091"}, 6.0)]
+    buckets = {labels["le"]: number for labels, number in
+               served["rabbitmq_message_size_bytes_bucket"]}
+    assert float(buckets["100.0"]) == 6 and buckets["+Inf"] == 6, buckets
+    assert len(buckets) == 9, "RabbitMQ's eight bounds and +Inf"
     # Warren's own families stay beside them.
     assert "warren_queue_messages_ready" in served
 
@@ -439,4 +454,31 @@ def test_the_overview_dashboards_metrics_are_served_under_rabbitmqs_names(broker
         {"/", other_vhost}
     assert set(scrape(api, "/metrics/detailed")) == \
         {"rabbitmq_identity_info", "rabbitmq_build_info"}
+    conn.close()
+    # Closed, the channel is no publisher any more.
+    eventually(lambda: scrape(api, "/metrics")["rabbitmq_global_publishers"][0][1] == 0,
+               "the publisher gauge to drop")
+
+
+def test_promtool_accepts_every_metrics_endpoint(broker, api):
+    """Prometheus's own checker (Debian's prometheus package, which
+    scripts/test.sh installs) on each exposition: it fails on a malformed
+    one and reports naming problems."""
+    if not pathlib.Path(PROMTOOL).exists():
+        pytest.fail("promtool is missing: install Debian's prometheus package "
+                    "(scripts/test.sh does)", pytrace=False)
+    conn = broker.connect()
+    ch = conn.channel()
+    ch.queue_declare(queue=uname("promtool-q"))
+    ch.basic_publish(exchange="", routing_key="x", body=b"m")
+    for path in ("/metrics", "/metrics/per-object",
+                 "/metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count"):
+        resp = api.session.get(api.base + path, timeout=COMMAND_TIMEOUT)
+        assert resp.status_code == 200, describe(resp)
+        checked = subprocess.run([PROMTOOL, "check", "metrics"], input=resp.text,
+                                 capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+        # promtool exits 1 for a malformed exposition and 3 for lint
+        # findings only; both are reported.
+        assert checked.returncode == 0, (path, checked.returncode, checked.stdout,
+                                         checked.stderr)
     conn.close()

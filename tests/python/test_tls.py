@@ -1,7 +1,7 @@
 """TLS with pika and requests: AMQPS (TLS 1.2 and 1.3 only), EXTERNAL
 with a client certificate, a certificate from an untrusted CA refused, a
-client without a certificate refused when verify_peer is on, and HTTPS for
-the management API. Certificates come from tests/tls/make-certs.sh."""
+client without a certificate refused when verify_peer is on, HTTPS for
+the management API, and RabbitMQ's certificate-expiration health check. Certificates come from tests/tls/make-certs.sh."""
 
 from __future__ import annotations
 
@@ -144,3 +144,35 @@ def test_https_serves_the_management_api(broker_factory, certs):
     with pytest.raises(requests.exceptions.ConnectionError):
         session.get(f"http://localhost:{match.group(1)}/api/whoami", auth=("guest", "guest"),
                     timeout=10)
+
+
+def test_the_certificate_expiration_check_names_the_listeners(broker_factory, certs):
+    """The test certificates are valid for one day: a check for the next
+    week fails naming both TLS listeners, a check for no time passes."""
+    b = broker_factory(config=tls_config(certs))
+    base = b.http_url
+    session = requests.Session()
+    session.trust_env = False
+
+    def check(path: str) -> requests.Response:
+        return session.get(f"{base}/api/health/checks/certificate-expiration/{path}",
+                           auth=("guest", "guest"), timeout=10)
+
+    assert check("0/days").json() == {"status": "ok"}
+    resp = check("1/weeks")
+    assert resp.status_code == 503, resp.text
+    body = resp.json()
+    assert body["status"] == "failed" and body["reason"] == "Certificates expiring", body
+    (listener,) = body["expired"]
+    assert listener["protocol"] == "amqp/ssl" and listener["port"] == amqps_port(b), listener
+    assert listener["certfile"] == str(certs / "server.pem"), listener
+    assert len(listener["certfile_expires_on"]) == 1, listener
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d{1,2}:\d\d:\d\d",
+                        listener["certfile_expires_on"][0]), listener
+    assert len(listener["cacertfile_expires_on"]) == 1, "the CA expires too"
+    resp = check("1/fortnights")
+    assert resp.status_code == 400 and resp.json()["reason"] == \
+        "Time unit not recognised. Supported units: days, weeks, months, years.", resp.text
+    resp = check("x/months")
+    assert resp.status_code == 400 and resp.json()["reason"] == "Invalid expiration value.", \
+        resp.text

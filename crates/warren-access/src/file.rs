@@ -37,6 +37,11 @@ pub(crate) struct UserEntry {
     pub name: String,
     /// None: the user cannot log in with a password (EXTERNAL only).
     pub password_hash: Option<String>,
+    /// How `password_hash` was made, by its name in definitions files;
+    /// absent for Argon2id (and in files written before RabbitMQ's hashes
+    /// were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashing_algorithm: Option<String>,
     pub tags: Vec<String>,
 }
 

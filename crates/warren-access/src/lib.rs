@@ -16,7 +16,7 @@ pub mod tags;
 
 pub use file::{ACCESS_FILE_NAME, FileError};
 pub use internal::INTERNAL_USER;
-pub use password::{PasswordError, PasswordHash};
+pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use permissions::{Access, Pattern, PatternError, Permissions, Resource, ResourceKind};
 pub use registry::{
     AccessControl, AccessError, DeclaredPassword, DeclaredUser, Definitions, Grant, LoginError,

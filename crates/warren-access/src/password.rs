@@ -1,5 +1,10 @@
-//! Passwords: stored only as Argon2id hashes (PHC strings, salt included),
+//! Passwords: stored as Argon2id hashes (PHC strings, salt included),
 //! checked by the `argon2` crate, whose comparison runs in constant time.
+//! A hash imported from RabbitMQ's definitions (a 4-byte salt and the
+//! SHA-256, SHA-512 or MD5 of the salt and the password, in base64) is kept
+//! as it came, so that its user logs in with the same password, and
+//! checked in constant time too; every password set through Warren gets
+//! Argon2id.
 //!
 //! Argon2id is deliberately slow (tens of milliseconds and 19 MiB per check
 //! with the crate's defaults, OWASP's recommendation), which a broker cannot
@@ -16,10 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Argon2, PasswordHash as PhcHash};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
+use md5::Md5;
 use parking_lot::Mutex;
 use rand_core::{OsRng, RngCore};
-use sha2::Sha256;
+use sha2::{Digest, Sha256, Sha512};
 use subtle::ConstantTimeEq;
 
 /// Longest password accepted: Argon2 takes any length, but the broker
@@ -30,9 +38,59 @@ pub const PASSWORD_LENGTH_MAX_BYTES: usize = 1024;
 /// cleared (the next login of each user pays for one Argon2 check again).
 pub const VERIFIED_LOGINS_MAX: usize = 4096;
 
-/// An Argon2id hash in PHC string form (`$argon2id$v=19$m=...$salt$hash`).
+/// How a password hash was made: Warren's Argon2id, or one of RabbitMQ's
+/// salted digests (`rabbit_password_hashing_*`), by their names in
+/// definitions files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashingAlgorithm {
+    Argon2id,
+    RabbitSha256,
+    RabbitSha512,
+    RabbitMd5,
+}
+
+impl HashingAlgorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            HashingAlgorithm::Argon2id => "argon2id",
+            HashingAlgorithm::RabbitSha256 => "rabbit_password_hashing_sha256",
+            HashingAlgorithm::RabbitSha512 => "rabbit_password_hashing_sha512",
+            HashingAlgorithm::RabbitMd5 => "rabbit_password_hashing_md5",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            HashingAlgorithm::Argon2id,
+            HashingAlgorithm::RabbitSha256,
+            HashingAlgorithm::RabbitSha512,
+            HashingAlgorithm::RabbitMd5,
+        ]
+        .into_iter()
+        .find(|algorithm| algorithm.name() == name)
+    }
+
+    /// The digest length of a RabbitMQ hash; None for Argon2id.
+    fn digest_bytes(self) -> Option<usize> {
+        match self {
+            HashingAlgorithm::Argon2id => None,
+            HashingAlgorithm::RabbitSha256 => Some(32),
+            HashingAlgorithm::RabbitSha512 => Some(64),
+            HashingAlgorithm::RabbitMd5 => Some(16),
+        }
+    }
+}
+
+/// RabbitMQ's salt, before the digest in its hashes.
+const RABBIT_SALT_BYTES: usize = 4;
+
+/// A password hash: an Argon2id PHC string (`$argon2id$v=19$m=...$salt$hash`)
+/// or a RabbitMQ salted digest, with the text it is stored and exported as.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PasswordHash(String);
+pub struct PasswordHash {
+    algorithm: HashingAlgorithm,
+    text: String,
+}
 
 impl std::fmt::Debug for PasswordHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,6 +102,14 @@ impl std::fmt::Debug for PasswordHash {
 pub enum PasswordError {
     #[error("not an Argon2id hash in PHC form ($argon2id$v=19$...): {0}")]
     NotArgon2id(String),
+    #[error(
+        "not a {algorithm} hash: expected base64 of a {salt}-byte salt and a {digest}-byte digest"
+    )]
+    NotRabbitHash {
+        algorithm: &'static str,
+        salt: usize,
+        digest: usize,
+    },
     #[error("password longer than {PASSWORD_LENGTH_MAX_BYTES} bytes")]
     TooLong,
     #[error("hashing failed: {0}")]
@@ -62,7 +128,10 @@ impl PasswordHash {
             .map(|hash| hash.to_string())
             .map_err(|e| PasswordError::Hashing(e.to_string()));
         return_freed_memory();
-        Ok(Self(hash?))
+        Ok(Self {
+            algorithm: HashingAlgorithm::Argon2id,
+            text: hash?,
+        })
     }
 
     /// Accepts a hash made elsewhere (by `warren ctl hash-password`, or
@@ -76,11 +145,40 @@ impl PasswordHash {
                 parsed.algorithm
             )));
         }
-        Ok(Self(phc.to_owned()))
+        Ok(Self {
+            algorithm: HashingAlgorithm::Argon2id,
+            text: phc.to_owned(),
+        })
     }
 
+    /// A hash as a definitions file gives it, with its algorithm.
+    pub fn with_algorithm(text: &str, algorithm: HashingAlgorithm) -> Result<Self, PasswordError> {
+        let Some(digest) = algorithm.digest_bytes() else {
+            return Self::parse(text);
+        };
+        let refused = || PasswordError::NotRabbitHash {
+            algorithm: algorithm.name(),
+            salt: RABBIT_SALT_BYTES,
+            digest,
+        };
+        let decoded = BASE64.decode(text).map_err(|_| refused())?;
+        if decoded.len() != RABBIT_SALT_BYTES + digest {
+            return Err(refused());
+        }
+        Ok(Self {
+            algorithm,
+            text: text.to_owned(),
+        })
+    }
+
+    /// The text it is stored and exported as: the PHC string, or
+    /// RabbitMQ's base64.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+
+    pub fn algorithm(&self) -> HashingAlgorithm {
+        self.algorithm
     }
 
     /// The slow check. Always runs the full Argon2 computation, so a wrong
@@ -89,7 +187,10 @@ impl PasswordHash {
         if password.len() > PASSWORD_LENGTH_MAX_BYTES {
             return false;
         }
-        let Ok(parsed) = PhcHash::new(&self.0) else {
+        if self.algorithm != HashingAlgorithm::Argon2id {
+            return self.verify_salted(password);
+        }
+        let Ok(parsed) = PhcHash::new(&self.text) else {
             return false;
         };
         let matched = Argon2::default()
@@ -97,6 +198,34 @@ impl PasswordHash {
             .is_ok();
         return_freed_memory();
         matched
+    }
+
+    /// RabbitMQ's check: the digest of the salt followed by the password,
+    /// compared in constant time.
+    fn verify_salted(&self, password: &str) -> bool {
+        let Ok(decoded) = BASE64.decode(&self.text) else {
+            return false;
+        };
+        let (salt, expected) = decoded.split_at(RABBIT_SALT_BYTES.min(decoded.len()));
+        let computed: Vec<u8> = match self.algorithm {
+            HashingAlgorithm::RabbitSha256 => Sha256::new()
+                .chain_update(salt)
+                .chain_update(password)
+                .finalize()
+                .to_vec(),
+            HashingAlgorithm::RabbitSha512 => Sha512::new()
+                .chain_update(salt)
+                .chain_update(password)
+                .finalize()
+                .to_vec(),
+            HashingAlgorithm::RabbitMd5 => Md5::new()
+                .chain_update(salt)
+                .chain_update(password)
+                .finalize()
+                .to_vec(),
+            HashingAlgorithm::Argon2id => return false,
+        };
+        bool::from(computed.as_slice().ct_eq(expected))
     }
 }
 
@@ -229,6 +358,47 @@ impl VerifiedLogins {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RabbitMQ's documented example: the password "test12" with the salt
+    /// 90 8D C6 0A, hashed with SHA-256 (`rabbitmqctl hash_password`'s
+    /// form), and the same salt and password under SHA-512 and MD5.
+    const RABBIT_SHA256: &str = "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR";
+    const RABBIT_SHA512: &str = "kI3GChuNuIYf8lRbCCxZjgjKwsY19ns6+uFO0zcXRBGA/XGJPYD8OWMy7EB8TaOmAzjP2azv84GbINYwX2cDWb4DHnc=";
+    const RABBIT_MD5: &str = "kI3GChNpte2FApYFXScl+0dIluk=";
+
+    #[test]
+    fn rabbitmq_hashes_check_the_password_they_were_made_from() {
+        for (text, algorithm) in [
+            (RABBIT_SHA256, HashingAlgorithm::RabbitSha256),
+            (RABBIT_SHA512, HashingAlgorithm::RabbitSha512),
+            (RABBIT_MD5, HashingAlgorithm::RabbitMd5),
+        ] {
+            let hash = PasswordHash::with_algorithm(text, algorithm).unwrap();
+            assert!(hash.verify("test12"), "{algorithm:?}");
+            assert!(!hash.verify("test13"), "{algorithm:?}");
+            assert!(!hash.verify(""), "{algorithm:?}");
+            assert_eq!(hash.as_str(), text);
+            assert_eq!(hash.algorithm(), algorithm);
+            assert_eq!(
+                HashingAlgorithm::from_name(algorithm.name()),
+                Some(algorithm)
+            );
+        }
+    }
+
+    #[test]
+    fn rabbitmq_hashes_of_the_wrong_shape_are_refused() {
+        let sha256 = HashingAlgorithm::RabbitSha256;
+        for bad in ["not base64!", "", "kI3GCg==", RABBIT_MD5, RABBIT_SHA512] {
+            let error = PasswordHash::with_algorithm(bad, sha256).unwrap_err();
+            assert!(
+                error.to_string().contains("rabbit_password_hashing_sha256"),
+                "{bad}"
+            );
+        }
+        assert!(PasswordHash::with_algorithm(RABBIT_SHA256, HashingAlgorithm::Argon2id).is_err());
+        assert_eq!(HashingAlgorithm::from_name("bcrypt"), None);
+    }
 
     #[test]
     fn a_hash_verifies_its_password_only() {

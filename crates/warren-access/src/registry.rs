@@ -12,7 +12,7 @@ use parking_lot::RwLock;
 
 use crate::file::{self, AccessFile, FileError};
 use crate::internal::{INTERNAL_USER, InternalIdentity};
-use crate::password::{PasswordError, PasswordHash, VerifiedLogins, decoy_hash};
+use crate::password::{HashingAlgorithm, PasswordError, PasswordHash, VerifiedLogins, decoy_hash};
 use crate::permissions::{Access, PatternError, Permissions, Resource, ResourceKind};
 use crate::tags::{Tags, TagsError};
 
@@ -674,9 +674,18 @@ impl State {
         }
         for user in contents.users {
             check_user_name(&user.name)?;
+            let algorithm = match user.hashing_algorithm.as_deref() {
+                None => HashingAlgorithm::Argon2id,
+                Some(name) => HashingAlgorithm::from_name(name).ok_or_else(|| {
+                    invalid(format!(
+                        "user '{}': unknown hashing algorithm '{name}'",
+                        user.name
+                    ))
+                })?,
+            };
             let password_hash = user
                 .password_hash
-                .map(|hash| PasswordHash::parse(&hash))
+                .map(|hash| PasswordHash::with_algorithm(&hash, algorithm))
                 .transpose()
                 .map_err(|error| invalid(format!("user '{}': {error}", user.name)))?;
             let tags = Tags::new(&user.tags)?;
@@ -707,6 +716,12 @@ impl State {
                         .password_hash
                         .as_ref()
                         .map(|hash| hash.as_str().to_owned()),
+                    hashing_algorithm: user
+                        .password_hash
+                        .as_ref()
+                        .map(PasswordHash::algorithm)
+                        .filter(|algorithm| *algorithm != HashingAlgorithm::Argon2id)
+                        .map(|algorithm| algorithm.name().to_owned()),
                     tags: user.tags.iter().map(str::to_owned).collect(),
                 })
                 .collect(),

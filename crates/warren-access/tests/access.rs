@@ -4,8 +4,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use warren_access::{
-    Access, AccessControl, DeclaredPassword, DeclaredUser, Definitions, Grant, LoginError,
-    PasswordChange, PasswordHash, PermissionEntry, Permissions, Resource, Tags, VhostRefusal,
+    Access, AccessControl, DeclaredPassword, DeclaredUser, Definitions, Grant, HashingAlgorithm,
+    LoginError, PasswordChange, PasswordHash, PermissionEntry, Permissions, Resource, Tags,
+    VhostRefusal,
 };
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -195,6 +196,39 @@ fn changes_survive_a_restart_and_defaults_apply_once() {
     );
     let text = std::fs::read_to_string(dir.path().join("access.json")).unwrap();
     assert!(text.contains("$argon2id$") && !text.contains("\"pw\""));
+}
+
+#[test]
+fn a_user_imported_with_a_rabbitmq_hash_logs_in_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    // RabbitMQ's SHA-256 hash of "test12" (its documentation's example).
+    let imported = "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR";
+    {
+        let access = open(dir.path(), Definitions::default());
+        let hash = PasswordHash::with_algorithm(imported, HashingAlgorithm::RabbitSha256).unwrap();
+        access
+            .put_user("moved", PasswordChange::Set(hash), Tags::default())
+            .unwrap();
+        assert!(
+            access
+                .login_with_password("moved", "test12", REMOTE)
+                .is_ok()
+        );
+    }
+    let text = std::fs::read_to_string(dir.path().join("access.json")).unwrap();
+    assert!(text.contains("rabbit_password_hashing_sha256"), "{text}");
+    let access = open(dir.path(), Definitions::default());
+    assert!(
+        access
+            .login_with_password("moved", "test12", REMOTE)
+            .is_ok()
+    );
+    assert!(matches!(
+        access.login_with_password("moved", "wrong", REMOTE),
+        Err(LoginError::Refused { .. })
+    ));
+    let moved = access.user("moved").unwrap();
+    assert_eq!(moved.password_hash.unwrap().as_str(), imported);
 }
 
 #[test]

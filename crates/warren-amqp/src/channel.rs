@@ -20,6 +20,7 @@ use warren_store::Ticket;
 
 use crate::authorize;
 use crate::error::{AmqpError, AmqpResult};
+use crate::hub::PublisherMark;
 use crate::session::{
     FLOW_PAUSE_MAX, Fault, FlowHold, HeldReplies, Session, describe_frame, method_name,
 };
@@ -93,6 +94,8 @@ pub(crate) struct Channel {
     last_declared_queue: Option<ShortString>,
     /// Where the broker puts this channel's deliveries.
     sink: Arc<ChannelSink>,
+    /// Set once it publishes: a publisher until it closes.
+    publisher: Option<PublisherMark>,
 }
 
 impl Channel {
@@ -104,6 +107,7 @@ impl Channel {
             transaction: None,
             last_declared_queue: None,
             sink: ChannelSink::new(out),
+            publisher: None,
         }
     }
 }
@@ -1231,6 +1235,12 @@ impl Session {
         message: Arc<Message>,
     ) -> AmqpResult<Option<Ticket>> {
         self.has_published = true;
+        self.hub.observe_message_size(message.body.len());
+        if let Some(channel) = self.channels.get_mut(&number)
+            && channel.publisher.is_none()
+        {
+            channel.publisher = Some(self.hub.mark_publisher());
+        }
         let (published, flow_gauge) = {
             let hub = self.hub.read();
             let mut outbox = Outbox::default();

@@ -49,7 +49,28 @@ struct PublishCounters {
     confirm_published: AtomicU64,
     /// Mandatory messages returned as unroutable.
     returned: AtomicU64,
+    /// Channels that have published and are open (RabbitMQ's
+    /// publishers).
+    publishers: AtomicU64,
+    /// Messages received, by body size: one count per bucket of
+    /// `MESSAGE_SIZE_BUCKETS`, the last for larger ones.
+    sizes: [AtomicU64; MESSAGE_SIZE_BUCKETS.len() + 1],
+    /// Their body bytes.
+    size_sum: AtomicU64,
 }
+
+/// The upper bounds, in bytes, of the message size histogram: RabbitMQ's
+/// (`rabbit_msg_size_metrics`), which its dashboards query.
+pub const MESSAGE_SIZE_BUCKETS: [u64; 8] = [
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+];
 
 /// A reading of the publish counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,6 +78,22 @@ pub struct PublishCounts {
     pub confirmed: u64,
     pub confirm_published: u64,
     pub returned: u64,
+    pub publishers: u64,
+    /// Messages per bucket of `MESSAGE_SIZE_BUCKETS` (not cumulative), the
+    /// last for those larger than every bound.
+    pub sizes: [u64; MESSAGE_SIZE_BUCKETS.len() + 1],
+    pub size_sum: u64,
+}
+
+/// Counts its channel among the publishers while it lives.
+pub struct PublisherMark {
+    counters: Arc<PublishCounters>,
+}
+
+impl Drop for PublisherMark {
+    fn drop(&mut self) {
+        self.counters.publishers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The hub, shared by every connection task and the timer.
@@ -126,6 +163,26 @@ impl SharedHub {
         self.publishes.returned.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A channel published for the first time: it counts as a publisher
+    /// until the mark is dropped with it.
+    pub fn mark_publisher(&self) -> PublisherMark {
+        self.publishes.publishers.fetch_add(1, Ordering::Relaxed);
+        PublisherMark {
+            counters: Arc::clone(&self.publishes),
+        }
+    }
+
+    /// A message of `bytes` received from a publisher.
+    pub fn observe_message_size(&self, bytes: usize) {
+        let bytes = bytes as u64;
+        let bucket = MESSAGE_SIZE_BUCKETS
+            .iter()
+            .position(|bound| bytes <= *bound)
+            .unwrap_or(MESSAGE_SIZE_BUCKETS.len());
+        self.publishes.sizes[bucket].fetch_add(1, Ordering::Relaxed);
+        self.publishes.size_sum.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Publisher confirms sent since the start.
     pub fn confirmed(&self) -> u64 {
         self.publishes.confirmed.load(Ordering::Relaxed)
@@ -137,6 +194,11 @@ impl SharedHub {
             confirmed: self.confirmed(),
             confirm_published: self.publishes.confirm_published.load(Ordering::Relaxed),
             returned: self.publishes.returned.load(Ordering::Relaxed),
+            publishers: self.publishes.publishers.load(Ordering::Relaxed),
+            sizes: std::array::from_fn(|bucket| {
+                self.publishes.sizes[bucket].load(Ordering::Relaxed)
+            }),
+            size_sum: self.publishes.size_sum.load(Ordering::Relaxed),
         }
     }
 

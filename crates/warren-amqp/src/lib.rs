@@ -32,7 +32,7 @@ pub use direct::{
     Confirmation, DirectConnector, DirectLogin, DirectSession, Event, OpenError, Reply,
 };
 pub use error::{AmqpError, AmqpResult};
-pub use hub::{ConnectionInfo, Hub, PublishCounts, SharedHub, wall_clock_ms};
+pub use hub::{ConnectionInfo, Hub, MESSAGE_SIZE_BUCKETS, PublishCounts, SharedHub, wall_clock_ms};
 pub use server::{AmqpServer, StartError};
 pub use warren_proto::FRAME_MIN_SIZE_BYTES;
 pub use warren_proto::table_limits::TABLE_DEPTH_CEILING;

@@ -112,3 +112,47 @@ pub fn common_name(certificate: &CertificateDer<'_>) -> Option<String> {
         .to_owned();
     Some(name)
 }
+
+/// When one certificate of a PEM file stops being valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateExpiry {
+    /// Seconds since the UNIX epoch.
+    pub not_after_unix: i64,
+    /// RabbitMQ's rendering of it, "2027-01-31 9:05:00" (UTC, the hour
+    /// not padded).
+    pub not_after: String,
+    /// Its validity has not started yet.
+    pub not_yet_valid: bool,
+}
+
+/// The expiry of every certificate in a PEM file, for the
+/// certificate-expiration health check; an error names what is wrong with
+/// the file.
+pub fn certificate_expiries(path: &Path) -> Result<Vec<CertificateExpiry>, String> {
+    let certificates = read_certificates(path).map_err(|error| error.to_string())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64);
+    certificates
+        .iter()
+        .map(|certificate| {
+            let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref())
+                .map_err(|error| format!("{}: {error}", path.display()))?;
+            let validity = parsed.validity();
+            let not_after = validity.not_after.to_datetime();
+            Ok(CertificateExpiry {
+                not_after_unix: validity.not_after.timestamp(),
+                not_after: format!(
+                    "{}-{:02}-{:02} {}:{:02}:{:02}",
+                    not_after.year(),
+                    u8::from(not_after.month()),
+                    not_after.day(),
+                    not_after.hour(),
+                    not_after.minute(),
+                    not_after.second()
+                ),
+                not_yet_valid: validity.not_before.timestamp() > now,
+            })
+        })
+        .collect()
+}

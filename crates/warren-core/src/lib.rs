@@ -41,6 +41,7 @@ pub use error::{
 };
 pub use limits::{FLOW_READY_MAX_DEFAULT, Limits};
 pub use message::Message;
+pub use queue::ages::{DELIVERY_COUNT_BUCKETS, DeliveryCounts};
 pub use queue::arguments;
 pub use queue::dead_letter::DeathReason;
 pub use queue::discard::Discard;

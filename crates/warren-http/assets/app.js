@@ -71,6 +71,26 @@
     return i === 0 ? `${n} B` : `${n.toFixed(1)} ${units[i]}`;
   }
 
+  // A duration in ms as the largest unit that keeps it short: 850 ms, 12 s,
+  // 4 min 10 s, 3 h 5 min.
+  function fmtAge(ms) {
+    if (typeof ms !== 'number') return '';
+    if (ms < 1000) return `${ms} ms`;
+    const s = Math.floor(ms / 1000);
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+    return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  }
+
+  // {"1": 10, "2": 1, ...}: only the ranges that have messages, "1×: 10, 2×: 1".
+  function fmtDeliveries(counts) {
+    if (!counts) return '';
+    return Object.entries(counts)
+      .filter(([, n]) => n > 0)
+      .map(([range, n]) => `${range}×: ${n}`)
+      .join(', ');
+  }
+
   function fmtBool(b) {
     return b === true ? 'yes' : b === false ? 'no' : '';
   }
@@ -629,6 +649,9 @@
       ['Total', fmtInt(q.messages), 'messages'],
       ['Ready bytes', fmtBytes(q.message_bytes_ready)],
       ['Consumers', fmtInt(q.consumers), 'consumers'],
+      ['Oldest ready', fmtAge(q.oldest_ready_age_ms), 'oldest-ready'],
+      ['Oldest unacked', fmtAge(q.oldest_unacked_age_ms), 'oldest-unacked'],
+      ['Deliveries per message', fmtDeliveries(q.delivery_counts), 'delivery-counts'],
       ['Publish', fmtRate(rate(stats, 'publish'))],
       ['Deliver / get', fmtRate(rate(stats, 'deliver_get'))],
       ['Ack', fmtRate(rate(stats, 'ack'))],

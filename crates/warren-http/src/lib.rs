@@ -77,6 +77,8 @@ pub struct HttpContext {
     pub data_dir: Option<std::path::PathBuf>,
     /// Below this much free disk the broker blocks publishers.
     pub disk_free_limit_bytes: u64,
+    /// The TLS listeners' certificate files, when TLS is configured.
+    pub tls_files: Option<warren_amqp::tls::TlsFiles>,
 }
 
 impl HttpServer {
@@ -112,6 +114,7 @@ impl HttpServer {
                 http_address,
                 data_dir: context.data_dir.clone(),
                 disk_free_limit_bytes: context.disk_free_limit_bytes,
+                tls_files: context.tls_files,
                 started: std::time::Instant::now(),
                 cluster_name: parking_lot::Mutex::new(
                     context
@@ -186,6 +189,10 @@ fn router(state: AppState) -> Router {
         .route(
             "/api/cluster-name",
             get(nodes::cluster_name).put(nodes::set_cluster_name),
+        )
+        .route(
+            "/api/health/checks/certificate-expiration/{within}/{unit}",
+            get(health::certificate_expiration),
         )
         .route("/api/health/checks/alarms", get(health::alarms))
         .route("/api/health/checks/local-alarms", get(health::local_alarms))

@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use warren_amqp::alarms::Alarms;
-use warren_core::QueueInfo;
+use warren_core::{DELIVERY_COUNT_BUCKETS, QueueInfo};
 use warren_store::CommitTimesSnapshot;
 
 use crate::backlog::{self, Backlog};
@@ -146,10 +146,10 @@ fn scrape(state: &AppState, view: View, vhosts: Option<Vec<String>>) -> Result<R
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snapshot));
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry)
+    let mut openmetrics = String::new();
+    prometheus_client::encoding::text::encode(&mut openmetrics, &registry)
         .map_err(|_| ApiError::Internal("encoding the metrics failed".to_owned()))?;
-    let mut response = text.into_response();
+    let mut response = prometheus_text(&openmetrics).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -239,6 +239,63 @@ impl prometheus_client::collector::Collector for Snapshot {
                 ];
                 ConstCounter::new(value(queue)).encode(family.encode_family(&labels)?)?;
             }
+        }
+        // How long the head has waited and the oldest delivery has been
+        // out; a queue with neither has no sample.
+        let now_ms = warren_amqp::wall_clock_ms();
+        type QueueAge = fn(&QueueInfo) -> Option<u64>;
+        let queue_ages: [(&str, &str, QueueAge); 2] = [
+            (
+                "warren_queue_oldest_ready_age_seconds",
+                "How long the message at the head of the queue has waited.",
+                |q| q.head_arrived_ms,
+            ),
+            (
+                "warren_queue_oldest_unacked_age_seconds",
+                "How long the oldest unacknowledged delivery has been out.",
+                |q| q.oldest_unacked_ms,
+            ),
+        ];
+        for (name, help, since) in queue_ages {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for queue in &self.queues {
+                let Some(since_ms) = since(queue) else {
+                    continue;
+                };
+                let labels = [
+                    ("vhost", queue.vhost.as_str()),
+                    ("queue", queue.name.as_str()),
+                ];
+                let age_s = now_ms.saturating_sub(since_ms) as f64 / 1000.0;
+                ConstGauge::new(age_s).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "warren_queue_message_deliveries",
+            "How many times each message the queue let go had been delivered.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for queue in &self.queues {
+            let labels = [
+                ("vhost", queue.vhost.as_str()),
+                ("queue", queue.name.as_str()),
+            ];
+            let counts = &queue.delivery_counts;
+            let buckets: Vec<(f64, u64)> = DELIVERY_COUNT_BUCKETS
+                .iter()
+                .map(|bound| f64::from(*bound))
+                .chain(std::iter::once(f64::MAX))
+                .zip(counts.buckets)
+                .collect();
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    counts.deliveries as f64,
+                    counts.buckets.iter().sum(),
+                    &buckets,
+                    None,
+                )?;
         }
         let gauges = [
             (
@@ -459,4 +516,62 @@ fn directory_bytes(directory: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// The Prometheus text format (0.0.4, what `/metrics` says it serves, as
+/// RabbitMQ's does) of what `prometheus-client` encodes as OpenMetrics:
+/// a counter's HELP and TYPE name its samples' `_total` name, and there
+/// is no `# UNIT` or `# EOF` line. Everything else is the same in both.
+fn prometheus_text(openmetrics: &str) -> String {
+    let mut text = String::with_capacity(openmetrics.len());
+    let lines: Vec<&str> = openmetrics.lines().collect();
+    for (index, line) in lines.iter().enumerate() {
+        if *line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let metadata = line
+            .strip_prefix("# HELP ")
+            .map(|rest| ("# HELP ", rest))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
+        let Some((kind, rest)) = metadata else {
+            text.push_str(line);
+            text.push('\n');
+            continue;
+        };
+        let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+        // The family's type is on its TYPE line, the HELP line's
+        // neighbour.
+        let type_line = format!("# TYPE {name} counter");
+        let is_counter = lines
+            .get(index..(index + 2).min(lines.len()))
+            .is_some_and(|near| near.iter().any(|near| *near == type_line));
+        text.push_str(kind);
+        text.push_str(name);
+        if is_counter && !name.ends_with("_total") {
+            text.push_str("_total");
+        }
+        if !tail.is_empty() {
+            text.push(' ');
+            text.push_str(tail);
+        }
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prometheus_text;
+
+    #[test]
+    fn counters_are_named_by_their_samples_and_openmetrics_lines_go() {
+        let openmetrics = "# HELP jobs Jobs done.\n# TYPE jobs counter\njobs_total 3\n\
+                           # HELP depth Queue depth.\n# TYPE depth gauge\n# UNIT depth messages\n\
+                           depth{queue=\"q\"} 2\n# EOF\n";
+        assert_eq!(
+            prometheus_text(openmetrics),
+            "# HELP jobs_total Jobs done.\n# TYPE jobs_total counter\njobs_total 3\n\
+             # HELP depth Queue depth.\n# TYPE depth gauge\ndepth{queue=\"q\"} 2\n"
+        );
+    }
 }

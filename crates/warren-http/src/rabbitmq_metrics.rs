@@ -8,9 +8,7 @@
 //! `family=queue_consumer_count`), of the vhosts asked for, as
 //! `rabbitmq_detailed_*`.
 //!
-//! Only what Warren measures is served: the number of publishers and the
-//! message size histogram are not kept yet and are left out rather than
-//! made up (docs/http-api.md lists what is served). The
+//! Only what Warren measures is served (docs/http-api.md lists it). The
 //! `rabbitmq_global_*` counters carry `protocol` but not `queue_type`:
 //! the broker's totals are not split by queue type.
 
@@ -19,7 +17,7 @@ use prometheus_client::encoding::EncodeMetric;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use warren_amqp::PublishCounts;
+use warren_amqp::{MESSAGE_SIZE_BUCKETS, PublishCounts};
 use warren_core::{LifecycleCounts, MessageCounts, QueueInfo};
 
 /// RabbitMQ's `protocol` label for AMQP 0-9-1.
@@ -77,6 +75,37 @@ fn counter(
     } else {
         ConstCounter::new(value).encode(family)
     }
+}
+
+/// `rabbitmq_message_size_bytes`: the body sizes of the messages received,
+/// in RabbitMQ's buckets.
+fn encode_message_sizes(
+    publishes: &PublishCounts,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "rabbitmq_message_size_bytes",
+        "Size of messages received from publishers",
+        None,
+        MetricType::Histogram,
+    )?;
+    // The encoder adds the bucket counts up itself; the last bound is its
+    // way of writing +Inf.
+    let buckets: Vec<(f64, u64)> = MESSAGE_SIZE_BUCKETS
+        .iter()
+        .map(|bound| *bound as f64)
+        .chain(std::iter::once(f64::MAX))
+        .zip(publishes.sizes)
+        .collect();
+    let count = publishes.sizes.iter().sum();
+    family
+        .encode_family(&PROTOCOL)?
+        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            publishes.size_sum as f64,
+            count,
+            &buckets,
+            None,
+        )
 }
 
 /// `rabbitmq_identity_info` and `rabbitmq_build_info`, which every
@@ -179,6 +208,14 @@ pub fn encode_node(
         &PROTOCOL,
         figures.consumers as f64,
     )?;
+    gauge(
+        encoder,
+        "rabbitmq_global_publishers",
+        "Current number of publishers",
+        &PROTOCOL,
+        figures.publishes.publishers as f64,
+    )?;
+    encode_message_sizes(&figures.publishes, encoder)?;
     let (counts, publishes) = (&figures.counts, &figures.publishes);
     let global: [(&str, &str, u64); 14] = [
         (

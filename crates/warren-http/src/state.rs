@@ -64,6 +64,9 @@ pub struct NodeInfo {
     pub http_address: SocketAddr,
     pub data_dir: Option<PathBuf>,
     pub disk_free_limit_bytes: u64,
+    /// The certificate files of the TLS listeners (AMQPS, and HTTPS when
+    /// the API is served over TLS), for the certificate-expiration check.
+    pub tls_files: Option<warren_amqp::tls::TlsFiles>,
     /// When the HTTP side started, for `uptime`.
     pub started: std::time::Instant,
     /// The name set through `PUT /api/cluster-name`; the node's name

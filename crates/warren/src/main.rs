@@ -321,6 +321,7 @@ async fn serve(args: ServeArgs, extra_models: Vec<ModelConfig>) -> anyhow::Resul
             node_name: node_name(),
             data_dir: Some(args.data_dir.clone()),
             disk_free_limit_bytes,
+            tls_files: file_config.tls.as_ref().map(|tls| tls.files()),
         },
     )
     .await

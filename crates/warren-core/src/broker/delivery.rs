@@ -193,13 +193,17 @@ impl Broker {
             queue.counts.got += 1;
             queue.counts.got_no_ack += no_ack as u64;
             queue.counts.redelivered += taken.redelivered as u64;
-            if !no_ack {
-                queue.unacked += 1;
-            }
             if no_ack {
                 forget_stored(self.store.as_ref(), true, id, taken.stored);
+                queue.delivery_counts.observe(taken.meta.returns + 1);
+            } else {
+                queue.unacked += 1;
             }
         }
+        let delivered_second = match (&taken, no_ack) {
+            (Some(_), false) => queue.unacked_ages.record(now_ms),
+            _ => 0,
+        };
         expired_messages(queue, expired, out);
         self.deliver_all(&[], out);
         let (Some(taken), Some(message)) = (taken, message) else {
@@ -229,6 +233,7 @@ impl Broker {
                     meta: taken.meta,
                     consumer_tag: None,
                     ack_deadline_ms,
+                    delivered_second,
                 },
             );
         }
@@ -397,8 +402,12 @@ impl Broker {
             consumer.unacked = consumer.unacked.saturating_sub(1);
         }
         queue.unacked = queue.unacked.saturating_sub(1);
+        queue.unacked_ages.release(unacked.delivered_second);
         if how == Settled::Acked {
             queue.counts.acked += 1;
+        }
+        if how != Settled::Requeue {
+            queue.delivery_counts.observe(unacked.meta.returns + 1);
         }
         let letter = |reason| DeadLetter {
             queue: unacked.queue,
@@ -413,13 +422,16 @@ impl Broker {
             Settled::Rejected => dead_letter(&mut queue, letter(DeathReason::Rejected), out),
             Settled::Requeue => {
                 let mut meta = unacked.meta;
+                // Counted for every queue (the histogram of delivery counts);
+                // only quorum queues show it and limit it.
+                meta.returns = meta.returns.saturating_add(1);
                 if queue.is_quorum() {
-                    meta.returns += 1;
                     if queue
                         .args
                         .delivery_limit
                         .is_some_and(|limit| meta.returns as u64 > limit)
                     {
+                        queue.delivery_counts.observe(meta.returns);
                         dead_letter(&mut queue, letter(DeathReason::DeliveryLimit), out);
                         return;
                     }
@@ -762,9 +774,13 @@ fn deliver(
         queue.counts.delivered += 1;
         queue.counts.delivered_no_ack += queue.consumers[index].no_ack as u64;
         queue.counts.redelivered += taken.redelivered as u64;
-        if !queue.consumers[index].no_ack {
+        let delivered_second = if queue.consumers[index].no_ack {
+            queue.delivery_counts.observe(taken.meta.returns + 1);
+            0
+        } else {
             queue.unacked += 1;
-        }
+            queue.unacked_ages.record(now_ms)
+        };
         let consumer = &mut queue.consumers[index];
         let delivery_tag = state.take_delivery_tag();
         if consumer.no_ack {
@@ -787,6 +803,7 @@ fn deliver(
                     meta: taken.meta,
                     consumer_tag: Some(consumer.tag.clone()),
                     ack_deadline_ms,
+                    delivered_second,
                 },
             );
         }

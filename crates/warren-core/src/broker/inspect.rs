@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::Broker;
 use crate::queue::Queue;
+use crate::queue::ages::DeliveryCounts;
 use crate::queue::arguments::AppliedPolicy;
 use crate::session::channel::ChannelMode;
 use crate::stats::{ExchangeCounts, LifecycleCounts, MessageCounts};
@@ -31,6 +32,12 @@ pub struct QueueInfo {
     pub unacked: usize,
     pub consumers: usize,
     pub counts: MessageCounts,
+    /// When the message at the head arrived (ms since the epoch), if known.
+    pub head_arrived_ms: Option<u64>,
+    /// When the oldest delivery still unacknowledged was made, to the
+    /// second.
+    pub oldest_unacked_ms: Option<u64>,
+    pub delivery_counts: DeliveryCounts,
 }
 
 #[derive(Debug, Clone)]
@@ -403,5 +410,8 @@ fn queue_info(queue: &Queue) -> QueueInfo {
         unacked: queue.unacked,
         consumers: queue.consumers.len(),
         counts: queue.counts,
+        head_arrived_ms: queue.head_arrived_ms(),
+        oldest_unacked_ms: queue.unacked_ages.oldest_ms(),
+        delivery_counts: queue.delivery_counts,
     }
 }

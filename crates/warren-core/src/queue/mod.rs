@@ -9,6 +9,7 @@ use warren_store::{
     Backlog, Location, MessageLog, RecordKind, Sequence, SpillArea, SpillingBacklog,
 };
 
+pub mod ages;
 pub mod arguments;
 pub(crate) mod dead_letter;
 pub(crate) mod discard;
@@ -16,6 +17,7 @@ pub(crate) mod flow;
 mod priority;
 mod spilled;
 
+use ages::{DeliveryCounts, UnackedAges};
 use arguments::{AppliedPolicy, PolicyArguments, QueueArguments, QueueType, message_expiration_ms};
 use dead_letter::DeadLetter;
 use flow::FlowGauge;
@@ -268,6 +270,10 @@ pub struct Queue {
     pub had_consumer: bool,
     /// Deliveries of this queue's messages not yet settled, on any channel.
     pub unacked: usize,
+    /// When they were made, by the second: the oldest still out.
+    pub unacked_ages: UnackedAges,
+    /// How many times the messages it let go had been delivered.
+    pub delivery_counts: DeliveryCounts,
     pub counts: MessageCounts,
     /// How fast consumers have been taking its messages, for flow control.
     pub drain: DrainRate,
@@ -354,6 +360,8 @@ impl Queue {
             next_consumer: 0,
             had_consumer: false,
             unacked: 0,
+            unacked_ages: UnackedAges::default(),
+            delivery_counts: DeliveryCounts::default(),
             counts: MessageCounts::default(),
             drain: DrainRate::default(),
             flow_gauge: Arc::default(),
@@ -756,6 +764,16 @@ impl Queue {
     }
 
     /// Whether the head's expiry is known without reading the log.
+    /// When the message at the head arrived, ms since the epoch; None for
+    /// an empty queue, and for a head recovered from the log whose arrival
+    /// has not been read yet. In a FIFO queue it is the oldest waiting.
+    pub fn head_arrived_ms(&self) -> Option<u64> {
+        self.backlog
+            .front()
+            .map(|(_, queued)| queued.meta.arrived_ms)
+            .filter(|arrived| *arrived > 0)
+    }
+
     pub fn head_expiry(&self) -> Option<Expiry> {
         self.backlog.front().map(|(_, queued)| queued.meta.expires)
     }

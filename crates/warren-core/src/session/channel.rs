@@ -83,6 +83,8 @@ pub(crate) struct Unacked {
     pub(crate) consumer_tag: Option<ShortString>,
     /// When the queue's `x-consumer-timeout` runs out for this delivery.
     pub(crate) ack_deadline_ms: Option<u64>,
+    /// The second it was delivered, as its queue's `UnackedAges` noted it.
+    pub(crate) delivered_second: u64,
 }
 
 #[derive(Default)]

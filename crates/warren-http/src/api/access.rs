@@ -8,7 +8,8 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use warren_access::{
-    AccessError, PasswordChange, PasswordHash, PermissionEntry, Permissions, Tags, User,
+    AccessError, HashingAlgorithm, PasswordChange, PasswordHash, PermissionEntry, Permissions,
+    Tags, User,
 };
 use warren_amqp::AdminError;
 
@@ -23,7 +24,11 @@ pub fn user_json(user: &User) -> Value {
     json!({
         "name": user.name,
         "password_hash": user.password_hash.as_ref().map_or("", |hash| hash.as_str()),
-        "hashing_algorithm": "argon2id",
+        "hashing_algorithm": user
+            .password_hash
+            .as_ref()
+            .map_or(HashingAlgorithm::Argon2id, PasswordHash::algorithm)
+            .name(),
         "tags": tags,
         "limits": {},
     })
@@ -93,27 +98,34 @@ pub enum TagsField {
 #[derive(Debug, Deserialize)]
 pub struct PutUser {
     password: Option<String>,
-    /// An Argon2id PHC string; "" makes a user without a password.
+    /// A hash of `hashing_algorithm`; "" makes a user without a password.
     password_hash: Option<String>,
     hashing_algorithm: Option<String>,
     tags: Option<TagsField>,
 }
 
-pub async fn put_user(
-    State(state): State<AppState>,
-    user: Credentials,
-    Path(name): Path<String>,
-    JsonBody(body): JsonBody<PutUser>,
-) -> ApiResult<StatusCode> {
-    user.require_administrator()?;
-    if let Some(algorithm) = &body.hashing_algorithm
-        && algorithm != "argon2id"
-    {
-        return Err(ApiError::BadRequest(format!(
-            "hashing_algorithm '{algorithm}' is not supported: Warren stores argon2id hashes"
-        )));
-    }
-    let password = match (body.password, body.password_hash) {
+/// A user's password as RabbitMQ's API and definitions give it: the
+/// password itself (hashed here with Argon2id), or a hash with its
+/// `hashing_algorithm` (Warren's `argon2id`, or RabbitMQ's
+/// `rabbit_password_hashing_sha256`, `_sha512` or `_md5`; without one, a
+/// PHC string is Argon2id and anything else RabbitMQ's default, SHA-256);
+/// an empty hash is a user without a password. None when neither is given.
+pub async fn password_change(
+    password: Option<String>,
+    password_hash: Option<String>,
+    hashing_algorithm: Option<String>,
+) -> ApiResult<Option<PasswordChange>> {
+    let algorithm = match hashing_algorithm.as_deref() {
+        Some(name) => Some(HashingAlgorithm::from_name(name).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "hashing_algorithm '{name}' is not supported: give argon2id, \
+                 rabbit_password_hashing_sha256, rabbit_password_hashing_sha512 or \
+                 rabbit_password_hashing_md5"
+            ))
+        })?),
+        None => None,
+    };
+    Ok(Some(match (password, password_hash) {
         (Some(_), Some(_)) => {
             return Err(ApiError::BadRequest(
                 "give password or password_hash, not both".to_owned(),
@@ -128,11 +140,31 @@ pub async fn put_user(
             PasswordChange::Set(hash)
         }
         (None, Some(hash)) if hash.is_empty() => PasswordChange::Clear,
-        (None, Some(hash)) => PasswordChange::Set(
-            PasswordHash::parse(&hash).map_err(|error| ApiError::BadRequest(error.to_string()))?,
-        ),
-        (None, None) => PasswordChange::Keep,
-    };
+        (None, Some(hash)) => {
+            let algorithm = algorithm.unwrap_or(if hash.starts_with("$argon2id$") {
+                HashingAlgorithm::Argon2id
+            } else {
+                HashingAlgorithm::RabbitSha256
+            });
+            PasswordChange::Set(
+                PasswordHash::with_algorithm(&hash, algorithm)
+                    .map_err(|error| ApiError::BadRequest(error.to_string()))?,
+            )
+        }
+        (None, None) => return Ok(None),
+    }))
+}
+
+pub async fn put_user(
+    State(state): State<AppState>,
+    user: Credentials,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<PutUser>,
+) -> ApiResult<StatusCode> {
+    user.require_administrator()?;
+    let password = password_change(body.password, body.password_hash, body.hashing_algorithm)
+        .await?
+        .unwrap_or(PasswordChange::Keep);
     let tags = match body.tags {
         // Absent: an existing user keeps theirs.
         None => Ok(state

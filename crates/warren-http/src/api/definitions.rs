@@ -21,12 +21,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use warren_access::{PasswordChange, PasswordHash, Tags};
+use warren_access::{PasswordChange, Tags};
 use warren_amqp::{DirectLogin, DirectSession};
 use warren_core::policy::PolicyKind;
 use warren_core::{BindingInfo, DestinationKind};
 
-use crate::api::access::{TagsField, admin_error, user_json};
+use crate::api::access::{TagsField, admin_error, password_change, user_json};
 use crate::api::policies::{PolicyBody, policy_error, policy_json};
 use crate::auth::Credentials;
 use crate::body::Body;
@@ -370,12 +370,14 @@ async fn import(state: &AppState, definitions: &Definitions, into: Option<&str>)
             let Some(tags) = &user.tags else {
                 return Err(ApiError::BadRequest("tags_not_present".to_owned()));
             };
-            let password = user_change(
+            // A user without a password or hash cannot log in with one.
+            let password = password_change(
                 user.password.clone(),
                 user.password_hash.clone(),
                 user.hashing_algorithm.clone(),
             )
-            .await?;
+            .await?
+            .unwrap_or(PasswordChange::Clear);
             let tags = match tags {
                 TagsField::Text(text) => Tags::parse_list(text),
                 TagsField::List(list) => Tags::new(list),
@@ -537,29 +539,6 @@ async fn import(state: &AppState, definitions: &Definitions, into: Option<&str>)
         declare_in(session, method).await?;
     }
     Ok(())
-}
-
-/// A user's password as a definitions file gives it: a hash (with its
-/// algorithm) or, rarely, the password itself.
-async fn user_change(
-    password: Option<String>,
-    password_hash: Option<String>,
-    _hashing_algorithm: Option<String>,
-) -> ApiResult<PasswordChange> {
-    match (password, password_hash) {
-        (Some(password), _) => {
-            let hash = tokio::task::spawn_blocking(move || PasswordHash::generate(&password))
-                .await
-                .map_err(|_| ApiError::Internal("hashing the password failed".to_owned()))?
-                .map_err(|error| ApiError::BadRequest(error.to_string()))?;
-            Ok(PasswordChange::Set(hash))
-        }
-        (None, Some(hash)) if hash.is_empty() => Ok(PasswordChange::Clear),
-        (None, Some(hash)) => Ok(PasswordChange::Set(
-            PasswordHash::parse(&hash).map_err(|error| ApiError::BadRequest(error.to_string()))?,
-        )),
-        (None, None) => Ok(PasswordChange::Clear),
-    }
 }
 
 async fn set_policy(

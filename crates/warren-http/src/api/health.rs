@@ -87,6 +87,95 @@ pub async fn port_listener(
     )
 }
 
+/// RabbitMQ's lengths of the units `certificate-expiration` takes, in
+/// seconds (a month is a twelfth of a year).
+fn unit_seconds(unit: &str) -> Option<f64> {
+    const DAY: f64 = 86_400.0;
+    match unit.to_ascii_lowercase().as_str() {
+        "days" => Some(DAY),
+        "weeks" => Some(7.0 * DAY),
+        "months" => Some(365.0 / 12.0 * DAY),
+        "years" => Some(365.0 * DAY),
+        _ => None,
+    }
+}
+
+/// `GET /api/health/checks/certificate-expiration/{within}/{unit}`: fails
+/// when a certificate of a TLS listener (its own, or its CA file's)
+/// expires within that time, is not valid yet, or cannot be read, with
+/// RabbitMQ's body naming each such listener.
+pub async fn certificate_expiration(
+    State(state): State<AppState>,
+    _user: Credentials,
+    Path((within, unit)): Path<(String, String)>,
+) -> ApiResult<Check> {
+    let within: i64 = within
+        .parse()
+        .map_err(|_| ApiError::BadRequest("Invalid expiration value.".to_owned()))?;
+    let unit = unit_seconds(&unit).ok_or_else(|| {
+        ApiError::BadRequest(
+            "Time unit not recognised. Supported units: days, weeks, months, years.".to_owned(),
+        )
+    })?;
+    let Some(files) = &state.node.tls_files else {
+        return Ok(passed(json!({})));
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64);
+    let deadline = now.saturating_add((within as f64 * unit) as i64);
+    let expiring = |path: Option<&std::path::Path>| -> Value {
+        let Some(path) = path else {
+            return json!([]);
+        };
+        match warren_amqp::tls::certificate_expiries(path) {
+            Err(reason) => json!({"error": reason}),
+            Ok(expiries) => Value::Array(
+                expiries
+                    .iter()
+                    .filter(|expiry| expiry.not_yet_valid || expiry.not_after_unix < deadline)
+                    .map(|expiry| {
+                        if expiry.not_yet_valid {
+                            json!({"error": "Certificate is not yet valid"})
+                        } else {
+                            json!(expiry.not_after)
+                        }
+                    })
+                    .collect(),
+            ),
+        }
+    };
+    let certfile = expiring(Some(&files.cert_file));
+    let cacertfile = expiring(files.ca_file.as_deref());
+    let is_empty = |value: &Value| value.as_array().is_some_and(Vec::is_empty);
+    if is_empty(&certfile) && is_empty(&cacertfile) {
+        return Ok(passed(json!({})));
+    }
+    let mut tls_listeners: Vec<(&str, std::net::SocketAddr)> = Vec::new();
+    if let Some(address) = state.node.amqps_address {
+        tls_listeners.push(("amqp/ssl", address));
+    }
+    if state.config.tls.is_some() {
+        tls_listeners.push(("https", state.node.http_address));
+    }
+    let expired: Vec<Value> = tls_listeners
+        .iter()
+        .map(|(protocol, address)| {
+            json!({
+                "node": state.node.name,
+                "protocol": protocol,
+                "interface": address.ip().to_string(),
+                "port": address.port(),
+                "certfile": files.cert_file.display().to_string(),
+                "cacertfile": files.ca_file.as_ref().map(|path| path.display().to_string()),
+                "certfile_expires_on": certfile,
+                "cacertfile_expires_on": cacertfile,
+            })
+        })
+        .collect();
+    Ok(failed("Certificates expiring", json!({"expired": expired})))
+}
+
 /// `GET /api/health/checks/protocol-listener/{protocol}`; `amqp091` and
 /// `amqp0-9-1` name AMQP too and are answered as `amqp`, as in RabbitMQ;
 /// `https` is served when the HTTP listener is.

@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use warren_core::{ConsumerInfo, QueueInfo};
+use warren_core::{ConsumerInfo, DELIVERY_COUNT_BUCKETS, DeliveryCounts, QueueInfo};
 
 use crate::api::connections::consumer_json;
 use crate::api::{declared, flag, message_stats, require_vhost};
@@ -22,8 +22,33 @@ use crate::models::ModelStatus;
 use crate::session;
 use crate::state::AppState;
 
+/// A queue's delivery counts by range ("1", "2", "3", "4-5", "6-10",
+/// "11+"): how many times its settled messages had been delivered.
+pub fn delivery_counts_json(counts: &DeliveryCounts) -> Value {
+    let mut ranges = serde_json::Map::new();
+    let mut low = 1;
+    for (index, count) in counts.buckets.iter().enumerate() {
+        let name = match DELIVERY_COUNT_BUCKETS.get(index) {
+            Some(high) if *high == low => high.to_string(),
+            Some(high) => format!("{low}-{high}"),
+            None => format!("{low}+"),
+        };
+        ranges.insert(name, json!(count));
+        low = DELIVERY_COUNT_BUCKETS
+            .get(index)
+            .map_or(low, |high| high + 1);
+    }
+    Value::Object(ranges)
+}
+
+/// How long ago `at_ms` was, in ms; None stays None.
+fn age_ms(now_ms: u64, at_ms: Option<u64>) -> Option<u64> {
+    at_ms.map(|at| now_ms.saturating_sub(at))
+}
+
 pub fn queue_json(state: &AppState, queue: &QueueInfo) -> Value {
     let rates = state.rates.queue(&queue.vhost, &queue.name);
+    let now_ms = warren_amqp::wall_clock_ms();
     json!({
         "name": queue.name,
         "vhost": queue.vhost,
@@ -47,6 +72,12 @@ pub fn queue_json(state: &AppState, queue: &QueueInfo) -> Value {
         "messages_paged_out": queue.ready - queue.ready_in_memory,
         "consumers": queue.consumers,
         "message_stats": message_stats(&queue.counts, &rates),
+        // Warren's own: how long the head has waited and the oldest
+        // delivery has been out, and how often settled messages had been
+        // delivered (rabbitmq-server#6813).
+        "oldest_ready_age_ms": age_ms(now_ms, queue.head_arrived_ms),
+        "oldest_unacked_age_ms": age_ms(now_ms, queue.oldest_unacked_ms),
+        "delivery_counts": delivery_counts_json(&queue.delivery_counts),
     })
 }
 
