@@ -154,7 +154,17 @@ impl PasswordHash {
     /// A hash as a definitions file gives it, with its algorithm.
     pub fn with_algorithm(text: &str, algorithm: HashingAlgorithm) -> Result<Self, PasswordError> {
         let Some(digest) = algorithm.digest_bytes() else {
-            return Self::parse(text);
+            // Definitions carry hashes in base64, as RabbitMQ requires of
+            // every hash it imports; a PHC string may come either way.
+            if text.starts_with('$') {
+                return Self::parse(text);
+            }
+            let decoded = BASE64
+                .decode(text)
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .ok_or_else(|| PasswordError::NotArgon2id("neither PHC nor base64".to_owned()))?;
+            return Self::parse(&decoded);
         };
         let refused = || PasswordError::NotRabbitHash {
             algorithm: algorithm.name(),
@@ -177,6 +187,16 @@ impl PasswordHash {
         &self.text
     }
 
+    /// The hash as definitions carry it, in base64 whatever its form, so
+    /// that RabbitMQ's import (which decodes every hash) takes a file with
+    /// Argon2id users too; `with_algorithm` reads it back.
+    pub fn to_base64(&self) -> String {
+        match self.algorithm {
+            HashingAlgorithm::Argon2id => BASE64.encode(&self.text),
+            _ => self.text.clone(),
+        }
+    }
+
     pub fn algorithm(&self) -> HashingAlgorithm {
         self.algorithm
     }
@@ -188,7 +208,14 @@ impl PasswordHash {
             return false;
         }
         if self.algorithm != HashingAlgorithm::Argon2id {
-            return self.verify_salted(password);
+            let matched = self.verify_salted(password);
+            if !matched {
+                // A refusal takes as long as one for an unknown user (the
+                // decoy's Argon2 check), so timing does not tell which
+                // users came from RabbitMQ.
+                decoy_hash().verify(password);
+            }
+            return matched;
         }
         let Ok(parsed) = PhcHash::new(&self.text) else {
             return false;
@@ -397,6 +424,18 @@ mod tests {
             );
         }
         assert!(PasswordHash::with_algorithm(RABBIT_SHA256, HashingAlgorithm::Argon2id).is_err());
+    }
+
+    #[test]
+    fn argon2id_hashes_travel_in_base64_in_definitions() {
+        let hash = PasswordHash::generate("portable").unwrap();
+        let carried = hash.to_base64();
+        assert!(!carried.contains('$'), "{carried}");
+        let back = PasswordHash::with_algorithm(&carried, HashingAlgorithm::Argon2id).unwrap();
+        assert_eq!(back, hash);
+        assert!(back.verify("portable"));
+        let raw = PasswordHash::with_algorithm(hash.as_str(), HashingAlgorithm::Argon2id).unwrap();
+        assert_eq!(raw, hash);
         assert_eq!(HashingAlgorithm::from_name("bcrypt"), None);
     }
 

@@ -331,11 +331,7 @@ impl VhostPolicies {
     /// The policy of `kind` that applies: the highest priority among those
     /// matching, the first by name among equals (RabbitMQ leaves that
     /// order unspecified).
-    fn best<'a>(
-        &'a self,
-        kind: PolicyKind,
-        matches: impl Fn(&Policy) -> bool,
-    ) -> Option<&'a Arc<Policy>> {
+    fn best(&self, kind: PolicyKind, matches: impl Fn(&Policy) -> bool) -> Option<&Arc<Policy>> {
         let mut best: Option<&Arc<Policy>> = None;
         for policy in self.of(kind).values() {
             if matches(policy) && best.is_none_or(|best| policy.priority > best.priority) {

@@ -131,6 +131,18 @@ pub async fn password_change(
                 "give password or password_hash, not both".to_owned(),
             ));
         }
+        (Some(_), None)
+            if algorithm.is_some_and(|algorithm| algorithm != HashingAlgorithm::Argon2id) =>
+        {
+            // RabbitMQ would hash it with that digest; Warren hashes every
+            // password it is given with Argon2id, and says so rather than
+            // store a weaker hash than asked for or a different one.
+            return Err(ApiError::BadRequest(
+                "a password given in clear is hashed with argon2id; give it without \
+                 hashing_algorithm, or give RabbitMQ's password_hash"
+                    .to_owned(),
+            ));
+        }
         (Some(password), None) => {
             // Argon2 takes tens of milliseconds: off the executor.
             let hash = tokio::task::spawn_blocking(move || PasswordHash::generate(&password))

@@ -21,7 +21,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use warren_access::{PasswordChange, Tags};
+use warren_access::{HashingAlgorithm, PasswordChange, Tags};
 use warren_amqp::{DirectLogin, DirectSession};
 use warren_core::policy::PolicyKind;
 use warren_core::{BindingInfo, DestinationKind};
@@ -190,10 +190,8 @@ fn export(state: &AppState, vhost: Option<&str>) -> Value {
         definitions.insert("rabbitmq_version".into(), json!(DEFINITIONS_VERSION));
         definitions.insert("product_name".into(), json!("Warren"));
         definitions.insert("product_version".into(), json!(env!("CARGO_PKG_VERSION")));
-        definitions.insert(
-            "users".into(),
-            Value::Array(access.users().iter().map(user_json).collect()),
-        );
+        let users = access.users().iter().map(user_definition).collect();
+        definitions.insert("users".into(), Value::Array(users));
         definitions.insert(
             "vhosts".into(),
             Value::Array(
@@ -238,6 +236,16 @@ fn export(state: &AppState, vhost: Option<&str>) -> Value {
     Value::Object(definitions)
 }
 
+/// A user as definitions carry it: the API's form with the hash in base64
+/// (`PasswordHash::to_base64`), which RabbitMQ's import requires.
+fn user_definition(user: &warren_access::User) -> Value {
+    let mut item = user_json(user);
+    if let Some(hash) = &user.password_hash {
+        item["password_hash"] = json!(hash.to_base64());
+    }
+    item
+}
+
 fn binding_json(binding: &BindingInfo) -> Value {
     json!({
         "source": binding.source,
@@ -258,6 +266,9 @@ fn binding_json(binding: &BindingInfo) -> Value {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct Definitions {
+    /// The RabbitMQ version that wrote the file: before 3.6 a hash without
+    /// `hashing_algorithm` is MD5.
+    rabbit_version: Option<String>,
     users: Vec<UserDefinition>,
     vhosts: Vec<VhostDefinition>,
     permissions: Vec<PermissionDefinition>,
@@ -371,13 +382,14 @@ async fn import(state: &AppState, definitions: &Definitions, into: Option<&str>)
                 return Err(ApiError::BadRequest("tags_not_present".to_owned()));
             };
             // A user without a password or hash cannot log in with one.
-            let password = password_change(
-                user.password.clone(),
-                user.password_hash.clone(),
-                user.hashing_algorithm.clone(),
-            )
-            .await?
-            .unwrap_or(PasswordChange::Clear);
+            let algorithm = user
+                .hashing_algorithm
+                .clone()
+                .or_else(|| legacy_hashing(definitions.rabbit_version.as_deref()));
+            let password =
+                password_change(user.password.clone(), user.password_hash.clone(), algorithm)
+                    .await?
+                    .unwrap_or(PasswordChange::Clear);
             let tags = match tags {
                 TagsField::Text(text) => Tags::parse_list(text),
                 TagsField::List(list) => Tags::new(list),
@@ -539,6 +551,16 @@ async fn import(state: &AppState, definitions: &Definitions, into: Option<&str>)
         declare_in(session, method).await?;
     }
     Ok(())
+}
+
+/// The hashing RabbitMQ assumes for a file without `hashing_algorithm`:
+/// MD5 before 3.6, SHA-256 from 3.6 (the caller's default).
+fn legacy_hashing(rabbit_version: Option<&str>) -> Option<String> {
+    let version = rabbit_version?;
+    let before_3_6 = ["3.0.", "3.1.", "3.2.", "3.3.", "3.4.", "3.5."]
+        .iter()
+        .any(|prefix| version.starts_with(prefix));
+    before_3_6.then(|| HashingAlgorithm::RabbitMd5.name().to_owned())
 }
 
 async fn set_policy(
