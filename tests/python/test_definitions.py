@@ -2,8 +2,8 @@
 RabbitMQ node with its management plugin (scripts/rabbitmq.sh; Debian's
 rabbitmq-server package, which scripts/test.sh installs):
 
-* objects made in RabbitMQ (a vhost, a user with a password, permissions, a
-  policy, an operator policy, classic and quorum queues with arguments,
+* objects made in RabbitMQ (a vhost with a limit, a user with a password,
+  permissions, a policy, an operator policy, classic and quorum queues with arguments,
   exchanges with an alternate exchange, queue and exchange bindings) are
   exported by RabbitMQ, imported into Warren, and appear there with the
   same properties; the user logs in to Warren with the same password
@@ -109,6 +109,7 @@ def make_objects(api: Api, vhost: str, user: str, password: str) -> None:
                json={"configure": "^defs-", "write": ".*", "read": ".*"}))
     ok(api.put(f"/api/permissions/{v}/guest",
                json={"configure": ".*", "write": ".*", "read": ".*"}))
+    ok(api.put(f"/api/vhost-limits/{v}/max-queues", json={"value": 50}))
     ok(api.put(f"/api/policies/{v}/defs-cap",
                json={"pattern": "^defs-capped", "apply-to": "queues", "priority": 3,
                      "definition": {"max-length": 5, "dead-letter-exchange": "defs-dlx"}}))
@@ -152,8 +153,10 @@ def objects(api: Api, vhost: str) -> Dict[str, Any]:
     operator = {item["name"]: item for item in api.json(f"/api/operator-policies/{v}")}
     permissions = sorted((item["user"], item["configure"], item["write"], item["read"])
                          for item in api.json(f"/api/vhosts/{v}/permissions"))
+    limits = api.json(f"/api/vhost-limits/{v}")
     return {"queues": queues, "exchanges": exchanges, "bindings": bindings,
-            "policies": policies, "operator_policies": operator, "permissions": permissions}
+            "policies": policies, "operator_policies": operator, "permissions": permissions,
+            "limits": limits}
 
 
 def login(addr_host: str, addr_port: int, vhost: str, user: str, password: str) -> None:

@@ -172,6 +172,54 @@ def test_rabbitmqadmin_manages_policies_and_moves_definitions(broker, admin, api
     assert "operator_policy deleted" in admin("delete", "operator_policy", f"name={operator}")
 
 
+def test_rabbitmqadmin_sets_vhost_limits_and_the_broker_enforces_them(broker, admin, api):
+    vhost = uname("adm-limited")
+    admin("declare", "vhost", f"name={vhost}")
+    admin("declare", "permission", f"vhost={vhost}", "user=guest", "configure=.*",
+          "write=.*", "read=.*")
+    assert "vhost_limit declared" in admin("declare", "vhost_limit", f"vhost={vhost}",
+                                           "name=max-queues", "value=1")
+    assert "vhost_limit declared" in admin("declare", "vhost_limit", f"vhost={vhost}",
+                                           "name=max-connections", "value=1")
+    limits = [item for item in raw(admin, "list", "vhost_limits") if item["vhost"] == vhost]
+    assert limits == [{"vhost": vhost, "value": {"max-connections": 1, "max-queues": 1}}], limits
+    parameters = [item for item in raw(admin, "list", "parameters") if item["vhost"] == vhost]
+    assert parameters == [{"vhost": vhost, "component": "vhost-limits", "name": "limits",
+                           "value": {"max-connections": 1, "max-queues": 1}}], parameters
+
+    # One queue, then RabbitMQ's refusal; one connection, then the next
+    # is refused with 530.
+    conn = broker.connect(vhost=vhost)
+    ch = conn.channel()
+    ch.queue_declare("first")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        ch.queue_declare("second")
+    assert refused.value.reply_code == 406, refused.value
+    assert "queue limit in virtual host" in refused.value.reply_text, refused.value
+    with pytest.raises(pika.exceptions.AMQPConnectionError) as refused_connection:
+        broker.connect(vhost=vhost)
+    assert "connection limit (1) is reached" in repr(refused_connection.value), \
+        refused_connection.value
+
+    # Lifted, both are allowed again.
+    assert "vhost_limit deleted" in admin("delete", "vhost_limit", f"vhost={vhost}",
+                                          "name=max-queues")
+    conn.channel().queue_declare("second")
+    admin("delete", "vhost_limit", f"vhost={vhost}", "name=max-connections")
+    broker.connect(vhost=vhost).close()
+    conn.close()
+    assert [item for item in raw(admin, "list", "vhost_limits") if item["vhost"] == vhost] == []
+
+    # RabbitMQ's refusals: an unknown limit; a parameter of a plugin it
+    # does not have (RabbitMQ without the federation plugin answers alike).
+    resp = api.put(f"/api/vhost-limits/{vhost}/max-foo", json={"value": 1})
+    assert_error(resp, 400, "Unrecognised terms")
+    resp = api.put(f"/api/parameters/federation-upstream/{vhost}/up",
+                   json={"value": {"uri": "amqp://localhost"}})
+    assert_error(resp, 400, "component federation-upstream not found")
+    admin("delete", "vhost", f"name={vhost}")
+
+
 def test_rabbitmqadmin_lists_nodes_and_closes_a_connection(broker, admin, api):
     (node,) = raw(admin, "list", "nodes")
     for field in ("name", "type", "running", "mem_used", "mem_limit", "mem_alarm",

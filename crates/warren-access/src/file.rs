@@ -49,6 +49,10 @@ pub(crate) struct UserEntry {
 #[serde(deny_unknown_fields)]
 pub(crate) struct VhostEntry {
     pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queues: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -9,6 +9,7 @@
 
 mod file;
 mod internal;
+mod limits;
 pub mod password;
 pub mod permissions;
 mod registry;
@@ -16,6 +17,7 @@ pub mod tags;
 
 pub use file::{ACCESS_FILE_NAME, FileError};
 pub use internal::INTERNAL_USER;
+pub use limits::{LimitError, VhostLimits};
 pub use password::{HashingAlgorithm, PasswordError, PasswordHash};
 pub use permissions::{Access, Pattern, PatternError, Permissions, Resource, ResourceKind};
 pub use registry::{

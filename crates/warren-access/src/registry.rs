@@ -12,6 +12,7 @@ use parking_lot::RwLock;
 
 use crate::file::{self, AccessFile, FileError};
 use crate::internal::{INTERNAL_USER, InternalIdentity};
+use crate::limits::{LimitError, VhostLimits};
 use crate::password::{HashingAlgorithm, PasswordError, PasswordHash, VerifiedLogins, decoy_hash};
 use crate::permissions::{Access, PatternError, Permissions, Resource, ResourceKind};
 use crate::tags::{Tags, TagsError};
@@ -121,12 +122,14 @@ pub enum AccessError {
     Tags(#[from] TagsError),
     #[error("saving the access file: {0}")]
     Storage(#[from] FileError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
 }
 
 #[derive(Clone, Default)]
 struct State {
     users: BTreeMap<String, User>,
-    vhosts: BTreeMap<String, ()>,
+    vhosts: BTreeMap<String, VhostLimits>,
     /// Keyed by (user, vhost).
     permissions: BTreeMap<(String, String), Arc<Permissions>>,
 }
@@ -457,6 +460,34 @@ impl AccessControl {
         self.change(|state| state.add_vhost(name))
     }
 
+    /// A vhost's limits; None for a vhost that does not exist.
+    pub fn vhost_limits(&self, vhost: &str) -> Option<VhostLimits> {
+        self.state.read().vhosts.get(vhost).copied()
+    }
+
+    /// Every vhost that has a limit, with its limits.
+    pub fn all_vhost_limits(&self) -> Vec<(String, VhostLimits)> {
+        self.state
+            .read()
+            .vhosts
+            .iter()
+            .filter(|(_, limits)| !limits.is_empty())
+            .map(|(name, limits)| (name.clone(), *limits))
+            .collect()
+    }
+
+    /// Sets (or, with a negative value, lifts) one of a vhost's limits.
+    pub fn set_vhost_limit(&self, vhost: &str, name: &str, value: i64) -> Result<(), AccessError> {
+        self.change(|state| {
+            let limits = state
+                .vhosts
+                .get_mut(vhost)
+                .ok_or_else(|| AccessError::VhostNotFound(vhost.to_owned()))?;
+            limits.set(name, value)?;
+            Ok(())
+        })
+    }
+
     /// Deletes a vhost and every permission in it. The caller deletes its
     /// queues and exchanges and closes its connections.
     pub fn delete_vhost(&self, name: &str) -> Result<(), AccessError> {
@@ -606,7 +637,7 @@ impl State {
                 limit: VHOSTS_MAX,
             });
         }
-        self.vhosts.insert(name.to_owned(), ());
+        self.vhosts.insert(name.to_owned(), VhostLimits::default());
         Ok(true)
     }
 
@@ -671,6 +702,13 @@ impl State {
         };
         for vhost in contents.vhosts {
             self.add_vhost(&vhost.name)?;
+            self.vhosts.insert(
+                vhost.name,
+                VhostLimits {
+                    max_connections: vhost.max_connections,
+                    max_queues: vhost.max_queues,
+                },
+            );
         }
         for user in contents.users {
             check_user_name(&user.name)?;
@@ -727,8 +765,12 @@ impl State {
                 .collect(),
             vhosts: self
                 .vhosts
-                .keys()
-                .map(|name| file::VhostEntry { name: name.clone() })
+                .iter()
+                .map(|(name, limits)| file::VhostEntry {
+                    name: name.clone(),
+                    max_connections: limits.max_connections,
+                    max_queues: limits.max_queues,
+                })
                 .collect(),
             permissions: self
                 .permissions

@@ -119,6 +119,22 @@ impl Admin {
         Ok(found)
     }
 
+    /// Sets (or, with a negative value, lifts) a vhost limit: kept with
+    /// the vhost, and `max-queues` told to the broker at once.
+    pub fn set_vhost_limit(&self, vhost: &str, name: &str, value: i64) -> Result<(), AdminError> {
+        self.access.set_vhost_limit(vhost, name, value)?;
+        if name == "max-queues" {
+            let max = self
+                .access
+                .vhost_limits(vhost)
+                .and_then(|limits| limits.max_queues)
+                .map(|max| max as usize);
+            self.hub.lock().broker.set_vhost_queue_limit(vhost, max);
+        }
+        info!(%vhost, limit = %name, value, "vhost limit set");
+        Ok(())
+    }
+
     /// True when the user is new.
     pub fn put_user(
         &self,

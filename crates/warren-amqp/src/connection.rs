@@ -291,6 +291,21 @@ impl Connection {
                     self.session.user
                 )));
             }
+            if let Some(max) = self
+                .session
+                .config
+                .access
+                .vhost_limits(vhost)
+                .and_then(|limits| limits.max_connections)
+                && hub.client_connections_in(vhost) as u64 >= max
+            {
+                warn!(peer = %self.peer, user = %self.session.user, %vhost, limit = max,
+                    "connection.open refused: the vhost's connection limit is reached");
+                return Err(refuse_open(format!(
+                    "access to vhost '{vhost}' refused for user '{}': connection limit ({max}) is reached",
+                    self.session.user
+                )));
+            }
             // The access control is the authority on which vhosts exist; the
             // broker learns of one made at run time here at the latest.
             hub.broker.add_vhost(vhost);

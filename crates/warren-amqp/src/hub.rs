@@ -414,6 +414,18 @@ impl<B: Deref<Target = Broker>> HubGuard<'_, B> {
 
     /// Open connections logged in as `user`; a scan, made once per
     /// `connection.open`, which is cheap next to the login before it.
+    /// Client connections open in a vhost (the HTTP API's direct sessions
+    /// not counted).
+    pub(crate) fn client_connections_in(&self, vhost: &str) -> usize {
+        self.hub
+            .registry
+            .lock()
+            .connections
+            .values()
+            .filter(|info| info.vhost == vhost && !info.direct)
+            .count()
+    }
+
     pub(crate) fn connections_of_user(&self, user: &str) -> usize {
         self.hub
             .registry

@@ -78,6 +78,9 @@ impl AmqpServer {
             .unwrap_or(0x9E37_79B9_7F4A_7C15)
             ^ (std::process::id() as u64) << 32;
         let mut broker = Broker::new(&config.access.vhosts(), config.limits.clone(), seed);
+        for (vhost, limits) in config.access.all_vhost_limits() {
+            broker.set_vhost_queue_limit(&vhost, limits.max_queues.map(|max| max as usize));
+        }
         broker.advance_clock(wall_clock_ms());
         let (signals, alarms) = storage::open(&mut broker, &config.storage)?;
         let listener = listen::bind(address).await?;

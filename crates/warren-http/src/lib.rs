@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -172,7 +172,7 @@ impl HttpServer {
 fn router(state: AppState) -> Router {
     use api::{
         access, bindings, connections, consume, definitions, exchanges, health, messages, nodes,
-        overview, policies, queues,
+        overview, parameters, policies, queues,
     };
     let binding_path = "/api/bindings/{vhost}/e/{source}/{kind}/{destination}";
     Router::new()
@@ -257,6 +257,22 @@ fn router(state: AppState) -> Router {
         .route(
             "/api/definitions/{vhost}",
             get(definitions::export_vhost).post(definitions::import_vhost),
+        )
+        .route("/api/vhost-limits", get(parameters::vhost_limits))
+        .route("/api/vhost-limits/{vhost}", get(parameters::vhost_limits))
+        .route(
+            "/api/vhost-limits/{vhost}/{name}",
+            put(parameters::put_vhost_limit).delete(parameters::delete_vhost_limit),
+        )
+        .route("/api/parameters", get(parameters::parameters))
+        .route("/api/parameters/{component}", get(parameters::parameters))
+        .route(
+            "/api/parameters/{component}/{vhost}",
+            get(parameters::parameters),
+        )
+        .route(
+            "/api/parameters/{component}/{vhost}/{name}",
+            put(parameters::put_parameter).delete(parameters::delete_parameter),
         )
         .route("/api/policies", get(policies::list))
         .route("/api/policies/{vhost}", get(policies::list))

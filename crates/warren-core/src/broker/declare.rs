@@ -270,7 +270,10 @@ impl Broker {
                 name: name.to_string(),
             });
         }
-        let queues_max = self.limits.queues_per_vhost_max;
+        let vhost_limit = self.vhosts[&vhost_name].queues_max;
+        let queues_max = vhost_limit.map_or(self.limits.queues_per_vhost_max, |limit| {
+            limit.min(self.limits.queues_per_vhost_max)
+        });
         if self.vhosts[&vhost_name].queues.len() >= queues_max {
             return Err(BrokerError::QueueLimit {
                 name: name.to_string(),

@@ -175,6 +175,15 @@ impl Broker {
             .or_insert_with(|| VHost::new(name));
     }
 
+    /// A vhost's `max-queues` limit (None: only the broker-wide one).
+    /// Queues already past it stay; new ones are refused.
+    pub fn set_vhost_queue_limit(&mut self, vhost: &str, max: Option<usize>) {
+        self.add_vhost(vhost);
+        if let Some(state) = self.vhosts.get_mut(vhost) {
+            state.queues_max = max;
+        }
+    }
+
     pub fn vhost_exists(&self, name: &str) -> bool {
         self.vhosts.contains_key(name)
     }

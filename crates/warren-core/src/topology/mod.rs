@@ -19,6 +19,8 @@ pub(crate) struct VHost {
     pub(crate) name: String,
     pub(crate) exchanges: HashMap<ShortString, Exchange>,
     pub(crate) queues: HashMap<ShortString, QueueId>,
+    /// Its `max-queues` limit, under the broker-wide one.
+    pub(crate) queues_max: Option<usize>,
 }
 
 impl VHost {
@@ -45,6 +47,7 @@ impl VHost {
             name: name.to_owned(),
             exchanges,
             queues: HashMap::new(),
+            queues_max: None,
         }
     }
 }

@@ -27,6 +27,7 @@ use warren_core::policy::PolicyKind;
 use warren_core::{BindingInfo, DestinationKind};
 
 use crate::api::access::{TagsField, admin_error, password_change, user_json};
+use crate::api::parameters::{VHOST_LIMITS_COMPONENT, parameters_json, set_limits};
 use crate::api::policies::{PolicyBody, policy_error, policy_json};
 use crate::auth::Credentials;
 use crate::body::Body;
@@ -110,12 +111,11 @@ fn failed_to_parse() -> ApiError {
 // ------------------------------------------------------------------ export
 
 fn export(state: &AppState, vhost: Option<&str>) -> Value {
-    let (policies, operator_policies, queues, exchanges, bindings) = {
+    let (policies, queues, exchanges, bindings) = {
         let hub = state.hub.read();
         let broker = hub.broker();
         (
             broker.policies(PolicyKind::Policy, vhost),
-            broker.policies(PolicyKind::OperatorPolicy, vhost),
             broker.queue_infos(vhost),
             broker.exchange_infos(vhost),
             broker.binding_infos(vhost),
@@ -166,22 +166,8 @@ fn export(state: &AppState, vhost: Option<&str>) -> Value {
         .filter(|binding| !binding.source.is_empty())
         .map(|binding| scoped(binding_json(binding), &binding.vhost))
         .collect();
-    let parameters: Vec<Value> = operator_policies
-        .iter()
-        .map(|policy| {
-            json!({
-                "vhost": policy.vhost,
-                "component": PolicyKind::OperatorPolicy.component(),
-                "name": policy.name,
-                "value": {
-                    "pattern": policy.pattern,
-                    "definition": table_to_json(&policy.definition),
-                    "priority": policy.priority,
-                    "apply-to": policy.apply_to.as_str(),
-                },
-            })
-        })
-        .collect();
+    // Operator policies and vhost limits travel as runtime parameters.
+    let parameters = parameters_json(state, vhost);
     let policies: Vec<Value> = policies.iter().map(|policy| policy_json(policy)).collect();
     let mut definitions = Map::new();
     definitions.insert("rabbit_version".into(), json!(DEFINITIONS_VERSION));
@@ -424,9 +410,17 @@ async fn import(state: &AppState, definitions: &Definitions, into: Option<&str>)
         }
     }
     for parameter in &definitions.parameters {
-        // Operator policies travel as runtime parameters; the others
-        // (federation upstreams, vhost limits) belong to plugins Warren
-        // does not have.
+        // Operator policies and vhost limits travel as runtime parameters;
+        // the others (federation upstreams, shovels) belong to plugins
+        // Warren does not have.
+        if parameter.component == VHOST_LIMITS_COMPONENT {
+            set_limits(
+                state,
+                target_vhost(into, &parameter.vhost),
+                &parameter.value,
+            )?;
+            continue;
+        }
         if parameter.component != PolicyKind::OperatorPolicy.component() {
             continue;
         }

@@ -12,6 +12,7 @@ pub mod messages;
 pub mod models;
 pub mod nodes;
 pub mod overview;
+pub mod parameters;
 pub mod policies;
 pub mod queues;
 
