@@ -414,6 +414,63 @@ def broker_factory(request, tmp_path):
 
 
 # --------------------------------------------------------------------------
+# A RabbitMQ node with its management plugin, for the tests that compare
+# Warren's HTTP API with RabbitMQ's (test_policies.py, test_definitions.py).
+RABBITMQ_SH = REPO_ROOT / "scripts" / "rabbitmq.sh"
+RABBITMQ_SBIN = pathlib.Path(os.environ.get("RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin"))
+RABBITMQ_START_TIMEOUT_S = 180.0
+RABBITMQ_HTTP_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_node(tmp_path_factory):
+    """A private RabbitMQ node (scripts/rabbitmq.sh) with the management
+    plugin, shared by the session: an ExternalBroker whose `http_url` is
+    RabbitMQ's management API. Debian's rabbitmq-server must be installed
+    (scripts/test.sh installs it)."""
+    import requests
+
+    if not (RABBITMQ_SBIN / "rabbitmq-server").exists():
+        pytest.fail(f"RabbitMQ is not installed ({RABBITMQ_SBIN}/rabbitmq-server is missing); "
+                    "install Debian's rabbitmq-server (scripts/test.sh does)", pytrace=False)
+    node_dir = tmp_path_factory.mktemp("rabbitmq-management")
+    ports = subprocess.run(["bash", str(RABBITMQ_SH), "free-ports", "1"],
+                           capture_output=True, text=True, check=True, timeout=30)
+    http_port = int(ports.stdout.split()[0])
+    env = dict(os.environ)
+    env["RABBITMQ_PLUGINS"] = "rabbitmq_management"
+    env["RABBITMQ_EXTRA_CONF"] = (f"management.tcp.port = {http_port}\n"
+                                  "management.tcp.ip = 127.0.0.1")
+    started = subprocess.run(["bash", str(RABBITMQ_SH), "start", str(node_dir)],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=RABBITMQ_START_TIMEOUT_S, env=env)
+    if started.returncode != 0:
+        pytest.fail(f"scripts/rabbitmq.sh start failed (exit {started.returncode}):\n"
+                    f"{started.stderr}", pytrace=False)
+    assignments = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
+    node = ExternalBroker(assignments["WARREN_TEST_EXTERNAL_AMQP"])
+    node.http_host, node.http_port = "127.0.0.1", http_port
+    try:
+        # The plugin starts after AMQP; its first answer is the signal.
+        deadline = time.monotonic() + RABBITMQ_HTTP_TIMEOUT_S
+        while True:
+            try:
+                if requests.get(f"{node.http_url}/api/overview", auth=("guest", "guest"),
+                                timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("RabbitMQ's management API did not answer", pytrace=False)
+            time.sleep(0.2)
+        yield node
+    finally:
+        node.close_connections()
+        subprocess.run(["bash", str(RABBITMQ_SH), "stop", str(node_dir)],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=90)
+
+
+# --------------------------------------------------------------------------
 # Attach the broker log to the report of a failing test.
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):

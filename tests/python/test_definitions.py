@@ -37,9 +37,6 @@ pytestmark = [
     pytest.mark.timeout(300),
 ]
 
-RABBITMQ_SH = REPO_ROOT / "scripts" / "rabbitmq.sh"
-RABBITMQ_SBIN = pathlib.Path(os.environ.get("RABBITMQ_SBIN", "/usr/lib/rabbitmq/bin"))
-RABBITMQ_START_TIMEOUT_S = 180
 # RabbitMQ refreshes queue views every 5 s.
 VIEW_TIMEOUT_S = 20.0
 
@@ -52,36 +49,12 @@ def q(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def rabbitmq(tmp_path_factory):
-    """A private RabbitMQ node with the management plugin: its AMQP
-    address and an Api on its HTTP port."""
-    if not (RABBITMQ_SBIN / "rabbitmq-server").exists():
-        pytest.fail(f"RabbitMQ is not installed ({RABBITMQ_SBIN}/rabbitmq-server is missing); "
-                    "install Debian's rabbitmq-server (scripts/test.sh does)", pytrace=False)
-    node_dir = tmp_path_factory.mktemp("rabbitmq-defs")
-    ports = subprocess.run(["bash", str(RABBITMQ_SH), "free-ports", "1"],
-                           capture_output=True, text=True, check=True, timeout=30)
-    http_port = int(ports.stdout.split()[0])
-    env = dict(os.environ)
-    env["RABBITMQ_PLUGINS"] = "rabbitmq_management"
-    env["RABBITMQ_EXTRA_CONF"] = (f"management.tcp.port = {http_port}\n"
-                                  "management.tcp.ip = 127.0.0.1")
-    started = subprocess.run(["bash", str(RABBITMQ_SH), "start", str(node_dir)],
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             timeout=RABBITMQ_START_TIMEOUT_S, env=env)
-    if started.returncode != 0:
-        pytest.fail(f"scripts/rabbitmq.sh start failed (exit {started.returncode}):\n"
-                    f"{started.stderr}", pytrace=False)
-    assignments = dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
-    api = Api(f"http://127.0.0.1:{http_port}")
-    try:
-        eventually(lambda: api.get("/api/overview").status_code == 200,
-                   "RabbitMQ's management API", 60)
-        yield assignments["WARREN_TEST_EXTERNAL_AMQP"], api
-    finally:
-        api.close()
-        subprocess.run(["bash", str(RABBITMQ_SH), "stop", str(node_dir)],
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=90)
+def rabbitmq(rabbitmq_node):
+    """The session's RabbitMQ node: its AMQP address and an Api on its
+    management port."""
+    api = Api(rabbitmq_node.http_url)
+    yield f"{rabbitmq_node.host}:{rabbitmq_node.port}", api
+    api.close()
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Policies and operator policies, written from RabbitMQ's documentation
 ("Policies", "Operator Policies", "Queue Length Limit", "TTL", "Dead
-Letter Exchanges", "Alternate Exchanges") and run against Warren and, with
-WARREN_TEST_EXTERNAL_AMQP and WARREN_TEST_EXTERNAL_HTTP set, against
-RabbitMQ with its management plugin (scripts/rabbitmq.sh):
+Letter Exchanges", "Alternate Exchanges") and run against both brokers:
+Warren, and a private RabbitMQ node with its management plugin (the
+session's `rabbitmq_node`; with WARREN_TEST_EXTERNAL_AMQP and
+WARREN_TEST_EXTERNAL_HTTP set, that broker instead of Warren):
 
 * at most one policy applies to a queue or an exchange: the matching one
   with the highest priority, whose keys are not merged with a lower one's;
@@ -25,7 +26,7 @@ from typing import Any, Dict
 import pika
 import pytest
 
-from conftest import start_broker, warren_bin
+from conftest import external_addr, start_broker, warren_bin
 from test_http_api import Api, assert_error, describe, eventually, http_url_of, q, uname
 
 # RabbitMQ refreshes its queue views every 5 s; a policy's effect is
@@ -34,9 +35,19 @@ POLICY_TIMEOUT = 15.0
 VHOST = "%2F"
 
 
+@pytest.fixture(params=["warren", "rabbitmq"])
+def any_broker(request):
+    """Each test runs on Warren and on RabbitMQ."""
+    if request.param == "rabbitmq":
+        if external_addr() is not None:
+            pytest.skip("the tests already run against an external broker")
+        return request.getfixturevalue("rabbitmq_node")
+    return request.getfixturevalue("broker")
+
+
 @pytest.fixture
-def api(broker):
-    client = Api(http_url_of(broker))
+def api(any_broker):
+    client = Api(http_url_of(any_broker))
     created = []
     client.created_policies = created
     yield client
@@ -91,10 +102,10 @@ def wait_applied(api: Api, queue: str, **expected) -> Dict[str, Any]:
     return eventually(check, f"{queue} to show {expected}", POLICY_TIMEOUT)
 
 
-def test_a_policy_applies_to_existing_queues_and_the_lower_length_limit_wins(broker, api):
+def test_a_policy_applies_to_existing_queues_and_the_lower_length_limit_wins(any_broker, api):
     queue = uname("pol-len")
     policy = uname("pol-len-p")
-    conn = broker.connect()
+    conn = any_broker.connect()
     channel = conn.channel()
     try:
         channel.queue_declare(queue, arguments={"x-max-length": 3})
@@ -123,10 +134,10 @@ def test_a_policy_applies_to_existing_queues_and_the_lower_length_limit_wins(bro
         conn.close()
 
 
-def test_only_the_highest_priority_policy_applies(broker, api):
+def test_only_the_highest_priority_policy_applies(any_broker, api):
     queue = uname("pol-prio")
     low, high = uname("pol-low"), uname("pol-high")
-    conn = broker.connect()
+    conn = any_broker.connect()
     channel = conn.channel()
     try:
         channel.queue_declare(queue)
@@ -147,10 +158,10 @@ def test_only_the_highest_priority_policy_applies(broker, api):
         conn.close()
 
 
-def test_an_operator_policy_lowers_what_the_policy_sets(broker, api):
+def test_an_operator_policy_lowers_what_the_policy_sets(any_broker, api):
     queue = uname("pol-op")
     policy, operator = uname("pol-user"), uname("pol-operator")
-    conn = broker.connect()
+    conn = any_broker.connect()
     channel = conn.channel()
     try:
         channel.queue_declare(queue)
@@ -173,12 +184,12 @@ def test_an_operator_policy_lowers_what_the_policy_sets(broker, api):
         conn.close()
 
 
-def test_dead_lettering_from_a_policy_and_the_queue_argument_wins(broker, api):
+def test_dead_lettering_from_a_policy_and_the_queue_argument_wins(any_broker, api):
     source, own = uname("pol-dl-src"), uname("pol-dl-own")
     policy_dlx, own_dlx = uname("pol-dlx"), uname("pol-own-dlx")
     policy_target, own_target = uname("pol-dl-policy-target"), uname("pol-dl-own-target")
     policy = uname("pol-dl")
-    conn = broker.connect()
+    conn = any_broker.connect()
     channel = conn.channel()
     try:
         for exchange, target in ((policy_dlx, policy_target), (own_dlx, own_target)):
@@ -206,10 +217,10 @@ def test_dead_lettering_from_a_policy_and_the_queue_argument_wins(broker, api):
         conn.close()
 
 
-def test_an_exchange_policy_sets_an_alternate_exchange(broker, api):
+def test_an_exchange_policy_sets_an_alternate_exchange(any_broker, api):
     exchange, alternate, caught = uname("pol-ae-x"), uname("pol-ae-alt"), uname("pol-ae-q")
     queues_only, for_exchanges = uname("pol-ae-queues"), uname("pol-ae-exchanges")
-    conn = broker.connect()
+    conn = any_broker.connect()
     channel = conn.channel()
     try:
         channel.exchange_declare(alternate, "fanout")
@@ -235,9 +246,9 @@ def test_an_exchange_policy_sets_an_alternate_exchange(broker, api):
         conn.close()
 
 
-def test_a_policy_expires_unused_queues(broker, api):
+def test_a_policy_expires_unused_queues(any_broker, api):
     queue, policy = uname("pol-exp"), uname("pol-exp-p")
-    conn = broker.connect()
+    conn = any_broker.connect()
     channel = conn.channel()
     try:
         channel.queue_declare(queue)
@@ -250,7 +261,7 @@ def test_a_policy_expires_unused_queues(broker, api):
         conn.close()
 
 
-def test_policy_requests_are_validated_as_rabbitmq_does(broker, api):
+def test_policy_requests_are_validated_as_rabbitmq_does(any_broker, api):
     name = uname("pol-v")
     path = f"/api/policies/{VHOST}/{q(name)}"
     good = {"pattern": "^nothing-matches-this$", "definition": {"max-length": 1}}
