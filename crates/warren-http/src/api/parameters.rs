@@ -190,7 +190,8 @@ pub async fn parameters(
 pub async fn put_parameter(
     State(state): State<AppState>,
     user: Credentials,
-    Path((component, vhost, name)): Path<(String, String, String)>,
+    // A vhost's limits are one parameter, whatever it is called.
+    Path((component, vhost, _name)): Path<(String, String, String)>,
     JsonBody(body): JsonBody<LimitBody>,
 ) -> ApiResult<StatusCode> {
     user.require_administrator()?;
@@ -199,7 +200,6 @@ pub async fn put_parameter(
             "Validation failed\n\ncomponent {component} not found\n"
         )));
     }
-    let _ = name;
     set_limits(&state, &vhost, &body.value)?;
     Ok(StatusCode::NO_CONTENT)
 }
