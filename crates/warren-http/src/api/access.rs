@@ -34,7 +34,7 @@ pub fn user_json(user: &User) -> Value {
     })
 }
 
-fn permission_json(entry: &PermissionEntry) -> Value {
+pub fn permission_json(entry: &PermissionEntry) -> Value {
     json!({
         "user": entry.user,
         "vhost": entry.vhost,

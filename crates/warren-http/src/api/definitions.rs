@@ -26,7 +26,7 @@ use warren_amqp::{DirectLogin, DirectSession};
 use warren_core::policy::PolicyKind;
 use warren_core::{BindingInfo, DestinationKind};
 
-use crate::api::access::{TagsField, admin_error, password_change, user_json};
+use crate::api::access::{TagsField, admin_error, password_change, permission_json, user_json};
 use crate::api::parameters::{VHOST_LIMITS_COMPONENT, parameters_json, set_limits};
 use crate::api::policies::{PolicyBody, policy_error, policy_json};
 use crate::auth::Credentials;
@@ -190,21 +190,7 @@ fn export(state: &AppState, vhost: Option<&str>) -> Value {
         );
         definitions.insert(
             "permissions".into(),
-            Value::Array(
-                access
-                    .permissions()
-                    .iter()
-                    .map(|entry| {
-                        json!({
-                            "user": entry.user,
-                            "vhost": entry.vhost,
-                            "configure": entry.permissions.configure.as_str(),
-                            "write": entry.permissions.write.as_str(),
-                            "read": entry.permissions.read.as_str(),
-                        })
-                    })
-                    .collect(),
-            ),
+            Value::Array(access.permissions().iter().map(permission_json).collect()),
         );
         definitions.insert("topic_permissions".into(), json!([]));
     }
